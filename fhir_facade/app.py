@@ -1,0 +1,72 @@
+"""The FastAPI application: wiring of settings, PACS client, providers and the FHIR router."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from fhir_facade import __version__
+from fhir_facade.config import Settings
+from fhir_facade.dicom_to_fhir import MappingContext
+from fhir_facade.dicomweb import DicomwebClient
+from fhir_facade.fhir.responses import install_error_handlers
+from fhir_facade.fhir.router import build_fhir_router
+from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.resources.endpoint import EndpointProvider
+from fhir_facade.resources.imaging_study import ImagingStudyProvider
+from fhir_facade.resources.patient import PatientProvider
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def mapping_context(settings: Settings) -> MappingContext:
+    return MappingContext(
+        patient_identifier_system=settings.patient_identifier_system,
+        issuer_systems=settings.issuer_systems,
+        default_timezone=settings.timezone,
+        dicomweb_url=settings.dicomweb_url,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application. The PACS connection pool opens and closes with the lifespan."""
+    settings = settings or Settings()
+    dicomweb = DicomwebClient(
+        settings.dicomweb_url,
+        timeout=settings.dicomweb_timeout,
+        max_connections=settings.dicomweb_max_connections,
+    )
+    ctx = mapping_context(settings)
+    providers: list[ResourceProvider] = [
+        ImagingStudyProvider(dicomweb, ctx),
+        PatientProvider(dicomweb, ctx),
+        EndpointProvider(ctx),
+    ]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await dicomweb.open()
+        log.info("fhir-facade %s: FHIR base %s, PACS %s", __version__, settings.base_url,
+                 settings.dicomweb_url)
+        try:
+            yield
+        finally:
+            await dicomweb.close()
+
+    app = FastAPI(
+        title="fhir-facade",
+        version=__version__,
+        description="FHIR R4 gateway to a DICOMweb PACS. FHIR base: /fhir",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.dicomweb = dicomweb
+    app.state.providers = providers
+    install_error_handlers(app)
+    app.include_router(build_fhir_router(providers, settings))
+    return app

@@ -1,0 +1,75 @@
+"""`fhir-facade` command line: `serve` runs the FHIR server against a configured PACS;
+`embedded` also starts a local Orthanc with the demo brain MRI study (the README's run command)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from fhir_facade.app import create_app
+from fhir_facade.config import Settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("fhir_facade")
+
+
+def _serve(settings: Settings, host: str, port: int) -> None:
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+
+
+def _embedded(settings: Settings, args: argparse.Namespace) -> None:
+    from fhir_facade.demo import upload_demo
+    from fhir_facade.embedded import EmbeddedOrthanc
+
+    orthanc = EmbeddedOrthanc(
+        settings.data_dir.resolve() / "orthanc",
+        http_port=args.orthanc_port,
+        dicom_port=args.orthanc_dicom_port,
+        stable_age=5,
+    )
+    with orthanc:
+        study_uid = upload_demo(orthanc.url)
+        overrides = {
+            "dicomweb_url": orthanc.dicomweb_url,
+            "orthanc_url": orthanc.url,
+        }
+        if "base_url" not in settings.model_fields_set:
+            overrides["base_url"] = f"http://{args.host}:{args.port}/fhir"
+        settings = settings.model_copy(update=overrides)
+        log.info("Demo study loaded: %s/ImagingStudy/%s", settings.base_url, study_uid)
+        _serve(settings, args.host, args.port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fhir-facade", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the FHIR server against FACADE_DICOMWEB_URL")
+    embedded = commands.add_parser(
+        "embedded", help="start a local Orthanc (Debian packages) with the demo study, then serve"
+    )
+    for sub in (serve, embedded):
+        sub.add_argument("--host", default="127.0.0.1")
+        sub.add_argument("--port", type=int, default=8080)
+    embedded.add_argument("--orthanc-port", type=int, default=8042)
+    embedded.add_argument("--orthanc-dicom-port", type=int, default=4242)
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        _serve(settings, args.host, args.port)
+    else:
+        _embedded(settings, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The one Settings object: every knob of the facade, read from `FACADE_*` environment variables.
+
+All settings are optional; the defaults describe the embedded set-up (a local Orthanc on
+127.0.0.1:8042, a SQLite file under the data directory, the facade on 127.0.0.1:8080).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Typed, validated configuration. Environment variables use the `FACADE_` prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="FACADE_", frozen=True, extra="ignore")
+
+    dicomweb_url: str = Field(
+        "http://127.0.0.1:8042/dicom-web",
+        description="DICOMweb base URL of the PACS (QIDO-RS/WADO-RS/STOW-RS root).",
+    )
+    orthanc_url: str | None = Field(
+        None, description="Orthanc REST root, for Orthanc-only features (change feed, worklists)."
+    )
+    dicomweb_timeout: float = Field(
+        10.0, gt=0, description="Seconds before a PACS request is abandoned (connect+read)."
+    )
+    dicomweb_max_connections: int = Field(20, ge=1, description="Connection pool size to the PACS.")
+    data_dir: Path = Field(Path(".data"), description="Where the embedded set-up keeps its files.")
+    database_url: str | None = Field(
+        None, description="SQL store URL; default sqlite:///<data_dir>/facade.sqlite3."
+    )
+    base_url: str = Field(
+        "http://127.0.0.1:8080/fhir",
+        description="Public FHIR base URL, used in Bundle links and fullUrls.",
+    )
+    fhir_upstream_url: str | None = Field(None, description="Upstream FHIR server (HAPI) to sync.")
+    patient_identifier_system: str = Field(
+        "urn:oid:2.16.840.1.113883.3.3719.1.1",
+        description=(
+            "Identifier.system for DICOM PatientID values that carry no IssuerOfPatientID "
+            "(set it to your hospital's MRN namespace)."
+        ),
+    )
+    issuer_systems: dict[str, str] = Field(
+        default_factory=dict,
+        description="IssuerOfPatientID -> Identifier.system, as JSON, for issuers that are not URIs.",
+    )
+    dicom_timezone: str = Field(
+        "UTC",
+        description=(
+            "IANA zone assumed for DICOM dates/times that carry no TimezoneOffsetFromUTC "
+            "(FHIR dateTimes with a time need an offset)."
+        ),
+    )
+    default_page_size: int = Field(20, ge=1, description="Search page size when _count is absent.")
+    max_page_size: int = Field(500, ge=1, description="Upper bound for _count.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("dicomweb_url", "base_url", "orthanc_url", "fhir_upstream_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @field_validator("dicom_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {value!r}") from exc
+        return value
+
+    @cached_property
+    def timezone(self) -> ZoneInfo:
+        """The zone for DICOM date/times without TimezoneOffsetFromUTC."""
+        return ZoneInfo(self.dicom_timezone)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The store URL, defaulting to a SQLite file in the data directory."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'facade.sqlite3').resolve()}"

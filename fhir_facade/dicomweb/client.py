@@ -1,0 +1,124 @@
+"""Async QIDO-RS client (DICOM PS3.18 10.6) over one shared httpx connection pool.
+
+Transport failures and PACS errors are converted here, at the boundary, into the typed errors
+below; the FHIR layer maps them to OperationOutcomes. Nothing above this module sees httpx.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+
+__all__ = ["DicomJson", "DicomwebClient", "DicomwebError", "DicomwebUnavailable"]
+
+log = logging.getLogger(__name__)
+
+#: One DICOM JSON dataset (PS3.18 F.2): {"0020000D": {"vr": "UI", "Value": [...]}, ...}
+DicomJson = dict[str, Any]
+
+
+class DicomwebError(Exception):
+    """The PACS answered, but not with a usable result (4xx, malformed JSON)."""
+
+
+class DicomwebUnavailable(DicomwebError):
+    """The PACS is unreachable, timed out, or failed (5xx): worth retrying later."""
+
+
+class DicomwebClient:
+    """QIDO-RS searches at study, series and instance level.
+
+    The httpx client is opened in the application lifespan (`open`) and shared by all requests;
+    `request_count` counts QIDO requests so tests and benchmarks can prove there is no N+1.
+    """
+
+    def __init__(self, base_url: str, *, timeout: float, max_connections: int) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = timeout
+        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http: httpx.AsyncClient | None = None
+        self.request_count = 0
+
+    async def open(self) -> None:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=httpx.Timeout(self._timeout),
+                limits=self._limits,
+                headers={"Accept": "application/dicom+json"},
+            )
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def search_studies(
+        self,
+        query: Mapping[str, str],
+        *,
+        include_fields: Iterable[str] = (),
+        limit: int | None = None,
+        offset: int | None = None,
+    ) -> list[DicomJson]:
+        """QIDO-RS SearchForStudies (PS3.18 10.6.1)."""
+        return await self._qido("/studies", query, include_fields, limit, offset)
+
+    async def search_series(
+        self, query: Mapping[str, str], *, include_fields: Iterable[str] = ()
+    ) -> list[DicomJson]:
+        """QIDO-RS SearchForSeries across studies: `StudyInstanceUID` may be a UID list."""
+        return await self._qido("/series", query, include_fields, None, None)
+
+    async def search_instances(
+        self, query: Mapping[str, str], *, include_fields: Iterable[str] = ()
+    ) -> list[DicomJson]:
+        """QIDO-RS SearchForInstances across studies and series."""
+        return await self._qido("/instances", query, include_fields, None, None)
+
+    async def _qido(
+        self,
+        path: str,
+        query: Mapping[str, str],
+        include_fields: Iterable[str],
+        limit: int | None,
+        offset: int | None,
+    ) -> list[DicomJson]:
+        if self._http is None:
+            await self.open()
+        assert self._http is not None
+        params: list[tuple[str, str]] = list(query.items())
+        fields = ",".join(include_fields)
+        if fields:
+            params.append(("includefield", fields))
+        if limit is not None:
+            params.append(("limit", str(limit)))
+        if offset:
+            params.append(("offset", str(offset)))
+        self.request_count += 1
+        try:
+            response = await self._http.get(path, params=params)
+        except httpx.TimeoutException as exc:
+            raise DicomwebUnavailable(f"PACS did not answer {path} within {self._timeout} s") from exc
+        except httpx.TransportError as exc:
+            raise DicomwebUnavailable(f"PACS unreachable at {self.base_url}: {exc}") from exc
+        if response.status_code == 204:
+            return []
+        if response.status_code >= 500:
+            raise DicomwebUnavailable(f"PACS answered {response.status_code} to {path}")
+        if response.status_code >= 400:
+            raise DicomwebError(f"PACS rejected {path} with {response.status_code}: {response.text[:200]}")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise DicomwebError(f"PACS sent invalid DICOM JSON for {path}") from exc
+        if not isinstance(body, list):
+            raise DicomwebError(f"PACS sent {type(body).__name__}, not a list, for {path}")
+        # PS3.18 8.3.4.6: a Warning header says the PACS ignored part of the query (e.g. an
+        # unsupported attribute): the answer is a superset, so log it where operators look.
+        if "warning" in response.headers:
+            log.warning("QIDO %s: PACS warning %s", path, response.headers["warning"])
+        return [item for item in body if isinstance(item, dict)]

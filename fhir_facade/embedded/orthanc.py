@@ -1,0 +1,144 @@
+"""Start and stop a local Orthanc with the DICOMweb plugin, from the Debian `orthanc` and
+`orthanc-dicomweb` packages, on chosen ports with its own storage folder.
+
+Used by `fhir-facade embedded` (the README's run command) and by the test session, so both talk
+to the same kind of real PACS that production runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+__all__ = ["EmbeddedOrthanc", "OrthancNotInstalled", "free_port"]
+
+log = logging.getLogger(__name__)
+
+PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
+DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
+
+
+class OrthancNotInstalled(RuntimeError):
+    """The Orthanc binary or its DICOMweb plugin is missing (install the Debian packages)."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _find_plugin(name: str) -> Path:
+    for folder in PLUGIN_DIRS:
+        candidates = sorted(folder.glob(name + "*"))
+        if candidates:
+            return candidates[0]
+    raise OrthancNotInstalled(
+        f"{name} not found in {', '.join(map(str, PLUGIN_DIRS))}: apt-get install orthanc-dicomweb"
+    )
+
+
+class EmbeddedOrthanc:
+    """A child Orthanc process listening on 127.0.0.1 only, without authentication."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        http_port: int = 8042,
+        dicom_port: int = 4242,
+        aet: str = "ORTHANC",
+        stable_age: int = 60,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.http_port = http_port
+        self.dicom_port = dicom_port
+        self.aet = aet
+        self.stable_age = stable_age
+        self.extra_config = extra_config or {}
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def config(self) -> dict[str, Any]:
+        storage = self.workdir / "storage"
+        config: dict[str, Any] = {
+            "Name": "fhir-facade-embedded",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpBindAddress": "127.0.0.1",
+            "StableAge": self.stable_age,
+            "Plugins": [str(_find_plugin(DICOMWEB_PLUGIN))],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                         "Host": f"127.0.0.1:{self.http_port}", "Ssl": False},
+        }
+        config.update(self.extra_config)
+        return config
+
+    def start(self, timeout: float = 30.0) -> EmbeddedOrthanc:
+        binary = shutil.which("Orthanc") or shutil.which("orthanc")
+        if binary is None:
+            raise OrthancNotInstalled("Orthanc not found on PATH: apt-get install orthanc")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_path = self.workdir / "orthanc.json"
+        config_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
+        log_file = (self.workdir / "orthanc.log").open("ab")
+        self._process = subprocess.Popen(
+            [binary, str(config_path)], stdout=log_file, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"Orthanc exited with {self._process.returncode}; see {self.workdir / 'orthanc.log'}"
+                )
+            try:
+                if httpx.get(f"{self.url}/system", timeout=1.0).status_code == 200:
+                    log.info("Orthanc ready at %s (data in %s)", self.url, self.workdir)
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"Orthanc did not start within {timeout} s; see {self.workdir / 'orthanc.log'}")
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> EmbeddedOrthanc:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

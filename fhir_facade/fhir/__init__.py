@@ -1,0 +1,1 @@
+"""FHIR REST machinery, independent of any resource type or data source."""

@@ -1,0 +1,63 @@
+"""The CapabilityStatement (FHIR R4 capabilitystatement.html), built from `capability/` plus the
+registered providers, so it lists exactly the types, interactions and search parameters that work."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from functools import cache
+from typing import Any
+
+from fhir_facade import __version__
+from fhir_facade.config import Settings
+from fhir_facade.package_data import data_path
+from fhir_facade.resources.base import ResourceProvider
+
+__all__ = ["capability_statement"]
+
+_RESULT_PARAMS = [
+    ("_count", "number", "Page size (never more than asked; 0 = count only)."),
+    ("_offset", "number", "Position of the page; used by the paging links."),
+    ("_summary", "token", "true | text | data | count | false"),
+    ("_elements", "token", "Comma-separated top-level elements to return."),
+    ("_total", "token", "none | estimate | accurate (default accurate)."),
+]
+
+
+@cache
+def _base() -> dict[str, Any]:
+    path = data_path("capability") / "CapabilityStatement-base.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _resource_entry(provider: ResourceProvider) -> dict[str, Any]:
+    entry: dict[str, Any] = {"type": provider.resource_type}
+    if provider.profile:
+        entry["profile"] = provider.profile
+    if provider.documentation:
+        entry["documentation"] = provider.documentation
+    entry["interaction"] = [{"code": code} for code in provider.interactions]
+    params = []
+    for p in provider.search_params:
+        item: dict[str, Any] = {"name": p.name, "type": p.type.value}
+        if p.definition:
+            item["definition"] = p.definition
+        if p.documentation:
+            item["documentation"] = p.documentation
+        params.append(item)
+    if params:
+        entry["searchParam"] = params
+    return entry
+
+
+def capability_statement(providers: Sequence[ResourceProvider], settings: Settings) -> dict[str, Any]:
+    statement = copy.deepcopy(_base())
+    statement["software"]["version"] = __version__
+    statement["implementation"] = {"description": "fhir-facade", "url": settings.base_url}
+    rest = statement["rest"][0]
+    rest["resource"] = [_resource_entry(p) for p in sorted(providers, key=lambda p: p.resource_type)]
+    rest["searchParam"] = [
+        {"name": name, "type": kind, "documentation": doc} for name, kind, doc in _RESULT_PARAMS
+    ]
+    return statement

@@ -1,0 +1,127 @@
+"""Typed FHIR errors. Every failure the server reports is one of these, and one place
+(`fhir_facade.fhir.responses`) turns it into an OperationOutcome response (FHIR R4 operationoutcome.html).
+
+Handlers and clients raise these; they never build error responses themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "FACADE_ISSUE_SYSTEM",
+    "FhirError",
+    "Issue",
+    "bad_request",
+    "dicom_service_unavailable",
+    "gone",
+    "internal_error",
+    "method_not_allowed",
+    "not_acceptable",
+    "not_found",
+    "not_supported",
+    "unsupported_media_type",
+]
+
+#: CodeSystem of the facade's own machine-readable error codes (capability/CodeSystem-facade-issue.json).
+FACADE_ISSUE_SYSTEM = "http://fhir-facade.org/fhir/CodeSystem/facade-issue"
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One OperationOutcome.issue: severity, IssueType code, text, optional detail code and FHIRPath."""
+
+    code: str
+    diagnostics: str
+    severity: str = "error"
+    detail_code: str | None = None
+    expression: tuple[str, ...] = ()
+
+    def to_fhir(self) -> dict[str, Any]:
+        issue: dict[str, Any] = {
+            "severity": self.severity,
+            "code": self.code,
+            "diagnostics": self.diagnostics,
+        }
+        if self.detail_code:
+            issue["details"] = {
+                "coding": [{"system": FACADE_ISSUE_SYSTEM, "code": self.detail_code}],
+                "text": self.diagnostics,
+            }
+        if self.expression:
+            issue["expression"] = list(self.expression)
+        return issue
+
+
+@dataclass
+class FhirError(Exception):
+    """An error with its HTTP status and OperationOutcome issues."""
+
+    status: int
+    issues: list[Issue]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.issues[0].diagnostics if self.issues else str(self.status))
+
+    def operation_outcome(self) -> dict[str, Any]:
+        return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in self.issues]}
+
+
+def _error(status: int, code: str, diagnostics: str, **kwargs: Any) -> FhirError:
+    headers = kwargs.pop("headers", None) or {}
+    return FhirError(status, [Issue(code, diagnostics, **kwargs)], headers)
+
+
+def bad_request(
+    diagnostics: str, *, expression: str | None = None, code: str = "invalid"
+) -> FhirError:
+    """400: the request is malformed (e.g. a bad search parameter value, named in `expression`)."""
+    return _error(400, code, diagnostics, expression=(expression,) if expression else ())
+
+
+def not_found(diagnostics: str) -> FhirError:
+    """404: no such resource (FHIR http.html#read)."""
+    return _error(404, "not-found", diagnostics)
+
+
+def gone(diagnostics: str) -> FhirError:
+    """410: the resource was deleted (FHIR http.html#read)."""
+    return _error(410, "deleted", diagnostics)
+
+
+def not_supported(diagnostics: str, *, status: int = 404) -> FhirError:
+    """An interaction or resource type this server does not offer."""
+    return _error(status, "not-supported", diagnostics)
+
+
+def method_not_allowed(diagnostics: str) -> FhirError:
+    """405: the interaction exists in FHIR but not on this resource type here."""
+    return _error(405, "not-supported", diagnostics)
+
+
+def not_acceptable(diagnostics: str) -> FhirError:
+    """406: the client asked for a representation we cannot produce (FHIR http.html#mime-type)."""
+    return _error(406, "not-supported", diagnostics)
+
+
+def unsupported_media_type(diagnostics: str) -> FhirError:
+    """415: the request body is not in a format we read."""
+    return _error(415, "not-supported", diagnostics)
+
+
+def dicom_service_unavailable(diagnostics: str) -> FhirError:
+    """503: the PACS did not answer (unreachable, timed out or failing); the client may retry."""
+    return _error(
+        503,
+        "transient",
+        diagnostics,
+        detail_code="dicom_service_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+def internal_error(diagnostics: str = "Internal server error; see the server log.") -> FhirError:
+    """500: a bug. The body never carries a stack trace."""
+    return _error(500, "exception", diagnostics)

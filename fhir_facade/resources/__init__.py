@@ -1,0 +1,1 @@
+"""One provider per FHIR resource type."""

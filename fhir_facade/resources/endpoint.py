@@ -1,0 +1,92 @@
+"""Endpoint: the PACS's DICOMweb services (WADO-RS, QIDO-RS, STOW-RS), one resource each.
+
+They are derived from configuration, so read and search are answered without a PACS request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir_facade.dicom_to_fhir import MappingContext, endpoints
+from fhir_facade.fhir.bundles import SearchResult
+from fhir_facade.fhir.errors import not_found
+from fhir_facade.fhir.search import (
+    SearchClause,
+    SearchParamDef,
+    SearchParamType,
+    SearchRequest,
+    StringValue,
+    TokenValue,
+)
+from fhir_facade.resources.base import ResourceProvider
+
+__all__ = ["EndpointProvider"]
+
+_SPEC = "http://hl7.org/fhir/SearchParameter/"
+T = SearchParamType
+
+
+def _codings(resource: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    value = resource.get(name)
+    concepts = value if isinstance(value, list) else [value] if value else []
+    if name == "connectionType":
+        return concepts  # a Coding in R4
+    return [c for concept in concepts for c in concept.get("coding", [])]
+
+
+def _token_match(codings: list[dict[str, Any]], value: TokenValue) -> bool:
+    return any(
+        (value.code is None or c.get("code") == value.code)
+        and (value.system is None or c.get("system", "") == value.system)
+        for c in codings
+    )
+
+
+class EndpointProvider(ResourceProvider):
+    resource_type = "Endpoint"
+    documentation = "The PACS's DICOMweb endpoints; ImagingStudy.endpoint refers to dicom-wado-rs."
+    search_params = (
+        SearchParamDef("_id", T.TOKEN, "dicom-wado-rs | dicom-qido-rs | dicom-stow-rs",
+                       _SPEC + "Resource-id"),
+        SearchParamDef("connection-type", T.TOKEN, "endpoint-connection-type code",
+                       _SPEC + "Endpoint-connection-type"),
+        SearchParamDef("payload-type", T.TOKEN, "endpoint-payload-type code",
+                       _SPEC + "Endpoint-payload-type"),
+        SearchParamDef("status", T.TOKEN, "active", _SPEC + "Endpoint-status"),
+        SearchParamDef("name", T.STRING, "Name starts with (case-insensitive)", _SPEC + "Endpoint-name"),
+    )
+
+    def __init__(self, ctx: MappingContext) -> None:
+        self._endpoints = {e["id"]: e for e in endpoints(ctx)}
+
+    async def read(self, resource_id: str) -> dict[str, Any]:
+        try:
+            return self._endpoints[resource_id]
+        except KeyError:
+            raise not_found(f"Endpoint/{resource_id} does not exist") from None
+
+    async def search(self, request: SearchRequest) -> SearchResult:
+        matches = [e for e in self._endpoints.values() if all(_clause_match(e, c) for c in request.clauses)]
+        count = 0 if request.summary == "count" else request.count
+        page = matches[request.offset : request.offset + count]
+        return SearchResult(page, len(matches), request.offset + count < len(matches))
+
+
+def _clause_match(resource: dict[str, Any], clause: SearchClause) -> bool:
+    name = clause.param.name
+    for value in clause.values:
+        if isinstance(value, StringValue):
+            if resource.get("name", "").casefold().startswith(value.value.casefold()):
+                return True
+        elif isinstance(value, TokenValue):
+            if name == "_id" and value.code == resource["id"]:
+                return True
+            if name == "status" and value.code == resource["status"] and value.system in (
+                None, "", "http://hl7.org/fhir/endpoint-status"
+            ):
+                return True
+            if name == "connection-type" and _token_match(_codings(resource, "connectionType"), value):
+                return True
+            if name == "payload-type" and _token_match(_codings(resource, "payloadType"), value):
+                return True
+    return False

@@ -1,0 +1,160 @@
+"""Patient, the DICOM view: computed live from the patient attributes of the studies in the PACS.
+
+DICOMweb has no patient level (QIDO-RS searches studies, series and instances), so a Patient
+search is a study search grouped by (PatientID, IssuerOfPatientID); paging happens here.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from fhir_facade.dicom_to_fhir import MappingContext, parse_patient_resource_id, patient_from_dicom
+from fhir_facade.dicomweb import DicomwebClient
+from fhir_facade.dicomweb.query import OneOf, QidoQuery, Wildcard
+from fhir_facade.fhir.bundles import SearchResult
+from fhir_facade.fhir.errors import not_found
+from fhir_facade.fhir.search import (
+    ReferenceValue,
+    SearchClause,
+    SearchParamDef,
+    SearchParamType,
+    SearchRequest,
+    StringValue,
+    TokenValue,
+)
+from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.resources.dicom_search_terms import apply_date_clause, apply_patient_clause
+from fhir_facade.resources.study_search import StudySearchPlan, find_all_studies
+
+__all__ = ["PatientProvider"]
+
+_SPEC = "http://hl7.org/fhir/SearchParameter/"
+T = SearchParamType
+PATIENT_FIELDS = ("00100021",)
+_GENDERS = {"male": "M", "female": "F", "other": "O"}
+_GENDER_SYSTEM = "http://hl7.org/fhir/administrative-gender"
+
+
+def _fold(text: str) -> str:
+    """Case- and accent-insensitive form for string search (FHIR search.html#string)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def _name_parts(patient: dict[str, Any]) -> list[str]:
+    parts: list[str] = []
+    for name in patient.get("name", []):
+        parts += [name.get("family", ""), name.get("text", "")]
+        parts += name.get("given", []) + name.get("prefix", []) + name.get("suffix", [])
+    return [p for p in parts if p]
+
+
+class PatientProvider(ResourceProvider):
+    resource_type = "Patient"
+    documentation = (
+        "Virtual DICOM view of patients in the PACS; id = PatientID, or an encoded "
+        "PatientID+IssuerOfPatientID (see docs/adr/0003-patient-identity.md)."
+    )
+    search_params = (
+        SearchParamDef("_id", T.TOKEN, "Patient id", _SPEC + "Resource-id"),
+        SearchParamDef("identifier", T.TOKEN, "system|PatientID (MRN)", _SPEC + "Patient-identifier"),
+        SearchParamDef("name", T.STRING, "Any part of the name; starts-with, case/accent-insensitive",
+                       _SPEC + "Patient-name", modifiers=frozenset({"exact", "contains"})),
+        SearchParamDef("birthdate", T.DATE, "PatientBirthDate", _SPEC + "individual-birthdate"),
+        SearchParamDef("gender", T.TOKEN, "male | female | other (PatientSex M/F/O)",
+                       _SPEC + "individual-gender"),
+    )
+
+    def __init__(self, dicomweb: DicomwebClient, ctx: MappingContext) -> None:
+        self._dicomweb = dicomweb
+        self._ctx = ctx
+
+    async def read(self, resource_id: str) -> dict[str, Any]:
+        try:
+            parse_patient_resource_id(resource_id)
+        except ValueError as exc:
+            raise not_found(f"Patient/{resource_id} is not a valid DICOM patient id") from exc
+        plan = StudySearchPlan()
+        apply_patient_clause(plan, _reference_clause(self, resource_id), self._ctx)
+        studies = await find_all_studies(self._dicomweb, plan, PATIENT_FIELDS)
+        for ds in studies:
+            patient = patient_from_dicom(ds, self._ctx)
+            if patient and patient["id"] == resource_id:
+                return patient
+        raise not_found(f"Patient/{resource_id} has no studies in the PACS")
+
+    async def search(self, request: SearchRequest) -> SearchResult:
+        plan = StudySearchPlan()
+        resource_checks = []
+        for clause in request.clauses:
+            name = clause.param.name
+            if name in ("_id", "identifier"):
+                apply_patient_clause(plan, _as_reference_clause(clause), self._ctx)
+            elif name == "birthdate":
+                apply_date_clause(plan, clause, "PatientBirthDate", lambda ds: None,
+                                  self._ctx.default_timezone)
+            elif name == "gender":
+                codes = {
+                    _GENDERS[v.code] for v in clause.values
+                    if isinstance(v, TokenValue) and v.code in _GENDERS
+                    and v.system in (None, _GENDER_SYSTEM)
+                }
+                if codes:
+                    plan.require(QidoQuery({"PatientSex": OneOf(frozenset(codes))}))
+                else:
+                    plan.match_nothing()
+            elif name == "name":
+                resource_checks.append(self._apply_name(plan, clause))
+        studies = await find_all_studies(self._dicomweb, plan, PATIENT_FIELDS)
+        patients: dict[str, dict[str, Any]] = {}
+        for ds in studies:
+            patient = patient_from_dicom(ds, self._ctx)
+            if patient and all(check(patient) for check in resource_checks):
+                patients.setdefault(patient["id"], patient)
+        ordered = [patients[k] for k in sorted(patients)]
+        count = 0 if request.summary == "count" else request.count
+        page = ordered[request.offset : request.offset + count]
+        return SearchResult(page, len(ordered), request.offset + count < len(ordered))
+
+    @staticmethod
+    def _apply_name(plan: StudySearchPlan, clause: SearchClause) -> Any:
+        """QIDO narrows with a wildcard on one value; the FHIR string semantics are checked on the
+        mapped names (default starts-with, :contains, :exact)."""
+        texts = [v.value for v in clause.values if isinstance(v, StringValue)]
+        if len(texts) == 1 and not any(c in texts[0] for c in "*?\\,"):
+            plan.require(QidoQuery({"PatientName": Wildcard(f"*{texts[0]}*")}))
+
+        def check(patient: dict[str, Any]) -> bool:
+            parts = _name_parts(patient)
+            if clause.modifier == "exact":
+                return any(p == t for p in parts for t in texts)
+            folded = [_fold(p) for p in parts]
+            wanted = [_fold(t) for t in texts]
+            if clause.modifier == "contains":
+                return any(w in p for p in folded for w in wanted)
+            return any(p.startswith(w) or any(word.startswith(w) for word in p.split())
+                       for p in folded for w in wanted)
+
+        return check
+
+
+def _reference_clause(provider: PatientProvider, resource_id: str) -> SearchClause:
+    param = provider.search_param_map["_id"]
+    return SearchClause(param, None, (ReferenceValue("Patient", resource_id),), "_id", resource_id)
+
+
+def _as_reference_clause(clause: SearchClause) -> SearchClause:
+    """`_id=x` and `identifier=s|v` on Patient are the same filters as a patient reference."""
+    values: list[ReferenceValue] = []
+    for value in clause.values:
+        assert isinstance(value, TokenValue)
+        if value.code is None:
+            continue
+        if clause.param.name == "_id":
+            values.append(ReferenceValue("Patient", value.code))
+        else:
+            values.append(ReferenceValue(identifier=TokenValue(value.system or None, value.code)))
+    return SearchClause(clause.param, None, tuple(values), clause.raw_name, clause.raw_value)
+
+

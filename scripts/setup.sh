@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install what the facade and its tests need on a fresh Debian machine, idempotently:
+# Debian packages (Orthanc + DICOMweb, dcmtk, docker-compose, the demo MRI) and a virtualenv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk docker-compose mricron-data)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo_cmd=""
+  [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # The package may start a system-wide Orthanc on 8042; the facade runs its own instances.
+  $sudo_cmd service orthanc stop >/dev/null 2>&1 || true
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.fhir-facade-installed
+wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+  echo "setup: installing the package and test tools into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[test]"
+  echo "$wanted" > "$stamp"
+fi
