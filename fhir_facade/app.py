@@ -14,6 +14,7 @@ from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
+from fhir_facade.metrics import metrics_router
 from fhir_facade.resources.base import ResourceProvider
 from fhir_facade.resources.endpoint import EndpointProvider
 from fhir_facade.resources.imaging_study import ImagingStudyProvider
@@ -69,4 +70,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.providers = providers
     install_error_handlers(app)
     app.include_router(build_fhir_router(providers, settings))
+    app.include_router(metrics_router)
     return app

@@ -90,6 +90,9 @@ class EmbeddedOrthanc:
             "AuthenticationEnabled": False,
             "HttpBindAddress": "127.0.0.1",
             "StableAge": self.stable_age,
+            # QIDO answers are encoded with DefaultEncoding: with the Latin-1 default Orthanc drops
+            # the ideographic and phonetic groups of UTF-8 names (checked with Japanese PNs).
+            "DefaultEncoding": "Utf8",
             "Plugins": [str(_find_plugin(DICOMWEB_PLUGIN))],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
                          "Host": f"127.0.0.1:{self.http_port}", "Ssl": False},

@@ -1,0 +1,117 @@
+"""Benchmark: ImagingStudy search pages through the facade vs the minimal direct QIDO-RS requests
+that give the same answer (one study query + one series query for the page), on one Orthanc, in
+one run, interleaved. Prints median latencies, their ratio, and QIDO requests per facade page.
+
+    .venv/bin/python bench/imaging_study_search.py [--studies 120] [--rounds 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fhir_facade.embedded import EmbeddedOrthanc, free_port  # noqa: E402
+from fhir_facade.resources.imaging_study import SERIES_FIELDS, STUDY_FIELDS  # noqa: E402
+from tests.dicom_factory import SeriesSpec, StudySpec, build_study, upload  # noqa: E402
+
+
+def load_studies(orthanc_url: str, count: int) -> None:
+    with httpx.Client(timeout=60) as client:
+        for n in range(count):
+            spec = StudySpec(
+                patient_id=f"BENCH-{n % 40:03d}",
+                patient_name=f"Bench^Patient{n % 40}",
+                study_uid=f"1.2.826.0.1.3680043.8.498.99.{n + 1}",
+                accession=f"B{n:05d}",
+                study_date=f"2024{1 + n % 12:02d}{1 + n % 28:02d}",
+                study_time="101500",
+                timezone_offset="+0100",
+                description="BENCH MR BRAIN",
+                series=[
+                    SeriesSpec("MR", "T1", 1, body_part="BRAIN", n_instances=2),
+                    SeriesSpec("MR", "T2", 2, body_part="BRAIN", n_instances=2),
+                    SeriesSpec("MR", "FLAIR", 3, body_part="BRAIN", n_instances=1),
+                ],
+            )
+            upload(client, orthanc_url, build_study(spec))
+
+
+def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def qido_requests(metrics_url: str) -> float:
+    for line in httpx.get(metrics_url).text.splitlines():
+        if line.startswith("fhir_facade_qido_requests_total"):
+            return float(line.split()[-1])
+    raise RuntimeError("no fhir_facade_qido_requests_total in /metrics")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--studies", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedOrthanc(
+        Path(tmp), http_port=free_port(), dicom_port=free_port()
+    ) as orthanc:
+        load_studies(orthanc.url, args.studies)
+        port = free_port()
+        env = {**os.environ, "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
+               "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir", "FACADE_LOG_LEVEL": "WARNING"}
+        facade = subprocess.Popen(
+            [sys.executable, "-m", "fhir_facade", "serve", "--port", str(port)], env=env
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/fhir/metadata")
+            fhir = httpx.Client(base_url=f"http://127.0.0.1:{port}/fhir", timeout=30)
+            qido = httpx.Client(base_url=orthanc.dicomweb_url, timeout=30,
+                                headers={"Accept": "application/dicom+json"})
+            metrics = f"http://127.0.0.1:{port}/metrics"
+            print(f"{args.studies} studies x 3 series in Orthanc; {args.rounds} rounds per figure")
+            print(f"{'page':>5} {'facade ms':>10} {'direct ms':>10} {'ratio':>6} {'QIDO req/page':>14}")
+            for size in (10, 50):
+                facade_ms, direct_ms = [], []
+                before = qido_requests(metrics)
+                for _ in range(args.rounds):
+                    t0 = time.perf_counter()
+                    bundle = fhir.get("/ImagingStudy", params={"_count": size}).json()
+                    facade_ms.append((time.perf_counter() - t0) * 1000)
+                    assert len(bundle["entry"]) == size
+
+                    t0 = time.perf_counter()
+                    studies = qido.get("/studies", params={"limit": size,
+                                                           "includefield": ",".join(STUDY_FIELDS)}).json()
+                    uids = ",".join(s["0020000D"]["Value"][0] for s in studies)
+                    qido.get("/series", params={"StudyInstanceUID": uids,
+                                                "includefield": ",".join(SERIES_FIELDS)}).json()
+                    direct_ms.append((time.perf_counter() - t0) * 1000)
+                per_page = (qido_requests(metrics) - before) / args.rounds
+                f, d = statistics.median(facade_ms), statistics.median(direct_ms)
+                print(f"{size:>5} {f:>10.1f} {d:>10.1f} {f / d:>6.2f} {per_page:>14.1f}")
+        finally:
+            facade.terminate()
+            facade.wait(10)
+
+
+if __name__ == "__main__":
+    main()

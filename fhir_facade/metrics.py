@@ -1,0 +1,24 @@
+"""Prometheus text exposition (version 0.0.4) of the facade's counters at `GET /metrics`.
+
+Kept dependency-free: a handful of counters does not need a client library yet.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+
+__all__ = ["metrics_router"]
+
+metrics_router = APIRouter()
+
+
+@metrics_router.get("/metrics", include_in_schema=False, response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
+    dicomweb = request.app.state.dicomweb
+    lines = [
+        "# HELP fhir_facade_qido_requests_total QIDO-RS requests sent to the PACS.",
+        "# TYPE fhir_facade_qido_requests_total counter",
+        f"fhir_facade_qido_requests_total {dicomweb.request_count}",
+    ]
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -1,0 +1,78 @@
+"""The compose deployment is valid for the docker-compose we ship with and wires the facade up."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_file_validates_offline() -> None:
+    # Debian's docker-compose 1.29 validates without a Docker daemon (ARCHITECTURE.md).
+    executable = shutil.which("docker-compose")
+    assert executable, "docker-compose is not installed (apt-get install docker-compose)"
+    result = subprocess.run(
+        [executable, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_services_and_facade_wiring() -> None:
+    services = _compose()["services"]
+    assert {"orthanc", "facade", "hapi", "postgres"} <= set(services)
+    env = services["facade"]["environment"]
+    assert env["FACADE_DICOMWEB_URL"] == "http://orthanc:8042/dicom-web"
+    assert env["FACADE_ORTHANC_URL"] == "http://orthanc:8042"
+    assert env["FACADE_DATABASE_URL"].startswith("postgresql://facade:")
+    assert env["FACADE_DATABASE_URL"].endswith("@postgres:5432/facade")
+    assert env["FACADE_FHIR_UPSTREAM_URL"] == "http://hapi:8080/fhir"
+    assert "FACADE_WORKLIST_DIR" in env and "FACADE_BASE_URL" in env
+    depends = services["facade"]["depends_on"]
+    assert depends["orthanc"]["condition"] == "service_healthy"
+    assert depends["postgres"]["condition"] == "service_healthy"
+
+
+def test_worklist_folder_is_shared_with_orthanc() -> None:
+    services = _compose()["services"]
+    facade_dir = services["facade"]["environment"]["FACADE_WORKLIST_DIR"]
+    orthanc_dir = services["orthanc"]["environment"]["ORTHANC__WORKLISTS__DATABASE"]
+
+    def volume_for(service: str, target: str) -> str:
+        for mount in services[service]["volumes"]:
+            source, path = mount.split(":")[:2]
+            if path == target:
+                return str(source)
+        raise AssertionError(f"{service} mounts nothing at {target}")
+
+    assert volume_for("facade", facade_dir) == volume_for("orthanc", orthanc_dir)
+
+
+def test_hapi_is_r4_on_postgres() -> None:
+    env = _compose()["services"]["hapi"]["environment"]
+    assert env["hapi.fhir.fhir_version"] == "R4"
+    assert env["SPRING_DATASOURCE_URL"] == "jdbc:postgresql://postgres:5432/hapi"
+
+
+def test_dockerfile_runs_the_cli_as_non_root() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "FROM python:3.11-slim" in dockerfile
+    assert "USER facade" in dockerfile
+    assert 'ENTRYPOINT ["fhir-facade"]' in dockerfile
+    assert '"serve", "--host", "0.0.0.0", "--port", "8080"' in dockerfile
