@@ -15,6 +15,7 @@ from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.metrics import metrics_router
+from fhir_facade.resources.artifacts import artifact_providers
 from fhir_facade.resources.base import ResourceProvider
 from fhir_facade.resources.endpoint import EndpointProvider
 from fhir_facade.resources.imaging_study import ImagingStudyProvider
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ImagingStudyProvider(dicomweb, ctx),
         PatientProvider(dicomweb, ctx),
         EndpointProvider(ctx),
+        *artifact_providers(),
     ]
 
     @asynccontextmanager

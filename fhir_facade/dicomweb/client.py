@@ -91,9 +91,8 @@ class DicomwebClient:
             await self.open()
         assert self._http is not None
         params: list[tuple[str, str]] = list(query.items())
-        fields = ",".join(include_fields)
-        if fields:
-            params.append(("includefield", fields))
+        # One includefield per attribute: Orthanc ignores a comma-separated list (PS3.18 allows both).
+        params += [("includefield", field) for field in include_fields]
         if limit is not None:
             params.append(("limit", str(limit)))
         if offset:

@@ -4,16 +4,24 @@ ANDed, rendered as QIDO query values, and re-checked on the returned DICOM JSON.
 Re-checking matters: a PACS may answer a superset (it may ignore a key, match case-insensitively
 or treat `*`/`?` as wildcards), and a constraint whose values cannot be written safely in a query
 is left out of it and only checked afterwards (`QidoQuery.widened`).
+
+Orthanc 1.10 + DICOMweb 1.7 answers no PatientName matches over QIDO (checked: `Doe*`, `*oe*` and
+the exact value all return nothing), so names are never sent: name search filters in the facade.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
 __all__ = ["DateRange", "OneOf", "QidoQuery", "conjoin", "dicom_date", "tag_values"]
+
+# Attributes the PACS computes from the series instead of indexing: Orthanc applies limit/offset
+# before filtering on them (checked: ModalitiesInStudy=MR,CT has 7 matches, yet limit=2&offset=2
+# returns none), so a query using them cannot be paged in the PACS.
+COMPUTED_ATTRIBUTES = frozenset({"ModalitiesInStudy"})
 
 # Characters with a meaning in QIDO/C-FIND values: wildcards, list and multi-value separators.
 _UNSAFE = frozenset("*?,\\")
@@ -95,25 +103,7 @@ class DateRange:
         return (self.first is None or value >= self.first) and (self.last is None or value <= self.last)
 
 
-@dataclass(frozen=True)
-class Wildcard:
-    """Wildcard matching (`*`, `?`) for a superset query; the caller re-checks exact semantics."""
-
-    pattern: str
-
-    def merge(self, other: Constraint) -> Constraint | None:
-        return self if other == self else None
-
-    qido_safe = True
-
-    def qido(self) -> str:
-        return self.pattern
-
-    def matches(self, ds: Mapping[str, Any], tag: str) -> bool:
-        return True  # a superset by design; the exact test is a post-filter of the caller
-
-
-Constraint = OneOf | DateRange | Wildcard
+Constraint = OneOf | DateRange
 
 
 @dataclass(frozen=True)
@@ -127,20 +117,21 @@ class QidoQuery:
         """True when some constraint cannot be sent and is only checked on the results."""
         return not all(c.qido_safe for c in self.constraints.values())
 
+    @property
+    def pageable(self) -> bool:
+        """Whether QIDO limit/offset give correct pages for this query."""
+        return not (COMPUTED_ATTRIBUTES & set(self.constraints))
+
     def params(self) -> dict[str, str]:
         return {k: c.qido() for k, c in self.constraints.items() if c.qido_safe}
 
-    def matches(self, ds: Mapping[str, Any], tags: Mapping[str, str]) -> bool:
-        """Re-check every constraint on a result; `tags` maps keywords to tags."""
-        return all(c.matches(ds, tags.get(k, k)) for k, c in self.constraints.items())
+    def matches(self, ds: Mapping[str, Any], tag_of: Callable[[str], str]) -> bool:
+        """Re-check every constraint on a result; `tag_of` maps keywords to DICOM JSON tags."""
+        return all(c.matches(ds, tag_of(k)) for k, c in self.constraints.items())
 
 
 def conjoin(left: QidoQuery, right: QidoQuery) -> QidoQuery | None:
-    """AND two queries; None when they cannot both hold (e.g. disjoint UID lists or date ranges).
-
-    Two different wildcard patterns on one attribute cannot be merged; the right one is dropped
-    from the query (the caller's post-filter still applies both).
-    """
+    """AND two queries; None when they cannot both hold (e.g. disjoint UID lists or date ranges)."""
     merged: dict[str, Constraint] = dict(left.constraints)
     for key, constraint in right.constraints.items():
         existing = merged.get(key)
@@ -149,8 +140,6 @@ def conjoin(left: QidoQuery, right: QidoQuery) -> QidoQuery | None:
             continue
         combined = existing.merge(constraint)
         if combined is None:
-            if isinstance(existing, Wildcard) or isinstance(constraint, Wildcard):
-                continue
             return None
         merged[key] = combined
     return QidoQuery(merged)

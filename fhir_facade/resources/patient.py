@@ -11,7 +11,7 @@ from typing import Any
 
 from fhir_facade.dicom_to_fhir import MappingContext, parse_patient_resource_id, patient_from_dicom
 from fhir_facade.dicomweb import DicomwebClient
-from fhir_facade.dicomweb.query import OneOf, QidoQuery, Wildcard
+from fhir_facade.dicomweb.query import OneOf, QidoQuery
 from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.errors import not_found
 from fhir_facade.fhir.search import (
@@ -105,7 +105,7 @@ class PatientProvider(ResourceProvider):
                 else:
                     plan.match_nothing()
             elif name == "name":
-                resource_checks.append(self._apply_name(plan, clause))
+                resource_checks.append(self._apply_name(clause))
         studies = await find_all_studies(self._dicomweb, plan, PATIENT_FIELDS)
         patients: dict[str, dict[str, Any]] = {}
         for ds in studies:
@@ -118,12 +118,10 @@ class PatientProvider(ResourceProvider):
         return SearchResult(page, len(ordered), request.offset + count < len(ordered))
 
     @staticmethod
-    def _apply_name(plan: StudySearchPlan, clause: SearchClause) -> Any:
-        """QIDO narrows with a wildcard on one value; the FHIR string semantics are checked on the
-        mapped names (default starts-with, :contains, :exact)."""
+    def _apply_name(clause: SearchClause) -> Any:
+        """FHIR string semantics (default starts-with any name part, :contains, :exact) on the
+        mapped names. Not sent to QIDO: Orthanc's QIDO does not match PatientName (query.py)."""
         texts = [v.value for v in clause.values if isinstance(v, StringValue)]
-        if len(texts) == 1 and not any(c in texts[0] for c in "*?\\,"):
-            plan.require(QidoQuery({"PatientName": Wildcard(f"*{texts[0]}*")}))
 
         def check(patient: dict[str, Any]) -> bool:
             parts = _name_parts(patient)

@@ -38,14 +38,6 @@ def dicom_tag(keyword: str) -> str:
     return f"{tag:08X}"
 
 
-class _KeywordTags(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        return dicom_tag(key)
-
-
-_TAGS = _KeywordTags()
-
-
 def study_uid(ds: DicomJson) -> str:
     values = tag_values(ds, dicom_tag("StudyInstanceUID"))
     return str(values[0]) if values else ""
@@ -88,10 +80,11 @@ class StudySearchPlan:
             len(self.alternatives) == 1
             and not self.post_filters
             and not self.alternatives[0].widened
+            and self.alternatives[0].pageable
         )
 
     def accepts(self, ds: DicomJson) -> bool:
-        return any(q.matches(ds, _TAGS) for q in self.alternatives) and all(
+        return any(q.matches(ds, dicom_tag) for q in self.alternatives) and all(
             f(ds) for f in self.post_filters
         )
 
@@ -149,6 +142,7 @@ async def find_study_page(
     rows = [ds for ds in rows if plan.accepts(ds)]
     has_next = len(rows) > count
     page = _distinct(rows[:count])
+    rows = _distinct(rows)
     if not want_total:
         return StudyPage(page, None, has_next), await details(page)
     if not has_next and (offset == 0 or rows):

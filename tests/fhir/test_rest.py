@@ -12,7 +12,10 @@ def test_metadata_lists_exactly_the_registered_types(fhir: httpx.Client) -> None
     assert statement["resourceType"] == "CapabilityStatement"
     assert statement["fhirVersion"] == "4.0.1"
     resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
-    assert set(resources) == {"ImagingStudy", "Patient", "Endpoint"}
+    assert set(resources) == {"ImagingStudy", "Patient", "Endpoint", "ConceptMap", "CodeSystem"}
+    for type_name, resource in resources.items():  # only what works is listed
+        params = {p["name"]: "x" for p in resource["searchParam"] if p["name"] == "_id"}
+        ok_json(fhir.get(f"/{type_name}", params=params))
     study_params = {p["name"] for p in resources["ImagingStudy"]["searchParam"]}
     assert {"identifier", "patient", "subject", "started", "modality", "series", "instance",
             "dicom-class", "endpoint", "_id"} <= study_params
@@ -50,3 +53,11 @@ def test_unknown_type_and_path_are_operation_outcomes(fhir: httpx.Client) -> Non
     outcome(fhir.get("/Spaceship/1"), 404, "not-supported")
     outcome(fhir.get("/ImagingStudy/1/_history/1/extra"), 404, "not-found")
     outcome(fhir.delete("/ImagingStudy/1.2.3"), 405, "not-supported")
+
+
+def test_mapping_artifacts_are_served(fhir: httpx.Client) -> None:
+    concept_map = ok_json(fhir.get("/ConceptMap/dicom-body-part-to-snomed"))
+    assert concept_map["group"][0]["target"] == "http://snomed.info/sct"
+    found = ok_json(fhir.get("/ConceptMap", params={"url": concept_map["url"]}))
+    assert found["total"] == 1
+    ok_json(fhir.get("/CodeSystem/facade-issue"))

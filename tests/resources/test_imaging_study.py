@@ -211,8 +211,8 @@ def test_search_by_post(fhir: httpx.Client) -> None:
 def test_page_size_does_not_change_the_number_of_qido_requests(fhir: httpx.Client, facade: LiveServer) -> None:
     """No N+1: one study query, one series query (and a count query) whatever the page size."""
     counts = []
-    for size in (2, 10, 20):
+    for size in (2, 5, 10):
         before = facade.app.state.dicomweb.request_count
-        assert len(search(fhir, _count=size)["entry"]) == size
+        assert len(search(fhir, _count=size, started="ge2004")["entry"]) == size
         counts.append(facade.app.state.dicomweb.request_count - before)
     assert counts[0] == counts[1] == counts[2] <= 3
