@@ -20,9 +20,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fhir_facade.embedded import EmbeddedOrthanc, free_port  # noqa: E402
-from fhir_facade.resources.imaging_study import SERIES_FIELDS, STUDY_FIELDS  # noqa: E402
-from tests.dicom_factory import SeriesSpec, StudySpec, build_study, upload  # noqa: E402
+from fhir_facade.embedded import EmbeddedOrthanc, free_port
+from fhir_facade.resources.imaging_study import SERIES_FIELDS, STUDY_FIELDS
+from tests.dicom_factory import SeriesSpec, StudySpec, build_study, upload
 
 
 def load_studies(orthanc_url: str, count: int) -> None:
@@ -71,24 +71,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedOrthanc(
-        Path(tmp), http_port=free_port(), dicom_port=free_port()
-    ) as orthanc:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        EmbeddedOrthanc(Path(tmp), http_port=free_port(), dicom_port=free_port()) as orthanc,
+    ):
         load_studies(orthanc.url, args.studies)
         port = free_port()
-        env = {**os.environ, "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
-               "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir", "FACADE_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
+            "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+            "FACADE_LOG_LEVEL": "WARNING",
+        }
         facade = subprocess.Popen(
             [sys.executable, "-m", "fhir_facade", "serve", "--port", str(port)], env=env
         )
         try:
             wait_ready(f"http://127.0.0.1:{port}/fhir/metadata")
             fhir = httpx.Client(base_url=f"http://127.0.0.1:{port}/fhir", timeout=30)
-            qido = httpx.Client(base_url=orthanc.dicomweb_url, timeout=30,
-                                headers={"Accept": "application/dicom+json"})
+            qido = httpx.Client(
+                base_url=orthanc.dicomweb_url,
+                timeout=30,
+                headers={"Accept": "application/dicom+json"},
+            )
             metrics = f"http://127.0.0.1:{port}/metrics"
             print(f"{args.studies} studies x 3 series in Orthanc; {args.rounds} rounds per figure")
-            print(f"{'page':>5} {'facade ms':>10} {'direct ms':>10} {'ratio':>6} {'QIDO req/page':>14}")
+            print(
+                f"{'page':>5} {'facade ms':>10} {'direct ms':>10} {'ratio':>6} {'QIDO req/page':>14}"
+            )
             for size in (10, 50):
                 facade_ms, direct_ms = [], []
                 before = qido_requests(metrics)
@@ -99,11 +109,16 @@ def main() -> None:
                     assert len(bundle["entry"]) == size
 
                     t0 = time.perf_counter()
-                    studies = qido.get("/studies", params=[("limit", size)] + [
-                        ("includefield", f) for f in STUDY_FIELDS]).json()
+                    studies = qido.get(
+                        "/studies",
+                        params=[("limit", size)] + [("includefield", f) for f in STUDY_FIELDS],
+                    ).json()
                     uids = ",".join(s["0020000D"]["Value"][0] for s in studies)
-                    qido.get("/series", params=[("StudyInstanceUID", uids)] + [
-                        ("includefield", f) for f in SERIES_FIELDS]).json()
+                    qido.get(
+                        "/series",
+                        params=[("StudyInstanceUID", uids)]
+                        + [("includefield", f) for f in SERIES_FIELDS],
+                    ).json()
                     direct_ms.append((time.perf_counter() - t0) * 1000)
                 per_page = (qido_requests(metrics) - before) / args.rounds
                 f, d = statistics.median(facade_ms), statistics.median(direct_ms)

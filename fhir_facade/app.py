@@ -54,8 +54,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await dicomweb.open()
-        log.info("fhir-facade %s: FHIR base %s, PACS %s", __version__, settings.base_url,
-                 settings.dicomweb_url)
+        log.info(
+            "fhir-facade %s: FHIR base %s, PACS %s",
+            __version__,
+            settings.base_url,
+            settings.dicomweb_url,
+        )
         try:
             yield
         finally:

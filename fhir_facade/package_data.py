@@ -1,4 +1,5 @@
 """Where the FHIR artifact folders (capability/, mappings/, operations/) live, installed or not."""
+
 from __future__ import annotations
 
 from importlib.resources import files

@@ -63,7 +63,10 @@ def serve(settings_overrides: dict[str, Any]) -> LiveServer:
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthanc]:
     instance = EmbeddedOrthanc(
-        tmp_path_factory.mktemp("orthanc"), http_port=free_port(), dicom_port=free_port(), stable_age=2
+        tmp_path_factory.mktemp("orthanc"),
+        http_port=free_port(),
+        dicom_port=free_port(),
+        stable_age=2,
     )
     with instance:
         yield instance
@@ -84,8 +87,12 @@ def loaded_orthanc(orthanc: EmbeddedOrthanc) -> EmbeddedOrthanc:
 @pytest.fixture(scope="session")
 def facade(loaded_orthanc: EmbeddedOrthanc) -> Iterator[LiveServer]:
     with serve(
-        {"dicomweb_url": loaded_orthanc.dicomweb_url, "orthanc_url": loaded_orthanc.url,
-         "dicom_timezone": "Europe/Berlin", "issuer_systems": {"HOSPITAL-A": "urn:oid:1.2.3.4.5"}}
+        {
+            "dicomweb_url": loaded_orthanc.dicomweb_url,
+            "orthanc_url": loaded_orthanc.url,
+            "dicom_timezone": "Europe/Berlin",
+            "issuer_systems": {"HOSPITAL-A": "urn:oid:1.2.3.4.5"},
+        }
     ) as server:
         yield server
 

@@ -38,7 +38,9 @@ class DicomwebClient:
     def __init__(self, base_url: str, *, timeout: float, max_connections: int) -> None:
         self.base_url = base_url.rstrip("/")
         self._timeout = timeout
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._http: httpx.AsyncClient | None = None
         self.request_count = 0
 
@@ -90,7 +92,7 @@ class DicomwebClient:
         if self._http is None:
             await self.open()
         assert self._http is not None
-        params: list[tuple[str, str]] = list(query.items())
+        params: list[tuple[str, str | int | float | bool | None]] = list(query.items())
         # One includefield per attribute: Orthanc ignores a comma-separated list (PS3.18 allows both).
         params += [("includefield", field) for field in include_fields]
         if limit is not None:
@@ -101,7 +103,9 @@ class DicomwebClient:
         try:
             response = await self._http.get(path, params=params)
         except httpx.TimeoutException as exc:
-            raise DicomwebUnavailable(f"PACS did not answer {path} within {self._timeout} s") from exc
+            raise DicomwebUnavailable(
+                f"PACS did not answer {path} within {self._timeout} s"
+            ) from exc
         except httpx.TransportError as exc:
             raise DicomwebUnavailable(f"PACS unreachable at {self.base_url}: {exc}") from exc
         if response.status_code == 204:
@@ -109,7 +113,9 @@ class DicomwebClient:
         if response.status_code >= 500:
             raise DicomwebUnavailable(f"PACS answered {response.status_code} to {path}")
         if response.status_code >= 400:
-            raise DicomwebError(f"PACS rejected {path} with {response.status_code}: {response.text[:200]}")
+            raise DicomwebError(
+                f"PACS rejected {path} with {response.status_code}: {response.text[:200]}"
+            )
         try:
             body = response.json()
         except ValueError as exc:

@@ -100,7 +100,9 @@ class DateRange:
             value = date.fromisoformat(text)
         except ValueError:
             return False
-        return (self.first is None or value >= self.first) and (self.last is None or value <= self.last)
+        return (self.first is None or value >= self.first) and (
+            self.last is None or value <= self.last
+        )
 
 
 Constraint = OneOf | DateRange

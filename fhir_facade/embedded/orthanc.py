@@ -94,8 +94,13 @@ class EmbeddedOrthanc:
             # the ideographic and phonetic groups of UTF-8 names (checked with Japanese PNs).
             "DefaultEncoding": "Utf8",
             "Plugins": [str(_find_plugin(DICOMWEB_PLUGIN))],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
-                         "Host": f"127.0.0.1:{self.http_port}", "Ssl": False},
+            "DicomWeb": {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "EnableWado": True,
+                "Host": f"127.0.0.1:{self.http_port}",
+                "Ssl": False,
+            },
         }
         config.update(self.extra_config)
         return config
@@ -125,7 +130,9 @@ class EmbeddedOrthanc:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise TimeoutError(f"Orthanc did not start within {timeout} s; see {self.workdir / 'orthanc.log'}")
+        raise TimeoutError(
+            f"Orthanc did not start within {timeout} s; see {self.workdir / 'orthanc.log'}"
+        )
 
     def stop(self) -> None:
         if self._process is None:
@@ -142,6 +149,9 @@ class EmbeddedOrthanc:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()

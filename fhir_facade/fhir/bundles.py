@@ -45,7 +45,10 @@ def searchset_bundle(base_url: str, request: SearchRequest, result: SearchResult
             links.append({"relation": "previous", "url": _page_url(base_url, request, previous)})
         if result.has_next:
             links.append(
-                {"relation": "next", "url": _page_url(base_url, request, request.offset + request.count)}
+                {
+                    "relation": "next",
+                    "url": _page_url(base_url, request, request.offset + request.count),
+                }
             )
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
     if result.total is not None:
@@ -60,7 +63,9 @@ def searchset_bundle(base_url: str, request: SearchRequest, result: SearchResult
     return bundle
 
 
-def _entry(base_url: str, resource: dict[str, Any], mode: str, request: SearchRequest) -> dict[str, Any]:
+def _entry(
+    base_url: str, resource: dict[str, Any], mode: str, request: SearchRequest
+) -> dict[str, Any]:
     shaped = apply_elements(apply_summary(resource, request.summary), request.elements)
     return {
         "fullUrl": f"{base_url}/{resource['resourceType']}/{resource['id']}",

@@ -18,9 +18,7 @@ _JSON_FORMATS = frozenset(
     {"json", "application/json", "application/fhir+json", "application/json+fhir"}
 )
 _JSON_ACCEPTS = _JSON_FORMATS | {"*/*", "application/*"}
-_BODY_TYPES = frozenset(
-    {"application/fhir+json", "application/json", "application/json+fhir"}
-)
+_BODY_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 

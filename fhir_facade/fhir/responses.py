@@ -29,8 +29,12 @@ def fhir_response(
 ) -> Response:
     """Serialise a resource as `application/fhir+json` (indented with `_pretty=true`)."""
     pretty = request is not None and wants_pretty(request)
-    content = json.dumps(body, ensure_ascii=False, indent=2 if pretty else None,
-                         separators=None if pretty else (",", ":"))
+    content = json.dumps(
+        body,
+        ensure_ascii=False,
+        indent=2 if pretty else None,
+        separators=None if pretty else (",", ":"),
+    )
     return Response(
         content.encode("utf-8"),
         status_code=status,
@@ -40,7 +44,9 @@ def fhir_response(
 
 
 def _error_response(error: FhirError, request: Request) -> Response:
-    return fhir_response(error.operation_outcome(), request, status=error.status, headers=error.headers)
+    return fhir_response(
+        error.operation_outcome(), request, status=error.status, headers=error.headers
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

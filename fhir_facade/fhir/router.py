@@ -50,11 +50,17 @@ def _search_openapi(provider: ResourceProvider) -> dict[str, Any]:
     params += [
         {"name": "_count", "in": "query", "schema": {"type": "integer", "minimum": 0}},
         {"name": "_offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-        {"name": "_summary", "in": "query",
-         "schema": {"type": "string", "enum": ["true", "false", "count", "text", "data"]}},
+        {
+            "name": "_summary",
+            "in": "query",
+            "schema": {"type": "string", "enum": ["true", "false", "count", "text", "data"]},
+        },
         {"name": "_elements", "in": "query", "schema": {"type": "string"}},
-        {"name": "_total", "in": "query",
-         "schema": {"type": "string", "enum": ["none", "estimate", "accurate"]}},
+        {
+            "name": "_total",
+            "in": "query",
+            "schema": {"type": "string", "enum": ["none", "estimate", "accurate"]},
+        },
         {"name": "_format", "in": "query", "schema": {"type": "string"}},
         {"name": "_pretty", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
         {"name": "Prefer", "in": "header", "schema": {"type": "string"}},
@@ -69,8 +75,11 @@ def build_fhir_router(providers: Sequence[ResourceProvider], settings: Settings)
     router = APIRouter(prefix="/fhir")
     by_type = {p.resource_type: p for p in providers}
 
-    @router.get("/metadata", summary="CapabilityStatement (FHIR R4 http.html#capabilities)",
-                responses={200: {"content": _JSON_CONTENT}})
+    @router.get(
+        "/metadata",
+        summary="CapabilityStatement (FHIR R4 http.html#capabilities)",
+        responses={200: {"content": _JSON_CONTENT}},
+    )
     async def metadata(request: Request) -> Response:
         negotiate_response_format(request)
         return fhir_response(capability_statement(providers, settings), request)
@@ -127,8 +136,12 @@ def _add_provider_routes(router: APIRouter, provider: ResourceProvider, settings
     handlers: list[tuple[str, str, Callable[..., Awaitable[Response]], dict[str, Any]]] = [
         ("GET", f"/{type_name}", search, _search_openapi(provider)),
         ("POST", f"/{type_name}/_search", search_post, _search_openapi(provider)),
-        ("GET", f"/{type_name}/{{resource_id}}", read,
-         {"responses": {"200": {"description": type_name, "content": _JSON_CONTENT}}}),
+        (
+            "GET",
+            f"/{type_name}/{{resource_id}}",
+            read,
+            {"responses": {"200": {"description": type_name, "content": _JSON_CONTENT}}},
+        ),
     ]
     for method, path, endpoint, openapi in handlers:
         router.add_api_route(

@@ -208,8 +208,14 @@ def parse_date_value(raw: str, *, name: str, allowed_prefixes: Iterable[str]) ->
             second = int(parts["second"] or 0)
             micro = int((parts["fraction"] or "0")[:6].ljust(6, "0"))
             lower = datetime(
-                year, int(parts["month"]), int(parts["day"]),
-                int(parts["hour"]), int(parts["minute"]), second, micro, tzinfo=tz,
+                year,
+                int(parts["month"]),
+                int(parts["day"]),
+                int(parts["hour"]),
+                int(parts["minute"]),
+                second,
+                micro,
+                tzinfo=tz,
             )
             if parts["second"] is None:
                 upper, precision = lower + timedelta(minutes=1), "minute"
@@ -230,7 +236,9 @@ def _parse_token(raw: str) -> TokenValue:
     return TokenValue(system, code or None)
 
 
-def _parse_reference(raw: str, modifier: str | None, param: SearchParamDef, base_url: str) -> ReferenceValue:
+def _parse_reference(
+    raw: str, modifier: str | None, param: SearchParamDef, base_url: str
+) -> ReferenceValue:
     raw = _unescape(raw)
     if modifier == "identifier":
         return ReferenceValue(identifier=_parse_token(raw))
@@ -240,6 +248,7 @@ def _parse_reference(raw: str, modifier: str | None, param: SearchParamDef, base
     elif "://" in raw or raw.startswith("urn:"):
         return ReferenceValue(url=raw)
     segments = raw.split("/")
+    resource_type: str | None
     if len(segments) == 2:
         resource_type, resource_id = segments
     elif len(segments) == 1:
@@ -259,11 +268,15 @@ def _parse_reference(raw: str, modifier: str | None, param: SearchParamDef, base
             expression=param.name,
         )
     if not _FHIR_ID.match(resource_id):
-        raise bad_request(f"Invalid resource id '{resource_id}' for '{param.name}'", expression=param.name)
+        raise bad_request(
+            f"Invalid resource id '{resource_id}' for '{param.name}'", expression=param.name
+        )
     return ReferenceValue(resource_type=resource_type, id=resource_id)
 
 
-def _parse_values(param: SearchParamDef, modifier: str | None, raw: str, base_url: str) -> tuple[Value, ...]:
+def _parse_values(
+    param: SearchParamDef, modifier: str | None, raw: str, base_url: str
+) -> tuple[Value, ...]:
     if raw == "":
         raise bad_request(f"Empty value for '{param.name}'", expression=param.name)
     values: list[Value] = []
@@ -271,7 +284,9 @@ def _parse_values(param: SearchParamDef, modifier: str | None, raw: str, base_ur
         if part == "":
             raise bad_request(f"Empty value in the list for '{param.name}'", expression=param.name)
         if param.type is SearchParamType.DATE:
-            values.append(parse_date_value(part, name=param.name, allowed_prefixes=param.date_prefixes))
+            values.append(
+                parse_date_value(part, name=param.name, allowed_prefixes=param.date_prefixes)
+            )
         elif param.type is SearchParamType.TOKEN:
             values.append(_parse_token(part))
         elif param.type is SearchParamType.REFERENCE:
@@ -360,7 +375,9 @@ def _apply_result_parameter(request: SearchRequest, name: str, raw: str, max_cou
     elif name == "_elements":
         elements = tuple(e.strip() for e in raw.split(",") if e.strip())
         if not all(re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", e) for e in elements):
-            raise bad_request("_elements takes a comma-separated list of element names", expression=name)
+            raise bad_request(
+                "_elements takes a comma-separated list of element names", expression=name
+            )
         request.elements = elements
     elif name == "_sort":
         request.sort = tuple(s for s in raw.split(",") if s)

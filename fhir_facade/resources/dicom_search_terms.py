@@ -55,7 +55,10 @@ def patient_key(ds: DicomJson) -> tuple[str, str | None]:
     """(PatientID, IssuerOfPatientID or None) of a DICOM JSON dataset."""
     pid = tag_values(ds, dicom_tag("PatientID"))
     issuer = tag_values(ds, dicom_tag("IssuerOfPatientID"))
-    return (str(pid[0]).strip() if pid else "", (str(issuer[0]).strip() or None) if issuer else None)
+    return (
+        str(pid[0]).strip() if pid else "",
+        (str(issuer[0]).strip() or None) if issuer else None,
+    )
 
 
 def _day_options(value: DateValue, keyword: str) -> list[QidoQuery] | None:
@@ -88,6 +91,13 @@ def _superset_options(value: DateValue, keyword: str) -> list[QidoQuery]:
         "le": DateRange(None, last),
     }.get(value.prefix)
     return [QidoQuery({keyword: wide})] if wide else [QidoQuery()]
+
+
+def _day_matcher(options: list[QidoQuery], keyword: str, tag: str) -> PostFilter:
+    def matches(ds: DicomJson) -> bool:
+        return any(o.constraints[keyword].matches(ds, tag) for o in options)
+
+    return matches
 
 
 def _instant_matcher(value: DateValue, instant_of: InstantOf, zone: tzinfo) -> PostFilter:
@@ -126,9 +136,7 @@ def apply_date_clause(
         day_options = _day_options(value, keyword)
         if day_options is not None:
             options += day_options
-            matchers.append(
-                lambda ds, opts=day_options: any(o.constraints[keyword].matches(ds, tag) for o in opts)
-            )
+            matchers.append(_day_matcher(day_options, keyword, tag))
         else:
             exact_in_qido = False
             options += _superset_options(value, keyword)
@@ -175,7 +183,8 @@ def apply_patient_clause(plan: StudySearchPlan, clause: SearchClause, ctx: Mappi
             return True
         identifier = patient_identifier(pid, issuer, ctx)
         return any(
-            identifier.get("value") == code and (system is None or identifier.get("system") == system)
+            identifier.get("value") == code
+            and (system is None or identifier.get("system") == system)
             for system, code in identifiers
         )
 

@@ -46,14 +46,22 @@ class EndpointProvider(ResourceProvider):
     resource_type = "Endpoint"
     documentation = "The PACS's DICOMweb endpoints; ImagingStudy.endpoint refers to dicom-wado-rs."
     search_params = (
-        SearchParamDef("_id", T.TOKEN, "dicom-wado-rs | dicom-qido-rs | dicom-stow-rs",
-                       _SPEC + "Resource-id"),
-        SearchParamDef("connection-type", T.TOKEN, "endpoint-connection-type code",
-                       _SPEC + "Endpoint-connection-type"),
-        SearchParamDef("payload-type", T.TOKEN, "endpoint-payload-type code",
-                       _SPEC + "Endpoint-payload-type"),
+        SearchParamDef(
+            "_id", T.TOKEN, "dicom-wado-rs | dicom-qido-rs | dicom-stow-rs", _SPEC + "Resource-id"
+        ),
+        SearchParamDef(
+            "connection-type",
+            T.TOKEN,
+            "endpoint-connection-type code",
+            _SPEC + "Endpoint-connection-type",
+        ),
+        SearchParamDef(
+            "payload-type", T.TOKEN, "endpoint-payload-type code", _SPEC + "Endpoint-payload-type"
+        ),
         SearchParamDef("status", T.TOKEN, "active", _SPEC + "Endpoint-status"),
-        SearchParamDef("name", T.STRING, "Name starts with (case-insensitive)", _SPEC + "Endpoint-name"),
+        SearchParamDef(
+            "name", T.STRING, "Name starts with (case-insensitive)", _SPEC + "Endpoint-name"
+        ),
     )
 
     def __init__(self, ctx: MappingContext) -> None:
@@ -66,7 +74,9 @@ class EndpointProvider(ResourceProvider):
             raise not_found(f"Endpoint/{resource_id} does not exist") from None
 
     async def search(self, request: SearchRequest) -> SearchResult:
-        matches = [e for e in self._endpoints.values() if all(_clause_match(e, c) for c in request.clauses)]
+        matches = [
+            e for e in self._endpoints.values() if all(_clause_match(e, c) for c in request.clauses)
+        ]
         count = 0 if request.summary == "count" else request.count
         page = matches[request.offset : request.offset + count]
         return SearchResult(page, len(matches), request.offset + count < len(matches))
@@ -81,11 +91,15 @@ def _clause_match(resource: dict[str, Any], clause: SearchClause) -> bool:
         elif isinstance(value, TokenValue):
             if name == "_id" and value.code == resource["id"]:
                 return True
-            if name == "status" and value.code == resource["status"] and value.system in (
-                None, "", "http://hl7.org/fhir/endpoint-status"
+            if (
+                name == "status"
+                and value.code == resource["status"]
+                and value.system in (None, "", "http://hl7.org/fhir/endpoint-status")
             ):
                 return True
-            if name == "connection-type" and _token_match(_codings(resource, "connectionType"), value):
+            if name == "connection-type" and _token_match(
+                _codings(resource, "connectionType"), value
+            ):
                 return True
             if name == "payload-type" and _token_match(_codings(resource, "payloadType"), value):
                 return True

@@ -36,7 +36,12 @@ from fhir_facade.resources.dicom_search_terms import (
     strip_oid,
     uid_values,
 )
-from fhir_facade.resources.study_search import StudySearchPlan, dicom_tag, find_study_page, study_uid
+from fhir_facade.resources.study_search import (
+    StudySearchPlan,
+    dicom_tag,
+    find_study_page,
+    study_uid,
+)
 
 __all__ = ["ImagingStudyProvider"]
 
@@ -50,7 +55,9 @@ _UID_LIST_CHUNK = 150  # UIDs per series query: keeps the URL well under common 
 _STATUS_SYSTEM = "http://hl7.org/fhir/imagingstudy-status"
 
 
-def _param(name: str, kind: SearchParamType, doc: str, definition: str, **kw: Any) -> SearchParamDef:
+def _param(
+    name: str, kind: SearchParamType, doc: str, definition: str, **kw: Any
+) -> SearchParamDef:
     return SearchParamDef(name, kind, doc, definition, **kw)
 
 
@@ -59,28 +66,61 @@ class ImagingStudyProvider(ResourceProvider):
     documentation = "Virtual: computed live from the PACS over QIDO-RS; id = Study Instance UID."
     search_params = (
         _param("_id", T.TOKEN, "Study Instance UID(s)", _SPEC + "Resource-id"),
-        _param("identifier", T.TOKEN,
-               "urn:dicom:uid|urn:oid:<Study UID>, or an accession number (no system)",
-               _SPEC + "clinical-identifier"),
-        _param("patient", T.REFERENCE, "Patient/<id> (DICOM PatientID, issuer-aware)",
-               _SPEC + "clinical-patient", modifiers=frozenset({"identifier", "Patient"}),
-               target_types=("Patient",)),
-        _param("subject", T.REFERENCE, "Patient/<id>, or :identifier=system|MRN",
-               _SPEC + "ImagingStudy-subject", modifiers=frozenset({"identifier", "Patient"}),
-               target_types=("Patient", "Device", "Group")),
-        _param("started", T.DATE,
-               "Study date/time; date-only values compare with the study's local date",
-               _SPEC + "ImagingStudy-started"),
-        _param("modality", T.TOKEN, "Modality in study (DCM codes, e.g. MR)",
-               _SPEC + "ImagingStudy-modality"),
+        _param(
+            "identifier",
+            T.TOKEN,
+            "urn:dicom:uid|urn:oid:<Study UID>, or an accession number (no system)",
+            _SPEC + "clinical-identifier",
+        ),
+        _param(
+            "patient",
+            T.REFERENCE,
+            "Patient/<id> (DICOM PatientID, issuer-aware)",
+            _SPEC + "clinical-patient",
+            modifiers=frozenset({"identifier", "Patient"}),
+            target_types=("Patient",),
+        ),
+        _param(
+            "subject",
+            T.REFERENCE,
+            "Patient/<id>, or :identifier=system|MRN",
+            _SPEC + "ImagingStudy-subject",
+            modifiers=frozenset({"identifier", "Patient"}),
+            target_types=("Patient", "Device", "Group"),
+        ),
+        _param(
+            "started",
+            T.DATE,
+            "Study date/time; date-only values compare with the study's local date",
+            _SPEC + "ImagingStudy-started",
+        ),
+        _param(
+            "modality",
+            T.TOKEN,
+            "Modality in study (DCM codes, e.g. MR)",
+            _SPEC + "ImagingStudy-modality",
+        ),
         _param("series", T.TOKEN, "Series Instance UID", _SPEC + "ImagingStudy-series"),
         _param("instance", T.TOKEN, "SOP Instance UID", _SPEC + "ImagingStudy-instance"),
-        _param("dicom-class", T.TOKEN, "SOP Class UID of any instance in the study",
-               _SPEC + "ImagingStudy-dicom-class"),
-        _param("endpoint", T.REFERENCE, "Endpoint/dicom-wado-rs", _SPEC + "ImagingStudy-endpoint",
-               target_types=("Endpoint",)),
-        _param("status", T.TOKEN, "Always 'available' for studies in the PACS",
-               _SPEC + "ImagingStudy-status"),
+        _param(
+            "dicom-class",
+            T.TOKEN,
+            "SOP Class UID of any instance in the study",
+            _SPEC + "ImagingStudy-dicom-class",
+        ),
+        _param(
+            "endpoint",
+            T.REFERENCE,
+            "Endpoint/dicom-wado-rs",
+            _SPEC + "ImagingStudy-endpoint",
+            target_types=("Endpoint",),
+        ),
+        _param(
+            "status",
+            T.TOKEN,
+            "Always 'available' for studies in the PACS",
+            _SPEC + "ImagingStudy-status",
+        ),
     )
 
     def __init__(self, dicomweb: DicomwebClient, ctx: MappingContext) -> None:
@@ -145,7 +185,9 @@ class ImagingStudyProvider(ResourceProvider):
             elif name in ("patient", "subject"):
                 apply_patient_clause(plan, clause, self._ctx)
             elif name == "started":
-                apply_date_clause(plan, clause, "StudyDate", self._started, self._ctx.default_timezone)
+                apply_date_clause(
+                    plan, clause, "StudyDate", self._started, self._ctx.default_timezone
+                )
             elif name == "modality":
                 self._apply_modality(plan, clause)
             elif name == "series":
@@ -157,25 +199,17 @@ class ImagingStudyProvider(ResourceProvider):
             elif name == "dicom-class":
                 uids = uid_values(clause, (SOP_CLASS_SYSTEM,))
                 await self._require_studies_of(plan, "instances", {"SOPClassUID": uids})
-            elif name == "endpoint":
-                if not any(
-                    isinstance(v, ReferenceValue) and v.id == WADO_ENDPOINT_ID
-                    and v.resource_type in (None, "Endpoint")
-                    for v in clause.values
-                ):
-                    plan.match_nothing()
-            elif name == "status":
-                if not any(
-                    isinstance(v, TokenValue) and v.code == "available"
-                    and v.system in (None, "", _STATUS_SYSTEM)
-                    for v in clause.values
-                ):
-                    plan.match_nothing()
+            elif (name == "endpoint" and not _names_wado_endpoint(clause)) or (
+                name == "status" and not _asks_available(clause)
+            ):
+                plan.match_nothing()
         return plan
 
     def _started(self, ds: DicomJson) -> Any:
         return started_instant(
-            _text(ds, "00080020"), _text(ds, "00080030"), _text(ds, "00080201"),
+            _text(ds, "00080020"),
+            _text(ds, "00080030"),
+            _text(ds, "00080201"),
             self._ctx.default_timezone,
         )
 
@@ -194,7 +228,9 @@ class ImagingStudyProvider(ResourceProvider):
             assert isinstance(value, TokenValue)
             if not value.code:
                 continue
-            if value.system == UID_SYSTEM or (value.system is None and value.code.startswith("urn:oid:")):
+            if value.system == UID_SYSTEM or (
+                value.system is None and value.code.startswith("urn:oid:")
+            ):
                 uids.add(strip_oid(value.code))
             elif value.system in (None, ""):
                 accessions.add(value.code)
@@ -223,18 +259,38 @@ class ImagingStudyProvider(ResourceProvider):
         else:
             plan.match_nothing()
 
-    async def _require_studies_of(self, plan: StudySearchPlan, level: str, query: dict[str, set[str]]) -> None:
+    async def _require_studies_of(
+        self, plan: StudySearchPlan, level: str, query: dict[str, set[str]]
+    ) -> None:
         """Resolve series/instance-level UIDs to their studies with one QIDO request."""
         ((keyword, uids),) = query.items()
         if not uids or not plan.alternatives:
             plan.match_nothing()
             return
         qido = {keyword: ",".join(sorted(uids))}
-        search = self._dicomweb.search_series if level == "series" else self._dicomweb.search_instances
+        search = (
+            self._dicomweb.search_series if level == "series" else self._dicomweb.search_instances
+        )
         rows = await search(qido)
         tag = dicom_tag(keyword)
         studies = {study_uid(r) for r in rows if {str(v) for v in tag_values(r, tag)} & uids}
         self._require_uids(plan, studies - {""})
+
+
+def _names_wado_endpoint(clause: SearchClause) -> bool:
+    """Every study refers to the WADO-RS Endpoint and no other."""
+    return any(
+        isinstance(v, ReferenceValue) and v.id == WADO_ENDPOINT_ID and v.resource_type in (None, "Endpoint")
+        for v in clause.values
+    )
+
+
+def _asks_available(clause: SearchClause) -> bool:
+    """A study in the PACS is 'available'; no other status can match."""
+    return any(
+        isinstance(v, TokenValue) and v.code == "available" and v.system in (None, "", _STATUS_SYSTEM)
+        for v in clause.values
+    )
 
 
 def _text(ds: DicomJson, tag: str) -> str | None:

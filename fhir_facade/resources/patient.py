@@ -58,12 +58,23 @@ class PatientProvider(ResourceProvider):
     )
     search_params = (
         SearchParamDef("_id", T.TOKEN, "Patient id", _SPEC + "Resource-id"),
-        SearchParamDef("identifier", T.TOKEN, "system|PatientID (MRN)", _SPEC + "Patient-identifier"),
-        SearchParamDef("name", T.STRING, "Any part of the name; starts-with, case/accent-insensitive",
-                       _SPEC + "Patient-name", modifiers=frozenset({"exact", "contains"})),
+        SearchParamDef(
+            "identifier", T.TOKEN, "system|PatientID (MRN)", _SPEC + "Patient-identifier"
+        ),
+        SearchParamDef(
+            "name",
+            T.STRING,
+            "Any part of the name; starts-with, case/accent-insensitive",
+            _SPEC + "Patient-name",
+            modifiers=frozenset({"exact", "contains"}),
+        ),
         SearchParamDef("birthdate", T.DATE, "PatientBirthDate", _SPEC + "individual-birthdate"),
-        SearchParamDef("gender", T.TOKEN, "male | female | other (PatientSex M/F/O)",
-                       _SPEC + "individual-gender"),
+        SearchParamDef(
+            "gender",
+            T.TOKEN,
+            "male | female | other (PatientSex M/F/O)",
+            _SPEC + "individual-gender",
+        ),
     )
 
     def __init__(self, dicomweb: DicomwebClient, ctx: MappingContext) -> None:
@@ -92,12 +103,15 @@ class PatientProvider(ResourceProvider):
             if name in ("_id", "identifier"):
                 apply_patient_clause(plan, _as_reference_clause(clause), self._ctx)
             elif name == "birthdate":
-                apply_date_clause(plan, clause, "PatientBirthDate", lambda ds: None,
-                                  self._ctx.default_timezone)
+                apply_date_clause(
+                    plan, clause, "PatientBirthDate", lambda ds: None, self._ctx.default_timezone
+                )
             elif name == "gender":
                 codes = {
-                    _GENDERS[v.code] for v in clause.values
-                    if isinstance(v, TokenValue) and v.code in _GENDERS
+                    _GENDERS[v.code]
+                    for v in clause.values
+                    if isinstance(v, TokenValue)
+                    and v.code in _GENDERS
                     and v.system in (None, _GENDER_SYSTEM)
                 }
                 if codes:
@@ -131,8 +145,11 @@ class PatientProvider(ResourceProvider):
             wanted = [_fold(t) for t in texts]
             if clause.modifier == "contains":
                 return any(w in p for p in folded for w in wanted)
-            return any(p.startswith(w) or any(word.startswith(w) for word in p.split())
-                       for p in folded for w in wanted)
+            return any(
+                p.startswith(w) or any(word.startswith(w) for word in p.split())
+                for p in folded
+                for w in wanted
+            )
 
         return check
 
@@ -154,5 +171,3 @@ def _as_reference_clause(clause: SearchClause) -> SearchClause:
         else:
             values.append(ReferenceValue(identifier=TokenValue(value.system or None, value.code)))
     return SearchClause(clause.param, None, tuple(values), clause.raw_name, clause.raw_value)
-
-

@@ -59,8 +59,13 @@ class StudySearchPlan:
         if len(combined) > MAX_ALTERNATIVES:
             raise FhirError(
                 400,
-                [Issue("too-costly", f"The search expands to {len(combined)} PACS queries; "
-                       f"at most {MAX_ALTERNATIVES} are allowed. Narrow the OR lists.")],
+                [
+                    Issue(
+                        "too-costly",
+                        f"The search expands to {len(combined)} PACS queries; "
+                        f"at most {MAX_ALTERNATIVES} are allowed. Narrow the OR lists.",
+                    )
+                ],
             )
         self.alternatives = combined
 

@@ -17,14 +17,28 @@ def test_metadata_lists_exactly_the_registered_types(fhir: httpx.Client) -> None
         params = {p["name"]: "x" for p in resource["searchParam"] if p["name"] == "_id"}
         ok_json(fhir.get(f"/{type_name}", params=params))
     study_params = {p["name"] for p in resources["ImagingStudy"]["searchParam"]}
-    assert {"identifier", "patient", "subject", "started", "modality", "series", "instance",
-            "dicom-class", "endpoint", "_id"} <= study_params
+    assert {
+        "identifier",
+        "patient",
+        "subject",
+        "started",
+        "modality",
+        "series",
+        "instance",
+        "dicom-class",
+        "endpoint",
+        "_id",
+    } <= study_params
     assert [i["code"] for i in resources["ImagingStudy"]["interaction"]] == ["read", "search-type"]
 
 
 def test_json_formats_are_accepted(fhir: httpx.Client) -> None:
-    for accept in ("application/fhir+json", "application/json", "*/*",
-                   "text/html,application/xhtml+xml,*/*;q=0.8"):
+    for accept in (
+        "application/fhir+json",
+        "application/json",
+        "*/*",
+        "text/html,application/xhtml+xml,*/*;q=0.8",
+    ):
         ok_json(fhir.get("/metadata", headers={"Accept": accept}))
     for fmt in ("json", "application/fhir+json"):
         ok_json(fhir.get("/metadata", params={"_format": fmt}))
@@ -34,12 +48,17 @@ def test_xml_is_406(fhir: httpx.Client) -> None:
     outcome(fhir.get("/metadata", headers={"Accept": "application/fhir+xml"}), 406, "not-supported")
     outcome(fhir.get("/metadata", params={"_format": "xml"}), 406, "not-supported")
     # _format overrides Accept (http.html#mime-type)
-    ok_json(fhir.get("/metadata", params={"_format": "json"}, headers={"Accept": "application/fhir+xml"}))
+    ok_json(
+        fhir.get(
+            "/metadata", params={"_format": "json"}, headers={"Accept": "application/fhir+xml"}
+        )
+    )
 
 
 def test_post_search_with_xml_body_is_415(fhir: httpx.Client) -> None:
-    response = fhir.post("/ImagingStudy/_search", content=b"<x/>",
-                         headers={"Content-Type": "application/fhir+xml"})
+    response = fhir.post(
+        "/ImagingStudy/_search", content=b"<x/>", headers={"Content-Type": "application/fhir+xml"}
+    )
     outcome(response, 415, "not-supported")
 
 

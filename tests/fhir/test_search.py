@@ -22,16 +22,29 @@ BASE = "http://example.org/fhir"
 DEFS = {
     "started": SearchParamDef("started", SearchParamType.DATE, ""),
     "identifier": SearchParamDef("identifier", SearchParamType.TOKEN, ""),
-    "patient": SearchParamDef("patient", SearchParamType.REFERENCE, "",
-                              modifiers=frozenset({"identifier"}), target_types=("Patient",)),
+    "patient": SearchParamDef(
+        "patient",
+        SearchParamType.REFERENCE,
+        "",
+        modifiers=frozenset({"identifier"}),
+        target_types=("Patient",),
+    ),
     "name": SearchParamDef("name", SearchParamType.STRING, "", modifiers=frozenset({"exact"})),
 }
 ALL_PREFIXES = frozenset({"eq", "ne", "gt", "lt", "ge", "le"})
 
 
 def parse(query: list[tuple[str, str]], strict: bool = False, **kw: object):
-    return parse_search("ImagingStudy", query, DEFS, base_url=BASE, strict=strict,
-                        default_count=20, max_count=100, **kw)
+    return parse_search(
+        "ImagingStudy",
+        query,
+        DEFS,
+        base_url=BASE,
+        strict=strict,
+        default_count=20,
+        max_count=100,
+        **kw,
+    )
 
 
 def error_of(call) -> FhirError:
@@ -47,13 +60,30 @@ def error_of(call) -> FhirError:
         ("2020-12", datetime(2020, 12, 1), datetime(2021, 1, 1), "month"),
         ("2020-02", datetime(2020, 2, 1), datetime(2020, 3, 1), "month"),
         ("2020-02-29", datetime(2020, 2, 29), datetime(2020, 3, 1), "day"),
-        ("2020-02-29T10:30", datetime(2020, 2, 29, 10, 30), datetime(2020, 2, 29, 10, 31), "minute"),
-        ("2020-02-29T10:30:05", datetime(2020, 2, 29, 10, 30, 5), datetime(2020, 2, 29, 10, 30, 6), "second"),
+        (
+            "2020-02-29T10:30",
+            datetime(2020, 2, 29, 10, 30),
+            datetime(2020, 2, 29, 10, 31),
+            "minute",
+        ),
+        (
+            "2020-02-29T10:30:05",
+            datetime(2020, 2, 29, 10, 30, 5),
+            datetime(2020, 2, 29, 10, 30, 6),
+            "second",
+        ),
     ],
 )
-def test_partial_dates_are_ranges(raw: str, lower: datetime, upper: datetime, precision: str) -> None:
+def test_partial_dates_are_ranges(
+    raw: str, lower: datetime, upper: datetime, precision: str
+) -> None:
     value = parse_date_value(raw, name="started", allowed_prefixes=ALL_PREFIXES)
-    assert (value.lower, value.upper, value.precision, value.prefix) == (lower, upper, precision, "eq")
+    assert (value.lower, value.upper, value.precision, value.prefix) == (
+        lower,
+        upper,
+        precision,
+        "eq",
+    )
     assert not value.has_timezone
 
 
@@ -64,12 +94,18 @@ def test_date_prefixes(prefix: str) -> None:
 
 
 def test_date_with_offset_is_aware() -> None:
-    value = parse_date_value("ge2021-03-04T10:00:00+05:30", name="started", allowed_prefixes=ALL_PREFIXES)
+    value = parse_date_value(
+        "ge2021-03-04T10:00:00+05:30", name="started", allowed_prefixes=ALL_PREFIXES
+    )
     assert value.lower == datetime(2021, 3, 4, 10, tzinfo=timezone(timedelta(hours=5, minutes=30)))
-    assert parse_date_value("2021-03-04T10:00:00Z", name="s", allowed_prefixes=ALL_PREFIXES).has_timezone
+    assert parse_date_value(
+        "2021-03-04T10:00:00Z", name="s", allowed_prefixes=ALL_PREFIXES
+    ).has_timezone
 
 
-@pytest.mark.parametrize("raw", ["2020-13", "2020-02-30", "20200101", "yesterday", "2020-01-01T25:00", "sa2020"])
+@pytest.mark.parametrize(
+    "raw", ["2020-13", "2020-02-30", "20200101", "yesterday", "2020-01-01T25:00", "sa2020"]
+)
 def test_bad_dates_are_400_naming_the_parameter(raw: str) -> None:
     error = error_of(lambda: parse([("started", raw)]))
     assert error.status == 400
@@ -79,8 +115,11 @@ def test_bad_dates_are_400_naming_the_parameter(raw: str) -> None:
 def test_tokens() -> None:
     request = parse([("identifier", "sys|abc,|def,ghi,sys|,a\\|b")])
     assert request.clauses[0].values == (
-        TokenValue("sys", "abc"), TokenValue("", "def"), TokenValue(None, "ghi"),
-        TokenValue("sys", None), TokenValue(None, "a|b"),
+        TokenValue("sys", "abc"),
+        TokenValue("", "def"),
+        TokenValue(None, "ghi"),
+        TokenValue("sys", None),
+        TokenValue(None, "a|b"),
     )
 
 
@@ -92,10 +131,14 @@ def test_escaped_comma_is_not_a_separator() -> None:
 def test_references() -> None:
     request = parse([("patient", "Patient/p1,p2," + BASE + "/Patient/p3")])
     assert request.clauses[0].values == (
-        ReferenceValue("Patient", "p1"), ReferenceValue(None, "p2"), ReferenceValue("Patient", "p3"),
+        ReferenceValue("Patient", "p1"),
+        ReferenceValue(None, "p2"),
+        ReferenceValue("Patient", "p3"),
     )
     by_identifier = parse([("patient:identifier", "urn:mrn|123")])
-    assert by_identifier.clauses[0].values == (ReferenceValue(identifier=TokenValue("urn:mrn", "123")),)
+    assert by_identifier.clauses[0].values == (
+        ReferenceValue(identifier=TokenValue("urn:mrn", "123")),
+    )
 
 
 def test_reference_to_wrong_type_is_400() -> None:

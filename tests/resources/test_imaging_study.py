@@ -30,7 +30,9 @@ def corpus_keys(bundle: dict[str, Any]) -> set[str]:
 def test_read_maps_the_whole_study(fhir: httpx.Client) -> None:
     study = ok_json(fhir.get(f"/ImagingStudy/{MR_BRAIN.study_uid}"))
     assert study["id"] == MR_BRAIN.study_uid
-    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{MR_BRAIN.study_uid}"} in study["identifier"]
+    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{MR_BRAIN.study_uid}"} in study[
+        "identifier"
+    ]
     accession = next(i for i in study["identifier"] if i.get("type"))
     assert accession["value"] == "ACC-1001"
     assert accession["type"]["coding"][0]["code"] == "ACSN"
@@ -55,7 +57,8 @@ def test_read_maps_the_whole_study(fhir: httpx.Client) -> None:
     assert [i["number"] for i in first["instance"]] == [1, 2, 3]
     assert first["instance"][0]["uid"] == sop_instance_uid(first["uid"], 1)
     assert first["instance"][0]["sopClass"] == {
-        "system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008.5.1.4.1.1.4"
+        "system": "urn:ietf:rfc:3986",
+        "code": "urn:oid:1.2.840.10008.5.1.4.1.1.4",
     }
 
 
@@ -79,17 +82,25 @@ def test_every_study_in_the_pacs_maps_to_valid_fhir(fhir: httpx.Client, facade: 
         ({"identifier": f"urn:dicom:uid|urn:oid:{MR_BRAIN.study_uid}"}, {"mueller_mr_brain"}),
         ({"identifier": f"urn:oid:{MR_BRAIN.study_uid}"}, {"mueller_mr_brain"}),
         ({"identifier": "ACC-1002"}, {"mueller_ct_chest"}),
-        ({"identifier": f"ACC-1002,urn:oid:{MR_BRAIN.study_uid}"}, {"mueller_ct_chest", "mueller_mr_brain"}),
+        (
+            {"identifier": f"ACC-1002,urn:oid:{MR_BRAIN.study_uid}"},
+            {"mueller_ct_chest", "mueller_mr_brain"},
+        ),
         ({"identifier": "http://other.example|ACC-1002"}, set()),
-        ({"_id": f"{MR_BRAIN.study_uid},{CORPUS['yamada_mr'].study_uid}"}, {"mueller_mr_brain", "yamada_mr"}),
+        (
+            {"_id": f"{MR_BRAIN.study_uid},{CORPUS['yamada_mr'].study_uid}"},
+            {"mueller_mr_brain", "yamada_mr"},
+        ),
         ({"patient": "Patient/P-1001"}, {"mueller_mr_brain", "mueller_ct_chest"}),
         ({"patient": "P-1001"}, {"mueller_mr_brain", "mueller_ct_chest"}),
         ({"subject": "Patient/P-1001"}, {"mueller_mr_brain", "mueller_ct_chest"}),
         ({"subject:identifier": "urn:oid:1.2.3.4.5|MRN-555"}, {"issuer_ct"}),
         ({"subject:identifier": "MRN-555"}, {"issuer_ct"}),
         ({"subject:identifier": "urn:oid:2.16.840.1.113883.3.3719.1.1|MRN-555"}, set()),
-        ({"subject:identifier": "urn:oid:2.16.840.1.113883.3.3719.1.1|P-1001"},
-         {"mueller_mr_brain", "mueller_ct_chest"}),
+        (
+            {"subject:identifier": "urn:oid:2.16.840.1.113883.3.3719.1.1|P-1001"},
+            {"mueller_mr_brain", "mueller_ct_chest"},
+        ),
         ({"patient": "Patient/MRN-555"}, set()),  # that PatientID exists only with an issuer
         ({"started": "2024-01-15"}, {"mueller_mr_brain"}),
         ({"started": "2024-06"}, {"yamada_mr"}),
@@ -101,8 +112,14 @@ def test_every_study_in_the_pacs_maps_to_valid_fhir(fhir: httpx.Client, facade: 
         ({"modality": f"{DCM}|CT", "patient": "IN-7007"}, {"sharma_mixed"}),
         ({"modality": "http://loinc.org|MR"}, set()),
         ({"series": series_instance_uid(MR_BRAIN.study_uid, 2)}, {"mueller_mr_brain"}),
-        ({"instance": sop_instance_uid(series_instance_uid(CORPUS["yamada_mr"].study_uid, 1), 2)},
-         {"yamada_mr"}),
+        (
+            {
+                "instance": sop_instance_uid(
+                    series_instance_uid(CORPUS["yamada_mr"].study_uid, 1), 2
+                )
+            },
+            {"yamada_mr"},
+        ),
         ({"status": "available", "_id": MR_BRAIN.study_uid}, {"mueller_mr_brain"}),
         ({"status": "cancelled"}, set()),
         ({"endpoint": "Endpoint/dicom-wado-rs", "_id": MR_BRAIN.study_uid}, {"mueller_mr_brain"}),
@@ -122,7 +139,9 @@ def test_started_ne_and_prefixes_exclude_the_day(fhir: httpx.Client) -> None:
 
 
 def test_dicom_class(fhir: httpx.Client) -> None:
-    ct = search(fhir, **{"dicom-class": "urn:ietf:rfc:3986|urn:oid:1.2.840.10008.5.1.4.1.1.2"}, _count=500)
+    ct = search(
+        fhir, **{"dicom-class": "urn:ietf:rfc:3986|urn:oid:1.2.840.10008.5.1.4.1.1.2"}, _count=500
+    )
     keys = corpus_keys(ct)
     assert {"mueller_ct_chest", "issuer_ct", "sharma_mixed", "no_accession"} <= keys
     assert "mueller_mr_brain" not in keys
@@ -151,9 +170,11 @@ def test_paging_links_walk_every_match_once(fhir: httpx.Client) -> None:
 
 def test_previous_link_returns_the_previous_page(fhir: httpx.Client) -> None:
     first = search(fhir, _count=2)
-    second = ok_json(httpx.get(next(l["url"] for l in first["link"] if l["relation"] == "next")))
-    back = ok_json(httpx.get(next(l["url"] for l in second["link"] if l["relation"] == "previous")))
-    assert [e["resource"]["id"] for e in back["entry"]] == [e["resource"]["id"] for e in first["entry"]]
+    second = ok_json(httpx.get(next(link["url"] for link in first["link"] if link["relation"] == "next")))
+    back = ok_json(httpx.get(next(link["url"] for link in second["link"] if link["relation"] == "previous")))
+    assert [e["resource"]["id"] for e in back["entry"]] == [
+        e["resource"]["id"] for e in first["entry"]
+    ]
 
 
 def test_count_zero_and_summary_count_give_only_the_total(fhir: httpx.Client) -> None:
@@ -178,23 +199,31 @@ def test_elements_and_summary(fhir: httpx.Client) -> None:
 
 def test_self_link_drops_unknown_parameters(fhir: httpx.Client) -> None:
     bundle = search(fhir, modality="MR", bogus="1")
-    self_link = next(l["url"] for l in bundle["link"] if l["relation"] == "self")
+    self_link = next(link["url"] for link in bundle["link"] if link["relation"] == "self")
     params = dict(parse_qsl(urlsplit(self_link).query))
     assert params["modality"] == "MR" and "bogus" not in params
 
 
 def test_strict_handling_rejects_unknown_parameters(fhir: httpx.Client) -> None:
-    response = fhir.get("/ImagingStudy", params={"bogus": "1"}, headers={"Prefer": "handling=strict"})
+    response = fhir.get(
+        "/ImagingStudy", params={"bogus": "1"}, headers={"Prefer": "handling=strict"}
+    )
     body = outcome(response, 400, "not-supported")
     assert body["issue"][0]["expression"] == ["bogus"]
 
 
 @pytest.mark.parametrize(
     ("params", "name"),
-    [({"started": "2024-13-01"}, "started"), ({"_count": "-3"}, "_count"),
-     ({"patient": "Device/1"}, "patient"), ({"identifier": ""}, "identifier")],
+    [
+        ({"started": "2024-13-01"}, "started"),
+        ({"_count": "-3"}, "_count"),
+        ({"patient": "Device/1"}, "patient"),
+        ({"identifier": ""}, "identifier"),
+    ],
 )
-def test_malformed_values_are_400_naming_the_parameter(fhir: httpx.Client, params: dict[str, str], name: str) -> None:
+def test_malformed_values_are_400_naming_the_parameter(
+    fhir: httpx.Client, params: dict[str, str], name: str
+) -> None:
     body = outcome(fhir.get("/ImagingStudy", params=params), 400, "invalid")
     assert body["issue"][0]["expression"] == [name]
 
@@ -208,7 +237,9 @@ def test_search_by_post(fhir: httpx.Client) -> None:
     assert corpus_keys(ok_json(response)) == {"mueller_ct_chest"}
 
 
-def test_page_size_does_not_change_the_number_of_qido_requests(fhir: httpx.Client, facade: LiveServer) -> None:
+def test_page_size_does_not_change_the_number_of_qido_requests(
+    fhir: httpx.Client, facade: LiveServer
+) -> None:
     """No N+1: one study query, one series query (and a count query) whatever the page size."""
     counts = []
     for size in (2, 5, 10):

@@ -27,7 +27,11 @@ def test_read_patient(fhir: httpx.Client) -> None:
 def test_patient_with_issuer_round_trips_through_the_study(fhir: httpx.Client) -> None:
     study_bundle = ok_json(fhir.get("/ImagingStudy", params={"identifier": "ACC-4004"}))
     subject = study_bundle["entry"][0]["resource"]["subject"]
-    assert subject["identifier"] == {**subject["identifier"], "system": "urn:oid:1.2.3.4.5", "value": "MRN-555"}
+    assert subject["identifier"] == {
+        **subject["identifier"],
+        "system": "urn:oid:1.2.3.4.5",
+        "value": "MRN-555",
+    }
     patient = ok_json(fhir.get(f"/{subject['reference']}"))
     assert patient["identifier"][0]["system"] == "urn:oid:1.2.3.4.5"
     studies = ok_json(fhir.get("/ImagingStudy", params={"patient": subject["reference"]}))
@@ -70,6 +74,6 @@ def test_search(fhir: httpx.Client, params: dict[str, str], expected: set[str]) 
 def test_patient_paging(fhir: httpx.Client) -> None:
     first = ok_json(fhir.get("/Patient", params={"_count": 4}))
     assert first["total"] >= 7 and len(first["entry"]) == 4
-    nxt = next(l["url"] for l in first["link"] if l["relation"] == "next")
+    nxt = next(link["url"] for link in first["link"] if link["relation"] == "next")
     second = ok_json(httpx.get(nxt))
     assert not ids(first) & ids(second)
