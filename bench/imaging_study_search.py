@@ -59,10 +59,12 @@ def wait_ready(url: str, timeout: float = 30) -> None:
 
 
 def qido_requests(metrics_url: str) -> float:
+    """PACS requests so far: QIDO-RS plus Orthanc REST (the count query)."""
+    total = 0.0
     for line in httpx.get(metrics_url).text.splitlines():
-        if line.startswith("fhir_facade_qido_requests_total"):
-            return float(line.split()[-1])
-    raise RuntimeError("no fhir_facade_qido_requests_total in /metrics")
+        if line.startswith(("fhir_facade_qido_requests_total", "fhir_facade_orthanc_requests_total")):
+            total += float(line.split()[-1])
+    return total
 
 
 def main() -> None:
@@ -97,10 +99,11 @@ def main() -> None:
             metrics = f"http://127.0.0.1:{port}/metrics"
             print(f"{args.studies} studies x 3 series in Orthanc; {args.rounds} rounds per figure")
             print(
-                f"{'page':>5} {'facade ms':>10} {'direct ms':>10} {'ratio':>6} {'QIDO req/page':>14}"
+                f"{'page':>5} {'facade ms':>10} {'direct ms':>10} {'ratio':>6} {'PACS req/page':>14}"
+                f" {'_total=none ms':>15} {'ratio':>6} {'PACS req/page':>14}"
             )
             for size in (10, 50):
-                facade_ms, direct_ms = [], []
+                facade_ms, direct_ms, no_total_ms = [], [], []
                 before = qido_requests(metrics)
                 for _ in range(args.rounds):
                     t0 = time.perf_counter()
@@ -116,13 +119,22 @@ def main() -> None:
                     uids = ",".join(s["0020000D"]["Value"][0] for s in studies)
                     qido.get(
                         "/series",
-                        params=[("StudyInstanceUID", uids)]
-                        + [("includefield", f) for f in SERIES_FIELDS],
+                        params=[("StudyInstanceUID", uids)] + [("includefield", f) for f in SERIES_FIELDS],
                     ).json()
                     direct_ms.append((time.perf_counter() - t0) * 1000)
                 per_page = (qido_requests(metrics) - before) / args.rounds
+                before = qido_requests(metrics)
+                for _ in range(args.rounds):
+                    t0 = time.perf_counter()
+                    fhir.get("/ImagingStudy", params={"_count": size, "_total": "none"}).json()
+                    no_total_ms.append((time.perf_counter() - t0) * 1000)
+                per_page_no_total = (qido_requests(metrics) - before) / args.rounds
                 f, d = statistics.median(facade_ms), statistics.median(direct_ms)
-                print(f"{size:>5} {f:>10.1f} {d:>10.1f} {f / d:>6.2f} {per_page:>14.1f}")
+                n = statistics.median(no_total_ms)
+                print(
+                    f"{size:>5} {f:>10.1f} {d:>10.1f} {f / d:>6.2f} {per_page:>14.1f}"
+                    f" {n:>15.1f} {n / d:>6.2f} {per_page_no_total:>14.1f}"
+                )
         finally:
             facade.terminate()
             facade.wait(10)

@@ -12,6 +12,7 @@ from fhir_facade import __version__
 from fhir_facade.config import Settings
 from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
+from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.metrics import metrics_router
@@ -43,9 +44,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         timeout=settings.dicomweb_timeout,
         max_connections=settings.dicomweb_max_connections,
     )
+    orthanc = (
+        OrthancRestClient(
+            settings.orthanc_url,
+            timeout=settings.dicomweb_timeout,
+            max_connections=settings.dicomweb_max_connections,
+        )
+        if settings.orthanc_url
+        else None
+    )
     ctx = mapping_context(settings)
     providers: list[ResourceProvider] = [
-        ImagingStudyProvider(dicomweb, ctx),
+        ImagingStudyProvider(dicomweb, ctx, orthanc),
         PatientProvider(dicomweb, ctx),
         EndpointProvider(ctx),
         *artifact_providers(),
@@ -54,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await dicomweb.open()
+        if orthanc:
+            await orthanc.open()
         log.info(
             "fhir-facade %s: FHIR base %s, PACS %s",
             __version__,
@@ -64,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await dicomweb.close()
+            if orthanc:
+                await orthanc.close()
 
     app = FastAPI(
         title="fhir-facade",
@@ -73,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.dicomweb = dicomweb
+    app.state.orthanc = orthanc
     app.state.providers = providers
     install_error_handlers(app)
     app.include_router(build_fhir_router(providers, settings))

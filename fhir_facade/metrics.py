@@ -21,4 +21,11 @@ async def metrics(request: Request) -> PlainTextResponse:
         "# TYPE fhir_facade_qido_requests_total counter",
         f"fhir_facade_qido_requests_total {dicomweb.request_count}",
     ]
+    orthanc = request.app.state.orthanc
+    if orthanc is not None:
+        lines += [
+            "# HELP fhir_facade_orthanc_requests_total Orthanc REST requests (e.g. counting).",
+            "# TYPE fhir_facade_orthanc_requests_total counter",
+            f"fhir_facade_orthanc_requests_total {orthanc.request_count}",
+        ]
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

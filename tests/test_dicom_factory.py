@@ -65,9 +65,7 @@ def test_series_attributes_and_uids() -> None:
     for series in spec.series:
         members = by_series[series_instance_uid(spec.study_uid, series.number)]
         assert len(members) == series.n_instances
-        assert sorted(int(ds.InstanceNumber) for ds in members) == list(
-            range(1, series.n_instances + 1)
-        )
+        assert sorted(int(ds.InstanceNumber) for ds in members) == list(range(1, series.n_instances + 1))
         assert {ds.get("BodyPartExamined") for ds in members} == {series.body_part}
         assert {ds.get("Laterality") for ds in members} == {series.laterality}
         assert {ds.SOPClassUID for ds in members} == {series.sop_class_uid}

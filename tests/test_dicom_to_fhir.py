@@ -387,9 +387,7 @@ def test_unmapped_codes_are_none() -> None:
     assert laterality_coding("X") is None
 
 
-@pytest.mark.parametrize(
-    ("laterality", "code"), [("R", "419465000"), ("L", "419161000"), ("B", "51440002")]
-)
+@pytest.mark.parametrize(("laterality", "code"), [("R", "419465000"), ("L", "419161000"), ("B", "51440002")])
 def test_laterality_coding(laterality: str, code: str) -> None:
     coding = laterality_coding(laterality)
     assert coding is not None

@@ -16,17 +16,13 @@ def test_no_server_errors_on_fuzzed_requests(facade: LiveServer) -> None:
     for operation in schema.get_all_operations():
         op = operation.ok()
 
-        @settings(
-            max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None
-        )
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=op.as_strategy())
         def check(case: schemathesis.Case) -> None:
             response = case.call(base_url=facade.base_url.removesuffix("/fhir"), timeout=30)
             calls.append(response.status_code)
             if response.status_code >= 500:
-                failures.append(
-                    f"{case.method} {case.formatted_path} {case.query}: {response.status_code}"
-                )
+                failures.append(f"{case.method} {case.formatted_path} {case.query}: {response.status_code}")
             content_type = response.headers.get("content-type") or [""]
             if isinstance(content_type, list):
                 content_type = content_type[0]

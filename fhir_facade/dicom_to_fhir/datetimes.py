@@ -97,9 +97,7 @@ def _format_offset(moment: datetime) -> str:
     return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
-def fhir_datetime(
-    da: str | None, tm: str | None, tz_offset: str | None, default_tz: tzinfo
-) -> str | None:
+def fhir_datetime(da: str | None, tm: str | None, tz_offset: str | None, default_tz: tzinfo) -> str | None:
     """StudyDate + StudyTime + TimezoneOffsetFromUTC -> FHIR dateTime (datatypes.html#dateTime).
 
     Date only gives "YYYY-MM-DD"; with a time the seconds are always written (FHIR needs them),

@@ -210,14 +210,10 @@ def imaging_study_from_dicom(
     """
     study_uid = string(study, STUDY_INSTANCE_UID)
     if study_uid is None or not _FHIR_ID.fullmatch(study_uid):
-        raise ValueError(
-            f"study: StudyInstanceUID (0020,000D) {study_uid!r} is not a valid FHIR id"
-        )
+        raise ValueError(f"study: StudyInstanceUID (0020,000D) {study_uid!r} is not a valid FHIR id")
     study_tz = string(study, TIMEZONE_OFFSET_FROM_UTC)
     resource: dict[str, Any] = {"resourceType": "ImagingStudy", "id": study_uid}
-    identifiers: list[dict[str, Any]] = [
-        {"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}
-    ]
+    identifiers: list[dict[str, Any]] = [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}]
     accession = _accession_identifier(study)
     if accession:
         identifiers.append(accession)

@@ -47,11 +47,7 @@ def patient_resource_id(patient_id: str, issuer: str | None) -> str | None:
     otherwise "x." + unpadded lowercase base32 of UTF-8 "issuer\\patientid" (a backslash cannot
     occur inside a DICOM LO value, PS3.5 6.2). None when that exceeds the 64 characters of an id.
     """
-    if (
-        not issuer
-        and _FHIR_ID.fullmatch(patient_id)
-        and not patient_id.startswith(ENCODED_ID_PREFIX)
-    ):
+    if not issuer and _FHIR_ID.fullmatch(patient_id) and not patient_id.startswith(ENCODED_ID_PREFIX):
         return patient_id
     raw = f"{issuer or ''}\\{patient_id}".encode()
     encoded = ENCODED_ID_PREFIX + base64.b32encode(raw).decode("ascii").rstrip("=").lower()
@@ -99,9 +95,7 @@ def patient_identifier(patient_id: str, issuer: str | None, ctx: MappingContext)
     """
     identifier: dict[str, Any] = {
         "use": "usual",
-        "type": {
-            "coding": [{"system": _V2_0203, "code": "MR", "display": "Medical record number"}]
-        },
+        "type": {"coding": [{"system": _V2_0203, "code": "MR", "display": "Medical record number"}]},
     }
     if issuer:
         system, name_assigner = _issuer_system(issuer, ctx)

@@ -103,9 +103,7 @@ class DicomwebClient:
         try:
             response = await self._http.get(path, params=params)
         except httpx.TimeoutException as exc:
-            raise DicomwebUnavailable(
-                f"PACS did not answer {path} within {self._timeout} s"
-            ) from exc
+            raise DicomwebUnavailable(f"PACS did not answer {path} within {self._timeout} s") from exc
         except httpx.TransportError as exc:
             raise DicomwebUnavailable(f"PACS unreachable at {self.base_url}: {exc}") from exc
         if response.status_code == 204:
@@ -113,9 +111,7 @@ class DicomwebClient:
         if response.status_code >= 500:
             raise DicomwebUnavailable(f"PACS answered {response.status_code} to {path}")
         if response.status_code >= 400:
-            raise DicomwebError(
-                f"PACS rejected {path} with {response.status_code}: {response.text[:200]}"
-            )
+            raise DicomwebError(f"PACS rejected {path} with {response.status_code}: {response.text[:200]}")
         try:
             body = response.json()
         except ValueError as exc:

@@ -57,8 +57,8 @@ class OneOf:
     def qido_safe(self) -> bool:
         return not any(_UNSAFE & set(v) for v in self.values)
 
-    def qido(self) -> str:
-        return ",".join(sorted(self.values))
+    def qido(self, separator: str = ",") -> str:
+        return separator.join(sorted(self.values))
 
     def matches(self, ds: Mapping[str, Any], tag: str) -> bool:
         return any(str(v).strip() in self.values for v in tag_values(ds, tag))
@@ -83,7 +83,7 @@ class DateRange:
 
     qido_safe = True
 
-    def qido(self) -> str:
+    def qido(self, separator: str = ",") -> str:
         first = dicom_date(self.first) if self.first else ""
         last = dicom_date(self.last) if self.last else ""
         return first if self.first == self.last else f"{first}-{last}"
@@ -100,9 +100,7 @@ class DateRange:
             value = date.fromisoformat(text)
         except ValueError:
             return False
-        return (self.first is None or value >= self.first) and (
-            self.last is None or value <= self.last
-        )
+        return (self.first is None or value >= self.first) and (self.last is None or value <= self.last)
 
 
 Constraint = OneOf | DateRange
@@ -124,8 +122,10 @@ class QidoQuery:
         """Whether QIDO limit/offset give correct pages for this query."""
         return not (COMPUTED_ATTRIBUTES & set(self.constraints))
 
-    def params(self) -> dict[str, str]:
-        return {k: c.qido() for k, c in self.constraints.items() if c.qido_safe}
+    def params(self, separator: str = ",") -> dict[str, str]:
+        """Query values; lists joined by `separator` ("," in QIDO URLs, "\\" in C-FIND style
+        queries such as Orthanc's /tools/find)."""
+        return {k: c.qido(separator) for k, c in self.constraints.items() if c.qido_safe}
 
     def matches(self, ds: Mapping[str, Any], tag_of: Callable[[str], str]) -> bool:
         """Re-check every constraint on a result; `tag_of` maps keywords to DICOM JSON tags."""

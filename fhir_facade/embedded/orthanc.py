@@ -7,8 +7,11 @@ to the same kind of real PACS that production runs.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import signal
+import sys
 import shutil
 import socket
 import subprocess
@@ -36,6 +39,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Child-side: have the kernel send SIGTERM to Orthanc when the facade dies, whatever kills it
+    (uvicorn re-raises SIGINT/SIGTERM after its shutdown, which skips Python cleanup)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _find_plugin(name: str) -> Path:
@@ -114,7 +125,10 @@ class EmbeddedOrthanc:
         config_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
         log_file = (self.workdir / "orthanc.log").open("ab")
         self._process = subprocess.Popen(
-            [binary, str(config_path)], stdout=log_file, stderr=subprocess.STDOUT
+            [binary, str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only async-signal-safe work inside
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -130,9 +144,7 @@ class EmbeddedOrthanc:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise TimeoutError(
-            f"Orthanc did not start within {timeout} s; see {self.workdir / 'orthanc.log'}"
-        )
+        raise TimeoutError(f"Orthanc did not start within {timeout} s; see {self.workdir / 'orthanc.log'}")
 
     def stop(self) -> None:
         if self._process is None:

@@ -63,9 +63,7 @@ def searchset_bundle(base_url: str, request: SearchRequest, result: SearchResult
     return bundle
 
 
-def _entry(
-    base_url: str, resource: dict[str, Any], mode: str, request: SearchRequest
-) -> dict[str, Any]:
+def _entry(base_url: str, resource: dict[str, Any], mode: str, request: SearchRequest) -> dict[str, Any]:
     shaped = apply_elements(apply_summary(resource, request.summary), request.elements)
     return {
         "fullUrl": f"{base_url}/{resource['resourceType']}/{resource['id']}",

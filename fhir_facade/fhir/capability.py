@@ -51,16 +51,12 @@ def _resource_entry(provider: ResourceProvider) -> dict[str, Any]:
     return entry
 
 
-def capability_statement(
-    providers: Sequence[ResourceProvider], settings: Settings
-) -> dict[str, Any]:
+def capability_statement(providers: Sequence[ResourceProvider], settings: Settings) -> dict[str, Any]:
     statement = copy.deepcopy(_base())
     statement["software"]["version"] = __version__
     statement["implementation"] = {"description": "fhir-facade", "url": settings.base_url}
     rest = statement["rest"][0]
-    rest["resource"] = [
-        _resource_entry(p) for p in sorted(providers, key=lambda p: p.resource_type)
-    ]
+    rest["resource"] = [_resource_entry(p) for p in sorted(providers, key=lambda p: p.resource_type)]
     rest["searchParam"] = [
         {"name": name, "type": kind, "documentation": doc} for name, kind, doc in _RESULT_PARAMS
     ]

@@ -40,7 +40,8 @@ def _element_sets(resource_type: str) -> tuple[frozenset[str], frozenset[str]]:
 
 def _tagged(resource: dict[str, Any]) -> dict[str, Any]:
     meta = dict(resource.get("meta", {}))
-    meta["tag"] = [*meta.get("tag", []), _SUBSETTED]
+    tags = meta.get("tag", [])
+    meta["tag"] = tags if _SUBSETTED in tags else [*tags, _SUBSETTED]
     resource["meta"] = meta
     return resource
 

@@ -74,9 +74,7 @@ def _error(status: int, code: str, diagnostics: str, **kwargs: Any) -> FhirError
     return FhirError(status, [Issue(code, diagnostics, **kwargs)], headers)
 
 
-def bad_request(
-    diagnostics: str, *, expression: str | None = None, code: str = "invalid"
-) -> FhirError:
+def bad_request(diagnostics: str, *, expression: str | None = None, code: str = "invalid") -> FhirError:
     """400: the request is malformed (e.g. a bad search parameter value, named in `expression`)."""
     return _error(400, code, diagnostics, expression=(expression,) if expression else ())
 

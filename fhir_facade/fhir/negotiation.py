@@ -14,9 +14,7 @@ __all__ = ["FHIR_JSON", "check_request_body_type", "negotiate_response_format", 
 
 FHIR_JSON = "application/fhir+json"
 
-_JSON_FORMATS = frozenset(
-    {"json", "application/json", "application/fhir+json", "application/json+fhir"}
-)
+_JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "application/json+fhir"})
 _JSON_ACCEPTS = _JSON_FORMATS | {"*/*", "application/*"}
 _BODY_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 FORM_TYPE = "application/x-www-form-urlencoded"

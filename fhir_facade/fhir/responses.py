@@ -44,9 +44,7 @@ def fhir_response(
 
 
 def _error_response(error: FhirError, request: Request) -> Response:
-    return fhir_response(
-        error.operation_outcome(), request, status=error.status, headers=error.headers
-    )
+    return fhir_response(error.operation_outcome(), request, status=error.status, headers=error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

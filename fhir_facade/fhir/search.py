@@ -236,9 +236,7 @@ def _parse_token(raw: str) -> TokenValue:
     return TokenValue(system, code or None)
 
 
-def _parse_reference(
-    raw: str, modifier: str | None, param: SearchParamDef, base_url: str
-) -> ReferenceValue:
+def _parse_reference(raw: str, modifier: str | None, param: SearchParamDef, base_url: str) -> ReferenceValue:
     raw = _unescape(raw)
     if modifier == "identifier":
         return ReferenceValue(identifier=_parse_token(raw))
@@ -268,15 +266,11 @@ def _parse_reference(
             expression=param.name,
         )
     if not _FHIR_ID.match(resource_id):
-        raise bad_request(
-            f"Invalid resource id '{resource_id}' for '{param.name}'", expression=param.name
-        )
+        raise bad_request(f"Invalid resource id '{resource_id}' for '{param.name}'", expression=param.name)
     return ReferenceValue(resource_type=resource_type, id=resource_id)
 
 
-def _parse_values(
-    param: SearchParamDef, modifier: str | None, raw: str, base_url: str
-) -> tuple[Value, ...]:
+def _parse_values(param: SearchParamDef, modifier: str | None, raw: str, base_url: str) -> tuple[Value, ...]:
     if raw == "":
         raise bad_request(f"Empty value for '{param.name}'", expression=param.name)
     values: list[Value] = []
@@ -284,9 +278,7 @@ def _parse_values(
         if part == "":
             raise bad_request(f"Empty value in the list for '{param.name}'", expression=param.name)
         if param.type is SearchParamType.DATE:
-            values.append(
-                parse_date_value(part, name=param.name, allowed_prefixes=param.date_prefixes)
-            )
+            values.append(parse_date_value(part, name=param.name, allowed_prefixes=param.date_prefixes))
         elif param.type is SearchParamType.TOKEN:
             values.append(_parse_token(part))
         elif param.type is SearchParamType.REFERENCE:
@@ -336,8 +328,7 @@ def parse_search(
         if param is None:
             if strict:
                 raise bad_request(
-                    f"Unknown search parameter '{name}' for {resource_type} "
-                    "(Prefer: handling=strict)",
+                    f"Unknown search parameter '{name}' for {resource_type} (Prefer: handling=strict)",
                     expression=name,
                     code="not-supported",
                 )
@@ -375,9 +366,7 @@ def _apply_result_parameter(request: SearchRequest, name: str, raw: str, max_cou
     elif name == "_elements":
         elements = tuple(e.strip() for e in raw.split(",") if e.strip())
         if not all(re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", e) for e in elements):
-            raise bad_request(
-                "_elements takes a comma-separated list of element names", expression=name
-            )
+            raise bad_request("_elements takes a comma-separated list of element names", expression=name)
         request.elements = elements
     elif name == "_sort":
         request.sort = tuple(s for s in raw.split(",") if s)

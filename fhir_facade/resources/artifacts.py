@@ -71,9 +71,7 @@ class ArtifactProvider(ResourceProvider):
             raise not_found(f"{self.resource_type}/{resource_id} does not exist") from None
 
     async def search(self, request: SearchRequest) -> SearchResult:
-        matches = [
-            r for r in self._resources.values() if all(_matches(r, c) for c in request.clauses)
-        ]
+        matches = [r for r in self._resources.values() if all(_matches(r, c) for c in request.clauses)]
         count = 0 if request.summary == "count" else request.count
         page = matches[request.offset : request.offset + count]
         return SearchResult(page, len(matches), request.offset + count < len(matches))

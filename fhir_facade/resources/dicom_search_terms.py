@@ -183,8 +183,7 @@ def apply_patient_clause(plan: StudySearchPlan, clause: SearchClause, ctx: Mappi
             return True
         identifier = patient_identifier(pid, issuer, ctx)
         return any(
-            identifier.get("value") == code
-            and (system is None or identifier.get("system") == system)
+            identifier.get("value") == code and (system is None or identifier.get("system") == system)
             for system, code in identifiers
         )
 

@@ -59,9 +59,7 @@ class EndpointProvider(ResourceProvider):
             "payload-type", T.TOKEN, "endpoint-payload-type code", _SPEC + "Endpoint-payload-type"
         ),
         SearchParamDef("status", T.TOKEN, "active", _SPEC + "Endpoint-status"),
-        SearchParamDef(
-            "name", T.STRING, "Name starts with (case-insensitive)", _SPEC + "Endpoint-name"
-        ),
+        SearchParamDef("name", T.STRING, "Name starts with (case-insensitive)", _SPEC + "Endpoint-name"),
     )
 
     def __init__(self, ctx: MappingContext) -> None:
@@ -74,9 +72,7 @@ class EndpointProvider(ResourceProvider):
             raise not_found(f"Endpoint/{resource_id} does not exist") from None
 
     async def search(self, request: SearchRequest) -> SearchResult:
-        matches = [
-            e for e in self._endpoints.values() if all(_clause_match(e, c) for c in request.clauses)
-        ]
+        matches = [e for e in self._endpoints.values() if all(_clause_match(e, c) for c in request.clauses)]
         count = 0 if request.summary == "count" else request.count
         page = matches[request.offset : request.offset + count]
         return SearchResult(page, len(matches), request.offset + count < len(matches))
@@ -97,9 +93,7 @@ def _clause_match(resource: dict[str, Any], clause: SearchClause) -> bool:
                 and value.system in (None, "", "http://hl7.org/fhir/endpoint-status")
             ):
                 return True
-            if name == "connection-type" and _token_match(
-                _codings(resource, "connectionType"), value
-            ):
+            if name == "connection-type" and _token_match(_codings(resource, "connectionType"), value):
                 return True
             if name == "payload-type" and _token_match(_codings(resource, "payloadType"), value):
                 return True

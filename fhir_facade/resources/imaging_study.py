@@ -15,6 +15,7 @@ from typing import Any
 from fhir_facade.dicom_to_fhir import MappingContext, imaging_study_from_dicom, started_instant
 from fhir_facade.dicom_to_fhir.context import WADO_ENDPOINT_ID
 from fhir_facade.dicomweb import DicomJson, DicomwebClient
+from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.dicomweb.query import OneOf, QidoQuery, tag_values
 from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.errors import not_found
@@ -55,9 +56,7 @@ _UID_LIST_CHUNK = 150  # UIDs per series query: keeps the URL well under common 
 _STATUS_SYSTEM = "http://hl7.org/fhir/imagingstudy-status"
 
 
-def _param(
-    name: str, kind: SearchParamType, doc: str, definition: str, **kw: Any
-) -> SearchParamDef:
+def _param(name: str, kind: SearchParamType, doc: str, definition: str, **kw: Any) -> SearchParamDef:
     return SearchParamDef(name, kind, doc, definition, **kw)
 
 
@@ -123,9 +122,12 @@ class ImagingStudyProvider(ResourceProvider):
         ),
     )
 
-    def __init__(self, dicomweb: DicomwebClient, ctx: MappingContext) -> None:
+    def __init__(
+        self, dicomweb: DicomwebClient, ctx: MappingContext, orthanc: OrthancRestClient | None = None
+    ) -> None:
         self._dicomweb = dicomweb
         self._ctx = ctx
+        self._orthanc = orthanc
 
     async def read(self, resource_id: str) -> dict[str, Any]:
         query = {"StudyInstanceUID": resource_id}
@@ -151,6 +153,7 @@ class ImagingStudyProvider(ResourceProvider):
             offset=request.offset,
             want_total=want_total,
             details=self._series_of,
+            count_exact=self._count_in_orthanc if self._orthanc else None,
         )
         by_study: dict[str, list[DicomJson]] = defaultdict(list)
         for ds in series:
@@ -160,6 +163,10 @@ class ImagingStudyProvider(ResourceProvider):
             for study in page.studies
         ]
         return SearchResult(matches, page.total, page.has_next)
+
+    async def _count_in_orthanc(self, query: QidoQuery) -> int:
+        assert self._orthanc is not None
+        return await self._orthanc.count_studies(query.params(separator="\\"))
 
     async def _series_of(self, studies: list[DicomJson]) -> list[DicomJson]:
         uids = sorted({study_uid(s) for s in studies})
@@ -185,9 +192,7 @@ class ImagingStudyProvider(ResourceProvider):
             elif name in ("patient", "subject"):
                 apply_patient_clause(plan, clause, self._ctx)
             elif name == "started":
-                apply_date_clause(
-                    plan, clause, "StudyDate", self._started, self._ctx.default_timezone
-                )
+                apply_date_clause(plan, clause, "StudyDate", self._started, self._ctx.default_timezone)
             elif name == "modality":
                 self._apply_modality(plan, clause)
             elif name == "series":
@@ -228,9 +233,7 @@ class ImagingStudyProvider(ResourceProvider):
             assert isinstance(value, TokenValue)
             if not value.code:
                 continue
-            if value.system == UID_SYSTEM or (
-                value.system is None and value.code.startswith("urn:oid:")
-            ):
+            if value.system == UID_SYSTEM or (value.system is None and value.code.startswith("urn:oid:")):
                 uids.add(strip_oid(value.code))
             elif value.system in (None, ""):
                 accessions.add(value.code)
@@ -268,9 +271,7 @@ class ImagingStudyProvider(ResourceProvider):
             plan.match_nothing()
             return
         qido = {keyword: ",".join(sorted(uids))}
-        search = (
-            self._dicomweb.search_series if level == "series" else self._dicomweb.search_instances
-        )
+        search = self._dicomweb.search_series if level == "series" else self._dicomweb.search_instances
         rows = await search(qido)
         tag = dicom_tag(keyword)
         studies = {study_uid(r) for r in rows if {str(v) for v in tag_values(r, tag)} & uids}

@@ -58,9 +58,7 @@ class PatientProvider(ResourceProvider):
     )
     search_params = (
         SearchParamDef("_id", T.TOKEN, "Patient id", _SPEC + "Resource-id"),
-        SearchParamDef(
-            "identifier", T.TOKEN, "system|PatientID (MRN)", _SPEC + "Patient-identifier"
-        ),
+        SearchParamDef("identifier", T.TOKEN, "system|PatientID (MRN)", _SPEC + "Patient-identifier"),
         SearchParamDef(
             "name",
             T.STRING,
@@ -110,9 +108,7 @@ class PatientProvider(ResourceProvider):
                 codes = {
                     _GENDERS[v.code]
                     for v in clause.values
-                    if isinstance(v, TokenValue)
-                    and v.code in _GENDERS
-                    and v.system in (None, _GENDER_SYSTEM)
+                    if isinstance(v, TokenValue) and v.code in _GENDERS and v.system in (None, _GENDER_SYSTEM)
                 }
                 if codes:
                     plan.require(QidoQuery({"PatientSex": OneOf(frozenset(codes))}))

@@ -130,6 +130,7 @@ async def find_study_page(
     offset: int,
     want_total: bool,
     details: Callable[[list[DicomJson]], Awaitable[T]],
+    count_exact: Callable[[QidoQuery], Awaitable[int]] | None = None,
 ) -> tuple[StudyPage, T]:
     """One page of matching studies, the total when wanted, whether more follow, and `details`
     of the page (e.g. its series), fetched concurrently with the count query when one is needed."""
@@ -153,7 +154,11 @@ async def find_study_page(
     if not has_next and (offset == 0 or rows):
         return StudyPage(page, offset + len(rows), has_next), await details(page)
     # The page alone does not tell the total: count with a second query, alongside the details.
-    everything, page_details = await asyncio.gather(
-        find_all_studies(dicomweb, plan, ()), details(page)
-    )
-    return StudyPage(page, len(everything), has_next), page_details
+    # A pushed-down plan is one exact query, so a PACS-side count (count_exact) gives the same number.
+    counting = count_exact(query) if count_exact else _count_by_qido(dicomweb, plan)
+    total, page_details = await asyncio.gather(counting, details(page))
+    return StudyPage(page, total, has_next), page_details
+
+
+async def _count_by_qido(dicomweb: DicomwebClient, plan: StudySearchPlan) -> int:
+    return len(await find_all_studies(dicomweb, plan, ()))

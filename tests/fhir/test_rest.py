@@ -48,11 +48,7 @@ def test_xml_is_406(fhir: httpx.Client) -> None:
     outcome(fhir.get("/metadata", headers={"Accept": "application/fhir+xml"}), 406, "not-supported")
     outcome(fhir.get("/metadata", params={"_format": "xml"}), 406, "not-supported")
     # _format overrides Accept (http.html#mime-type)
-    ok_json(
-        fhir.get(
-            "/metadata", params={"_format": "json"}, headers={"Accept": "application/fhir+xml"}
-        )
-    )
+    ok_json(fhir.get("/metadata", params={"_format": "json"}, headers={"Accept": "application/fhir+xml"}))
 
 
 def test_post_search_with_xml_body_is_415(fhir: httpx.Client) -> None:

@@ -74,9 +74,7 @@ def error_of(call) -> FhirError:
         ),
     ],
 )
-def test_partial_dates_are_ranges(
-    raw: str, lower: datetime, upper: datetime, precision: str
-) -> None:
+def test_partial_dates_are_ranges(raw: str, lower: datetime, upper: datetime, precision: str) -> None:
     value = parse_date_value(raw, name="started", allowed_prefixes=ALL_PREFIXES)
     assert (value.lower, value.upper, value.precision, value.prefix) == (
         lower,
@@ -94,13 +92,9 @@ def test_date_prefixes(prefix: str) -> None:
 
 
 def test_date_with_offset_is_aware() -> None:
-    value = parse_date_value(
-        "ge2021-03-04T10:00:00+05:30", name="started", allowed_prefixes=ALL_PREFIXES
-    )
+    value = parse_date_value("ge2021-03-04T10:00:00+05:30", name="started", allowed_prefixes=ALL_PREFIXES)
     assert value.lower == datetime(2021, 3, 4, 10, tzinfo=timezone(timedelta(hours=5, minutes=30)))
-    assert parse_date_value(
-        "2021-03-04T10:00:00Z", name="s", allowed_prefixes=ALL_PREFIXES
-    ).has_timezone
+    assert parse_date_value("2021-03-04T10:00:00Z", name="s", allowed_prefixes=ALL_PREFIXES).has_timezone
 
 
 @pytest.mark.parametrize(
@@ -136,9 +130,7 @@ def test_references() -> None:
         ReferenceValue("Patient", "p3"),
     )
     by_identifier = parse([("patient:identifier", "urn:mrn|123")])
-    assert by_identifier.clauses[0].values == (
-        ReferenceValue(identifier=TokenValue("urn:mrn", "123")),
-    )
+    assert by_identifier.clauses[0].values == (ReferenceValue(identifier=TokenValue("urn:mrn", "123")),)
 
 
 def test_reference_to_wrong_type_is_400() -> None:

@@ -24,9 +24,7 @@ def test_three_endpoints_with_the_dicomweb_base(fhir: httpx.Client, facade: Live
 def test_read_and_search(fhir: httpx.Client) -> None:
     ok_json(fhir.get("/Endpoint/dicom-wado-rs"))
     outcome(fhir.get("/Endpoint/nope"), 404, "not-found")
-    found = ok_json(
-        fhir.get("/Endpoint", params={"connection-type": f"{CONNECTION_TYPES}|dicom-qido-rs"})
-    )
+    found = ok_json(fhir.get("/Endpoint", params={"connection-type": f"{CONNECTION_TYPES}|dicom-qido-rs"}))
     assert [e["resource"]["id"] for e in found["entry"]] == ["dicom-qido-rs"]
     assert ok_json(fhir.get("/Endpoint", params={"status": "off"}))["total"] == 0
 

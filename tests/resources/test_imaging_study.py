@@ -8,7 +8,8 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, ok_json, outcome
+from fhir_facade.embedded import EmbeddedOrthanc
+from tests.conftest import LiveServer, ok_json, outcome, serve
 from tests.dicom_factory import CORPUS, series_instance_uid, sop_instance_uid
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -30,9 +31,7 @@ def corpus_keys(bundle: dict[str, Any]) -> set[str]:
 def test_read_maps_the_whole_study(fhir: httpx.Client) -> None:
     study = ok_json(fhir.get(f"/ImagingStudy/{MR_BRAIN.study_uid}"))
     assert study["id"] == MR_BRAIN.study_uid
-    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{MR_BRAIN.study_uid}"} in study[
-        "identifier"
-    ]
+    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{MR_BRAIN.study_uid}"} in study["identifier"]
     accession = next(i for i in study["identifier"] if i.get("type"))
     assert accession["value"] == "ACC-1001"
     assert accession["type"]["coding"][0]["code"] == "ACSN"
@@ -113,11 +112,7 @@ def test_every_study_in_the_pacs_maps_to_valid_fhir(fhir: httpx.Client, facade: 
         ({"modality": "http://loinc.org|MR"}, set()),
         ({"series": series_instance_uid(MR_BRAIN.study_uid, 2)}, {"mueller_mr_brain"}),
         (
-            {
-                "instance": sop_instance_uid(
-                    series_instance_uid(CORPUS["yamada_mr"].study_uid, 1), 2
-                )
-            },
+            {"instance": sop_instance_uid(series_instance_uid(CORPUS["yamada_mr"].study_uid, 1), 2)},
             {"yamada_mr"},
         ),
         ({"status": "available", "_id": MR_BRAIN.study_uid}, {"mueller_mr_brain"}),
@@ -139,9 +134,7 @@ def test_started_ne_and_prefixes_exclude_the_day(fhir: httpx.Client) -> None:
 
 
 def test_dicom_class(fhir: httpx.Client) -> None:
-    ct = search(
-        fhir, **{"dicom-class": "urn:ietf:rfc:3986|urn:oid:1.2.840.10008.5.1.4.1.1.2"}, _count=500
-    )
+    ct = search(fhir, **{"dicom-class": "urn:ietf:rfc:3986|urn:oid:1.2.840.10008.5.1.4.1.1.2"}, _count=500)
     keys = corpus_keys(ct)
     assert {"mueller_ct_chest", "issuer_ct", "sharma_mixed", "no_accession"} <= keys
     assert "mueller_mr_brain" not in keys
@@ -172,9 +165,7 @@ def test_previous_link_returns_the_previous_page(fhir: httpx.Client) -> None:
     first = search(fhir, _count=2)
     second = ok_json(httpx.get(next(link["url"] for link in first["link"] if link["relation"] == "next")))
     back = ok_json(httpx.get(next(link["url"] for link in second["link"] if link["relation"] == "previous")))
-    assert [e["resource"]["id"] for e in back["entry"]] == [
-        e["resource"]["id"] for e in first["entry"]
-    ]
+    assert [e["resource"]["id"] for e in back["entry"]] == [e["resource"]["id"] for e in first["entry"]]
 
 
 def test_count_zero_and_summary_count_give_only_the_total(fhir: httpx.Client) -> None:
@@ -205,9 +196,7 @@ def test_self_link_drops_unknown_parameters(fhir: httpx.Client) -> None:
 
 
 def test_strict_handling_rejects_unknown_parameters(fhir: httpx.Client) -> None:
-    response = fhir.get(
-        "/ImagingStudy", params={"bogus": "1"}, headers={"Prefer": "handling=strict"}
-    )
+    response = fhir.get("/ImagingStudy", params={"bogus": "1"}, headers={"Prefer": "handling=strict"})
     body = outcome(response, 400, "not-supported")
     assert body["issue"][0]["expression"] == ["bogus"]
 
@@ -247,3 +236,22 @@ def test_page_size_does_not_change_the_number_of_qido_requests(
         assert len(search(fhir, _count=size, started="ge2004")["entry"]) == size
         counts.append(facade.app.state.dicomweb.request_count - before)
     assert counts[0] == counts[1] == counts[2] <= 3
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"_count": 1},
+        {"_count": 2, "started": "ge2004"},
+        {"_count": 1, "patient": "P-1001"},
+        {"_count": 1, "identifier": "ACC-1001,ACC-1002"},
+        {"_count": 3, "_offset": 1000},
+    ],
+)
+def test_orthanc_count_agrees_with_counting_over_qido(
+    fhir: httpx.Client, loaded_orthanc: EmbeddedOrthanc, params: dict[str, Any]
+) -> None:
+    """With FACADE_ORTHANC_URL the total comes from /tools/find; without, from QIDO: same number."""
+    with serve({"dicomweb_url": loaded_orthanc.dicomweb_url}) as qido_only:
+        by_qido = ok_json(httpx.get(qido_only.base_url + "/ImagingStudy", params=params))["total"]
+    assert search(fhir, **params)["total"] == by_qido
