@@ -82,6 +82,7 @@ def main() -> None:
         env = {
             **os.environ,
             "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
+            "FACADE_ORTHANC_URL": orthanc.url,
             "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
             "FACADE_LOG_LEVEL": "WARNING",
         }

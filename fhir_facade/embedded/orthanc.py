@@ -10,11 +10,11 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import signal
-import sys
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -128,7 +128,7 @@ class EmbeddedOrthanc:
             [binary, str(config_path)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only async-signal-safe work inside
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
