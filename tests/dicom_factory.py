@@ -27,6 +27,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from fhir_facade.embedded import store_instances
+
 __all__ = [
     "CORPUS",
     "CORPUS_ROOT",
@@ -221,22 +223,8 @@ def to_bytes(ds: FileDataset) -> bytes:
 
 
 def upload(client: httpx.Client, orthanc_url: str, datasets: Iterable[FileDataset]) -> None:
-    """Store each dataset through Orthanc's REST `POST /instances`; raise on any refusal.
-
-    Orthanc answers 200 with Status "Success" or "AlreadyStored" (duplicates are not errors),
-    and an HTTP error or another Status when it rejects the file.
-    """
-    base = orthanc_url.rstrip("/")
-    for ds in datasets:
-        response = client.post(
-            f"{base}/instances",
-            content=to_bytes(ds),
-            headers={"Content-Type": "application/dicom"},
-        )
-        response.raise_for_status()
-        status = response.json().get("Status")
-        if status not in ("Success", "AlreadyStored"):
-            raise RuntimeError(f"Orthanc refused {ds.SOPInstanceUID}: {response.text}")
+    """Store the datasets in Orthanc (REST `POST /instances`), raising on any refusal."""
+    store_instances(client, orthanc_url, datasets)
 
 
 def _uid(n: int) -> str:

@@ -15,7 +15,6 @@ needs and refuses what it does not understand.
 from __future__ import annotations
 
 import gzip
-import io
 import struct
 import zlib
 from pathlib import Path
@@ -30,6 +29,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     MRImageStorage,
 )
+
+from fhir_facade.embedded.orthanc import store_instances
 
 __all__ = [
     "COLIN27_PATH",
@@ -302,24 +303,8 @@ def upload_demo(
                 instances.raise_for_status()
                 if len(instances.json()) >= n_slices:
                     return DEMO_STUDY_UID
-        for ds in build_demo_study(n_slices):
-            response = http.post(
-                f"{base}/instances",
-                content=_part10(ds),
-                headers={"Content-Type": "application/dicom"},
-            )
-            response.raise_for_status()
-            status = response.json().get("Status")
-            if status not in ("Success", "AlreadyStored"):
-                raise RuntimeError(f"Orthanc refused {ds.SOPInstanceUID}: {response.text}")
+        store_instances(http, base, build_demo_study(n_slices))
     finally:
         if owned:
             http.close()
     return DEMO_STUDY_UID
-
-
-def _part10(ds: FileDataset) -> bytes:
-    """Part 10 bytes (preamble, DICM prefix, file meta) for an Orthanc upload."""
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()

@@ -8,6 +8,7 @@ to the same kind of real PACS that production runs.
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import logging
 import shutil
@@ -16,13 +17,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
+from pydicom.dataset import FileDataset
 
-__all__ = ["EmbeddedOrthanc", "OrthancNotInstalled", "free_port"]
+__all__ = ["EmbeddedOrthanc", "OrthancNotInstalled", "free_port", "store_instances"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def store_instances(client: httpx.Client, orthanc_url: str, datasets: Iterable[FileDataset]) -> None:
+    """Store datasets through Orthanc's REST `POST /instances`; raise on any refusal.
+
+    Orthanc answers 200 with Status "Success" or "AlreadyStored" (re-uploads are not errors), and
+    an HTTP error or another Status when it rejects a file.
+    """
+    base = orthanc_url.rstrip("/")
+    for ds in datasets:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        response = client.post(
+            f"{base}/instances", content=buffer.getvalue(), headers={"Content-Type": "application/dicom"}
+        )
+        response.raise_for_status()
+        status = response.json().get("Status")
+        if status not in ("Success", "AlreadyStored"):
+            raise RuntimeError(f"Orthanc refused {ds.SOPInstanceUID}: {response.text}")
 
 
 def _die_with_parent() -> None:

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from fhir_facade.fhir.elements import apply_elements, apply_summary
 from fhir_facade.fhir.search import SearchRequest
 
-__all__ = ["SearchResult", "searchset_bundle"]
+__all__ = ["SearchResult", "paged", "searchset_bundle"]
 
 
 @dataclass
@@ -25,6 +25,13 @@ class SearchResult:
     total: int | None
     has_next: bool
     includes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def paged(matches: list[dict[str, Any]], request: SearchRequest) -> SearchResult:
+    """One page of matches found in memory (`_summary=count` keeps only the total)."""
+    count = 0 if request.summary == "count" else request.count
+    page = matches[request.offset : request.offset + count]
+    return SearchResult(page, len(matches), request.offset + count < len(matches))
 
 
 def _page_url(base_url: str, request: SearchRequest, offset: int) -> str:

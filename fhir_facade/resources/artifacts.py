@@ -7,18 +7,15 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from fhir_facade.fhir.bundles import SearchResult
-from fhir_facade.fhir.errors import not_found
 from fhir_facade.fhir.search import (
     SearchClause,
     SearchParamDef,
     SearchParamType,
-    SearchRequest,
     StringValue,
     TokenValue,
 )
 from fhir_facade.package_data import data_path
-from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.resources.fixed_set import FixedSetProvider
 
 __all__ = ["ArtifactProvider", "artifact_providers"]
 
@@ -51,7 +48,7 @@ def _matches(resource: dict[str, Any], clause: SearchClause) -> bool:
     return False
 
 
-class ArtifactProvider(ResourceProvider):
+class ArtifactProvider(FixedSetProvider):
     """Read and search (by `_id`, `url`) over the artifacts of one resource type."""
 
     search_params = (
@@ -60,21 +57,12 @@ class ArtifactProvider(ResourceProvider):
     )
 
     def __init__(self, resource_type: str, resources: dict[str, dict[str, Any]]) -> None:
+        super().__init__(resources)
         self.resource_type = resource_type  # type: ignore[misc]
         self.documentation = f"Read-only {resource_type} artifacts shipped with the facade."  # type: ignore[misc]
-        self._resources = resources
 
-    async def read(self, resource_id: str) -> dict[str, Any]:
-        try:
-            return self._resources[resource_id]
-        except KeyError:
-            raise not_found(f"{self.resource_type}/{resource_id} does not exist") from None
-
-    async def search(self, request: SearchRequest) -> SearchResult:
-        matches = [r for r in self._resources.values() if all(_matches(r, c) for c in request.clauses)]
-        count = 0 if request.summary == "count" else request.count
-        page = matches[request.offset : request.offset + count]
-        return SearchResult(page, len(matches), request.offset + count < len(matches))
+    def clause_matches(self, resource: dict[str, Any], clause: SearchClause) -> bool:
+        return _matches(resource, clause)
 
 
 def artifact_providers() -> list[ArtifactProvider]:

@@ -8,17 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_facade.dicom_to_fhir import MappingContext, endpoints
-from fhir_facade.fhir.bundles import SearchResult
-from fhir_facade.fhir.errors import not_found
 from fhir_facade.fhir.search import (
     SearchClause,
     SearchParamDef,
     SearchParamType,
-    SearchRequest,
     StringValue,
     TokenValue,
 )
-from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.resources.fixed_set import FixedSetProvider
 
 __all__ = ["EndpointProvider"]
 
@@ -42,7 +39,7 @@ def _token_match(codings: list[dict[str, Any]], value: TokenValue) -> bool:
     )
 
 
-class EndpointProvider(ResourceProvider):
+class EndpointProvider(FixedSetProvider):
     resource_type = "Endpoint"
     documentation = "The PACS's DICOMweb endpoints; ImagingStudy.endpoint refers to dicom-wado-rs."
     search_params = (
@@ -63,19 +60,10 @@ class EndpointProvider(ResourceProvider):
     )
 
     def __init__(self, ctx: MappingContext) -> None:
-        self._endpoints = {e["id"]: e for e in endpoints(ctx)}
+        super().__init__({e["id"]: e for e in endpoints(ctx)})
 
-    async def read(self, resource_id: str) -> dict[str, Any]:
-        try:
-            return self._endpoints[resource_id]
-        except KeyError:
-            raise not_found(f"Endpoint/{resource_id} does not exist") from None
-
-    async def search(self, request: SearchRequest) -> SearchResult:
-        matches = [e for e in self._endpoints.values() if all(_clause_match(e, c) for c in request.clauses)]
-        count = 0 if request.summary == "count" else request.count
-        page = matches[request.offset : request.offset + count]
-        return SearchResult(page, len(matches), request.offset + count < len(matches))
+    def clause_matches(self, resource: dict[str, Any], clause: SearchClause) -> bool:
+        return _clause_match(resource, clause)
 
 
 def _clause_match(resource: dict[str, Any], clause: SearchClause) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 from fhir_facade.dicom_to_fhir import MappingContext, parse_patient_resource_id, patient_from_dicom
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.query import OneOf, QidoQuery
-from fhir_facade.fhir.bundles import SearchResult
+from fhir_facade.fhir.bundles import SearchResult, paged
 from fhir_facade.fhir.errors import not_found
 from fhir_facade.fhir.search import (
     ReferenceValue,
@@ -122,10 +122,7 @@ class PatientProvider(ResourceProvider):
             patient = patient_from_dicom(ds, self._ctx)
             if patient and all(check(patient) for check in resource_checks):
                 patients.setdefault(patient["id"], patient)
-        ordered = [patients[k] for k in sorted(patients)]
-        count = 0 if request.summary == "count" else request.count
-        page = ordered[request.offset : request.offset + count]
-        return SearchResult(page, len(ordered), request.offset + count < len(ordered))
+        return paged([patients[k] for k in sorted(patients)], request)
 
     @staticmethod
     def _apply_name(clause: SearchClause) -> Any:
