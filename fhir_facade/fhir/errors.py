@@ -14,6 +14,7 @@ __all__ = [
     "FhirError",
     "Issue",
     "bad_request",
+    "conflict",
     "dicom_service_unavailable",
     "gone",
     "internal_error",
@@ -21,6 +22,7 @@ __all__ = [
     "not_acceptable",
     "not_found",
     "not_supported",
+    "precondition_failed",
     "unsupported_media_type",
 ]
 
@@ -77,6 +79,16 @@ def _error(status: int, code: str, diagnostics: str, **kwargs: Any) -> FhirError
 def bad_request(diagnostics: str, *, expression: str | None = None, code: str = "invalid") -> FhirError:
     """400: the request is malformed (e.g. a bad search parameter value, named in `expression`)."""
     return _error(400, code, diagnostics, expression=(expression,) if expression else ())
+
+
+def precondition_failed(diagnostics: str) -> FhirError:
+    """412: a condition of the request (If-Match, conditional create/update) does not hold."""
+    return _error(412, "conflict", diagnostics)
+
+
+def conflict(diagnostics: str, *, expression: str | None = None) -> FhirError:
+    """409: the request conflicts with the resource's current state (e.g. a Task transition)."""
+    return _error(409, "conflict", diagnostics, expression=(expression,) if expression else ())
 
 
 def not_found(diagnostics: str) -> FhirError:

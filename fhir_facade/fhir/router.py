@@ -17,10 +17,19 @@ from fastapi import APIRouter, Request, Response
 from fhir_facade.config import Settings
 from fhir_facade.fhir.bundles import searchset_bundle
 from fhir_facade.fhir.capability import capability_statement
-from fhir_facade.fhir.errors import not_found, not_supported
+from fhir_facade.fhir.errors import bad_request, not_found, not_supported
 from fhir_facade.fhir.negotiation import check_request_body_type, negotiate_response_format
+from fhir_facade.fhir.prefer import prefers_strict_handling
+from fhir_facade.fhir.request_body import read_resource
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.fhir.search import SearchParamType, parse_search
+from fhir_facade.fhir.write_interactions import (
+    conditional_matches,
+    history_bundle,
+    single_match,
+    version_headers,
+    write_response,
+)
 from fhir_facade.resources.base import ResourceProvider
 
 __all__ = ["build_fhir_router"]
@@ -28,12 +37,6 @@ __all__ = ["build_fhir_router"]
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _JSON_CONTENT = {"application/fhir+json": {"schema": {"type": "object"}}}
 _OPENAPI_TYPES = {SearchParamType.NUMBER: {"type": "number"}}
-
-
-def _strict(request: Request) -> bool:
-    """`Prefer: handling=strict` (FHIR search.html#errors); lenient is the default."""
-    prefer = request.headers.get("prefer", "")
-    return any(p.strip().replace(" ", "") == "handling=strict" for p in prefer.split(","))
 
 
 def _search_openapi(provider: ResourceProvider) -> dict[str, Any]:
@@ -106,7 +109,7 @@ def _add_provider_routes(router: APIRouter, provider: ResourceProvider, settings
             params,
             provider.search_param_map,
             base_url=settings.base_url,
-            strict=_strict(request),
+            strict=prefers_strict_handling(request),
             default_count=settings.default_page_size,
             max_count=settings.max_page_size,
             sortable=provider.sortable,
@@ -131,18 +134,112 @@ def _add_provider_routes(router: APIRouter, provider: ResourceProvider, settings
         if not _FHIR_ID.match(resource_id):
             raise not_found(f"{type_name}/{resource_id} is not a valid resource id")
         resource = await provider.read(resource_id)
-        return fhir_response(resource, request)
+        return fhir_response(resource, request, headers=version_headers(resource, settings.base_url))
 
+    async def create(request: Request) -> Response:
+        """POST {type}, optionally conditional on If-None-Exist (http.html#create, #ccreate)."""
+        negotiate_response_format(request)
+        resource = await read_resource(request, type_name)
+        criteria = request.headers.get("if-none-exist")
+        if criteria is not None:
+            existing = single_match(
+                await conditional_matches(provider, criteria, settings, "If-None-Exist"), "If-None-Exist"
+            )
+            if existing is not None:
+                return write_response(existing, request, settings, status=200, location=False)
+        stored = await provider.create(resource)
+        return write_response(stored, request, settings, status=201, location=True)
+
+    async def update(request: Request, resource_id: str) -> Response:
+        """PUT {type}/{id} (http.html#update): the body's id must be the URL's."""
+        negotiate_response_format(request)
+        resource = await read_resource(request, type_name)
+        if resource.get("id") != resource_id:
+            raise bad_request(
+                f"The body's id ({resource.get('id')!r}) must equal the URL's ({resource_id!r})",
+                expression=f"{type_name}.id",
+            )
+        result = await provider.update(resource_id, resource, if_match=request.headers.get("if-match"))
+        status = 201 if result.created else 200
+        return write_response(result.resource, request, settings, status=status, location=result.created)
+
+    async def conditional_update(request: Request) -> Response:
+        """PUT {type}?criteria (http.html#cond-update): 0 matches create, 1 updates, more 412."""
+        negotiate_response_format(request)
+        resource = await read_resource(request, type_name)
+        match = single_match(
+            await conditional_matches(
+                provider, list(request.query_params.multi_items()), settings, "conditional update"
+            ),
+            "The conditional update",
+        )
+        if match is None:
+            if resource.get("id"):
+                result = await provider.update(resource["id"], resource, if_match=None)
+                status = 201 if result.created else 200
+                return write_response(result.resource, request, settings, status=status, location=True)
+            stored = await provider.create(resource)
+            return write_response(stored, request, settings, status=201, location=True)
+        if resource.get("id") not in (None, match["id"]):
+            raise bad_request(
+                f"The body's id {resource['id']!r} differs from the matched {type_name}/{match['id']}",
+                expression=f"{type_name}.id",
+            )
+        result = await provider.update(
+            match["id"], {**resource, "id": match["id"]}, if_match=request.headers.get("if-match")
+        )
+        return write_response(result.resource, request, settings, status=200, location=False)
+
+    async def delete(request: Request, resource_id: str) -> Response:
+        """DELETE {type}/{id} (http.html#delete): 204, also for an already deleted resource."""
+        negotiate_response_format(request)
+        await provider.delete(resource_id)
+        return Response(status_code=204)
+
+    async def vread(request: Request, resource_id: str, version_id: str) -> Response:
+        negotiate_response_format(request)
+        resource = await provider.vread(resource_id, version_id)
+        return fhir_response(resource, request, headers=version_headers(resource, settings.base_url))
+
+    async def history_instance(request: Request, resource_id: str) -> Response:
+        return await _history(request, resource_id)
+
+    async def history_type(request: Request) -> Response:
+        return await _history(request, None)
+
+    async def _history(request: Request, resource_id: str | None) -> Response:
+        negotiate_response_format(request)
+        count = min(_int_param(request, "_count", settings.default_page_size), settings.max_page_size)
+        offset = _int_param(request, "_offset", 0)
+        entries, total = await provider.history(resource_id, count, offset)
+        self_url = f"{settings.base_url}/{request.url.path.split('/fhir/', 1)[1]}"
+        if request.url.query:
+            self_url += f"?{request.url.query}"
+        return fhir_response(history_bundle(entries, total, settings.base_url, self_url), request)
+
+    interactions = set(provider.interactions)
+    item_responses = {"responses": {"200": {"description": type_name, "content": _JSON_CONTENT}}}
+    body = {"requestBody": {"content": _JSON_CONTENT}}
     handlers: list[tuple[str, str, Callable[..., Awaitable[Response]], dict[str, Any]]] = [
         ("GET", f"/{type_name}", search, _search_openapi(provider)),
         ("POST", f"/{type_name}/_search", search_post, _search_openapi(provider)),
-        (
-            "GET",
-            f"/{type_name}/{{resource_id}}",
-            read,
-            {"responses": {"200": {"description": type_name, "content": _JSON_CONTENT}}},
-        ),
     ]
+    if "history-type" in interactions:
+        handlers.append(("GET", f"/{type_name}/_history", history_type, item_responses))
+    handlers.append(("GET", f"/{type_name}/{{resource_id}}", read, item_responses))
+    if "create" in interactions:
+        handlers.append(("POST", f"/{type_name}", create, {**item_responses, **body}))
+    if "update" in interactions:
+        handlers.append(("PUT", f"/{type_name}/{{resource_id}}", update, {**item_responses, **body}))
+        handlers.append(("PUT", f"/{type_name}", conditional_update, {**item_responses, **body}))
+    if "delete" in interactions:
+        handlers.append(("DELETE", f"/{type_name}/{{resource_id}}", delete, {}))
+    if "history-instance" in interactions:
+        handlers.append(("GET", f"/{type_name}/{{resource_id}}/_history", history_instance, item_responses))
+    if "vread" in interactions:
+        handlers.append(
+            ("GET", f"/{type_name}/{{resource_id}}/_history/{{version_id}}", vread, item_responses)
+        )
     for method, path, endpoint, openapi in handlers:
         router.add_api_route(
             path,
@@ -153,3 +250,12 @@ def _add_provider_routes(router: APIRouter, provider: ResourceProvider, settings
             openapi_extra=openapi,
             response_class=Response,
         )
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise bad_request(f"'{name}' must be a non-negative integer, got '{raw}'", expression=name)
+    return int(raw)

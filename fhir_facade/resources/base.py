@@ -8,12 +8,22 @@ CapabilityStatement is generated from these declarations, so it lists exactly wh
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fhir_facade.fhir.bundles import SearchResult
+from fhir_facade.fhir.errors import method_not_allowed
 from fhir_facade.fhir.search import SearchParamDef, SearchRequest
 
-__all__ = ["ResourceProvider"]
+__all__ = ["ResourceProvider", "WriteResult"]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """The stored resource (with meta.versionId/lastUpdated) and whether the write created it."""
+
+    resource: dict[str, Any]
+    created: bool
 
 
 class ResourceProvider(ABC):
@@ -40,3 +50,32 @@ class ResourceProvider(ABC):
     @abstractmethod
     async def search(self, request: SearchRequest) -> SearchResult:
         """Return one page of matches for a parsed search."""
+
+    # Write interactions: virtual types keep these defaults (405); persistent providers override
+    # them and list them in `interactions`.
+
+    async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """FHIR http.html#create: store a new resource with a server-assigned id."""
+        raise method_not_allowed(f"{self.resource_type} is read-only here")
+
+    async def update(
+        self, resource_id: str, resource: dict[str, Any], *, if_match: str | None
+    ) -> WriteResult:
+        """FHIR http.html#update (update-as-create allowed); `if_match` is the ETag to check."""
+        raise method_not_allowed(f"{self.resource_type} is read-only here")
+
+    async def delete(self, resource_id: str) -> None:
+        """FHIR http.html#delete."""
+        raise method_not_allowed(f"{self.resource_type} is read-only here")
+
+    async def vread(self, resource_id: str, version_id: str) -> dict[str, Any]:
+        """FHIR http.html#vread."""
+        raise method_not_allowed(f"{self.resource_type} keeps no versions here")
+
+    async def history(
+        self, resource_id: str | None, count: int, offset: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        """FHIR http.html#history: versions (newest first) of one resource, or of the type when
+        `resource_id` is None, as (page of entries, total). Deleted versions carry only
+        resourceType, id and meta plus `"_deleted": True` for the Bundle builder."""
+        raise method_not_allowed(f"{self.resource_type} keeps no history here")

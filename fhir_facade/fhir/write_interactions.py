@@ -1,0 +1,127 @@
+"""The HTTP side of FHIR writes, shared by every persistent type: version headers, `Prefer:
+return`, conditional create/update resolution and history Bundles (FHIR R4 http.html)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from email.utils import format_datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import Request, Response
+
+from fhir_facade.config import Settings
+from fhir_facade.fhir.errors import bad_request, precondition_failed
+from fhir_facade.fhir.prefer import return_preference
+from fhir_facade.fhir.responses import fhir_response
+from fhir_facade.fhir.search import parse_search
+from fhir_facade.resources.base import ResourceProvider
+
+__all__ = [
+    "conditional_matches",
+    "history_bundle",
+    "single_match",
+    "version_headers",
+    "write_response",
+]
+
+
+def version_headers(resource: dict[str, Any], base_url: str, *, location: bool = False) -> dict[str, str]:
+    """ETag W/"n", Last-Modified and (for creates) Location of the version (http.html#versioning)."""
+    meta = resource.get("meta", {})
+    headers: dict[str, str] = {}
+    version = meta.get("versionId")
+    if version:
+        headers["ETag"] = f'W/"{version}"'
+    if meta.get("lastUpdated"):
+        moment = datetime.fromisoformat(meta["lastUpdated"].replace("Z", "+00:00"))
+        headers["Last-Modified"] = format_datetime(moment, usegmt=False)
+    if location and version:
+        headers["Location"] = f"{base_url}/{resource['resourceType']}/{resource['id']}/_history/{version}"
+    return headers
+
+
+def write_response(
+    resource: dict[str, Any], request: Request, settings: Settings, *, status: int, location: bool
+) -> Response:
+    """The answer to a create/update, shaped by `Prefer: return` (http.html#ops)."""
+    headers = version_headers(resource, settings.base_url, location=location)
+    preference = return_preference(request)
+    if preference == "minimal":
+        return Response(status_code=status, headers=headers)
+    if preference == "OperationOutcome":
+        outcome = {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "information",
+                    "code": "informational",
+                    "diagnostics": f"{resource['resourceType']}/{resource['id']} stored as version "
+                    f"{resource.get('meta', {}).get('versionId')}",
+                }
+            ],
+        }
+        return fhir_response(outcome, request, status=status, headers=headers)
+    return fhir_response(resource, request, status=status, headers=headers)
+
+
+async def conditional_matches(
+    provider: ResourceProvider, query: str | Sequence[tuple[str, str]], settings: Settings, header: str
+) -> list[dict[str, Any]]:
+    """Resources matching the criteria of a conditional interaction (at most two are needed to
+    tell 0, 1 or many). Criteria are parsed strictly: an unknown parameter would widen the match."""
+    params = parse_qsl(query, keep_blank_values=True) if isinstance(query, str) else list(query)
+    params = [(k, v) for k, v in params if not k.startswith("_") or k == "_id"]
+    if not params:
+        raise bad_request(f"{header} needs search criteria", expression=header)
+    request = parse_search(
+        provider.resource_type,
+        params,
+        provider.search_param_map,
+        base_url=settings.base_url,
+        strict=True,
+        default_count=2,
+        max_count=2,
+    )
+    result = await provider.search(request)
+    return result.matches[:2]
+
+
+def single_match(matches: list[dict[str, Any]], header: str) -> dict[str, Any] | None:
+    """0 -> None, 1 -> the match, more -> 412 (http.html#ccreate, #cond-update)."""
+    if len(matches) > 1:
+        raise precondition_failed(f"{header} matches more than one resource")
+    return matches[0] if matches else None
+
+
+def history_bundle(entries: list[dict[str, Any]], total: int, base_url: str, self_url: str) -> dict[str, Any]:
+    """A `history` Bundle: newest first, with request/response per entry (http.html#history)."""
+    bundle_entries = []
+    for version in entries:
+        meta = version.get("meta", {})
+        url = f"{version['resourceType']}/{version['id']}"
+        deleted = version.get("_deleted", False)
+        entry: dict[str, Any] = {"fullUrl": f"{base_url}/{url}"}
+        if not deleted:
+            entry["resource"] = {k: v for k, v in version.items() if k != "_deleted"}
+        first = meta.get("versionId") == "1"
+        entry["request"] = {
+            "method": "DELETE" if deleted else ("POST" if first else "PUT"),
+            "url": version["resourceType"] if first and not deleted else url,
+        }
+        entry["response"] = {
+            "status": "204" if deleted else ("201" if first else "200"),
+            "etag": f'W/"{meta.get("versionId")}"',
+            "lastModified": meta.get("lastUpdated"),
+        }
+        bundle_entries.append(entry)
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "history",
+        "total": total,
+        "link": [{"relation": "self", "url": self_url}],
+    }
+    if bundle_entries:
+        bundle["entry"] = bundle_entries
+    return bundle
