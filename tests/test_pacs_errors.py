@@ -66,6 +66,7 @@ def test_silent_pacs_times_out_as_503_without_hanging(silent_pacs: str) -> None:
         response = httpx.get(server.base_url + "/ImagingStudy", timeout=30)
         elapsed = time.monotonic() - started
         assert_unavailable(response)
-        assert elapsed < 3.0, f"took {elapsed:.1f} s with a 1 s PACS timeout"
+        # connect and read timeouts are 1 s each; the rest is slack for a loaded CI machine
+        assert elapsed < 4.0, f"took {elapsed:.1f} s with a 1 s PACS timeout"
         # The FHIR server itself stays responsive meanwhile.
         assert httpx.get(server.base_url + "/metadata", timeout=5).status_code == 200
