@@ -18,6 +18,7 @@ from fhir_facade.config import Settings
 from fhir_facade.fhir.bundles import searchset_bundle
 from fhir_facade.fhir.capability import capability_statement
 from fhir_facade.fhir.errors import bad_request, not_found, not_supported
+from fhir_facade.fhir.includes import resolve_includes
 from fhir_facade.fhir.negotiation import check_request_body_type, negotiate_response_format
 from fhir_facade.fhir.prefer import prefers_strict_handling
 from fhir_facade.fhir.request_body import read_resource
@@ -88,7 +89,7 @@ def build_fhir_router(providers: Sequence[ResourceProvider], settings: Settings)
         return fhir_response(capability_statement(providers, settings), request)
 
     for provider in providers:
-        _add_provider_routes(router, provider, settings)
+        _add_provider_routes(router, provider, settings, by_type)
 
     @router.get("/{resource_type}", include_in_schema=False)
     @router.get("/{resource_type}/{resource_id}", include_in_schema=False)
@@ -100,7 +101,12 @@ def build_fhir_router(providers: Sequence[ResourceProvider], settings: Settings)
     return router
 
 
-def _add_provider_routes(router: APIRouter, provider: ResourceProvider, settings: Settings) -> None:
+def _add_provider_routes(
+    router: APIRouter,
+    provider: ResourceProvider,
+    settings: Settings,
+    providers: dict[str, ResourceProvider],
+) -> None:
     type_name = provider.resource_type
 
     async def run_search(request: Request, params: list[tuple[str, str]]) -> Response:
@@ -115,6 +121,10 @@ def _add_provider_routes(router: APIRouter, provider: ResourceProvider, settings
             sortable=provider.sortable,
         )
         result = await provider.search(search)
+        if search.includes or search.revincludes:
+            result.includes = await resolve_includes(
+                search, result.matches[: search.count], providers, settings
+            )
         return fhir_response(searchset_bundle(settings.base_url, search, result), request)
 
     async def search(request: Request) -> Response:

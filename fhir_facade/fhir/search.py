@@ -25,6 +25,7 @@ from fhir_facade.fhir.errors import bad_request
 __all__ = [
     "RESULT_PARAMETERS",
     "DateValue",
+    "IncludeSpec",
     "ReferenceValue",
     "SearchClause",
     "SearchParamDef",
@@ -114,6 +115,15 @@ class SearchClause:
     raw_value: str
 
 
+@dataclass(frozen=True)
+class IncludeSpec:
+    """`_include=Source:param[:Target]` or `_revinclude=...` (search.html#include)."""
+
+    source_type: str
+    param: str
+    target_type: str | None = None
+
+
 @dataclass
 class SearchRequest:
     resource_type: str
@@ -125,6 +135,8 @@ class SearchRequest:
     total: str = "accurate"
     sort: tuple[str, ...] = ()
     link_params: list[tuple[str, str]] = field(default_factory=list)
+    includes: list[IncludeSpec] = field(default_factory=list)
+    revincludes: list[IncludeSpec] = field(default_factory=list)
 
     def clauses_for(self, name: str) -> list[SearchClause]:
         return [c for c in self.clauses if c.param.name == name]
@@ -132,7 +144,18 @@ class SearchRequest:
 
 #: Result parameters (search.html#return) this machinery handles for every type.
 RESULT_PARAMETERS = frozenset(
-    {"_count", "_offset", "_summary", "_elements", "_total", "_format", "_pretty", "_sort"}
+    {
+        "_count",
+        "_offset",
+        "_summary",
+        "_elements",
+        "_total",
+        "_format",
+        "_pretty",
+        "_sort",
+        "_include",
+        "_revinclude",
+    }
 )
 _SUMMARY_VALUES = frozenset({"true", "false", "count", "text", "data"})
 _TOTAL_VALUES = frozenset({"none", "estimate", "accurate"})
@@ -351,7 +374,13 @@ def _sort_supported(raw: str, sortable: frozenset[str]) -> bool:
 
 
 def _apply_result_parameter(request: SearchRequest, name: str, raw: str, max_count: int) -> None:
-    if name == "_count":
+    if name in ("_include", "_revinclude"):
+        parts = raw.split(":")
+        if len(parts) not in (2, 3) or not all(re.fullmatch(r"[A-Za-z][A-Za-z0-9\-]*", p) for p in parts):
+            raise bad_request(f"{name} takes Type:parameter[:TargetType], got '{raw}'", expression=name)
+        spec = IncludeSpec(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+        (request.includes if name == "_include" else request.revincludes).append(spec)
+    elif name == "_count":
         request.count = min(_non_negative_int(name, raw), max_count)
     elif name == "_offset":
         request.offset = _non_negative_int(name, raw)

@@ -34,6 +34,8 @@ class ResourceProvider(ABC):
     documentation: ClassVar[str] = ""
     search_params: ClassVar[tuple[SearchParamDef, ...]] = ()
     sortable: ClassVar[frozenset[str]] = frozenset()
+    #: search parameter -> top-level element holding the Reference(s), for _include/_revinclude
+    include_paths: ClassVar[dict[str, str]] = {}
 
     @property
     def interactions(self) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import Any
+from typing import Any, ClassVar
 
 from fhir_facade.dicom_to_fhir import MappingContext, imaging_study_from_dicom, started_instant
 from fhir_facade.dicom_to_fhir.context import WADO_ENDPOINT_ID
@@ -63,6 +63,11 @@ def _param(name: str, kind: SearchParamType, doc: str, definition: str, **kw: An
 class ImagingStudyProvider(ResourceProvider):
     resource_type = "ImagingStudy"
     documentation = "Virtual: computed live from the PACS over QIDO-RS; id = Study Instance UID."
+    include_paths: ClassVar[dict[str, str]] = {
+        "patient": "subject",
+        "subject": "subject",
+        "endpoint": "endpoint",
+    }
     search_params = (
         _param("_id", T.TOKEN, "Study Instance UID(s)", _SPEC + "Resource-id"),
         _param(

@@ -255,3 +255,16 @@ def test_orthanc_count_agrees_with_counting_over_qido(
     with serve({"dicomweb_url": loaded_orthanc.dicomweb_url}) as qido_only:
         by_qido = ok_json(httpx.get(qido_only.base_url + "/ImagingStudy", params=params))["total"]
     assert search(fhir, **params)["total"] == by_qido
+
+
+def test_include_patient_and_endpoint(fhir: httpx.Client) -> None:
+    bundle = search(fhir, patient="P-1001", _include=["ImagingStudy:patient", "ImagingStudy:endpoint"])
+    modes = [(e["search"]["mode"], e["resource"]["resourceType"]) for e in bundle["entry"]]
+    assert modes.count(("match", "ImagingStudy")) == 2
+    assert ("include", "Patient") in modes and ("include", "Endpoint") in modes
+    assert len(modes) == 4  # the shared Patient and Endpoint are included once each
+
+
+def test_unsupported_include_is_400(fhir: httpx.Client) -> None:
+    outcome(fhir.get("/ImagingStudy", params={"_include": "ImagingStudy:referrer"}), 400, "invalid")
+    outcome(fhir.get("/ImagingStudy", params={"_include": "nonsense"}), 400, "invalid")

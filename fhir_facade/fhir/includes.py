@@ -1,0 +1,92 @@
+"""`_include` and `_revinclude` (FHIR R4 search.html#include) across providers, virtual or
+persistent: a Task page can include its focus ImagingStudy, computed live from the PACS.
+
+Bounded work: one read per distinct referenced resource (sent concurrently) for `_include`, one
+search per `_revinclude`, independent of how the page's resources refer to each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from fhir_facade.config import Settings
+from fhir_facade.fhir.errors import FhirError, bad_request
+from fhir_facade.fhir.search import IncludeSpec, SearchRequest, parse_search
+from fhir_facade.resources.base import ResourceProvider
+
+__all__ = ["resolve_includes"]
+
+#: At most this many resources are pulled in by _revinclude per page.
+MAX_REVINCLUDED = 200
+
+
+def _references(resource: dict[str, Any], element: str) -> list[str]:
+    value = resource.get(element)
+    items = value if isinstance(value, list) else [value] if value else []
+    return [i["reference"] for i in items if isinstance(i, dict) and isinstance(i.get("reference"), str)]
+
+
+def _include_element(providers: Mapping[str, ResourceProvider], spec: IncludeSpec, name: str) -> str:
+    provider = providers.get(spec.source_type)
+    element = provider.include_paths.get(spec.param) if provider else None
+    if element is None:
+        raise bad_request(f"{name}={spec.source_type}:{spec.param} is not supported", expression=name)
+    return element
+
+
+async def _read_quietly(provider: ResourceProvider, resource_id: str) -> dict[str, Any] | None:
+    try:
+        return await provider.read(resource_id)
+    except FhirError as error:
+        if error.status in (404, 410):
+            return None  # a dangling or deleted reference is not an error of the search
+        raise
+
+
+async def resolve_includes(
+    request: SearchRequest,
+    matches: list[dict[str, Any]],
+    providers: Mapping[str, ResourceProvider],
+    settings: Settings,
+) -> list[dict[str, Any]]:
+    """The resources to add to a page with search.mode 'include', without duplicates."""
+    wanted: dict[tuple[str, str], None] = {}
+    for spec in request.includes:
+        if spec.source_type != request.resource_type:
+            raise bad_request(f"_include must start with {request.resource_type}", expression="_include")
+        element = _include_element(providers, spec, "_include")
+        for match in matches:
+            for reference in _references(match, element):
+                target_type, _, target_id = reference.partition("/")
+                if target_type in providers and target_id and spec.target_type in (None, target_type):
+                    wanted[(target_type, target_id)] = None
+    reads = [_read_quietly(providers[t], i) for t, i in wanted]
+    included = [r for r in await asyncio.gather(*reads) if r is not None]
+
+    page_refs = ",".join(f"{m['resourceType']}/{m['id']}" for m in matches)
+    for spec in request.revincludes:
+        _include_element(providers, spec, "_revinclude")
+        if not page_refs:
+            break
+        source = providers[spec.source_type]
+        search = parse_search(
+            spec.source_type,
+            [(spec.param, page_refs)],
+            source.search_param_map,
+            base_url=settings.base_url,
+            strict=True,
+            default_count=MAX_REVINCLUDED,
+            max_count=MAX_REVINCLUDED,
+        )
+        included += (await source.search(search)).matches
+
+    seen = {(m["resourceType"], m["id"]) for m in matches}
+    unique = []
+    for resource in included:
+        key = (resource["resourceType"], resource["id"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(resource)
+    return unique
