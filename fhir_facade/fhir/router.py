@@ -25,9 +25,10 @@ from fhir_facade.fhir.request_body import read_resource
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.fhir.search import SearchParamType, parse_search
 from fhir_facade.fhir.write_interactions import (
-    conditional_matches,
+    conditionally_update,
+    create_resource,
     history_bundle,
-    single_match,
+    update_resource,
     version_headers,
     write_response,
 )
@@ -150,55 +151,25 @@ def _add_provider_routes(
         """POST {type}, optionally conditional on If-None-Exist (http.html#create, #ccreate)."""
         negotiate_response_format(request)
         resource = await read_resource(request, type_name)
-        criteria = request.headers.get("if-none-exist")
-        if criteria is not None:
-            existing = single_match(
-                await conditional_matches(provider, criteria, settings, "If-None-Exist"), "If-None-Exist"
-            )
-            if existing is not None:
-                return write_response(existing, request, settings, status=200, location=False)
-        stored = await provider.create(resource)
-        return write_response(stored, request, settings, status=201, location=True)
+        written = await create_resource(provider, resource, request.headers.get("if-none-exist"), settings)
+        return write_response(written, request, settings)
 
     async def update(request: Request, resource_id: str) -> Response:
-        """PUT {type}/{id} (http.html#update): the body's id must be the URL's."""
+        """PUT {type}/{id} (http.html#update)."""
         negotiate_response_format(request)
         resource = await read_resource(request, type_name)
-        if resource.get("id") != resource_id:
-            raise bad_request(
-                f"The body's id ({resource.get('id')!r}) must equal the URL's ({resource_id!r})",
-                expression=f"{type_name}.id",
-            )
-        result = await provider.update(resource_id, resource, if_match=request.headers.get("if-match"))
-        status = 201 if result.created else 200
-        return write_response(result.resource, request, settings, status=status, location=result.created)
+        written = await update_resource(provider, resource_id, resource, request.headers.get("if-match"))
+        return write_response(written, request, settings)
 
     async def conditional_update(request: Request) -> Response:
-        """PUT {type}?criteria (http.html#cond-update): 0 matches create, 1 updates, more 412."""
+        """PUT {type}?criteria (http.html#cond-update)."""
         negotiate_response_format(request)
         resource = await read_resource(request, type_name)
-        match = single_match(
-            await conditional_matches(
-                provider, list(request.query_params.multi_items()), settings, "conditional update"
-            ),
-            "The conditional update",
+        criteria = list(request.query_params.multi_items())
+        written = await conditionally_update(
+            provider, criteria, resource, request.headers.get("if-match"), settings
         )
-        if match is None:
-            if resource.get("id"):
-                result = await provider.update(resource["id"], resource, if_match=None)
-                status = 201 if result.created else 200
-                return write_response(result.resource, request, settings, status=status, location=True)
-            stored = await provider.create(resource)
-            return write_response(stored, request, settings, status=201, location=True)
-        if resource.get("id") not in (None, match["id"]):
-            raise bad_request(
-                f"The body's id {resource['id']!r} differs from the matched {type_name}/{match['id']}",
-                expression=f"{type_name}.id",
-            )
-        result = await provider.update(
-            match["id"], {**resource, "id": match["id"]}, if_match=request.headers.get("if-match")
-        )
-        return write_response(result.resource, request, settings, status=200, location=False)
+        return write_response(written, request, settings)
 
     async def delete(request: Request, resource_id: str) -> Response:
         """DELETE {type}/{id} (http.html#delete): 204, also for an already deleted resource."""

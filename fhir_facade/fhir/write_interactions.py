@@ -4,6 +4,7 @@ return`, conditional create/update resolution and history Bundles (FHIR R4 http.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
@@ -19,12 +20,23 @@ from fhir_facade.fhir.search import parse_search
 from fhir_facade.resources.base import ResourceProvider
 
 __all__ = [
-    "conditional_matches",
+    "Written",
+    "conditionally_update",
+    "create_resource",
     "history_bundle",
-    "single_match",
+    "update_resource",
     "version_headers",
     "write_response",
 ]
+
+
+@dataclass(frozen=True)
+class Written:
+    """Outcome of a write: the stored resource, the HTTP status, and whether to send Location."""
+
+    resource: dict[str, Any]
+    status: int
+    location: bool
 
 
 def version_headers(resource: dict[str, Any], base_url: str, *, location: bool = False) -> dict[str, str]:
@@ -42,28 +54,78 @@ def version_headers(resource: dict[str, Any], base_url: str, *, location: bool =
     return headers
 
 
-def write_response(
-    resource: dict[str, Any], request: Request, settings: Settings, *, status: int, location: bool
-) -> Response:
+def write_response(written: Written, request: Request, settings: Settings) -> Response:
     """The answer to a create/update, shaped by `Prefer: return` (http.html#ops)."""
-    headers = version_headers(resource, settings.base_url, location=location)
+    resource = written.resource
+    headers = version_headers(resource, settings.base_url, location=written.location)
     preference = return_preference(request)
     if preference == "minimal":
-        return Response(status_code=status, headers=headers)
+        return Response(status_code=written.status, headers=headers)
     if preference == "OperationOutcome":
+        version = resource.get("meta", {}).get("versionId")
         outcome = {
             "resourceType": "OperationOutcome",
             "issue": [
                 {
                     "severity": "information",
                     "code": "informational",
-                    "diagnostics": f"{resource['resourceType']}/{resource['id']} stored as version "
-                    f"{resource.get('meta', {}).get('versionId')}",
+                    "diagnostics": f"{resource['resourceType']}/{resource['id']} stored as version {version}",
                 }
             ],
         }
-        return fhir_response(outcome, request, status=status, headers=headers)
-    return fhir_response(resource, request, status=status, headers=headers)
+        return fhir_response(outcome, request, status=written.status, headers=headers)
+    return fhir_response(resource, request, status=written.status, headers=headers)
+
+
+async def create_resource(
+    provider: ResourceProvider, resource: dict[str, Any], if_none_exist: str | None, settings: Settings
+) -> Written:
+    """Create, or with If-None-Exist return the single existing match (http.html#ccreate)."""
+    if if_none_exist is not None:
+        matches = await conditional_matches(provider, if_none_exist, settings, "If-None-Exist")
+        existing = single_match(matches, "If-None-Exist")
+        if existing is not None:
+            return Written(existing, 200, location=False)
+    return Written(await provider.create(resource), 201, location=True)
+
+
+async def update_resource(
+    provider: ResourceProvider, resource_id: str, resource: dict[str, Any], if_match: str | None
+) -> Written:
+    """Update (or update-as-create); the body's id must be the URL's (http.html#update)."""
+    if resource.get("id") != resource_id:
+        raise bad_request(
+            f"The body's id ({resource.get('id')!r}) must equal the URL's ({resource_id!r})",
+            expression=f"{provider.resource_type}.id",
+        )
+    result = await provider.update(resource_id, resource, if_match=if_match)
+    return Written(result.resource, 201 if result.created else 200, location=result.created)
+
+
+async def conditionally_update(
+    provider: ResourceProvider,
+    criteria: Sequence[tuple[str, str]] | str,
+    resource: dict[str, Any],
+    if_match: str | None,
+    settings: Settings,
+) -> Written:
+    """PUT Type?criteria (http.html#cond-update): 0 matches create (with the body's id if it has
+    one), 1 updates that resource, more than one is 412."""
+    match = single_match(
+        await conditional_matches(provider, criteria, settings, "conditional update"),
+        "The conditional update",
+    )
+    if match is None:
+        if resource.get("id"):
+            return await update_resource(provider, resource["id"], resource, None)
+        return Written(await provider.create(resource), 201, location=True)
+    if resource.get("id") not in (None, match["id"]):
+        raise bad_request(
+            f"The body's id {resource['id']!r} differs from the matched "
+            f"{provider.resource_type}/{match['id']}",
+            expression=f"{provider.resource_type}.id",
+        )
+    return await update_resource(provider, match["id"], {**resource, "id": match["id"]}, if_match)
 
 
 async def conditional_matches(
