@@ -23,7 +23,7 @@ from fhir_facade.fhir.negotiation import check_request_body_type, negotiate_resp
 from fhir_facade.fhir.prefer import prefers_strict_handling
 from fhir_facade.fhir.request_body import read_resource
 from fhir_facade.fhir.responses import fhir_response
-from fhir_facade.fhir.search import SearchParamType, parse_search
+from fhir_facade.fhir.search import MAX_OFFSET, SearchParamType, parse_search
 from fhir_facade.fhir.write_interactions import (
     conditionally_update,
     create_resource,
@@ -237,6 +237,6 @@ def _int_param(request: Request, name: str, default: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit():
-        raise bad_request(f"'{name}' must be a non-negative integer, got '{raw}'", expression=name)
+    if not raw.isdigit() or int(raw) > MAX_OFFSET:
+        raise bad_request(f"'{name}' must be an integer from 0 to {MAX_OFFSET}, got '{raw}'", expression=name)
     return int(raw)

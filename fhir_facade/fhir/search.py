@@ -157,6 +157,8 @@ RESULT_PARAMETERS = frozenset(
         "_revinclude",
     }
 )
+#: PACS and databases take 32-bit offsets; a larger one is a client error, not a PACS failure.
+MAX_OFFSET = 2**31 - 1
 _SUMMARY_VALUES = frozenset({"true", "false", "count", "text", "data"})
 _TOTAL_VALUES = frozenset({"none", "estimate", "accurate"})
 _PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -384,6 +386,8 @@ def _apply_result_parameter(request: SearchRequest, name: str, raw: str, max_cou
         request.count = min(_non_negative_int(name, raw), max_count)
     elif name == "_offset":
         request.offset = _non_negative_int(name, raw)
+        if request.offset > MAX_OFFSET:
+            raise bad_request(f"_offset must be at most {MAX_OFFSET}", expression=name)
     elif name == "_summary":
         if raw not in _SUMMARY_VALUES:
             raise bad_request(f"_summary must be one of {sorted(_SUMMARY_VALUES)}", expression=name)

@@ -163,6 +163,7 @@ def test_count_is_capped_and_validated() -> None:
     assert parse([]).count == 20
     assert error_of(lambda: parse([("_count", "-1")])).status == 400
     assert error_of(lambda: parse([("_count", "ten")])).status == 400
+    assert error_of(lambda: parse([("_offset", str(2**31))])).status == 400
 
 
 def test_summary_and_elements() -> None:
