@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Request, Response
 
 from fhir_facade.config import Settings
+from fhir_facade.fhir.bundle_processing import Atomic, process_bundle
 from fhir_facade.fhir.bundles import searchset_bundle
 from fhir_facade.fhir.capability import capability_statement
 from fhir_facade.fhir.errors import bad_request, not_found, not_supported
@@ -76,9 +77,25 @@ def _search_openapi(provider: ResourceProvider) -> dict[str, Any]:
     }
 
 
-def build_fhir_router(providers: Sequence[ResourceProvider], settings: Settings) -> APIRouter:
+def build_fhir_router(
+    providers: Sequence[ResourceProvider], settings: Settings, atomic: Atomic | None = None
+) -> APIRouter:
+    """Routes for `metadata`, batch/transaction at the base, and each provider's interactions.
+    `atomic` opens a store transaction; without it only batches are accepted."""
     router = APIRouter(prefix="/fhir")
     by_type = {p.resource_type: p for p in providers}
+
+    @router.post("/", include_in_schema=False)
+    @router.post(
+        "",
+        summary="batch or transaction Bundle (FHIR R4 http.html#transaction)",
+        openapi_extra={"requestBody": {"content": _JSON_CONTENT}},
+        responses={200: {"content": _JSON_CONTENT}},
+    )
+    async def bundle(request: Request) -> Response:
+        negotiate_response_format(request)
+        body = await read_resource(request, "Bundle")
+        return fhir_response(await process_bundle(body, by_type, settings, atomic), request)
 
     @router.get(
         "/metadata",

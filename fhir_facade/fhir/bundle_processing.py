@@ -1,0 +1,203 @@
+"""`POST [base]` with a batch or transaction Bundle (FHIR R4 http.html#transaction).
+
+Entries are dispatched to the same interaction functions as the REST routes. A transaction runs
+inside `atomic()` (the store's database transaction): any failing entry rolls every entry back and
+the whole request fails with that entry's OperationOutcome. Before anything is written,
+`urn:uuid:` fullUrls of new resources get server ids and every reference to them is rewritten.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from fhir_facade.config import Settings
+from fhir_facade.fhir.bundles import searchset_bundle
+from fhir_facade.fhir.errors import FhirError, bad_request, not_supported
+from fhir_facade.fhir.search import parse_search
+from fhir_facade.fhir.write_interactions import (
+    Written,
+    conditionally_update,
+    create_resource,
+    update_resource,
+    version_headers,
+)
+from fhir_facade.resources.base import ResourceProvider
+
+__all__ = ["Atomic", "process_bundle"]
+
+Atomic = Callable[[], AbstractAsyncContextManager[None]]
+
+# Processing order inside a transaction (http.html#trules): deletes, creates, updates, reads.
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
+
+
+def _rewrite_references(value: Any, ids: Mapping[str, str]) -> Any:
+    """Replace every `reference` that names a placeholder fullUrl with its assigned Type/id."""
+    if isinstance(value, dict):
+        return {
+            k: ids.get(v, v) if k == "reference" and isinstance(v, str) else _rewrite_references(v, ids)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_rewrite_references(v, ids) for v in value]
+    return value
+
+
+def _entry_request(entry: dict[str, Any], index: int) -> tuple[str, str]:
+    request = entry.get("request")
+    if not isinstance(request, dict) or not request.get("method") or not request.get("url"):
+        raise bad_request(
+            f"Bundle.entry[{index}].request needs method and url", expression=f"Bundle.entry[{index}].request"
+        )
+    return str(request["method"]).upper(), str(request["url"])
+
+
+class _EntryRunner:
+    def __init__(self, providers: Mapping[str, ResourceProvider], settings: Settings) -> None:
+        self.providers = providers
+        self.settings = settings
+
+    def _provider(self, type_name: str) -> ResourceProvider:
+        provider = self.providers.get(type_name)
+        if provider is None:
+            raise not_supported(f"Resource type '{type_name}' is not supported by this server")
+        return provider
+
+    async def run(self, entry: dict[str, Any], index: int) -> dict[str, Any]:
+        method, url = _entry_request(entry, index)
+        request = entry["request"]
+        split = urlsplit(url)
+        path = split.path.strip("/")
+        if split.scheme and url.startswith(self.settings.base_url):
+            path = url[len(self.settings.base_url) :].split("?")[0].strip("/")
+        segments = path.split("/")
+        provider = self._provider(segments[0])
+        query = split.query
+        if method == "GET":
+            return await self._get(provider, segments, query)
+        if method == "DELETE" and len(segments) == 2:
+            await provider.delete(segments[1])
+            return {"response": {"status": "204 No Content"}}
+        resource = entry.get("resource")
+        if not isinstance(resource, dict) or resource.get("resourceType") != provider.resource_type:
+            raise bad_request(
+                f"Bundle.entry[{index}].resource must be a {provider.resource_type}",
+                expression=f"Bundle.entry[{index}].resource",
+            )
+        if method == "POST" and len(segments) == 1:
+            written = await create_resource(provider, resource, request.get("ifNoneExist"), self.settings)
+        elif method == "PUT" and len(segments) == 2:
+            written = await update_resource(provider, segments[1], resource, request.get("ifMatch"))
+        elif method == "PUT" and len(segments) == 1 and query:
+            written = await conditionally_update(
+                provider, query, resource, request.get("ifMatch"), self.settings
+            )
+        else:
+            raise bad_request(
+                f"Bundle.entry[{index}]: {method} {url} is not a supported interaction",
+                expression=f"Bundle.entry[{index}].request",
+            )
+        return self._written_entry(written)
+
+    async def _get(self, provider: ResourceProvider, segments: list[str], query: str) -> dict[str, Any]:
+        if len(segments) == 2:
+            resource = await provider.read(segments[1])
+            return {"resource": resource, "response": {"status": "200 OK"}}
+        if len(segments) == 1:
+            search = parse_search(
+                provider.resource_type,
+                parse_qsl(query, keep_blank_values=True),
+                provider.search_param_map,
+                base_url=self.settings.base_url,
+                strict=False,
+                default_count=self.settings.default_page_size,
+                max_count=self.settings.max_page_size,
+            )
+            result = await provider.search(search)
+            bundle = searchset_bundle(self.settings.base_url, search, result)
+            return {"resource": bundle, "response": {"status": "200 OK"}}
+        raise bad_request(f"GET {'/'.join(segments)} is not supported in a Bundle")
+
+    def _written_entry(self, written: Written) -> dict[str, Any]:
+        headers = version_headers(written.resource, self.settings.base_url, location=True)
+        response: dict[str, Any] = {
+            "status": f"{written.status} {'Created' if written.status == 201 else 'OK'}"
+        }
+        if "Location" in headers:
+            response["location"] = headers["Location"]
+        if "ETag" in headers:
+            response["etag"] = headers["ETag"]
+        if written.resource.get("meta", {}).get("lastUpdated"):
+            response["lastModified"] = written.resource["meta"]["lastUpdated"]
+        return {"resource": written.resource, "response": response}
+
+
+def _assign_placeholder_ids(entries: list[dict[str, Any]]) -> dict[str, str]:
+    """urn:uuid fullUrl -> Type/new-id for entries that create resources (http.html#trules)."""
+    ids: dict[str, str] = {}
+    for entry in entries:
+        full_url = entry.get("fullUrl")
+        resource = entry.get("resource")
+        method = str(entry.get("request", {}).get("method", "")).upper()
+        placeholder = isinstance(full_url, str) and full_url.startswith("urn:uuid:")
+        if placeholder and isinstance(resource, dict) and method == "POST":
+            ids[str(full_url)] = f"{resource.get('resourceType')}/{uuid.uuid4().hex}"
+    return ids
+
+
+async def process_bundle(
+    bundle: dict[str, Any],
+    providers: Mapping[str, ResourceProvider],
+    settings: Settings,
+    atomic: Atomic | None,
+) -> dict[str, Any]:
+    """Process a batch or transaction and return the batch-response / transaction-response."""
+    kind = bundle.get("type")
+    if bundle.get("resourceType") != "Bundle" or kind not in ("batch", "transaction"):
+        raise bad_request("POST [base] takes a Bundle of type batch or transaction", expression="Bundle.type")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise bad_request("Bundle.entry must be a list of entries", expression="Bundle.entry")
+    runner = _EntryRunner(providers, settings)
+    if kind == "batch":
+        responses = []
+        for index, entry in enumerate(entries):
+            try:
+                responses.append(await runner.run(entry, index))
+            except FhirError as error:
+                responses.append(
+                    {"response": {"status": str(error.status), "outcome": error.operation_outcome()}}
+                )
+        return {"resourceType": "Bundle", "type": "batch-response", "entry": responses}
+
+    if atomic is None:
+        raise not_supported("Transactions need the persistent store", status=501)
+    ids = _assign_placeholder_ids(entries)
+    prepared = []
+    for index, entry in enumerate(entries):
+        entry = _rewrite_references(entry, ids)
+        method, _ = _entry_request(entry, index)
+        full_url = bundle["entry"][index].get("fullUrl")
+        # A create with a placeholder becomes a create under the assigned id (update-as-create),
+        # so references to it could be rewritten before any write.
+        if full_url in ids:
+            type_name, new_id = ids[full_url].split("/")
+            entry = {
+                **entry,
+                "resource": {**entry["resource"], "id": new_id},
+                "request": {**entry["request"], "method": "PUT", "url": f"{type_name}/{new_id}"},
+            }
+        prepared.append((_ORDER.get(method, 9), index, entry))
+    results: dict[int, dict[str, Any]] = {}
+    async with atomic():
+        for _, index, entry in sorted(prepared, key=lambda item: (item[0], item[1])):
+            results[index] = await runner.run(entry, index)
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction-response",
+        "entry": [results[i] for i in range(len(entries))],
+    }
