@@ -1,0 +1,99 @@
+"""Versioned schema upgrades: an ordered list of migrations and a `schema_version` table.
+
+`upgrade(engine)` applies, in order and each in its own transaction, the migrations whose
+version is above the highest recorded one, so it is idempotent and safe to call at every start.
+On PostgreSQL a transaction-scoped advisory lock serialises replicas that start together; on
+SQLite the write transaction (BEGIN IMMEDIATE) does the same. See docs/adr/0004-persistent-store.md
+for why this is not Alembic (yet).
+
+Rule for new migrations: append, never edit an applied one; write the DDL explicitly (not
+`create_all` of the current models), because the models will have moved on when an old
+database upgrades through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, Engine, func, insert, select, text
+from sqlmodel import SQLModel
+
+from fhir_facade.store.engine import WRITE
+from fhir_facade.store.schema import (
+    ResourceCurrent,
+    ResourceVersion,
+    SchemaVersion,
+    SearchDate,
+    SearchReference,
+    SearchString,
+    SearchToken,
+)
+
+__all__ = ["MIGRATIONS", "Migration", "current_version", "upgrade"]
+
+#: Arbitrary constant key for pg_advisory_xact_lock: "fhir" in ASCII.
+_ADVISORY_LOCK_KEY = 0x66686972
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: `apply` runs inside the transaction that records `version`."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _initial_schema(connection: Connection) -> None:
+    # Version 1 is the schema as first designed, so creating it from the models is exact here.
+    tables = [
+        ResourceVersion.__table__,  # type: ignore[attr-defined]
+        ResourceCurrent.__table__,  # type: ignore[attr-defined]
+        SearchToken.__table__,  # type: ignore[attr-defined]
+        SearchDate.__table__,  # type: ignore[attr-defined]
+        SearchReference.__table__,  # type: ignore[attr-defined]
+        SearchString.__table__,  # type: ignore[attr-defined]
+    ]
+    SQLModel.metadata.create_all(connection, tables=tables)
+
+
+#: Every migration ever released, in order. Versions are consecutive from 1.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
+)
+
+
+def current_version(engine: Engine) -> int:
+    """The highest applied migration (0 for an empty database)."""
+    with engine.connect() as connection:
+        SchemaVersion.__table__.create(connection, checkfirst=True)  # type: ignore[attr-defined]
+        connection.commit()
+        version = connection.execute(select(func.max(SchemaVersion.version))).scalar_one_or_none()
+    return int(version or 0)
+
+
+def upgrade(engine: Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    """Apply pending migrations in order; return the resulting schema version. Idempotent."""
+    current_version(engine)  # creates schema_version if missing
+    version = 0
+    for migration in migrations:
+        with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+            version = int(
+                connection.execute(select(func.max(SchemaVersion.version))).scalar_one_or_none() or 0
+            )
+            if migration.version <= version:
+                continue
+            if migration.version != version + 1:
+                raise RuntimeError(f"migration {migration.version} does not follow schema version {version}")
+            migration.apply(connection)
+            connection.execute(
+                insert(SchemaVersion).values(
+                    version=migration.version, description=migration.description, applied_at=datetime.now(UTC)
+                )
+            )
+            version = migration.version
+    return version

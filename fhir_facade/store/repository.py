@@ -1,0 +1,536 @@
+"""`ResourceStore`: the persistent FHIR resources (FHIR R4 http.html), on SQLite or PostgreSQL.
+
+One method per interaction, synchronous (SQLAlchemy Core on a pooled Engine): the async app calls
+them through `starlette.concurrency.run_in_threadpool` (anyio worker threads), see
+docs/adr/0004-persistent-store.md. Resources are plain JSON dicts in and out (ADR 0001); every
+write validates against `fhir.resources.R4B` first and runs in one database transaction that
+writes the version, moves the current pointer and replaces the search index rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Table,
+    and_,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from fhir_facade.fhir.errors import bad_request, gone, not_found
+from fhir_facade.fhir.search import (
+    DateValue,
+    ReferenceValue,
+    SearchClause,
+    SearchParamType,
+    SearchRequest,
+    StringValue,
+    TokenValue,
+)
+from fhir_facade.resources.base import WriteResult
+from fhir_facade.store.engine import WRITE
+from fhir_facade.store.errors import invalid_resource, version_conflict
+from fhir_facade.store.indexing import INDEXED_PARAMS, IndexRows, extract_index, normalize_string
+from fhir_facade.store.schema import (
+    ResourceCurrent,
+    ResourceVersion,
+    SearchDate,
+    SearchReference,
+    SearchString,
+    SearchToken,
+)
+
+__all__ = ["AMBIENT_TRANSACTION", "ResourceStore"]
+
+#: The connection of an open multi-write transaction (a FHIR transaction Bundle). While set, every
+#: read and write of the store runs on it, so the Bundle's entries see each other and commit or
+#: roll back together. Context variables follow the request into worker threads (anyio copies
+#: the context), which is how the async app's `atomic()` reaches the synchronous store.
+AMBIENT_TRANSACTION: ContextVar[Connection | None] = ContextVar("facade_store_transaction", default=None)
+
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_ETAG = re.compile(r'^(?:W/)?"?(\d+)"?$')
+#: A write that loses a race for a new resource id (two update-as-create) is retried this often.
+_WRITE_ATTEMPTS = 5
+
+_version: Table = ResourceVersion.__table__  # type: ignore[attr-defined]
+_current: Table = ResourceCurrent.__table__  # type: ignore[attr-defined]
+_token: Table = SearchToken.__table__  # type: ignore[attr-defined]
+_date: Table = SearchDate.__table__  # type: ignore[attr-defined]
+_reference: Table = SearchReference.__table__  # type: ignore[attr-defined]
+_string: Table = SearchString.__table__  # type: ignore[attr-defined]
+_INDEX_TABLES = (_token, _date, _reference, _string)
+
+
+def _instant(moment: datetime) -> str:
+    """FHIR `instant` (datatypes.html#instant): offset required; microseconds kept so the text
+    equals what the database holds."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _dumps(resource: dict[str, Any]) -> str:
+    return json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
+
+
+def _deleted_stub(resource_type: str, resource_id: str, version: int, moment: datetime) -> dict[str, Any]:
+    return {
+        "resourceType": resource_type,
+        "id": resource_id,
+        "meta": {"versionId": str(version), "lastUpdated": _instant(moment)},
+    }
+
+
+class ResourceStore:
+    """Versioned FHIR resources with search indexes, on one SQLAlchemy Engine.
+
+    `clock` is injectable so tests can write resources at known instants.
+    """
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] | None = None) -> None:
+        self._engine = engine
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """FHIR http.html#create: store a new resource under a server-assigned id (any id in the
+        body is ignored, as the spec says), versionId "1". Returns the stored resource."""
+        resource_type = self._check_type(resource)
+        resource_id = uuid.uuid4().hex
+        stored, _ = self._write(resource_type, resource_id, {**resource, "id": resource_id}, if_match=None)
+        return stored
+
+    def update(self, resource: dict[str, Any], if_match: str | None = None) -> WriteResult:
+        """FHIR http.html#update: a new current version of `resource["id"]`. If the resource does
+        not exist it is created with that id (update-as-create, http.html#upsert); a deleted one
+        comes back to life with the next version. `if_match` is the client's ETag (`W/"n"`);
+        a different current version is a 412 (http.html#concurrency)."""
+        resource_type = self._check_type(resource)
+        resource_id = resource.get("id")
+        if not isinstance(resource_id, str) or not _FHIR_ID.match(resource_id):
+            raise bad_request("An update needs a valid resource id", expression=f"{resource_type}.id")
+        stored, created = self._write(resource_type, resource_id, resource, if_match=if_match)
+        return WriteResult(stored, created)
+
+    def delete(self, resource_type: str, resource_id: str) -> None:
+        """FHIR http.html#delete: record a deleted version; later reads answer 410. Idempotent:
+        deleting a deleted or unknown resource changes nothing and succeeds (the spec allows
+        200/204 for "nothing to delete")."""
+        self._check_id(resource_type, resource_id)
+        self._write(resource_type, resource_id, None, if_match=None)
+
+    def _write(
+        self, resource_type: str, resource_id: str, resource: dict[str, Any] | None, *, if_match: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        if resource is not None:
+            self._validate(
+                resource_type, {**resource, "meta": {**resource.get("meta", {}), "versionId": "1"}}
+            )
+        expected = self._parse_etag(if_match) if if_match is not None else None
+        ambient = AMBIENT_TRANSACTION.get()
+        if ambient is not None:
+            return self._write_in(ambient, resource_type, resource_id, resource, if_match, expected)
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                connection = self._engine.connect().execution_options(**{WRITE: True})
+                with connection, connection.begin():
+                    return self._write_in(
+                        connection, resource_type, resource_id, resource, if_match, expected
+                    )
+            except IntegrityError:
+                # Another transaction created the same id between our SELECT and INSERT (only
+                # possible for a new id: existing rows are locked). Retry sees its row.
+                if attempt == _WRITE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _write_in(
+        self,
+        connection: Connection,
+        resource_type: str,
+        resource_id: str,
+        resource: dict[str, Any] | None,
+        if_match: str | None,
+        expected: int | None,
+    ) -> tuple[dict[str, Any], bool]:
+        key = and_(_current.c.resource_type == resource_type, _current.c.resource_id == resource_id)
+        # FOR UPDATE: concurrent writers of one resource queue here (PostgreSQL); SQLite's
+        # BEGIN IMMEDIATE has already serialised all writers.
+        row = connection.execute(
+            select(_current.c.version_id, _current.c.deleted, _current.c.last_updated)
+            .where(key)
+            .with_for_update()
+        ).first()
+        if if_match is not None and (row is None or row.version_id != expected):
+            raise version_conflict(resource_type, resource_id, if_match, row.version_id if row else None)
+        if resource is None and (row is None or row.deleted):
+            return {}, False  # idempotent delete
+        version = row.version_id + 1 if row else 1
+        moment = self._clock().astimezone(UTC)
+        if row is not None and moment <= row.last_updated:
+            moment = row.last_updated + timedelta(microseconds=1)  # lastUpdated never goes back
+        if resource is None:
+            stored = _deleted_stub(resource_type, resource_id, version, moment)
+        else:
+            meta = {**resource.get("meta", {}), "versionId": str(version), "lastUpdated": _instant(moment)}
+            stored = {**resource, "meta": meta}
+        connection.execute(
+            insert(_version).values(
+                resource_type=resource_type,
+                resource_id=resource_id,
+                version_id=version,
+                last_updated=moment,
+                deleted=resource is None,
+                resource_json=_dumps(stored),
+            )
+        )
+        values = {"version_id": version, "last_updated": moment, "deleted": resource is None}
+        if row is None:
+            connection.execute(
+                insert(_current).values(resource_type=resource_type, resource_id=resource_id, **values)
+            )
+        else:
+            connection.execute(update(_current).where(key).values(**values))
+        self._reindex(
+            connection, resource_type, resource_id, extract_index(stored) if resource else IndexRows()
+        )
+        return stored, row is None
+
+    @staticmethod
+    def _reindex(connection: Connection, resource_type: str, resource_id: str, rows: IndexRows) -> None:
+        for table in _INDEX_TABLES:
+            connection.execute(
+                delete(table).where(
+                    table.c.resource_type == resource_type, table.c.resource_id == resource_id
+                )
+            )
+        owner = {"resource_type": resource_type, "resource_id": resource_id}
+        batches: list[tuple[Table, list[dict[str, Any]]]] = [
+            (_token, [{**owner, "param": p, "system": s, "code": c} for p, s, c in rows.tokens]),
+            (_date, [{**owner, "param": p, "lower": lo, "upper": up} for p, lo, up in rows.dates]),
+            (
+                _reference,
+                [
+                    {**owner, "param": p, "target_type": t, "target_id": i, "reference": r}
+                    for p, t, i, r in rows.references
+                ],
+            ),
+            (_string, [{**owner, "param": p, "normalized": n, "exact": e} for p, n, e in rows.strings]),
+        ]
+        for table, batch in batches:
+            if batch:
+                connection.execute(insert(table), batch)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """FHIR http.html#read: the current version; 404 if never stored, 410 if deleted."""
+        self._check_id(resource_type, resource_id)
+        with self._reading() as connection:
+            row = connection.execute(
+                select(_version.c.resource_json, _current.c.deleted)
+                .join_from(_current, _version, self._current_version_join())
+                .where(_current.c.resource_type == resource_type, _current.c.resource_id == resource_id)
+            ).first()
+        if row is None:
+            raise not_found(f"{resource_type}/{resource_id} is not known")
+        if row.deleted:
+            raise gone(f"{resource_type}/{resource_id} has been deleted")
+        result: dict[str, Any] = json.loads(row.resource_json)
+        return result
+
+    def vread(self, resource_type: str, resource_id: str, version_id: str) -> dict[str, Any]:
+        """FHIR http.html#vread: one version; 404 if it does not exist, 410 if that version is a
+        deletion (the spec: "410 Gone" for a deleted version)."""
+        self._check_id(resource_type, resource_id)
+        if not version_id.isdigit():
+            raise not_found(f"{resource_type}/{resource_id} has no version '{version_id}'")
+        with self._reading() as connection:
+            row = connection.execute(
+                select(_version.c.resource_json, _version.c.deleted).where(
+                    _version.c.resource_type == resource_type,
+                    _version.c.resource_id == resource_id,
+                    _version.c.version_id == int(version_id),
+                )
+            ).first()
+        if row is None:
+            raise not_found(f"{resource_type}/{resource_id} has no version '{version_id}'")
+        if row.deleted:
+            raise gone(f"{resource_type}/{resource_id} version {version_id} is a deletion")
+        result: dict[str, Any] = json.loads(row.resource_json)
+        return result
+
+    def history(
+        self, resource_type: str, resource_id: str, *, count: int = 50, offset: int = 0
+    ) -> tuple[list[dict[str, Any]], int]:
+        """FHIR http.html#history (instance): all versions, newest first, as (page, total).
+        Deleted versions are stubs (resourceType, id, meta) marked `"_deleted": True`, the shape
+        `fhir.write_interactions.history_bundle` expects. 404 for a resource never stored."""
+        self._check_id(resource_type, resource_id)
+        where = (_version.c.resource_type == resource_type, _version.c.resource_id == resource_id)
+        entries, total = self._history(where, (_version.c.version_id.desc(),), count, offset)
+        if total == 0:
+            raise not_found(f"{resource_type}/{resource_id} is not known")
+        return entries, total
+
+    def type_history(
+        self, resource_type: str, *, count: int = 50, offset: int = 0
+    ) -> tuple[list[dict[str, Any]], int]:
+        """FHIR http.html#history (type level): every version of every resource of the type,
+        newest first (lastUpdated, then id and version for a stable order), as (page, total)."""
+        order = (_version.c.last_updated.desc(), _version.c.resource_id, _version.c.version_id.desc())
+        return self._history((_version.c.resource_type == resource_type,), order, count, offset)
+
+    def _history(
+        self,
+        where: Sequence[ColumnElement[bool]],
+        order: Sequence[Any],
+        count: int,
+        offset: int,
+    ) -> tuple[list[dict[str, Any]], int]:
+        with self._reading() as connection:
+            total = connection.execute(select(func.count()).select_from(_version).where(*where)).scalar_one()
+            rows = connection.execute(
+                select(_version.c.resource_json, _version.c.deleted)
+                .where(*where)
+                .order_by(*order)
+                .limit(count)
+                .offset(offset)
+            ).all()
+        entries = []
+        for row in rows:
+            entry: dict[str, Any] = json.loads(row.resource_json)
+            if row.deleted:
+                entry["_deleted"] = True
+            entries.append(entry)
+        return entries, int(total)
+
+    # -- search -------------------------------------------------------------------------------
+
+    def search(self, request: SearchRequest) -> tuple[list[dict[str, Any]], int]:
+        """FHIR search.html: one page of current, non-deleted matches and the total.
+
+        Comma-separated values are ORed and repeated parameters ANDed (search.html#combining);
+        each value is an EXISTS over the index table of its type, so filtering, counting and
+        paging (`_count`, `_offset`) all happen in SQL. Order: lastUpdated descending, then id,
+        which is stable across pages while nothing is written (search.html#paging)."""
+        where = [
+            _current.c.resource_type == request.resource_type,
+            _current.c.deleted == false(),
+            *(self._clause(request.resource_type, clause) for clause in request.clauses),
+        ]
+        count = 0 if request.summary == "count" else request.count
+        with self._reading() as connection:
+            total = connection.execute(select(func.count()).select_from(_current).where(*where)).scalar_one()
+            rows = (
+                connection.execute(
+                    select(_version.c.resource_json)
+                    .join_from(_current, _version, self._current_version_join())
+                    .where(*where)
+                    .order_by(_current.c.last_updated.desc(), _current.c.resource_id)
+                    .limit(count)
+                    .offset(request.offset)
+                ).all()
+                if count
+                else []
+            )
+        return [json.loads(row.resource_json) for row in rows], int(total)
+
+    def _clause(self, resource_type: str, clause: SearchClause) -> ColumnElement[bool]:
+        name = clause.param.name
+        indexed = {p.name: p for p in INDEXED_PARAMS.get(resource_type, ())}.get(name)
+        if indexed is None or indexed.type is not clause.param.type:
+            raise bad_request(
+                f"Search parameter '{name}' is not supported for {resource_type}",
+                expression=clause.raw_name,
+                code="not-supported",
+            )
+        table = {
+            SearchParamType.TOKEN: _token,
+            SearchParamType.DATE: _date,
+            SearchParamType.REFERENCE: _reference,
+            SearchParamType.STRING: _string,
+        }[indexed.type]
+        matches = [self._value_match(table, clause, value) for value in clause.values]
+        return exists().where(
+            table.c.resource_type == _current.c.resource_type,
+            table.c.resource_id == _current.c.resource_id,
+            table.c.param == name,
+            or_(*matches),
+        )
+
+    @staticmethod
+    def _value_match(table: Table, clause: SearchClause, value: object) -> ColumnElement[bool]:
+        c = table.c
+        if isinstance(value, TokenValue):
+            # search.html#token: `code` any system, `system|code`, `|code` no system, `system|`.
+            conditions: list[ColumnElement[bool]] = []
+            if value.system == "":
+                conditions.append(c.system.is_(None))
+            elif value.system is not None:
+                conditions.append(c.system == value.system)
+            if value.code is not None:
+                conditions.append(c.code == value.code)
+            return and_(*conditions) if conditions else c.code.is_not(None)
+        if isinstance(value, ReferenceValue):
+            if value.url is not None:
+                return c.reference == value.url
+            if value.id is None:
+                raise bad_request(
+                    f"'{clause.raw_name}' needs a reference (Type/id or id)",
+                    expression=clause.raw_name,
+                    code="not-supported",
+                )
+            if value.resource_type is not None:
+                return and_(c.target_type == value.resource_type, c.target_id == value.id)
+            return c.target_id == value.id
+        if isinstance(value, DateValue):
+            return _date_match(c.lower, c.upper, value)
+        if isinstance(value, StringValue):
+            # search.html#string: default = starts with, case- and accent-insensitive.
+            if clause.modifier == "exact":
+                return c.exact == value.value
+            needle = normalize_string(value.value)
+            if clause.modifier == "contains":
+                return c.normalized.contains(needle, autoescape=True)
+            return c.normalized.startswith(needle, autoescape=True)
+        raise AssertionError(f"unexpected search value {value!r}")
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _current_version_join() -> ColumnElement[bool]:
+        return and_(
+            _version.c.resource_type == _current.c.resource_type,
+            _version.c.resource_id == _current.c.resource_id,
+            _version.c.version_id == _current.c.version_id,
+        )
+
+    # -- transactions spanning several writes ---------------------------------------------------
+
+    def begin_transaction(self) -> Connection:
+        """Open a write transaction for several interactions (see AMBIENT_TRANSACTION)."""
+        connection = self._engine.connect().execution_options(**{WRITE: True})
+        connection.begin()
+        return connection
+
+    @staticmethod
+    def end_transaction(connection: Connection, *, commit: bool) -> None:
+        try:
+            if commit:
+                connection.commit()
+            else:
+                connection.rollback()
+        finally:
+            connection.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All store interactions inside the block commit together or not at all."""
+        connection = self.begin_transaction()
+        token = AMBIENT_TRANSACTION.set(connection)
+        try:
+            yield
+        except BaseException:
+            AMBIENT_TRANSACTION.reset(token)
+            self.end_transaction(connection, commit=False)
+            raise
+        AMBIENT_TRANSACTION.reset(token)
+        self.end_transaction(connection, commit=True)
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """The ambient transaction's connection (left open), else a fresh snapshot connection."""
+        ambient = AMBIENT_TRANSACTION.get()
+        if ambient is not None:
+            yield ambient
+            return
+        with self._read_connection() as connection:
+            yield connection
+
+    def _read_connection(self) -> Connection:
+        """A connection whose count and page see one snapshot: REPEATABLE READ on PostgreSQL
+        (a SQLite read transaction is a snapshot already)."""
+        connection = self._engine.connect()
+        if connection.dialect.name == "postgresql":
+            connection = connection.execution_options(isolation_level="REPEATABLE READ")
+        return connection
+
+    @staticmethod
+    def _check_type(resource: dict[str, Any]) -> str:
+        resource_type = resource.get("resourceType") if isinstance(resource, dict) else None
+        if not isinstance(resource_type, str):
+            raise bad_request("The body is not a FHIR resource (no resourceType)", expression="resourceType")
+        return resource_type
+
+    @staticmethod
+    def _check_id(resource_type: str, resource_id: str) -> None:
+        if not _FHIR_ID.match(resource_id):
+            raise not_found(f"{resource_type}/{resource_id} is not a valid resource id")
+
+    @staticmethod
+    def _validate(resource_type: str, resource: dict[str, Any]) -> None:
+        """Basic FHIR validation (http.html#create: 400 on failure) with the R4B models."""
+        try:
+            model = get_fhir_model_class(resource_type)
+        except (ValueError, KeyError) as exc:
+            raise bad_request(
+                f"'{resource_type}' is not an R4 resource type",
+                expression="resourceType",
+                code="not-supported",
+            ) from exc
+        try:
+            model.model_validate(resource)
+        except ValidationError as exc:
+            raise invalid_resource(resource_type, exc) from exc
+
+    @staticmethod
+    def _parse_etag(if_match: str) -> int:
+        match = _ETAG.match(if_match.strip())
+        if not match:
+            raise bad_request(
+                f"If-Match must be an ETag like W/\"1\", got '{if_match}'", expression="If-Match"
+            )
+        return int(match.group(1))
+
+
+def _date_match(lower: Any, upper: Any, value: DateValue) -> ColumnElement[bool]:
+    """R4 search.html#prefix on ranges: the resource value covers [lower, upper), the search value
+    [lo, hi). eq: contained; ne: not contained; gt/lt: the resource range reaches above/below
+    the search range; ge/le: gt/lt or eq. A search value without an offset is taken as UTC."""
+    lo, hi = value.lower, value.upper
+    if lo.tzinfo is None:
+        lo, hi = lo.replace(tzinfo=UTC), hi.replace(tzinfo=UTC)
+    contained = and_(lower >= lo, upper <= hi)
+    above, below = upper > hi, lower < lo
+    by_prefix: dict[str, ColumnElement[bool]] = {
+        "eq": contained,
+        "ne": or_(below, above),
+        "gt": above,
+        "lt": below,
+        "ge": or_(above, contained),
+        "le": or_(below, contained),
+    }
+    if value.prefix not in by_prefix:
+        raise bad_request(f"Date prefix '{value.prefix}' is not supported", code="not-supported")
+    return by_prefix[value.prefix]
