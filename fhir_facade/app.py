@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 
 from fhir_facade import __version__
 from fhir_facade.config import Settings
@@ -21,6 +23,9 @@ from fhir_facade.resources.base import ResourceProvider
 from fhir_facade.resources.endpoint import EndpointProvider
 from fhir_facade.resources.imaging_study import ImagingStudyProvider
 from fhir_facade.resources.patient import PatientProvider
+from fhir_facade.resources.stored import stored_providers
+from fhir_facade.store import ResourceStore, create_store_engine, upgrade
+from fhir_facade.store.atomic import atomic_scope
 
 __all__ = ["create_app"]
 
@@ -34,6 +39,14 @@ def mapping_context(settings: Settings) -> MappingContext:
         default_timezone=settings.timezone,
         dicomweb_url=settings.dicomweb_url,
     )
+
+
+def open_store_engine(settings: Settings) -> Engine:
+    """The store's engine; the default SQLite file lives in the data directory, created here."""
+    url = settings.resolved_database_url
+    if url.startswith("sqlite:///"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return create_store_engine(url)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,15 +67,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else None
     )
     ctx = mapping_context(settings)
+    store = ResourceStore(open_store_engine(settings))
     providers: list[ResourceProvider] = [
         ImagingStudyProvider(dicomweb, ctx, orthanc),
         PatientProvider(dicomweb, ctx),
         EndpointProvider(ctx),
+        *stored_providers(store),
         *artifact_providers(),
     ]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        schema_version = await run_in_threadpool(upgrade, store.engine)
+        log.info("SQL store %s at schema version %s", store.engine.url.render_as_string(), schema_version)
         await dicomweb.open()
         if orthanc:
             await orthanc.open()
@@ -78,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await dicomweb.close()
             if orthanc:
                 await orthanc.close()
+            store.engine.dispose()
 
     app = FastAPI(
         title="fhir-facade",
@@ -88,8 +106,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.dicomweb = dicomweb
     app.state.orthanc = orthanc
+    app.state.store = store
     app.state.providers = providers
     install_error_handlers(app)
-    app.include_router(build_fhir_router(providers, settings))
+    app.include_router(build_fhir_router(providers, settings, atomic_scope(store)))
     app.include_router(metrics_router)
     return app

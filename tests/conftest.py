@@ -3,6 +3,7 @@ corpus and pydicom's own test files, and the facade served by uvicorn on a free 
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -54,9 +55,13 @@ class LiveServer:
 
 
 def serve(settings_overrides: dict[str, Any]) -> LiveServer:
-    """A LiveServer (not started) for settings built from `overrides`, on a free port."""
+    """A LiveServer (not started) for settings built from `overrides`, on a free port; its SQL
+    store is a fresh SQLite file unless `database_url` is given."""
     port = free_port()
-    settings = Settings(base_url=f"http://127.0.0.1:{port}/fhir", **settings_overrides)
+    overrides = dict(settings_overrides)
+    if "database_url" not in overrides:
+        overrides["database_url"] = f"sqlite:///{tempfile.mkdtemp(prefix='facade-store-')}/store.sqlite3"
+    settings = Settings(base_url=f"http://127.0.0.1:{port}/fhir", **overrides)
     return LiveServer(create_app(settings), port)
 
 

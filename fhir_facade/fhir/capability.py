@@ -39,7 +39,7 @@ def _resource_entry(provider: ResourceProvider) -> dict[str, Any]:
         entry["documentation"] = provider.documentation
     entry["interaction"] = [{"code": code} for code in provider.interactions]
     params = []
-    for p in provider.search_params:
+    for p in provider.search_param_map.values():
         item: dict[str, Any] = {"name": p.name, "type": p.type.value}
         if p.definition:
             item["definition"] = p.definition

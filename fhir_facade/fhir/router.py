@@ -51,7 +51,7 @@ def _search_openapi(provider: ResourceProvider) -> dict[str, Any]:
             "description": p.documentation,
             "schema": _OPENAPI_TYPES.get(p.type, {"type": "string"}),
         }
-        for p in provider.search_params
+        for p in provider.search_param_map.values()
     ]
     params += [
         {"name": "_count", "in": "query", "schema": {"type": "integer", "minimum": 0}},

@@ -108,6 +108,7 @@ class ResourceStore:
 
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] | None = None) -> None:
         self._engine = engine
+        self.engine = engine
         self._clock = clock or (lambda: datetime.now(UTC))
 
     # -- writes -------------------------------------------------------------------------------

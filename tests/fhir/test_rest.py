@@ -12,9 +12,15 @@ def test_metadata_lists_exactly_the_registered_types(fhir: httpx.Client) -> None
     assert statement["resourceType"] == "CapabilityStatement"
     assert statement["fhirVersion"] == "4.0.1"
     resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
-    assert set(resources) == {"ImagingStudy", "Patient", "Endpoint", "ConceptMap", "CodeSystem"}
+    assert set(resources) == {
+        "ImagingStudy", "Patient", "Endpoint", "ConceptMap", "CodeSystem",
+        "ServiceRequest", "Task", "DiagnosticReport", "Observation", "Device", "Provenance",
+    }
+    assert {i["code"] for i in resources["Task"]["interaction"]} == {
+        "read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"
+    }
     for type_name, resource in resources.items():  # only what works is listed
-        params = {p["name"]: "x" for p in resource["searchParam"] if p["name"] == "_id"}
+        params = {p["name"]: "x" for p in resource.get("searchParam", []) if p["name"] == "_id"}
         ok_json(fhir.get(f"/{type_name}", params=params))
     study_params = {p["name"] for p in resources["ImagingStudy"]["searchParam"]}
     assert {

@@ -1,0 +1,143 @@
+"""Persistent resource types, kept in the facade's SQL store (ServiceRequest, Task,
+DiagnosticReport, Observation, Device, Provenance): every FHIR interaction, delegated to
+`ResourceStore` in a worker thread (the store is synchronous, ADR 0004)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from starlette.concurrency import run_in_threadpool
+
+from fhir_facade.fhir.bundles import SearchResult
+from fhir_facade.fhir.errors import FhirError
+from fhir_facade.fhir.search import SearchParamDef, SearchRequest
+from fhir_facade.resources.base import ResourceProvider, WriteResult
+from fhir_facade.resources.task_lifecycle import check_transition, stamp_task
+from fhir_facade.store import ResourceStore, search_param_defs
+
+__all__ = ["PERSISTENT_TYPES", "StoredResourceProvider", "TaskProvider", "stored_providers"]
+
+
+class StoredResourceProvider(ResourceProvider):
+    """All R4 interactions of one type on the SQL store."""
+
+    def __init__(self, resource_type: str, store: ResourceStore) -> None:
+        self.resource_type = resource_type  # type: ignore[misc]
+        self.documentation = "Persistent: stored by the facade (SQL), versioned."  # type: ignore[misc]
+        self._store = store
+        self._params = search_param_defs(resource_type)
+
+    @property
+    def interactions(self) -> tuple[str, ...]:
+        return (
+            "read",
+            "vread",
+            "update",
+            "delete",
+            "history-instance",
+            "history-type",
+            "create",
+            "search-type",
+        )
+
+    @property
+    def search_param_map(self) -> dict[str, SearchParamDef]:
+        return self._params
+
+    async def read(self, resource_id: str) -> dict[str, Any]:
+        return await run_in_threadpool(self._store.read, self.resource_type, resource_id)
+
+    async def vread(self, resource_id: str, version_id: str) -> dict[str, Any]:
+        return await run_in_threadpool(self._store.vread, self.resource_type, resource_id, version_id)
+
+    async def search(self, request: SearchRequest) -> SearchResult:
+        matches, total = await run_in_threadpool(self._store.search, request)
+        more = request.offset + request.count < total
+        return SearchResult(matches, total if request.total != "none" else None, more)
+
+    async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        return await run_in_threadpool(self._store.create, self.prepare(resource, None))
+
+    async def update(
+        self, resource_id: str, resource: dict[str, Any], *, if_match: str | None
+    ) -> WriteResult:
+        current = await self._current(resource_id)
+        prepared = self.prepare({**resource, "id": resource_id}, current)
+        return await run_in_threadpool(self._store.update, prepared, if_match)
+
+    async def delete(self, resource_id: str) -> None:
+        await run_in_threadpool(self._store.delete, self.resource_type, resource_id)
+
+    async def history(
+        self, resource_id: str | None, count: int, offset: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        if resource_id is None:
+            return await run_in_threadpool(
+                lambda: self._store.type_history(self.resource_type, count=count, offset=offset)
+            )
+        return await run_in_threadpool(
+            lambda: self._store.history(self.resource_type, resource_id, count=count, offset=offset)
+        )
+
+    def prepare(self, resource: dict[str, Any], current: dict[str, Any] | None) -> dict[str, Any]:
+        """Type-specific rules applied before a write (the current version, if any, given)."""
+        return resource
+
+    async def _current(self, resource_id: str) -> dict[str, Any] | None:
+        try:
+            return await self.read(resource_id)
+        except FhirError as error:
+            if error.status in (404, 410):
+                return None
+            raise
+
+
+class TaskProvider(StoredResourceProvider):
+    """Task: the worklist. The R4 state machine is enforced and lastModified kept (task.html)."""
+
+    include_paths: ClassVar[dict[str, str]] = {
+        "focus": "focus",
+        "patient": "for",
+        "subject": "for",
+        "based-on": "basedOn",
+        "owner": "owner",
+        "requester": "requester",
+        "part-of": "partOf",
+    }
+
+    def __init__(self, store: ResourceStore) -> None:
+        super().__init__("Task", store)
+
+    def prepare(self, resource: dict[str, Any], current: dict[str, Any] | None) -> dict[str, Any]:
+        if current is not None and isinstance(resource.get("status"), str):
+            check_transition(str(current.get("status")), resource["status"])
+            resource = {**resource, "authoredOn": resource.get("authoredOn", current.get("authoredOn"))}
+        return stamp_task(resource, datetime.now(UTC))
+
+
+#: The persistent types, each with the parameters the store indexes (fhir_facade/store/indexing.py).
+PERSISTENT_TYPES = ("ServiceRequest", "Task", "DiagnosticReport", "Observation", "Device", "Provenance")
+
+_INCLUDES: dict[str, dict[str, str]] = {
+    "ServiceRequest": {"patient": "subject", "subject": "subject"},
+    "DiagnosticReport": {
+        "patient": "subject",
+        "subject": "subject",
+        "based-on": "basedOn",
+        "result": "result",
+    },
+    "Observation": {"patient": "subject", "subject": "subject", "based-on": "basedOn"},
+}
+
+
+def stored_providers(store: ResourceStore) -> list[StoredResourceProvider]:
+    providers: list[StoredResourceProvider] = []
+    for resource_type in PERSISTENT_TYPES:
+        if resource_type == "Task":
+            providers.append(TaskProvider(store))
+            continue
+        provider = StoredResourceProvider(resource_type, store)
+        provider.include_paths = _INCLUDES.get(resource_type, {})  # type: ignore[misc]
+        providers.append(provider)
+    return providers
