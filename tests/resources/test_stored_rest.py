@@ -1,0 +1,203 @@
+"""Persistent types over HTTP: the R4 interactions, conditional writes, Prefer, the Task state
+machine, transactions, and Task?_include of a live ImagingStudy (SQL store: SQLite file)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ok_json, outcome
+from tests.dicom_factory import CORPUS
+
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+STUDY_UID = CORPUS["mueller_mr_brain"].study_uid
+
+
+def service_request(accession: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "identifier": [
+            {
+                "type": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]
+                },
+                "system": "urn:oid:1.2.3.999",
+                "value": accession,
+            }
+        ],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "24590-2", "display": "MR Brain"}]},
+        "subject": {"reference": "Patient/P-1001"},
+        **extra,
+    }
+
+
+def task(status: str = "requested", **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Task",
+        "status": status,
+        "intent": "order",
+        "code": {
+            "coding": [{"system": "http://fhir-facade.org/fhir/CodeSystem/task-code", "code": "analyze"}]
+        },
+        "focus": {"reference": f"ImagingStudy/{STUDY_UID}"},
+        "for": {"reference": "Patient/P-1001"},
+        **extra,
+    }
+
+
+def post(fhir: httpx.Client, resource: dict[str, Any], **headers: str) -> httpx.Response:
+    return fhir.post(f"/{resource['resourceType']}", json=resource, headers={**FHIR_JSON, **headers})
+
+
+def test_create_read_update_delete_history(fhir: httpx.Client) -> None:
+    created = post(fhir, service_request("ACC-R1"))
+    body = ok_json(created, 201)
+    rid = body["id"]
+    assert created.headers["Location"].endswith(f"/ServiceRequest/{rid}/_history/1")
+    assert created.headers["ETag"] == 'W/"1"'
+
+    read = fhir.get(f"/ServiceRequest/{rid}")
+    assert ok_json(read) == body and read.headers["ETag"] == 'W/"1"'
+
+    changed = {**body, "status": "revoked"}
+    updated = fhir.put(f"/ServiceRequest/{rid}", json=changed, headers={**FHIR_JSON, "If-Match": 'W/"1"'})
+    assert ok_json(updated)["meta"]["versionId"] == "2"
+    stale = fhir.put(f"/ServiceRequest/{rid}", json=changed, headers={**FHIR_JSON, "If-Match": 'W/"1"'})
+    outcome(stale, 412, "conflict")
+
+    assert ok_json(fhir.get(f"/ServiceRequest/{rid}/_history/1"))["status"] == "active"
+    assert fhir.delete(f"/ServiceRequest/{rid}").status_code == 204
+    outcome(fhir.get(f"/ServiceRequest/{rid}"), 410, "deleted")
+    history = ok_json(fhir.get(f"/ServiceRequest/{rid}/_history"))
+    assert history["type"] == "history" and history["total"] == 3
+    assert [e["request"]["method"] for e in history["entry"]] == ["DELETE", "PUT", "POST"]
+
+
+def test_update_as_create_and_id_mismatch(fhir: httpx.Client) -> None:
+    created = fhir.put("/Task/task-upsert-1", json={**task(), "id": "task-upsert-1"}, headers=FHIR_JSON)
+    assert ok_json(created, 201)["id"] == "task-upsert-1"
+    outcome(
+        fhir.put("/Task/other", json={**task(), "id": "task-upsert-1"}, headers=FHIR_JSON), 400, "invalid"
+    )
+
+
+def test_conditional_create(fhir: httpx.Client) -> None:
+    criteria = "identifier=urn:oid:1.2.3.999|ACC-C1"
+    first = post(fhir, service_request("ACC-C1"), **{"If-None-Exist": criteria})
+    second = post(fhir, service_request("ACC-C1"), **{"If-None-Exist": criteria})
+    assert first.status_code == 201 and second.status_code == 200
+    assert ok_json(second)["id"] == ok_json(first, 201)["id"]
+    post(fhir, service_request("ACC-C1"))  # a duplicate without the condition
+    outcome(post(fhir, service_request("ACC-C1"), **{"If-None-Exist": criteria}), 412, "conflict")
+
+
+def test_conditional_update_by_identifier(fhir: httpx.Client) -> None:
+    url = "/ServiceRequest?identifier=urn:oid:1.2.3.999|ACC-U1"
+    created = fhir.put(url, json=service_request("ACC-U1"), headers=FHIR_JSON)
+    rid = ok_json(created, 201)["id"]
+    updated = fhir.put(url, json=service_request("ACC-U1", priority="stat"), headers=FHIR_JSON)
+    assert ok_json(updated)["id"] == rid and ok_json(updated)["priority"] == "stat"
+
+
+def test_prefer_return(fhir: httpx.Client) -> None:
+    minimal = post(fhir, task(), Prefer="return=minimal")
+    assert minimal.status_code == 201 and minimal.content == b"" and "Location" in minimal.headers
+    outcome_body = ok_json(post(fhir, task(), Prefer="return=OperationOutcome"), 201)
+    assert outcome_body["resourceType"] == "OperationOutcome"
+
+
+def test_invalid_resource_names_the_element(fhir: httpx.Client) -> None:
+    bad = {**task(), "intent": 42, "for": "Patient/P-1001"}
+    response = post(fhir, bad)
+    body = ok_json(response, 400)
+    assert body["resourceType"] == "OperationOutcome"
+    expressions = {e for issue in body["issue"] for e in issue.get("expression", [])}
+    assert any(e.startswith("Task.for") for e in expressions), expressions
+
+
+def test_task_state_machine(fhir: httpx.Client) -> None:
+    created = ok_json(post(fhir, task()), 201)
+    assert created["lastModified"] >= created["authoredOn"]
+    outcome(
+        fhir.put(f"/Task/{created['id']}", json={**created, "status": "completed"}, headers=FHIR_JSON),
+        409,
+        "conflict",
+    )  # requested -> completed skips in-progress
+    running = ok_json(
+        fhir.put(f"/Task/{created['id']}", json={**created, "status": "in-progress"}, headers=FHIR_JSON)
+    )
+    done = ok_json(
+        fhir.put(f"/Task/{created['id']}", json={**running, "status": "completed"}, headers=FHIR_JSON)
+    )
+    assert done["lastModified"] >= created["lastModified"]
+    back = fhir.put(f"/Task/{created['id']}", json={**done, "status": "requested"}, headers=FHIR_JSON)
+    body = outcome(back, 409, "conflict")
+    assert body["issue"][0]["expression"] == ["Task.status"]
+    assert ok_json(fhir.get(f"/Task/{created['id']}"))["status"] == "completed"  # nothing written
+
+
+def test_task_search_with_live_focus_include(fhir: httpx.Client) -> None:
+    created = ok_json(post(fhir, task(priority="urgent")), 201)
+    params = {"focus": f"ImagingStudy/{STUDY_UID}", "priority": "urgent", "_include": "Task:focus"}
+    bundle = ok_json(fhir.get("/Task", params=params))
+    assert created["id"] in {e["resource"]["id"] for e in bundle["entry"]}
+    kinds = [(e["search"]["mode"], e["resource"]["resourceType"]) for e in bundle["entry"]]
+    assert ("match", "Task") in kinds and ("include", "ImagingStudy") in kinds
+    study = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
+    assert study["id"] == STUDY_UID and study["numberOfSeries"] == 3  # computed live from Orthanc
+
+
+def test_transaction_rewrites_placeholders_and_is_all_or_nothing(fhir: httpx.Client) -> None:
+    order_url = "urn:uuid:2b4f9b2e-3c1d-4e57-9a0a-1f2e3d4c5b6a"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:7c9e6679-7425-40de-944b-e07fc1f90ae7",
+                "resource": task(basedOn=[{"reference": order_url}]),
+                "request": {"method": "POST", "url": "Task"},
+            },
+            {
+                "fullUrl": order_url,
+                "resource": service_request("ACC-T1"),
+                "request": {"method": "POST", "url": "ServiceRequest"},
+            },
+        ],
+    }
+    response = ok_json(fhir.post("", json=bundle, headers=FHIR_JSON))
+    assert response["type"] == "transaction-response"
+    stored_task, stored_order = (e["resource"] for e in response["entry"])
+    assert stored_task["basedOn"][0]["reference"] == f"ServiceRequest/{stored_order['id']}"
+    ok_json(fhir.get(f"/ServiceRequest/{stored_order['id']}"))
+
+    failing = {
+        **bundle,
+        "entry": [
+            {
+                "fullUrl": order_url,
+                "resource": service_request("ACC-T2"),
+                "request": {"method": "POST", "url": "ServiceRequest"},
+            },
+            {"resource": {**task(), "intent": 42}, "request": {"method": "POST", "url": "Task"}},
+        ],
+    }
+    assert fhir.post("", json=failing, headers=FHIR_JSON).status_code == 400
+    found = ok_json(fhir.get("/ServiceRequest", params={"identifier": "urn:oid:1.2.3.999|ACC-T2"}))
+    assert found["total"] == 0  # the first entry was rolled back
+
+
+@pytest.mark.parametrize("status", ["requested", "in-progress"])
+def test_task_search_by_status_and_paging(fhir: httpx.Client, status: str) -> None:
+    for _ in range(3):
+        post(fhir, task(status, businessStatus={"text": f"paging-{status}"}))
+    first = ok_json(fhir.get("/Task", params={"status": status, "_count": 2}))
+    assert len(first["entry"]) == 2 and first["total"] >= 3
+    nxt = next(link["url"] for link in first["link"] if link["relation"] == "next")
+    second = ok_json(httpx.get(nxt))
+    ids = {e["resource"]["id"] for e in first["entry"]}
+    assert not ids & {e["resource"]["id"] for e in second["entry"]}
