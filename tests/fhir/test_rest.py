@@ -13,11 +13,27 @@ def test_metadata_lists_exactly_the_registered_types(fhir: httpx.Client) -> None
     assert statement["fhirVersion"] == "4.0.1"
     resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
     assert set(resources) == {
-        "ImagingStudy", "Patient", "Endpoint", "ConceptMap", "CodeSystem",
-        "ServiceRequest", "Task", "DiagnosticReport", "Observation", "Device", "Provenance",
+        "ImagingStudy",
+        "Patient",
+        "Endpoint",
+        "ConceptMap",
+        "CodeSystem",
+        "ServiceRequest",
+        "Task",
+        "DiagnosticReport",
+        "Observation",
+        "Device",
+        "Provenance",
     }
     assert {i["code"] for i in resources["Task"]["interaction"]} == {
-        "read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"
+        "read",
+        "vread",
+        "update",
+        "delete",
+        "history-instance",
+        "history-type",
+        "create",
+        "search-type",
     }
     for type_name, resource in resources.items():  # only what works is listed
         params = {p["name"]: "x" for p in resource.get("searchParam", []) if p["name"] == "_id"}
