@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
@@ -15,6 +16,7 @@ from fhir_facade.config import Settings
 from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
+from fhir_facade.fhir.errors import FhirError
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.metrics import metrics_router
@@ -26,6 +28,7 @@ from fhir_facade.resources.patient import PatientProvider
 from fhir_facade.resources.stored import stored_providers
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.store.atomic import atomic_scope
+from fhir_facade.worklist import WorklistFolder
 
 __all__ = ["create_app"]
 
@@ -39,6 +42,20 @@ def mapping_context(settings: Settings) -> MappingContext:
         default_timezone=settings.timezone,
         dicomweb_url=settings.dicomweb_url,
     )
+
+
+def _quiet_reader(provider: ResourceProvider) -> Callable[[str], Awaitable[dict[str, Any] | None]]:
+    """provider.read, with None for a resource that does not exist."""
+
+    async def read(resource_id: str) -> dict[str, Any] | None:
+        try:
+            return await provider.read(resource_id)
+        except FhirError as error:
+            if error.status in (404, 410):
+                return None
+            raise
+
+    return read
 
 
 def open_store_engine(settings: Settings) -> Engine:
@@ -68,11 +85,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     ctx = mapping_context(settings)
     store = ResourceStore(open_store_engine(settings))
+    patients = PatientProvider(dicomweb, ctx)
+    worklist = WorklistFolder(settings.worklist_dir) if settings.worklist_dir else None
     providers: list[ResourceProvider] = [
         ImagingStudyProvider(dicomweb, ctx, orthanc),
-        PatientProvider(dicomweb, ctx),
+        patients,
         EndpointProvider(ctx),
-        *stored_providers(store),
+        *stored_providers(store, worklist, _quiet_reader(patients), settings.worklist_station_ae_title),
         *artifact_providers(),
     ]
 

@@ -26,17 +26,21 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
     from fhir_facade.demo import upload_demo
     from fhir_facade.embedded import EmbeddedOrthanc
 
+    worklist_dir = settings.worklist_dir or settings.data_dir.resolve() / "worklists"
+    worklist_dir.mkdir(parents=True, exist_ok=True)
     orthanc = EmbeddedOrthanc(
         settings.data_dir.resolve() / "orthanc",
         http_port=args.orthanc_port,
         dicom_port=args.orthanc_dicom_port,
         stable_age=5,
+        worklist_dir=worklist_dir,
     )
     with orthanc:
         study_uid = upload_demo(orthanc.url)
-        overrides = {
+        overrides: dict[str, object] = {
             "dicomweb_url": orthanc.dicomweb_url,
             "orthanc_url": orthanc.url,
+            "worklist_dir": worklist_dir,
         }
         if "base_url" not in settings.model_fields_set:
             overrides["base_url"] = f"http://{args.host}:{args.port}/fhir"

@@ -41,6 +41,16 @@ class Settings(BaseSettings):
         description="Public FHIR base URL, used in Bundle links and fullUrls.",
     )
     fhir_upstream_url: str | None = Field(None, description="Upstream FHIR server (HAPI) to sync.")
+    worklist_dir: Path | None = Field(
+        None,
+        description=(
+            "Folder of Orthanc's ModalityWorklists plugin: active imaging ServiceRequests are "
+            "written there as .wl items (unset: no worklist)."
+        ),
+    )
+    worklist_station_ae_title: str = Field(
+        "ANY-SCU", description="ScheduledStationAETitle of the worklist items."
+    )
     patient_identifier_system: str = Field(
         "urn:oid:2.16.840.1.113883.3.3719.1.1",
         description=(

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 from pydicom.dataset import FileDataset
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
+WORKLIST_PLUGIN = "libModalityWorklists.so"
 
 
 class OrthancNotInstalled(RuntimeError):
@@ -93,6 +94,7 @@ class EmbeddedOrthanc:
         aet: str = "ORTHANC",
         stable_age: int = 60,
         extra_config: dict[str, Any] | None = None,
+        worklist_dir: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.http_port = http_port
@@ -100,7 +102,9 @@ class EmbeddedOrthanc:
         self.aet = aet
         self.stable_age = stable_age
         self.extra_config = extra_config or {}
+        self.worklist_dir = worklist_dir
         self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -135,6 +139,13 @@ class EmbeddedOrthanc:
                 "Ssl": False,
             },
         }
+        if self.worklist_dir is not None:
+            # Modality Worklist SCP (DICOM PS3.4 K) from a folder of .wl files. Orthanc answers a
+            # worklist C-FIND only from listed DicomModalities unless DicomAlwaysAllowFindWorklist.
+            config["Plugins"].append(str(_find_plugin(WORKLIST_PLUGIN)))
+            config["Worklists"] = {"Enable": True, "Database": str(self.worklist_dir)}
+            config["DicomAlwaysAllowFindWorklist"] = True
+            config["DicomCheckCalledAet"] = False
         config.update(self.extra_config)
         return config
 
@@ -145,7 +156,7 @@ class EmbeddedOrthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
-        log_file = (self.workdir / "orthanc.log").open("ab")
+        log_file = self._log = (self.workdir / "orthanc.log").open("ab")
         self._process = subprocess.Popen(
             [binary, str(config_path)],
             stdout=log_file,
@@ -169,6 +180,9 @@ class EmbeddedOrthanc:
         raise TimeoutError(f"Orthanc did not start within {timeout} s; see {self.workdir / 'orthanc.log'}")
 
     def stop(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._process is None:
             return
         self._process.terminate()

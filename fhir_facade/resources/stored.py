@@ -4,19 +4,39 @@ DiagnosticReport, Observation, Device, Provenance): every FHIR interaction, dele
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from starlette.concurrency import run_in_threadpool
 
 from fhir_facade.fhir.bundles import SearchResult
-from fhir_facade.fhir.errors import FhirError
+from fhir_facade.fhir.errors import FhirError, Issue
 from fhir_facade.fhir.search import SearchParamDef, SearchRequest
 from fhir_facade.resources.base import ResourceProvider, WriteResult
 from fhir_facade.resources.task_lifecycle import check_transition, stamp_task
 from fhir_facade.store import ResourceStore, search_param_defs
+from fhir_facade.worklist import (
+    WorklistFolder,
+    WorklistMappingError,
+    is_imaging_order,
+    sync_service_request,
+    worklist_item,
+)
 
-__all__ = ["PERSISTENT_TYPES", "StoredResourceProvider", "TaskProvider", "stored_providers"]
+__all__ = [
+    "PERSISTENT_TYPES",
+    "ServiceRequestProvider",
+    "StoredResourceProvider",
+    "TaskProvider",
+    "stored_providers",
+]
+
+log = logging.getLogger(__name__)
+
+#: Reads a Patient by id (the DICOM view), None when there is none.
+PatientLookup = Callable[[str], Awaitable[dict[str, Any] | None]]
 
 
 class StoredResourceProvider(ResourceProvider):
@@ -57,17 +77,25 @@ class StoredResourceProvider(ResourceProvider):
         return SearchResult(matches, total if request.total != "none" else None, more)
 
     async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
-        return await run_in_threadpool(self._store.create, self.prepare(resource, None))
+        prepared = self.prepare(resource, None)
+        await self.check(prepared)
+        stored = await run_in_threadpool(self._store.create, prepared)
+        await self.after_write(stored)
+        return stored
 
     async def update(
         self, resource_id: str, resource: dict[str, Any], *, if_match: str | None
     ) -> WriteResult:
         current = await self._current(resource_id)
         prepared = self.prepare({**resource, "id": resource_id}, current)
-        return await run_in_threadpool(self._store.update, prepared, if_match)
+        await self.check(prepared)
+        result = await run_in_threadpool(self._store.update, prepared, if_match)
+        await self.after_write(result.resource)
+        return result
 
     async def delete(self, resource_id: str) -> None:
         await run_in_threadpool(self._store.delete, self.resource_type, resource_id)
+        await self.after_delete(resource_id)
 
     async def history(
         self, resource_id: str | None, count: int, offset: int
@@ -83,6 +111,15 @@ class StoredResourceProvider(ResourceProvider):
     def prepare(self, resource: dict[str, Any], current: dict[str, Any] | None) -> dict[str, Any]:
         """Type-specific rules applied before a write (the current version, if any, given)."""
         return resource
+
+    async def check(self, resource: dict[str, Any]) -> None:
+        """Type-specific validation beyond the FHIR structure; raises FhirError (e.g. 422)."""
+
+    async def after_write(self, stored: dict[str, Any]) -> None:
+        """Side effects once a version is stored (outside the database transaction)."""
+
+    async def after_delete(self, resource_id: str) -> None:
+        """Side effects once a resource is deleted."""
 
     async def _current(self, resource_id: str) -> dict[str, Any] | None:
         try:
@@ -116,11 +153,69 @@ class TaskProvider(StoredResourceProvider):
         return stamp_task(resource, datetime.now(UTC))
 
 
+class ServiceRequestProvider(StoredResourceProvider):
+    """ServiceRequest: imaging orders. An active imaging order is also a DICOM Modality Worklist
+    item in Orthanc's worklist folder; revoking, completing or deleting the order removes it.
+
+    The item is checked before the order is stored (a 422 names what is missing, e.g. the
+    modality), and written after the commit: the worklist mirrors committed orders only.
+    """
+
+    include_paths: ClassVar[dict[str, str]] = {"patient": "subject", "subject": "subject"}
+
+    def __init__(
+        self, store: ResourceStore, folder: WorklistFolder | None, patients: PatientLookup, station: str
+    ) -> None:
+        super().__init__("ServiceRequest", store)
+        self._folder = folder
+        self._patients = patients
+        self._station = station
+
+    async def _patient(self, order: dict[str, Any]) -> dict[str, Any] | None:
+        reference = (order.get("subject") or {}).get("reference", "")
+        if isinstance(reference, str) and reference.startswith("Patient/"):
+            return await self._patients(reference.removeprefix("Patient/"))
+        return None
+
+    async def check(self, resource: dict[str, Any]) -> None:
+        if self._folder is None or not is_imaging_order(resource) or resource.get("status") != "active":
+            return
+        try:
+            worklist_item(
+                {**resource, "id": resource.get("id") or "new"},
+                await self._patient(resource),
+                station_ae_title=self._station,
+            )
+        except WorklistMappingError as error:
+            raise FhirError(
+                422,
+                [
+                    Issue(
+                        "required",
+                        f"Cannot schedule this imaging order: {error}",
+                        expression=(error.expression,),
+                    )
+                ],
+            ) from error
+
+    async def after_write(self, stored: dict[str, Any]) -> None:
+        if self._folder is None or not is_imaging_order(stored):
+            return
+        folder, patient = self._folder, await self._patient(stored)
+        outcome = await run_in_threadpool(
+            lambda: sync_service_request(folder, stored, patient, station_ae_title=self._station)
+        )
+        log.info("Worklist item for ServiceRequest/%s: %s", stored["id"], outcome)
+
+    async def after_delete(self, resource_id: str) -> None:
+        if self._folder is not None and await run_in_threadpool(self._folder.remove, resource_id):
+            log.info("Worklist item for deleted ServiceRequest/%s removed", resource_id)
+
+
 #: The persistent types, each with the parameters the store indexes (fhir_facade/store/indexing.py).
 PERSISTENT_TYPES = ("ServiceRequest", "Task", "DiagnosticReport", "Observation", "Device", "Provenance")
 
 _INCLUDES: dict[str, dict[str, str]] = {
-    "ServiceRequest": {"patient": "subject", "subject": "subject"},
     "DiagnosticReport": {
         "patient": "subject",
         "subject": "subject",
@@ -131,11 +226,16 @@ _INCLUDES: dict[str, dict[str, str]] = {
 }
 
 
-def stored_providers(store: ResourceStore) -> list[StoredResourceProvider]:
+def stored_providers(
+    store: ResourceStore, worklist: WorklistFolder | None, patients: PatientLookup, station: str
+) -> list[StoredResourceProvider]:
     providers: list[StoredResourceProvider] = []
     for resource_type in PERSISTENT_TYPES:
         if resource_type == "Task":
             providers.append(TaskProvider(store))
+            continue
+        if resource_type == "ServiceRequest":
+            providers.append(ServiceRequestProvider(store, worklist, patients, station))
             continue
         provider = StoredResourceProvider(resource_type, store)
         provider.include_paths = _INCLUDES.get(resource_type, {})  # type: ignore[misc]
