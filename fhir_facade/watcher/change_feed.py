@@ -14,11 +14,12 @@ The watcher knows nothing of FHIR or the store; the caller's `on_study` does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -110,7 +111,7 @@ class TaskRule:
     """Which arrived studies get an analysis Task: those with a series of one of `modalities`
     (the default model classifies brain MRI, so MR)."""
 
-    modalities: frozenset[str] = field(default_factory=lambda: frozenset({"MR"}))
+    modalities: frozenset[str] = frozenset({"MR"})
 
     def matches(self, study: ArrivedStudy) -> bool:
         return not self.modalities.isdisjoint(study.modalities)
@@ -165,7 +166,8 @@ class StudyArrivalWatcher:
         self.batch = batch
         self.max_attempts = max_attempts
         self.max_backoff = max_backoff
-        self._cursor: int | None = None  # last Seq read from the feed; ahead of the saved one while retries wait
+        # The last Seq read from the feed; ahead of the saved position while retries are pending.
+        self._cursor: int | None = None
         self._saved: int | None = None
         self._retries: dict[int, _Retry] = {}
 
@@ -191,10 +193,8 @@ class StudyArrivalWatcher:
             except Exception:
                 log.exception("study-arrival poll failed, retrying in %.1f s", delay)
                 delay = min(delay * 2, self.max_backoff)
-            try:
+            with contextlib.suppress(TimeoutError):  # the sleep between polls, cut short by `stop`
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
     async def _poll(self, stop: asyncio.Event | None) -> int:
         if self._cursor is None:
@@ -213,8 +213,11 @@ class StudyArrivalWatcher:
             if not page.changes and page.last < self._cursor:
                 # The feed is behind our position: Orthanc's database was replaced. Its seqs start
                 # again at 1, so read it from the beginning (replays are harmless, see module doc).
-                log.warning("Orthanc change log ends at %d, before our position %d: rereading it", page.last,
-                            self._cursor)
+                log.warning(
+                    "Orthanc change log ends at %d, before our position %d: rereading it",
+                    page.last,
+                    self._cursor,
+                )
                 self._cursor = 0
                 self._retries.clear()
                 self._save()
@@ -236,7 +239,9 @@ class StudyArrivalWatcher:
         try:
             study = await self._arrived_study(change.orthanc_id)
             if study is None:
-                log.info("study %s (change %d) is no longer in Orthanc; skipped", change.orthanc_id, change.seq)
+                log.info(
+                    "study %s (change %d) is no longer in Orthanc; skipped", change.orthanc_id, change.seq
+                )
             else:
                 await self.on_study(study)
         except DicomwebUnavailable:
@@ -247,12 +252,22 @@ class StudyArrivalWatcher:
             failures += 1
             if failures >= self.max_attempts:
                 self._retries.pop(change.seq, None)
-                log.exception("study %s (change %d) failed %d times; giving up on it", change.orthanc_id,
-                              change.seq, failures)
+                log.exception(
+                    "study %s (change %d) failed %d times; giving up on it",
+                    change.orthanc_id,
+                    change.seq,
+                    failures,
+                )
             else:
                 self._retries[change.seq] = _Retry(change, failures)
-                log.warning("study %s (change %d) failed (attempt %d of %d); retrying on a later poll",
-                            change.orthanc_id, change.seq, failures, self.max_attempts, exc_info=True)
+                log.warning(
+                    "study %s (change %d) failed (attempt %d of %d); retrying on a later poll",
+                    change.orthanc_id,
+                    change.seq,
+                    failures,
+                    self.max_attempts,
+                    exc_info=True,
+                )
             return False
         self._retries.pop(change.seq, None)
         return study is not None
