@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -28,6 +29,9 @@ from fhir_facade.resources.patient import PatientProvider
 from fhir_facade.resources.stored import stored_providers
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.store.atomic import atomic_scope
+from fhir_facade.store.feed_position import SqlFeedPositionStore
+from fhir_facade.watcher import StudyArrivalWatcher, TaskRule
+from fhir_facade.watcher.arrival_tasks import ArrivalTaskCreator
 from fhir_facade.worklist import WorklistFolder
 
 __all__ = ["create_app"]
@@ -56,6 +60,39 @@ def _quiet_reader(provider: ResourceProvider) -> Callable[[str], Awaitable[dict[
             raise
 
     return read
+
+
+class _RunningWatcher:
+    def __init__(self, watcher: StudyArrivalWatcher) -> None:
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(watcher.run_forever(self._stop), name="study-arrival-watcher")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+
+
+def _start_watcher(
+    settings: Settings,
+    orthanc: OrthancRestClient | None,
+    store: ResourceStore,
+    providers: list[ResourceProvider],
+) -> _RunningWatcher | None:
+    """Study arrival -> Task, when Orthanc's REST API is configured and watching is on."""
+    if orthanc is None or not settings.watch_studies:
+        return None
+    by_type = {p.resource_type: p for p in providers}
+    creator = ArrivalTaskCreator(
+        by_type["Task"], by_type["ServiceRequest"], TaskRule(settings.task_modalities), settings.base_url
+    )
+    positions = SqlFeedPositionStore(store.engine, f"orthanc-changes:{settings.orthanc_url}")
+    watcher = StudyArrivalWatcher(orthanc, positions, creator, poll_interval=settings.watch_poll_interval)
+    log.info(
+        "Watching %s/changes for new studies (Tasks for %s)",
+        settings.orthanc_url,
+        ", ".join(sorted(settings.task_modalities)),
+    )
+    return _RunningWatcher(watcher)
 
 
 def open_store_engine(settings: Settings) -> Engine:
@@ -102,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await dicomweb.open()
         if orthanc:
             await orthanc.open()
+        watching = _start_watcher(settings, orthanc, store, providers)
         log.info(
             "fhir-facade %s: FHIR base %s, PACS %s",
             __version__,
@@ -111,6 +149,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if watching:
+                await watching.stop()
             await dicomweb.close()
             if orthanc:
                 await orthanc.close()

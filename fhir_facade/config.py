@@ -48,6 +48,17 @@ class Settings(BaseSettings):
             "written there as .wl items (unset: no worklist)."
         ),
     )
+    watch_studies: bool = Field(
+        True,
+        description=(
+            "Follow Orthanc's change feed (needs FACADE_ORTHANC_URL) and create an analysis Task "
+            "for each new study that FACADE_TASK_MODALITIES selects."
+        ),
+    )
+    task_modalities: frozenset[str] = Field(
+        frozenset({"MR"}), description="Modalities whose new studies get an analysis Task (JSON list)."
+    )
+    watch_poll_interval: float = Field(1.0, gt=0, description="Seconds between change-feed polls.")
     worklist_station_ae_title: str = Field(
         "ANY-SCU", description="ScheduledStationAETitle of the worklist items."
     )

@@ -59,6 +59,7 @@ def serve(settings_overrides: dict[str, Any]) -> LiveServer:
     store is a fresh SQLite file unless `database_url` is given."""
     port = free_port()
     overrides = dict(settings_overrides)
+    overrides.setdefault("watch_studies", False)  # tests that watch the feed say so
     if "database_url" not in overrides:
         overrides["database_url"] = f"sqlite:///{tempfile.mkdtemp(prefix='facade-store-')}/store.sqlite3"
     settings = Settings(base_url=f"http://127.0.0.1:{port}/fhir", **overrides)

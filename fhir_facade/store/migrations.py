@@ -59,9 +59,21 @@ def _initial_schema(connection: Connection) -> None:
     SQLModel.metadata.create_all(connection, tables=tables)
 
 
+def _feed_positions(connection: Connection) -> None:
+    connection.execute(
+        text(
+            "CREATE TABLE feed_position ("
+            " name VARCHAR(64) PRIMARY KEY,"
+            " position BIGINT NOT NULL,"
+            " updated_at TIMESTAMP WITH TIME ZONE NOT NULL)"
+        )
+    )
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
+    Migration(2, "feed_position: where change-feed watchers are (Orthanc /changes)", _feed_positions),
 )
 
 

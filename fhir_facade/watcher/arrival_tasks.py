@@ -1,0 +1,90 @@
+"""New study -> analysis Task (the worklist's entry point).
+
+For each stable study from the change feed: find the imaging order by AccessionNumber, and when
+the `TaskRule` matches (default: MR studies) create a Task in status `requested` with code
+`analyze`, focus the ImagingStudy, `for` the Patient, basedOn the order and the order's priority.
+The Task carries the Study UID as identifier and is created conditionally on it, so a replayed
+change (at-least-once delivery) never makes a second Task.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from fhir_facade.dicom_to_fhir import patient_resource_id
+from fhir_facade.fhir.search import parse_search
+from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.watcher.change_feed import ArrivedStudy, TaskRule
+
+__all__ = ["ANALYZE_CODE", "TASK_CODE_SYSTEM", "ArrivalTaskCreator"]
+
+log = logging.getLogger(__name__)
+
+#: The facade's own Task codes (capability/CodeSystem-task-code.json).
+TASK_CODE_SYSTEM = "http://fhir-facade.org/fhir/CodeSystem/task-code"
+ANALYZE_CODE = {"system": TASK_CODE_SYSTEM, "code": "analyze", "display": "Analyze imaging study"}
+_UID_SYSTEM = "urn:dicom:uid"
+
+
+class ArrivalTaskCreator:
+    """The `on_study` callback of the StudyArrivalWatcher (idempotent, as the watcher requires)."""
+
+    def __init__(
+        self, tasks: ResourceProvider, orders: ResourceProvider, rule: TaskRule, base_url: str
+    ) -> None:
+        self._tasks = tasks
+        self._orders = orders
+        self._rule = rule
+        self._base_url = base_url
+
+    async def _search(self, provider: ResourceProvider, name: str, value: str) -> list[dict[str, Any]]:
+        request = parse_search(
+            provider.resource_type,
+            [(name, value)],
+            provider.search_param_map,
+            base_url=self._base_url,
+            strict=True,
+            default_count=2,
+            max_count=2,
+        )
+        return (await provider.search(request)).matches
+
+    async def __call__(self, study: ArrivedStudy) -> None:
+        if not self._rule.matches(study):
+            return
+        identifier = f"urn:oid:{study.study_uid}"
+        if await self._search(self._tasks, "identifier", f"{_UID_SYSTEM}|{identifier}"):
+            return  # already created (a replayed change)
+        orders = []
+        if study.accession_number:
+            orders = await self._search(
+                self._orders, "identifier", study.accession_number.replace(",", "\\,")
+            )
+        task: dict[str, Any] = {
+            "resourceType": "Task",
+            "identifier": [{"system": _UID_SYSTEM, "value": identifier}],
+            "status": "requested",
+            "intent": "order",
+            "code": {"coding": [ANALYZE_CODE]},
+            "focus": {"reference": f"ImagingStudy/{study.study_uid}"},
+            "authoredOn": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "description": f"Analyze newly arrived study {study.study_uid}",
+        }
+        patient_id = (
+            patient_resource_id(study.patient_id or "", study.issuer_of_patient_id)
+            if study.patient_id
+            else None
+        )
+        if patient_id:
+            task["for"] = {"reference": f"Patient/{patient_id}"}
+        if len(orders) == 1:
+            order = orders[0]
+            task["basedOn"] = [{"reference": f"ServiceRequest/{order['id']}"}]
+            if order.get("priority"):
+                task["priority"] = order["priority"]
+        elif len(orders) > 1:
+            log.warning("Accession %s matches several orders; the Task is not linked", study.accession_number)
+        created = await self._tasks.create(task)
+        log.info("Task/%s created for arrived study %s", created["id"], study.study_uid)
