@@ -20,11 +20,12 @@ from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.fhir.errors import FhirError
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
+from fhir_facade.fhir.search import parse_search
 from fhir_facade.metrics import metrics_router
 from fhir_facade.resources.artifacts import artifact_providers
 from fhir_facade.resources.base import ResourceProvider
 from fhir_facade.resources.endpoint import EndpointProvider
-from fhir_facade.resources.imaging_study import ImagingStudyProvider
+from fhir_facade.resources.imaging_study import ImagingStudyProvider, OrdersByAccession
 from fhir_facade.resources.patient import PatientProvider
 from fhir_facade.resources.stored import stored_providers
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
@@ -60,6 +61,31 @@ def _quiet_reader(provider: ResourceProvider) -> Callable[[str], Awaitable[dict[
             raise
 
     return read
+
+
+def _orders_by_accession(orders: ResourceProvider, settings: Settings) -> OrdersByAccession:
+    """One ServiceRequest search (identifier=a,b,c) for the accession numbers of a page."""
+
+    async def lookup(accessions: list[str]) -> dict[str, list[str]]:
+        wanted = set(accessions)
+        value = ",".join(a.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|") for a in accessions)
+        request = parse_search(
+            "ServiceRequest",
+            [("identifier", value)],
+            orders.search_param_map,
+            base_url=settings.base_url,
+            strict=True,
+            default_count=200,
+            max_count=200,
+        )
+        found: dict[str, list[str]] = {}
+        for order in (await orders.search(request)).matches:
+            for identifier in order.get("identifier", []):
+                if identifier.get("value") in wanted:
+                    found.setdefault(identifier["value"], []).append(order["id"])
+        return found
+
+    return lookup
 
 
 class _RunningWatcher:
@@ -124,11 +150,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = ResourceStore(open_store_engine(settings))
     patients = PatientProvider(dicomweb, ctx)
     worklist = WorklistFolder(settings.worklist_dir) if settings.worklist_dir else None
+    stored = stored_providers(store, worklist, _quiet_reader(patients), settings.worklist_station_ae_title)
+    orders = next(p for p in stored if p.resource_type == "ServiceRequest")
     providers: list[ResourceProvider] = [
-        ImagingStudyProvider(dicomweb, ctx, orthanc),
+        ImagingStudyProvider(dicomweb, ctx, orthanc, _orders_by_accession(orders, settings)),
         patients,
         EndpointProvider(ctx),
-        *stored_providers(store, worklist, _quiet_reader(patients), settings.worklist_station_ae_title),
+        *stored,
         *artifact_providers(),
     ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from fhir_facade.dicom_to_fhir import MappingContext, imaging_study_from_dicom, started_instant
@@ -44,7 +45,10 @@ from fhir_facade.resources.study_search import (
     study_uid,
 )
 
-__all__ = ["ImagingStudyProvider"]
+__all__ = ["ImagingStudyProvider", "OrdersByAccession"]
+
+#: accession numbers -> {accession: [ServiceRequest ids]} (the store's orders, for basedOn)
+OrdersByAccession = Callable[[list[str]], Awaitable[dict[str, list[str]]]]
 
 _SPEC = "http://hl7.org/fhir/SearchParameter/"
 T = SearchParamType
@@ -128,11 +132,16 @@ class ImagingStudyProvider(ResourceProvider):
     )
 
     def __init__(
-        self, dicomweb: DicomwebClient, ctx: MappingContext, orthanc: OrthancRestClient | None = None
+        self,
+        dicomweb: DicomwebClient,
+        ctx: MappingContext,
+        orthanc: OrthancRestClient | None = None,
+        orders: OrdersByAccession | None = None,
     ) -> None:
         self._dicomweb = dicomweb
         self._ctx = ctx
         self._orthanc = orthanc
+        self._orders = orders
 
     async def read(self, resource_id: str) -> dict[str, Any]:
         query = {"StudyInstanceUID": resource_id}
@@ -144,7 +153,8 @@ class ImagingStudyProvider(ResourceProvider):
         studies = [s for s in studies if study_uid(s) == resource_id]
         if not studies:
             raise not_found(f"ImagingStudy/{resource_id} is not in the PACS")
-        return imaging_study_from_dicom(studies[0], series, instances, self._ctx)
+        study = imaging_study_from_dicom(studies[0], series, instances, self._ctx)
+        return (await self._with_orders([study]))[0]
 
     async def search(self, request: SearchRequest) -> SearchResult:
         plan = await self._plan(request)
@@ -167,11 +177,36 @@ class ImagingStudyProvider(ResourceProvider):
             imaging_study_from_dicom(study, by_study[study_uid(study)], None, self._ctx)
             for study in page.studies
         ]
-        return SearchResult(matches, page.total, page.has_next)
+        return SearchResult(await self._with_orders(matches), page.total, page.has_next)
 
     async def _count_in_orthanc(self, query: QidoQuery) -> int:
         assert self._orthanc is not None
         return await self._orthanc.count_studies(query.params(separator="\\"))
+
+    async def _with_orders(self, studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Add basedOn -> the imaging orders with the study's accession number, looked up live in
+        the store with one search for the whole page (the PACS knows nothing of FHIR orders)."""
+        if self._orders is None:
+            return studies
+        accessions = {
+            identifier["value"]
+            for study in studies
+            for identifier in study.get("identifier", [])
+            if identifier.get("type") and identifier.get("value")
+        }
+        if not accessions:
+            return studies
+        orders = await self._orders(sorted(accessions))
+        for study in studies:
+            references = [
+                {"reference": f"ServiceRequest/{order_id}"}
+                for identifier in study.get("identifier", [])
+                if identifier.get("type")
+                for order_id in orders.get(identifier.get("value", ""), [])
+            ]
+            if references:
+                study["basedOn"] = references
+        return studies
 
     async def _series_of(self, studies: list[DicomJson]) -> list[DicomJson]:
         uids = sorted({study_uid(s) for s in studies})

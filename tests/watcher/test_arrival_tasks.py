@@ -106,7 +106,10 @@ def test_new_mr_study_becomes_a_task_once(orthanc: EmbeddedOrthanc, tmp_path: Pa
         assert task["for"]["reference"] == "Patient/W-100"
         assert task["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]
         assert task["priority"] == "stat"
-        ok_json(fhir.get(f"/{task['focus']['reference']}"))  # the focus resolves, live
+        focus = ok_json(fhir.get(f"/{task['focus']['reference']}"))  # the focus resolves, live
+        assert focus["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]  # order, live
+        found = ok_json(fhir.get("/ImagingStudy", params={"identifier": "ACC-W-1"}))
+        assert found["entry"][0]["resource"]["basedOn"] == focus["basedOn"]
         time.sleep(2.5)  # the CT is stable by now too
         assert tasks_for(fhir, CT_UID) == []
 
