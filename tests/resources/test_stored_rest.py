@@ -1,15 +1,45 @@
 """Persistent types over HTTP: the R4 interactions, conditional writes, Prefer, the Task state
-machine, transactions, and Task?_include of a live ImagingStudy (SQL store: SQLite file)."""
+machine, transactions, and Task?_include of a live ImagingStudy. Every test runs twice: on a
+SQLite file and on a fresh PostgreSQL database (127.0.0.1:5432, or FACADE_TEST_POSTGRES_URL)."""
 
 from __future__ import annotations
 
+import os
+import secrets
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
-from tests.conftest import ok_json, outcome
+from fhir_facade.embedded import EmbeddedOrthanc
+from tests.conftest import ok_json, outcome, serve
 from tests.dicom_factory import CORPUS
+
+ADMIN_URL = os.environ.get("FACADE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fhir(request: pytest.FixtureRequest, loaded_orthanc: EmbeddedOrthanc) -> Iterator[httpx.Client]:
+    """A facade on the shared Orthanc with a fresh store of each kind (overrides conftest's)."""
+    overrides: dict[str, Any] = {"dicomweb_url": loaded_orthanc.dicomweb_url}
+    name = f"facade_api_{secrets.token_hex(6)}"
+    if request.param == "postgresql":
+        try:
+            admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
+        except psycopg.OperationalError as exc:
+            pytest.fail(f"PostgreSQL is not reachable at {ADMIN_URL}: {exc}", pytrace=False)
+        admin.execute(f'CREATE DATABASE "{name}"')
+        overrides["database_url"] = f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    try:
+        with serve(overrides) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
+            yield client
+    finally:
+        if request.param == "postgresql":
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.close()
+
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 STUDY_UID = CORPUS["mueller_mr_brain"].study_uid
