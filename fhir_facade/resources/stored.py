@@ -65,6 +65,11 @@ class StoredResourceProvider(ResourceProvider):
     def search_param_map(self) -> dict[str, SearchParamDef]:
         return self._params
 
+    @property
+    def sortable(self) -> frozenset[str]:  # type: ignore[override]  # ClassVar on the base
+        """The `_sort` keys the store orders this type by (ResourceStore.sortable)."""
+        return self._store.sortable(self.resource_type)
+
     async def read(self, resource_id: str) -> dict[str, Any]:
         return await run_in_threadpool(self._store.read, self.resource_type, resource_id)
 

@@ -4,7 +4,7 @@ Not wired into the HTTP app yet; see docs/adr/0004-persistent-store.md.
 """
 
 from fhir_facade.store.engine import create_store_engine
-from fhir_facade.store.indexing import INDEXED_PARAMS, IndexedParam, search_param_defs
+from fhir_facade.store.indexing import INDEXED_PARAMS, IndexedParam, search_param_defs, sortable_params
 from fhir_facade.store.migrations import MIGRATIONS, upgrade
 from fhir_facade.store.repository import ResourceStore
 
@@ -15,5 +15,6 @@ __all__ = [
     "ResourceStore",
     "create_store_engine",
     "search_param_defs",
+    "sortable_params",
     "upgrade",
 ]

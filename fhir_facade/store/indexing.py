@@ -8,6 +8,10 @@ engine: `where(resolve() is Patient)` becomes `target_types=("Patient",)`.
 Extraction turns each value into the row shape of its type (search.html): token -> (system, code);
 date -> the UTC range [lower, upper) the value covers at its precision; reference -> (type, id,
 reference string); string -> (normalised, exact).
+
+Every indexed type also has the Resource parameters `_id` (token) and `_lastUpdated` (date),
+searched on `resource_current` columns rather than index rows, and a set of `_sort` keys
+(`sortable_params`): `_id`, `_lastUpdated` and every indexed token, date and string parameter.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from fhir_facade.fhir.search import SearchParamDef, SearchParamType, parse_date_
 
 __all__ = [
     "INDEXED_PARAMS",
+    "PRIORITY_RANK",
+    "PRIORITY_SORTED_PARAMS",
+    "RESOURCE_PARAMS",
     "IndexRows",
     "IndexedParam",
     "extract_index",
     "normalize_string",
     "search_param_defs",
+    "sortable_params",
 ]
 
 #: Open ends of a Period (period.html: a missing start/end means unknown or ongoing).
@@ -123,11 +131,23 @@ INDEXED_PARAMS: dict[str, tuple[IndexedParam, ...]] = {
         _p("Task", "based-on", _R, "basedOn", doc="Search by requests this task is based on"),
         _p("Task", "authored-on", _D, "authoredOn", doc="Search by creation date"),
         _p("Task", "modified", _D, "lastModified", doc="Search by last modification date"),
+        _p("Task", "encounter", _R, "encounter", doc="Search by encounter"),
+        _p(
+            "Task",
+            "group-identifier",
+            _T,
+            "groupIdentifier",
+            doc="Search by group identifier",
+        ),
+        _p("Task", "part-of", _R, "partOf", doc="Search by task this task is part of"),
+        _p("Task", "performer", _T, "performerType", doc="Search by recommended type of performer"),
+        _p("Task", "period", _D, "executionPeriod", doc="Search by period Task is/was underway"),
     ),
     "ServiceRequest": (
         _p("ServiceRequest", "identifier", _T, "identifier", doc="Identifiers assigned to this order"),
         _p("ServiceRequest", "status", _T, "status", doc="The status of the order"),
         _p("ServiceRequest", "intent", _T, "intent", doc="proposal | plan | order +"),
+        _p("ServiceRequest", "priority", _T, "priority", doc="routine | urgent | asap | stat"),
         _p("ServiceRequest", "code", _T, "code", doc="What is being requested/ordered"),
         _p("ServiceRequest", "category", _T, "category", doc="Classification of the service"),
         _p("ServiceRequest", "requisition", _T, "requisition", doc="Composite Request ID"),
@@ -151,9 +171,45 @@ INDEXED_PARAMS: dict[str, tuple[IndexedParam, ...]] = {
 }
 
 
+#: The Resource parameters every indexed type has (search.html#all), on `resource_current`.
+RESOURCE_PARAMS: dict[str, SearchParamDef] = {
+    "_id": SearchParamDef(
+        "_id",
+        SearchParamType.TOKEN,
+        "Logical id of this artifact",
+        definition="http://hl7.org/fhir/SearchParameter/Resource-id",
+    ),
+    "_lastUpdated": SearchParamDef(
+        "_lastUpdated",
+        SearchParamType.DATE,
+        "When the resource version last changed",
+        definition="http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+    ),
+}
+
+#: `_sort` on these (type, parameter) pairs follows the request-priority order instead of the
+#: code's text (docs/adr/0004-persistent-store.md, "Sorting"): routine < urgent < asap < stat.
+PRIORITY_SORTED_PARAMS = frozenset({("Task", "priority"), ("ServiceRequest", "priority")})
+PRIORITY_RANK: dict[str, int] = {"routine": 1, "urgent": 2, "asap": 3, "stat": 4}
+
+_SORTABLE_TYPES = frozenset({SearchParamType.TOKEN, SearchParamType.DATE, SearchParamType.STRING})
+
+
 def search_param_defs(resource_type: str) -> dict[str, SearchParamDef]:
-    """The parser definitions (for `parse_search`) of the parameters indexed for a type."""
-    return {p.name: p.definition() for p in INDEXED_PARAMS.get(resource_type, ())}
+    """The parser definitions (for `parse_search`) of the parameters searchable for a type: the
+    indexed ones plus `_id` and `_lastUpdated` (none for a type without indexes)."""
+    if resource_type not in INDEXED_PARAMS:
+        return {}
+    return {**RESOURCE_PARAMS, **{p.name: p.definition() for p in INDEXED_PARAMS[resource_type]}}
+
+
+def sortable_params(resource_type: str) -> frozenset[str]:
+    """The `_sort` keys (without `-`) the store can order a type by: `_id`, `_lastUpdated` and
+    each indexed token, date or string parameter (references and others are not sortable)."""
+    if resource_type not in INDEXED_PARAMS:
+        return frozenset()
+    indexed = (p.name for p in INDEXED_PARAMS[resource_type] if p.type in _SORTABLE_TYPES)
+    return frozenset({*RESOURCE_PARAMS, *indexed})
 
 
 @dataclass

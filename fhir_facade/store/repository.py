@@ -26,6 +26,7 @@ from sqlalchemy import (
     Engine,
     Table,
     and_,
+    case,
     delete,
     exists,
     false,
@@ -50,7 +51,16 @@ from fhir_facade.fhir.search import (
 from fhir_facade.resources.base import WriteResult
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.errors import invalid_resource, version_conflict
-from fhir_facade.store.indexing import INDEXED_PARAMS, IndexRows, extract_index, normalize_string
+from fhir_facade.store.indexing import (
+    INDEXED_PARAMS,
+    PRIORITY_RANK,
+    PRIORITY_SORTED_PARAMS,
+    IndexedParam,
+    IndexRows,
+    extract_index,
+    normalize_string,
+    sortable_params,
+)
 from fhir_facade.store.schema import (
     ResourceCurrent,
     ResourceVersion,
@@ -80,6 +90,12 @@ _date: Table = SearchDate.__table__  # type: ignore[attr-defined]
 _reference: Table = SearchReference.__table__  # type: ignore[attr-defined]
 _string: Table = SearchString.__table__  # type: ignore[attr-defined]
 _INDEX_TABLES = (_token, _date, _reference, _string)
+_TABLE_BY_TYPE = {
+    SearchParamType.TOKEN: _token,
+    SearchParamType.DATE: _date,
+    SearchParamType.REFERENCE: _reference,
+    SearchParamType.STRING: _string,
+}
 
 
 def _instant(moment: datetime) -> str:
@@ -332,15 +348,22 @@ class ResourceStore:
         """FHIR search.html: one page of current, non-deleted matches and the total.
 
         Comma-separated values are ORed and repeated parameters ANDed (search.html#combining);
-        each value is an EXISTS over the index table of its type, so filtering, counting and
-        paging (`_count`, `_offset`) all happen in SQL. Order: lastUpdated descending, then id,
-        which is stable across pages while nothing is written (search.html#paging)."""
+        each value is an EXISTS over the index table of its type (`_id` and `_lastUpdated` are
+        columns of `resource_current`), so filtering, counting and paging (`_count`, `_offset`)
+        all happen in SQL. Order: the `_sort` keys (see `_sort_order`), then lastUpdated
+        descending, then id, which is stable across pages while nothing is written
+        (search.html#paging)."""
         where = [
             _current.c.resource_type == request.resource_type,
             _current.c.deleted == false(),
             *(self._clause(request.resource_type, clause) for clause in request.clauses),
         ]
         count = 0 if request.summary == "count" else request.count
+        order = [
+            *self._sort_order(request.resource_type, request.sort),
+            _current.c.last_updated.desc(),
+            _current.c.resource_id,
+        ]
         with self._reading() as connection:
             total = connection.execute(select(func.count()).select_from(_current).where(*where)).scalar_one()
             rows = (
@@ -348,7 +371,7 @@ class ResourceStore:
                     select(_version.c.resource_json)
                     .join_from(_current, _version, self._current_version_join())
                     .where(*where)
-                    .order_by(_current.c.last_updated.desc(), _current.c.resource_id)
+                    .order_by(*order)
                     .limit(count)
                     .offset(request.offset)
                 ).all()
@@ -357,21 +380,80 @@ class ResourceStore:
             )
         return [json.loads(row.resource_json) for row in rows], int(total)
 
+    @staticmethod
+    def sortable(resource_type: str) -> frozenset[str]:
+        """The `_sort` keys (without `-`) `search` accepts for a type (for `parse_search`)."""
+        return sortable_params(resource_type)
+
+    def _sort_order(self, resource_type: str, keys: Sequence[str]) -> list[Any]:
+        """ORDER BY terms for `_sort` (search.html#sort): `_id`, `_lastUpdated`, or an indexed
+        token (code), date (ascending: earliest lower bound; descending: latest upper bound) or
+        string (normalised) parameter. A resource with several values sorts by its smallest
+        (ascending) or largest (descending) one; without a value it sorts last either way.
+        Task and ServiceRequest `priority` sort in request-priority order, not by code text."""
+        order: list[Any] = []
+        sortable = sortable_params(resource_type)
+        for key in keys:
+            descending = key.startswith("-")
+            name = key.removeprefix("-")
+            if name not in sortable:
+                raise bad_request(
+                    f"_sort={name} is not supported for {resource_type}",
+                    expression="_sort",
+                    code="not-supported",
+                )
+            if name == "_id":
+                column: Any = _current.c.resource_id
+            elif name == "_lastUpdated":
+                column = _current.c.last_updated
+            else:
+                indexed = self._indexed(resource_type, name)
+                assert indexed is not None  # sortable names are indexed
+                column = self._sort_value(indexed, descending)
+            order.append(column.desc().nulls_last() if descending else column.asc().nulls_last())
+        return order
+
+    @staticmethod
+    def _sort_value(indexed: IndexedParam, descending: bool) -> Any:
+        """The correlated scalar subquery giving one resource's sort value for a parameter."""
+        table = _TABLE_BY_TYPE[indexed.type]
+        value: Any
+        if indexed.type is SearchParamType.DATE:
+            value = table.c.upper if descending else table.c.lower
+        elif indexed.type is SearchParamType.STRING:
+            value = table.c.normalized
+        elif (indexed.resource_type, indexed.name) in PRIORITY_SORTED_PARAMS:
+            value = case(PRIORITY_RANK, value=table.c.code, else_=None)
+        else:
+            value = table.c.code
+        aggregate = func.max(value) if descending else func.min(value)
+        return (
+            select(aggregate)
+            .where(
+                table.c.resource_type == _current.c.resource_type,
+                table.c.resource_id == _current.c.resource_id,
+                table.c.param == indexed.name,
+            )
+            .correlate(_current)
+            .scalar_subquery()
+        )
+
+    @staticmethod
+    def _indexed(resource_type: str, name: str) -> IndexedParam | None:
+        return {p.name: p for p in INDEXED_PARAMS.get(resource_type, ())}.get(name)
+
     def _clause(self, resource_type: str, clause: SearchClause) -> ColumnElement[bool]:
         name = clause.param.name
-        indexed = {p.name: p for p in INDEXED_PARAMS.get(resource_type, ())}.get(name)
+        if resource_type in INDEXED_PARAMS and name in ("_id", "_lastUpdated"):
+            return self._resource_clause(clause)
+        indexed = self._indexed(resource_type, name)
         if indexed is None or indexed.type is not clause.param.type:
             raise bad_request(
                 f"Search parameter '{name}' is not supported for {resource_type}",
                 expression=clause.raw_name,
                 code="not-supported",
             )
-        table = {
-            SearchParamType.TOKEN: _token,
-            SearchParamType.DATE: _date,
-            SearchParamType.REFERENCE: _reference,
-            SearchParamType.STRING: _string,
-        }[indexed.type]
+        table = _TABLE_BY_TYPE[indexed.type]
         matches = [self._value_match(table, clause, value) for value in clause.values]
         return exists().where(
             table.c.resource_type == _current.c.resource_type,
@@ -379,6 +461,28 @@ class ResourceStore:
             table.c.param == name,
             or_(*matches),
         )
+
+    @staticmethod
+    def _resource_clause(clause: SearchClause) -> ColumnElement[bool]:
+        """`_id` (token: the logical id, comma = OR) and `_lastUpdated` (date: the instant of the
+        current version, as the range [t, t + 1 µs)), on `resource_current` (search.html#all)."""
+        if clause.param.name == "_id":
+            wanted: list[str] = []
+            for value in clause.values:
+                if not isinstance(value, TokenValue) or value.system is not None or value.code is None:
+                    raise bad_request(
+                        f"'{clause.raw_name}' takes resource ids, got '{clause.raw_value}'",
+                        expression=clause.raw_name,
+                    )
+                wanted.append(value.code)
+            return _current.c.resource_id.in_(wanted)
+        column = _current.c.last_updated
+        matches: list[ColumnElement[bool]] = []
+        for value in clause.values:
+            if not isinstance(value, DateValue):
+                raise AssertionError(f"unexpected search value {value!r}")
+            matches.append(_instant_match(column, value))
+        return or_(*matches)
 
     @staticmethod
     def _value_match(table: Table, clause: SearchClause, value: object) -> ColumnElement[bool]:
@@ -515,15 +619,35 @@ class ResourceStore:
         return int(match.group(1))
 
 
-def _date_match(lower: Any, upper: Any, value: DateValue) -> ColumnElement[bool]:
-    """R4 search.html#prefix on ranges: the resource value covers [lower, upper), the search value
-    [lo, hi). eq: contained; ne: not contained; gt/lt: the resource range reaches above/below
-    the search range; ge/le: gt/lt or eq. A search value without an offset is taken as UTC."""
+def _utc_bounds(value: DateValue) -> tuple[datetime, datetime]:
+    """The search range [lo, hi); a search value without an offset is taken as UTC."""
     lo, hi = value.lower, value.upper
     if lo.tzinfo is None:
         lo, hi = lo.replace(tzinfo=UTC), hi.replace(tzinfo=UTC)
-    contained = and_(lower >= lo, upper <= hi)
-    above, below = upper > hi, lower < lo
+    return lo, hi
+
+
+def _date_match(lower: Any, upper: Any, value: DateValue) -> ColumnElement[bool]:
+    """R4 search.html#prefix on ranges: the resource value covers [lower, upper), the search value
+    [lo, hi). eq: contained; ne: not contained; gt/lt: the resource range reaches above/below
+    the search range; ge/le: gt/lt or eq."""
+    lo, hi = _utc_bounds(value)
+    return _by_prefix(value, and_(lower >= lo, upper <= hi), upper > hi, lower < lo)
+
+
+def _instant_match(column: Any, value: DateValue) -> ColumnElement[bool]:
+    """`_date_match` for an instant t stored to the microsecond, i.e. the range [t, t + 1 µs):
+    contained is lo <= t < hi, above is t >= hi, below is t < lo."""
+    lo, hi = _utc_bounds(value)
+    return _by_prefix(value, and_(column >= lo, column < hi), column >= hi, column < lo)
+
+
+def _by_prefix(
+    value: DateValue,
+    contained: ColumnElement[bool],
+    above: ColumnElement[bool],
+    below: ColumnElement[bool],
+) -> ColumnElement[bool]:
     by_prefix: dict[str, ColumnElement[bool]] = {
         "eq": contained,
         "ne": or_(below, above),

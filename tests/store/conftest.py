@@ -20,7 +20,13 @@ from fhir.resources.R4B import get_fhir_model_class
 from sqlalchemy import Engine, text
 
 from fhir_facade.fhir.search import SearchRequest, parse_search
-from fhir_facade.store import ResourceStore, create_store_engine, search_param_defs, upgrade
+from fhir_facade.store import (
+    ResourceStore,
+    create_store_engine,
+    search_param_defs,
+    sortable_params,
+    upgrade,
+)
 
 ADMIN_URL = os.environ.get("FACADE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 #: First instant the test clock hands out; each write is one second later than the previous.
@@ -89,14 +95,16 @@ def valid(resource: dict[str, Any]) -> dict[str, Any]:
     return resource
 
 
-def search_request(resource_type: str, query: list[tuple[str, str]]) -> SearchRequest:
-    """Parse a query the way the HTTP layer will (strict: unknown parameters are errors)."""
+def search_request(resource_type: str, query: list[tuple[str, str]], *, strict: bool = True) -> SearchRequest:
+    """Parse a query the way the HTTP layer does (strict: unknown parameters and `_sort` keys
+    are errors), with the store's sortable keys."""
     return parse_search(
         resource_type,
         query,
         search_param_defs(resource_type),
         base_url="http://example.org/fhir",
-        strict=True,
+        strict=strict,
         default_count=50,
         max_count=500,
+        sortable=sortable_params(resource_type),
     )
