@@ -8,6 +8,7 @@ adjacent page of the same search.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -25,6 +26,8 @@ class SearchResult:
     total: int | None
     has_next: bool
     includes: list[dict[str, Any]] = field(default_factory=list)
+    #: The paging snapshot the provider used (persistent types); repeated in the paging links.
+    snapshot: datetime | None = None
 
 
 def paged(matches: list[dict[str, Any]], request: SearchRequest) -> SearchResult:
@@ -34,27 +37,30 @@ def paged(matches: list[dict[str, Any]], request: SearchRequest) -> SearchResult
     return SearchResult(page, len(matches), request.offset + count < len(matches))
 
 
-def _page_url(base_url: str, request: SearchRequest, offset: int) -> str:
+def _page_url(base_url: str, request: SearchRequest, offset: int, snapshot: datetime | None) -> str:
     params = [(k, v) for k, v in request.link_params if k != "_count"]
     params.append(("_count", str(request.count)))
     if offset:
         params.append(("_offset", str(offset)))
+    if snapshot is not None:
+        params.append(("_snapshot", snapshot.isoformat()))
     return f"{base_url}/{request.resource_type}?{urlencode(params)}"
 
 
 def searchset_bundle(base_url: str, request: SearchRequest, result: SearchResult) -> dict[str, Any]:
     """Build the searchset Bundle for one page of `result`."""
-    links = [{"relation": "self", "url": _page_url(base_url, request, request.offset)}]
+    snap = result.snapshot
+    links = [{"relation": "self", "url": _page_url(base_url, request, request.offset, snap)}]
     count_only = request.summary == "count" or request.count == 0
     if not count_only:
         if request.offset > 0:
             previous = max(request.offset - request.count, 0)
-            links.append({"relation": "previous", "url": _page_url(base_url, request, previous)})
+            links.append({"relation": "previous", "url": _page_url(base_url, request, previous, snap)})
         if result.has_next:
             links.append(
                 {
                     "relation": "next",
-                    "url": _page_url(base_url, request, request.offset + request.count),
+                    "url": _page_url(base_url, request, request.offset + request.count, snap),
                 }
             )
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}

@@ -137,6 +137,9 @@ class SearchRequest:
     link_params: list[tuple[str, str]] = field(default_factory=list)
     includes: list[IncludeSpec] = field(default_factory=list)
     revincludes: list[IncludeSpec] = field(default_factory=list)
+    #: Paging snapshot (`_snapshot`, set by the server in its paging links): only resources last
+    #: updated at or before it match, so rows added while a client pages do not shift the pages.
+    snapshot: datetime | None = None
 
     def clauses_for(self, name: str) -> list[SearchClause]:
         return [c for c in self.clauses if c.param.name == name]
@@ -155,6 +158,7 @@ RESULT_PARAMETERS = frozenset(
         "_sort",
         "_include",
         "_revinclude",
+        "_snapshot",
     }
 )
 #: PACS and databases take 32-bit offsets; a larger one is a client error, not a PACS failure.
@@ -346,7 +350,7 @@ def parse_search(
             continue
         if name in RESULT_PARAMETERS:
             _apply_result_parameter(request, name, raw_value, max_count)
-            if name not in ("_offset",):
+            if name not in ("_offset", "_snapshot"):
                 request.link_params.append((raw_name, raw_value))
             continue
         param = definitions.get(name)
@@ -376,7 +380,15 @@ def _sort_supported(raw: str, sortable: frozenset[str]) -> bool:
 
 
 def _apply_result_parameter(request: SearchRequest, name: str, raw: str, max_count: int) -> None:
-    if name in ("_include", "_revinclude"):
+    if name == "_snapshot":
+        try:
+            moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise bad_request(
+                "_snapshot is an instant set by the server's paging links", expression=name
+            ) from exc
+        request.snapshot = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    elif name in ("_include", "_revinclude"):
         parts = raw.split(":")
         if len(parts) not in (2, 3) or not all(re.fullmatch(r"[A-Za-z][A-Za-z0-9\-]*", p) for p in parts):
             raise bad_request(f"{name} takes Type:parameter[:TargetType], got '{raw}'", expression=name)

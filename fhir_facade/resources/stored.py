@@ -77,9 +77,13 @@ class StoredResourceProvider(ResourceProvider):
         return await run_in_threadpool(self._store.vread, self.resource_type, resource_id, version_id)
 
     async def search(self, request: SearchRequest) -> SearchResult:
+        if request.snapshot is None:
+            request.snapshot = datetime.now(UTC)
         matches, total = await run_in_threadpool(self._store.search, request)
         more = request.offset + request.count < total
-        return SearchResult(matches, total if request.total != "none" else None, more)
+        return SearchResult(
+            matches, total if request.total != "none" else None, more, snapshot=request.snapshot
+        )
 
     async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
         prepared = self.prepare(resource, None)

@@ -353,9 +353,14 @@ class ResourceStore:
         all happen in SQL. Order: the `_sort` keys (see `_sort_order`), then lastUpdated
         descending, then id, which is stable across pages while nothing is written
         (search.html#paging)."""
+        # The paging snapshot (request.snapshot, set by the provider on a first page and carried
+        # by the paging links): resources written since are left out, so pages stay consistent
+        # while rows are added (search.html#paging).
+        snapshot = [_current.c.last_updated <= request.snapshot] if request.snapshot else []
         where = [
             _current.c.resource_type == request.resource_type,
             _current.c.deleted == false(),
+            *snapshot,
             *(self._clause(request.resource_type, clause) for clause in request.clauses),
         ]
         count = 0 if request.summary == "count" else request.count

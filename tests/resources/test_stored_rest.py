@@ -231,3 +231,23 @@ def test_task_search_by_status_and_paging(fhir: httpx.Client, status: str) -> No
     second = ok_json(httpx.get(nxt))
     ids = {e["resource"]["id"] for e in first["entry"]}
     assert not ids & {e["resource"]["id"] for e in second["entry"]}
+
+
+def test_paging_stays_consistent_while_tasks_are_added(fhir: httpx.Client) -> None:
+    marker = {"text": "paging-consistency"}
+    for _ in range(5):
+        post(fhir, task("requested", businessStatus=marker))
+    query: dict[str, Any] = {"status": "requested", "_count": 2}
+    first = ok_json(fhir.get("/Task", params=query))
+    total = first["total"]
+    seen = [e["resource"]["id"] for e in first["entry"]]
+    page = first
+    while any(link["relation"] == "next" for link in page["link"]):
+        post(fhir, task("requested", businessStatus=marker))  # arrives while the client pages
+        nxt = next(link["url"] for link in page["link"] if link["relation"] == "next")
+        page = ok_json(httpx.get(nxt))
+        assert page["total"] == total
+        seen += [e["resource"]["id"] for e in page["entry"]]
+    assert len(seen) == len(set(seen)) == total
+    fresh = ok_json(fhir.get("/Task", params=query))
+    assert fresh["total"] > total  # a new search sees the added Tasks
