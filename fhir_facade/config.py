@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
@@ -80,11 +81,38 @@ class Settings(BaseSettings):
             "(FHIR dateTimes with a time need an offset)."
         ),
     )
+    inference_backend: Literal["onnxruntime", "kserve-v2"] = Field(
+        "onnxruntime",
+        description=(
+            "Where $analyze runs models: in-process ONNX Runtime, or a remote server speaking the "
+            "Open Inference Protocol (KServe v2 REST: Triton, KServe, MLServer) at FACADE_INFERENCE_URL."
+        ),
+    )
+    inference_url: str | None = Field(
+        None, description="Base URL of the KServe v2 inference server (for inference_backend=kserve-v2)."
+    )
+    inference_providers: tuple[str, ...] | None = Field(
+        None,
+        description=(
+            "ONNX Runtime execution providers in order of preference (JSON list); default: "
+            "CUDAExecutionProvider then CPUExecutionProvider, keeping those that are installed."
+        ),
+    )
+    inference_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."
+    )
+    analyze_workers: int = Field(1, ge=1, description="Analyses that run at the same time.")
+    analyze_timeout: float | None = Field(
+        None, gt=0, description="Seconds before an analysis is abandoned (default: the model manifest's)."
+    )
+    analyze_write_sr: bool = Field(
+        True, description="Store each $analyze result in the PACS as a DICOM Comprehensive 3D SR (STOW-RS)."
+    )
     default_page_size: int = Field(20, ge=1, description="Search page size when _count is absent.")
     max_page_size: int = Field(500, ge=1, description="Upper bound for _count.")
     log_level: str = Field("INFO", description="Python logging level.")
 
-    @field_validator("dicomweb_url", "base_url", "orthanc_url", "fhir_upstream_url")
+    @field_validator("dicomweb_url", "base_url", "orthanc_url", "fhir_upstream_url", "inference_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value

@@ -1,0 +1,68 @@
+"""What an analysis produced, independent of FHIR and DICOM: the hand-off between the pixel and
+inference pipeline and the writers (FHIR resources, DICOM SR).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["AnalysisResult", "CodedConcept", "ScoredInstance", "StudyDecision"]
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A code from a real terminology (SNOMED CT, LOINC, DCM): FHIR Coding and DICOM code alike."""
+
+    system: str
+    code: str
+    display: str
+
+    @property
+    def dicom_scheme(self) -> str:
+        """The DICOM Coding Scheme Designator for `system` (PS3.16 Section 8)."""
+        return {
+            "http://snomed.info/sct": "SCT",
+            "http://loinc.org": "LN",
+            "http://dicom.nema.org/resources/ontology/DCM": "DCM",
+        }.get(self.system, "99FHIRFACADE")
+
+
+@dataclass(frozen=True)
+class ScoredInstance:
+    """One image the model saw, and the model's output for it (in the manifest's label order)."""
+
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    probabilities: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class StudyDecision:
+    """The study-level answer derived from the per-image outputs (fhir_facade.analyze.decision)."""
+
+    label: str
+    concept: CodedConcept
+    probability: float
+    class_scores: dict[str, float]
+    class_concepts: dict[str, CodedConcept]
+    method: str
+    supporting: tuple[ScoredInstance, ...] = ()
+    """The images whose outputs carried the decision (for positives: the top-scoring slices)."""
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """Everything the writers need: the study, the model, the per-image outputs and the decision."""
+
+    study_uid: str
+    model_id: str
+    model_version: str
+    model_title: str
+    model_sha256: str
+    labels: tuple[str, ...]
+    instances: tuple[ScoredInstance, ...]
+    decision: StudyDecision
+    inference_seconds: float = 0.0
+    providers: tuple[str, ...] = field(default_factory=tuple)
