@@ -156,9 +156,15 @@ INDEXED_PARAMS: dict[str, tuple[IndexedParam, ...]] = {
         _p("ServiceRequest", "authored", _D, "authoredOn", doc="Date request signed"),
         _p("ServiceRequest", "occurrence", _D, "occurrence[x]", doc="When service should occur"),
     ),
-    "DiagnosticReport": _clinical("DiagnosticReport"),
+    "DiagnosticReport": (
+        *_clinical("DiagnosticReport"),
+        _p("DiagnosticReport", "result", _R, "result", doc="Link to an atomic result (observation)"),
+    ),
     "Observation": (
         *_clinical("Observation"),
+        _p("Observation", "part-of", _R, "partOf", doc="Part of referenced event (e.g. ImagingStudy)"),
+        _p("Observation", "derived-from", _R, "derivedFrom", doc="Related measurements or studies"),
+        _p("Observation", "device", _R, "device", doc="The Device that generated the observation"),
         _p(
             "Observation",
             "value-string",
@@ -168,6 +174,8 @@ INDEXED_PARAMS: dict[str, tuple[IndexedParam, ...]] = {
             doc="The value of the observation, if the value is a string, and text matching",
         ),
     ),
+    "Device": (_p("Device", "identifier", _T, "identifier", doc="Instance id from manufacturer, owner"),),
+    "Provenance": (_p("Provenance", "target", _R, "target", doc="Target Reference(s)"),),
 }
 
 

@@ -70,10 +70,29 @@ def _feed_positions(connection: Connection) -> None:
     )
 
 
+def _owner_indexes_with_param(connection: Connection) -> None:
+    # _sort reads one parameter's values per matching resource (a correlated subquery on
+    # resource_type, resource_id, param); with `param` in the owner index that is one index
+    # probe, where SQLite otherwise scanned the (type, param, code) index per resource.
+    # The sort column ends the date and string indexes, so min() is read from the owner index too
+    # (else SQLite's min/max shortcut prefers the lookup index, which starts with the same
+    # equality columns but not the resource).
+    columns = {
+        "search_token": "resource_type, resource_id, param",
+        "search_date": "resource_type, resource_id, param, lower",
+        "search_reference": "resource_type, resource_id, param",
+        "search_string": "resource_type, resource_id, param, normalized",
+    }
+    for table, indexed in columns.items():
+        connection.execute(text(f"DROP INDEX IF EXISTS ix_{table}_owner"))
+        connection.execute(text(f"CREATE INDEX ix_{table}_owner ON {table} ({indexed})"))
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
     Migration(2, "feed_position: where change-feed watchers are (Orthanc /changes)", _feed_positions),
+    Migration(3, "search index owner indexes include param (fast _sort)", _owner_indexes_with_param),
 )
 
 

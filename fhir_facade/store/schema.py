@@ -119,7 +119,7 @@ class SearchToken(SQLModel, table=True):
     __table_args__ = (
         _owner_fk("search_token"),
         Index("ix_search_token_lookup", "resource_type", "param", "code"),
-        Index("ix_search_token_owner", "resource_type", "resource_id"),
+        Index("ix_search_token_owner", "resource_type", "resource_id", "param"),
     )
 
     row_id: int | None = Field(default=None, primary_key=True)
@@ -137,7 +137,7 @@ class SearchDate(SQLModel, table=True):
     __table_args__ = (
         _owner_fk("search_date"),
         Index("ix_search_date_lookup", "resource_type", "param", "lower", "upper"),
-        Index("ix_search_date_owner", "resource_type", "resource_id"),
+        Index("ix_search_date_owner", "resource_type", "resource_id", "param", "lower"),
     )
 
     row_id: int | None = Field(default=None, primary_key=True)
@@ -156,7 +156,7 @@ class SearchReference(SQLModel, table=True):
     __table_args__ = (
         _owner_fk("search_reference"),
         Index("ix_search_reference_lookup", "resource_type", "param", "target_id"),
-        Index("ix_search_reference_owner", "resource_type", "resource_id"),
+        Index("ix_search_reference_owner", "resource_type", "resource_id", "param"),
     )
 
     row_id: int | None = Field(default=None, primary_key=True)
@@ -176,7 +176,7 @@ class SearchString(SQLModel, table=True):
     __table_args__ = (
         _owner_fk("search_string"),
         Index("ix_search_string_lookup", "resource_type", "param", "normalized"),
-        Index("ix_search_string_owner", "resource_type", "resource_id"),
+        Index("ix_search_string_owner", "resource_type", "resource_id", "param", "normalized"),
     )
 
     row_id: int | None = Field(default=None, primary_key=True)

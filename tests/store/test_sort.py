@@ -270,7 +270,7 @@ def test_sortable_contents(store: ResourceStore) -> None:
     assert store.sortable("Task") == task_sortable
     assert {"authored", "occurrence", "status", "_lastUpdated"} <= sortable_params("ServiceRequest")
     assert "value-string" in sortable_params("Observation")
-    assert sortable_params("Device") == frozenset()
+    assert sortable_params("Device") == {"_id", "_lastUpdated", "identifier"}
     assert StoredResourceProvider("Task", store).sortable == task_sortable
 
 
@@ -296,7 +296,7 @@ def test_every_r4_task_and_service_request_parameter_is_searchable() -> None:
     assert (
         definitions["_lastUpdated"].definition == "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"
     )
-    assert search_param_defs("Device") == {}
+    assert set(search_param_defs("Device")) == {"_id", "_lastUpdated", "identifier"}
 
 
 def test_new_task_parameters(store: ResourceStore) -> None:
