@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from fhir_facade import __version__
+from fhir_facade.analyze.runtime import AnalyzeRuntime
 from fhir_facade.config import Settings
 from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
@@ -159,6 +160,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         *stored,
         *artifact_providers(),
     ]
+    analyze = (
+        AnalyzeRuntime(
+            settings, qido=dicomweb, store=store, providers={p.resource_type: p for p in providers}
+        )
+        if settings.analyze_enabled
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -168,6 +176,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if orthanc:
             await orthanc.open()
         watching = _start_watcher(settings, orthanc, store, providers)
+        if analyze:
+            await analyze.start()
         log.info(
             "fhir-facade %s: FHIR base %s, PACS %s",
             __version__,
@@ -177,6 +187,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if analyze:
+                await analyze.stop()
             if watching:
                 await watching.stop()
             await dicomweb.close()
@@ -195,7 +207,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.orthanc = orthanc
     app.state.store = store
     app.state.providers = providers
+    app.state.analyze = analyze
     install_error_handlers(app)
-    app.include_router(build_fhir_router(providers, settings, atomic_scope(store)))
+    if analyze:  # before the FHIR router, whose /{type}/{id} catch-all would shadow the job URLs
+        app.include_router(analyze.router)
+    operations = analyze.operations if analyze else None
+    app.include_router(build_fhir_router(providers, settings, atomic_scope(store), operations))
     app.include_router(metrics_router)
     return app

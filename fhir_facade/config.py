@@ -101,6 +101,17 @@ class Settings(BaseSettings):
     inference_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."
     )
+    analyze_enabled: bool = Field(
+        True, description="Offer $analyze (loads and warms up the models at start-up)."
+    )
+    analyze_default_model: str = Field(
+        "brain-tumor-vgg16",
+        description="Model manifest (operations/models/<id>.json) $analyze runs by default.",
+    )
+    analyze_worklist: bool = Field(
+        True, description="Run requested analysis Tasks of the worklist (Task code analyze)."
+    )
+    analyze_poll_interval: float = Field(2.0, gt=0, description="Seconds between worklist polls.")
     analyze_workers: int = Field(1, ge=1, description="Analyses that run at the same time.")
     analyze_timeout: float | None = Field(
         None, gt=0, description="Seconds before an analysis is abandoned (default: the model manifest's)."

@@ -32,3 +32,22 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   echo "$wanted" > "$stamp"
 fi
+
+# A KServe v2 model server for the inference tests (tests/kserve_server/onnx_model_server.py).
+# kserve pins its own FastAPI/pydantic, so it gets its own virtualenv, never the facade's.
+# About 50 s and 530 MB; SETUP_KSERVE=0 skips it (the KServe tests then skip, or fail when CI=true).
+KSERVE_REQUIREMENTS=("kserve>=0.21,<0.22" "onnxruntime>=1.17" "numpy>=1.26")
+if [ "${SETUP_KSERVE:-1}" != 0 ]; then
+  if [ ! -x .venv-kserve/bin/python ]; then
+    echo "setup: creating .venv-kserve"
+    "$PYTHON" -m venv .venv-kserve
+  fi
+  kserve_stamp=.venv-kserve/.kserve-installed
+  kserve_wanted=$(printf '%s\n' "${KSERVE_REQUIREMENTS[@]}" | sha256sum | cut -d' ' -f1)
+  if [ ! -f "$kserve_stamp" ] || [ "$(cat "$kserve_stamp")" != "$kserve_wanted" ]; then
+    echo "setup: installing kserve into .venv-kserve"
+    .venv-kserve/bin/python -m pip install -q --upgrade pip
+    .venv-kserve/bin/python -m pip install -q "${KSERVE_REQUIREMENTS[@]}"
+    echo "$kserve_wanted" > "$kserve_stamp"
+  fi
+fi

@@ -60,6 +60,7 @@ def serve(settings_overrides: dict[str, Any]) -> LiveServer:
     port = free_port()
     overrides = dict(settings_overrides)
     overrides.setdefault("watch_studies", False)  # tests that watch the feed say so
+    overrides.setdefault("analyze_enabled", False)  # tests of $analyze say so (it loads the model)
     if "database_url" not in overrides:
         overrides["database_url"] = f"sqlite:///{tempfile.mkdtemp(prefix='facade-store-')}/store.sqlite3"
     settings = Settings(base_url=f"http://127.0.0.1:{port}/fhir", **overrides)

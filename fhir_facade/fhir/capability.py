@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
@@ -31,7 +31,7 @@ def _base() -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _resource_entry(provider: ResourceProvider) -> dict[str, Any]:
+def _resource_entry(provider: ResourceProvider, operations: Sequence[dict[str, str]]) -> dict[str, Any]:
     entry: dict[str, Any] = {"type": provider.resource_type}
     if provider.profile:
         entry["profile"] = provider.profile
@@ -48,15 +48,27 @@ def _resource_entry(provider: ResourceProvider) -> dict[str, Any]:
         params.append(item)
     if params:
         entry["searchParam"] = params
+    if operations:
+        entry["operation"] = list(operations)
     return entry
 
 
-def capability_statement(providers: Sequence[ResourceProvider], settings: Settings) -> dict[str, Any]:
+def capability_statement(
+    providers: Sequence[ResourceProvider],
+    settings: Settings,
+    operations: Mapping[str, Sequence[dict[str, str]]] | None = None,
+) -> dict[str, Any]:
+    """The CapabilityStatement: the base from capability/ plus every registered provider and
+    operation (`operations`: resource type -> [{name, definition}]), so only what works is listed."""
+    operations = operations or {}
     statement = copy.deepcopy(_base())
     statement["software"]["version"] = __version__
     statement["implementation"] = {"description": "fhir-facade", "url": settings.base_url}
     rest = statement["rest"][0]
-    rest["resource"] = [_resource_entry(p) for p in sorted(providers, key=lambda p: p.resource_type)]
+    rest["resource"] = [
+        _resource_entry(p, operations.get(p.resource_type, ()))
+        for p in sorted(providers, key=lambda p: p.resource_type)
+    ]
     rest["searchParam"] = [
         {"name": name, "type": kind, "documentation": doc} for name, kind, doc in _RESULT_PARAMS
     ]

@@ -13,9 +13,11 @@ __all__ = [
     "FACADE_ISSUE_SYSTEM",
     "FhirError",
     "Issue",
+    "ai_inference_timeout",
     "bad_request",
     "conflict",
     "dicom_service_unavailable",
+    "fhir_mapping_error",
     "gone",
     "internal_error",
     "method_not_allowed",
@@ -23,6 +25,7 @@ __all__ = [
     "not_found",
     "not_supported",
     "precondition_failed",
+    "unprocessable",
     "unsupported_media_type",
 ]
 
@@ -130,6 +133,23 @@ def dicom_service_unavailable(diagnostics: str) -> FhirError:
         detail_code="dicom_service_unavailable",
         headers={"Retry-After": "5"},
     )
+
+
+def unprocessable(diagnostics: str, *, detail_code: str, code: str = "processing") -> FhirError:
+    """422: the request is well-formed but cannot be carried out on this content (e.g. a study
+    with no images the model applies to)."""
+    return _error(422, code, diagnostics, detail_code=detail_code)
+
+
+def ai_inference_timeout(diagnostics: str) -> FhirError:
+    """504: the analysis ran past its time limit and was abandoned."""
+    return _error(504, "timeout", diagnostics, detail_code="ai_inference_timeout")
+
+
+def fhir_mapping_error(diagnostics: str) -> FhirError:
+    """500: the model ran, but its result could not be turned into valid FHIR (a bug or a bad
+    model package); nothing was stored."""
+    return _error(500, "exception", diagnostics, detail_code="fhir_mapping_error")
 
 
 def internal_error(diagnostics: str = "Internal server error; see the server log.") -> FhirError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-__all__ = ["prefers_strict_handling", "return_preference"]
+__all__ = ["prefers_async", "prefers_strict_handling", "return_preference"]
 
 _RETURN_VALUES = ("minimal", "representation", "OperationOutcome")
 
@@ -29,3 +29,8 @@ def return_preference(request: Request) -> str:
     """`representation` unless the client asked for `minimal` or `OperationOutcome`."""
     value = _preferences(request).get("return", "representation")
     return value if value in _RETURN_VALUES else "representation"
+
+
+def prefers_async(request: Request) -> bool:
+    """`Prefer: respond-async` (FHIR async pattern, RFC 7240 section 4.1)."""
+    return "respond-async" in _preferences(request)

@@ -8,7 +8,7 @@ path and search parameter, which is what schemathesis and API explorers read.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -78,7 +78,10 @@ def _search_openapi(provider: ResourceProvider) -> dict[str, Any]:
 
 
 def build_fhir_router(
-    providers: Sequence[ResourceProvider], settings: Settings, atomic: Atomic | None = None
+    providers: Sequence[ResourceProvider],
+    settings: Settings,
+    atomic: Atomic | None = None,
+    operations: Mapping[str, Sequence[dict[str, str]]] | None = None,
 ) -> APIRouter:
     """Routes for `metadata`, batch/transaction at the base, and each provider's interactions.
     `atomic` opens a store transaction; without it only batches are accepted."""
@@ -104,7 +107,7 @@ def build_fhir_router(
     )
     async def metadata(request: Request) -> Response:
         negotiate_response_format(request)
-        return fhir_response(capability_statement(providers, settings), request)
+        return fhir_response(capability_statement(providers, settings, operations), request)
 
     for provider in providers:
         _add_provider_routes(router, provider, settings, by_type)

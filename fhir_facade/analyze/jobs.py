@@ -1,0 +1,355 @@
+"""Analysis jobs: every `$analyze` run is a Task of the worklist, and requested analysis Tasks in the
+worklist are run by the same worker.
+
+- A request creates a Task (code analyze, focus the study, status in-progress) and runs the
+  analysis as an asyncio job; the finished Task (completed, output -> DiagnosticReport) is stored in
+  the result's transaction; a failure sets it `failed` with the OperationOutcome's code as
+  statusReason. Synchronous requests wait for the job; `Prefer: respond-async` gets its status URL.
+- `Idempotency-Key` is kept as Task.identifier: a retry finds the Task and returns its report (or
+  joins the running job) instead of running the model again. Keys are serialised per process; two
+  replicas racing on one key can both run (documented in ADR 0006).
+- The worklist poller claims `Task?status=requested&code=analyze` (oldest, most urgent first) by
+  moving it to in-progress with If-Match, so two workers never take the same Task.
+- At most `analyze_workers` analyses run at once; the rest wait their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fhir_facade.analyze.service import AnalysisOutcome, Analyzer
+from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM, FhirError, Issue, conflict, internal_error, not_found
+from fhir_facade.fhir.search import parse_search
+from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.watcher.arrival_tasks import ANALYZE_CODE, TASK_CODE_SYSTEM
+
+__all__ = ["IDEMPOTENCY_KEY_SYSTEM", "AnalysisJob", "AnalysisJobs", "JobState"]
+
+log = logging.getLogger(__name__)
+
+#: Task.identifier.system of a client's Idempotency-Key.
+IDEMPOTENCY_KEY_SYSTEM = "http://fhir-facade.org/fhir/sid/idempotency-key"
+
+#: facade-issue code -> HTTP status, to answer a failed job's poll with the status it failed with.
+_STATUS_BY_DETAIL = {
+    "no_applicable_images": 422,
+    "image_decode_error": 422,
+    "dicom_service_unavailable": 503,
+    "dicom_service_error": 502,
+    "ai_inference_unavailable": 503,
+    "ai_inference_timeout": 504,
+    "fhir_mapping_error": 500,
+    "unknown_model": 400,
+}
+
+
+@dataclass
+class AnalysisJob:
+    """An analysis running in this process."""
+
+    task_id: str
+    study_id: str
+    model_id: str | None
+    series_uid: str | None
+    done: int = 0
+    total: int = 0
+    runner: asyncio.Task[AnalysisOutcome] | None = field(default=None, repr=False)
+
+    def progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    @property
+    def progress_text(self) -> str:
+        if not self.total:
+            return "selecting images"
+        return f"{self.done} of {self.total} images analysed"
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What a status poll answers: running (with progress), a report, or an error."""
+
+    running: bool
+    progress: str = ""
+    report: dict[str, Any] | None = None
+    error: FhirError | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class AnalysisJobs:
+    """Creates, runs, finds and cancels analysis jobs (Tasks)."""
+
+    def __init__(
+        self,
+        analyzer: Analyzer,
+        tasks: ResourceProvider,
+        reports: ResourceProvider,
+        studies: ResourceProvider,
+        *,
+        workers: int,
+        base_url: str,
+    ) -> None:
+        self.analyzer = analyzer
+        self._tasks = tasks
+        self._reports = reports
+        self._studies = studies
+        self._base_url = base_url
+        self._slots = asyncio.Semaphore(workers)
+        self._workers = workers
+        self._running: dict[str, AnalysisJob] = {}
+        self._key_locks: dict[str, asyncio.Lock] = {}
+
+    # -- starting jobs --------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        study_id: str,
+        *,
+        model_id: str | None,
+        series_uid: str | None,
+        idempotency_key: str | None,
+    ) -> tuple[str, AnalysisJob | None, dict[str, Any] | None]:
+        """Start (or find) the job for this request: (task id, running job, finished report)."""
+        self.analyzer.manifest(model_id)  # 400 for an unknown model, before anything is written
+        study = await self._studies.read(study_id)  # 404 for an unknown study
+        if idempotency_key is None:
+            job = await self._start(study, model_id, series_uid, None)
+            return job.task_id, job, None
+        lock = self._key_locks.setdefault(idempotency_key, asyncio.Lock())
+        async with lock:
+            existing = await self._task_for_key(idempotency_key)
+            if existing is not None:
+                focus = existing.get("focus", {}).get("reference")
+                if focus != f"ImagingStudy/{study_id}":
+                    raise conflict(
+                        f"Idempotency-Key {idempotency_key!r} was used for {focus}, "
+                        f"not ImagingStudy/{study_id}"
+                    )
+                state = await self.state(existing["id"])
+                if state.running or state.report is not None:
+                    return existing["id"], self._running.get(existing["id"]), state.report
+            job = await self._start(study, model_id, series_uid, idempotency_key)
+            return job.task_id, job, None
+
+    async def _task_for_key(self, key: str) -> dict[str, Any] | None:
+        """The newest Task carrying this key that is not failed or cancelled."""
+        request = parse_search(
+            "Task",
+            [("identifier", f"{IDEMPOTENCY_KEY_SYSTEM}|{key}"), ("_sort", "-_lastUpdated")],
+            self._tasks.search_param_map,
+            base_url=self._base_url,
+            strict=True,
+            default_count=20,
+            max_count=20,
+            sortable=self._tasks.sortable,
+        )
+        for task in (await self._tasks.search(request)).matches:
+            if task.get("status") not in ("failed", "cancelled", "entered-in-error"):
+                return task
+        return None
+
+    async def _start(
+        self, study: dict[str, Any], model_id: str | None, series_uid: str | None, key: str | None
+    ) -> AnalysisJob:
+        manifest = self.analyzer.manifest(model_id)
+        task: dict[str, Any] = {
+            "resourceType": "Task",
+            "status": "in-progress",
+            "intent": "order",
+            "code": {"coding": [ANALYZE_CODE]},
+            "focus": {"reference": f"ImagingStudy/{study['id']}"},
+            "description": f"Analyze study with {manifest.id} ($analyze)",
+            "input": [{"type": {"text": "model"}, "valueString": manifest.id}],
+        }
+        if key is not None:
+            task["identifier"] = [{"system": IDEMPOTENCY_KEY_SYSTEM, "value": key}]
+        if study.get("subject", {}).get("reference"):
+            task["for"] = {"reference": study["subject"]["reference"]}
+        if study.get("basedOn"):
+            task["basedOn"] = [{"reference": r["reference"]} for r in study["basedOn"] if r.get("reference")]
+        if series_uid:
+            task["input"].append({"type": {"text": "series"}, "valueString": series_uid})
+        stored = await self._tasks.create(task)
+        return self._launch(stored, model_id, series_uid)
+
+    def _launch(self, task: dict[str, Any], model_id: str | None, series_uid: str | None) -> AnalysisJob:
+        study_id = task["focus"]["reference"].split("/", 1)[1]
+        job = AnalysisJob(task["id"], study_id, model_id, series_uid)
+        job.runner = asyncio.create_task(self._run(job, task), name=f"analyze-{task['id']}")
+        self._running[job.task_id] = job
+        job.runner.add_done_callback(lambda _: self._running.pop(job.task_id, None))
+        return job
+
+    async def _run(self, job: AnalysisJob, task: dict[str, Any]) -> AnalysisOutcome:
+        try:
+            async with self._slots:
+                return await self.analyzer.analyze(
+                    job.study_id,
+                    model_id=job.model_id,
+                    series_uid=job.series_uid,
+                    progress=job.progress,
+                    task=task,
+                )
+        except asyncio.CancelledError:
+            await self._finish(job.task_id, "cancelled", None, "Cancelled by the client")
+            raise
+        except FhirError as error:
+            issue = error.issues[0]
+            await self._finish(job.task_id, "failed", issue.detail_code, issue.diagnostics)
+            raise
+        except Exception as exc:
+            log.exception("Analysis job %s failed", job.task_id)
+            await self._finish(job.task_id, "failed", None, f"Internal error: {type(exc).__name__}")
+            raise internal_error() from exc
+
+    async def _finish(self, task_id: str, status: str, detail_code: str | None, text: str) -> None:
+        """Record a job's end that is not a result; the result's own transaction records success."""
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                current = await self._tasks.read(task_id)
+                reason: dict[str, Any] = {"text": text}
+                if detail_code:
+                    reason["coding"] = [{"system": FACADE_ISSUE_SYSTEM, "code": detail_code}]
+                updated = {**current, "status": status, "statusReason": reason}
+                updated.pop("meta", None)
+                await self._tasks.update(task_id, updated, if_match=None)
+            except Exception:  # the job's own failure is what the caller must see
+                log.exception("Could not record the end (%s) of analysis Task %s", status, task_id)
+
+    # -- results and status ---------------------------------------------------------------------
+
+    async def wait(self, job: AnalysisJob) -> dict[str, Any]:
+        """The report of a job this request waits for; the job goes on if the client leaves."""
+        assert job.runner is not None
+        outcome = await asyncio.shield(job.runner)
+        return outcome.report
+
+    async def state(self, task_id: str) -> JobState:
+        job = self._running.get(task_id)
+        if job is not None and job.runner is not None and not job.runner.done():
+            return JobState(running=True, progress=job.progress_text)
+        task = await self._analysis_task(task_id)
+        status = task.get("status")
+        if status == "completed":
+            return JobState(running=False, report=await self._report_of(task))
+        if status in ("failed", "cancelled", "rejected", "entered-in-error"):
+            return JobState(running=False, error=_task_error(task))
+        return JobState(running=True, progress=f"Task {status}")
+
+    async def _analysis_task(self, task_id: str) -> dict[str, Any]:
+        task = await self._tasks.read(task_id)
+        codes = task.get("code", {}).get("coding", [])
+        if not any(c.get("system") == TASK_CODE_SYSTEM and c.get("code") == "analyze" for c in codes):
+            raise not_found(f"No analysis job {task_id}")
+        return task
+
+    async def _report_of(self, task: dict[str, Any]) -> dict[str, Any]:
+        for output in task.get("output", []):
+            reference = output.get("valueReference", {}).get("reference", "")
+            if reference.startswith("DiagnosticReport/"):
+                return await self._reports.read(reference.split("/", 1)[1])
+        raise internal_error(f"Completed analysis Task {task['id']} has no DiagnosticReport output")
+
+    async def cancel(self, task_id: str) -> None:
+        """DELETE on the status URL: stop a running job (its Task becomes cancelled)."""
+        job = self._running.get(task_id)
+        if job is None or job.runner is None or job.runner.done():
+            task = await self._analysis_task(task_id)
+            if task.get("status") in ("requested", "received", "accepted", "ready"):
+                await self._finish(task_id, "cancelled", None, "Cancelled by the client")
+                return
+            raise conflict(f"Analysis job {task_id} is not running (Task status {task.get('status')})")
+        job.runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError, FhirError):
+            await job.runner
+
+    # -- the worklist -------------------------------------------------------------------------------
+
+    async def run_worklist(self, stop: asyncio.Event, poll_interval: float) -> None:
+        """Claim and run requested analysis Tasks until `stop` is set."""
+        while not stop.is_set():
+            try:
+                await self._claim_requested()
+            except Exception:
+                log.exception("Analysis worklist poll failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll_interval)
+
+    async def _claim_requested(self) -> None:
+        free = self._workers - len(self._running)
+        if free <= 0:
+            return
+        request = parse_search(
+            "Task",
+            [
+                ("status", "requested"),
+                ("code", f"{TASK_CODE_SYSTEM}|analyze"),
+                ("_sort", "-priority,authored-on"),
+            ],
+            self._tasks.search_param_map,
+            base_url=self._base_url,
+            strict=True,
+            default_count=free,
+            max_count=free,
+            sortable=self._tasks.sortable,
+        )
+        for task in (await self._tasks.search(request)).matches:
+            claimed = await self._claim(task)
+            if claimed is not None:
+                model = _task_input(claimed, "model")
+                self._launch(claimed, model, _task_input(claimed, "series"))
+
+    async def _claim(self, task: dict[str, Any]) -> dict[str, Any] | None:
+        focus = task.get("focus", {}).get("reference", "")
+        if not focus.startswith("ImagingStudy/"):
+            await self._finish(task["id"], "failed", None, "Task.focus is not an ImagingStudy")
+            return None
+        updated = {**task, "status": "in-progress"}
+        updated.pop("meta", None)
+        version = task.get("meta", {}).get("versionId")
+        try:
+            result = await self._tasks.update(task["id"], updated, if_match=f'W/"{version}"')
+        except FhirError as error:
+            if error.status in (409, 412):
+                return None  # another worker took it first
+            raise
+        log.info("Claimed analysis Task %s for %s", task["id"], focus)
+        return result.resource
+
+    async def close(self) -> None:
+        """Stop running jobs (their Tasks become cancelled)."""
+        for job in list(self._running.values()):
+            if job.runner is not None:
+                job.runner.cancel()
+        for job in list(self._running.values()):
+            if job.runner is not None:
+                with contextlib.suppress(BaseException):
+                    await job.runner
+
+
+def _task_input(task: dict[str, Any], name: str) -> str | None:
+    for item in task.get("input", []):
+        if item.get("type", {}).get("text") == name and isinstance(item.get("valueString"), str):
+            return str(item["valueString"])
+    return None
+
+
+def _task_error(task: dict[str, Any]) -> FhirError:
+    reason = task.get("statusReason", {})
+    text = reason.get("text") or f"Analysis {task.get('status')}"
+    if task.get("status") == "cancelled":
+        return FhirError(404, [Issue("not-found", f"Analysis job {task['id']} was cancelled")])
+    detail = next(
+        (c.get("code") for c in reason.get("coding", []) if c.get("system") == FACADE_ISSUE_SYSTEM), None
+    )
+    status = _STATUS_BY_DETAIL.get(detail or "", 500)
+    code = {422: "processing", 503: "transient", 504: "timeout", 400: "code-invalid"}.get(status, "exception")
+    return FhirError(status, [Issue(code, text, detail_code=detail)])

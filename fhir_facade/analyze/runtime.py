@@ -1,0 +1,116 @@
+"""The `$analyze` feature as the application runs it: clients, warm inference backends, the job
+runner and its worklist poller, started and stopped with the application's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from fastapi import APIRouter
+
+from fhir_facade.analyze.endpoint import build_analyze_router
+from fhir_facade.analyze.inference import create_backend
+from fhir_facade.analyze.jobs import AnalysisJobs
+from fhir_facade.analyze.manifest import load_manifests
+from fhir_facade.analyze.service import Analyzer
+from fhir_facade.config import Settings
+from fhir_facade.dicomweb import DicomwebClient
+from fhir_facade.dicomweb.stow import StowClient
+from fhir_facade.dicomweb.wado import WadoClient
+from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.store import ResourceStore
+
+__all__ = ["ANALYZE_OPERATION", "AnalyzeRuntime"]
+
+log = logging.getLogger(__name__)
+
+ANALYZE_OPERATION = {
+    "name": "analyze",
+    "definition": "http://fhir-facade.org/fhir/OperationDefinition/analyze",
+}
+
+
+class AnalyzeRuntime:
+    """Everything `$analyze` needs, built from Settings; `start`/`stop` run in the lifespan."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        qido: DicomwebClient,
+        store: ResourceStore,
+        providers: dict[str, ResourceProvider],
+    ) -> None:
+        self._settings = settings
+        manifests = load_manifests()
+        if settings.analyze_default_model not in manifests:
+            raise ValueError(
+                f"FACADE_ANALYZE_DEFAULT_MODEL={settings.analyze_default_model!r} is not one of "
+                f"{sorted(manifests)}"
+            )
+        self.wado = WadoClient(
+            settings.dicomweb_url,
+            timeout=settings.dicomweb_timeout,
+            max_connections=settings.dicomweb_max_connections,
+        )
+        self.stow = (
+            StowClient(settings.dicomweb_url, timeout=settings.dicomweb_timeout)
+            if settings.analyze_write_sr
+            else None
+        )
+        self.analyzer = Analyzer(
+            manifests=manifests,
+            backends={},
+            default_model=settings.analyze_default_model,
+            studies=providers["ImagingStudy"],
+            qido=qido,
+            wado=self.wado,
+            stow=self.stow,
+            store=store,
+            dicomweb_url=settings.dicomweb_url,
+            timeout=settings.analyze_timeout,
+        )
+        self.jobs = AnalysisJobs(
+            self.analyzer,
+            providers["Task"],
+            providers["DiagnosticReport"],
+            providers["ImagingStudy"],
+            workers=settings.analyze_workers,
+            base_url=settings.base_url,
+        )
+        self.router: APIRouter = build_analyze_router(self.jobs, settings.base_url)
+        self.operations: dict[str, list[dict[str, str]]] = {"ImagingStudy": [ANALYZE_OPERATION]}
+        self._stop = asyncio.Event()
+        self._poller: asyncio.Task[Any] | None = None
+
+    async def start(self) -> None:
+        """Open the PACS clients, create and warm up every model's session (a cold first run can
+        take seconds, on CUDA more), and start the worklist poller."""
+        await self.wado.open()
+        if self.stow:
+            await self.stow.open()
+        for model_id, manifest in self.analyzer.manifests.items():
+            backend = await asyncio.to_thread(create_backend, manifest, self._settings)
+            await asyncio.to_thread(backend.warm_up)
+            self.analyzer.backends[model_id] = backend
+            log.info("Model %s %s ready on %s", model_id, manifest.version, ", ".join(backend.providers))
+        if self._settings.analyze_worklist:
+            self._stop.clear()
+            self._poller = asyncio.create_task(
+                self.jobs.run_worklist(self._stop, self._settings.analyze_poll_interval),
+                name="analysis-worklist",
+            )
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await self.jobs.close()
+        for backend in self.analyzer.backends.values():
+            backend.close()
+        await self.wado.close()
+        if self.stow:
+            await self.stow.close()

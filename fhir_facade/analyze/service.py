@@ -1,0 +1,375 @@
+"""One analysis, end to end: study -> applicable images -> model -> decision -> SR + FHIR, stored.
+
+Order of effects, chosen so a failure leaves nothing half-written (ADR 0006):
+1. read the live ImagingStudy (404 if the PACS does not have it) and select the images;
+2. stream them over WADO-RS in batches through the model (off the event loop), within the time
+   limit;
+3. build every FHIR resource and validate it; build the SR (its evidence: pixel-free headers
+   kept while the images streamed);
+4. store the SR in the PACS (STOW-RS);
+5. store Device, Observation, DiagnosticReport, Provenance and the finished Task in ONE database
+   transaction.
+A failure in 1-4 stores nothing in the database; a failure in 5 leaves only the SR in the PACS,
+a derived object that a repeated analysis supersedes (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from fhir_facade.analyze.codes import label_concepts
+from fhir_facade.analyze.decision import decide
+from fhir_facade.analyze.dicom_sr import build_analysis_sr, evidence_header, sr_retrieve_url
+from fhir_facade.analyze.fhir_report import (
+    AnalysisContext,
+    AnalysisResources,
+    SrReference,
+    build_resources,
+)
+from fhir_facade.analyze.inference import InferenceBackend, InferenceError, InferenceUnavailable
+from fhir_facade.analyze.manifest import ModelManifest
+from fhir_facade.analyze.pixels import (
+    NoApplicableImages,
+    SeriesSelection,
+    UndecodableImage,
+    iter_batches,
+    select_for_study,
+)
+from fhir_facade.analyze.result import AnalysisResult, ScoredInstance
+from fhir_facade.dicomweb.client import DicomwebClient, DicomwebError, DicomwebUnavailable
+from fhir_facade.dicomweb.stow import StowClient
+from fhir_facade.dicomweb.wado import WadoClient
+from fhir_facade.fhir.errors import (
+    FhirError,
+    Issue,
+    ai_inference_timeout,
+    bad_request,
+    dicom_service_unavailable,
+    fhir_mapping_error,
+    unprocessable,
+)
+from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.store import ResourceStore
+
+__all__ = ["AnalysisOutcome", "Analyzer", "Progress"]
+
+log = logging.getLogger(__name__)
+
+#: Called with (images done, images in total) as the analysis advances.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class AnalysisOutcome:
+    """The stored result: the report, the other resources, and what was measured."""
+
+    report: dict[str, Any]
+    resources: AnalysisResources
+    result: AnalysisResult
+    seconds: float
+
+
+class Analyzer:
+    """Runs analyses with warm inference backends, shared PACS clients and the store."""
+
+    def __init__(
+        self,
+        *,
+        manifests: dict[str, ModelManifest],
+        backends: dict[str, InferenceBackend],
+        default_model: str,
+        studies: ResourceProvider,
+        qido: DicomwebClient,
+        wado: WadoClient,
+        stow: StowClient | None,
+        store: ResourceStore,
+        dicomweb_url: str,
+        timeout: float | None = None,
+    ) -> None:
+        self.manifests = manifests
+        self.backends = backends
+        self.default_model = default_model
+        self._studies = studies
+        self._qido = qido
+        self._wado = wado
+        self._stow = stow
+        self._store = store
+        self._dicomweb_url = dicomweb_url
+        self._timeout = timeout
+
+    def manifest(self, model_id: str | None) -> ModelManifest:
+        model_id = model_id or self.default_model
+        manifest = self.manifests.get(model_id)
+        if manifest is None:
+            known = ", ".join(sorted(self.manifests))
+            raise FhirError(
+                400,
+                [
+                    _issue(
+                        "code-invalid",
+                        f"Unknown model {model_id!r} (this server has: {known})",
+                        "unknown_model",
+                    )
+                ],
+            )
+        return manifest
+
+    async def analyze(
+        self,
+        study_id: str,
+        *,
+        model_id: str | None = None,
+        series_uid: str | None = None,
+        progress: Progress | None = None,
+        task: dict[str, Any] | None = None,
+    ) -> AnalysisOutcome:
+        """Run the model on the study and store the result (with `task` completed, if given)."""
+        started = time.perf_counter()
+        manifest = self.manifest(model_id)
+        study = await self._studies.read(study_id)  # FhirError 404 for an unknown study
+        study_uid = _study_uid(study)
+        limit = self._timeout or manifest.timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                selections = await self._select(study_uid, manifest, series_uid)
+                scored = await self._run_model(study_uid, manifest, selections, progress)
+        except TimeoutError as exc:
+            raise ai_inference_timeout(
+                f"Analysis of study {study_uid} with {manifest.id} ran past its limit of {limit:g} s"
+            ) from exc
+        result = self._result(study_uid, manifest, scored)
+        evidence = scored[2]
+        sr_dataset, sr_ref = await self._build_sr(study_uid, result, evidence) if self._stow else (None, None)
+        resources = self._resources(result, study, sr_ref)
+        if sr_dataset is not None and self._stow is not None:
+            await self._store_sr(study_uid, sr_dataset)
+        completed_task = _completed_task(task, resources) if task else None
+        await asyncio.to_thread(self._persist, resources, completed_task)
+        seconds = time.perf_counter() - started
+        log.info(
+            "Analyzed study %s with %s: %s (%.2f) from %d images in %.2f s (inference %.2f s)",
+            study_uid,
+            manifest.id,
+            result.decision.label,
+            result.decision.probability,
+            len(result.instances),
+            seconds,
+            result.inference_seconds,
+        )
+        return AnalysisOutcome(resources.report, resources, result, seconds)
+
+    # -- pipeline steps -----------------------------------------------------------------------
+
+    async def _select(
+        self, study_uid: str, manifest: ModelManifest, series_uid: str | None
+    ) -> list[SeriesSelection]:
+        try:
+            return await select_for_study(self._qido, study_uid, manifest.applies_to, series_uid=series_uid)
+        except NoApplicableImages as exc:
+            raise unprocessable(str(exc), detail_code="no_applicable_images") from exc
+        except DicomwebUnavailable as exc:
+            raise dicom_service_unavailable(f"The PACS did not answer: {exc}") from exc
+
+    async def _run_model(
+        self,
+        study_uid: str,
+        manifest: ModelManifest,
+        selections: Sequence[SeriesSelection],
+        progress: Progress | None,
+    ) -> tuple[list[ScoredInstance], float, list[pydicom.Dataset]]:
+        """Per-image outputs, seconds spent in the model, and a pixel-free header of every image
+        (the SR's evidence)."""
+        backend = self.backends[manifest.id]
+        headers: list[pydicom.Dataset] = []
+        total = sum(len(s.instances) for s in selections)
+        scored: list[ScoredInstance] = []
+        inference_seconds = 0.0
+        if progress:
+            progress(0, total)
+        try:
+            for selection in selections:
+                batches = iter_batches(
+                    self._wado,
+                    selection,
+                    manifest.input,
+                    manifest.batch_size,
+                    on_dataset=lambda ds: headers.append(evidence_header(ds)),
+                )
+                async for refs, batch in batches:
+                    t0 = time.perf_counter()
+                    outputs = await asyncio.to_thread(backend.infer, batch)
+                    inference_seconds += time.perf_counter() - t0
+                    for ref, row in zip(refs, outputs, strict=True):
+                        scored.append(
+                            ScoredInstance(
+                                series_uid=selection.series_uid,
+                                sop_instance_uid=ref.sop_instance_uid,
+                                sop_class_uid=ref.sop_class_uid,
+                                instance_number=ref.instance_number,
+                                probabilities=tuple(float(p) for p in row),
+                            )
+                        )
+                    if progress:
+                        progress(len(scored), total)
+        except DicomwebUnavailable as exc:
+            raise dicom_service_unavailable(
+                f"The PACS did not answer while images were fetched: {exc}"
+            ) from exc
+        except DicomwebError as exc:
+            raise unprocessable(
+                f"The PACS could not deliver the images of study {study_uid}: {exc}",
+                detail_code="dicom_service_error",
+            ) from exc
+        except UndecodableImage as exc:
+            raise unprocessable(str(exc), detail_code="image_decode_error") from exc
+        except InferenceUnavailable as exc:
+            raise FhirError(
+                503,
+                [
+                    _issue(
+                        "transient", f"The inference server did not answer: {exc}", "ai_inference_unavailable"
+                    )
+                ],
+                {"Retry-After": "5"},
+            ) from exc
+        except InferenceError as exc:
+            raise FhirError(
+                500, [_issue("exception", f"Inference failed: {exc}", "ai_inference_error")]
+            ) from exc
+        return scored, inference_seconds, headers
+
+    def _result(
+        self,
+        study_uid: str,
+        manifest: ModelManifest,
+        scored: tuple[list[ScoredInstance], float, list[pydicom.Dataset]],
+    ) -> AnalysisResult:
+        instances, inference_seconds, _ = scored
+        try:
+            concepts = label_concepts(manifest)
+            decision = decide(instances, manifest.output.labels, manifest.output.negative_label, concepts)
+        except Exception as exc:  # a packaging error of the model, not the caller's fault
+            log.exception("Result mapping failed for study %s", study_uid)
+            raise fhir_mapping_error(f"The model's output could not be mapped: {exc}") from exc
+        return AnalysisResult(
+            study_uid=study_uid,
+            model_id=manifest.id,
+            model_version=manifest.version,
+            model_title=manifest.title,
+            model_sha256=manifest.sha256,
+            labels=manifest.output.labels,
+            instances=tuple(instances),
+            decision=decision,
+            inference_seconds=inference_seconds,
+            providers=self.backends[manifest.id].providers,
+        )
+
+    async def _build_sr(
+        self, study_uid: str, result: AnalysisResult, evidence: list[pydicom.Dataset]
+    ) -> tuple[pydicom.Dataset, SrReference]:
+        series_uid, sop_uid = generate_uid(), generate_uid()
+        try:
+            dataset = await asyncio.to_thread(
+                build_analysis_sr, result, evidence, series_uid=series_uid, sop_instance_uid=sop_uid
+            )
+        except Exception as exc:
+            log.exception("DICOM SR could not be built for study %s", study_uid)
+            raise fhir_mapping_error(f"The DICOM SR of the result could not be built: {exc}") from exc
+        url = sr_retrieve_url(self._dicomweb_url, study_uid, series_uid, sop_uid)
+        return dataset, SrReference(sop_uid, series_uid, url)
+
+    async def _store_sr(self, study_uid: str, dataset: pydicom.Dataset) -> None:
+        assert self._stow is not None
+        try:
+            await self._stow.store([dataset], study_uid=study_uid)
+        except DicomwebUnavailable as exc:
+            raise dicom_service_unavailable(f"The PACS did not accept the result SR: {exc}") from exc
+        except DicomwebError as exc:
+            raise FhirError(
+                502,
+                [_issue("exception", f"The PACS rejected the result SR: {exc}", "dicom_service_error")],
+            ) from exc
+
+    def _resources(
+        self, result: AnalysisResult, study: dict[str, Any], sr: SrReference | None
+    ) -> AnalysisResources:
+        issued = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        context = AnalysisContext(
+            study_reference=f"ImagingStudy/{study['id']}",
+            subject=_plain_reference(study.get("subject")),
+            based_on=tuple(ref for ref in (_plain_reference(r) for r in study.get("basedOn", [])) if ref),
+            started=study.get("started"),
+            issued=issued,
+            report_id=uuid.uuid4().hex,
+            observation_id=uuid.uuid4().hex,
+            provenance_id=uuid.uuid4().hex,
+            sr=sr,
+        )
+        try:
+            resources = build_resources(result, context)
+            for resource in resources.all():
+                ResourceStore.validate(resource)
+        except FhirError as exc:
+            log.error("Invalid FHIR built for study %s: %s", result.study_uid, exc)
+            raise fhir_mapping_error(f"The result is not valid FHIR: {exc}") from exc
+        except Exception as exc:
+            log.exception("FHIR mapping failed for study %s", result.study_uid)
+            raise fhir_mapping_error(f"The result could not be expressed as FHIR: {exc}") from exc
+        return resources
+
+    def _persist(self, resources: AnalysisResources, task: dict[str, Any] | None) -> None:
+        """Everything of one result in one transaction: all stored, or none."""
+        with self._store.transaction():
+            if not self._store.exists("Device", resources.device["id"]):
+                self._store.update(resources.device)
+            for resource in (*resources.observations, resources.report, resources.provenance):
+                self._store.update(resource)
+            if task is not None:
+                self._store.update(task)
+
+
+def _issue(code: str, diagnostics: str, detail_code: str) -> Issue:
+    return Issue(code, diagnostics, detail_code=detail_code)
+
+
+def _study_uid(study: dict[str, Any]) -> str:
+    for identifier in study.get("identifier", []):
+        value = identifier.get("value", "")
+        if identifier.get("system") == "urn:dicom:uid" and value.startswith("urn:oid:"):
+            return str(value[len("urn:oid:") :])
+    raise bad_request(f"ImagingStudy/{study.get('id')} has no DICOM Study Instance UID")
+
+
+def _plain_reference(reference: Any) -> dict[str, Any] | None:
+    """A Reference as stored resources carry it: literal reference (+ identifier, display)."""
+    if not isinstance(reference, dict) or not reference.get("reference"):
+        return None
+    keep = ("reference", "type", "identifier", "display")
+    return {key: reference[key] for key in keep if key in reference}
+
+
+def _completed_task(task: dict[str, Any], resources: AnalysisResources) -> dict[str, Any]:
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    completed = {
+        **task,
+        "status": "completed",
+        "lastModified": now,
+        "output": [
+            {
+                "type": {"text": "DiagnosticReport"},
+                "valueReference": {"reference": f"DiagnosticReport/{resources.report['id']}"},
+            }
+        ],
+    }
+    completed.pop("meta", None)
+    return completed

