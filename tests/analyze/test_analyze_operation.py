@@ -437,3 +437,28 @@ class TestConformance:
             imaging = next(r for r in statement["rest"][0]["resource"] if r["type"] == "ImagingStudy")
             assert "operation" not in imaging
             assert http.post(f"/ImagingStudy/{STUDY_UID}/$analyze").status_code in (404, 405)
+
+
+class TestRemoteInference:
+    def test_kserve_backend_gives_the_same_report(
+        self, demo_orthanc: EmbeddedOrthanc, kserve_url: str, analysed: tuple[httpx.Response, float]
+    ) -> None:
+        """The same manifest, served by a real KServe v2 server instead of in-process ONNX Runtime:
+        selected by configuration alone, with the same conclusion."""
+        with (
+            serve(
+                {
+                    "dicomweb_url": demo_orthanc.dicomweb_url,
+                    "analyze_enabled": True,
+                    "analyze_write_sr": False,
+                    "inference_backend": "kserve-v2",
+                    "inference_url": kserve_url,
+                }
+            ) as server,
+            httpx.Client(base_url=server.base_url, timeout=180) as http,
+        ):
+            remote = ok_json(http.post(f"/ImagingStudy/{STUDY_UID}/$analyze"))
+            local = analysed[0].json()
+            assert remote["conclusionCode"] == local["conclusionCode"]
+            observation = ok_json(http.get(f"/{remote['result'][0]['reference']}"))
+            assert observation["device"]["reference"].startswith("Device/brain-tumor-vgg16")

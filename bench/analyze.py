@@ -1,0 +1,456 @@
+"""Benchmark: `POST /fhir/ImagingStudy/{id}/$analyze` on real Colin27 MR slices (the demo brain,
+copied under fresh UIDs per study), the real brain-tumor-vgg16 model on ONNX Runtime, a real
+embedded Orthanc (free ports on 127.0.0.1) and a facade started as its own process
+(`python -m fhir_facade serve`, FACADE_* env, SQLite store in a temp dir, the worklist poller and
+the study watcher off, SR write-back on as by default). Three parts, each runs alone:
+
+    .venv/bin/python bench/analyze.py ratio [--slices 20] [--rounds 5]
+    .venv/bin/python bench/analyze.py concurrency [--levels 1,4,16] [--slices 20] [--workers 1]
+    .venv/bin/python bench/analyze.py memory [--instances 500] [--timeout 600]
+
+Options of every part: `--threads N` (ONNX Runtime intra-op threads, FACADE_INFERENCE_THREADS for
+the facade and the same for the bench's own session; default: ONNX Runtime's choice on both sides)
+and `--providers CUDAExecutionProvider,CPUExecutionProvider` (FACADE_INFERENCE_PROVIDERS as a JSON
+list, and the same list for the bench's own session; default: the facade's default order).
+
+- ratio: one 20-slice series; per round (interleaved) one synchronous `$analyze` timed as wall
+  time of the POST (end to end: HTTP, Task, QIDO, WADO-RS per instance, decode, model, SR STOW-RS,
+  SQL transaction) and one "pure" pass in this process: `OnnxRuntimeBackend(manifest).infer` over
+  the same slices, decoded once up front with `to_model_input`, in batches of
+  `manifest.batch_size`. Prints medians, the ratio end to end / pure (target <= 1.25 on CPU) and
+  the split from the server's own log line ("Analyzed study ... in X s (inference Y s)").
+- concurrency: max(levels) different 20-slice studies; for each level N, N synchronous
+  `$analyze` fired at once with httpx.AsyncClient (FACADE_ANALYZE_WORKERS = --workers). Prints
+  wall time, throughput (analyses/s, slices/s), p50 and p95 latency per N.
+- memory: one series of --instances MR slices (Colin27 slices cycled, each copy with its own SOP
+  Instance UID and InstanceNumber). Reads the facade's VmHWM and VmRSS (/proc/<pid>/status) after
+  start-up and one 4-slice warm-up analysis (VmHWM cannot be reset, so the baseline is reported),
+  samples VmRSS every 50 ms during the request, and reads VmHWM after it. Target: peak < 1 GiB.
+
+Every part does one untimed warm-up analysis first. All traffic goes to 127.0.0.1; the facade and
+Orthanc are stopped and the temp dirs removed in `finally`/`with` blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from pydicom.dataset import FileDataset
+from pydicom.uid import generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fhir_facade.analyze.inference import OnnxRuntimeBackend
+from fhir_facade.analyze.manifest import ModelManifest, load_manifests
+from fhir_facade.analyze.pixels import to_model_input
+from fhir_facade.demo.brain_mri import build_demo_study
+from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
+
+MODEL_ID = "brain-tumor-vgg16"
+BRAIN_SLICES = 120  # build_demo_study takes at most the brain's axial range (121 slices of 1 mm)
+STORE_CHUNK = 50
+WARM_UP_SLICES = 4
+GIB = 2**30
+# The facade's own figures: Analyzer.analyze logs one line per finished analysis.
+ANALYZED = re.compile(
+    r"Analyzed study (?P<study>\S+) with \S+: .* from (?P<images>\d+) images in (?P<seconds>[\d.]+) s"
+    r" \(inference (?P<inference>[\d.]+) s\)"
+)
+
+
+@dataclass(frozen=True)
+class ServerFigures:
+    """One "Analyzed study" log line of the facade."""
+
+    study_uid: str
+    images: int
+    seconds: float
+    inference_seconds: float
+
+
+class ServerLog:
+    """The facade's stderr, captured in a file; `new_analyses` returns the lines since last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def new_analyses(self) -> list[ServerFigures]:
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        # Only consume whole lines: the writer may be in the middle of one.
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        complete = data[:end].decode("utf-8", "replace")
+        return [
+            ServerFigures(m["study"], int(m["images"]), float(m["seconds"]), float(m["inference"]))
+            for m in ANALYZED.finditer(complete)
+        ]
+
+
+@dataclass
+class Facade:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log: ServerLog
+
+
+def brain_study(template: Sequence[FileDataset], n: int, label: str) -> tuple[str, list[FileDataset]]:
+    """`n` slices cycled from `template`, as one MR series of a new study with fresh UIDs."""
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    datasets: list[FileDataset] = []
+    for number in range(1, n + 1):
+        ds = copy.deepcopy(template[(number - 1) % len(template)])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = number
+        ds.PatientID, ds.PatientName = f"BENCH-{label}", f"Bench^{label}"
+        ds.AccessionNumber = f"BENCH-{label}"[:16]
+        datasets.append(ds)
+    return study_uid, datasets
+
+
+def store(orthanc_url: str, datasets: Sequence[FileDataset]) -> None:
+    with httpx.Client(timeout=60) as client:
+        for first in range(0, len(datasets), STORE_CHUNK):
+            store_instances(client, orthanc_url, datasets[first : first + STORE_CHUNK])
+
+
+def providers_list(value: str | None) -> list[str] | None:
+    return [name.strip() for name in value.split(",") if name.strip()] if value else None
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise RuntimeError(f"facade exited with {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def facade(
+    orthanc: EmbeddedOrthanc,
+    workdir: Path,
+    args: argparse.Namespace,
+    *,
+    workers: int = 1,
+    analyze_timeout: float | None = None,
+) -> Iterator[Facade]:
+    """The facade as its own process with `$analyze` on; its log (INFO) goes to a file."""
+    port = free_port()
+    data_dir = workdir / "facade"
+    data_dir.mkdir()
+    env = {
+        **os.environ,
+        "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
+        "FACADE_ORTHANC_URL": orthanc.url,
+        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+        "FACADE_DATA_DIR": str(data_dir),
+        "FACADE_DATABASE_URL": f"sqlite:///{data_dir / 'facade.sqlite3'}",
+        "FACADE_WATCH_STUDIES": "false",
+        "FACADE_ANALYZE_ENABLED": "true",
+        "FACADE_ANALYZE_WORKLIST": "false",
+        "FACADE_ANALYZE_WRITE_SR": "true",
+        "FACADE_ANALYZE_WORKERS": str(workers),
+        "FACADE_LOG_LEVEL": "INFO",
+    }
+    for name in ("FACADE_INFERENCE_THREADS", "FACADE_INFERENCE_PROVIDERS", "FACADE_ANALYZE_TIMEOUT"):
+        env.pop(name, None)
+    if args.threads is not None:
+        env["FACADE_INFERENCE_THREADS"] = str(args.threads)
+    if providers_list(args.providers) is not None:
+        env["FACADE_INFERENCE_PROVIDERS"] = json.dumps(providers_list(args.providers))
+    if analyze_timeout is not None:
+        env["FACADE_ANALYZE_TIMEOUT"] = str(analyze_timeout)
+    log_path = workdir / "facade.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fhir_facade", "serve", "--port", str(port)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/fhir/metadata", process, log_path)
+        yield Facade(process, f"http://127.0.0.1:{port}/fhir", ServerLog(log_path))
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@contextmanager
+def orthanc_in_tmp() -> Iterator[tuple[EmbeddedOrthanc, Path, ExitStack]]:
+    """A temp dir and Orthanc in it; the caller starts the facade once its studies are stored."""
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-analyze-")))
+        orthanc = stack.enter_context(
+            EmbeddedOrthanc(tmp / "orthanc", http_port=free_port(), dicom_port=free_port())
+        )
+        yield orthanc, tmp, stack
+
+
+def analyze(client: httpx.Client, study_uid: str) -> float:
+    """One synchronous `$analyze`; wall seconds of the POST. Fails loudly on anything but a report."""
+    t0 = time.perf_counter()
+    response = client.post(f"/ImagingStudy/{study_uid}/$analyze")
+    seconds = time.perf_counter() - t0
+    if response.status_code != 200 or response.json().get("resourceType") != "DiagnosticReport":
+        raise RuntimeError(f"$analyze of {study_uid}: {response.status_code} {response.text[:500]}")
+    return seconds
+
+
+def p95(values: Sequence[float]) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=20, method="inclusive")[-1]
+
+
+def model(args: argparse.Namespace) -> tuple[ModelManifest, OnnxRuntimeBackend]:
+    manifest = load_manifests()[MODEL_ID]
+    return manifest, OnnxRuntimeBackend(manifest, providers_list(args.providers), args.threads)
+
+
+# -- parts ------------------------------------------------------------------------------------
+
+
+def run_ratio(args: argparse.Namespace) -> None:
+    manifest, backend = model(args)
+    template = build_demo_study(min(args.slices, BRAIN_SLICES))
+    study_uid, datasets = brain_study(template, args.slices, "RATIO")
+    inputs = np.stack([to_model_input(ds, manifest.input) for ds in datasets])
+    size = manifest.batch_size
+    batches = [np.ascontiguousarray(inputs[i : i + size]) for i in range(0, len(inputs), size)]
+
+    def pure() -> float:
+        t0 = time.perf_counter()
+        for batch in batches:
+            backend.infer(batch)
+        return time.perf_counter() - t0
+
+    with orthanc_in_tmp() as (orthanc, tmp, stack):
+        store(orthanc.url, datasets)
+        server = stack.enter_context(facade(orthanc, tmp, args))
+        client = stack.enter_context(httpx.Client(base_url=server.base_url, timeout=600))
+        backend.warm_up()
+        analyze(client, study_uid)  # warm-up: connections, lazy imports, first SR
+        pure()
+        server.log.new_analyses()
+        e2e_s, pure_s, figures = [], [], []
+        for _ in range(args.rounds):
+            e2e_s.append(analyze(client, study_uid))
+            figures.extend(server.log.new_analyses())
+            pure_s.append(pure())
+    backend.close()
+
+    e2e, ort = statistics.median(e2e_s), statistics.median(pure_s)
+    print(
+        f"\n$analyze of one {args.slices}-slice MR series (Colin27, {len(batches)} batches of <= {size});"
+        f" {args.rounds} rounds, interleaved; providers {list(backend.providers)},"
+        f" threads {args.threads or 'ORT default'}"
+    )
+    print(f"{'':<34} {'median s':>9} {'min s':>7} {'max s':>7} {'s/slice':>8}")
+    for label, values in (("end to end (POST wall time)", e2e_s), ("pure ONNX Runtime (infer only)", pure_s)):
+        median = statistics.median(values)
+        print(
+            f"{label:<34} {median:>9.3f} {min(values):>7.3f} {max(values):>7.3f} {median / args.slices:>8.3f}"
+        )
+    print(f"ratio end to end / pure: {e2e / ort:.2f} (target <= 1.25 on CPU)")
+    if len(figures) == args.rounds and all(f.images == args.slices for f in figures):
+        analysis = statistics.median(f.seconds for f in figures)
+        inference = statistics.median(f.inference_seconds for f in figures)
+        print("split from the facade's log (medians):")
+        print(f"  inside Analyzer.analyze           {analysis:>9.3f} s")
+        print(f"    of which backend.infer          {inference:>9.3f} s  (vs pure {ort:.3f} s)")
+        print(f"    fetch + decode + SR + store     {analysis - inference:>9.3f} s")
+        print(f"  outside it (HTTP, Task, waiting)  {e2e - analysis:>9.3f} s")
+    else:
+        print(f"(split not available: {len(figures)} log lines for {args.rounds} rounds)")
+
+
+async def fire(base_url: str, study_uids: Sequence[str]) -> tuple[float, list[float]]:
+    """All analyses at once; (wall seconds for all, latency of each)."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=900) as client:
+
+        async def one(uid: str) -> float:
+            t0 = time.perf_counter()
+            response = await client.post(f"/ImagingStudy/{uid}/$analyze")
+            if response.status_code != 200:
+                raise RuntimeError(f"$analyze of {uid}: {response.status_code} {response.text[:500]}")
+            return time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        latencies = await asyncio.gather(*(one(uid) for uid in study_uids))
+        return time.perf_counter() - t0, list(latencies)
+
+
+def run_concurrency(args: argparse.Namespace) -> None:
+    levels = [int(level) for level in args.levels.split(",") if level.strip()]
+    if not levels or min(levels) < 1:
+        raise SystemExit("--levels needs positive integers, e.g. 1,4,16")
+    template = build_demo_study(min(args.slices, BRAIN_SLICES))
+    with orthanc_in_tmp() as (orthanc, tmp, stack):
+        studies = []
+        for n in range(max(levels) + 1):  # one more for the warm-up
+            uid, datasets = brain_study(template, args.slices, f"CONC{n:02d}")
+            store(orthanc.url, datasets)
+            studies.append(uid)
+        warm_up, studies = studies[0], studies[1:]
+        server = stack.enter_context(facade(orthanc, tmp, args, workers=args.workers))
+        with httpx.Client(base_url=server.base_url, timeout=600) as client:
+            analyze(client, warm_up)
+        server.log.new_analyses()
+        rows = []
+        for level in levels:
+            wall, latencies = asyncio.run(fire(server.base_url, studies[:level]))
+            figures = server.log.new_analyses()
+            inside = statistics.median(f.seconds for f in figures) if figures else float("nan")
+            rows.append((level, wall, latencies, inside))
+
+    print(
+        f"\n$analyze, N different {args.slices}-slice MR studies fired at once (httpx.AsyncClient);"
+        f" FACADE_ANALYZE_WORKERS={args.workers}, providers {args.providers or 'facade default'},"
+        f" threads {args.threads or 'ORT default'}"
+    )
+    print(
+        f"{'N':>4} {'wall s':>8} {'analyses/s':>11} {'slices/s':>9} {'p50 s':>8} {'p95 s':>8}"
+        f" {'in-analyzer med s':>18}"
+    )
+    for level, wall, latencies, inside in rows:
+        print(
+            f"{level:>4} {wall:>8.2f} {level / wall:>11.3f} {level * args.slices / wall:>9.2f}"
+            f" {statistics.median(latencies):>8.2f} {p95(latencies):>8.2f} {inside:>18.2f}"
+        )
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of `pid` in bytes (/proc/<pid>/status gives kB)."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def run_memory(args: argparse.Namespace) -> None:
+    template = build_demo_study(min(args.instances, BRAIN_SLICES))
+    with orthanc_in_tmp() as (orthanc, tmp, stack):
+        warm_uid, warm = brain_study(template, WARM_UP_SLICES, "MEMWARM")
+        store(orthanc.url, warm)
+        study_uid, big = brain_study(template, args.instances, "MEM")
+        t0 = time.perf_counter()
+        store(orthanc.url, big)
+        stored_s = time.perf_counter() - t0
+        del big, warm
+        server = stack.enter_context(facade(orthanc, tmp, args, analyze_timeout=args.timeout))
+        pid = server.process.pid
+        client = stack.enter_context(httpx.Client(base_url=server.base_url, timeout=args.timeout + 60))
+        started = proc_status(pid)
+        analyze(client, warm_uid)
+        baseline = proc_status(pid)
+        server.log.new_analyses()
+
+        samples: list[int] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                try:
+                    samples.append(proc_status(pid)["VmRSS"])
+                except (OSError, KeyError):
+                    return
+                stop.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            seconds = analyze(client, study_uid)
+        finally:
+            stop.set()
+            sampler.join(5)
+        after = proc_status(pid)
+        figures = server.log.new_analyses()
+
+    mib = 2**20
+
+    def vm(status: dict[str, int]) -> str:
+        return f"VmRSS {status['VmRSS'] / mib:8.1f} MiB  VmHWM {status['VmHWM'] / mib:8.1f} MiB"
+
+    peak = max(after["VmHWM"], max(samples, default=0))
+    print(
+        f"\nFacade memory, one {args.instances}-instance MR series (Colin27 slices cycled,"
+        f" {template[0].Rows}x{template[0].Columns} uint16; stored in {stored_s:.1f} s)"
+    )
+    print(f"  after start-up:          {vm(started)}")
+    print(f"  after {WARM_UP_SLICES}-slice warm-up:   {vm(baseline)}  (baseline; VmHWM cannot be reset)")
+    print(
+        f"  during the analysis:     max VmRSS {max(samples, default=0) / mib:8.1f} MiB"
+        f" ({len(samples)} samples every 50 ms)"
+    )
+    print(f"  after the analysis:      {vm(after)}")
+    print(
+        f"  peak {peak / mib:.1f} MiB: {'under' if peak < GIB else 'OVER'} the 1 GiB target;"
+        f" growth over baseline VmHWM {(after['VmHWM'] - baseline['VmHWM']) / mib:.1f} MiB"
+    )
+    line = f"  $analyze wall time {seconds:.1f} s ({seconds / args.instances:.3f} s/slice)"
+    if figures:
+        line += (
+            f"; facade: analysis {figures[-1].seconds:.1f} s, inference {figures[-1].inference_seconds:.1f} s"
+        )
+    print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmarks of $analyze (see the module docstring).")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    common.add_argument(
+        "--providers", default=None, help="comma-separated ONNX Runtime providers, in order of preference"
+    )
+    parts = parser.add_subparsers(dest="part", required=True)
+    ratio = parts.add_parser("ratio", parents=[common], help="end to end vs pure ONNX Runtime")
+    ratio.add_argument("--slices", type=int, default=20)
+    ratio.add_argument("--rounds", type=int, default=5)
+    concurrency = parts.add_parser("concurrency", parents=[common], help="N analyses at once")
+    concurrency.add_argument("--levels", default="1,4,16")
+    concurrency.add_argument("--slices", type=int, default=20)
+    concurrency.add_argument("--workers", type=int, default=1, help="FACADE_ANALYZE_WORKERS")
+    memory = parts.add_parser("memory", parents=[common], help="peak RSS for one large series")
+    memory.add_argument("--instances", type=int, default=500)
+    memory.add_argument("--timeout", type=float, default=600, help="FACADE_ANALYZE_TIMEOUT, seconds")
+    args = parser.parse_args()
+    {"ratio": run_ratio, "concurrency": run_concurrency, "memory": run_memory}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
