@@ -28,7 +28,7 @@ from fhir_facade.resources.base import ResourceProvider
 from fhir_facade.resources.endpoint import EndpointProvider
 from fhir_facade.resources.imaging_study import ImagingStudyProvider, OrdersByAccession
 from fhir_facade.resources.patient import PatientProvider
-from fhir_facade.resources.stored import stored_providers
+from fhir_facade.resources.stored import StoredResourceProvider, stored_providers
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.store.atomic import atomic_scope
 from fhir_facade.store.feed_position import SqlFeedPositionStore
@@ -149,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     ctx = mapping_context(settings)
     store = ResourceStore(open_store_engine(settings))
-    patients = PatientProvider(dicomweb, ctx)
+    patients = PatientProvider(dicomweb, ctx, records=StoredResourceProvider("Patient", store))
     worklist = WorklistFolder(settings.worklist_dir) if settings.worklist_dir else None
     stored = stored_providers(store, worklist, _quiet_reader(patients), settings.worklist_station_ae_title)
     orders = next(p for p in stored if p.resource_type == "ServiceRequest")

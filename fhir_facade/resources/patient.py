@@ -2,18 +2,23 @@
 
 DICOMweb has no patient level (QIDO-RS searches studies, series and instances), so a Patient
 search is a study search grouped by (PatientID, IssuerOfPatientID); paging happens here.
+
+Patients an EHR creates (POST/PUT) are stored in the SQL store like the other persistent types.
+Reads look there first, so a stored Patient shadows the DICOM view of the same id (the EHR's
+record is the richer one); searches list stored matches first, then the DICOM view's.
 """
 
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import replace
 from typing import Any
 
 from fhir_facade.dicom_to_fhir import MappingContext, parse_patient_resource_id, patient_from_dicom
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.query import OneOf, QidoQuery
 from fhir_facade.fhir.bundles import SearchResult, paged
-from fhir_facade.fhir.errors import not_found
+from fhir_facade.fhir.errors import FhirError, not_found
 from fhir_facade.fhir.search import (
     ReferenceValue,
     SearchClause,
@@ -23,7 +28,7 @@ from fhir_facade.fhir.search import (
     StringValue,
     TokenValue,
 )
-from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.resources.base import ResourceProvider, WriteResult
 from fhir_facade.resources.dicom_search_terms import apply_date_clause, apply_patient_clause
 from fhir_facade.resources.study_search import StudySearchPlan, find_all_studies
 
@@ -75,11 +80,61 @@ class PatientProvider(ResourceProvider):
         ),
     )
 
-    def __init__(self, dicomweb: DicomwebClient, ctx: MappingContext) -> None:
+    #: Stored Patients found by one search at most (the DICOM view is searched in full as well).
+    RECORD_SEARCH_LIMIT = 1000
+
+    def __init__(
+        self, dicomweb: DicomwebClient, ctx: MappingContext, records: ResourceProvider | None = None
+    ) -> None:
         self._dicomweb = dicomweb
         self._ctx = ctx
+        self._records = records
+
+    @property
+    def interactions(self) -> tuple[str, ...]:
+        return self._records.interactions if self._records else super().interactions
+
+    # -- Patients an EHR created: stored, and they win over the DICOM view of the same id ---------
+
+    async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        if self._records is None:
+            return await super().create(resource)
+        return await self._records.create(resource)
+
+    async def update(
+        self, resource_id: str, resource: dict[str, Any], *, if_match: str | None
+    ) -> WriteResult:
+        if self._records is None:
+            return await super().update(resource_id, resource, if_match=if_match)
+        return await self._records.update(resource_id, resource, if_match=if_match)
+
+    async def delete(self, resource_id: str) -> None:
+        if self._records is None:
+            return await super().delete(resource_id)
+        await self._records.delete(resource_id)
+
+    async def vread(self, resource_id: str, version_id: str) -> dict[str, Any]:
+        if self._records is None:
+            return await super().vread(resource_id, version_id)
+        return await self._records.vread(resource_id, version_id)
+
+    async def history(
+        self, resource_id: str | None, count: int, offset: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        if self._records is None:
+            return await super().history(resource_id, count, offset)
+        return await self._records.history(resource_id, count, offset)
 
     async def read(self, resource_id: str) -> dict[str, Any]:
+        if self._records is not None:
+            try:
+                return await self._records.read(resource_id)
+            except FhirError as error:
+                if error.status != 404:
+                    raise  # 410: the EHR deleted it
+        return await self._read_dicom(resource_id)
+
+    async def _read_dicom(self, resource_id: str) -> dict[str, Any]:
         try:
             parse_patient_resource_id(resource_id)
         except ValueError as exc:
@@ -94,6 +149,16 @@ class PatientProvider(ResourceProvider):
         raise not_found(f"Patient/{resource_id} has no studies in the PACS")
 
     async def search(self, request: SearchRequest) -> SearchResult:
+        """Stored Patients first (by id), then the DICOM view's patients not shadowed by one."""
+        records: list[dict[str, Any]] = []
+        if self._records is not None:
+            everything = replace(request, offset=0, count=self.RECORD_SEARCH_LIMIT, total="accurate")
+            records = (await self._records.search(everything)).matches
+        stored_ids = {r["id"] for r in records}
+        dicom = [p for p in await self._search_dicom(request) if p["id"] not in stored_ids]
+        return paged([*records, *dicom], request)
+
+    async def _search_dicom(self, request: SearchRequest) -> list[dict[str, Any]]:
         plan = StudySearchPlan()
         resource_checks = []
         for clause in request.clauses:
@@ -122,7 +187,7 @@ class PatientProvider(ResourceProvider):
             patient = patient_from_dicom(ds, self._ctx)
             if patient and all(check(patient) for check in resource_checks):
                 patients.setdefault(patient["id"], patient)
-        return paged([patients[k] for k in sorted(patients)], request)
+        return [patients[k] for k in sorted(patients)]
 
     @staticmethod
     def _apply_name(clause: SearchClause) -> Any:

@@ -174,6 +174,22 @@ INDEXED_PARAMS: dict[str, tuple[IndexedParam, ...]] = {
             doc="The value of the observation, if the value is a string, and text matching",
         ),
     ),
+    "Patient": (
+        _p("Patient", "identifier", _T, "identifier", doc="A patient identifier"),
+        _p(
+            "Patient",
+            "name",
+            _S,
+            "name.family",
+            "name.given",
+            "name.text",
+            "name.prefix",
+            "name.suffix",
+            doc="A portion of the family, given, prefix or suffix name, or the text",
+        ),
+        _p("Patient", "birthdate", _D, "birthDate", doc="The patient's date of birth"),
+        _p("Patient", "gender", _T, "gender", doc="Gender of the patient"),
+    ),
     "Device": (_p("Device", "identifier", _T, "identifier", doc="Instance id from manufacturer, owner"),),
     "Provenance": (_p("Provenance", "target", _R, "target", doc="Target Reference(s)"),),
 }

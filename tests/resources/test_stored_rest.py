@@ -251,3 +251,56 @@ def test_paging_stays_consistent_while_tasks_are_added(fhir: httpx.Client) -> No
     assert len(seen) == len(set(seen)) == total
     fresh = ok_json(fhir.get("/Task", params=query))
     assert fresh["total"] > total  # a new search sees the added Tasks
+
+
+class TestPatientsCreatedByAnEhr:
+    """Patient is the DICOM view plus the Patients an EHR writes, which are stored."""
+
+    def test_create_read_search_next_to_the_dicom_view(self, fhir: httpx.Client) -> None:
+        mrn = f"EHR-{secrets.token_hex(4)}"
+        created = ok_json(
+            fhir.post(
+                "/Patient",
+                json={
+                    "resourceType": "Patient",
+                    "identifier": [{"system": "urn:oid:1.2.3.999", "value": mrn}],
+                    "name": [{"family": "Ehrlich", "given": ["Erika"]}],
+                    "gender": "female",
+                    "birthDate": "1980-02-29",
+                },
+                headers=FHIR_JSON,
+            ),
+            201,
+        )
+        assert ok_json(fhir.get(f"/Patient/{created['id']}"))["name"][0]["family"] == "Ehrlich"
+        found = ok_json(fhir.get("/Patient", params={"identifier": f"urn:oid:1.2.3.999|{mrn}"}))
+        assert [e["resource"]["id"] for e in found["entry"]] == [created["id"]]
+        by_name = ok_json(fhir.get("/Patient", params={"name": "ehrl", "birthdate": "1980-02"}))
+        assert created["id"] in {e["resource"]["id"] for e in by_name["entry"]}
+        # The DICOM view is still there, in the same search.
+        everyone = ok_json(fhir.get("/Patient", params={"_count": "500"}))
+        ids = {e["resource"]["id"] for e in everyone["entry"]}
+        assert {created["id"], "P-1001"} <= ids
+        assert everyone["total"] == len(everyone["entry"])
+
+    def test_a_stored_patient_shadows_the_dicom_view_and_delete_is_410(self, fhir: httpx.Client) -> None:
+        dicom_view = ok_json(fhir.get("/Patient/P-1001"))
+        assert "meta" not in dicom_view or "versionId" not in dicom_view.get("meta", {})
+        record = {
+            "resourceType": "Patient",
+            "id": "ehr-shadow-1",
+            "name": [{"family": "Shadow"}],
+        }
+        ok_json(fhir.put("/Patient/ehr-shadow-1", json=record, headers=FHIR_JSON), 201)
+        assert ok_json(fhir.get("/Patient/ehr-shadow-1"))["meta"]["versionId"] == "1"
+        assert fhir.delete("/Patient/ehr-shadow-1").status_code in (200, 204)
+        outcome(fhir.get("/Patient/ehr-shadow-1"), 410, "deleted")
+        history = ok_json(fhir.get("/Patient/ehr-shadow-1/_history"))
+        assert history["total"] == 2
+
+    def test_capability_statement_lists_patient_writes(self, fhir: httpx.Client) -> None:
+        statement = ok_json(fhir.get("/metadata"))
+        patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
+        assert {"create", "update", "delete", "read", "search-type"} <= {
+            i["code"] for i in patient["interaction"]
+        }
