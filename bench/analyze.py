@@ -71,7 +71,7 @@ GIB = 2**30
 # The facade's own figures: Analyzer.analyze logs one line per finished analysis.
 ANALYZED = re.compile(
     r"Analyzed study (?P<study>\S+) with \S+: .* from (?P<images>\d+) images in (?P<seconds>[\d.]+) s"
-    r" \(inference (?P<inference>[\d.]+) s\)"
+    r" \(inference (?P<inference>[\d.]+) s[;)]"
 )
 
 

@@ -57,12 +57,13 @@ def decide(
 
     positives = [label for label in labels if label != negative_label]
     best = max(positives, key=lambda label: scores[label])
+    # Either way the decision rests on the k slices of the best tumour class: they carried the
+    # positive score, or came closest to one.
+    supporting = tuple(instances[i] for i in top_indices[best])
     if negative_label is None or scores[best] >= threshold:
         label, probability = best, scores[best]
-        supporting = tuple(instances[i] for i in top_indices[best])
     else:
         label, probability = negative_label, 1.0 - scores[best]
-        supporting = tuple(instances)
     return StudyDecision(
         label=label,
         concept=concepts[label],

@@ -236,7 +236,9 @@ def build_analysis_sr(
             model_name=result.model_id,
         ),
     )
-    library = [by_uid[item.sop_instance_uid] for item in evaluated]
+    # The image library (TID 1600) lists the images the measurements refer to: the supporting
+    # ones. Every evaluated image is still in the evidence (CurrentRequestedProcedureEvidence).
+    library = [by_uid[item.sop_instance_uid] for item in supporting]
     describable = [h for h in library if _describable(h)]
     if len(describable) < len(library):
         log.warning(
@@ -251,9 +253,9 @@ def build_analysis_sr(
         imaging_measurements=[group],
         referenced_images=describable or None,
     )
-    # The evaluated images first: highdicom copies the Patient and Study modules from evidence[0].
-    evaluated_uids = {item.sop_instance_uid for item in evaluated}
-    ordered = library + [h for h in headers if str(h.SOPInstanceUID) not in evaluated_uids]
+    # The library images first: highdicom copies the Patient and Study modules from evidence[0].
+    library_uids = {str(h.SOPInstanceUID) for h in library}
+    ordered = library + [h for h in headers if str(h.SOPInstanceUID) not in library_uids]
     return hd.sr.Comprehensive3DSR(
         evidence=ordered,
         content=report,
@@ -309,8 +311,23 @@ def _describable(header: Dataset) -> bool:
     The entry needs the image's geometry (PixelSpacing, ImagePositionPatient, SliceThickness...);
     Type 2 attributes left empty by a scanner would otherwise fail the whole SR.
     """
+    if header.get("Modality") in _CROSS_SECTIONAL:
+        # What highdicom reads for CT/MR/PT entries, checked without building one (that costs
+        # as much as the entry itself).
+        return all(header.get(keyword) not in (None, "") for keyword in _CROSS_SECTIONAL_GEOMETRY)
     try:
         hd.sr.ImageLibraryEntryDescriptors(header)
     except (AttributeError, KeyError, TypeError, ValueError):
         return False
     return True
+
+
+_CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
+_CROSS_SECTIONAL_GEOMETRY = (
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+)

@@ -49,7 +49,7 @@ class StudyDecision:
     class_concepts: dict[str, CodedConcept]
     method: str
     supporting: tuple[ScoredInstance, ...] = ()
-    """The images whose outputs carried the decision (for positives: the top-scoring slices)."""
+    """The images whose outputs carried the decision: the top-k slices of the best tumour class."""
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,14 @@ a derived object that a repeated analysis supersedes (logged).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import pydicom
 from pydicom.uid import generate_uid
@@ -64,6 +65,8 @@ from fhir_facade.store import ResourceStore
 __all__ = ["AnalysisOutcome", "Analyzer", "Progress"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Called with (images done, images in total) as the analysis advances.
 Progress = Callable[[int, int], None]
@@ -135,6 +138,15 @@ class Analyzer:
     ) -> AnalysisOutcome:
         """Run the model on the study and store the result (with `task` completed, if given)."""
         started = time.perf_counter()
+        phases: dict[str, float] = {}
+        mark = started
+
+        def lap(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            phases[name] = now - mark
+            mark = now
+
         manifest = self.manifest(model_id)
         study = await self._studies.read(study_id)  # FhirError 404 for an unknown study
         study_uid = _study_uid(study)
@@ -142,7 +154,9 @@ class Analyzer:
         try:
             async with asyncio.timeout(limit):
                 selections = await self._select(study_uid, manifest, series_uid)
+                lap("select")
                 scored = await self._run_model(study_uid, manifest, selections, progress)
+                lap("model")
         except TimeoutError as exc:
             raise ai_inference_timeout(
                 f"Analysis of study {study_uid} with {manifest.id} ran past its limit of {limit:g} s"
@@ -150,14 +164,18 @@ class Analyzer:
         result = self._result(study_uid, manifest, scored)
         evidence = scored[2]
         sr_dataset, sr_ref = await self._build_sr(study_uid, result, evidence) if self._stow else (None, None)
+        lap("sr")
         resources = self._resources(result, study, sr_ref)
+        lap("fhir")
         if sr_dataset is not None and self._stow is not None:
             await self._store_sr(study_uid, sr_dataset)
+        lap("stow")
         completed_task = _completed_task(task, resources) if task else None
         await asyncio.to_thread(self._persist, resources, completed_task)
+        lap("store")
         seconds = time.perf_counter() - started
         log.info(
-            "Analyzed study %s with %s: %s (%.2f) from %d images in %.2f s (inference %.2f s)",
+            "Analyzed study %s with %s: %s (%.2f) from %d images in %.2f s (inference %.2f s; %s)",
             study_uid,
             manifest.id,
             result.decision.label,
@@ -165,6 +183,7 @@ class Analyzer:
             len(result.instances),
             seconds,
             result.inference_seconds,
+            ", ".join(f"{name} {value:.3f}" for name, value in phases.items()),
         )
         return AnalysisOutcome(resources.report, resources, result, seconds)
 
@@ -205,7 +224,7 @@ class Analyzer:
                     manifest.batch_size,
                     on_dataset=lambda ds: headers.append(evidence_header(ds)),
                 )
-                async for refs, batch in batches:
+                async for refs, batch in _one_ahead(batches):
                     t0 = time.perf_counter()
                     outputs = await asyncio.to_thread(backend.infer, batch)
                     inference_seconds += time.perf_counter() - t0
@@ -336,6 +355,26 @@ class Analyzer:
                 self._store.update(resource)
             if task is not None:
                 self._store.update(task)
+
+
+async def _one_ahead(items: AsyncGenerator[T, None]) -> AsyncIterator[T]:
+    """Yield from `items` while the next one is already being produced: the next batch is fetched
+    and decoded while the model works on this one."""
+    pending: asyncio.Future[T] = asyncio.ensure_future(anext(items))
+    try:
+        while True:
+            try:
+                item = await pending
+            except StopAsyncIteration:
+                return
+            pending = asyncio.ensure_future(anext(items))
+            yield item
+    finally:
+        if not pending.done():
+            pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+        await items.aclose()
 
 
 def _issue(code: str, diagnostics: str, detail_code: str) -> Issue:

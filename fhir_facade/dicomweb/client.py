@@ -10,7 +10,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import httpx
+from fhir_facade.dicomweb.errors import DicomwebError, DicomwebUnavailable
+from fhir_facade.dicomweb.pooled_client import PooledClient
 
 __all__ = ["DicomJson", "DicomwebClient", "DicomwebError", "DicomwebUnavailable"]
 
@@ -20,43 +21,20 @@ log = logging.getLogger(__name__)
 DicomJson = dict[str, Any]
 
 
-class DicomwebError(Exception):
-    """The PACS answered, but not with a usable result (4xx, malformed JSON)."""
-
-
-class DicomwebUnavailable(DicomwebError):
-    """The PACS is unreachable, timed out, or failed (5xx): worth retrying later."""
-
-
-class DicomwebClient:
+class DicomwebClient(PooledClient):
     """QIDO-RS searches at study, series and instance level.
 
-    The httpx client is opened in the application lifespan (`open`) and shared by all requests;
-    `request_count` counts QIDO requests so tests and benchmarks can prove there is no N+1.
+    Opened in the application lifespan (`open`) and shared by all requests; `request_count`
+    counts QIDO requests so tests and benchmarks can prove there is no N+1.
     """
 
     def __init__(self, base_url: str, *, timeout: float, max_connections: int) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._timeout = timeout
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
+        super().__init__(
+            base_url,
+            timeout=timeout,
+            max_connections=max_connections,
+            headers={"Accept": "application/dicom+json"},
         )
-        self._http: httpx.AsyncClient | None = None
-        self.request_count = 0
-
-    async def open(self) -> None:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=httpx.Timeout(self._timeout),
-                limits=self._limits,
-                headers={"Accept": "application/dicom+json"},
-            )
-
-    async def close(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
 
     async def search_studies(
         self,
@@ -89,9 +67,6 @@ class DicomwebClient:
         limit: int | None,
         offset: int | None,
     ) -> list[DicomJson]:
-        if self._http is None:
-            await self.open()
-        assert self._http is not None
         params: list[tuple[str, str | int | float | bool | None]] = list(query.items())
         # One includefield per attribute: Orthanc ignores a comma-separated list (PS3.18 allows both).
         params += [("includefield", field) for field in include_fields]
@@ -99,17 +74,9 @@ class DicomwebClient:
             params.append(("limit", str(limit)))
         if offset:
             params.append(("offset", str(offset)))
-        self.request_count += 1
-        try:
-            response = await self._http.get(path, params=params)
-        except httpx.TimeoutException as exc:
-            raise DicomwebUnavailable(f"PACS did not answer {path} within {self._timeout} s") from exc
-        except httpx.TransportError as exc:
-            raise DicomwebUnavailable(f"PACS unreachable at {self.base_url}: {exc}") from exc
+        response = await self._send("GET", path, params=params)
         if response.status_code == 204:
             return []
-        if response.status_code >= 500:
-            raise DicomwebUnavailable(f"PACS answered {response.status_code} to {path}")
         if response.status_code >= 400:
             raise DicomwebError(f"PACS rejected {path} with {response.status_code}: {response.text[:200]}")
         try:

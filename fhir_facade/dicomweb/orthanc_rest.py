@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from fhir_facade.dicomweb.client import DicomwebError, DicomwebUnavailable
+from fhir_facade.dicomweb.errors import DicomwebError
+from fhir_facade.dicomweb.pooled_client import PooledClient
 
 __all__ = ["Change", "ChangesPage", "OrthancRestClient"]
 
@@ -47,44 +48,17 @@ class ChangesPage:
     last: int
 
 
-class OrthancRestClient:
+class OrthancRestClient(PooledClient):
     """A minimal async client of the Orthanc REST API on one shared connection pool."""
 
-    def __init__(self, base_url: str, *, timeout: float, max_connections: int) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._timeout = timeout
-        self._limits = httpx.Limits(max_connections=max_connections)
-        self._http: httpx.AsyncClient | None = None
-        self.request_count = 0
-
-    async def open(self) -> None:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url, timeout=httpx.Timeout(self._timeout), limits=self._limits
-            )
-
-    async def close(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+    service_name = "Orthanc"
 
     async def count_studies(self, query: Mapping[str, str]) -> int:
         """Number of distinct Study Instance UIDs matching a C-FIND style query (lists joined by
         backslash). Orthanc keys a study by PatientID + UID, so ids alone would count a UID stored
         under two patients twice: hence `Expand` and counting UIDs."""
-        if self._http is None:
-            await self.open()
-        assert self._http is not None
         body = {"Level": "Study", "Query": dict(query), "Expand": True}
-        self.request_count += 1
-        try:
-            response = await self._http.post("/tools/find", json=body)
-        except httpx.TimeoutException as exc:
-            raise DicomwebUnavailable(f"Orthanc did not answer /tools/find within {self._timeout} s") from exc
-        except httpx.TransportError as exc:
-            raise DicomwebUnavailable(f"Orthanc unreachable at {self.base_url}: {exc}") from exc
-        if response.status_code >= 500:
-            raise DicomwebUnavailable(f"Orthanc answered {response.status_code} to /tools/find")
+        response = await self._send("POST", "/tools/find", json=body)
         if response.status_code >= 400:
             raise DicomwebError(f"Orthanc rejected /tools/find with {response.status_code}")
         studies = response.json()
@@ -153,21 +127,8 @@ class OrthancRestClient:
             raise DicomwebError(f"Orthanc answered {path} with invalid JSON") from exc
 
     async def _get(self, path: str, params: Mapping[str, str] | None = None) -> httpx.Response:
-        """A GET with count_studies' error mapping: transport failures, timeouts and 5xx become
-        DicomwebUnavailable (worth retrying); the caller judges 4xx."""
-        if self._http is None:
-            await self.open()
-        assert self._http is not None
-        self.request_count += 1
-        try:
-            response = await self._http.get(path, params=dict(params or {}))
-        except httpx.TimeoutException as exc:
-            raise DicomwebUnavailable(f"Orthanc did not answer {path} within {self._timeout} s") from exc
-        except httpx.TransportError as exc:
-            raise DicomwebUnavailable(f"Orthanc unreachable at {self.base_url}: {exc}") from exc
-        if response.status_code >= 500:
-            raise DicomwebUnavailable(f"Orthanc answered {response.status_code} to {path}")
-        return response
+        """A GET; the caller judges 4xx (5xx and transport failures raise DicomwebUnavailable)."""
+        return await self._send("GET", path, params=dict(params or {}))
 
 
 def _changes_page(body: Any) -> ChangesPage:

@@ -29,7 +29,9 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from fhir_facade.dicomweb.client import DicomJson, DicomwebError, DicomwebUnavailable
+from fhir_facade.dicomweb.client import DicomJson
+from fhir_facade.dicomweb.errors import DicomwebError
+from fhir_facade.dicomweb.pooled_client import PooledClient
 
 __all__ = [
     "FAILURE_REASONS",
@@ -128,13 +130,9 @@ class StowRejected(DicomwebError):
         return tuple(item.reason for item in self.result.failed)
 
 
-class StowClient:
-    """STOW-RS Store Instances (PS3.18 10.5) for pydicom datasets.
-
-    Opened in the application lifespan (`open`) like `DicomwebClient`; pass `http` to share an
-    existing `httpx.AsyncClient` (requests use absolute URLs, so its own base URL does not
-    matter), which `close` leaves open since its owner closes it.
-    """
+class StowClient(PooledClient):
+    """STOW-RS Store Instances (PS3.18 10.5) for pydicom datasets, opened in the application
+    lifespan like `DicomwebClient`."""
 
     def __init__(
         self,
@@ -142,30 +140,11 @@ class StowClient:
         *,
         timeout: float = 30.0,
         max_connections: int = 4,
-        http: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-        self.base_url = base_url.rstrip("/")
-        self._timeout = timeout
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self._http = http
-        self._owns_http = http is None
-        self.request_count = 0
-
-    async def open(self) -> None:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url, timeout=httpx.Timeout(self._timeout), limits=self._limits
-            )
-            self._owns_http = True
-
-    async def close(self) -> None:
-        if self._http is not None and self._owns_http:
-            await self._http.aclose()
-            self._http = None
+        super().__init__(base_url, timeout=timeout, max_connections=max_connections, transport=transport)
 
     async def store(self, datasets: Sequence[Dataset], study_uid: str | None = None) -> StowResult:
         """Store `datasets` in one request to `/studies` or `/studies/{study_uid}` (PS3.18 10.5.1).
@@ -186,19 +165,7 @@ class StowClient:
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
         }
-        if self._http is None:
-            await self.open()
-        assert self._http is not None
-        self.request_count += 1
-        url = f"{self.base_url}{path}"
-        try:
-            response = await self._http.post(url, content=body, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise DicomwebUnavailable(f"PACS did not answer STOW {path} within {self._timeout} s") from exc
-        except httpx.TransportError as exc:
-            raise DicomwebUnavailable(f"PACS unreachable at {self.base_url}: {exc}") from exc
-        if response.status_code >= 500:
-            raise DicomwebUnavailable(f"PACS answered {response.status_code} to STOW {path}")
+        response = await self._send("POST", path, content=body, headers=headers)
         result = _parse_response(response, sent)
         if response.status_code >= 400 or result.failed or result.unreported:
             raise StowRejected(_rejection_message(path, result), result)

@@ -23,14 +23,13 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import AsyncGenerator, Sequence
-from types import TracebackType
 from typing import NamedTuple
 
-import httpx
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from fhir_facade.dicomweb.client import DicomwebError, DicomwebUnavailable
+from fhir_facade.dicomweb.errors import DicomwebError
+from fhir_facade.dicomweb.pooled_client import PooledClient
 
 __all__ = ["InstanceNotFound", "MultipartPart", "WadoClient", "parse_multipart_related"]
 
@@ -120,7 +119,7 @@ def parse_multipart_related(body: bytes, content_type: str) -> list[MultipartPar
         position = next_delimiter + 2
 
 
-class WadoClient:
+class WadoClient(PooledClient):
     """WADO-RS retrieval of single instances as pydicom datasets.
 
     Opened in the application lifespan (`open`) and shared by all requests, like
@@ -128,61 +127,23 @@ class WadoClient:
     """
 
     def __init__(self, base_url: str, *, timeout: float, max_connections: int) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._timeout = timeout
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
+        super().__init__(
+            base_url,
+            timeout=timeout,
+            max_connections=max_connections,
+            headers={"Accept": ACCEPT_DICOM_AS_STORED},
         )
-        self._http: httpx.AsyncClient | None = None
-        self.request_count = 0
-
-    async def open(self) -> None:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=httpx.Timeout(self._timeout),
-                limits=self._limits,
-                headers={"Accept": ACCEPT_DICOM_AS_STORED},
-            )
-
-    async def close(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
-
-    async def __aenter__(self) -> WadoClient:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def retrieve_instance(
         self, study_uid: str, series_uid: str, sop_instance_uid: str
     ) -> pydicom.Dataset:
         """RetrieveInstance (PS3.18 10.4.1): one Part 10 instance, in its stored transfer syntax."""
-        if self._http is None:
-            await self.open()
-        assert self._http is not None
         path = f"/studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}"
-        self.request_count += 1
-        try:
-            response = await self._http.get(path)
-        except httpx.TimeoutException as exc:
-            raise DicomwebUnavailable(f"PACS did not answer {path} within {self._timeout} s") from exc
-        except httpx.TransportError as exc:
-            raise DicomwebUnavailable(f"PACS unreachable at {self.base_url}: {exc}") from exc
+        response = await self._send("GET", path)
         if response.status_code == 404:
             raise InstanceNotFound(
                 f"PACS has no instance {sop_instance_uid} in series {series_uid} of study {study_uid}"
             )
-        if response.status_code >= 500:
-            raise DicomwebUnavailable(f"PACS answered {response.status_code} to {path}")
         if response.status_code != 200:
             raise DicomwebError(f"PACS rejected {path} with {response.status_code}: {response.text[:200]}")
         parts = parse_multipart_related(response.content, response.headers.get("content-type", ""))

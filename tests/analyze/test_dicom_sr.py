@@ -182,12 +182,12 @@ def test_sr_references_every_evaluated_instance(
     }
     assert referenced == {(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in study}
     assert "PertinentOtherEvidenceSequence" not in ds
-    # The image library (TID 1600) lists each evaluated image once.
+    # The image library (TID 1600) lists the images the measurements refer to, each once.
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
     library = find_content_items(report[0], name=codes.DCM.ImageLibrary, recursive=True)
     images = find_content_items(library[0], value_type=hd.sr.ValueTypeValues.IMAGE, recursive=True)
     assert sorted(item.referenced_sop_instance_uid for item in images) == sorted(
-        item.sop_instance_uid for item in result.instances
+        {item.sop_instance_uid for item in result.decision.supporting}
     )
 
 
@@ -284,13 +284,15 @@ def test_image_without_geometry_is_left_out_of_the_library(
     result: AnalysisResult, headers: list[Dataset]
 ) -> None:
     trimmed = copy.deepcopy(headers)
-    del trimmed[0].SliceThickness
+    supporting = {item.sop_instance_uid for item in result.decision.supporting}
+    geometry_less = next(h for h in trimmed if str(h.SOPInstanceUID) in supporting)
+    del geometry_less.SliceThickness
     ds = _build(result, trimmed)
     library = find_content_items(
         hd.sr.Comprehensive3DSR.from_dataset(ds).content[0], name=codes.DCM.ImageLibrary, recursive=True
     )
     images = find_content_items(library[0], value_type=hd.sr.ValueTypeValues.IMAGE, recursive=True)
-    assert len(images) == N_SLICES - 1
+    assert len(images) == len(supporting) - 1
     # It is still recorded as evidence.
     series = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert len(series.ReferencedSOPSequence) == N_SLICES
@@ -464,8 +466,7 @@ async def test_faults_orthanc_cannot_be_made_to_produce(
         fake_pacs.append(request)
         return httpx.Response(status, content=body, headers={"Content-Type": "application/dicom+json"})
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
-        client = StowClient("http://pacs.invalid/dicom-web", http=http)
+    async with StowClient("http://pacs.invalid/dicom-web", transport=httpx.MockTransport(answer)) as client:
         with pytest.raises(expected) as caught:
             await client.store([sr])
     if isinstance(caught.value, StowRejected):

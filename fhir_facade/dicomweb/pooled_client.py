@@ -1,0 +1,91 @@
+"""The base of every PACS client (QIDO-RS, WADO-RS, STOW-RS, Orthanc REST): one shared httpx
+connection pool opened in the application lifespan, a request counter for tests and benchmarks,
+and the one mapping of transport failures and 5xx answers to `DicomwebUnavailable`.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from fhir_facade.dicomweb.errors import DicomwebUnavailable
+
+__all__ = ["PooledClient"]
+
+
+class PooledClient:
+    """An async HTTP client of one PACS service (`transport` only for tests).
+
+    `open` (lazily on first use too) creates the pool; `close` closes it. `_send` counts the
+    request and raises `DicomwebUnavailable` when the PACS cannot be reached, times out or
+    answers 5xx ("retry later"); other answers are the subclass's to judge.
+    """
+
+    #: What the error messages call the service ("PACS", "Orthanc").
+    service_name = "PACS"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        max_connections: int,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = timeout
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._headers = headers or {}
+        self._transport = transport  # tests: faults a real PACS cannot be made to produce
+        self._http: httpx.AsyncClient | None = None
+        self.request_count = 0
+
+    async def open(self) -> None:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=httpx.Timeout(self._timeout),
+                limits=self._limits,
+                headers=self._headers,
+                transport=self._transport,
+            )
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request; transport failures, time-outs and 5xx become DicomwebUnavailable."""
+        if self._http is None:
+            await self.open()
+        assert self._http is not None
+        self.request_count += 1
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise DicomwebUnavailable(
+                f"{self.service_name} did not answer {path} within {self._timeout} s"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise DicomwebUnavailable(f"{self.service_name} unreachable at {self.base_url}: {exc}") from exc
+        if response.status_code >= 500:
+            raise DicomwebUnavailable(f"{self.service_name} answered {response.status_code} to {path}")
+        return response
