@@ -32,6 +32,7 @@ from fhir_facade.resources.stored import StoredResourceProvider, stored_provider
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.store.atomic import atomic_scope
 from fhir_facade.store.feed_position import SqlFeedPositionStore
+from fhir_facade.sync.runtime import SyncRuntime
 from fhir_facade.watcher import StudyArrivalWatcher, TaskRule
 from fhir_facade.watcher.arrival_tasks import ArrivalTaskCreator
 from fhir_facade.worklist import WorklistFolder
@@ -148,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else None
     )
     ctx = mapping_context(settings)
-    store = ResourceStore(open_store_engine(settings))
+    store = ResourceStore(open_store_engine(settings), outbox=settings.fhir_upstream_url is not None)
     patients = PatientProvider(dicomweb, ctx, records=StoredResourceProvider("Patient", store))
     worklist = WorklistFolder(settings.worklist_dir) if settings.worklist_dir else None
     stored = stored_providers(store, worklist, _quiet_reader(patients), settings.worklist_station_ae_title)
@@ -160,6 +161,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         *stored,
         *artifact_providers(),
     ]
+    sync = (
+        SyncRuntime(settings, store, {p.resource_type: p for p in providers})
+        if settings.fhir_upstream_url
+        else None
+    )
     analyze = (
         AnalyzeRuntime(
             settings, qido=dicomweb, store=store, providers={p.resource_type: p for p in providers}
@@ -178,6 +184,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watching = _start_watcher(settings, orthanc, store, providers)
         if analyze:
             await analyze.start()
+        if sync:
+            await sync.start()
         log.info(
             "fhir-facade %s: FHIR base %s, PACS %s",
             __version__,
@@ -187,6 +195,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if sync:
+                await sync.stop()
             if analyze:
                 await analyze.stop()
             if watching:
@@ -208,7 +218,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.providers = providers
     app.state.analyze = analyze
+    app.state.sync = sync
     install_error_handlers(app)
+    if sync:
+        app.include_router(sync.router)
     if analyze:  # before the FHIR router, whose /{type}/{id} catch-all would shadow the job URLs
         app.include_router(analyze.router)
     operations = analyze.operations if analyze else None

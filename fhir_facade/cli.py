@@ -1,5 +1,6 @@
 """`fhir-facade` command line: `serve` runs the FHIR server against a configured PACS;
-`embedded` also starts a local Orthanc with the demo brain MRI study (the README's run command)."""
+`embedded` also starts a local Orthanc with the demo brain MRI study (the README's run command);
+`sync` runs only the upstream sync worker."""
 
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
         _serve(settings, args.host, args.port)
 
 
+def _sync(settings: Settings) -> None:
+    """The sync worker alone (for scale-out): the app's lifespan without HTTP or other workers."""
+    import asyncio
+
+    if not settings.fhir_upstream_url:
+        raise SystemExit("fhir-facade sync: set FACADE_FHIR_UPSTREAM_URL")
+    settings = settings.model_copy(
+        update={"sync_in_process": True, "analyze_enabled": False, "watch_studies": False}
+    )
+    app = create_app(settings)
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            log.info("Syncing the outbox to %s", settings.fhir_upstream_url)
+            await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fhir-facade", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sub in (serve, embedded):
         sub.add_argument("--host", default="127.0.0.1")
         sub.add_argument("--port", type=int, default=8080)
+    commands.add_parser("sync", help="run only the upstream sync worker (FACADE_FHIR_UPSTREAM_URL)")
     embedded.add_argument("--orthanc-port", type=int, default=8042)
     embedded.add_argument("--orthanc-dicom-port", type=int, default=4242)
     args = parser.parse_args(argv)
@@ -72,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.command == "serve":
         _serve(settings, args.host, args.port)
+    elif args.command == "sync":
+        _sync(settings)
     else:
         _embedded(settings, args)
     return 0

@@ -41,7 +41,19 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8080/fhir",
         description="Public FHIR base URL, used in Bundle links and fullUrls.",
     )
-    fhir_upstream_url: str | None = Field(None, description="Upstream FHIR server (HAPI) to sync.")
+    fhir_upstream_url: str | None = Field(
+        None, description="Upstream FHIR server (HAPI) that every stored resource is synced to."
+    )
+    upstream_auth: Literal["none", "basic", "bearer"] = Field("none", description="Upstream authentication.")
+    upstream_username: str | None = Field(None, description="Upstream basic-auth user.")
+    upstream_password: str | None = Field(None, description="Upstream basic-auth password.")
+    upstream_token: str | None = Field(None, description="Upstream bearer token.")
+    upstream_timeout: float = Field(10.0, gt=0, description="Seconds before an upstream request fails.")
+    sync_in_process: bool = Field(
+        True, description="Run the sync worker in the server process (else run `fhir-facade sync`)."
+    )
+    sync_poll_interval: float = Field(0.5, gt=0, description="Seconds between outbox polls when idle.")
+    sync_batch_size: int = Field(50, ge=1, description="Outbox rows leased per round.")
     worklist_dir: Path | None = Field(
         None,
         description=(

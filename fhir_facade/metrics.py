@@ -5,6 +5,8 @@ Kept dependency-free: a handful of counters does not need a client library yet.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
@@ -28,4 +30,7 @@ async def metrics(request: Request) -> PlainTextResponse:
             "# TYPE fhir_facade_orthanc_requests_total counter",
             f"fhir_facade_orthanc_requests_total {orthanc.request_count}",
         ]
+    sync = getattr(request.app.state, "sync", None)
+    if sync is not None:
+        lines += await asyncio.to_thread(sync.metrics_lines)
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

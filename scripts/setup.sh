@@ -51,3 +51,29 @@ if [ "${SETUP_KSERVE:-1}" != 0 ]; then
     echo "$kserve_wanted" > "$kserve_stamp"
   fi
 fi
+
+# An independent upstream FHIR server for the sync tests (tests/upstream_fhir/server.mjs: Medplum's
+# @medplum/fhir-router 4.5.2 + MemoryRepository, pinned in package-lock.json). Needs Node >= 20.19;
+# `npm ci` takes about 3 s and 104 MB. SETUP_UPSTREAM=0 skips it (the upstream tests then skip, or
+# fail when CI=true).
+if [ "${SETUP_UPSTREAM:-1}" != 0 ]; then
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    sudo_cmd=""
+    [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+    echo "setup: installing Debian packages: nodejs npm"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends nodejs npm
+  fi
+  if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'; then
+    echo "setup: node $(node --version) is older than 20.19, which @medplum/fhir-router 4.5.2 needs;" \
+      "skipping tests/upstream_fhir (install a newer Node, e.g. from NodeSource)" >&2
+  else
+    upstream_stamp=tests/upstream_fhir/node_modules/.fhir-facade-installed
+    upstream_wanted=$(sha256sum tests/upstream_fhir/package-lock.json | cut -d' ' -f1)
+    if [ ! -f "$upstream_stamp" ] || [ "$(cat "$upstream_stamp")" != "$upstream_wanted" ]; then
+      echo "setup: installing tests/upstream_fhir (npm ci)"
+      (cd tests/upstream_fhir && npm ci --no-audit --no-fund)
+      echo "$upstream_wanted" > "$upstream_stamp"
+    fi
+  fi
+fi

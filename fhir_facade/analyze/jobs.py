@@ -56,6 +56,7 @@ class AnalysisJob:
     study_id: str
     model_id: str | None
     series_uid: str | None
+    study: dict[str, Any] | None = field(default=None, repr=False)
     done: int = 0
     total: int = 0
     runner: asyncio.Task[AnalysisOutcome] | None = field(default=None, repr=False)
@@ -178,11 +179,17 @@ class AnalysisJobs:
         if series_uid:
             task["input"].append({"type": {"text": "series"}, "valueString": series_uid})
         stored = await self._tasks.create(task)
-        return self._launch(stored, model_id, series_uid)
+        return self._launch(stored, model_id, series_uid, study)
 
-    def _launch(self, task: dict[str, Any], model_id: str | None, series_uid: str | None) -> AnalysisJob:
+    def _launch(
+        self,
+        task: dict[str, Any],
+        model_id: str | None,
+        series_uid: str | None,
+        study: dict[str, Any] | None = None,
+    ) -> AnalysisJob:
         study_id = task["focus"]["reference"].split("/", 1)[1]
-        job = AnalysisJob(task["id"], study_id, model_id, series_uid)
+        job = AnalysisJob(task["id"], study_id, model_id, series_uid, study)
         job.runner = asyncio.create_task(self._run(job, task), name=f"analyze-{task['id']}")
         self._running[job.task_id] = job
         job.runner.add_done_callback(lambda _: self._running.pop(job.task_id, None))
@@ -197,6 +204,7 @@ class AnalysisJobs:
                     series_uid=job.series_uid,
                     progress=job.progress,
                     task=task,
+                    study=job.study,
                 )
         except asyncio.CancelledError:
             await self._finish(job.task_id, "cancelled", None, "Cancelled by the client")

@@ -135,8 +135,10 @@ class Analyzer:
         series_uid: str | None = None,
         progress: Progress | None = None,
         task: dict[str, Any] | None = None,
+        study: dict[str, Any] | None = None,
     ) -> AnalysisOutcome:
-        """Run the model on the study and store the result (with `task` completed, if given)."""
+        """Run the model on the study and store the result (with `task` completed, if given).
+        `study` is the live ImagingStudy when the caller has just read it."""
         started = time.perf_counter()
         phases: dict[str, float] = {}
         mark = started
@@ -148,7 +150,8 @@ class Analyzer:
             mark = now
 
         manifest = self.manifest(model_id)
-        study = await self._studies.read(study_id)  # FhirError 404 for an unknown study
+        if study is None or study.get("id") != study_id:
+            study = await self._studies.read(study_id)  # FhirError 404 for an unknown study
         study_uid = _study_uid(study)
         limit = self._timeout or manifest.timeout_s
         try:

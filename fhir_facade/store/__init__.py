@@ -1,7 +1,5 @@
-"""The persistent FHIR resource store (SQLite or PostgreSQL): versions, history, search indexes.
-
-Not wired into the HTTP app yet; see docs/adr/0004-persistent-store.md.
-"""
+"""The persistent FHIR resource store (SQLite or PostgreSQL): versions, history, search indexes
+(docs/adr/0004-persistent-store.md)."""
 
 from fhir_facade.store.engine import create_store_engine
 from fhir_facade.store.indexing import INDEXED_PARAMS, IndexedParam, search_param_defs, sortable_params

@@ -88,11 +88,38 @@ def _owner_indexes_with_param(connection: Connection) -> None:
         connection.execute(text(f"CREATE INDEX ix_{table}_owner ON {table} ({indexed})"))
 
 
+def _outbox(connection: Connection) -> None:
+    # One row per stored version, written in the same transaction as the version: what the sync
+    # worker pushes upstream (docs/adr/0007-upstream-sync.md). `seq` orders the rows.
+    postgres = connection.dialect.name == "postgresql"
+    seq = "seq BIGSERIAL PRIMARY KEY" if postgres else "seq INTEGER PRIMARY KEY AUTOINCREMENT"
+    stamp = "TIMESTAMP WITH TIME ZONE"
+    connection.execute(
+        text(
+            f"CREATE TABLE outbox ({seq},"
+            " resource_type VARCHAR(64) NOT NULL,"
+            " resource_id VARCHAR(64) NOT NULL,"
+            " version_id INTEGER NOT NULL,"
+            " deleted BOOLEAN NOT NULL,"
+            f" created_at {stamp} NOT NULL,"
+            " state VARCHAR(16) NOT NULL,"
+            " attempts INTEGER NOT NULL,"
+            f" next_attempt_at {stamp} NOT NULL,"
+            f" lease_until {stamp},"
+            f" sent_at {stamp},"
+            " last_error TEXT)"
+        )
+    )
+    connection.execute(text("CREATE INDEX ix_outbox_due ON outbox (state, next_attempt_at, seq)"))
+    connection.execute(text("CREATE INDEX ix_outbox_resource ON outbox (resource_type, resource_id, seq)"))
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
     Migration(2, "feed_position: where change-feed watchers are (Orthanc /changes)", _feed_positions),
     Migration(3, "search index owner indexes include param (fast _sort)", _owner_indexes_with_param),
+    Migration(4, "outbox: every stored version, for the upstream sync", _outbox),
 )
 
 

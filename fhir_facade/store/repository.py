@@ -61,6 +61,7 @@ from fhir_facade.store.indexing import (
     sortable_params,
 )
 from fhir_facade.store.schema import (
+    OutboxEntry,
     ResourceCurrent,
     ResourceVersion,
     SearchDate,
@@ -84,6 +85,7 @@ _WRITE_ATTEMPTS = 5
 
 _version: Table = ResourceVersion.__table__  # type: ignore[attr-defined]
 _current: Table = ResourceCurrent.__table__  # type: ignore[attr-defined]
+_outbox: Table = OutboxEntry.__table__  # type: ignore[attr-defined]
 _token: Table = SearchToken.__table__  # type: ignore[attr-defined]
 _date: Table = SearchDate.__table__  # type: ignore[attr-defined]
 _reference: Table = SearchReference.__table__  # type: ignore[attr-defined]
@@ -121,10 +123,13 @@ class ResourceStore:
     `clock` is injectable so tests can write resources at known instants.
     """
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, clock: Callable[[], datetime] | None = None, outbox: bool = True
+    ) -> None:
         self._engine = engine
         self.engine = engine
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._outbox = outbox  # off when no upstream is configured: nothing would drain it
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -230,6 +235,20 @@ class ResourceStore:
         self._reindex(
             connection, resource_type, resource_id, extract_index(stored) if resource else IndexRows()
         )
+        # The outbox row commits or rolls back with the version itself (ADR 0007).
+        if self._outbox:
+            connection.execute(
+                insert(_outbox).values(
+                    resource_type=resource_type,
+                    resource_id=resource_id,
+                    version_id=version,
+                    deleted=resource is None,
+                    created_at=moment,
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=moment,
+                )
+            )
         return stored, row is None
 
     @staticmethod

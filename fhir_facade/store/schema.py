@@ -5,8 +5,8 @@
 - `resource_current` is one row per logical resource: the version a read returns, whether it is
   deleted, and its lastUpdated (the stable search order). Writers lock this row (SELECT ... FOR
   UPDATE) so concurrent updates of one resource queue instead of forking version numbers.
-- `search_*` rows index the *current* version only and are replaced on every write; searches are
-  EXISTS subqueries on them (FHIR search.html, one table per search parameter type).
+- `search_*` rows index the *current* version only and are replaced on every write; a search
+  parameter is an `IN` semi-join on them (FHIR search.html, one table per search parameter type).
 
 All timestamps are stored in UTC (`UtcDateTime`): SQLite keeps datetimes as text without an
 offset, so comparing them as text is only correct when every value is in the same zone.
@@ -23,6 +23,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "OutboxEntry",
     "ResourceCurrent",
     "ResourceVersion",
     "SchemaVersion",
@@ -185,3 +186,27 @@ class SearchString(SQLModel, table=True):
     param: str = Field(max_length=_ID_LENGTH)
     normalized: str = Field(sa_column=Column(Text, nullable=False))
     exact: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class OutboxEntry(SQLModel, table=True):
+    """One stored version waiting to be pushed upstream (created by migration 4).
+
+    `state`: pending -> sent, or dead (a non-transient upstream refusal, kept in `last_error`).
+    A worker leases due rows (`lease_until`) in a short transaction and sends them outside it, so
+    a slow upstream never holds a database lock that FHIR writes wait for.
+    """
+
+    __tablename__ = "outbox"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    resource_type: str = Field(max_length=_ID_LENGTH)
+    resource_id: str = Field(max_length=_ID_LENGTH)
+    version_id: int
+    deleted: bool
+    created_at: datetime = _utc_column(nullable=False)
+    state: str = Field(max_length=16)
+    attempts: int
+    next_attempt_at: datetime = _utc_column(nullable=False)
+    lease_until: datetime | None = _utc_column(nullable=True)
+    sent_at: datetime | None = _utc_column(nullable=True)
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

@@ -1,0 +1,1 @@
+"""Reliable sync of the stored resources to an upstream FHIR server (outbox; ADR 0007)."""

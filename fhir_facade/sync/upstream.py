@@ -1,0 +1,115 @@
+"""The upstream FHIR server (HAPI in production) as the sync worker sees it: idempotent writes by
+id, and each answer classified as done, retry later, or refused for good.
+
+Writes are `PUT [base]/Type/id` (update-as-create with our id) and `DELETE [base]/Type/id`:
+repeating one changes nothing, so a retry after a lost answer never duplicates (ADR 0007).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import httpx
+
+__all__ = ["Outcome", "UpstreamAnswer", "UpstreamClient", "UpstreamSettings"]
+
+#: Statuses worth retrying: timeouts, conflicts of concurrent writers, throttling, server trouble.
+_TRANSIENT = frozenset({408, 409, 412, 425, 429, 500, 502, 503, 504})
+
+
+class Outcome(Enum):
+    DONE = "done"
+    RETRY = "retry"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class UpstreamAnswer:
+    outcome: Outcome
+    status: int | None
+    detail: str
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    base_url: str
+    auth: str = "none"
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    timeout: float = 10.0
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP-date: fall back to our own backoff
+
+
+def classify(response: httpx.Response) -> UpstreamAnswer:
+    """Done for 2xx (and 404/410 on DELETE: already gone), retry for transient statuses, refused
+    for the rest, with the upstream's OperationOutcome kept as the detail."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return UpstreamAnswer(Outcome.DONE, status, "")
+    detail = response.text[:20000] or f"HTTP {status}"
+    if status in _TRANSIENT:
+        return UpstreamAnswer(Outcome.RETRY, status, detail, _retry_after(response))
+    return UpstreamAnswer(Outcome.REFUSED, status, detail)
+
+
+class UpstreamClient:
+    """Synchronous client (the sync worker runs in its own thread or process)."""
+
+    def __init__(self, settings: UpstreamSettings, transport: httpx.BaseTransport | None = None) -> None:
+        auth: httpx.Auth | None = None
+        headers = {"Accept": "application/fhir+json", "Content-Type": "application/fhir+json"}
+        if settings.auth == "basic":
+            auth = httpx.BasicAuth(settings.username or "", settings.password or "")
+        elif settings.auth == "bearer":
+            headers["Authorization"] = f"Bearer {settings.token or ''}"
+        elif settings.auth != "none":
+            raise ValueError(f"unsupported upstream auth {settings.auth!r} (none, basic, bearer)")
+        self.base_url = settings.base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=settings.timeout,
+            headers=headers,
+            auth=auth,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def put(self, resource: dict[str, Any]) -> UpstreamAnswer:
+        body = {k: v for k, v in resource.items() if k != "meta"}  # upstream keeps its own meta
+        return self._send("PUT", f"/{resource['resourceType']}/{resource['id']}", json.dumps(body))
+
+    def delete(self, resource_type: str, resource_id: str) -> UpstreamAnswer:
+        answer = self._send("DELETE", f"/{resource_type}/{resource_id}", None)
+        if answer.status in (404, 410):
+            return UpstreamAnswer(Outcome.DONE, answer.status, "already gone")
+        return answer
+
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        response = self._http.get(f"/{resource_type}/{resource_id}", headers={"Cache-Control": "no-cache"})
+        if response.status_code != 200:
+            return None
+        body: dict[str, Any] = response.json()
+        return body
+
+    def _send(self, method: str, path: str, content: str | None) -> UpstreamAnswer:
+        try:
+            response = self._http.request(method, path, content=content)
+        except httpx.TransportError as exc:  # includes timeouts
+            return UpstreamAnswer(Outcome.RETRY, None, f"upstream unreachable: {exc}")
+        return classify(response)

@@ -1,0 +1,171 @@
+"""The sync worker: drains the outbox to the upstream FHIR server.
+
+For each leased resource it sends the newest leased version (earlier ones are superseded: the
+upstream only needs the current state, and a PUT by id is idempotent), after upserting a snapshot
+of every *virtual* resource it references (ImagingStudy, Patient, Endpoint: computed live from
+the PACS, so the upstream has no copy unless we give it one) under the same id, so references
+resolve upstream unchanged. Failures: transient ones are retried with exponential backoff and
+full jitter, honouring Retry-After; a refusal (e.g. 422 from the upstream validator) turns the
+rows into dead letters, with the upstream's answer kept, and the rest keeps flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fhir_facade.fhir.errors import FhirError
+from fhir_facade.store import ResourceStore
+from fhir_facade.sync.outbox_queue import OutboxQueue, OutboxRow
+from fhir_facade.sync.upstream import Outcome, UpstreamAnswer, UpstreamClient
+
+__all__ = ["VIRTUAL_TYPES", "SyncWorker", "VirtualReader"]
+
+log = logging.getLogger(__name__)
+
+#: Types the facade computes from the PACS; the sync upserts snapshots of the referenced ones.
+VIRTUAL_TYPES = frozenset({"ImagingStudy", "Patient", "Endpoint"})
+
+#: Reads a virtual resource (type, id) live; None when it does not exist.
+VirtualReader = Callable[[str, str], Awaitable[dict[str, Any] | None]]
+
+
+def _references(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        reference = node.get("reference")
+        if isinstance(reference, str):
+            yield reference
+        for value in node.values():
+            yield from _references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _references(item)
+
+
+def virtual_references(resource: dict[str, Any]) -> list[tuple[str, str]]:
+    """(type, id) of every relative reference to a virtual type, in order, once each."""
+    found: dict[tuple[str, str], None] = {}
+    for reference in _references(resource):
+        parts = reference.split("/")
+        if len(parts) == 2 and parts[0] in VIRTUAL_TYPES and parts[1]:
+            found[(parts[0], parts[1])] = None
+    return list(found)
+
+
+class SyncWorker:
+    """Leases outbox rows and pushes them; `run_once` is one round, `run_forever` the loop."""
+
+    def __init__(
+        self,
+        store: ResourceStore,
+        queue: OutboxQueue,
+        upstream: UpstreamClient,
+        read_virtual: VirtualReader,
+        *,
+        batch_size: int = 50,
+        lease_seconds: float = 60.0,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._upstream = upstream
+        self._read_virtual = read_virtual
+        self._batch_size = batch_size
+        self._lease_seconds = lease_seconds
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._mirrored: dict[tuple[str, str], str] = {}  # virtual (type, id) -> digest sent
+        self.sent = 0
+        self.failures = 0
+
+    async def run_forever(self, stop: asyncio.Event, poll_interval: float) -> None:
+        while not stop.is_set():
+            try:
+                busy = await self.run_once()
+            except Exception:
+                log.exception("Sync round failed; retrying")
+                busy = 0
+            if busy:
+                continue  # more may be waiting
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll_interval)
+
+    async def run_once(self) -> int:
+        """Lease and push one batch; returns how many rows were leased."""
+        rows = await asyncio.to_thread(self._queue.lease, self._batch_size, self._lease_seconds)
+        by_resource: dict[tuple[str, str], list[OutboxRow]] = {}
+        for row in rows:
+            by_resource.setdefault((row.resource_type, row.resource_id), []).append(row)
+        for (resource_type, resource_id), group in by_resource.items():
+            await self._push(resource_type, resource_id, group)
+        return len(rows)
+
+    async def _push(self, resource_type: str, resource_id: str, rows: list[OutboxRow]) -> None:
+        newest = rows[-1]
+        seqs = [row.seq for row in rows]
+        attempts = max(row.attempts for row in rows) + 1
+        if newest.deleted:
+            answer = await asyncio.to_thread(self._upstream.delete, resource_type, resource_id)
+        else:
+            resource = await asyncio.to_thread(
+                self._store.vread, resource_type, resource_id, str(newest.version_id)
+            )
+            answer = await self._mirror_virtual(resource)
+            if answer.outcome is Outcome.DONE:
+                answer = await asyncio.to_thread(self._upstream.put, resource)
+        await asyncio.to_thread(self._record, seqs, attempts, answer, f"{resource_type}/{resource_id}")
+
+    async def _mirror_virtual(self, resource: dict[str, Any]) -> UpstreamAnswer:
+        """Upsert the virtual resources `resource` references, each snapshot once per content."""
+        for resource_type, resource_id in virtual_references(resource):
+            if resource_type == resource["resourceType"] and resource_id == resource.get("id"):
+                continue
+            try:
+                snapshot = await self._read_virtual(resource_type, resource_id)
+            except FhirError as error:
+                if error.status == 503:
+                    return UpstreamAnswer(Outcome.RETRY, None, f"PACS unavailable: {error}")
+                raise
+            if snapshot is None:
+                continue  # nothing to mirror: the reference stays dangling upstream, as here
+            digest = hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()
+            if self._mirrored.get((resource_type, resource_id)) == digest:
+                continue
+            answer = await asyncio.to_thread(self._upstream.put, snapshot)
+            if answer.outcome is not Outcome.DONE:
+                return UpstreamAnswer(
+                    answer.outcome,
+                    answer.status,
+                    f"snapshot {resource_type}/{resource_id}: {answer.detail}",
+                    answer.retry_after,
+                )
+            self._mirrored[(resource_type, resource_id)] = digest
+        return UpstreamAnswer(Outcome.DONE, None, "")
+
+    def _record(self, seqs: list[int], attempts: int, answer: UpstreamAnswer, what: str) -> None:
+        if answer.outcome is Outcome.DONE:
+            self._queue.mark_sent(seqs)
+            self.sent += len(seqs)
+            return
+        self.failures += 1
+        if answer.outcome is Outcome.REFUSED:
+            log.error("Upstream refused %s (%s): dead letter. %s", what, answer.status, answer.detail[:500])
+            self._queue.mark_dead(seqs, attempts, answer.detail)
+            return
+        delay = self.backoff(attempts, answer.retry_after)
+        log.warning("Upstream write of %s failed (%s); retry in %.1f s", what, answer.status, delay)
+        self._queue.retry_later(seqs, attempts, datetime.now(UTC) + timedelta(seconds=delay), answer.detail)
+
+    def backoff(self, attempts: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter (capped), but never sooner than Retry-After."""
+        ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (attempts - 1))
+        delay = random.uniform(0, ceiling)
+        return max(delay, retry_after or 0.0)
