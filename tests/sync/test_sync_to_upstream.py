@@ -1,0 +1,212 @@
+"""The outbox drained to a real, independent FHIR server (Medplum's fhir-router, tests/upstream_fhir)
+on SQLite and PostgreSQL: what the facade stores arrives upstream, with references that resolve
+there, exactly once, through outages and refusals, without slowing the facade's own writes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from fhir_facade.embedded import EmbeddedOrthanc
+from tests.conftest import LiveServer, ok_json, serve
+from tests.dicom_factory import CORPUS
+from tests.upstream_fhir_server import UpstreamFhirServer
+
+ADMIN_URL = os.environ.get("FACADE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+STUDY = CORPUS["mueller_mr_brain"]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[UpstreamFhirServer]:
+    with UpstreamFhirServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def facade_with_upstream(
+    request: pytest.FixtureRequest, loaded_orthanc: EmbeddedOrthanc, upstream: UpstreamFhirServer
+) -> Iterator[LiveServer]:
+    upstream.reset()
+    overrides: dict[str, Any] = {
+        "dicomweb_url": loaded_orthanc.dicomweb_url,
+        "fhir_upstream_url": upstream.base_url,
+        "sync_poll_interval": 0.1,
+    }
+    name = f"facade_sync_{secrets.token_hex(6)}"
+    if request.param == "postgresql":
+        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
+        admin.execute(f'CREATE DATABASE "{name}"')
+        overrides["database_url"] = f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    try:
+        with serve(overrides) as server:
+            yield server
+    finally:
+        if request.param == "postgresql":
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.close()
+
+
+def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until `check()` held; fails after `timeout`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    pytest.fail(f"not within {timeout} s: {what}")
+
+
+def upstream_get(upstream: UpstreamFhirServer, path: str) -> httpx.Response:
+    return httpx.get(f"{upstream.base_url}/{path}", timeout=10)
+
+
+def observation(patient: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "preliminary",
+        "code": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "121071"}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "partOf": [{"reference": f"ImagingStudy/{STUDY.study_uid}"}],
+        **extra,
+    }
+
+
+def test_a_report_is_readable_upstream_within_2_s_with_resolving_references(
+    facade_with_upstream: LiveServer, upstream: UpstreamFhirServer
+) -> None:
+    with httpx.Client(base_url=facade_with_upstream.base_url, timeout=30) as fhir:
+        obs = ok_json(fhir.post("/Observation", json=observation(STUDY.patient_id), headers=FHIR_JSON), 201)
+        report = {
+            "resourceType": "DiagnosticReport",
+            "status": "preliminary",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4"}]},
+            "subject": {"reference": f"Patient/{STUDY.patient_id}"},
+            "imagingStudy": [{"reference": f"ImagingStudy/{STUDY.study_uid}"}],
+            "result": [{"reference": f"Observation/{obs['id']}"}],
+        }
+        created = ok_json(fhir.post("/DiagnosticReport", json=report, headers=FHIR_JSON), 201)
+    seconds = eventually(
+        lambda: upstream_get(upstream, f"DiagnosticReport/{created['id']}").status_code == 200,
+        2.0,
+        "the DiagnosticReport upstream",
+    )
+    assert seconds < 2.0
+    mirrored = upstream_get(upstream, f"DiagnosticReport/{created['id']}").json()
+    for reference in (
+        mirrored["subject"]["reference"],
+        mirrored["imagingStudy"][0]["reference"],
+        mirrored["result"][0]["reference"],
+    ):
+        assert upstream_get(upstream, reference).status_code == 200, f"{reference} resolves upstream"
+    study = upstream_get(upstream, f"ImagingStudy/{STUDY.study_uid}").json()
+    assert study["identifier"][0]["value"] == f"urn:oid:{STUDY.study_uid}"
+
+
+def test_updates_and_deletes_propagate(
+    facade_with_upstream: LiveServer, upstream: UpstreamFhirServer
+) -> None:
+    with httpx.Client(base_url=facade_with_upstream.base_url, timeout=30) as fhir:
+        obs = ok_json(fhir.post("/Observation", json=observation(STUDY.patient_id), headers=FHIR_JSON), 201)
+        ok_json(fhir.put(f"/Observation/{obs['id']}", json={**obs, "status": "final"}, headers=FHIR_JSON))
+        eventually(
+            lambda: upstream_get(upstream, f"Observation/{obs['id']}").json().get("status") == "final",
+            5,
+            "the update upstream",
+        )
+        assert fhir.delete(f"/Observation/{obs['id']}").status_code in (200, 204)
+    eventually(
+        lambda: upstream_get(upstream, f"Observation/{obs['id']}").status_code in (404, 410),
+        5,
+        "the delete upstream",
+    )
+
+
+def test_upstream_down_then_back_all_arrive_exactly_once(
+    facade_with_upstream: LiveServer, upstream: UpstreamFhirServer
+) -> None:
+    upstream.fault("down")
+    marker = secrets.token_hex(4)
+    with httpx.Client(base_url=facade_with_upstream.base_url, timeout=30) as fhir:
+        for n in range(200):
+            body = observation(
+                STUDY.patient_id, identifier=[{"system": f"urn:test:{marker}", "value": str(n)}]
+            )
+            assert fhir.post("/Observation", json=body, headers=FHIR_JSON).status_code == 201
+        time.sleep(0.5)
+        status = ok_json(fhir.get("/$sync-status"))
+        pending = next(p["valueInteger"] for p in status["parameter"] if p["name"] == "pending")
+        assert pending >= 190, "the writes wait in the outbox while the upstream is down"
+        upstream.fault("none")
+
+        def all_there() -> bool:
+            found = upstream_get(
+                upstream, f"Observation?identifier=urn:test:{marker}|&_count=0&_total=accurate"
+            )
+            return found.status_code == 200 and found.json().get("total") == 200
+
+        eventually(all_there, 90, "200 Observations upstream")
+        status = ok_json(fhir.get("/$sync-status"))
+        values = {p["name"]: p.get("valueInteger") for p in status["parameter"]}
+        assert values["pending"] == 0 and values["dead"] == 0
+
+
+def test_a_refused_resource_is_a_dead_letter_and_the_rest_flows(
+    facade_with_upstream: LiveServer, upstream: UpstreamFhirServer
+) -> None:
+    upstream.fault("reject", match="REFUSE-ME")
+    with httpx.Client(base_url=facade_with_upstream.base_url, timeout=30) as fhir:
+        bad = ok_json(
+            fhir.post(
+                "/Observation",
+                json=observation(STUDY.patient_id, note=[{"text": "REFUSE-ME"}]),
+                headers=FHIR_JSON,
+            ),
+            201,
+        )
+        good = ok_json(fhir.post("/Observation", json=observation(STUDY.patient_id), headers=FHIR_JSON), 201)
+        eventually(
+            lambda: upstream_get(upstream, f"Observation/{good['id']}").status_code == 200, 10, "the good one"
+        )
+
+        def dead_letter() -> dict[str, Any] | None:
+            status = ok_json(fhir.get("/$sync-status"))
+            return next((p for p in status["parameter"] if p["name"] == "dead-letter"), None)
+
+        eventually(lambda: dead_letter() is not None, 10, "a dead letter")
+        letter = dead_letter()
+        assert letter is not None
+        parts = {p["name"]: p for p in letter["part"]}
+        assert parts["resource"]["valueString"] == f"Observation/{bad['id']}"
+        assert "OperationOutcome" in parts["upstream-answer"]["valueString"]
+        metrics = httpx.get(facade_with_upstream.base_url.removesuffix("/fhir") + "/metrics").text
+        assert "fhir_facade_sync_dead 1" in metrics
+        # Fixed upstream: a replay delivers it.
+        upstream.fault("none")
+        replayed = ok_json(fhir.post("/$sync-replay"))
+        assert replayed["parameter"][0]["valueInteger"] == 1
+    eventually(
+        lambda: upstream_get(upstream, f"Observation/{bad['id']}").status_code == 200, 10, "the replay"
+    )
+
+
+def test_a_slow_upstream_does_not_slow_writes(
+    facade_with_upstream: LiveServer, upstream: UpstreamFhirServer
+) -> None:
+    upstream.fault("slow", delay_ms=1500)
+    with httpx.Client(base_url=facade_with_upstream.base_url, timeout=30) as fhir:
+        ok_json(fhir.post("/Observation", json=observation(STUDY.patient_id), headers=FHIR_JSON), 201)
+        time.sleep(0.3)  # the worker is now waiting on the slow upstream
+        started = time.perf_counter()
+        for _ in range(10):
+            ok_json(fhir.post("/Observation", json=observation(STUDY.patient_id), headers=FHIR_JSON), 201)
+        elapsed = time.perf_counter() - started
+    upstream.fault("none")
+    assert elapsed < 1.5, f"10 writes took {elapsed:.2f} s behind a 1.5 s upstream"
