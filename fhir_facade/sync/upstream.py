@@ -66,6 +66,19 @@ def classify(response: httpx.Response) -> UpstreamAnswer:
     return UpstreamAnswer(Outcome.REFUSED, status, detail)
 
 
+def _entry_answer(entry: dict[str, Any], response: dict[str, Any]) -> UpstreamAnswer:
+    """A batch-response entry's status line ("201 Created") classified like an HTTP answer."""
+    try:
+        status = int(str(response.get("status", "")).split()[0])
+    except (ValueError, IndexError):
+        return UpstreamAnswer(Outcome.RETRY, None, f"unreadable entry status {response.get('status')!r}")
+    if 200 <= status < 300 or (entry["request"]["method"] == "DELETE" and status in (404, 410)):
+        return UpstreamAnswer(Outcome.DONE, status, "")
+    detail = json.dumps(response.get("outcome")) if response.get("outcome") else f"HTTP {status}"
+    outcome = Outcome.RETRY if status in _TRANSIENT else Outcome.REFUSED
+    return UpstreamAnswer(outcome, status, detail)
+
+
 class UpstreamClient:
     """Synchronous client (the sync worker runs in its own thread or process)."""
 
@@ -99,6 +112,32 @@ class UpstreamClient:
         if answer.status in (404, 410):
             return UpstreamAnswer(Outcome.DONE, answer.status, "already gone")
         return answer
+
+    def batch(self, entries: list[dict[str, Any]]) -> list[UpstreamAnswer] | UpstreamAnswer:
+        """One `batch` Bundle of PUT/DELETE entries (FHIR http.html#transaction): an answer per
+        entry, in order; or one answer for the whole request when it failed as a whole."""
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": entries}
+        try:
+            response = self._http.post("", content=json.dumps(bundle))
+        except httpx.TransportError as exc:
+            return UpstreamAnswer(Outcome.RETRY, None, f"upstream unreachable: {exc}")
+        answer = classify(response)
+        if answer.outcome is not Outcome.DONE:
+            return answer
+        try:
+            results = response.json().get("entry", [])
+        except ValueError:
+            return UpstreamAnswer(Outcome.RETRY, response.status_code, "batch-response is not JSON")
+        if len(results) != len(entries):
+            return UpstreamAnswer(
+                Outcome.RETRY,
+                response.status_code,
+                f"batch-response has {len(results)} of {len(entries)} entries",
+            )
+        return [
+            _entry_answer(entry, result.get("response", {}))
+            for entry, result in zip(entries, results, strict=True)
+        ]
 
     def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         response = self._http.get(f"/{resource_type}/{resource_id}", headers={"Cache-Control": "no-cache"})

@@ -1,7 +1,8 @@
 """The sync worker: drains the outbox to the upstream FHIR server.
 
 For each leased resource it sends the newest leased version (earlier ones are superseded: the
-upstream only needs the current state, and a PUT by id is idempotent), after upserting a snapshot
+upstream only needs the current state, and a PUT by id is idempotent), as one `batch` Bundle
+when several resources are due (one entry each, so order per resource holds), after upserting a snapshot
 of every *virtual* resource it references (ImagingStudy, Patient, Endpoint: computed live from
 the PACS, so the upstream has no copy unless we give it one) under the same id, so references
 resolve upstream unchanged. Failures: transient ones are retried with exponential backoff and
@@ -104,9 +105,46 @@ class SyncWorker:
         by_resource: dict[tuple[str, str], list[OutboxRow]] = {}
         for row in rows:
             by_resource.setdefault((row.resource_type, row.resource_id), []).append(row)
-        for (resource_type, resource_id), group in by_resource.items():
+        if len(by_resource) == 1:
+            ((resource_type, resource_id), group), *_ = by_resource.items()
             await self._push(resource_type, resource_id, group)
+        elif by_resource:
+            await self._push_batch(by_resource)
         return len(rows)
+
+    async def _push_batch(self, by_resource: dict[tuple[str, str], list[OutboxRow]]) -> None:
+        """Many resources due: one `batch` Bundle, one entry per resource (its newest version)."""
+        entries: list[dict[str, Any]] = []
+        groups: list[tuple[str, list[OutboxRow]]] = []
+        for (resource_type, resource_id), rows in by_resource.items():
+            url = f"{resource_type}/{resource_id}"
+            if rows[-1].deleted:
+                entries.append({"request": {"method": "DELETE", "url": url}})
+            else:
+                resource = await asyncio.to_thread(
+                    self._store.vread, resource_type, resource_id, str(rows[-1].version_id)
+                )
+                mirrored = await self._mirror_virtual(resource)
+                if mirrored.outcome is not Outcome.DONE:
+                    attempts = max(row.attempts for row in rows) + 1
+                    await asyncio.to_thread(self._record, [r.seq for r in rows], attempts, mirrored, url)
+                    continue
+                body = {k: v for k, v in resource.items() if k != "meta"}
+                entries.append({"resource": body, "request": {"method": "PUT", "url": url}})
+            groups.append((url, rows))
+        if not entries:
+            return
+        answers = await asyncio.to_thread(self._upstream.batch, entries)
+        if isinstance(answers, UpstreamAnswer):
+            if answers.outcome is Outcome.REFUSED:  # the upstream refused the Bundle: one by one
+                for url, rows in groups:
+                    resource_type, resource_id = url.split("/", 1)
+                    await self._push(resource_type, resource_id, rows)
+                return
+            answers = [answers] * len(groups)
+        for (url, rows), answer in zip(groups, answers, strict=True):
+            attempts = max(row.attempts for row in rows) + 1
+            await asyncio.to_thread(self._record, [r.seq for r in rows], attempts, answer, url)
 
     async def _push(self, resource_type: str, resource_id: str, rows: list[OutboxRow]) -> None:
         newest = rows[-1]

@@ -145,6 +145,7 @@ def test_upstream_down_then_back_all_arrive_exactly_once(
         pending = next(p["valueInteger"] for p in status["parameter"] if p["name"] == "pending")
         assert pending >= 190, "the writes wait in the outbox while the upstream is down"
         upstream.fault("none")
+        before = upstream.stats()
 
         def all_there() -> bool:
             found = upstream_get(
@@ -153,6 +154,11 @@ def test_upstream_down_then_back_all_arrive_exactly_once(
             return found.status_code == 200 and found.json().get("total") == 200
 
         eventually(all_there, 90, "200 Observations upstream")
+        after = upstream.stats()
+        # The backlog goes up in batch Bundles, not one request per resource.
+        assert after["by_method"].get("POST", 0) > before["by_method"].get("POST", 0)
+        writes = sum(after["by_method"].get(m, 0) - before["by_method"].get(m, 0) for m in ("PUT", "POST"))
+        assert writes < 100, f"{writes} write requests for 200 resources"
         status = ok_json(fhir.get("/$sync-status"))
         values = {p["name"]: p.get("valueInteger") for p in status["parameter"]}
         assert values["pending"] == 0 and values["dead"] == 0
