@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     )
     sync_poll_interval: float = Field(0.5, gt=0, description="Seconds between outbox polls when idle.")
     sync_batch_size: int = Field(50, ge=1, description="Outbox rows leased per round.")
+    sync_lease_seconds: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "How long a worker owns the rows it leased; a crashed worker's rows are sent again "
+            "(idempotently) after this. Keep it well above FACADE_UPSTREAM_TIMEOUT."
+        ),
+    )
     worklist_dir: Path | None = Field(
         None,
         description=(

@@ -11,11 +11,9 @@ The facade runs as its own process (`python -m fhir_facade serve`) so that it ca
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,53 +27,11 @@ from fhirclient.models.task import Task
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.conftest import validate
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study
+from tests.facade_process import FacadeProcess, wait_for
 from tests.worklist.test_findscu import findscu
 
 STABLE_AGE_S = 1
 ORDER_SYSTEM = "urn:oid:1.2.3.4.5.88"
-
-
-class FacadeProcess:
-    def __init__(self, env: dict[str, str], port: int) -> None:
-        self.env, self.port = env, port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "fhir_facade", "serve", "--port", str(self.port)], env=self.env
-        )
-        wait_for(lambda: _up(self.base_url), timeout=30)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
-def _up(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/metadata", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def wait_for(check: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout} s")
 
 
 @pytest.fixture

@@ -50,7 +50,12 @@ class SyncRuntime:
                 raise
 
         self.worker = SyncWorker(
-            store, self.queue, self.upstream, read_virtual, batch_size=settings.sync_batch_size
+            store,
+            self.queue,
+            self.upstream,
+            read_virtual,
+            batch_size=settings.sync_batch_size,
+            lease_seconds=settings.sync_lease_seconds,
         )
         self.router = self._build_router()
         self._stop = asyncio.Event()

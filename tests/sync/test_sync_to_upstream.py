@@ -8,15 +8,17 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from fhir_facade.embedded import EmbeddedOrthanc
+from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.conftest import LiveServer, ok_json, serve
 from tests.dicom_factory import CORPUS
+from tests.facade_process import FacadeProcess
 from tests.upstream_fhir_server import UpstreamFhirServer
 
 ADMIN_URL = os.environ.get("FACADE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -216,3 +218,64 @@ def test_a_slow_upstream_does_not_slow_writes(
         elapsed = time.perf_counter() - started
     upstream.fault("none")
     assert elapsed < 1.5, f"10 writes took {elapsed:.2f} s behind a 1.5 s upstream"
+
+
+def test_sigkill_mid_batch_then_restart_delivers_all_exactly_once(
+    tmp_path: Path, loaded_orthanc: EmbeddedOrthanc, upstream: UpstreamFhirServer
+) -> None:
+    """A facade process killed (SIGKILL) while it pushes a backlog: the restarted one delivers
+    every resource, and the upstream holds each exactly once."""
+    upstream.reset()
+    upstream.fault("slow", delay_ms=400)
+    port = free_port()
+    env = {
+        **os.environ,
+        "FACADE_DICOMWEB_URL": loaded_orthanc.dicomweb_url,
+        "FACADE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.sqlite3'}",
+        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+        "FACADE_FHIR_UPSTREAM_URL": upstream.base_url,
+        "FACADE_SYNC_POLL_INTERVAL": "0.1",
+        "FACADE_SYNC_BATCH_SIZE": "10",
+        "FACADE_SYNC_LEASE_SECONDS": "3",  # the killed worker's leased rows come back soon
+        "FACADE_ANALYZE_ENABLED": "false",
+        "FACADE_WATCH_STUDIES": "false",
+        "FACADE_LOG_LEVEL": "WARNING",
+    }
+    facade = FacadeProcess(env, port)
+    marker = secrets.token_hex(4)
+    facade.start()
+    try:
+        with httpx.Client(base_url=facade.base_url, timeout=30) as fhir:
+            for n in range(60):
+                body = observation(
+                    STUDY.patient_id, identifier=[{"system": f"urn:test:{marker}", "value": str(n)}]
+                )
+                assert fhir.post("/Observation", json=body, headers=FHIR_JSON).status_code == 201
+        eventually(lambda: upstream.stats()["by_method"].get("POST", 0) >= 1, 20, "a first batch sent")
+        facade.kill()  # mid-backlog: a batch is on the wire or its rows are leased
+    finally:
+        facade.stop()
+    upstream.fault("none")
+
+    def count() -> int:
+        found = upstream_get(upstream, f"Observation?identifier=urn:test:{marker}|&_count=0&_total=accurate")
+        return int(found.json().get("total", -1)) if found.status_code == 200 else -1
+
+    assert count() < 60, "the kill came before the backlog was through"
+    restarted = FacadeProcess(env, port)
+    restarted.start()
+    try:
+        eventually(lambda: count() == 60, 120, "all 60 upstream after the restart")
+
+        def drained() -> bool:
+            with httpx.Client(base_url=restarted.base_url, timeout=30) as fhir:
+                status = ok_json(fhir.get("/$sync-status"))
+            values = {p["name"]: p.get("valueInteger") for p in status["parameter"]}
+            return values["pending"] == 0 and values["dead"] == 0
+
+        # The rows the killed worker had leased are sent again once their lease expires: by id,
+        # so the upstream still holds each resource once.
+        eventually(drained, 30, "the outbox drained")
+    finally:
+        restarted.stop()
+    assert count() == 60
