@@ -32,9 +32,11 @@ from fhir_facade.resources.stored import StoredResourceProvider, stored_provider
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.store.atomic import atomic_scope
 from fhir_facade.store.feed_position import SqlFeedPositionStore
+from fhir_facade.sync.outbox_queue import OutboxQueue
 from fhir_facade.sync.runtime import SyncRuntime
 from fhir_facade.watcher import StudyArrivalWatcher, TaskRule
 from fhir_facade.watcher.arrival_tasks import ArrivalTaskCreator
+from fhir_facade.watcher.change_feed import ArrivedStudy
 from fhir_facade.worklist import WorklistFolder
 
 __all__ = ["create_app"]
@@ -113,8 +115,16 @@ def _start_watcher(
     creator = ArrivalTaskCreator(
         by_type["Task"], by_type["ServiceRequest"], TaskRule(settings.task_modalities), settings.base_url
     )
+    on_study: Callable[[ArrivedStudy], Awaitable[None]] = creator
+    if settings.fhir_upstream_url and settings.sync_mirror_studies:
+        queue = OutboxQueue(store.engine)
+
+        async def on_study(study: ArrivedStudy) -> None:
+            await creator(study)
+            await run_in_threadpool(queue.enqueue_snapshot, "ImagingStudy", study.study_uid)
+
     positions = SqlFeedPositionStore(store.engine, f"orthanc-changes:{settings.orthanc_url}")
-    watcher = StudyArrivalWatcher(orthanc, positions, creator, poll_interval=settings.watch_poll_interval)
+    watcher = StudyArrivalWatcher(orthanc, positions, on_study, poll_interval=settings.watch_poll_interval)
     log.info(
         "Watching %s/changes for new studies (Tasks for %s)",
         settings.orthanc_url,

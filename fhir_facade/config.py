@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     )
     sync_poll_interval: float = Field(0.5, gt=0, description="Seconds between outbox polls when idle.")
     sync_batch_size: int = Field(50, ge=1, description="Outbox rows leased per round.")
+    sync_mirror_studies: bool = Field(
+        False,
+        description=(
+            "Also upsert every stable study of the PACS upstream as an ImagingStudy (DICOMcast-style "
+            "mirroring; needs FACADE_ORTHANC_URL and FACADE_WATCH_STUDIES). Off: only studies that "
+            "stored resources reference are sent."
+        ),
+    )
     sync_lease_seconds: float = Field(
         60.0,
         gt=0,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, Table, and_, exists, func, select, text, update
+from sqlalchemy import Engine, Table, and_, exists, func, insert, select, text, update
 from sqlalchemy.orm import aliased
 
 from fhir_facade.store.engine import WRITE
@@ -98,6 +98,24 @@ class OutboxQueue:
             ),
             key=lambda row: row.seq,
         )
+
+    def enqueue_snapshot(self, resource_type: str, resource_id: str, now: datetime | None = None) -> None:
+        """Ask for a live snapshot of a virtual resource to be sent (version 0: read when sent),
+        e.g. every stable study when the upstream mirrors the PACS."""
+        now = now or datetime.now(UTC)
+        with self._engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
+            connection.execute(
+                insert(_outbox).values(
+                    resource_type=resource_type,
+                    resource_id=resource_id,
+                    version_id=0,
+                    deleted=False,
+                    created_at=now,
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                )
+            )
 
     def mark_sent(self, seqs: Sequence[int], now: datetime | None = None) -> None:
         self._set(seqs, state="sent", sent_at=now or datetime.now(UTC), lease_until=None, last_error=None)

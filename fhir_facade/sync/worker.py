@@ -121,9 +121,10 @@ class SyncWorker:
             if rows[-1].deleted:
                 entries.append({"request": {"method": "DELETE", "url": url}})
             else:
-                resource = await asyncio.to_thread(
-                    self._store.vread, resource_type, resource_id, str(rows[-1].version_id)
-                )
+                resource = await self._version(rows[-1])
+                if resource is None:
+                    await asyncio.to_thread(self._queue.mark_sent, [r.seq for r in rows])
+                    continue
                 mirrored = await self._mirror_virtual(resource)
                 if mirrored.outcome is not Outcome.DONE:
                     attempts = max(row.attempts for row in rows) + 1
@@ -153,13 +154,23 @@ class SyncWorker:
         if newest.deleted:
             answer = await asyncio.to_thread(self._upstream.delete, resource_type, resource_id)
         else:
-            resource = await asyncio.to_thread(
-                self._store.vread, resource_type, resource_id, str(newest.version_id)
-            )
+            resource = await self._version(newest)
+            if resource is None:
+                await asyncio.to_thread(self._queue.mark_sent, seqs)  # a snapshot of nothing
+                return
             answer = await self._mirror_virtual(resource)
             if answer.outcome is Outcome.DONE:
                 answer = await asyncio.to_thread(self._upstream.put, resource)
         await asyncio.to_thread(self._record, seqs, attempts, answer, f"{resource_type}/{resource_id}")
+
+    async def _version(self, row: OutboxRow) -> dict[str, Any] | None:
+        """The stored version a row names, or for version 0 a live snapshot of a virtual
+        resource (None when the PACS no longer has it)."""
+        if row.version_id == 0:
+            return await self._read_virtual(row.resource_type, row.resource_id)
+        return await asyncio.to_thread(
+            self._store.vread, row.resource_type, row.resource_id, str(row.version_id)
+        )
 
     async def _mirror_virtual(self, resource: dict[str, Any]) -> UpstreamAnswer:
         """Upsert the virtual resources `resource` references, each snapshot once per content."""

@@ -17,7 +17,7 @@ import pytest
 
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.conftest import LiveServer, ok_json, serve
-from tests.dicom_factory import CORPUS
+from tests.dicom_factory import CORPUS, SeriesSpec, StudySpec, build_study, upload
 from tests.facade_process import FacadeProcess
 from tests.upstream_fhir_server import UpstreamFhirServer
 
@@ -279,3 +279,38 @@ def test_sigkill_mid_batch_then_restart_delivers_all_exactly_once(
     finally:
         restarted.stop()
     assert count() == 60
+
+
+def test_mirroring_sends_every_stable_study(
+    loaded_orthanc: EmbeddedOrthanc, upstream: UpstreamFhirServer
+) -> None:
+    """DICOMcast-style: with FACADE_SYNC_MIRROR_STUDIES a study that becomes stable in the PACS is
+    upserted upstream as an ImagingStudy though nothing of ours references it."""
+    upstream.reset()
+    spec = StudySpec(
+        patient_id="MIRROR-1",
+        patient_name="Spiegel^Mia",
+        study_date="20241001",
+        study_time="101500",
+        series=[SeriesSpec("CT", "HEAD", 1, body_part="HEAD", n_instances=1)],
+    )
+    overrides = {
+        "dicomweb_url": loaded_orthanc.dicomweb_url,
+        "orthanc_url": loaded_orthanc.url,
+        "watch_studies": True,
+        "watch_poll_interval": 0.25,
+        "fhir_upstream_url": upstream.base_url,
+        "sync_mirror_studies": True,
+        "sync_poll_interval": 0.1,
+    }
+    with serve(overrides):
+        with httpx.Client(timeout=30) as client:
+            upload(client, loaded_orthanc.url, build_study(spec))
+        eventually(
+            lambda: upstream_get(upstream, f"ImagingStudy/{spec.study_uid}").status_code == 200,
+            30,
+            "the new study mirrored upstream",
+        )
+    mirrored = upstream_get(upstream, f"ImagingStudy/{spec.study_uid}").json()
+    assert mirrored["modality"][0]["code"] == "CT"
+    assert upstream_get(upstream, mirrored["subject"]["reference"]).status_code == 200
