@@ -87,3 +87,37 @@ def test_retry_dead_and_replay(store: ResourceStore, engine: Engine) -> None:
     assert dead.seq == two.seq and error and "OperationOutcome" in error
     assert queue.replay_dead(now=now) == 1
     assert queue.status().dead == 0
+
+
+def test_concurrent_workers_never_lease_the_same_row(store: ResourceStore, engine: Engine) -> None:
+    """Two workers (threads, each its own lease transactions) drain 40 resources: every row goes
+    to exactly one of them (PostgreSQL: the advisory-locked lease; SQLite: its single writer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(40):
+        store.create(task())
+    queue = OutboxQueue(engine)
+    later = datetime.now(UTC) + timedelta(days=1)
+
+    def drain() -> list[int]:
+        mine: list[int] = []
+        while rows := queue.lease(3, 30, now=later):
+            mine += [r.seq for r in rows]
+            queue.mark_sent([r.seq for r in rows])
+        return mine
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: drain(), range(2))
+    assert not set(first) & set(second)
+    assert len(first) + len(second) == 40
+    assert queue.status().pending == 0
+
+
+def test_backoff_grows_is_capped_and_honours_retry_after() -> None:
+    from fhir_facade.sync.worker import SyncWorker
+
+    worker = SyncWorker(None, None, None, None, backoff_base=1.0, backoff_cap=8.0)  # type: ignore[arg-type]
+    assert all(0 <= worker.backoff(1, None) <= 1.0 for _ in range(50))
+    assert all(0 <= worker.backoff(10, None) <= 8.0 for _ in range(50))
+    assert max(worker.backoff(4, None) for _ in range(200)) > 4.0  # jitter spans the range
+    assert all(worker.backoff(1, 5.0) >= 5.0 for _ in range(50))
