@@ -220,8 +220,23 @@ def test_a_slow_upstream_does_not_slow_writes(
     assert elapsed < 1.5, f"10 writes took {elapsed:.2f} s behind a 1.5 s upstream"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh store URL of each kind, for facades run as processes."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.sqlite3'}"
+        return
+    name = f"facade_sync_{secrets.token_hex(6)}"
+    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def test_sigkill_mid_batch_then_restart_delivers_all_exactly_once(
-    tmp_path: Path, loaded_orthanc: EmbeddedOrthanc, upstream: UpstreamFhirServer
+    database_url: str, loaded_orthanc: EmbeddedOrthanc, upstream: UpstreamFhirServer
 ) -> None:
     """A facade process killed (SIGKILL) while it pushes a backlog: the restarted one delivers
     every resource, and the upstream holds each exactly once."""
@@ -231,7 +246,7 @@ def test_sigkill_mid_batch_then_restart_delivers_all_exactly_once(
     env = {
         **os.environ,
         "FACADE_DICOMWEB_URL": loaded_orthanc.dicomweb_url,
-        "FACADE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.sqlite3'}",
+        "FACADE_DATABASE_URL": database_url,
         "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
         "FACADE_FHIR_UPSTREAM_URL": upstream.base_url,
         "FACADE_SYNC_POLL_INTERVAL": "0.1",
