@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -329,3 +331,66 @@ def test_mirroring_sends_every_stable_study(
     mirrored = upstream_get(upstream, f"ImagingStudy/{spec.study_uid}").json()
     assert mirrored["modality"][0]["code"] == "CT"
     assert upstream_get(upstream, mirrored["subject"]["reference"]).status_code == 200
+
+
+def test_two_sync_processes_share_the_work_without_double_sending(
+    database_url: str, loaded_orthanc: EmbeddedOrthanc, upstream: UpstreamFhirServer
+) -> None:
+    """Scale-out: the server does not sync (FACADE_SYNC_IN_PROCESS=false); two `fhir-facade sync`
+    processes drain its outbox together, and no resource is written upstream twice (its upstream
+    history has one version)."""
+    upstream.reset()
+    port = free_port()
+    env = {
+        **os.environ,
+        "FACADE_DICOMWEB_URL": loaded_orthanc.dicomweb_url,
+        "FACADE_DATABASE_URL": database_url,
+        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+        "FACADE_FHIR_UPSTREAM_URL": upstream.base_url,
+        "FACADE_SYNC_IN_PROCESS": "false",
+        "FACADE_SYNC_POLL_INTERVAL": "0.1",
+        "FACADE_SYNC_BATCH_SIZE": "5",
+        "FACADE_ANALYZE_ENABLED": "false",
+        "FACADE_WATCH_STUDIES": "false",
+        "FACADE_LOG_LEVEL": "WARNING",
+    }
+    facade = FacadeProcess(env, port)
+    facade.start()
+    workers: list[subprocess.Popen[bytes]] = []
+    marker = secrets.token_hex(4)
+    try:
+        with httpx.Client(base_url=facade.base_url, timeout=30) as fhir:
+            ids = [
+                ok_json(
+                    fhir.post(
+                        "/Observation",
+                        json=observation(
+                            STUDY.patient_id, identifier=[{"system": f"urn:test:{marker}", "value": str(n)}]
+                        ),
+                        headers=FHIR_JSON,
+                    ),
+                    201,
+                )["id"]
+                for n in range(40)
+            ]
+        time.sleep(0.5)
+        assert upstream_get(upstream, f"Observation/{ids[0]}").status_code == 404, (
+            "the server itself does not sync"
+        )
+        workers = [subprocess.Popen([sys.executable, "-m", "fhir_facade", "sync"], env=env) for _ in range(2)]
+
+        def count() -> int:
+            found = upstream_get(
+                upstream, f"Observation?identifier=urn:test:{marker}|&_count=0&_total=accurate"
+            )
+            return int(found.json().get("total", -1)) if found.status_code == 200 else -1
+
+        eventually(lambda: count() == 40, 60, "40 Observations upstream")
+        for resource_id in ids:
+            history = upstream_get(upstream, f"Observation/{resource_id}/_history").json()
+            assert len(history.get("entry", [])) == 1, f"Observation/{resource_id} written more than once"
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(10)
+        facade.stop()
