@@ -44,7 +44,27 @@ class Settings(BaseSettings):
     fhir_upstream_url: str | None = Field(
         None, description="Upstream FHIR server (HAPI) that every stored resource is synced to."
     )
-    upstream_auth: Literal["none", "basic", "bearer"] = Field("none", description="Upstream authentication.")
+    upstream_auth: Literal["none", "basic", "bearer", "smart-backend"] = Field(
+        "none",
+        description=(
+            "Upstream authentication; smart-backend = SMART Backend Services "
+            "(client_credentials + private_key_jwt)."
+        ),
+    )
+    upstream_smart_token_url: str | None = Field(
+        None,
+        description=(
+            "SMART token endpoint; default: token_endpoint of <upstream>/.well-known/smart-configuration. "
+            "Used verbatim as the assertion's aud."
+        ),
+    )
+    upstream_smart_client_id: str | None = Field(None, description="client_id registered upstream.")
+    upstream_smart_private_key_path: Path | None = Field(
+        None, description="PEM private key signing the client assertion (RSA: RS384, EC P-384: ES384)."
+    )
+    upstream_smart_key_id: str | None = Field(None, description="kid of the public key registered upstream.")
+    upstream_smart_algorithm: Literal["RS384", "ES384"] = Field("RS384", description="Assertion algorithm.")
+    upstream_smart_scope: str = Field("system/*.write system/*.read", description="Scopes the sync asks for.")
     upstream_username: str | None = Field(None, description="Upstream basic-auth user.")
     upstream_password: str | None = Field(None, description="Upstream basic-auth password.")
     upstream_token: str | None = Field(None, description="Upstream bearer token.")

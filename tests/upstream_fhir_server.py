@@ -6,10 +6,15 @@ tests/test_upstream_fhir_server.py says how.
     with UpstreamFhirServer() as upstream:
         httpx.put(f"{upstream.base_url}/Patient/p1", json={...})
         upstream.fault("down")
+
+    # SMART Backend Services: every /fhir request but metadata then needs a token from token_url.
+    with UpstreamFhirServer(smart_jwks={"keys": [public_jwk]}, smart_client_id="sync") as upstream:
+        ...
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,20 +49,47 @@ class UpstreamFhirServer:
     `base_url` is the FHIR base (…/fhir); `fault()`, `stats()` and `reset()` drive the server's
     /admin endpoints, which sit outside the FHIR base. The server's one-line-per-request log goes
     to `log_path`.
+
+    With `smart_jwks` (a JWKS of public keys for `smart_client_id`) the server starts as a SMART
+    Backend Services server: /fhir/.well-known/smart-configuration, a token endpoint at
+    `token_url`, and a bearer token required for every /fhir request but metadata. `smart()` does
+    the same on a running server.
     """
 
-    def __init__(self, log_dir: Path | None = None, startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        log_dir: Path | None = None,
+        startup_timeout: float = 30.0,
+        *,
+        smart_jwks: dict[str, Any] | None = None,
+        smart_client_id: str = "facade-sync",
+        smart_token_lifetime: float = 300,
+    ) -> None:
         if startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be positive, got {startup_timeout}")
+        if smart_jwks is not None and not smart_jwks.get("keys"):
+            raise ValueError('smart_jwks must be a JWKS: {"keys": [...]} with at least one key')
+        if not smart_client_id:
+            raise ValueError("smart_client_id must not be empty")
+        if smart_token_lifetime <= 0:
+            raise ValueError(f"smart_token_lifetime must be positive, got {smart_token_lifetime}")
         self.port = free_port()
         self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="upstream-fhir-")) / "server.log"
         self.startup_timeout = startup_timeout
+        self.smart_jwks = smart_jwks
+        self.smart_client_id = smart_client_id
+        self.smart_token_lifetime = smart_token_lifetime
         self._process: subprocess.Popen[bytes] | None = None
         self._admin = httpx.Client(base_url=f"http://127.0.0.1:{self.port}/admin", timeout=10)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/fhir"
+
+    @property
+    def token_url(self) -> str:
+        """The SMART token endpoint (answers only once SMART is configured)."""
+        return f"http://127.0.0.1:{self.port}/auth/token"
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
@@ -68,9 +100,15 @@ class UpstreamFhirServer:
             _missing("node is not installed: run scripts/setup.sh")
         if not _INSTALLED_MARKER.exists():
             _missing(f"{UPSTREAM_DIR / 'node_modules'} is missing: run scripts/setup.sh")
+        command = [str(node), str(_SERVER_SCRIPT), "--port", str(self.port)]
+        if self.smart_jwks is not None:
+            jwks_path = self.log_path.with_name("smart-jwks.json")
+            jwks_path.write_text(json.dumps(self.smart_jwks))
+            command += ["--smart-jwks", str(jwks_path), "--smart-client-id", self.smart_client_id]
+            command += ["--smart-token-lifetime", str(self.smart_token_lifetime)]
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                [str(node), str(_SERVER_SCRIPT), "--port", str(self.port)],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=UPSTREAM_DIR,
@@ -131,13 +169,32 @@ class UpstreamFhirServer:
         return result
 
     def stats(self) -> dict[str, Any]:
-        """Counts of /fhir requests since start or reset: `total`, `by_method`, `by_status`, and the
-        current `fault`."""
+        """Counts of /fhir requests since start or reset: `total`, `by_method`, `by_status`, the
+        current `fault`, and `smart` (`enabled`, `token_requests`, `tokens_issued`,
+        `token_refusals` by OAuth error, `invalid_token` 401s)."""
         response = self._admin.get("/stats")
         response.raise_for_status()
         result: dict[str, Any] = response.json()
         return result
 
     def reset(self) -> None:
-        """Empty the store, zero the stats and clear the fault mode."""
+        """Empty the store, zero the stats and clear the fault mode (the SMART set-up stays)."""
         self._admin.post("/reset").raise_for_status()
+
+    def smart(self, client_id: str, jwks: dict[str, Any], token_lifetime: float | None = None) -> None:
+        """Register (or replace) a SMART backend client's public keys; SMART is then on."""
+        body: dict[str, Any] = {"client_id": client_id, "jwks": jwks}
+        if token_lifetime is not None:
+            body["token_lifetime_s"] = token_lifetime
+        self._admin.post("/smart", json=body).raise_for_status()
+
+    def smart_off(self) -> None:
+        """Forget every SMART client and token: /fhir is open again."""
+        self._admin.delete("/smart").raise_for_status()
+
+    def revoke_tokens(self) -> int:
+        """Revoke every access token issued so far (the next request with one gets 401)."""
+        response = self._admin.post("/smart/revoke")
+        response.raise_for_status()
+        revoked: int = response.json()["revoked"]
+        return revoked

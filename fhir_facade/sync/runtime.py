@@ -38,6 +38,12 @@ class SyncRuntime:
                 password=settings.upstream_password,
                 token=settings.upstream_token,
                 timeout=settings.upstream_timeout,
+                token_url=settings.upstream_smart_token_url,
+                client_id=settings.upstream_smart_client_id,
+                private_key_path=settings.upstream_smart_private_key_path,
+                key_id=settings.upstream_smart_key_id,
+                algorithm=settings.upstream_smart_algorithm,
+                scope=settings.upstream_smart_scope,
             )
         )
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from fhir_facade.sync.upstream_auth import DEFAULT_SCOPE, SmartAuthError, SmartBackendAuth
 
 __all__ = ["Outcome", "UpstreamAnswer", "UpstreamClient", "UpstreamSettings"]
 
@@ -36,12 +39,22 @@ class UpstreamAnswer:
 
 @dataclass(frozen=True)
 class UpstreamSettings:
+    """How to reach the upstream. `auth` is none, basic (username/password), bearer (a fixed
+    token) or smart-backend (SMART Backend Services: client_id + private key; token_url, when
+    left out, is discovered from `[base_url]/.well-known/smart-configuration`)."""
+
     base_url: str
     auth: str = "none"
     username: str | None = None
     password: str | None = None
     token: str | None = None
     timeout: float = 10.0
+    token_url: str | None = None
+    client_id: str | None = None
+    private_key_path: str | Path | None = None
+    key_id: str | None = None
+    algorithm: str = "RS384"
+    scope: str = DEFAULT_SCOPE
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -89,8 +102,12 @@ class UpstreamClient:
             auth = httpx.BasicAuth(settings.username or "", settings.password or "")
         elif settings.auth == "bearer":
             headers["Authorization"] = f"Bearer {settings.token or ''}"
+        elif settings.auth == "smart-backend":
+            auth = _smart_backend_auth(settings)
         elif settings.auth != "none":
-            raise ValueError(f"unsupported upstream auth {settings.auth!r} (none, basic, bearer)")
+            raise ValueError(
+                f"unsupported upstream auth {settings.auth!r} (none, basic, bearer, smart-backend)"
+            )
         self.base_url = settings.base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -121,6 +138,8 @@ class UpstreamClient:
             response = self._http.post("", content=json.dumps(bundle))
         except httpx.TransportError as exc:
             return UpstreamAnswer(Outcome.RETRY, None, f"upstream unreachable: {exc}")
+        except SmartAuthError as exc:
+            return UpstreamAnswer(Outcome.RETRY, None, f"upstream authorization failed: {exc}")
         answer = classify(response)
         if answer.outcome is not Outcome.DONE:
             return answer
@@ -151,4 +170,27 @@ class UpstreamClient:
             response = self._http.request(method, path, content=content)
         except httpx.TransportError as exc:  # includes timeouts
             return UpstreamAnswer(Outcome.RETRY, None, f"upstream unreachable: {exc}")
+        except SmartAuthError as exc:  # nothing was written; retry once the token endpoint agrees
+            return UpstreamAnswer(Outcome.RETRY, None, f"upstream authorization failed: {exc}")
         return classify(response)
+
+
+def _smart_backend_auth(settings: UpstreamSettings) -> SmartBackendAuth:
+    """SMART Backend Services auth from the settings, naming the first missing one."""
+    for name in ("client_id", "private_key_path", "key_id"):
+        if not getattr(settings, name):
+            raise ValueError(f"upstream auth smart-backend needs {name}")
+    assert settings.client_id and settings.private_key_path and settings.key_id
+    try:
+        pem = Path(settings.private_key_path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"private_key_path {str(settings.private_key_path)!r}: {exc.strerror}") from exc
+    return SmartBackendAuth(
+        settings.token_url,
+        settings.client_id,
+        pem,
+        settings.key_id,
+        settings.algorithm,
+        settings.scope,
+        fhir_base_url=settings.base_url,
+    )
