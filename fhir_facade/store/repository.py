@@ -331,6 +331,30 @@ class ResourceStore:
         result: dict[str, Any] = json.loads(row.resource_json)
         return result
 
+    def versions(self, keys: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+        """Many (type, id, version) at once, for the sync worker; deletions and unknown keys are
+        left out. One query per resource type instead of one per version."""
+        found: dict[tuple[str, str, int], dict[str, Any]] = {}
+        by_type: dict[str, list[tuple[str, int]]] = {}
+        for resource_type, resource_id, version in keys:
+            by_type.setdefault(resource_type, []).append((resource_id, version))
+        with self._reading() as connection:
+            for resource_type, wanted in by_type.items():
+                rows = connection.execute(
+                    select(_version.c.resource_id, _version.c.version_id, _version.c.resource_json).where(
+                        _version.c.resource_type == resource_type,
+                        _version.c.resource_id.in_({resource_id for resource_id, _ in wanted}),
+                        _version.c.deleted.is_(False),
+                    )
+                ).all()
+                targets = set(wanted)
+                for row in rows:
+                    if (row.resource_id, row.version_id) in targets:
+                        found[(resource_type, row.resource_id, row.version_id)] = json.loads(
+                            row.resource_json
+                        )
+        return found
+
     def history(
         self, resource_type: str, resource_id: str, *, count: int = 50, offset: int = 0
     ) -> tuple[list[dict[str, Any]], int]:

@@ -116,12 +116,21 @@ class SyncWorker:
         """Many resources due: one `batch` Bundle, one entry per resource (its newest version)."""
         entries: list[dict[str, Any]] = []
         groups: list[tuple[str, list[OutboxRow]]] = []
+        stored = await asyncio.to_thread(
+            self._store.versions,
+            [(t, i, rows[-1].version_id) for (t, i), rows in by_resource.items() if rows[-1].version_id > 0],
+        )
         for (resource_type, resource_id), rows in by_resource.items():
             url = f"{resource_type}/{resource_id}"
             if rows[-1].deleted:
                 entries.append({"request": {"method": "DELETE", "url": url}})
             else:
-                resource = await self._version(rows[-1])
+                newest = rows[-1]
+                resource = (
+                    stored.get((resource_type, resource_id, newest.version_id))
+                    if newest.version_id > 0
+                    else await self._version(newest)
+                )
                 if resource is None:
                     await asyncio.to_thread(self._queue.mark_sent, [r.seq for r in rows])
                     continue
@@ -143,9 +152,19 @@ class SyncWorker:
                     await self._push(resource_type, resource_id, rows)
                 return
             answers = [answers] * len(groups)
+        delivered = [
+            row.seq
+            for (_, rows), answer in zip(groups, answers, strict=True)
+            if answer.outcome is Outcome.DONE
+            for row in rows
+        ]
+        if delivered:  # one transaction for every delivered row of the batch
+            await asyncio.to_thread(self._queue.mark_sent, delivered)
+            self.sent += len(delivered)
         for (url, rows), answer in zip(groups, answers, strict=True):
-            attempts = max(row.attempts for row in rows) + 1
-            await asyncio.to_thread(self._record, [r.seq for r in rows], attempts, answer, url)
+            if answer.outcome is not Outcome.DONE:
+                attempts = max(row.attempts for row in rows) + 1
+                await asyncio.to_thread(self._record, [r.seq for r in rows], attempts, answer, url)
 
     async def _push(self, resource_type: str, resource_id: str, rows: list[OutboxRow]) -> None:
         newest = rows[-1]
