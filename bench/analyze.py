@@ -57,6 +57,7 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import wait_ready
 from fhir_facade.analyze.inference import OnnxRuntimeBackend
 from fhir_facade.analyze.manifest import ModelManifest, load_manifests
 from fhir_facade.analyze.pixels import to_model_input
@@ -138,21 +139,6 @@ def providers_list(value: str | None) -> list[str] | None:
     return [name.strip() for name in value.split(",") if name.strip()] if value else None
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-            raise RuntimeError(f"facade exited with {process.returncode}:\n{tail}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
-
 @contextmanager
 def facade(
     orthanc: EmbeddedOrthanc,
@@ -197,7 +183,7 @@ def facade(
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_ready(f"http://127.0.0.1:{port}/fhir/metadata", process, log_path)
+        wait_ready(f"http://127.0.0.1:{port}/fhir/metadata", process, log_path=log_path, timeout=180)
         yield Facade(process, f"http://127.0.0.1:{port}/fhir", ServerLog(log_path))
     finally:
         process.terminate()

@@ -20,6 +20,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import wait_ready
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from fhir_facade.resources.imaging_study import SERIES_FIELDS, STUDY_FIELDS
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study, upload
@@ -44,18 +45,6 @@ def load_studies(orthanc_url: str, count: int) -> None:
                 ],
             )
             upload(client, orthanc_url, build_study(spec))
-
-
-def wait_ready(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 def qido_requests(metrics_url: str) -> float:

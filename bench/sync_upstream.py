@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import pg_database, wait_ready
 from fhir_facade.config import Settings
 from fhir_facade.embedded import free_port
 from tests.upstream_fhir_server import UPSTREAM_DIR, UpstreamFhirServer
@@ -240,32 +240,6 @@ def write_requests(before: dict[str, Any], after: dict[str, Any]) -> dict[str, i
         method: after["by_method"].get(method, 0) - before["by_method"].get(method, 0)
         for method in ("PUT", "POST", "DELETE")
     }
-
-
-@contextmanager
-def pg_database(server_url: str) -> Iterator[str]:
-    name = f"facade_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{server_url}/{name}"
-    finally:
-        with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"facade exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 @contextmanager

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import secrets
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import pg_database, wait_ready
 from fhir_facade.embedded import free_port
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.watcher.arrival_tasks import ANALYZE_CODE
@@ -116,32 +116,6 @@ def database_size(url: str, sqlite_path: Path | None) -> int:
         return sum(p.stat().st_size for p in sqlite_path.parent.glob(sqlite_path.name + "*"))
     with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as connection:
         return int(connection.execute("SELECT pg_database_size(current_database())").fetchone()[0])
-
-
-@contextmanager
-def pg_database(server_url: str) -> Iterator[str]:
-    name = f"facade_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{server_url}/{name}"
-    finally:
-        with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"facade exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 @contextmanager

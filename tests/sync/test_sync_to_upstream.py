@@ -72,6 +72,12 @@ def upstream_get(upstream: UpstreamFhirServer, path: str) -> httpx.Response:
     return httpx.get(f"{upstream.base_url}/{path}", timeout=10)
 
 
+def marked_upstream(upstream: UpstreamFhirServer, marker: str) -> int:
+    """How many Observations with an identifier in system urn:test:<marker> the upstream holds."""
+    found = upstream_get(upstream, f"Observation?identifier=urn:test:{marker}|&_count=0&_total=accurate")
+    return int(found.json().get("total", -1)) if found.status_code == 200 else -1
+
+
 def observation(patient: str, **extra: Any) -> dict[str, Any]:
     return {
         "resourceType": "Observation",
@@ -275,8 +281,7 @@ def test_sigkill_mid_batch_then_restart_delivers_all_exactly_once(
     upstream.fault("none")
 
     def count() -> int:
-        found = upstream_get(upstream, f"Observation?identifier=urn:test:{marker}|&_count=0&_total=accurate")
-        return int(found.json().get("total", -1)) if found.status_code == 200 else -1
+        return marked_upstream(upstream, marker)
 
     assert count() < 60, "the kill came before the backlog was through"
     restarted = FacadeProcess(env, port)
@@ -380,10 +385,7 @@ def test_two_sync_processes_share_the_work_without_double_sending(
         workers = [subprocess.Popen([sys.executable, "-m", "fhir_facade", "sync"], env=env) for _ in range(2)]
 
         def count() -> int:
-            found = upstream_get(
-                upstream, f"Observation?identifier=urn:test:{marker}|&_count=0&_total=accurate"
-            )
-            return int(found.json().get("total", -1)) if found.status_code == 200 else -1
+            return marked_upstream(upstream, marker)
 
         eventually(lambda: count() == 40, 60, "40 Observations upstream")
         for resource_id in ids:
