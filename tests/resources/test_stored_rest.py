@@ -253,6 +253,57 @@ def test_paging_stays_consistent_while_tasks_are_added(fhir: httpx.Client) -> No
     assert fresh["total"] > total  # a new search sees the added Tasks
 
 
+def test_results_searched_by_result_part_of_derived_from_and_device(fhir: httpx.Client) -> None:
+    """DiagnosticReport?result, Observation?part-of/derived-from/device: how a worklist finds the
+    report of a finding and the findings of a study."""
+    marker = secrets.token_hex(4)
+    device = ok_json(
+        fhir.post(
+            "/Device",
+            json={"resourceType": "Device", "identifier": [{"system": "urn:test", "value": marker}]},
+            headers=FHIR_JSON,
+        ),
+        201,
+    )
+    obs = ok_json(
+        fhir.post(
+            "/Observation",
+            json={
+                "resourceType": "Observation",
+                "status": "preliminary",
+                "code": {"text": marker},
+                "partOf": [{"reference": f"ImagingStudy/{STUDY_UID}"}],
+                "derivedFrom": [{"reference": f"ImagingStudy/{STUDY_UID}"}],
+                "device": {"reference": f"Device/{device['id']}"},
+            },
+            headers=FHIR_JSON,
+        ),
+        201,
+    )
+    report = ok_json(
+        fhir.post(
+            "/DiagnosticReport",
+            json={
+                "resourceType": "DiagnosticReport",
+                "status": "preliminary",
+                "code": {"text": marker},
+                "result": [{"reference": f"Observation/{obs['id']}"}],
+            },
+            headers=FHIR_JSON,
+        ),
+        201,
+    )
+    by_result = ok_json(fhir.get("/DiagnosticReport", params={"result": f"Observation/{obs['id']}"}))
+    assert [e["resource"]["id"] for e in by_result["entry"]] == [report["id"]]
+    for name in ("part-of", "derived-from"):
+        found = ok_json(fhir.get("/Observation", params={name: f"ImagingStudy/{STUDY_UID}", "_count": "500"}))
+        assert obs["id"] in {e["resource"]["id"] for e in found["entry"]}
+    by_device = ok_json(fhir.get("/Observation", params={"device": f"Device/{device['id']}"}))
+    assert [e["resource"]["id"] for e in by_device["entry"]] == [obs["id"]]
+    assert ok_json(fhir.get("/Device", params={"identifier": f"urn:test|{marker}"}))["total"] == 1
+    assert ok_json(fhir.get("/DiagnosticReport", params={"result": "Observation/none"}))["total"] == 0
+
+
 class TestPatientsCreatedByAnEhr:
     """Patient is the DICOM view plus the Patients an EHR writes, which are stored."""
 
