@@ -355,10 +355,10 @@ async def iter_batches(
     batch_size: int,
     on_dataset: Callable[[pydicom.Dataset], None] | None = None,
 ) -> AsyncGenerator[tuple[list[InstanceRef], np.ndarray], None]:
-    """Stream the selected series as (instances, N x input) batches in InstanceNumber order.
+    """Stream the selected series as (instances, N x input) batches, in the order the PACS sends.
 
-    Each batch array is allocated once and filled slice by slice, and the dataset is dropped as
-    soon as it is decoded, so at most one batch of inputs and one dataset are alive at a time.
+    Each dataset is dropped as soon as it is decoded, so at most one batch of inputs and one
+    dataset are alive at a time.
     Decoding runs in a worker thread: a JPEG 2000 slice takes long enough to stall the event loop.
     `on_dataset` sees each dataset before it is dropped (e.g. to keep a header without pixels).
     """
@@ -369,21 +369,52 @@ async def iter_batches(
         if spec.layout == "NHWC"
         else (spec.channels, spec.height, spec.width)
     )
-    refs = selection.instances
-    uids = [ref.sop_instance_uid for ref in refs]
-    batch: np.ndarray | None = None
-    done = 0
-    instances = wado.iter_instances(selection.study_uid, selection.series_uid, uids)
-    async with aclosing(instances):
-        async for ds in instances:
-            if batch is None:
-                batch = np.empty((min(batch_size, len(refs) - done), *shape), dtype=np.float32)
-            row = done % batch_size
-            batch[row] = await asyncio.to_thread(to_model_input, ds, spec)
-            if on_dataset is not None:
-                on_dataset(ds)
+    wanted = {ref.sop_instance_uid: ref for ref in selection.instances}
+    pending_refs: list[InstanceRef] = []
+    pending_rows: list[np.ndarray] = []
+
+    async def add(ds: pydicom.Dataset) -> tuple[list[InstanceRef], np.ndarray] | None:
+        ref = wanted.pop(str(ds.get("SOPInstanceUID", "")), None)
+        if ref is None:
+            return None  # not selected (e.g. a non-image object in the series), or a repeat
+        pending_rows.append(await asyncio.to_thread(to_model_input, ds, spec))
+        pending_refs.append(ref)
+        if on_dataset is not None:
+            on_dataset(ds)
+        if len(pending_rows) < batch_size:
+            return None
+        return _take(pending_refs, pending_rows, shape)
+
+    # One streamed series request (in the PACS's order: each slice is scored on its own, so the
+    # order does not matter); any selected instance it did not deliver is asked for on its own.
+    series = wado.iter_series(selection.study_uid, selection.series_uid)
+    async with aclosing(series):
+        async for ds in series:
+            ready = await add(ds)
             del ds
-            done += 1
-            if row + 1 == len(batch):
-                yield list(refs[done - len(batch) : done]), batch
-                batch = None
+            if ready is not None:
+                yield ready
+    missing = [ref.sop_instance_uid for ref in selection.instances if ref.sop_instance_uid in wanted]
+    if missing:
+        instances = wado.iter_instances(selection.study_uid, selection.series_uid, missing)
+        async with aclosing(instances):
+            async for ds in instances:
+                ready = await add(ds)
+                del ds
+                if ready is not None:
+                    yield ready
+    if pending_rows:
+        yield _take(pending_refs, pending_rows, shape)
+
+
+def _take(
+    refs: list[InstanceRef], rows: list[np.ndarray], shape: tuple[int, int, int]
+) -> tuple[list[InstanceRef], np.ndarray]:
+    """The collected rows as one (N, ...) batch; empties the lists."""
+    batch = np.empty((len(rows), *shape), dtype=np.float32)
+    for index, row in enumerate(rows):
+        batch[index] = row
+    taken = list(refs)
+    refs.clear()
+    rows.clear()
+    return taken, batch

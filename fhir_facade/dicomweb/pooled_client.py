@@ -5,6 +5,8 @@ and the one mapping of transport failures and 5xx answers to `DicomwebUnavailabl
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Self
 
@@ -89,3 +91,24 @@ class PooledClient:
         if response.status_code >= 500:
             raise DicomwebUnavailable(f"{self.service_name} answered {response.status_code} to {path}")
         return response
+
+    @asynccontextmanager
+    async def _stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """Like `_send`, with the body left unread for the caller to stream."""
+        if self._http is None:
+            await self.open()
+        assert self._http is not None
+        self.request_count += 1
+        try:
+            async with self._http.stream(method, path, **kwargs) as response:
+                if response.status_code >= 500:
+                    raise DicomwebUnavailable(
+                        f"{self.service_name} answered {response.status_code} to {path}"
+                    )
+                yield response
+        except httpx.TimeoutException as exc:
+            raise DicomwebUnavailable(
+                f"{self.service_name} did not answer {path} within {self._timeout} s"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise DicomwebUnavailable(f"{self.service_name} unreachable at {self.base_url}: {exc}") from exc

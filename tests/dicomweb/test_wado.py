@@ -25,6 +25,7 @@ from fhir_facade.dicomweb.client import DicomwebError, DicomwebUnavailable
 from fhir_facade.dicomweb.wado import (
     ACCEPT_DICOM_AS_STORED,
     InstanceNotFound,
+    MultipartStream,
     WadoClient,
     parse_multipart_related,
 )
@@ -256,3 +257,40 @@ def test_parser_trusts_content_length_over_delimiter_lookalikes() -> None:
 def test_parser_rejects_malformed_bodies(body: bytes, content_type: str, message: str) -> None:
     with pytest.raises(DicomwebError, match=message):
         parse_multipart_related(body, content_type)
+
+
+async def test_iter_series_streams_every_instance_in_one_request(
+    stored: dict[str, FileDataset], wado: WadoClient
+) -> None:
+    before = wado.request_count
+    seen = {ds.SOPInstanceUID: ds async for ds in wado.iter_series(STUDY_UID, SERIES_UID)}
+    assert wado.request_count - before == 1
+    assert set(seen) == {ds.SOPInstanceUID for ds in stored.values()}
+    for original in stored.values():
+        assert seen[original.SOPInstanceUID].PixelData == original.PixelData
+
+
+async def test_iter_series_of_an_unknown_series_is_not_found(wado: WadoClient) -> None:
+    with pytest.raises(InstanceNotFound):
+        async for _ in wado.iter_series("1.2.3.4", "1.2.3.5"):
+            pass
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
+async def test_the_streaming_parser_agrees_with_the_whole_body_parser(
+    orthanc: EmbeddedOrthanc, stored: dict[str, FileDataset], chunk: int
+) -> None:
+    """A real Orthanc series answer, fed in chunks of every size (a delimiter split across
+    chunks included), gives the same parts as parsing the whole body."""
+    url = f"{orthanc.dicomweb_url}/studies/{STUDY_UID}/series/{SERIES_UID}"
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.get(url, headers={"Accept": ACCEPT_DICOM_AS_STORED})
+    content_type = response.headers["content-type"]
+    expected = parse_multipart_related(response.content, content_type)
+    stream = MultipartStream(content_type)
+    parts = []
+    body = response.content
+    for start in range(0, len(body), chunk):
+        parts += stream.feed(body[start : start + chunk])
+    assert stream.done
+    assert parts == expected and len(parts) == len(stored)
