@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
@@ -19,7 +20,24 @@ __all__ = ["main"]
 log = logging.getLogger("fhir_facade")
 
 
+def check_listen_address(settings: Settings, host: str) -> None:
+    """Refuse a non-loopback address while requests are unauthenticated, unless the operator
+    said so (FACADE_ALLOW_UNAUTHENTICATED_REMOTE): patient data must not be one typo away from
+    the network."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not settings.allow_unauthenticated_remote:
+        raise SystemExit(
+            f"fhir-facade: refusing to listen on {host}: requests are not authenticated (no SMART "
+            "security yet). Listen on 127.0.0.1 behind an authenticating proxy, or set "
+            "FACADE_ALLOW_UNAUTHENTICATED_REMOTE=true if the network in front of it is trusted."
+        )
+
+
 def _serve(settings: Settings, host: str, port: int) -> None:
+    check_listen_address(settings, host)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
 
 

@@ -169,6 +169,14 @@ class Settings(BaseSettings):
     )
     default_page_size: int = Field(20, ge=1, description="Search page size when _count is absent.")
     max_page_size: int = Field(500, ge=1, description="Upper bound for _count.")
+    allow_unauthenticated_remote: bool = Field(
+        False,
+        description=(
+            "Listen on a non-loopback address although requests are not authenticated. The facade "
+            "serves patient data and images: without SMART security (not built yet) it refuses to, "
+            "unless this says the network in front of it is trusted."
+        ),
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
     @field_validator("dicomweb_url", "base_url", "orthanc_url", "fhir_upstream_url", "inference_url")
