@@ -1,0 +1,177 @@
+"""Bearer JWT validation for resource-server mode (SMART App Launch 2.x; RFC 7519, RFC 8725).
+
+What a token must be to be believed:
+- signed with an asymmetric algorithm we accept (RS256/384/512, PS256/384/512, ES256/384):
+  `alg: none` and every HMAC algorithm are refused before any key is looked at, so a token "signed"
+  with the issuer's *public* key as an HMAC secret (the classic algorithm-confusion forgery) and
+  an unsigned token are both invalid;
+- verified against the issuer's JWKS, looked up by `kid`; an unknown `kid` refreshes the cached
+  JWKS once (keys rotate), at most every `refresh_interval` seconds (an attacker sending random
+  kids must not make us hammer the issuer);
+- `iss` equal to the configured issuer, `aud` containing our FHIR base, `exp` present and in the
+  future and `nbf`/`iat` not in the future, each with a small leeway for clock skew.
+
+Not wired into the HTTP app yet (docs/adr, issue "SMART on FHIR security").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from base64 import urlsafe_b64decode
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+__all__ = ["ACCEPTED_ALGORITHMS", "InvalidToken", "JwksCache", "TokenClaims", "TokenValidator"]
+
+ACCEPTED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384")
+
+
+class InvalidToken(Exception):
+    """The bearer token is not acceptable; the message says why (for logs and the
+    `WWW-Authenticate: Bearer error="invalid_token", error_description=...` header)."""
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    """What the rest of the server needs from a validated token."""
+
+    subject: str | None
+    client_id: str | None
+    scope: str
+    patient: str | None
+    fhir_user: str | None
+    expires_at: int
+    raw: dict[str, Any] = field(repr=False)
+
+
+def _header(token: str) -> dict[str, Any]:
+    try:
+        segment = token.split(".")[0]
+        header = json.loads(urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, IndexError) as exc:
+        raise InvalidToken("the token is not a JWS compact serialisation") from exc
+    if not isinstance(header, dict):
+        raise InvalidToken("the token header is not a JSON object")
+    return header
+
+
+class JwksCache:
+    """The issuer's signing keys, fetched once and refreshed when an unknown `kid` appears."""
+
+    def __init__(
+        self,
+        jwks_url: str,
+        *,
+        refresh_interval: float = 60.0,
+        http: httpx.Client | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = jwks_url
+        self._refresh_interval = refresh_interval
+        self._http = http or httpx.Client(timeout=10)
+        self._clock = clock
+        self._keys: KeySet | None = None
+        self._fetched_at: float | None = None
+        self.fetches = 0
+
+    def _fetch(self) -> None:
+        try:
+            response = self._http.get(self._url)
+            response.raise_for_status()
+            self._keys = KeySet.import_key_set(response.json())
+        except (httpx.HTTPError, ValueError, JoseError) as exc:
+            raise InvalidToken(f"the issuer's keys could not be read from {self._url}: {exc}") from exc
+        finally:
+            self._fetched_at = self._clock()
+            self.fetches += 1
+
+    def key_set(self, kid: str | None) -> KeySet:
+        """The key set holding `kid`, refreshing it (rate-limited) when `kid` is new."""
+        if self._keys is None:
+            self._fetch()
+        assert self._keys is not None
+        if kid is not None and not self._has(kid):
+            due = self._fetched_at is None or self._clock() - self._fetched_at >= self._refresh_interval
+            if due:
+                self._fetch()
+            if not self._has(kid):
+                raise InvalidToken(f"no key with kid {kid!r} at the issuer")
+        return self._keys
+
+    def _has(self, kid: str) -> bool:
+        assert self._keys is not None
+        return any(key.kid == kid for key in self._keys.keys)
+
+
+class TokenValidator:
+    """Validates bearer JWTs of one issuer for one audience (our FHIR base URL)."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        keys: JwksCache,
+        leeway: int = 30,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._issuer = issuer
+        self._audience = audience
+        self._keys = keys
+        self._leeway = leeway
+        self._clock = clock
+
+    def validate(self, token: str) -> TokenClaims:
+        header = _header(token)
+        algorithm = header.get("alg")
+        if algorithm not in ACCEPTED_ALGORITHMS:
+            raise InvalidToken(f"signing algorithm {algorithm!r} is not accepted")
+        key_set = self._keys.key_set(header.get("kid"))
+        try:
+            decoded = jwt.decode(token, key_set, algorithms=list(ACCEPTED_ALGORITHMS))
+        except (JoseError, ValueError) as exc:
+            raise InvalidToken(f"the signature does not verify: {exc}") from exc
+        claims = decoded.claims
+        self._check_claims(claims)
+        return TokenClaims(
+            subject=_text(claims.get("sub")),
+            client_id=_text(claims.get("client_id")) or _text(claims.get("azp")),
+            scope=_text(claims.get("scope")) or _scopes_from_list(claims.get("scp")),
+            patient=_text(claims.get("patient")),
+            fhir_user=_text(claims.get("fhirUser")),
+            expires_at=int(claims["exp"]),
+            raw=dict(claims),
+        )
+
+    def _check_claims(self, claims: dict[str, Any]) -> None:
+        now = self._clock()
+        if claims.get("iss") != self._issuer:
+            raise InvalidToken(f"issuer {claims.get('iss')!r} is not trusted")
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        if self._audience not in audiences:
+            raise InvalidToken(f"the token is for {audience!r}, not {self._audience}")
+        expires = claims.get("exp")
+        if not isinstance(expires, int | float):
+            raise InvalidToken("the token has no expiry (exp)")
+        if expires + self._leeway < now:
+            raise InvalidToken("the token has expired")
+        for name in ("nbf", "iat"):
+            value = claims.get(name)
+            if value is not None and (not isinstance(value, int | float) or value - self._leeway > now):
+                raise InvalidToken(f"the token is not valid yet ({name})")
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _scopes_from_list(value: Any) -> str:
+    return " ".join(v for v in value if isinstance(v, str)) if isinstance(value, list) else ""
