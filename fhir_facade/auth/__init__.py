@@ -1,0 +1,1 @@
+"""SMART on FHIR security: bearer-token validation and scopes (not wired into the app yet)."""
