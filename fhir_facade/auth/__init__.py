@@ -1,1 +1,1 @@
-"""SMART on FHIR security: bearer-token validation and scopes (not wired into the app yet)."""
+"""SMART on FHIR authorization: scopes and what they grant (SMART App Launch 2.x)."""
