@@ -387,22 +387,25 @@ async def iter_batches(
 
     # One streamed series request (in the PACS's order: each slice is scored on its own, so the
     # order does not matter); any selected instance it did not deliver is asked for on its own.
-    series = wado.iter_series(selection.study_uid, selection.series_uid)
-    async with aclosing(series):
-        async for ds in series:
+    async def delivered() -> AsyncGenerator[pydicom.Dataset, None]:
+        series = wado.iter_series(selection.study_uid, selection.series_uid)
+        async with aclosing(series):
+            async for ds in series:
+                yield ds
+        missing = [ref.sop_instance_uid for ref in selection.instances if ref.sop_instance_uid in wanted]
+        if missing:
+            instances = wado.iter_instances(selection.study_uid, selection.series_uid, missing)
+            async with aclosing(instances):
+                async for ds in instances:
+                    yield ds
+
+    datasets = delivered()
+    async with aclosing(datasets):
+        async for ds in datasets:
             ready = await add(ds)
             del ds
             if ready is not None:
                 yield ready
-    missing = [ref.sop_instance_uid for ref in selection.instances if ref.sop_instance_uid in wanted]
-    if missing:
-        instances = wado.iter_instances(selection.study_uid, selection.series_uid, missing)
-        async with aclosing(instances):
-            async for ds in instances:
-                ready = await add(ds)
-                del ds
-                if ready is not None:
-                    yield ready
     if pending_rows:
         yield _take(pending_refs, pending_rows, shape)
 

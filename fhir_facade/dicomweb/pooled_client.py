@@ -76,25 +76,14 @@ class PooledClient:
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request; transport failures, time-outs and 5xx become DicomwebUnavailable."""
-        if self._http is None:
-            await self.open()
-        assert self._http is not None
-        self.request_count += 1
-        try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise DicomwebUnavailable(
-                f"{self.service_name} did not answer {path} within {self._timeout} s"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise DicomwebUnavailable(f"{self.service_name} unreachable at {self.base_url}: {exc}") from exc
-        if response.status_code >= 500:
-            raise DicomwebUnavailable(f"{self.service_name} answered {response.status_code} to {path}")
-        return response
+        async with self._stream(method, path, **kwargs) as response:
+            await response.aread()
+            return response
 
     @asynccontextmanager
     async def _stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
-        """Like `_send`, with the body left unread for the caller to stream."""
+        """One request with the body left unread for the caller to stream; transport failures,
+        time-outs (also while streaming) and 5xx become DicomwebUnavailable."""
         if self._http is None:
             await self.open()
         assert self._http is not None
