@@ -88,6 +88,18 @@ def _concept(concept: CodedConcept, text: str | None = None) -> dict[str, Any]:
     return {"coding": [_coding(concept)], "text": text or concept.display}
 
 
+def _about(context: AnalysisContext) -> dict[str, Any]:
+    """What the Observation and the DiagnosticReport share: the patient, the orders, the time."""
+    about: dict[str, Any] = {}
+    if context.subject:
+        about["subject"] = context.subject
+    if context.based_on:
+        about["basedOn"] = list(context.based_on)
+    if context.started:
+        about["effectiveDateTime"] = context.started
+    return about
+
+
 def _device(result: AnalysisResult) -> dict[str, Any]:
     return {
         "resourceType": "Device",
@@ -143,13 +155,7 @@ def _observation(result: AnalysisResult, context: AnalysisContext, device_ref: s
             for label, score in decision.class_scores.items()
         ],
     }
-    if context.subject:
-        observation["subject"] = context.subject
-    if context.based_on:
-        observation["basedOn"] = list(context.based_on)
-    if context.started:
-        observation["effectiveDateTime"] = context.started
-    return observation
+    return {**observation, **_about(context)}
 
 
 def conclusion_text(result: AnalysisResult) -> str:
@@ -176,12 +182,7 @@ def _report(result: AnalysisResult, context: AnalysisContext, observation_refs: 
         "conclusion": conclusion_text(result),
         "conclusionCode": [_concept(result.decision.concept)],
     }
-    if context.subject:
-        report["subject"] = context.subject
-    if context.based_on:
-        report["basedOn"] = list(context.based_on)
-    if context.started:
-        report["effectiveDateTime"] = context.started
+    report.update(_about(context))
     if context.sr is not None:
         report["identifier"] = [{"system": _UID_SYSTEM, "value": f"urn:oid:{context.sr.sop_instance_uid}"}]
         report["presentedForm"] = [

@@ -106,7 +106,7 @@ class AnalysisJobs:
         self._slots = asyncio.Semaphore(workers)
         self._workers = workers
         self._running: dict[str, AnalysisJob] = {}
-        self._key_locks: dict[str, asyncio.Lock] = {}
+        self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (lock, requests using it)
 
     # -- starting jobs --------------------------------------------------------------------------
 
@@ -124,21 +124,40 @@ class AnalysisJobs:
         if idempotency_key is None:
             job = await self._start(study, model_id, series_uid, None)
             return job.task_id, job, None
-        lock = self._key_locks.setdefault(idempotency_key, asyncio.Lock())
-        async with lock:
-            existing = await self._task_for_key(idempotency_key)
-            if existing is not None:
-                focus = existing.get("focus", {}).get("reference")
-                if focus != f"ImagingStudy/{study_id}":
-                    raise conflict(
-                        f"Idempotency-Key {idempotency_key!r} was used for {focus}, "
-                        f"not ImagingStudy/{study_id}"
-                    )
-                state = await self.state(existing["id"])
-                if state.running or state.report is not None:
-                    return existing["id"], self._running.get(existing["id"]), state.report
-            job = await self._start(study, model_id, series_uid, idempotency_key)
-            return job.task_id, job, None
+        # One lock per key in flight (not per key ever seen): it goes when its last user leaves.
+        lock, users = self._key_locks.get(idempotency_key, (asyncio.Lock(), 0))
+        self._key_locks[idempotency_key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._submit_keyed(study, study_id, model_id, series_uid, idempotency_key)
+        finally:
+            lock, users = self._key_locks[idempotency_key]
+            if users == 1:
+                del self._key_locks[idempotency_key]
+            else:
+                self._key_locks[idempotency_key] = (lock, users - 1)
+
+    async def _submit_keyed(
+        self,
+        study: dict[str, Any],
+        study_id: str,
+        model_id: str | None,
+        series_uid: str | None,
+        idempotency_key: str,
+    ) -> tuple[str, AnalysisJob | None, dict[str, Any] | None]:
+        """Inside the key's lock: the same report, the running job, or a new one."""
+        existing = await self._task_for_key(idempotency_key)
+        if existing is not None:
+            focus = existing.get("focus", {}).get("reference")
+            if focus != f"ImagingStudy/{study_id}":
+                raise conflict(
+                    f"Idempotency-Key {idempotency_key!r} was used for {focus}, not ImagingStudy/{study_id}"
+                )
+            state = await self.state(existing["id"])
+            if state.running or state.report is not None:
+                return existing["id"], self._running.get(existing["id"]), state.report
+        job = await self._start(study, model_id, series_uid, idempotency_key)
+        return job.task_id, job, None
 
     async def _task_for_key(self, key: str) -> dict[str, Any] | None:
         """The newest Task carrying this key that is not failed or cancelled."""

@@ -44,6 +44,12 @@ class QueueStatus:
     sent: int
     oldest_pending: datetime | None
 
+    def lag_seconds(self, now: datetime | None = None) -> float:
+        """Age of the oldest pending row: how far the upstream is behind (0 when caught up)."""
+        if self.oldest_pending is None:
+            return 0.0
+        return ((now or datetime.now(UTC)) - self.oldest_pending).total_seconds()
+
 
 class OutboxQueue:
     def __init__(self, engine: Engine) -> None:

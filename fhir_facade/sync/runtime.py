@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -83,7 +82,7 @@ class SyncRuntime:
 
     def status_parameters(self) -> dict[str, Any]:
         status = self.queue.status()
-        lag = (datetime.now(UTC) - status.oldest_pending).total_seconds() if status.oldest_pending else 0.0
+        lag = status.lag_seconds()
         parameters: list[dict[str, Any]] = [
             {"name": "upstream", "valueUrl": self.upstream.base_url},
             {"name": "pending", "valueInteger": status.pending},
@@ -107,7 +106,7 @@ class SyncRuntime:
 
     def metrics_lines(self) -> list[str]:
         status = self.queue.status()
-        lag = (datetime.now(UTC) - status.oldest_pending).total_seconds() if status.oldest_pending else 0.0
+        lag = status.lag_seconds()
         return [
             "# HELP fhir_facade_sync_pending Outbox rows waiting for the upstream.",
             "# TYPE fhir_facade_sync_pending gauge",

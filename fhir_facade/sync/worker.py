@@ -84,6 +84,9 @@ class SyncWorker:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._mirrored: dict[tuple[str, str], str] = {}  # virtual (type, id) -> digest sent
+        # Virtual resources already read and mirrored in the current round: a batch of 50
+        # results of one study reads that study from the PACS once, not 50 times.
+        self._fresh: set[tuple[str, str]] = set()
         self.sent = 0
         self.failures = 0
 
@@ -102,6 +105,7 @@ class SyncWorker:
     async def run_once(self) -> int:
         """Lease and push one batch; returns how many rows were leased."""
         rows = await asyncio.to_thread(self._queue.lease, self._batch_size, self._lease_seconds)
+        self._fresh.clear()
         by_resource: dict[tuple[str, str], list[OutboxRow]] = {}
         for row in rows:
             by_resource.setdefault((row.resource_type, row.resource_id), []).append(row)
@@ -194,7 +198,10 @@ class SyncWorker:
     async def _mirror_virtual(self, resource: dict[str, Any]) -> UpstreamAnswer:
         """Upsert the virtual resources `resource` references, each snapshot once per content."""
         for resource_type, resource_id in virtual_references(resource):
-            if resource_type == resource["resourceType"] and resource_id == resource.get("id"):
+            key = (resource_type, resource_id)
+            if key in self._fresh or (
+                resource_type == resource["resourceType"] and resource_id == resource.get("id")
+            ):
                 continue
             try:
                 snapshot = await self._read_virtual(resource_type, resource_id)
@@ -203,9 +210,11 @@ class SyncWorker:
                     return UpstreamAnswer(Outcome.RETRY, None, f"PACS unavailable: {error}")
                 raise
             if snapshot is None:
+                self._fresh.add(key)
                 continue  # nothing to mirror: the reference stays dangling upstream, as here
             digest = hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()
-            if self._mirrored.get((resource_type, resource_id)) == digest:
+            if self._mirrored.get(key) == digest:
+                self._fresh.add(key)
                 continue
             answer = await asyncio.to_thread(self._upstream.put, snapshot)
             if answer.outcome is not Outcome.DONE:
@@ -215,7 +224,8 @@ class SyncWorker:
                     f"snapshot {resource_type}/{resource_id}: {answer.detail}",
                     answer.retry_after,
                 )
-            self._mirrored[(resource_type, resource_id)] = digest
+            self._mirrored[key] = digest
+            self._fresh.add(key)
         return UpstreamAnswer(Outcome.DONE, None, "")
 
     def _record(self, seqs: list[int], attempts: int, answer: UpstreamAnswer, what: str) -> None:

@@ -243,6 +243,24 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def process_env(
+    orthanc: EmbeddedOrthanc, database_url: str, upstream: UpstreamFhirServer, port: int, **extra: str
+) -> dict[str, str]:
+    """The environment of a facade process that syncs to `upstream` (nothing else running)."""
+    return {
+        **os.environ,
+        "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
+        "FACADE_DATABASE_URL": database_url,
+        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+        "FACADE_FHIR_UPSTREAM_URL": upstream.base_url,
+        "FACADE_SYNC_POLL_INTERVAL": "0.1",
+        "FACADE_ANALYZE_ENABLED": "false",
+        "FACADE_WATCH_STUDIES": "false",
+        "FACADE_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
 def test_sigkill_mid_batch_then_restart_delivers_all_exactly_once(
     database_url: str, loaded_orthanc: EmbeddedOrthanc, upstream: UpstreamFhirServer
 ) -> None:
@@ -251,19 +269,14 @@ def test_sigkill_mid_batch_then_restart_delivers_all_exactly_once(
     upstream.reset()
     upstream.fault("slow", delay_ms=400)
     port = free_port()
-    env = {
-        **os.environ,
-        "FACADE_DICOMWEB_URL": loaded_orthanc.dicomweb_url,
-        "FACADE_DATABASE_URL": database_url,
-        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
-        "FACADE_FHIR_UPSTREAM_URL": upstream.base_url,
-        "FACADE_SYNC_POLL_INTERVAL": "0.1",
-        "FACADE_SYNC_BATCH_SIZE": "10",
-        "FACADE_SYNC_LEASE_SECONDS": "3",  # the killed worker's leased rows come back soon
-        "FACADE_ANALYZE_ENABLED": "false",
-        "FACADE_WATCH_STUDIES": "false",
-        "FACADE_LOG_LEVEL": "WARNING",
-    }
+    env = process_env(
+        loaded_orthanc,
+        database_url,
+        upstream,
+        port,
+        FACADE_SYNC_BATCH_SIZE="10",
+        FACADE_SYNC_LEASE_SECONDS="3",  # the killed worker's leased rows come back soon
+    )
     facade = FacadeProcess(env, port)
     marker = secrets.token_hex(4)
     facade.start()
@@ -346,19 +359,14 @@ def test_two_sync_processes_share_the_work_without_double_sending(
     history has one version)."""
     upstream.reset()
     port = free_port()
-    env = {
-        **os.environ,
-        "FACADE_DICOMWEB_URL": loaded_orthanc.dicomweb_url,
-        "FACADE_DATABASE_URL": database_url,
-        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
-        "FACADE_FHIR_UPSTREAM_URL": upstream.base_url,
-        "FACADE_SYNC_IN_PROCESS": "false",
-        "FACADE_SYNC_POLL_INTERVAL": "0.1",
-        "FACADE_SYNC_BATCH_SIZE": "5",
-        "FACADE_ANALYZE_ENABLED": "false",
-        "FACADE_WATCH_STUDIES": "false",
-        "FACADE_LOG_LEVEL": "WARNING",
-    }
+    env = process_env(
+        loaded_orthanc,
+        database_url,
+        upstream,
+        port,
+        FACADE_SYNC_IN_PROCESS="false",
+        FACADE_SYNC_BATCH_SIZE="5",
+    )
     facade = FacadeProcess(env, port)
     facade.start()
     workers: list[subprocess.Popen[bytes]] = []
@@ -396,3 +404,43 @@ def test_two_sync_processes_share_the_work_without_double_sending(
             worker.terminate()
             worker.wait(10)
         facade.stop()
+
+
+def test_a_batch_reads_each_referenced_study_once(tmp_path: Path, upstream: UpstreamFhirServer) -> None:
+    """Twenty results of one study in one round: the study is read (from the PACS) once, not per
+    result. The reader counts calls and answers a fixed snapshot: the call count is what is tested."""
+    import asyncio
+
+    from fhir_facade.store import ResourceStore, create_store_engine, upgrade
+    from fhir_facade.sync.outbox_queue import OutboxQueue
+    from fhir_facade.sync.upstream import UpstreamClient, UpstreamSettings
+    from fhir_facade.sync.worker import SyncWorker
+
+    upstream.reset()
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    upgrade(engine)
+    store = ResourceStore(engine)
+    for _ in range(20):
+        store.create(observation(STUDY.patient_id))
+    reads: list[tuple[str, str]] = []
+
+    async def read_virtual(resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        reads.append((resource_type, resource_id))
+        if resource_type == "ImagingStudy":
+            return {
+                "resourceType": "ImagingStudy",
+                "id": resource_id,
+                "status": "available",
+                "subject": {"reference": f"Patient/{STUDY.patient_id}"},
+            }
+        return {"resourceType": "Patient", "id": resource_id}
+
+    client = UpstreamClient(UpstreamSettings(base_url=upstream.base_url))
+    try:
+        worker = SyncWorker(store, OutboxQueue(engine), client, read_virtual, batch_size=50)
+        assert asyncio.run(worker.run_once()) == 20
+    finally:
+        client.close()
+        engine.dispose()
+    assert sorted(reads) == [("ImagingStudy", STUDY.study_uid), ("Patient", STUDY.patient_id)]
+    assert upstream_get(upstream, f"ImagingStudy/{STUDY.study_uid}").status_code == 200
