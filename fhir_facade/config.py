@@ -169,17 +169,74 @@ class Settings(BaseSettings):
     )
     default_page_size: int = Field(20, ge=1, description="Search page size when _count is absent.")
     max_page_size: int = Field(500, ge=1, description="Upper bound for _count.")
+    auth: Literal["none", "smart"] = Field(
+        "none",
+        description=(
+            "none: every request is trusted (loopback only, see allow_unauthenticated_remote). "
+            "smart: SMART on FHIR resource server; every FHIR and DICOMweb request needs a bearer "
+            "token with scopes for what it does."
+        ),
+    )
+    auth_issuer: str | None = Field(
+        None,
+        description=(
+            "External authorization server (token 'iss'). Unset with auth=smart: the built-in "
+            "authorization server at <public root>/auth issues the tokens."
+        ),
+    )
+    auth_jwks_url: str | None = Field(
+        None, description="JWKS of the external issuer (default: jwks_uri of its smart-configuration)."
+    )
+    auth_audience: str | None = Field(None, description="Required token 'aud' (default: FACADE_BASE_URL).")
+    auth_authorize_url: str | None = Field(
+        None, description="External issuer's authorization endpoint (advertised in discovery)."
+    )
+    auth_token_url: str | None = Field(
+        None, description="External issuer's token endpoint (advertised in discovery)."
+    )
+    auth_introspection_url: str | None = Field(
+        None,
+        description=(
+            "RFC 7662 introspection endpoint: bearer tokens that are not JWTs (opaque) are checked there."
+        ),
+    )
+    auth_introspection_client_id: str | None = Field(None, description="Our client_id at the introspection endpoint.")
+    auth_introspection_client_secret: str | None = Field(
+        None, description="Our client secret at the introspection endpoint (HTTP Basic)."
+    )
+    auth_clients_file: Path | None = Field(
+        None,
+        description=(
+            "Built-in authorization server: JSON file of registered clients and users "
+            "(default: <data_dir>/auth-clients.json, written with a demo client on first start)."
+        ),
+    )
+    auth_token_lifetime: int = Field(
+        300, ge=30, le=3600, description="Seconds an access token of the built-in server lives."
+    )
+    cors_origins: tuple[str, ...] = Field(
+        (),
+        description=(
+            "Browser origins (JSON list) allowed to call the FHIR, discovery, DICOMweb and token "
+            "endpoints (CORS)."
+        ),
+    )
+    audit_enabled: bool = Field(
+        True, description="Record an AuditEvent for every FHIR, DICOMweb and $analyze interaction."
+    )
     allow_unauthenticated_remote: bool = Field(
         False,
         description=(
-            "Listen on a non-loopback address although requests are not authenticated. The facade "
-            "serves patient data and images: without SMART security (not built yet) it refuses to, "
-            "unless this says the network in front of it is trusted."
+            "Listen on a non-loopback address with FACADE_AUTH=none. The facade serves patient data "
+            "and images: without SMART security it refuses to, unless this says the network in front "
+            "of it is trusted."
         ),
     )
     log_level: str = Field("INFO", description="Python logging level.")
 
-    @field_validator("dicomweb_url", "base_url", "orthanc_url", "fhir_upstream_url", "inference_url")
+    @field_validator(
+        "dicomweb_url", "base_url", "orthanc_url", "fhir_upstream_url", "inference_url", "auth_issuer"
+    )
     @classmethod
     def _strip_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
@@ -197,6 +254,31 @@ class Settings(BaseSettings):
     def timezone(self) -> ZoneInfo:
         """The zone for DICOM date/times without TimezoneOffsetFromUTC."""
         return ZoneInfo(self.dicom_timezone)
+
+    @property
+    def public_root(self) -> str:
+        """The server's public root: FACADE_BASE_URL without its trailing /fhir."""
+        return self.base_url.removesuffix("/fhir")
+
+    @property
+    def builtin_issuer(self) -> bool:
+        """Whether the built-in authorization server issues the tokens (auth=smart, no external issuer)."""
+        return self.auth == "smart" and self.auth_issuer is None
+
+    @property
+    def token_issuer(self) -> str:
+        """The 'iss' that tokens must carry."""
+        return self.auth_issuer or f"{self.public_root}/auth"
+
+    @property
+    def token_audience(self) -> str:
+        """The 'aud' that tokens must carry: our FHIR base unless configured."""
+        return self.auth_audience or self.base_url
+
+    @property
+    def resolved_clients_file(self) -> Path:
+        """The built-in authorization server's client and user registry."""
+        return self.auth_clients_file or self.data_dir / "auth-clients.json"
 
     @property
     def resolved_database_url(self) -> str:

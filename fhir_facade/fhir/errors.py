@@ -17,6 +17,7 @@ __all__ = [
     "bad_request",
     "conflict",
     "dicom_service_unavailable",
+    "forbidden",
     "fhir_mapping_error",
     "gone",
     "internal_error",
@@ -25,6 +26,7 @@ __all__ = [
     "not_found",
     "not_supported",
     "precondition_failed",
+    "unauthorized",
     "unprocessable",
     "unsupported_media_type",
 ]
@@ -155,3 +157,38 @@ def fhir_mapping_error(diagnostics: str) -> FhirError:
 def internal_error(diagnostics: str = "Internal server error; see the server log.") -> FhirError:
     """500: a bug. The body never carries a stack trace."""
     return _error(500, "exception", diagnostics)
+
+
+def _bearer_challenge(error: str | None, description: str | None, scope: str | None = None) -> str:
+    """An RFC 6750 section 3 `WWW-Authenticate: Bearer` challenge (quotes and backslashes escaped)."""
+    parts = ['realm="fhir"']
+    for name, value in (("error", error), ("error_description", description), ("scope", scope)):
+        if value:
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+            parts.append(f'{name}="{escaped}"')
+    return "Bearer " + ", ".join(parts)
+
+
+def unauthorized(diagnostics: str, *, token_error: str | None = None) -> FhirError:
+    """401: no usable credentials. `token_error` is RFC 6750's error code: None when the request carried
+    no token (the challenge then names no error), "invalid_token" for a bad one, "invalid_request" for a
+    malformed Authorization header."""
+    return _error(
+        401,
+        "login",
+        diagnostics,
+        detail_code=token_error,
+        headers={"WWW-Authenticate": _bearer_challenge(token_error, diagnostics if token_error else None)},
+    )
+
+
+def forbidden(diagnostics: str, *, scope: str | None = None) -> FhirError:
+    """403 insufficient_scope (RFC 6750 3.1): the token is valid but does not grant this; `scope` names
+    a scope that would."""
+    return _error(
+        403,
+        "forbidden",
+        diagnostics,
+        detail_code="insufficient_scope",
+        headers={"WWW-Authenticate": _bearer_challenge("insufficient_scope", diagnostics, scope)},
+    )
