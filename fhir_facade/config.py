@@ -212,7 +212,7 @@ class Settings(BaseSettings):
         ),
     )
     auth_token_lifetime: int = Field(
-        300, ge=30, le=3600, description="Seconds an access token of the built-in server lives."
+        300, ge=30, le=300, description="Seconds an access token of the built-in server lives (at most 5 min)."
     )
     cors_origins: tuple[str, ...] = Field(
         (),
@@ -221,8 +221,12 @@ class Settings(BaseSettings):
             "endpoints (CORS)."
         ),
     )
-    audit_enabled: bool = Field(
-        True, description="Record an AuditEvent for every FHIR, DICOMweb and $analyze interaction."
+    audit_enabled: bool | None = Field(
+        None,
+        description=(
+            "Record an AuditEvent for every FHIR, DICOMweb and $analyze interaction "
+            "(default: on with FACADE_AUTH=smart, off with none)."
+        ),
     )
     allow_unauthenticated_remote: bool = Field(
         False,
@@ -274,6 +278,11 @@ class Settings(BaseSettings):
     def token_audience(self) -> str:
         """The 'aud' that tokens must carry: our FHIR base unless configured."""
         return self.auth_audience or self.base_url
+
+    @property
+    def audits(self) -> bool:
+        """Whether interactions are recorded as AuditEvents."""
+        return self.audit_enabled if self.audit_enabled is not None else self.auth == "smart"
 
     @property
     def resolved_clients_file(self) -> Path:
