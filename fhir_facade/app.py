@@ -8,12 +8,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from fhir_facade import __version__
 from fhir_facade.analyze.runtime import AnalyzeRuntime
+from fhir_facade.auth.dependency import Authenticator, bearer_validator
+from fhir_facade.auth.discovery import AuthorizationEndpoints, build_discovery_router, capability_security
+from fhir_facade.auth.enforcement import authorizing_providers
+from fhir_facade.auth.operations import analyze_guard, server_admin_guard
+from fhir_facade.auth.tokens import StaticKeys
 from fhir_facade.config import Settings
 from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
@@ -44,12 +50,44 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 
 
+#: Headers a browser app may send and read across origins (SMART apps read Location, ETag and
+#: Content-Location after writes, and the async $analyze headers).
+_CORS_REQUEST_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Accept",
+    "Prefer",
+    "If-Match",
+    "If-None-Match",
+    "If-None-Exist",
+    "If-Modified-Since",
+    "Idempotency-Key",
+    "X-Correlation-ID",
+    "X-Request-ID",
+]
+_CORS_EXPOSED_HEADERS = [
+    "Location",
+    "Content-Location",
+    "ETag",
+    "Last-Modified",
+    "WWW-Authenticate",
+    "Retry-After",
+    "X-Progress",
+    "X-Correlation-ID",
+    "X-Request-ID",
+]
+
+
 def mapping_context(settings: Settings) -> MappingContext:
+    """The DICOM -> FHIR mapping settings. With SMART security on, Endpoint.address names the
+    facade's own token-guarded DICOMweb proxy, so a client fetches pixels with the token it has."""
     return MappingContext(
         patient_identifier_system=settings.patient_identifier_system,
         issuer_systems=settings.issuer_systems,
         default_timezone=settings.timezone,
-        dicomweb_url=settings.dicomweb_url,
+        dicomweb_url=f"{settings.public_root}/dicom-web"
+        if settings.auth == "smart"
+        else settings.dicomweb_url,
     )
 
 
@@ -230,11 +268,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.analyze = analyze
     app.state.sync = sync
     install_error_handlers(app)
-    if sync:
-        app.include_router(sync.router)
-    if analyze:  # before the FHIR router, whose /{type}/{id} catch-all would shadow the job URLs
-        app.include_router(analyze.router)
     operations = analyze.operations if analyze else None
-    app.include_router(build_fhir_router(providers, settings, atomic_scope(store), operations))
+    authenticate, security = _install_security(app, settings)
+    guarded = [Depends(authenticate)]
+    visible = authorizing_providers(providers, settings.base_url)
+    if sync:
+        app.include_router(sync.router, dependencies=[*guarded, Depends(server_admin_guard())])
+    if analyze:  # before the FHIR router, whose /{type}/{id} catch-all would shadow the job URLs
+        studies = next(p for p in visible if p.resource_type == "ImagingStudy")
+        app.include_router(analyze.router, dependencies=[*guarded, Depends(analyze_guard(studies))])
+    app.include_router(
+        build_fhir_router(
+            visible, settings, atomic_scope(store), operations, authenticate=authenticate, security=security
+        )
+    )
     app.include_router(metrics_router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=_CORS_REQUEST_HEADERS,
+            expose_headers=_CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
     return app
+
+
+def _install_security(app: FastAPI, settings: Settings) -> tuple[Authenticator, dict[str, Any] | None]:
+    """FACADE_AUTH=smart: token validation, discovery and (without an external issuer) the built-in
+    authorization server. Returns the authenticating dependency and CapabilityStatement.rest.security."""
+    if settings.auth != "smart":
+        return Authenticator(None), None
+    keys = None
+    if settings.builtin_issuer:
+        from fhir_facade.auth.server import BuiltinAuthorizationServer
+
+        server = BuiltinAuthorizationServer(settings)
+        app.include_router(server.router)
+        keys = StaticKeys(server.public_key_set())
+    endpoints = AuthorizationEndpoints.from_settings(settings)
+    app.include_router(build_discovery_router(endpoints, builtin=settings.builtin_issuer))
+    authenticate = Authenticator(bearer_validator(settings, keys), blocking=keys is None)
+    log.info(
+        "SMART on FHIR security on: tokens from %s for %s", settings.token_issuer, settings.token_audience
+    )
+    return authenticate, capability_security(endpoints, cors=bool(settings.cors_origins))

@@ -21,18 +21,22 @@ log = logging.getLogger("fhir_facade")
 
 
 def check_listen_address(settings: Settings, host: str) -> None:
-    """Refuse a non-loopback address while requests are unauthenticated, unless the operator
-    said so (FACADE_ALLOW_UNAUTHENTICATED_REMOTE): patient data must not be one typo away from
-    the network."""
+    """Refuse a non-loopback address while requests are unauthenticated (FACADE_AUTH=none), unless
+    the operator said so (FACADE_ALLOW_UNAUTHENTICATED_REMOTE): patient data must not be one typo
+    away from the network. With FACADE_AUTH=smart every request needs a token, so any address is
+    fine."""
+    if settings.auth == "smart":
+        return
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
     if not loopback and not settings.allow_unauthenticated_remote:
         raise SystemExit(
-            f"fhir-facade: refusing to listen on {host}: requests are not authenticated (no SMART "
-            "security yet). Listen on 127.0.0.1 behind an authenticating proxy, or set "
-            "FACADE_ALLOW_UNAUTHENTICATED_REMOTE=true if the network in front of it is trusted."
+            f"fhir-facade: refusing to listen on {host}: requests are not authenticated "
+            "(FACADE_AUTH=none). Set FACADE_AUTH=smart, listen on 127.0.0.1 behind an authenticating "
+            "proxy, or set FACADE_ALLOW_UNAUTHENTICATED_REMOTE=true if the network in front of it is "
+            "trusted."
         )
 
 

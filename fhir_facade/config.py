@@ -200,7 +200,9 @@ class Settings(BaseSettings):
             "RFC 7662 introspection endpoint: bearer tokens that are not JWTs (opaque) are checked there."
         ),
     )
-    auth_introspection_client_id: str | None = Field(None, description="Our client_id at the introspection endpoint.")
+    auth_introspection_client_id: str | None = Field(
+        None, description="Our client_id at the introspection endpoint."
+    )
     auth_introspection_client_secret: str | None = Field(
         None, description="Our client secret at the introspection endpoint (HTTP Basic)."
     )
@@ -212,7 +214,10 @@ class Settings(BaseSettings):
         ),
     )
     auth_token_lifetime: int = Field(
-        300, ge=30, le=300, description="Seconds an access token of the built-in server lives (at most 5 min)."
+        300,
+        ge=30,
+        le=300,
+        description="Seconds an access token of the built-in server lives (at most 5 min).",
     )
     cors_origins: tuple[str, ...] = Field(
         (),

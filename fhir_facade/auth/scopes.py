@@ -27,6 +27,7 @@ __all__ = [
     "Context",
     "Interaction",
     "InvalidScope",
+    "Query",
     "ResourceScope",
     "Scopes",
     "parse_scope",

@@ -11,7 +11,8 @@ What a token must be to be believed:
 - `iss` equal to the configured issuer, `aud` containing our FHIR base, `exp` present and in the
   future and `nbf`/`iat` not in the future, each with a small leeway for clock skew.
 
-Not wired into the HTTP app yet (docs/adr, issue "SMART on FHIR security").
+Opaque (non-JWT) tokens are checked by RFC 7662 introspection when an introspection endpoint is
+configured (``IntrospectionValidator``); ``BearerValidator`` picks one of the two per token.
 """
 
 from __future__ import annotations
@@ -21,14 +22,25 @@ import time
 from base64 import urlsafe_b64decode
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-__all__ = ["ACCEPTED_ALGORITHMS", "InvalidToken", "JwksCache", "TokenClaims", "TokenValidator"]
+__all__ = [
+    "ACCEPTED_ALGORITHMS",
+    "BearerValidator",
+    "IntrospectionValidator",
+    "InvalidToken",
+    "JwksCache",
+    "KeySource",
+    "StaticKeys",
+    "TokenClaims",
+    "TokenValidator",
+    "looks_like_jwt",
+]
 
 ACCEPTED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384")
 
@@ -49,6 +61,40 @@ class TokenClaims:
     fhir_user: str | None
     expires_at: int
     raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def token_id(self) -> str | None:
+        return _text(self.raw.get("jti"))
+
+    @classmethod
+    def from_claims(cls, claims: dict[str, Any]) -> TokenClaims:
+        return cls(
+            subject=_text(claims.get("sub")),
+            client_id=_text(claims.get("client_id")) or _text(claims.get("azp")),
+            scope=_text(claims.get("scope")) or _scopes_from_list(claims.get("scp")),
+            patient=_text(claims.get("patient")),
+            fhir_user=_text(claims.get("fhirUser")),
+            expires_at=int(claims["exp"]),
+            raw=dict(claims),
+        )
+
+
+class KeySource(Protocol):
+    """Where a validator finds the key set that holds a token's `kid`."""
+
+    def key_set(self, kid: str | None) -> KeySet: ...
+
+
+class StaticKeys:
+    """Keys known in-process (the built-in authorization server's): nothing to fetch or refresh."""
+
+    def __init__(self, keys: KeySet) -> None:
+        self._keys = keys
+
+    def key_set(self, kid: str | None) -> KeySet:
+        if kid is not None and not any(key.kid == kid for key in self._keys.keys):
+            raise InvalidToken(f"no key with kid {kid!r} at the issuer")
+        return self._keys
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -118,7 +164,7 @@ class TokenValidator:
         *,
         issuer: str,
         audience: str,
-        keys: JwksCache,
+        keys: KeySource,
         leeway: int = 30,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -139,34 +185,109 @@ class TokenValidator:
         except (JoseError, ValueError) as exc:
             raise InvalidToken(f"the signature does not verify: {exc}") from exc
         claims = decoded.claims
-        self._check_claims(claims)
-        return TokenClaims(
-            subject=_text(claims.get("sub")),
-            client_id=_text(claims.get("client_id")) or _text(claims.get("azp")),
-            scope=_text(claims.get("scope")) or _scopes_from_list(claims.get("scp")),
-            patient=_text(claims.get("patient")),
-            fhir_user=_text(claims.get("fhirUser")),
-            expires_at=int(claims["exp"]),
-            raw=dict(claims),
+        check_claims(
+            claims, issuer=self._issuer, audience=self._audience, now=self._clock(), leeway=self._leeway
         )
+        return TokenClaims.from_claims(claims)
 
-    def _check_claims(self, claims: dict[str, Any]) -> None:
+
+def check_claims(claims: dict[str, Any], *, issuer: str, audience: str, now: float, leeway: int) -> None:
+    """iss, aud, exp (required), nbf and iat, as RFC 7519 4.1 defines them, with `leeway` seconds of skew."""
+    if claims.get("iss") != issuer:
+        raise InvalidToken(f"issuer {claims.get('iss')!r} is not trusted")
+    token_audience = claims.get("aud")
+    audiences = token_audience if isinstance(token_audience, list) else [token_audience]
+    if audience not in audiences:
+        raise InvalidToken(f"the token is for {token_audience!r}, not {audience}")
+    expires = claims.get("exp")
+    if not isinstance(expires, int | float):
+        raise InvalidToken("the token has no expiry (exp)")
+    if expires + leeway < now:
+        raise InvalidToken("the token has expired")
+    for name in ("nbf", "iat"):
+        value = claims.get(name)
+        if value is not None and (not isinstance(value, int | float) or value - leeway > now):
+            raise InvalidToken(f"the token is not valid yet ({name})")
+
+
+def looks_like_jwt(token: str) -> bool:
+    """A JWS compact serialisation has three dot-separated parts; opaque tokens usually do not."""
+    return token.count(".") == 2
+
+
+class IntrospectionValidator:
+    """RFC 7662 token introspection for opaque tokens, with answers cached until the token's exp
+    (at most `cache_seconds`): one authorization-server round trip per token, not per request.
+
+    The introspection response must say active=true and carry the same claims a JWT would (scope,
+    exp, and iss/aud when present are checked like a JWT's).
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        client_id: str | None,
+        client_secret: str | None,
+        issuer: str,
+        audience: str,
+        http: httpx.Client | None = None,
+        cache_seconds: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._url = url
+        self._auth = httpx.BasicAuth(client_id, client_secret or "") if client_id else None
+        self._issuer = issuer
+        self._audience = audience
+        self._http = http or httpx.Client(timeout=10)
+        self._cache_seconds = cache_seconds
+        self._clock = clock
+        self._cache: dict[str, tuple[float, TokenClaims]] = {}
+
+    def validate(self, token: str) -> TokenClaims:
         now = self._clock()
-        if claims.get("iss") != self._issuer:
-            raise InvalidToken(f"issuer {claims.get('iss')!r} is not trusted")
-        audience = claims.get("aud")
-        audiences = audience if isinstance(audience, list) else [audience]
-        if self._audience not in audiences:
-            raise InvalidToken(f"the token is for {audience!r}, not {self._audience}")
-        expires = claims.get("exp")
-        if not isinstance(expires, int | float):
-            raise InvalidToken("the token has no expiry (exp)")
-        if expires + self._leeway < now:
-            raise InvalidToken("the token has expired")
-        for name in ("nbf", "iat"):
-            value = claims.get(name)
-            if value is not None and (not isinstance(value, int | float) or value - self._leeway > now):
-                raise InvalidToken(f"the token is not valid yet ({name})")
+        cached = self._cache.get(token)
+        if cached and cached[0] > now:
+            return cached[1]
+        try:
+            response = self._http.post(
+                self._url,
+                data={"token": token, "token_type_hint": "access_token"},
+                auth=self._auth or httpx.USE_CLIENT_DEFAULT,
+                headers={"Accept": "application/json"},
+            )
+            response.raise_for_status()
+            answer = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise InvalidToken(f"the token could not be introspected at {self._url}: {exc}") from exc
+        if not isinstance(answer, dict) or answer.get("active") is not True:
+            raise InvalidToken("the token is not active")
+        claims = dict(answer)
+        claims.setdefault("iss", self._issuer)
+        claims.setdefault("aud", self._audience)
+        check_claims(claims, issuer=self._issuer, audience=self._audience, now=now, leeway=30)
+        result = TokenClaims.from_claims(claims)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[token] = (min(now + self._cache_seconds, result.expires_at), result)
+        return result
+
+
+class BearerValidator:
+    """JWTs to the signature validator, everything else to introspection (when configured)."""
+
+    def __init__(
+        self, jwt_validator: TokenValidator | None, introspection: IntrospectionValidator | None
+    ) -> None:
+        self._jwt = jwt_validator
+        self._introspection = introspection
+
+    def validate(self, token: str) -> TokenClaims:
+        if looks_like_jwt(token) and self._jwt is not None:
+            return self._jwt.validate(token)
+        if self._introspection is not None:
+            return self._introspection.validate(token)
+        raise InvalidToken("the token is not a JWT and no introspection endpoint is configured")
 
 
 def _text(value: Any) -> str | None:

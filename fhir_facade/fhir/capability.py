@@ -57,14 +57,19 @@ def capability_statement(
     providers: Sequence[ResourceProvider],
     settings: Settings,
     operations: Mapping[str, Sequence[dict[str, str]]] | None = None,
+    *,
+    security: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The CapabilityStatement: the base from capability/ plus every registered provider and
-    operation (`operations`: resource type -> [{name, definition}]), so only what works is listed."""
+    operation (`operations`: resource type -> [{name, definition}]), so only what works is listed;
+    `security` (rest.security) when the server requires tokens."""
     operations = operations or {}
     statement = copy.deepcopy(_base())
     statement["software"]["version"] = __version__
     statement["implementation"] = {"description": "fhir-facade", "url": settings.base_url}
     rest = statement["rest"][0]
+    if security:
+        rest["security"] = security
     rest["resource"] = [
         _resource_entry(p, operations.get(p.resource_type, ()))
         for p in sorted(providers, key=lambda p: p.resource_type)

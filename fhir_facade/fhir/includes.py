@@ -40,8 +40,19 @@ async def _read_quietly(provider: ResourceProvider, resource_id: str) -> dict[st
     try:
         return await provider.read(resource_id)
     except FhirError as error:
-        if error.status in (404, 410):
-            return None  # a dangling or deleted reference is not an error of the search
+        # A dangling or deleted reference is not an error of the search, and a resource the caller
+        # may not see (403: no scope for its type; 404: outside its patient compartment) is left out.
+        if error.status in (403, 404, 410):
+            return None
+        raise
+
+
+async def _search_quietly(provider: ResourceProvider, search: SearchRequest) -> list[dict[str, Any]]:
+    try:
+        return (await provider.search(search)).matches
+    except FhirError as error:
+        if error.status == 403:  # no search scope for the _revinclude'd type: leave them out
+            return []
         raise
 
 
@@ -80,7 +91,7 @@ async def resolve_includes(
             default_count=MAX_REVINCLUDED,
             max_count=MAX_REVINCLUDED,
         )
-        included += (await source.search(search)).matches
+        included += await _search_quietly(source, search)
 
     seen = {(m["resourceType"], m["id"]) for m in matches}
     unique = []

@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.params import Depends as DependsParam
 
 from fhir_facade.config import Settings
 from fhir_facade.fhir.bundle_processing import Atomic, process_bundle
@@ -82,18 +83,25 @@ def build_fhir_router(
     settings: Settings,
     atomic: Atomic | None = None,
     operations: Mapping[str, Sequence[dict[str, str]]] | None = None,
+    *,
+    authenticate: Callable[..., Awaitable[Any]] | None = None,
+    security: dict[str, Any] | None = None,
 ) -> APIRouter:
     """Routes for `metadata`, batch/transaction at the base, and each provider's interactions.
-    `atomic` opens a store transaction; without it only batches are accepted."""
+    `atomic` opens a store transaction; without it only batches are accepted. `authenticate` runs
+    before every route but `metadata` (which SMART clients read before they have a token);
+    `security` is the CapabilityStatement's rest.security."""
     router = APIRouter(prefix="/fhir")
     by_type = {p.resource_type: p for p in providers}
+    guarded: list[DependsParam] = [Depends(authenticate)] if authenticate else []
 
-    @router.post("/", include_in_schema=False)
+    @router.post("/", include_in_schema=False, dependencies=guarded)
     @router.post(
         "",
         summary="batch or transaction Bundle (FHIR R4 http.html#transaction)",
         openapi_extra={"requestBody": {"content": _JSON_CONTENT}},
         responses={200: {"content": _JSON_CONTENT}},
+        dependencies=guarded,
     )
     async def bundle(request: Request) -> Response:
         negotiate_response_format(request)
@@ -107,13 +115,14 @@ def build_fhir_router(
     )
     async def metadata(request: Request) -> Response:
         negotiate_response_format(request)
-        return fhir_response(capability_statement(providers, settings, operations), request)
+        statement = capability_statement(providers, settings, operations, security=security)
+        return fhir_response(statement, request)
 
     for provider in providers:
-        _add_provider_routes(router, provider, settings, by_type)
+        _add_provider_routes(router, provider, settings, by_type, guarded)
 
-    @router.get("/{resource_type}", include_in_schema=False)
-    @router.get("/{resource_type}/{resource_id}", include_in_schema=False)
+    @router.get("/{resource_type}", include_in_schema=False, dependencies=guarded)
+    @router.get("/{resource_type}/{resource_id}", include_in_schema=False, dependencies=guarded)
     async def unknown_type(request: Request, resource_type: str) -> Response:
         if resource_type in by_type:  # pragma: no cover - matched by the specific routes
             raise not_found(request.url.path)
@@ -127,6 +136,7 @@ def _add_provider_routes(
     provider: ResourceProvider,
     settings: Settings,
     providers: dict[str, ResourceProvider],
+    guarded: list[DependsParam],
 ) -> None:
     type_name = provider.resource_type
 
@@ -250,6 +260,7 @@ def _add_provider_routes(
             name=f"{type_name}-{endpoint.__name__}",
             openapi_extra=openapi,
             response_class=Response,
+            dependencies=guarded,
         )
 
 

@@ -1,0 +1,110 @@
+"""The authenticating dependency: bearer token -> Access, once per request (RFC 6750).
+
+Every FHIR, DICOMweb and operation route depends on an ``Authenticator``; discovery, the
+CapabilityStatement and the token endpoints do not (clients need them before they have a token).
+Failures are typed FhirErrors, so the one error handler answers 401 with a `WWW-Authenticate: Bearer`
+challenge and an OperationOutcome.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from fhir_facade.auth.access import Access, current_access
+from fhir_facade.auth.scopes import InvalidScope, parse_scopes
+from fhir_facade.auth.tokens import (
+    BearerValidator,
+    IntrospectionValidator,
+    InvalidToken,
+    JwksCache,
+    KeySource,
+    TokenValidator,
+)
+from fhir_facade.config import Settings
+from fhir_facade.fhir.errors import unauthorized
+
+__all__ = ["Authenticator", "bearer_validator"]
+
+log = logging.getLogger(__name__)
+
+
+def bearer_validator(settings: Settings, builtin_keys: KeySource | None) -> BearerValidator:
+    """The validator FACADE_AUTH=smart uses: the built-in server's keys, or the external issuer's JWKS
+    and/or RFC 7662 introspection."""
+    keys: KeySource | None = builtin_keys
+    if keys is None and settings.auth_jwks_url:
+        keys = JwksCache(settings.auth_jwks_url)
+    jwt_validator = (
+        TokenValidator(issuer=settings.token_issuer, audience=settings.token_audience, keys=keys)
+        if keys is not None
+        else None
+    )
+    introspection = (
+        IntrospectionValidator(
+            url=settings.auth_introspection_url,
+            client_id=settings.auth_introspection_client_id,
+            client_secret=settings.auth_introspection_client_secret,
+            issuer=settings.token_issuer,
+            audience=settings.token_audience,
+        )
+        if settings.auth_introspection_url
+        else None
+    )
+    if jwt_validator is None and introspection is None:
+        raise ValueError(
+            "FACADE_AUTH=smart with an external FACADE_AUTH_ISSUER needs FACADE_AUTH_JWKS_URL "
+            "and/or FACADE_AUTH_INTROSPECTION_URL"
+        )
+    return BearerValidator(jwt_validator, introspection)
+
+
+class Authenticator:
+    """Resolve the caller of a request; with FACADE_AUTH=none everyone is trusted."""
+
+    def __init__(self, validator: BearerValidator | None, *, blocking: bool = True) -> None:
+        self._validator = validator
+        # Key fetches and introspection do network I/O; with in-process keys nothing blocks.
+        self._blocking = blocking
+
+    async def __call__(self, request: Request) -> Access:
+        access = Access.unrestricted() if self._validator is None else await self._authenticate(request)
+        request.state.access = access
+        current_access.set(access)
+        return access
+
+    async def _authenticate(self, request: Request) -> Access:
+        assert self._validator is not None
+        header = request.headers.get("authorization")
+        if not header:
+            raise unauthorized("This server requires a bearer token (Authorization: Bearer ...)")
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or " " in token:
+            raise unauthorized(
+                "The Authorization header is not 'Bearer <token>'", token_error="invalid_request"
+            )
+        try:
+            if self._blocking:
+                claims = await run_in_threadpool(self._validator.validate, token)
+            else:
+                claims = self._validator.validate(token)
+        except InvalidToken as exc:
+            log.info("Refused a bearer token on %s %s: %s", request.method, request.url.path, exc)
+            raise unauthorized(f"The access token is not valid: {exc}", token_error="invalid_token") from exc
+        try:
+            scopes = parse_scopes(claims.scope)
+        except InvalidScope as exc:
+            raise unauthorized(
+                f"The access token's scope is not valid: {exc}", token_error="invalid_token"
+            ) from exc
+        return Access(
+            scopes,
+            client_id=claims.client_id,
+            subject=claims.subject,
+            fhir_user=claims.fhir_user,
+            patient=claims.patient,
+            token_id=claims.token_id,
+        )

@@ -1,0 +1,286 @@
+"""Scope enforcement and patient confinement around a resource provider.
+
+``AuthorizingProvider`` wraps the provider of one type and answers every interaction only as far as
+the caller's Access (``current_access``) allows it:
+
+- the SMART permission for the interaction must be granted (403 insufficient_scope otherwise);
+- when only `patient/` scopes grant it, the request is confined to the token's patient: searches get
+  the compartment's search parameter added (so the PACS or the store never returns another patient's
+  data), every result and every read is checked against the compartment again, and a resource
+  outside it reads as 404 (its existence is not revealed);
+- a v2 scope narrowed by a query (``patient/Observation.rs?category=laboratory``) is applied the same
+  way: one narrowing is added to the search; several are checked per resource with an `_id` search.
+
+The router, Bundle entries, `_include`/`_revinclude` and `$analyze` all reach providers through this
+wrapper, so they share one set of checks. Background work (the worklist, the change feed, sync) uses
+the unwrapped providers: it acts on the server's own authority.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fhir_facade.auth.access import Access, current_access
+from fhir_facade.auth.compartment import (
+    compartment_rule,
+    patient_references,
+    references_at,
+)
+from fhir_facade.auth.scopes import Interaction, Query
+from fhir_facade.fhir.bundles import SearchResult
+from fhir_facade.fhir.errors import FhirError, forbidden, not_found, unauthorized
+from fhir_facade.fhir.search import SearchRequest, parse_search
+from fhir_facade.resources.base import ResourceProvider, WriteResult
+
+__all__ = ["AuthorizingProvider", "authorizing_providers"]
+
+log = logging.getLogger(__name__)
+
+
+def _access() -> Access:
+    access = current_access.get()
+    if access is None:  # a route that skipped authentication: fail closed
+        log.error("A provider was called without an authenticated caller")
+        raise unauthorized("This request was not authenticated")
+    return access
+
+
+class AuthorizingProvider(ResourceProvider):
+    """The provider of one type, answering only what the current caller may see and do."""
+
+    def __init__(self, inner: ResourceProvider, peers: Mapping[str, ResourceProvider], base_url: str) -> None:
+        self.inner = inner
+        self._peers = peers  # the unwrapped providers, for Provenance targets
+        self._base_url = base_url
+        self._rule = compartment_rule(inner.resource_type)
+        self.resource_type = inner.resource_type  # type: ignore[misc]
+        self.profile = inner.profile  # type: ignore[misc]
+        self.documentation = inner.documentation  # type: ignore[misc]
+        self.search_params = inner.search_params  # type: ignore[misc]
+        self.sortable = inner.sortable  # type: ignore[misc]
+        self.include_paths = inner.include_paths  # type: ignore[misc]
+
+    @property
+    def interactions(self) -> tuple[str, ...]:
+        return self.inner.interactions
+
+    @property
+    def search_param_map(self) -> dict[str, Any]:
+        return self.inner.search_param_map
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    def _grant(self, interaction: Interaction) -> tuple[str | None, list[Query]]:
+        """Check the permission; return (patient to confine to or None, narrowing queries)."""
+        access = _access()
+        access.require(interaction, self.resource_type)
+        if not access.enforced:
+            return None, []
+        # A type that holds no patient data here is granted unconfined by a patient/ scope.
+        patient = access.confinement(interaction, self.resource_type) if self._rule else None
+        granting = access.scopes.granting(interaction, self.resource_type)
+        if patient is None:  # user/ or system/ grants decide; patient/ ones would only narrow
+            granting = tuple(s for s in granting if s.context != "patient") or granting
+        if any(not s.query for s in granting):
+            return patient, []
+        return patient, list(dict.fromkeys(s.query for s in granting))
+
+    async def _belongs(self, resource: dict[str, Any], patient: str) -> bool:
+        rule = self._rule
+        assert rule is not None
+        if self.resource_type == "Patient":
+            return resource.get("id") == patient
+        if rule.via_targets:
+            return await self._targets_belong(resource, patient)
+        referenced = patient_references(resource, rule, self._base_url)
+        if not referenced and rule.unreferenced_is_shared and not references_at(resource, rule.elements):
+            return True
+        return patient in referenced
+
+    async def _targets_belong(self, resource: dict[str, Any], patient: str) -> bool:
+        """A Provenance is the patient's when every patient-specific target is, and one at least."""
+        belongs = False
+        for reference in references_at(resource, ("target",)):
+            kind, _, target_id = reference.removeprefix(self._base_url + "/").partition("/")
+            target_id = target_id.split("/_history/")[0]
+            rule = compartment_rule(kind)
+            peer = self._peers.get(kind)
+            if rule is None or peer is None or rule.via_targets:
+                continue
+            try:
+                target = await peer.read(target_id)
+            except FhirError:
+                return False
+            if kind == "Patient":
+                ok = target.get("id") == patient
+            else:
+                ok = patient in patient_references(target, rule, self._base_url)
+            if not ok:
+                return False
+            belongs = True
+        return belongs
+
+    async def _matches_narrowing(self, ids: Sequence[str], queries: list[Query]) -> set[str]:
+        """The ids among `ids` that match at least one narrowing query (one `_id` search each)."""
+        if not queries or not ids:
+            return set(ids)
+        searches = [self._search_inner([("_id", ",".join(ids)), *query], len(ids)) for query in queries]
+        allowed: set[str] = set()
+        for result in await asyncio.gather(*searches):
+            allowed |= {m["id"] for m in result.matches}
+        return allowed
+
+    async def _search_inner(self, params: list[tuple[str, str]], count: int) -> SearchResult:
+        request = self._parse(params, count)
+        return await self.inner.search(request)
+
+    def _parse(self, params: Sequence[tuple[str, str]], count: int = 1) -> SearchRequest:
+        try:
+            return parse_search(
+                self.resource_type,
+                params,
+                self.inner.search_param_map,
+                base_url=self._base_url,
+                strict=True,
+                default_count=max(count, 1),
+                max_count=max(count, 1),
+            )
+        except FhirError as error:
+            raise forbidden(
+                f"The access token's scope narrows {self.resource_type} by a search this server cannot "
+                f"apply: {error}"
+            ) from error
+
+    async def _visible(self, resource: dict[str, Any], patient: str | None, queries: list[Query]) -> bool:
+        if patient is not None and not await self._belongs(resource, patient):
+            return False
+        return not queries or resource["id"] in await self._matches_narrowing([resource["id"]], queries)
+
+    async def _check_visible(
+        self, resource: dict[str, Any], patient: str | None, queries: list[Query]
+    ) -> None:
+        if not await self._visible(resource, patient, queries):
+            log.info(
+                "Refused %s/%s to %s: outside its grant",
+                self.resource_type,
+                resource.get("id"),
+                _access().who,
+            )
+            raise not_found(f"{self.resource_type}/{resource.get('id')} is not known")
+
+    # -- interactions ----------------------------------------------------------------------------
+
+    async def read(self, resource_id: str) -> dict[str, Any]:
+        patient, queries = self._grant(Interaction.READ)
+        resource = await self.inner.read(resource_id)
+        await self._check_visible(resource, patient, queries)
+        return resource
+
+    async def vread(self, resource_id: str, version_id: str) -> dict[str, Any]:
+        patient, queries = self._grant(Interaction.READ)
+        if queries:
+            await self._check_visible(await self.inner.read(resource_id), None, queries)
+        resource = await self.inner.vread(resource_id, version_id)
+        await self._check_visible(resource, patient, [])
+        return resource
+
+    async def search(self, request: SearchRequest) -> SearchResult:
+        patient, queries = self._grant(Interaction.SEARCH)
+        if patient is not None and self._rule is not None and self._rule.search_param:
+            request.clauses += self._parse(
+                [(self._rule.search_param, self._confining_value(patient))]
+            ).clauses
+        if len(queries) == 1:
+            request.clauses += self._parse(list(queries[0])).clauses
+            queries = []
+        result = await self.inner.search(request)
+        if patient is None and not queries:
+            return result
+        allowed = await self._matches_narrowing([m["id"] for m in result.matches], queries)
+        kept = [
+            m
+            for m in result.matches
+            if m["id"] in allowed and (patient is None or await self._belongs(m, patient))
+        ]
+        if len(kept) != len(result.matches):
+            result.total = None  # filtered after the search: the count no longer holds
+        result.matches = kept
+        return result
+
+    def _confining_value(self, patient: str) -> str:
+        return patient if self.resource_type == "Patient" else f"Patient/{patient}"
+
+    async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        patient, queries = self._grant(Interaction.CREATE)
+        self._refuse_narrowed_write(queries)
+        if patient is not None and not await self._belongs(resource, patient):
+            raise forbidden(f"A patient/ scope may only create {self.resource_type} for Patient/{patient}")
+        return await self.inner.create(resource)
+
+    async def update(
+        self, resource_id: str, resource: dict[str, Any], *, if_match: str | None
+    ) -> WriteResult:
+        """Update needs `u`; an update that creates the resource (update-as-create, and the creates of a
+        transaction, which run as updates under server-assigned ids) needs `c` instead."""
+        if not _access().enforced:
+            return await self.inner.update(resource_id, resource, if_match=if_match)
+        existing = await self._existing(resource_id)
+        patient, queries = self._grant(Interaction.UPDATE if existing else Interaction.CREATE)
+        self._refuse_narrowed_write(queries)
+        if patient is not None:
+            if existing is not None:
+                await self._check_visible(existing, patient, [])
+            if not await self._belongs({**resource, "id": resource_id}, patient):
+                raise forbidden(f"A patient/ scope may only write {self.resource_type} for Patient/{patient}")
+        return await self.inner.update(resource_id, resource, if_match=if_match)
+
+    async def _existing(self, resource_id: str) -> dict[str, Any] | None:
+        try:
+            return await self.inner.read(resource_id)
+        except FhirError as error:
+            if error.status in (404, 410):
+                return None
+            raise
+
+    async def delete(self, resource_id: str) -> None:
+        patient, queries = self._grant(Interaction.DELETE)
+        self._refuse_narrowed_write(queries)
+        if patient is not None:
+            await self._check_existing(resource_id, patient)
+        await self.inner.delete(resource_id)
+
+    async def _check_existing(self, resource_id: str, patient: str) -> None:
+        existing = await self._existing(resource_id)
+        if existing is not None:  # nothing there to protect when it is gone already
+            await self._check_visible(existing, patient, [])
+
+    def _refuse_narrowed_write(self, queries: list[Query]) -> None:
+        if queries:
+            raise forbidden(
+                f"Write scopes narrowed by a query are not supported for {self.resource_type}; "
+                "ask for an unnarrowed write scope"
+            )
+
+    async def history(
+        self, resource_id: str | None, count: int, offset: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        interaction = Interaction.READ if resource_id else Interaction.SEARCH
+        patient, queries = self._grant(interaction)
+        if queries:
+            raise forbidden(f"History of {self.resource_type} is not available to query-narrowed scopes")
+        if patient is not None and resource_id is not None:
+            await self._check_existing(resource_id, patient)
+        entries, total = await self.inner.history(resource_id, count, offset)
+        if patient is None or resource_id is not None:
+            return entries, total
+        kept = [e for e in entries if not e.get("_deleted") and await self._belongs(e, patient)]
+        return kept, total if len(kept) == len(entries) else len(kept)
+
+
+def authorizing_providers(providers: Sequence[ResourceProvider], base_url: str) -> list[ResourceProvider]:
+    """Each provider wrapped in an AuthorizingProvider (the router's view of them)."""
+    peers = {p.resource_type: p for p in providers}
+    return [AuthorizingProvider(p, peers, base_url) for p in providers]
