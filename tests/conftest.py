@@ -54,10 +54,10 @@ class LiveServer:
         self._thread.join(timeout=10)
 
 
-def serve(settings_overrides: dict[str, Any]) -> LiveServer:
-    """A LiveServer (not started) for settings built from `overrides`, on a free port; its SQL
-    store is a fresh SQLite file unless `database_url` is given."""
-    port = free_port()
+def serve(settings_overrides: dict[str, Any], *, port: int | None = None) -> LiveServer:
+    """A LiveServer (not started) for settings built from `overrides`, on `port` (default: a free
+    one); its SQL store is a fresh SQLite file unless `database_url` is given."""
+    port = port or free_port()
     overrides = dict(settings_overrides)
     overrides.setdefault("watch_studies", False)  # tests that watch the feed say so
     overrides.setdefault("analyze_enabled", False)  # tests of $analyze say so (it loads the model)

@@ -7,10 +7,8 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -18,36 +16,10 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
 from fhir_facade.auth.tokens import InvalidToken, JwksCache, TokenValidator
-from fhir_facade.embedded import free_port
+from tests.auth.issuer import JwksServer
 
 ISSUER = "https://auth.hospital.example"
 AUDIENCE = "http://127.0.0.1:8080/fhir"
-
-
-class JwksServer:
-    """Serves whatever key set the test puts in `.jwks` at /jwks."""
-
-    def __init__(self) -> None:
-        self.jwks: dict[str, Any] = {"keys": []}
-        self.requests = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.requests += 1
-                body = json.dumps(outer.jwks).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/jwks"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,88 @@
+"""A stand-in external authorization server for tests and benches: a real JWKS over loopback HTTP and
+a signing key that mints SMART access tokens with whatever claims a test needs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from joserfc import jwt
+from joserfc.jwk import ECKey
+
+from fhir_facade.embedded import free_port
+
+ISSUER = "https://auth.hospital.example"
+
+
+class JwksServer:
+    """Serves whatever key set the test puts in `.jwks` at /jwks."""
+
+    def __init__(self) -> None:
+        self.jwks: dict[str, Any] = {"keys": []}
+        self.requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests += 1
+                body = json.dumps(outer.jwks).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/jwks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class TestIssuer:
+    """An ES256 issuer whose public key the JwksServer publishes."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, audience: str, issuer: str = ISSUER) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.key = ECKey.generate_key("P-256", parameters={"kid": "test-key-1"}, private=True)
+        self.jwks = JwksServer()
+        self.jwks.jwks = {"keys": [self.key.as_dict(private=False)]}
+
+    def claims(self, scope: str, **extra: Any) -> dict[str, Any]:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": "user-1",
+            "client_id": "test-app",
+            "scope": scope,
+            "iat": now,
+            "exp": now + 300,
+            "jti": uuid.uuid4().hex,
+        }
+        claims.update(extra)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def mint(
+        self, scope: str, *, key: ECKey | None = None, header: dict[str, Any] | None = None, **extra: Any
+    ) -> str:
+        return jwt.encode(
+            header or {"alg": "ES256", "kid": "test-key-1"}, self.claims(scope, **extra), key or self.key
+        )
+
+    def headers(self, scope: str, **extra: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.mint(scope, **extra)}"}
+
+    def close(self) -> None:
+        self.jwks.close()
