@@ -1,0 +1,91 @@
+"""`$analyze` under SMART: it needs read on the study (within the patient compartment) and create on
+DiagnosticReport; the real model runs only for a caller allowed both. Job polling needs read on
+DiagnosticReport."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from fhir_facade.demo.brain_mri import build_demo_study
+from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
+from tests.auth.issuer import TestIssuer
+from tests.conftest import LiveServer, ok_json, outcome, serve
+
+STUDY_UID = "1.2.826.0.1.3680043.8.498.727.9101"
+PATIENT = "ANALYZE-AUTH-1"
+ALLOWED = "launch/patient patient/ImagingStudy.rs patient/DiagnosticReport.cr"
+
+
+@pytest.fixture(scope="module")
+def analyzing(loaded_orthanc: EmbeddedOrthanc) -> Iterator[tuple[LiveServer, TestIssuer]]:
+    datasets = build_demo_study(4)
+    series_uid = f"{STUDY_UID}.1"
+    for number, ds in enumerate(datasets, start=1):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series_uid}.{number}"
+        ds.PatientID = PATIENT
+    with httpx.Client(timeout=60) as client:
+        store_instances(client, loaded_orthanc.url, datasets)
+    port = free_port()
+    issuer = TestIssuer(audience=f"http://127.0.0.1:{port}/fhir")
+    settings = {
+        "auth": "smart",
+        "auth_issuer": issuer.issuer,
+        "auth_jwks_url": issuer.jwks.url,
+        "dicomweb_url": loaded_orthanc.dicomweb_url,
+        "analyze_enabled": True,
+        "analyze_worklist": False,
+        "analyze_write_sr": False,
+    }
+    with serve(settings, port=port) as server:
+        yield server, issuer
+    issuer.close()
+
+
+def _post(
+    analyzing: tuple[LiveServer, TestIssuer], scope: str, patient: str, **headers: str
+) -> httpx.Response:
+    server, issuer = analyzing
+    with httpx.Client(base_url=server.base_url, timeout=120) as http:
+        return http.post(
+            f"ImagingStudy/{STUDY_UID}/$analyze",
+            headers={**issuer.headers(scope, patient=patient), **headers},
+        )
+
+
+def test_another_patients_study_is_404(analyzing: tuple[LiveServer, TestIssuer]) -> None:
+    outcome(_post(analyzing, ALLOWED, "P-1001"), 404, "not-found")
+
+
+def test_without_create_on_diagnostic_report_is_403(analyzing: tuple[LiveServer, TestIssuer]) -> None:
+    response = _post(analyzing, "launch/patient patient/ImagingStudy.rs", PATIENT)
+    outcome(response, 403, "forbidden")
+    assert 'scope="patient/DiagnosticReport.c"' in response.headers["www-authenticate"]
+
+
+def test_without_read_on_the_study_is_403(analyzing: tuple[LiveServer, TestIssuer]) -> None:
+    outcome(_post(analyzing, "launch/patient patient/DiagnosticReport.c", PATIENT), 403, "forbidden")
+
+
+def test_allowed_caller_gets_the_report(analyzing: tuple[LiveServer, TestIssuer]) -> None:
+    report = ok_json(_post(analyzing, ALLOWED, PATIENT))
+    assert report["resourceType"] == "DiagnosticReport"
+    assert report["subject"]["reference"] == f"Patient/{PATIENT}"
+
+
+def test_job_polling_needs_read_on_diagnostic_report(analyzing: tuple[LiveServer, TestIssuer]) -> None:
+    server, issuer = analyzing
+    accepted = _post(analyzing, ALLOWED, PATIENT, Prefer="respond-async")
+    assert accepted.status_code == 202, accepted.text
+    status_url = accepted.headers["content-location"]
+    with httpx.Client(timeout=60) as http:
+        refused = http.get(
+            status_url, headers=issuer.headers("launch/patient patient/ImagingStudy.rs", patient=PATIENT)
+        )
+        outcome(refused, 403, "forbidden")
+        assert http.get(status_url).status_code == 401
+        polled = http.get(status_url, headers=issuer.headers(ALLOWED, patient=PATIENT))
+        assert polled.status_code in (200, 202), polled.text
