@@ -35,7 +35,6 @@ _BUILTIN_CAPABILITIES = (
 )
 _SCOPES_SUPPORTED = (
     "launch/patient",
-    "openid",
     "fhirUser",
     "patient/*.rs",
     "patient/*.cruds",

@@ -77,7 +77,7 @@ def test_allowed_caller_gets_the_report(analyzing: tuple[LiveServer, TestIssuer]
 
 
 def test_job_polling_needs_read_on_diagnostic_report(analyzing: tuple[LiveServer, TestIssuer]) -> None:
-    server, issuer = analyzing
+    _, issuer = analyzing
     accepted = _post(analyzing, ALLOWED, PATIENT, Prefer="respond-async")
     assert accepted.status_code == 202, accepted.text
     status_url = accepted.headers["content-location"]

@@ -1,0 +1,22 @@
+"""The built-in OAuth 2.0 / SMART on FHIR authorization server for the embedded set-up.
+
+Active with FACADE_AUTH=smart and no external issuer (``Settings.builtin_issuer``). It offers:
+- SMART Backend Services: client_credentials with a ``private_key_jwt`` assertion (RS384/ES384),
+  ``system/`` scopes only;
+- SMART standalone launch: authorization code with PKCE (S256 only) for public and confidential apps,
+  a sign-in form and a patient choice for ``launch/patient``.
+
+Access tokens are ES256 JWTs (at most five minutes) that the facade's resource server validates with
+``public_key_set()``. Not offered: refresh tokens, EHR launch, OpenID Connect id_tokens, dynamic
+client registration. Codes, sign-in tickets and the assertion replay cache are kept in process memory:
+one process only; several replicas need an external authorization server (FACADE_AUTH_ISSUER).
+
+Built on authlib's OAuth 2.0 server (grants, PKCE, RFC 7523 client assertions) with a small Starlette
+adapter (``oauth``), since authlib has no Starlette server integration.
+"""
+
+from fhir_facade.auth.server.builtin import BuiltinAuthorizationServer
+from fhir_facade.auth.server.passwords import hash_secret
+from fhir_facade.auth.server.registry import RegistryError, register_backend_client
+
+__all__ = ["BuiltinAuthorizationServer", "RegistryError", "hash_secret", "register_backend_client"]

@@ -1,0 +1,148 @@
+"""The two OAuth 2.0 grants the server offers, as authlib grant classes with SMART's rules.
+
+- ``SmartAuthorizationCodeGrant``: authorization code (RFC 6749 4.1) for public and confidential
+  apps, with PKCE S256 required (``S256CodeChallenge``) and SMART's ``aud`` and ``state``
+  required at the authorization endpoint. Codes live in the server's ``CodeStore``.
+- ``SmartClientCredentialsGrant``: client_credentials (RFC 6749 4.4) for SMART Backend Services,
+  authenticated only by ``private_key_jwt`` (``assertions``), granted ``system/`` scopes only.
+
+No refresh_token grant: refresh tokens are out of scope for the built-in server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from authlib.oauth2.rfc6749 import (
+    InvalidRequestError,
+    OAuth2Request,
+)
+from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, ClientCredentialsGrant
+from authlib.oauth2.rfc7636 import CodeChallenge
+from authlib.oauth2.rfc7636.challenge import CODE_CHALLENGE_PATTERN, compare_s256_code_challenge
+
+from fhir_facade.auth.server.clients import PRIVATE_KEY_JWT, RegisteredClient
+from fhir_facade.auth.server.codes import AuthorizationCode
+from fhir_facade.auth.server.errors import safe_description
+from fhir_facade.auth.server.users import ResourceOwner
+
+if TYPE_CHECKING:
+    from fhir_facade.auth.server.oauth import SmartAuthorizationServer
+
+__all__ = ["S256CodeChallenge", "SmartAuthorizationCodeGrant", "SmartClientCredentialsGrant"]
+
+
+class S256CodeChallenge(CodeChallenge):
+    """PKCE (RFC 7636) as SMART App Launch 2.x requires it: always, and S256 only.
+
+    authlib's ``CodeChallenge`` lets a request without ``code_challenge`` through and defaults a
+    missing method to ``plain``; both are refused here, so every code carries an S256 challenge and
+    every redemption needs the verifier (public and confidential clients alike).
+    """
+
+    DEFAULT_CODE_CHALLENGE_METHOD = "S256"
+    SUPPORTED_CODE_CHALLENGE_METHOD: ClassVar[list[str]] = ["S256"]
+    CODE_CHALLENGE_METHODS: ClassVar[dict[str, Callable[[str, str], bool]]] = {
+        "S256": compare_s256_code_challenge
+    }
+
+    def validate_code_challenge(self, grant: Any, redirect_uri: str) -> None:
+        payload = grant.request.payload
+        challenge = payload.data.get("code_challenge")
+        method = payload.data.get("code_challenge_method")
+        for name in ("code_challenge", "code_challenge_method"):
+            if len(payload.datalist.get(name, [])) > 1:
+                raise InvalidRequestError(f"Multiple '{name}' in request.")
+        if not challenge:
+            raise InvalidRequestError("PKCE is required: send code_challenge and code_challenge_method=S256")
+        if method != "S256":
+            raise InvalidRequestError("code_challenge_method must be S256 (plain is not accepted)")
+        if not CODE_CHALLENGE_PATTERN.match(challenge):
+            raise InvalidRequestError("code_challenge must be 43-128 characters of [A-Za-z0-9-._~]")
+
+
+class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):
+    """Authorization code grant for SMART standalone launch."""
+
+    TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = ["client_secret_basic", "client_secret_post", "none"]
+    server: SmartAuthorizationServer
+
+    @staticmethod
+    def validate_authorization_redirect_uri(request: OAuth2Request, client: RegisteredClient) -> str:
+        """The redirect_uri must be sent and equal a registered one; errors here are never redirected."""
+        redirect_uri = request.payload.redirect_uri
+        if not redirect_uri:
+            raise InvalidRequestError("redirect_uri is required", state=request.payload.state)
+        if not client.check_redirect_uri(redirect_uri):
+            message = f"redirect_uri {redirect_uri} is not registered for client {client.client_id}"
+            raise InvalidRequestError(safe_description(message))
+        return str(redirect_uri)
+
+    def validate_authorization_request(self) -> str:
+        redirect_uri = str(super().validate_authorization_request())
+        try:
+            self._validate_smart_parameters()
+        except InvalidRequestError as error:
+            error.redirect_uri = redirect_uri
+            raise
+        return redirect_uri
+
+    def _validate_smart_parameters(self) -> None:
+        """SMART App Launch 2.x, app-launch.html#obtain-authorization-code: ``aud`` and ``state`` are
+        required; ``aud`` must be our FHIR base, so a token meant for us is never handed to an app that
+        asked on behalf of another server (and vice versa)."""
+        data = self.request.payload.data
+        aud = data.get("aud")
+        if not aud:
+            raise InvalidRequestError("aud is required: the FHIR base URL the token is for")
+        if aud.rstrip("/") != self.server.fhir_base.rstrip("/"):
+            raise InvalidRequestError(
+                safe_description(f"aud {aud} is not this server's FHIR base {self.server.fhir_base}")
+            )
+        if not data.get("state"):
+            raise InvalidRequestError("state is required")
+        if data.get("launch"):
+            raise InvalidRequestError("EHR launch (the launch parameter) is not supported; launch standalone")
+
+    def save_authorization_code(self, code: str, request: OAuth2Request) -> None:
+        owner = request.user
+        assert isinstance(owner, ResourceOwner)
+        data = request.payload.data
+        self.server.codes.add(
+            AuthorizationCode(
+                code=code,
+                client_id=request.client.get_client_id(),
+                redirect_uri=str(request.payload.redirect_uri),
+                scope=str(request.scope),
+                owner=owner,
+                code_challenge=str(data["code_challenge"]),
+                code_challenge_method=str(data["code_challenge_method"]),
+                expires_at=self.server.codes.expiry(),
+            )
+        )
+
+    def query_authorization_code(self, code: str, client: RegisteredClient) -> AuthorizationCode | None:
+        return self.server.codes.take(code, client.get_client_id())
+
+    def delete_authorization_code(self, authorization_code: AuthorizationCode) -> None:
+        """Nothing to do: ``query_authorization_code`` already took the code out of the store."""
+
+    def authenticate_user(self, authorization_code: AuthorizationCode) -> ResourceOwner:
+        return authorization_code.owner
+
+
+class SmartClientCredentialsGrant(ClientCredentialsGrant):
+    """client_credentials for SMART Backend Services."""
+
+    TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = [PRIVATE_KEY_JWT]
+
+    def validate_token_request(self) -> None:
+        super().validate_token_request()
+        # authlib issues the requested scope as is; narrow it to the client's registration.
+        self.request.scope = self.request.client.get_allowed_scope(self.request.payload.scope)
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        token = self.generate_token(scope=self.request.scope, include_refresh_token=False)
+        self.save_token(token)
+        return 200, token, self.TOKEN_RESPONSE_HEADER
