@@ -24,6 +24,7 @@ from fhir_facade.config import Settings
 from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
+from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy_router
 from fhir_facade.fhir.errors import FhirError
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
@@ -196,6 +197,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.orthanc_url
         else None
     )
+    proxy = DicomwebProxyClient.from_settings(settings)
     ctx = mapping_context(settings)
     store = ResourceStore(open_store_engine(settings), outbox=settings.fhir_upstream_url is not None)
     patients = PatientProvider(dicomweb, ctx, records=StoredResourceProvider("Patient", store))
@@ -227,6 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         schema_version = await run_in_threadpool(upgrade, store.engine)
         log.info("SQL store %s at schema version %s", store.engine.url.render_as_string(), schema_version)
         await dicomweb.open()
+        await proxy.open()
         if orthanc:
             await orthanc.open()
         watching = _start_watcher(settings, orthanc, store, providers)
@@ -250,6 +253,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if watching:
                 await watching.stop()
             await dicomweb.close()
+            await proxy.close()
             if orthanc:
                 await orthanc.close()
             store.engine.dispose()
@@ -282,6 +286,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             visible, settings, atomic_scope(store), operations, authenticate=authenticate, security=security
         )
     )
+    app.include_router(build_dicomweb_proxy_router(settings, proxy), dependencies=guarded)
     app.include_router(metrics_router)
     if settings.cors_origins:
         app.add_middleware(

@@ -1,0 +1,348 @@
+"""The DICOMweb proxy's routes (DICOM PS3.18): QIDO-RS, WADO-RS and STOW-RS under /dicom-web, each
+authorized with the caller's SMART scopes on ImagingStudy and confined to the patient in context.
+
+- QIDO-RS (PS3.18 10.6) needs `s` on ImagingStudy; WADO-RS (10.4: instances, metadata, frames,
+  rendered, thumbnail, bulkdata) needs `r`; STOW-RS (10.5) needs `c`.
+- Unconfined (user/ or system/ grant, or FACADE_AUTH=none): the request goes to the PACS as it
+  came (path, query string, Accept), and the answer comes back as the PACS sent it, streamed.
+- Confined to a patient (only patient/ grants): QIDO queries get the patient's PatientID (and
+  issuer) in place of any the client sent, and answers are filtered on the exact patient;
+  study-scoped queries and every WADO-RS first check that the study is the patient's (one QIDO
+  query), answering as for an unknown study when it is not (QIDO: no matches; WADO: 404), so the
+  existence of other patients' studies is not revealed; a STOW-RS body is checked instance by
+  instance (see `stow`).
+
+The caller's Authorization, cookies and any other header not listed in `_FORWARDED_REQUEST_HEADERS`
+never reach the PACS. PACS 4xx answers pass through with their status and body; unreachable,
+timed-out or failing (5xx) PACS answers become the 503 `dicom_service_unavailable` outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from fhir_facade.auth.access import Access, access_of, current_access
+from fhir_facade.auth.scopes import Interaction
+from fhir_facade.config import Settings
+from fhir_facade.dicomweb.errors import DicomwebError
+from fhir_facade.dicomweb_proxy.client import DICOM_JSON, DicomwebProxyClient, UpstreamResponse
+from fhir_facade.dicomweb_proxy.confinement import PatientKey, confined_query, study_belongs_to
+from fhir_facade.dicomweb_proxy.stow import DEFAULT_MAX_STOW_BYTES, check_confined_stow, read_body
+from fhir_facade.fhir.errors import (
+    FhirError,
+    bad_request,
+    forbidden,
+    not_acceptable,
+    not_found,
+    unauthorized,
+)
+
+__all__ = ["PREFIX", "build_dicomweb_proxy_router"]
+
+log = logging.getLogger(__name__)
+
+#: Where the router serves DICOMweb; the same root as Orthanc's, so the RetrieveURL and BulkDataURI
+#: Orthanc writes point here once its DicomWeb "Host" is the facade's.
+PREFIX = "/dicom-web"
+RESOURCE_TYPE = "ImagingStudy"
+
+_STUDY = "/studies/{study}"
+_SERIES = _STUDY + "/series/{series}"
+_INSTANCE = _SERIES + "/instances/{instance}"
+_FRAMES = _INSTANCE + "/frames/{frames}"
+
+#: QIDO-RS resources (PS3.18 10.6.1, Table 10.6.1-2).
+QIDO_PATHS = (
+    "/studies",
+    "/series",
+    "/instances",
+    _STUDY + "/series",
+    _STUDY + "/instances",
+    _SERIES + "/instances",
+)
+#: WADO-RS resources (PS3.18 10.4.1, Table 10.4.1-1), and Orthanc's BulkDataURIs
+#: (`.../instances/{instance}/bulk/{tag path}`).
+WADO_PATHS = (
+    *(
+        level + suffix
+        for level in (_STUDY, _SERIES, _INSTANCE)
+        for suffix in ("", "/metadata", "/rendered", "/thumbnail", "/bulkdata")
+    ),
+    *(_FRAMES + suffix for suffix in ("", "/rendered", "/thumbnail")),
+    _INSTANCE + "/bulk/{bulk:path}",
+)
+#: STOW-RS resources (PS3.18 10.5.1).
+STOW_PATHS = ("/studies", _STUDY)
+
+# Request headers that reach the PACS: content negotiation and conditional requests, nothing that
+# identifies the caller (Authorization, Cookie) or belongs to this hop.
+_FORWARDED_REQUEST_HEADERS = (
+    "accept",
+    "accept-charset",
+    "accept-language",
+    "if-none-match",
+    "if-modified-since",
+)
+# Response headers that come back: the representation and its caching, not the PACS's hop headers.
+_RETURNED_RESPONSE_HEADERS = (
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "content-language",
+    "content-location",
+    "content-disposition",
+    "location",
+    "warning",
+    "etag",
+    "last-modified",
+    "cache-control",
+    "expires",
+)
+
+# A UID as the PACS may hold it: DICOM's digits and dots (PS3.5 9.1), tolerating the letters,
+# hyphens and underscores some devices write; never empty components (so no "." or ".."), and no
+# ",", "*" or "?" that QIDO would read as a list or a wildcard.
+_UID = re.compile(r"[0-9A-Za-z_\-]+(?:\.[0-9A-Za-z_\-]+)*")
+_FRAME_LIST = re.compile(r"[1-9][0-9]*(?:,[1-9][0-9]*)*")  # PS3.18 10.4.1.1.4: frame numbers from 1
+_BULK_SEGMENT = re.compile(r"[0-9A-Za-z_\-]+(?:\.[0-9A-Za-z_\-]+)*")
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::path)?\}")
+_JSON_MEDIA_TYPES = frozenset({DICOM_JSON, "application/json", "application/*", "*/*"})
+
+Handler = Callable[[Request, str], Awaitable[Response]]
+
+
+class _ProxiedResponse(StreamingResponse):
+    """The PACS's answer streamed back chunk by chunk; the PACS connection is released however the
+    response ends (sent, client gone, PACS failing half-way)."""
+
+    def __init__(self, upstream: UpstreamResponse) -> None:
+        headers = {
+            name: value
+            for name, value in upstream.headers.items()
+            if name.lower() in _RETURNED_RESPONSE_HEADERS
+        }
+        super().__init__(upstream.aiter_raw(), status_code=upstream.status_code, headers=headers)
+        self._upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._upstream.aclose()
+
+
+def _caller(request: Request) -> Access:
+    """The Access the authenticating dependency stored; refused (401) when it did not run, so a
+    router mounted without it fails closed."""
+    access = access_of(request) or current_access.get()
+    if access is None:
+        raise unauthorized("No authenticated caller: the DICOMweb proxy is mounted without authentication")
+    return access
+
+
+def _confinement(access: Access, interaction: Interaction) -> PatientKey | None:
+    patient = access.confinement(interaction, RESOURCE_TYPE)
+    if patient is None:
+        return None
+    try:
+        return PatientKey.from_resource_id(patient)
+    except ValueError as exc:
+        raise forbidden(
+            f"The token's patient context {patient!r} is not a Patient id of this server"
+        ) from exc
+
+
+def _upstream_path(template: str, request: Request) -> str:
+    """The PACS path for `template` with the request's path parameters, each validated and
+    percent-encoded: the proxy never forwards a path it did not build itself."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        raw = str(request.path_params[name])
+        if name == "frames":
+            if not _FRAME_LIST.fullmatch(raw):
+                raise bad_request(f"frames {raw!r} is not a list of frame numbers such as 1,2,3")
+            return raw
+        if name == "bulk":
+            segments = raw.split("/")
+            if not all(_BULK_SEGMENT.fullmatch(s) for s in segments):
+                raise bad_request(f"bulkdata path {raw!r} is not a tag path")
+            return "/".join(quote(s, safe="") for s in segments)
+        if len(raw) > 64 or not _UID.fullmatch(raw):
+            raise bad_request(f"{name} {raw!r} is not a DICOM UID")
+        return quote(raw, safe="")
+
+    return _PLACEHOLDER.sub(value, template)
+
+
+def _forwarded_headers(request: Request) -> dict[str, str]:
+    headers = {name: request.headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in request.headers}
+    # Bytes travel as the PACS encodes them (httpx would otherwise ask for gzip and the raw body
+    # would no longer match what our client asked for).
+    headers["accept-encoding"] = request.headers.get("accept-encoding", "identity")
+    return headers
+
+
+def _accepts_dicom_json(request: Request) -> bool:
+    """Whether the client takes a DICOM JSON answer (PS3.18 8.7.3.5.3), which is the only one the
+    proxy can filter."""
+    accept = request.headers.get("accept", "").strip()
+    if not accept:
+        return True
+    for item in accept.split(","):
+        media, _, params = item.partition(";")
+        if media.strip().lower() in _JSON_MEDIA_TYPES and "q=0" not in params.replace(" ", "").split(";"):
+            return True
+    return False
+
+
+class _Proxy:
+    def __init__(self, pacs: DicomwebProxyClient, max_stow_bytes: int) -> None:
+        self.pacs = pacs
+        self.max_stow_bytes = max_stow_bytes
+
+    def endpoint(self, handler: Handler, template: str) -> Callable[[Request], Awaitable[Response]]:
+        """A route endpoint running `handler`; every refusal is logged once, at INFO, with its reason."""
+
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request, template)
+            except FhirError as error:
+                if error.status < 500:
+                    _log_refusal(request, f"{error.status} {error}")
+                raise
+
+        return run
+
+    async def relay(
+        self, request: Request, path: str, *, headers: dict[str, str], content: bytes | None = None
+    ) -> Response:
+        upstream = await self.pacs.open_stream(
+            request.method, path, query=request.url.query, headers=headers, content=content
+        )
+        return _ProxiedResponse(upstream)
+
+    async def search(self, request: Request, template: str) -> Response:
+        """QIDO-RS (PS3.18 10.6)."""
+        access = _caller(request)
+        access.require(Interaction.SEARCH, RESOURCE_TYPE)
+        path = _upstream_path(template, request)
+        key = _confinement(access, Interaction.SEARCH)
+        if key is None:
+            return await self.relay(request, path, headers=_forwarded_headers(request))
+        if not _accepts_dicom_json(request):
+            raise not_acceptable(
+                "A patient-confined QIDO-RS search is answered in application/dicom+json only"
+            )
+        study = request.path_params.get("study")
+        if study is not None and not await study_belongs_to(self.pacs, study, key):
+            # Answered like a search in a study the PACS does not hold (Orthanc: 200 and []).
+            _log_refusal(request, f"study {study} is not patient {key.describe()}'s; answered no matches")
+            return Response(b"[]", media_type=DICOM_JSON)
+        query = confined_query(request.url.query, key)
+        headers = {"accept": DICOM_JSON}
+        if "accept-charset" in request.headers:
+            headers["accept-charset"] = request.headers["accept-charset"]
+        response = await self.pacs.fetch("GET", path, query=query, headers=headers)
+        passed = {
+            n.lower(): v for n, v in response.headers.items() if n.lower() in ("content-type", "warning")
+        }
+        if response.status_code >= 400 or not response.content:
+            return Response(response.content, status_code=response.status_code, headers=passed)
+        try:
+            found = response.json()
+        except ValueError as exc:
+            raise DicomwebError(f"PACS sent invalid DICOM JSON for {path}") from exc
+        if not isinstance(found, list):
+            raise DicomwebError(f"PACS sent {type(found).__name__}, not a list, for {path}")
+        kept = [ds for ds in found if isinstance(ds, dict) and key.matches_json(ds)]
+        if len(kept) < len(found):
+            # Only a PatientID holding QIDO wildcard or list characters, or an issuer-less patient
+            # sharing a PatientID with an issuer-qualified one, gets here: the query already narrows.
+            log.info(
+                "DICOMweb proxy dropped %d of %d QIDO results of other patients for %s on %s",
+                len(found) - len(kept),
+                len(found),
+                access.who,
+                request.url.path,
+            )
+        passed.setdefault("content-type", DICOM_JSON)
+        return Response(json.dumps(kept, ensure_ascii=False).encode("utf-8"), headers=passed)
+
+    async def retrieve(self, request: Request, template: str) -> Response:
+        """WADO-RS (PS3.18 10.4): instances, metadata, frames, rendered, thumbnail, bulkdata."""
+        access = _caller(request)
+        access.require(Interaction.READ, RESOURCE_TYPE)
+        path = _upstream_path(template, request)
+        key = _confinement(access, Interaction.READ)
+        if key is not None:
+            study = request.path_params["study"]
+            if not await study_belongs_to(self.pacs, study, key):
+                raise not_found(f"No study {study}")
+        return await self.relay(request, path, headers=_forwarded_headers(request))
+
+    async def store(self, request: Request, template: str) -> Response:
+        """STOW-RS (PS3.18 10.5): the exact bytes forwarded once they are allowed."""
+        access = _caller(request)
+        access.require(Interaction.CREATE, RESOURCE_TYPE)
+        path = _upstream_path(template, request)
+        key = _confinement(access, Interaction.CREATE)
+        body = await read_body(request, self.max_stow_bytes)
+        content_type = request.headers.get("content-type", "")
+        if key is not None:
+            await check_confined_stow(self.pacs, body, content_type, key)
+        headers = _forwarded_headers(request)
+        if content_type:
+            headers["content-type"] = content_type
+        return await self.relay(request, path, headers=headers, content=body)
+
+
+def _log_refusal(request: Request, reason: str) -> None:
+    access = access_of(request) or current_access.get()
+    who = access.who if access is not None else "unauthenticated"
+    log.info("DICOMweb proxy refused %s %s for %s: %s", request.method, request.url.path, who, reason)
+
+
+def build_dicomweb_proxy_router(
+    settings: Settings,
+    pacs: DicomwebProxyClient,
+    *,
+    max_stow_bytes: int = DEFAULT_MAX_STOW_BYTES,
+) -> APIRouter:
+    """The DICOMweb proxy's routes under /dicom-web, forwarding to `pacs`.
+
+    Mount it under the authenticating dependency (it reads the caller's `Access` from
+    `request.state.access` or `current_access`, and refuses with 401 when neither is set) and with
+    `install_error_handlers`, which turns the raised FhirErrors into OperationOutcomes. `pacs` is
+    opened and closed by the caller's lifespan. `settings` is taken for the proxy's future knobs;
+    `max_stow_bytes` bounds a STOW-RS body (413 above it).
+    """
+    del settings  # nothing configurable yet beyond what `pacs` was built from
+    if max_stow_bytes < 1:
+        raise ValueError(f"max_stow_bytes must be positive, got {max_stow_bytes}")
+    proxy = _Proxy(pacs, max_stow_bytes)
+    router = APIRouter(prefix=PREFIX)
+    routes: list[tuple[str, str, Handler, tuple[str, ...]]] = [
+        ("GET", "qido", proxy.search, QIDO_PATHS),
+        ("GET", "wado", proxy.retrieve, WADO_PATHS),
+        ("POST", "stow", proxy.store, STOW_PATHS),
+    ]
+    for method, kind, handler, templates in routes:
+        for template in templates:
+            router.add_api_route(
+                template,
+                proxy.endpoint(handler, template),
+                methods=[method],
+                name=f"dicomweb-{kind}:{template}",
+                include_in_schema=False,  # DICOMweb, not FHIR: kept out of the FHIR OpenAPI
+            )
+    return router
