@@ -16,7 +16,7 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 FROM python:3.11-slim
 RUN useradd --uid 10001 --user-group --home-dir /var/lib/facade --create-home \
         --shell /usr/sbin/nologin facade \
- && mkdir -p /var/lib/facade/worklists \
+ && mkdir -p /var/lib/facade/worklists /var/lib/facade/data \
  && chown -R facade:facade /var/lib/facade
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels fhir-facade \

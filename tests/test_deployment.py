@@ -76,3 +76,12 @@ def test_dockerfile_runs_the_cli_as_non_root() -> None:
     assert "USER facade" in dockerfile
     assert 'ENTRYPOINT ["fhir-facade"]' in dockerfile
     assert '"serve", "--host", "0.0.0.0", "--port", "8080"' in dockerfile
+
+
+def test_facade_requires_smart_tokens_and_keeps_its_keys() -> None:
+    facade = _compose()["services"]["facade"]
+    env = facade["environment"]
+    assert env["FACADE_AUTH"] == "smart"
+    assert "FACADE_ALLOW_UNAUTHENTICATED_REMOTE" not in env
+    # The built-in authorization server's signing key and registry survive a container restart.
+    assert any(mount.split(":")[1] == env["FACADE_DATA_DIR"] for mount in facade["volumes"])
