@@ -15,12 +15,14 @@ from starlette.concurrency import run_in_threadpool
 
 from fhir_facade import __version__
 from fhir_facade.analyze.runtime import AnalyzeRuntime
+from fhir_facade.audit import install_audit
 from fhir_facade.auth.dependency import Authenticator, bearer_validator
 from fhir_facade.auth.discovery import AuthorizationEndpoints, build_discovery_router, capability_security
 from fhir_facade.auth.enforcement import authorizing_providers
 from fhir_facade.auth.operations import analyze_guard, server_admin_guard
 from fhir_facade.auth.tokens import StaticKeys
 from fhir_facade.config import Settings
+from fhir_facade.correlation import install_correlation
 from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
@@ -228,6 +230,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         schema_version = await run_in_threadpool(upgrade, store.engine)
         log.info("SQL store %s at schema version %s", store.engine.url.render_as_string(), schema_version)
+        if audit:
+            await audit.start()
         await dicomweb.open()
         await proxy.open()
         if orthanc:
@@ -246,6 +250,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if audit:  # first: writes out every event still queued, while the store is open
+                await audit.stop()
             if sync:
                 await sync.stop()
             if analyze:
@@ -272,6 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.analyze = analyze
     app.state.sync = sync
     install_error_handlers(app)
+    audit = install_audit(app, settings, store)  # inside CORS: preflights are not audited
     operations = analyze.operations if analyze else None
     authenticate, security = _install_security(app, settings)
     guarded = [Depends(authenticate)]
@@ -297,6 +304,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=_CORS_EXPOSED_HEADERS,
             max_age=600,
         )
+    install_correlation(app)  # outermost: every response, errors included, carries the id
     return app
 
 

@@ -14,6 +14,7 @@ import uvicorn
 
 from fhir_facade.app import create_app
 from fhir_facade.config import Settings
+from fhir_facade.correlation import CorrelationIdFilter
 
 __all__ = ["main"]
 
@@ -107,10 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s %(levelname)s [%(correlation_id)s] %(name)s: %(message)s",
+            defaults={"correlation_id": "-"},
+        )
     )
+    handler.addFilter(CorrelationIdFilter())
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     # One line per PACS request is debugging detail, not an operator's log.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.command == "serve":

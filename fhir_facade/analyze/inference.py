@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from fhir_facade.analyze.manifest import ModelManifest
 from fhir_facade.config import Settings
+from fhir_facade.correlation import outgoing_headers
 
 __all__ = [
     "DEFAULT_PROVIDERS",
@@ -279,7 +280,9 @@ class KServeV2Backend:
             raise InferenceError(f"the backend of model {self.manifest.id} is closed")
         url = f"{self._model_url}{path}"
         try:
-            response = client.request(method, url, json=json)
+            # The id of the request (or worklist job) the analysis runs for, so the model
+            # server's log lines can be matched to ours; also on injected clients.
+            response = client.request(method, url, json=json, headers=outgoing_headers())
         except httpx.TransportError as exc:
             raise InferenceUnavailable(f"inference server {self.url} unreachable: {exc!r}") from exc
         if response.is_success:

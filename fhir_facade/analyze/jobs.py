@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir_facade.analyze.service import AnalysisOutcome, Analyzer
+from fhir_facade.correlation import correlation_scope
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM, FhirError, Issue, conflict, internal_error, not_found
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.resources.base import ResourceProvider
@@ -329,10 +330,11 @@ class AnalysisJobs:
             sortable=self._tasks.sortable,
         )
         for task in (await self._tasks.search(request)).matches:
-            claimed = await self._claim(task)
-            if claimed is not None:
-                model = _task_input(claimed, "model")
-                self._launch(claimed, model, _task_input(claimed, "series"))
+            with correlation_scope():  # one id per worklist job, for its PACS and model requests
+                claimed = await self._claim(task)
+                if claimed is not None:
+                    model = _task_input(claimed, "model")
+                    self._launch(claimed, model, _task_input(claimed, "series"))
 
     async def _claim(self, task: dict[str, Any]) -> dict[str, Any] | None:
         focus = task.get("focus", {}).get("reference", "")

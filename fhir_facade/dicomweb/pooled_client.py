@@ -1,6 +1,7 @@
 """The base of every PACS client (QIDO-RS, WADO-RS, STOW-RS, Orthanc REST): one shared httpx
 connection pool opened in the application lifespan, a request counter for tests and benchmarks,
-and the one mapping of transport failures and 5xx answers to `DicomwebUnavailable`.
+the one mapping of transport failures and 5xx answers to `DicomwebUnavailable`, and the
+correlation id of the request being served on every request sent (`X-Correlation-ID`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Self
 
 import httpx
 
+from fhir_facade.correlation import add_correlation_headers_async
 from fhir_facade.dicomweb.errors import DicomwebUnavailable
 
 __all__ = ["PooledClient"]
@@ -55,6 +57,7 @@ class PooledClient:
                 limits=self._limits,
                 headers=self._headers,
                 transport=self._transport,
+                event_hooks={"request": [add_correlation_headers_async]},
             )
 
     async def close(self) -> None:

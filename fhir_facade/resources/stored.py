@@ -1,6 +1,7 @@
 """Persistent resource types, kept in the facade's SQL store (ServiceRequest, Task,
-DiagnosticReport, Observation, Device, Provenance): every FHIR interaction, delegated to
-`ResourceStore` in a worker thread (the store is synchronous, ADR 0004)."""
+DiagnosticReport, Observation, Device, Provenance, AuditEvent): every FHIR interaction, delegated
+to `ResourceStore` in a worker thread (the store is synchronous, ADR 0004). AuditEvent is
+read-only through the API: the audit recorder writes it to the store directly."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, ClassVar
 from starlette.concurrency import run_in_threadpool
 
 from fhir_facade.fhir.bundles import SearchResult
-from fhir_facade.fhir.errors import FhirError, Issue
+from fhir_facade.fhir.errors import FhirError, Issue, method_not_allowed
 from fhir_facade.fhir.search import SearchParamDef, SearchRequest
 from fhir_facade.resources.base import ResourceProvider, WriteResult
 from fhir_facade.resources.task_lifecycle import check_transition, stamp_task
@@ -27,6 +28,7 @@ from fhir_facade.worklist import (
 
 __all__ = [
     "PERSISTENT_TYPES",
+    "AuditEventProvider",
     "ServiceRequestProvider",
     "StoredResourceProvider",
     "TaskProvider",
@@ -221,8 +223,45 @@ class ServiceRequestProvider(StoredResourceProvider):
             log.info("Worklist item for deleted ServiceRequest/%s removed", resource_id)
 
 
+class AuditEventProvider(StoredResourceProvider):
+    """AuditEvent: the record of every interaction (fhir_facade.audit). Read, search and history
+    only: audit records are immutable, so create, update and delete through the API are 405
+    (routes are not even registered; these overrides also refuse them inside Bundles). The
+    recorder writes through `ResourceStore` on the server's own authority."""
+
+    def __init__(self, store: ResourceStore) -> None:
+        super().__init__("AuditEvent", store)
+        self.documentation = (  # type: ignore[misc]
+            "Persistent, read-only: one AuditEvent per FHIR, DICOMweb and operation request, "
+            "written by the server (FACADE_AUDIT_ENABLED)."
+        )
+
+    @property
+    def interactions(self) -> tuple[str, ...]:
+        return ("read", "vread", "history-instance", "history-type", "search-type")
+
+    async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        raise method_not_allowed("AuditEvents are recorded by the server and cannot be created")
+
+    async def update(
+        self, resource_id: str, resource: dict[str, Any], *, if_match: str | None
+    ) -> WriteResult:
+        raise method_not_allowed("AuditEvents are immutable and cannot be updated")
+
+    async def delete(self, resource_id: str) -> None:
+        raise method_not_allowed("AuditEvents are immutable and cannot be deleted")
+
+
 #: The persistent types, each with the parameters the store indexes (fhir_facade/store/indexing.py).
-PERSISTENT_TYPES = ("ServiceRequest", "Task", "DiagnosticReport", "Observation", "Device", "Provenance")
+PERSISTENT_TYPES = (
+    "ServiceRequest",
+    "Task",
+    "DiagnosticReport",
+    "Observation",
+    "Device",
+    "Provenance",
+    "AuditEvent",
+)
 
 _INCLUDES: dict[str, dict[str, str]] = {
     "DiagnosticReport": {
@@ -245,6 +284,9 @@ def stored_providers(
             continue
         if resource_type == "ServiceRequest":
             providers.append(ServiceRequestProvider(store, worklist, patients, station))
+            continue
+        if resource_type == "AuditEvent":
+            providers.append(AuditEventProvider(store))
             continue
         provider = StoredResourceProvider(resource_type, store)
         provider.include_paths = _INCLUDES.get(resource_type, {})  # type: ignore[misc]

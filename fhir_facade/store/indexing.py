@@ -192,6 +192,27 @@ INDEXED_PARAMS: dict[str, tuple[IndexedParam, ...]] = {
     ),
     "Device": (_p("Device", "identifier", _T, "identifier", doc="Instance id from manufacturer, owner"),),
     "Provenance": (_p("Provenance", "target", _R, "target", doc="Target Reference(s)"),),
+    # R4 AuditEvent-* parameters; `patient` is agent.who and entity.what where they are Patients.
+    "AuditEvent": (
+        _p("AuditEvent", "date", _D, "recorded", doc="Time when the event was recorded"),
+        _p("AuditEvent", "type", _T, "type", doc="Type/identifier of event"),
+        _p("AuditEvent", "subtype", _T, "subtype", doc="More specific type/id for the event"),
+        _p("AuditEvent", "action", _T, "action", doc="Type of action performed during the event"),
+        _p("AuditEvent", "outcome", _T, "outcome", doc="Whether the event succeeded or failed"),
+        _p("AuditEvent", "agent", _R, "agent.who", doc="Identifier of who"),
+        _p(
+            "AuditEvent",
+            "patient",
+            _R,
+            "agent.who",
+            "entity.what",
+            doc="Identifier of the patient involved (as agent or entity)",
+            targets=("Patient",),
+        ),
+        _p("AuditEvent", "entity", _R, "entity.what", doc="Specific instance of resource"),
+        _p("AuditEvent", "source", _R, "source.observer", doc="The identity of source detecting the event"),
+        _p("AuditEvent", "address", _S, "agent.network.address", doc="Network access point of an agent"),
+    ),
 }
 
 

@@ -114,12 +114,20 @@ def _outbox(connection: Connection) -> None:
     connection.execute(text("CREATE INDEX ix_outbox_resource ON outbox (resource_type, resource_id, seq)"))
 
 
+def _outbox_correlation(connection: Connection) -> None:
+    # The correlation id (X-Correlation-ID) of the request that wrote the version, sent on the
+    # upstream request that delivers it. Nullable: rows written before this migration, and
+    # writes outside any request, have none. ADD COLUMN is the same on SQLite and PostgreSQL.
+    connection.execute(text("ALTER TABLE outbox ADD COLUMN correlation_id VARCHAR(128)"))
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
     Migration(2, "feed_position: where change-feed watchers are (Orthanc /changes)", _feed_positions),
     Migration(3, "search index owner indexes include param (fast _sort)", _owner_indexes_with_param),
     Migration(4, "outbox: every stored version, for the upstream sync", _outbox),
+    Migration(5, "outbox.correlation_id: the request that wrote the version", _outbox_correlation),
 )
 
 

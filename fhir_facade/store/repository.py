@@ -37,6 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from fhir_facade.correlation import current_correlation_id
 from fhir_facade.fhir.errors import FhirError, bad_request, gone, not_found
 from fhir_facade.fhir.search import (
     DateValue,
@@ -247,6 +248,7 @@ class ResourceStore:
                     state="pending",
                     attempts=0,
                     next_attempt_at=moment,
+                    correlation_id=current_correlation_id(),
                 )
             )
         return stored, row is None

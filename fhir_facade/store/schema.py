@@ -189,7 +189,8 @@ class SearchString(SQLModel, table=True):
 
 
 class OutboxEntry(SQLModel, table=True):
-    """One stored version waiting to be pushed upstream (created by migration 4).
+    """One stored version waiting to be pushed upstream (created by migration 4, correlation_id
+    by migration 5).
 
     `state`: pending -> sent, or dead (a non-transient upstream refusal, kept in `last_error`).
     A worker leases due rows (`lease_until`) in a short transaction and sends them outside it, so
@@ -210,3 +211,6 @@ class OutboxEntry(SQLModel, table=True):
     lease_until: datetime | None = _utc_column(nullable=True)
     sent_at: datetime | None = _utc_column(nullable=True)
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: X-Correlation-ID of the request that wrote the version (migration 5); None for writes
+    #: outside a request and for rows older than the column.
+    correlation_id: str | None = Field(default=None, max_length=128)

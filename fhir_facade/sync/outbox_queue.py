@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Engine, Table, and_, exists, func, insert, select, text, update
+from sqlalchemy import Engine, Row, Table, and_, exists, func, insert, select, text, update
 from sqlalchemy.orm import aliased
 
+from fhir_facade.correlation import current_correlation_id
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.schema import OutboxEntry
 
@@ -35,6 +37,21 @@ class OutboxRow:
     deleted: bool
     created_at: datetime
     attempts: int
+    #: X-Correlation-ID of the request that wrote the version (None: no request, or older row).
+    correlation_id: str | None = None
+
+
+def _row(r: Row[Any]) -> OutboxRow:
+    return OutboxRow(
+        r.seq,
+        r.resource_type,
+        r.resource_id,
+        r.version_id,
+        r.deleted,
+        r.created_at,
+        r.attempts,
+        r.correlation_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -95,15 +112,7 @@ class OutboxQueue:
             connection.execute(
                 update(_outbox).where(_outbox.c.seq.in_([r.seq for r in chosen])).values(lease_until=until)
             )
-        return sorted(
-            (
-                OutboxRow(
-                    r.seq, r.resource_type, r.resource_id, r.version_id, r.deleted, r.created_at, r.attempts
-                )
-                for r in chosen
-            ),
-            key=lambda row: row.seq,
-        )
+        return sorted((_row(r) for r in chosen), key=lambda row: row.seq)
 
     def enqueue_snapshot(self, resource_type: str, resource_id: str, now: datetime | None = None) -> None:
         """Ask for a live snapshot of a virtual resource to be sent (version 0: read when sent),
@@ -120,6 +129,7 @@ class OutboxQueue:
                     state="pending",
                     attempts=0,
                     next_attempt_at=now,
+                    correlation_id=current_correlation_id(),
                 )
             )
 
@@ -147,15 +157,7 @@ class OutboxQueue:
             rows = connection.execute(
                 select(_outbox).where(_outbox.c.state == "dead").order_by(_outbox.c.seq).limit(limit)
             ).all()
-        return [
-            (
-                OutboxRow(
-                    r.seq, r.resource_type, r.resource_id, r.version_id, r.deleted, r.created_at, r.attempts
-                ),
-                r.last_error,
-            )
-            for r in rows
-        ]
+        return [(_row(r), r.last_error) for r in rows]
 
     def status(self) -> QueueStatus:
         with self._engine.connect() as connection:

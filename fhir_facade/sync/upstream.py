@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from fhir_facade.correlation import add_correlation_headers
 from fhir_facade.sync.upstream_auth import DEFAULT_SCOPE, SmartAuthError, SmartBackendAuth
 
 __all__ = ["Outcome", "UpstreamAnswer", "UpstreamClient", "UpstreamSettings"]
@@ -115,6 +116,8 @@ class UpstreamClient:
             headers=headers,
             auth=auth,
             transport=transport,
+            # The worker scopes each delivery to the correlation id of the request that wrote it.
+            event_hooks={"request": [add_correlation_headers]},
         )
 
     def close(self) -> None:

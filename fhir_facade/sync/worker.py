@@ -8,6 +8,11 @@ the PACS, so the upstream has no copy unless we give it one) under the same id, 
 resolve upstream unchanged. Failures: transient ones are retried with exponential backoff and
 full jitter, honouring Retry-After; a refusal (e.g. 422 from the upstream validator) turns the
 rows into dead letters, with the upstream's answer kept, and the rest keeps flowing.
+
+Correlation: each upstream request carries one X-Correlation-ID: a single resource's PUT/DELETE
+that of the request which wrote the version sent; a batch Bundle the shared id of its versions'
+requests, or, when they came from several requests, a fresh id logged with the per-resource ids
+(`SyncWorker._batch_correlation_id`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from fhir_facade.correlation import correlation_scope, new_correlation_id
 from fhir_facade.fhir.errors import FhirError
 from fhir_facade.store import ResourceStore
 from fhir_facade.sync.outbox_queue import OutboxQueue, OutboxRow
@@ -93,7 +99,8 @@ class SyncWorker:
     async def run_forever(self, stop: asyncio.Event, poll_interval: float) -> None:
         while not stop.is_set():
             try:
-                busy = await self.run_once()
+                with correlation_scope():  # a fresh id per round; deliveries use their rows' ids
+                    busy = await self.run_once()
             except Exception:
                 log.exception("Sync round failed; retrying")
                 busy = 0
@@ -117,7 +124,30 @@ class SyncWorker:
         return len(rows)
 
     async def _push_batch(self, by_resource: dict[tuple[str, str], list[OutboxRow]]) -> None:
-        """Many resources due: one `batch` Bundle, one entry per resource (its newest version)."""
+        """Many resources due: one `batch` Bundle, one entry per resource (its newest version),
+        sent under one correlation id (`_batch_correlation_id`)."""
+        with correlation_scope(self._batch_correlation_id(by_resource), inherit=True):
+            await self._send_batch(by_resource)
+
+    @staticmethod
+    def _batch_correlation_id(by_resource: dict[tuple[str, str], list[OutboxRow]]) -> str | None:
+        """The X-Correlation-ID of a batch Bundle: one HTTP request carries one id. When every
+        version in it was written by the same request, that request's id (None when written
+        outside any request: the round's id is used); otherwise a fresh id for the Bundle, logged
+        once with the id of each resource's request, so a request's id still leads (through
+        this line) to the upstream request that delivered its writes."""
+        ids = {rows[-1].correlation_id for rows in by_resource.values()}
+        if len(ids) == 1:
+            return ids.pop()
+        batch_id = new_correlation_id()
+        log.info(
+            "Upstream batch %s delivers writes of several requests: %s",
+            batch_id,
+            ", ".join(f"{t}/{i} ({rows[-1].correlation_id or '-'})" for (t, i), rows in by_resource.items()),
+        )
+        return batch_id
+
+    async def _send_batch(self, by_resource: dict[tuple[str, str], list[OutboxRow]]) -> None:
         entries: list[dict[str, Any]] = []
         groups: list[tuple[str, list[OutboxRow]]] = []
         stored = await asyncio.to_thread(
@@ -171,6 +201,12 @@ class SyncWorker:
                 await asyncio.to_thread(self._record, [r.seq for r in rows], attempts, answer, url)
 
     async def _push(self, resource_type: str, resource_id: str, rows: list[OutboxRow]) -> None:
+        """One resource's newest version, under the correlation id of the request that wrote it
+        (the upstream request, and any PACS read for mirroring, carry it)."""
+        with correlation_scope(rows[-1].correlation_id, inherit=True):
+            await self._push_one(resource_type, resource_id, rows)
+
+    async def _push_one(self, resource_type: str, resource_id: str, rows: list[OutboxRow]) -> None:
         newest = rows[-1]
         seqs = [row.seq for row in rows]
         attempts = max(row.attempts for row in rows) + 1

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from fhir_facade.correlation import correlation_scope
 from fhir_facade.dicomweb.client import DicomwebUnavailable
 from fhir_facade.dicomweb.orthanc_rest import Change, OrthancRestClient
 
@@ -185,7 +186,8 @@ class StudyArrivalWatcher:
         delay = self.poll_interval
         while not stop.is_set():
             try:
-                await self._poll(stop)
+                with correlation_scope():  # one id per poll round, for its Orthanc requests
+                    await self._poll(stop)
                 delay = self.poll_interval
             except DicomwebUnavailable as exc:
                 log.warning("Orthanc change feed unavailable, retrying in %.1f s: %s", delay, exc)

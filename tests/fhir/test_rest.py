@@ -24,6 +24,7 @@ def test_metadata_lists_exactly_the_registered_types(fhir: httpx.Client) -> None
         "Observation",
         "Device",
         "Provenance",
+        "AuditEvent",
         "OperationDefinition",
     }
     assert {i["code"] for i in resources["Task"]["interaction"]} == {
