@@ -11,6 +11,7 @@ import pytest
 
 from fhir_facade.demo.brain_mri import build_demo_study
 from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
+from tests.audit.test_audit_smart import event_of
 from tests.auth.issuer import TestIssuer
 from tests.conftest import LiveServer, ok_json, outcome, serve
 
@@ -89,3 +90,18 @@ def test_job_polling_needs_read_on_diagnostic_report(analyzing: tuple[LiveServer
         assert http.get(status_url).status_code == 401
         polled = http.get(status_url, headers=issuer.headers(ALLOWED, patient=PATIENT))
         assert polled.status_code in (200, 202), polled.text
+
+
+def test_analyze_and_its_refusals_are_audited(analyzing: tuple[LiveServer, TestIssuer]) -> None:
+    server, issuer = analyzing
+    ok_json(_post(analyzing, ALLOWED, PATIENT, **{"X-Correlation-ID": "analyze-audit-ok"}))
+    outcome(
+        _post(analyzing, ALLOWED, "P-1001", **{"X-Correlation-ID": "analyze-audit-404"}), 404, "not-found"
+    )
+    done = event_of(server, issuer, "analyze-audit-ok")
+    assert (done["action"], done["subtype"][0]["code"], done["outcome"]) == ("E", "operation", "0")
+    assert any(e.get("name") == "$analyze" for e in done["entity"])
+    assert {"reference": f"ImagingStudy/{STUDY_UID}"} in [e["what"] for e in done["entity"]]
+    refused = event_of(server, issuer, "analyze-audit-404")
+    assert refused["outcome"] == "4"
+    assert {"reference": "Patient/P-1001"} in [e["what"] for e in refused["entity"]], "the patient in context"
