@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
 
@@ -92,6 +94,21 @@ def _sync(settings: Settings) -> None:
     asyncio.run(run())
 
 
+def _register_backend_client(settings: Settings, args: argparse.Namespace) -> int:
+    """Register a backend client (its public JWKS) in FACADE_AUTH_CLIENTS_FILE; restart the server."""
+    from fhir_facade.auth.server import RegistryError, register_backend_client
+
+    path = settings.resolved_clients_file
+    try:
+        jwks = json.loads(args.jwks.read_text(encoding="utf-8"))
+        register_backend_client(path, args.client_id, jwks, args.scope, name=args.name)
+    except (OSError, ValueError, RegistryError) as exc:
+        print(f"fhir-facade: {exc}", file=sys.stderr)
+        return 2
+    print(f"Registered backend client {args.client_id!r} in {path}; restart the server to use it.")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fhir-facade", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--host", default="127.0.0.1")
         sub.add_argument("--port", type=int, default=8080)
     commands.add_parser("sync", help="run only the upstream sync worker (FACADE_FHIR_UPSTREAM_URL)")
+    register = commands.add_parser(
+        "register-backend-client",
+        help="add a SMART Backend Services client to the built-in authorization server's registry",
+    )
+    register.add_argument("--client-id", required=True)
+    register.add_argument("--jwks", required=True, type=Path, help="JSON file with the client's public keys")
+    register.add_argument("--scope", default="system/*.rs", help="the most the client may be granted")
+    register.add_argument("--name", default=None)
     embedded.add_argument("--orthanc-port", type=int, default=8042)
     embedded.add_argument("--orthanc-dicom-port", type=int, default=4242)
     args = parser.parse_args(argv)
@@ -119,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     # One line per PACS request is debugging detail, not an operator's log.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.command == "register-backend-client":
+        return _register_backend_client(settings, args)
     if args.command == "serve":
         _serve(settings, args.host, args.port)
     elif args.command == "sync":

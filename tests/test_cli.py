@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from fhir_facade.cli import check_listen_address
+import pytest
+from joserfc.jwk import ECKey
+
+from fhir_facade.auth.server.registry import load_registry
+from fhir_facade.cli import check_listen_address, main
 from fhir_facade.config import Settings
 
 
@@ -18,3 +23,36 @@ def test_other_addresses_are_refused_without_the_explicit_setting(host: str) -> 
     with pytest.raises(SystemExit, match="FACADE_ALLOW_UNAUTHENTICATED_REMOTE"):
         check_listen_address(Settings(), host)
     check_listen_address(Settings(allow_unauthenticated_remote=True), host)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3"])
+def test_any_address_with_smart_security(host: str) -> None:
+    check_listen_address(Settings(auth="smart"), host)
+
+
+def test_register_backend_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = ECKey.generate_key("P-384", parameters={"kid": "nightly-1"}, private=True)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    monkeypatch.setenv("FACADE_AUTH_CLIENTS_FILE", str(tmp_path / "clients.json"))
+    args = [
+        "register-backend-client",
+        "--client-id",
+        "nightly-export",
+        "--jwks",
+        str(jwks),
+        "--scope",
+        "system/ImagingStudy.rs",
+    ]
+    assert main(args) == 0
+    client = load_registry(tmp_path / "clients.json").client("nightly-export")
+    assert (
+        client is not None and client.kind == "backend-service" and client.scope == "system/ImagingStudy.rs"
+    )
+    assert main(args) == 2  # the same client_id twice
+    assert "nightly-export" in capsys.readouterr().err
+    private = tmp_path / "private.json"
+    private.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
+    assert main([*args[:2], "other", "--jwks", str(private)]) == 2  # private key material is refused

@@ -786,7 +786,7 @@ def test_demo_registry_is_written_when_absent(tmp_path: Path, caplog: pytest.Log
         response = sign_in(http, AUTHORIZE_URL, username=DEMO_USERNAME, password=password, params=params)
         code = redirect_query(response)["code"]
         body = exchange(http, code, verifier, client_id=DEMO_CLIENT_ID).json()
-        assert body["patient"] == "P-1001"
+        assert body["patient"] == DEMO_PATIENTS[0]
 
     # Started again, it keeps the registry (and logs no new password).
     caplog.clear()

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fhir_facade.auth.scopes import InvalidScope, parse_scopes
 from fhir_facade.auth.server.passwords import check_hash_format, hash_secret
+from fhir_facade.demo.brain_mri import DEMO_PATIENT_ID
 
 __all__ = [
     "DEMO_CLIENT_ID",
@@ -77,7 +78,8 @@ DEMO_REDIRECT_URIS = ("http://127.0.0.1:9000/callback", "http://localhost:9000/c
 DEMO_SCOPE = "launch/patient openid fhirUser patient/*.rs user/*.rs"
 DEMO_USERNAME = "demo"
 DEMO_FHIR_USER = "Practitioner/demo"
-DEMO_PATIENTS = ("P-1001",)
+#: The demo user may pick the embedded demo study's patient (fhir_facade/demo/brain_mri.py).
+DEMO_PATIENTS = (DEMO_PATIENT_ID,)
 
 ClientKind = Literal["backend-service", "public", "confidential"]
 
