@@ -104,4 +104,6 @@ def test_analyze_and_its_refusals_are_audited(analyzing: tuple[LiveServer, TestI
     assert {"reference": f"ImagingStudy/{STUDY_UID}"} in [e.get("what") for e in done["entity"]]
     refused = event_of(server, issuer, "analyze-audit-404")
     assert refused["outcome"] == "4"
-    assert {"reference": "Patient/P-1001"} in [e.get("what") for e in refused["entity"]], "the patient in context"
+    assert {"reference": "Patient/P-1001"} in [e.get("what") for e in refused["entity"]], (
+        "the patient in context"
+    )

@@ -416,9 +416,7 @@ def redirect_query(response: httpx.Response, redirect_uri: str = CALLBACK) -> di
     return {name: values[0] for name, values in parse_qs(urlsplit(location).query).items()}
 
 
-def authorization_code(
-    http: TestClient, params: dict[str, str], *, patient: str | None = "P-2002"
-) -> str:
+def authorization_code(http: TestClient, params: dict[str, str], *, patient: str | None = "P-2002") -> str:
     response = sign_in(http, AUTHORIZE_URL, username=USER, password=PASSWORD, patient=patient, params=params)
     query = redirect_query(response, params["redirect_uri"])
     assert query["state"] == params["state"]
@@ -549,7 +547,11 @@ def test_code_bound_to_its_client(http: TestClient) -> None:
     verifier, challenge = pkce_pair()
     code = authorization_code(http, authorize_params(challenge))
     response = exchange(
-        http, code, verifier, client_id=CONFIDENTIAL, client_secret=CONFIDENTIAL_SECRET,
+        http,
+        code,
+        verifier,
+        client_id=CONFIDENTIAL,
+        client_secret=CONFIDENTIAL_SECRET,
     )
     oauth_error(response, 400, "invalid_grant")
 
@@ -661,7 +663,9 @@ def test_confidential_client_authenticates_with_its_secret(
 ) -> None:
     def code_for_confidential() -> tuple[str, str]:
         verifier, challenge = pkce_pair()
-        params = authorize_params(challenge, client_id=CONFIDENTIAL, redirect_uri="https://reports.example/cb")
+        params = authorize_params(
+            challenge, client_id=CONFIDENTIAL, redirect_uri="https://reports.example/cb"
+        )
         return authorization_code(http, params, patient="P-1001"), verifier
 
     common = {"grant_type": "authorization_code", "redirect_uri": "https://reports.example/cb"}

@@ -4,6 +4,7 @@ cannot be written; the PACS is queried for the patient in context only."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -245,3 +246,40 @@ def test_batch_read_of_other_patient(client: httpx.Client, issuer: TestIssuer, d
 def test_patient_scope_without_patient_context_is_refused(client: httpx.Client, issuer: TestIssuer) -> None:
     response = client.get("Observation", headers={**FHIR_JSON, **issuer.headers("patient/*.rs")})
     outcome(response, 403, "forbidden")
+
+
+def _patients_of(event: dict[str, Any]) -> set[str]:
+    return {e["what"]["reference"] for e in event.get("entity", []) if "reference" in e.get("what", {})} & {
+        f"Patient/{OWN}",
+        f"Patient/{OTHER}",
+    }
+
+
+def test_audit_events_of_other_patients_stay_hidden(
+    client: httpx.Client, issuer: TestIssuer, data: Any
+) -> None:
+    """An AuditEvent is in the compartment of every patient it names (R4 AuditEvent `patient`): the
+    other patient's own requests stay hidden; this patient's own (even a search naming the other
+    patient) are visible."""
+    for patient in (OWN, OTHER):
+        ok_json(client.get("Observation", headers=_own(issuer, patient=patient)))
+    auditor = issuer.headers("system/AuditEvent.rs")
+    deadline = time.monotonic() + 10
+    while True:  # events are written off the request path
+        every = ok_json(client.get("AuditEvent", params={"patient": OTHER, "_count": 500}, headers=auditor))
+        only_other = [
+            e["resource"]["id"]
+            for e in every.get("entry", [])
+            if _patients_of(e["resource"]) == {f"Patient/{OTHER}"}
+        ]
+        if only_other or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert only_other, "the other patient's own requests were audited"
+    confined = _own(issuer, "launch/patient patient/AuditEvent.rs")
+    mine = ok_json(client.get("AuditEvent", params={"_count": 500}, headers=confined))
+    assert mine.get("entry")
+    for entry in mine["entry"]:
+        assert f"Patient/{OWN}" in _patients_of(entry["resource"])
+        assert entry["resource"]["id"] not in only_other
+    outcome(client.get(f"AuditEvent/{only_other[0]}", headers=confined), 404, "not-found")
