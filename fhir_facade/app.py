@@ -287,7 +287,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(sync.router, dependencies=[*guarded, Depends(server_admin_guard())])
     if analyze:  # before the FHIR router, whose /{type}/{id} catch-all would shadow the job URLs
         studies = next(p for p in visible if p.resource_type == "ImagingStudy")
-        app.include_router(analyze.router, dependencies=[*guarded, Depends(analyze_guard(studies))])
+        tasks = next(p for p in providers if p.resource_type == "Task")
+        guard = analyze_guard(studies, tasks, settings.base_url)
+        app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
     app.include_router(
         build_fhir_router(
             visible, settings, atomic_scope(store), operations, authenticate=authenticate, security=security

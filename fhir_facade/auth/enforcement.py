@@ -89,16 +89,25 @@ class AuthorizingProvider(ResourceProvider):
         return patient, list(dict.fromkeys(s.query for s in granting))
 
     async def _belongs(self, resource: dict[str, Any], patient: str) -> bool:
+        """Whether `patient` may see `resource`: it is in the patient's compartment, or it is one that
+        holds no patient data (an algorithm Device)."""
+        rule = self._rule
+        assert rule is not None
+        if rule.unreferenced_is_shared and not references_at(resource, rule.elements):
+            return True
+        return await self._owned(resource, patient)
+
+    async def _owned(self, resource: dict[str, Any], patient: str) -> bool:
+        """Whether `resource` is in `patient`'s compartment. Writes need this, not mere visibility: a
+        shared resource (an algorithm Device every patient's reports cite) is outside every patient's
+        compartment, so a `patient/` scope may read it but not create, change or delete it."""
         rule = self._rule
         assert rule is not None
         if self.resource_type == "Patient":
             return resource.get("id") == patient
         if rule.via_targets:
             return await self._targets_belong(resource, patient)
-        referenced = patient_references(resource, rule, self._base_url)
-        if not referenced and rule.unreferenced_is_shared and not references_at(resource, rule.elements):
-            return True
-        return patient in referenced
+        return patient in patient_references(resource, rule, self._base_url)
 
     async def _targets_belong(self, resource: dict[str, Any], patient: str) -> bool:
         """A Provenance is the patient's when every patient-specific target is, and one at least."""
@@ -205,10 +214,17 @@ class AuthorizingProvider(ResourceProvider):
             for m in result.matches
             if m["id"] in allowed and (patient is None or await self._belongs(m, patient))
         ]
-        if len(kept) != len(result.matches):
-            result.total = None  # filtered after the search: the count no longer holds
+        if queries or (patient is not None and not self._confined_by_search()):
+            # Filtered after the search: the inner total counts what the caller may not see (also on
+            # an empty `_summary=count` page, where nothing was filtered), so none is given.
+            result.total = None
         result.matches = kept
         return result
+
+    def _confined_by_search(self) -> bool:
+        """Whether a confined search of this type is narrowed to the patient by the query itself (so the
+        inner total is the patient's), rather than filtered afterwards."""
+        return self._rule is not None and self._rule.search_param is not None
 
     def _confining_value(self, patient: str) -> str:
         return patient if self.resource_type == "Patient" else f"Patient/{patient}"
@@ -216,7 +232,7 @@ class AuthorizingProvider(ResourceProvider):
     async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
         patient, queries = self._grant(Interaction.CREATE)
         self._refuse_narrowed_write(queries)
-        if patient is not None and not await self._belongs(resource, patient):
+        if patient is not None and not await self._owned(resource, patient):
             raise forbidden(f"A patient/ scope may only create {self.resource_type} for Patient/{patient}")
         return await self.inner.create(resource)
 
@@ -232,10 +248,19 @@ class AuthorizingProvider(ResourceProvider):
         self._refuse_narrowed_write(queries)
         if patient is not None:
             if existing is not None:
-                await self._check_visible(existing, patient, [])
-            if not await self._belongs({**resource, "id": resource_id}, patient):
+                await self._check_writable(existing, patient)
+            if not await self._owned({**resource, "id": resource_id}, patient):
                 raise forbidden(f"A patient/ scope may only write {self.resource_type} for Patient/{patient}")
         return await self.inner.update(resource_id, resource, if_match=if_match)
+
+    async def _check_writable(self, existing: dict[str, Any], patient: str) -> None:
+        """404 for a resource the patient may not see; 403 for one it sees but does not own (shared)."""
+        await self._check_visible(existing, patient, [])
+        if not await self._owned(existing, patient):
+            raise forbidden(
+                f"{self.resource_type}/{existing.get('id')} holds no patient's data and is shared; "
+                "a patient/ scope may not change it"
+            )
 
     async def _existing(self, resource_id: str) -> dict[str, Any] | None:
         try:
@@ -249,13 +274,10 @@ class AuthorizingProvider(ResourceProvider):
         patient, queries = self._grant(Interaction.DELETE)
         self._refuse_narrowed_write(queries)
         if patient is not None:
-            await self._check_existing(resource_id, patient)
+            existing = await self._existing(resource_id)
+            if existing is not None:  # nothing there to protect when it is gone already
+                await self._check_writable(existing, patient)
         await self.inner.delete(resource_id)
-
-    async def _check_existing(self, resource_id: str, patient: str) -> None:
-        existing = await self._existing(resource_id)
-        if existing is not None:  # nothing there to protect when it is gone already
-            await self._check_visible(existing, patient, [])
 
     def _refuse_narrowed_write(self, queries: list[Query]) -> None:
         if queries:
@@ -271,13 +293,37 @@ class AuthorizingProvider(ResourceProvider):
         patient, queries = self._grant(interaction)
         if queries:
             raise forbidden(f"History of {self.resource_type} is not available to query-narrowed scopes")
-        if patient is not None and resource_id is not None:
-            await self._check_existing(resource_id, patient)
-        entries, total = await self.inner.history(resource_id, count, offset)
-        if patient is None or resource_id is not None:
-            return entries, total
+        if patient is None:
+            return await self.inner.history(resource_id, count, offset)
+        if resource_id is not None:
+            return await self._instance_history(resource_id, count, offset, patient)
+        entries, _ = await self.inner.history(None, count, offset)
         kept = [e for e in entries if not e.get("_deleted") and await self._belongs(e, patient)]
-        return kept, total if len(kept) == len(entries) else len(kept)
+        # The inner total counts every patient's versions (also on an empty `_count=0` page).
+        return kept, len(kept)
+
+    async def _instance_history(
+        self, resource_id: str, count: int, offset: int, patient: str
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The versions of one resource that are the patient's, and its deletions.
+
+        The resource is judged by its newest content (the current version, or for a deleted resource
+        the version before the deletion): another patient's resource is 404 like a read. Each version
+        is then judged by its own content, as vread does, so versions from before the resource moved
+        to this patient stay hidden.
+        """
+        current = await self._existing(resource_id) or await self._last_content(resource_id)
+        if current is None:
+            raise not_found(f"{self.resource_type}/{resource_id} is not known")
+        await self._check_visible(current, patient, [])
+        entries, total = await self.inner.history(resource_id, count, offset)
+        kept = [e for e in entries if e.get("_deleted") or await self._belongs(e, patient)]
+        return kept, total - (len(entries) - len(kept))
+
+    async def _last_content(self, resource_id: str) -> dict[str, Any] | None:
+        """The newest version that is not a deletion, of a resource that is deleted now."""
+        entries, _ = await self.inner.history(resource_id, 2, 0)
+        return next((e for e in entries if not e.get("_deleted")), None)
 
 
 def authorizing_providers(providers: Sequence[ResourceProvider], base_url: str) -> list[ResourceProvider]:

@@ -11,8 +11,9 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request
 
 from fhir_facade.auth.access import Access, current_access
+from fhir_facade.auth.compartment import compartment_rule, patient_references
 from fhir_facade.auth.scopes import Interaction, requirements_for_analyze
-from fhir_facade.fhir.errors import forbidden, unauthorized
+from fhir_facade.fhir.errors import FhirError, forbidden, not_found, unauthorized
 from fhir_facade.resources.base import ResourceProvider
 
 __all__ = ["analyze_guard", "server_admin_guard"]
@@ -27,11 +28,11 @@ def _caller() -> Access:
     return access
 
 
-def analyze_guard(studies: ResourceProvider) -> Guard:
+def analyze_guard(studies: ResourceProvider, tasks: ResourceProvider, base_url: str) -> Guard:
     """`POST ImagingStudy/{id}/$analyze` needs read on the study (and the study must be within the
     token's patient compartment: it is read through the authorizing provider, so another patient's
     study is a 404) and create on DiagnosticReport. Polling a job needs read on DiagnosticReport,
-    cancelling one create on DiagnosticReport."""
+    cancelling one create on DiagnosticReport; under a `patient/` grant the job must be the patient's."""
 
     async def guard(request: Request) -> None:
         access = _caller()
@@ -41,12 +42,33 @@ def analyze_guard(studies: ResourceProvider) -> Guard:
                 access.require(interaction, resource_type)
             if access.enforced:
                 await studies.read(study_id)
-        elif request.method == "DELETE":
-            access.require(Interaction.CREATE, "DiagnosticReport")
         else:
-            access.require(Interaction.READ, "DiagnosticReport")
+            interaction = Interaction.CREATE if request.method == "DELETE" else Interaction.READ
+            access.require(interaction, "DiagnosticReport")
+            patient = access.confinement(interaction, "DiagnosticReport")
+            if patient is not None:
+                await _check_job_patient(
+                    tasks, base_url, str(request.path_params.get("task_id", "")), patient
+                )
 
     return guard
+
+
+async def _check_job_patient(tasks: ResourceProvider, base_url: str, task_id: str, patient: str) -> None:
+    """A job is its Task, which the jobs endpoint reads on the server's own authority: a caller confined
+    to a patient may poll or cancel only a job `for` that patient (else 404, like another patient's
+    report), or it would be handed any patient's DiagnosticReport by job id. `tasks` is the unwrapped
+    Task provider: the job's Task is the server's, whatever the caller's Task scopes."""
+    rule = compartment_rule("Task")
+    assert rule is not None
+    try:
+        task = await tasks.read(task_id)
+    except FhirError as error:
+        if error.status in (404, 410):
+            raise not_found(f"No analysis job {task_id}") from error
+        raise
+    if patient not in patient_references(task, rule, base_url):
+        raise not_found(f"No analysis job {task_id}")
 
 
 def server_admin_guard() -> Guard:

@@ -8,6 +8,7 @@ the whole request fails with that entry's OperationOutcome. Before anything is w
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -30,6 +31,9 @@ from fhir_facade.resources.base import ResourceProvider
 __all__ = ["Atomic", "process_bundle"]
 
 Atomic = Callable[[], AbstractAsyncContextManager[None]]
+
+#: A FHIR resource type name (R4 ResourceType codes): what a placeholder id may be minted for.
+_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]*")
 
 # Processing order inside a transaction (http.html#trules): deletes, creates, updates, reads.
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
@@ -142,10 +146,18 @@ def _assign_placeholder_ids(entries: list[dict[str, Any]]) -> dict[str, str]:
     for entry in entries:
         full_url = entry.get("fullUrl")
         resource = entry.get("resource")
-        method = str(entry.get("request", {}).get("method", "")).upper()
+        request = entry.get("request")
+        # Only well-formed creates get an id; a malformed entry is refused (400) when it is run.
+        method = str(request.get("method", "")).upper() if isinstance(request, dict) else ""
         placeholder = isinstance(full_url, str) and full_url.startswith("urn:uuid:")
-        if placeholder and isinstance(resource, dict) and method == "POST":
-            ids[str(full_url)] = f"{resource.get('resourceType')}/{uuid.uuid4().hex}"
+        type_name = resource.get("resourceType") if isinstance(resource, dict) else None
+        if (
+            placeholder
+            and method == "POST"
+            and isinstance(type_name, str)
+            and _TYPE_NAME.fullmatch(type_name)
+        ):
+            ids[str(full_url)] = f"{type_name}/{uuid.uuid4().hex}"
     return ids
 
 
@@ -184,7 +196,7 @@ async def process_bundle(
         full_url = bundle["entry"][index].get("fullUrl")
         # A create with a placeholder becomes a create under the assigned id (update-as-create),
         # so references to it could be rewritten before any write.
-        if full_url in ids:
+        if isinstance(full_url, str) and full_url in ids:
             type_name, new_id = ids[full_url].split("/")
             entry = {
                 **entry,
