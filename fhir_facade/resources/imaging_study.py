@@ -54,8 +54,8 @@ _SPEC = "http://hl7.org/fhir/SearchParameter/"
 T = SearchParamType
 
 STUDY_FIELDS = ("00081030", "00080201", "00100021")
-SERIES_FIELDS = ("0008103E", "00180015", "00200060", "00080021", "00080031", "00080201")
-INSTANCE_FIELDS = ("00080016", "00200013", "0020000E")
+SERIES_FIELDS = ("0008103E", "00180015", "00200060", "00080021", "00080031", "00080201", "00100020")
+INSTANCE_FIELDS = ("00080016", "00200013", "0020000E", "00100020")
 _UID_LIST_CHUNK = 150  # UIDs per series query: keeps the URL well under common 16 KiB limits
 _STATUS_SYSTEM = "http://hl7.org/fhir/imagingstudy-status"
 
@@ -153,7 +153,10 @@ class ImagingStudyProvider(ResourceProvider):
         studies = [s for s in studies if study_uid(s) == resource_id]
         if not studies:
             raise not_found(f"ImagingStudy/{resource_id} is not in the PACS")
-        study = imaging_study_from_dicom(studies[0], series, instances, self._ctx)
+        own = studies[0]
+        study = imaging_study_from_dicom(
+            own, _of_patient(series, own), _of_patient(instances, own), self._ctx
+        )
         return (await self._with_orders([study]))[0]
 
     async def search(self, request: SearchRequest) -> SearchResult:
@@ -174,7 +177,7 @@ class ImagingStudyProvider(ResourceProvider):
         for ds in series:
             by_study[study_uid(ds)].append(ds)
         matches = [
-            imaging_study_from_dicom(study, by_study[study_uid(study)], None, self._ctx)
+            imaging_study_from_dicom(study, _of_patient(by_study[study_uid(study)], study), None, self._ctx)
             for study in page.studies
         ]
         return SearchResult(await self._with_orders(matches), page.total, page.has_next)
@@ -332,6 +335,15 @@ def _asks_available(clause: SearchClause) -> bool:
         isinstance(v, TokenValue) and v.code == "available" and v.system in (None, "", _STATUS_SYSTEM)
         for v in clause.values
     )
+
+
+def _of_patient(datasets: list[DicomJson], study: DicomJson) -> list[DicomJson]:
+    """The series or instances of `study`'s own patient. Orthanc keeps one StudyInstanceUID stored under
+    two PatientIDs as two studies, but answers a series query by Study UID with the series of both, so
+    the other patient's series would end up in this patient's ImagingStudy (and be readable through a
+    token confined to this patient). Datasets that carry no PatientID are kept."""
+    patient = _text(study, "00100020")
+    return [ds for ds in datasets if _text(ds, "00100020") in (None, patient)]
 
 
 def _text(ds: DicomJson, tag: str) -> str | None:
