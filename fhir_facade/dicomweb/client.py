@@ -10,10 +10,12 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import httpx
+
 from fhir_facade.dicomweb.errors import DicomwebError, DicomwebUnavailable
 from fhir_facade.dicomweb.pooled_client import PooledClient
 
-__all__ = ["DicomJson", "DicomwebClient", "DicomwebError", "DicomwebUnavailable"]
+__all__ = ["DicomJson", "DicomwebClient", "DicomwebError", "DicomwebUnavailable", "qido_datasets"]
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +76,24 @@ class DicomwebClient(PooledClient):
             params.append(("limit", str(limit)))
         if offset:
             params.append(("offset", str(offset)))
-        response = await self._send("GET", path, params=params)
-        if response.status_code == 204:
-            return []
-        if response.status_code >= 400:
-            raise DicomwebError(f"PACS rejected {path} with {response.status_code}: {response.text[:200]}")
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise DicomwebError(f"PACS sent invalid DICOM JSON for {path}") from exc
-        if not isinstance(body, list):
-            raise DicomwebError(f"PACS sent {type(body).__name__}, not a list, for {path}")
-        # PS3.18 8.3.4.6: a Warning header says the PACS ignored part of the query (e.g. an
-        # unsupported attribute): the answer is a superset, so log it where operators look.
-        if "warning" in response.headers:
-            log.warning("QIDO %s: PACS warning %s", path, response.headers["warning"])
-        return [item for item in body if isinstance(item, dict)]
+        return qido_datasets(await self._send("GET", path, params=params), path)
+
+
+def qido_datasets(response: httpx.Response, path: str) -> list[DicomJson]:
+    """The DICOM JSON datasets of a QIDO-RS answer: [] for 204 or an empty body; a 4xx or a body that
+    is not a JSON array is a DicomwebError (the PACS's answer is unusable, not the client's request)."""
+    if response.status_code == 204 or not response.content:
+        return []
+    if response.status_code >= 400:
+        raise DicomwebError(f"PACS rejected {path} with {response.status_code}: {response.text[:200]}")
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise DicomwebError(f"PACS sent invalid DICOM JSON for {path}") from exc
+    if not isinstance(body, list):
+        raise DicomwebError(f"PACS sent {type(body).__name__}, not a list, for {path}")
+    # PS3.18 8.3.4.6: a Warning header says the PACS ignored part of the query (e.g. an
+    # unsupported attribute): the answer is a superset, so log it where operators look.
+    if "warning" in response.headers:
+        log.warning("QIDO %s: PACS warning %s", path, response.headers["warning"])
+    return [item for item in body if isinstance(item, dict)]

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from fhir_facade.dicomweb.client import DicomJson
-from fhir_facade.dicomweb.errors import DicomwebError, DicomwebUnavailable
+from fhir_facade.dicomweb.client import DicomJson, qido_datasets
+from fhir_facade.dicomweb.errors import DicomwebUnavailable
 from fhir_facade.dicomweb.pooled_client import PooledClient
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class DicomwebProxyClient(PooledClient):
         `path` is relative to the DICOMweb root and already percent-encoded; `query` is a raw
         query string, sent as is.
         """
-        target = f"{path}?{query}" if query else path
+        target = _target(path, query)
         stack = AsyncExitStack()
         try:
             response = await stack.enter_async_context(
@@ -132,8 +132,7 @@ class DicomwebProxyClient(PooledClient):
     ) -> httpx.Response:
         """Send one request and read the whole (decoded) answer: for small answers only (QIDO
         results, STOW responses)."""
-        target = f"{path}?{query}" if query else path
-        return await self._send(method, target, headers=dict(headers or {}), content=content)
+        return await self._send(method, _target(path, query), headers=dict(headers or {}), content=content)
 
     async def search(self, path: str, params: Sequence[tuple[str, str]]) -> list[DicomJson]:
         """A QIDO-RS query made by the proxy itself (ownership checks), as DICOM JSON datasets.
@@ -144,14 +143,8 @@ class DicomwebProxyClient(PooledClient):
         response = await self._send(
             "GET", path, params=list(params), headers={"Accept": DICOM_JSON, "Accept-Encoding": "gzip"}
         )
-        if response.status_code == 204 or not response.content:
-            return []
-        if response.status_code >= 400:
-            raise DicomwebError(f"PACS rejected {path} with {response.status_code}: {response.text[:200]}")
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise DicomwebError(f"PACS sent invalid DICOM JSON for {path}") from exc
-        if not isinstance(body, list):
-            raise DicomwebError(f"PACS sent {type(body).__name__}, not a list, for {path}")
-        return [item for item in body if isinstance(item, dict)]
+        return qido_datasets(response, path)
+
+
+def _target(path: str, query: str) -> str:
+    return f"{path}?{query}" if query else path

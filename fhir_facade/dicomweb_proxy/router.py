@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 from fhir_facade.auth.access import Access, access_of, current_access
 from fhir_facade.auth.scopes import Interaction
 from fhir_facade.config import Settings
-from fhir_facade.dicomweb.errors import DicomwebError
+from fhir_facade.dicomweb.client import qido_datasets
 from fhir_facade.dicomweb_proxy.client import DICOM_JSON, DicomwebProxyClient, UpstreamResponse
 from fhir_facade.dicomweb_proxy.confinement import PatientKey, confined_query, study_belongs_to
 from fhir_facade.dicomweb_proxy.stow import DEFAULT_MAX_STOW_BYTES, check_confined_stow, read_body
@@ -258,13 +258,8 @@ class _Proxy:
         }
         if response.status_code >= 400 or not response.content:
             return Response(response.content, status_code=response.status_code, headers=passed)
-        try:
-            found = response.json()
-        except ValueError as exc:
-            raise DicomwebError(f"PACS sent invalid DICOM JSON for {path}") from exc
-        if not isinstance(found, list):
-            raise DicomwebError(f"PACS sent {type(found).__name__}, not a list, for {path}")
-        kept = [ds for ds in found if isinstance(ds, dict) and key.matches_json(ds)]
+        found = qido_datasets(response, path)
+        kept = [ds for ds in found if key.matches_json(ds)]
         if len(kept) < len(found):
             # Only a PatientID holding QIDO wildcard or list characters, or an issuer-less patient
             # sharing a PatientID with an issuer-qualified one, gets here: the query already narrows.
