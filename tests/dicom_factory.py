@@ -27,6 +27,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from fhir_facade.demo.brain_mri import build_demo_study
 from fhir_facade.embedded import store_instances
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "SeriesSpec",
     "StudySpec",
     "build_study",
+    "demo_brain_study",
     "series_instance_uid",
     "sop_instance_uid",
     "standard_corpus",
@@ -388,3 +390,15 @@ CORPUS: dict[str, StudySpec] = {
     ),
 }
 """The standard corpus by short key; tests assert the FHIR view against these specs."""
+
+
+def demo_brain_study(study_uid: str, patient_id: str, n_slices: int) -> list[FileDataset]:
+    """The demo's real Colin27 MR slices (what $analyze's model reads), renamed to a study and patient
+    of the test's own, so tests do not share the demo study's state."""
+    datasets = build_demo_study(n_slices)
+    series_uid = f"{study_uid}.1"
+    for number, ds in enumerate(datasets, start=1):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series_uid}.{number}"
+        ds.PatientID = patient_id
+    return datasets

@@ -20,11 +20,10 @@ from fhir_facade.analyze.inference import OnnxRuntimeBackend
 from fhir_facade.analyze.manifest import load_manifests
 from fhir_facade.analyze.pixels import to_model_input
 from fhir_facade.analyze.result import ScoredInstance
-from fhir_facade.demo.brain_mri import build_demo_study
 from fhir_facade.embedded import EmbeddedOrthanc, store_instances
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM
 from tests.conftest import LiveServer, ok_json, outcome, serve, validate
-from tests.dicom_factory import CORPUS
+from tests.dicom_factory import CORPUS, demo_brain_study
 
 N_SLICES = 8
 #: The demo brain under UIDs of its own: other tests store the demo study with other slice counts.
@@ -58,13 +57,7 @@ def sr_only_study(loaded_orthanc: EmbeddedOrthanc) -> str:
 
 def brain_series() -> list[Dataset]:
     """The demo's real Colin27 slices, renamed to this module's study."""
-    datasets = build_demo_study(N_SLICES)
-    series_uid = f"{STUDY_UID}.1"
-    for number, ds in enumerate(datasets, start=1):
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series_uid}.{number}"
-        ds.PatientID = "ANALYZE-TEST-1"
-    return datasets
+    return list(demo_brain_study(STUDY_UID, "ANALYZE-TEST-1", N_SLICES))
 
 
 @pytest.fixture(scope="module")

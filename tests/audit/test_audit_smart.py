@@ -37,10 +37,8 @@ def issuer(port: int) -> Iterator[TestIssuer]:
 @pytest.fixture(scope="module")
 def secured(loaded_orthanc: EmbeddedOrthanc, issuer: TestIssuer, port: int) -> Iterator[LiveServer]:
     overrides = {
-        "auth": "smart",
+        **issuer.facade_settings,
         "audit_enabled": None,  # the default: on with SMART
-        "auth_issuer": issuer.issuer,
-        "auth_jwks_url": issuer.jwks.url,
         "dicomweb_url": loaded_orthanc.dicomweb_url,
     }
     with audited(overrides, port=port) as server:

@@ -31,9 +31,7 @@ def issuer(secured_port: int) -> Iterator[TestIssuer]:
 def secured(loaded_orthanc: EmbeddedOrthanc, issuer: TestIssuer, secured_port: int) -> Iterator[LiveServer]:
     with serve(
         {
-            "auth": "smart",
-            "auth_issuer": issuer.issuer,
-            "auth_jwks_url": issuer.jwks.url,
+            **issuer.facade_settings,
             "dicomweb_url": loaded_orthanc.dicomweb_url,
             "issuer_systems": {"HOSPITAL-A": "urn:oid:1.2.3.4.5"},
             "cors_origins": [CORS_ORIGIN],

@@ -59,6 +59,11 @@ class TestIssuer:
         self.jwks = JwksServer()
         self.jwks.jwks = {"keys": [self.key.as_dict(private=False)]}
 
+    @property
+    def facade_settings(self) -> dict[str, Any]:
+        """Settings of a facade in SMART resource-server mode that trusts this issuer."""
+        return {"auth": "smart", "auth_issuer": self.issuer, "auth_jwks_url": self.jwks.url}
+
     def claims(self, scope: str, **extra: Any) -> dict[str, Any]:
         now = int(time.time())
         claims: dict[str, Any] = {

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from fhir_facade.demo.brain_mri import build_demo_study
 from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
 from tests.audit.test_audit_smart import event_of
 from tests.auth.issuer import TestIssuer
 from tests.conftest import LiveServer, ok_json, outcome, serve
+from tests.dicom_factory import demo_brain_study
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.727.9101"
 PATIENT = "ANALYZE-AUTH-1"
@@ -22,20 +22,13 @@ ALLOWED = "launch/patient patient/ImagingStudy.rs patient/DiagnosticReport.cr"
 
 @pytest.fixture(scope="module")
 def analyzing(loaded_orthanc: EmbeddedOrthanc) -> Iterator[tuple[LiveServer, TestIssuer]]:
-    datasets = build_demo_study(4)
-    series_uid = f"{STUDY_UID}.1"
-    for number, ds in enumerate(datasets, start=1):
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series_uid}.{number}"
-        ds.PatientID = PATIENT
+    datasets = demo_brain_study(STUDY_UID, PATIENT, 4)
     with httpx.Client(timeout=60) as client:
         store_instances(client, loaded_orthanc.url, datasets)
     port = free_port()
     issuer = TestIssuer(audience=f"http://127.0.0.1:{port}/fhir")
     settings = {
-        "auth": "smart",
-        "auth_issuer": issuer.issuer,
-        "auth_jwks_url": issuer.jwks.url,
+        **issuer.facade_settings,
         "dicomweb_url": loaded_orthanc.dicomweb_url,
         "analyze_enabled": True,
         "analyze_worklist": False,

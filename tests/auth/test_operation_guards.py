@@ -14,9 +14,7 @@ def test_sync_status_and_replay_need_all_type_scopes(loaded_orthanc: EmbeddedOrt
     port = free_port()
     issuer = TestIssuer(audience=f"http://127.0.0.1:{port}/fhir")
     settings = {
-        "auth": "smart",
-        "auth_issuer": issuer.issuer,
-        "auth_jwks_url": issuer.jwks.url,
+        **issuer.facade_settings,
         "dicomweb_url": loaded_orthanc.dicomweb_url,
         "fhir_upstream_url": f"http://127.0.0.1:{free_port()}/fhir",  # nobody there: the queue just waits
         "audit_enabled": False,

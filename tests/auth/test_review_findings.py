@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_facade.demo.brain_mri import build_demo_study
 from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
 from fhir_facade.watcher.arrival_tasks import ANALYZE_CODE
 from tests.auth.issuer import TestIssuer
 from tests.conftest import LiveServer, ok_json, outcome, serve
+from tests.dicom_factory import demo_brain_study
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 OWN, OTHER = "P-1001", "JP-0042"
@@ -161,20 +161,13 @@ ANALYZE_SCOPES = "launch/patient patient/ImagingStudy.rs patient/DiagnosticRepor
 
 @pytest.fixture(scope="module")
 def analyzing(loaded_orthanc: EmbeddedOrthanc) -> Iterator[tuple[httpx.Client, TestIssuer]]:
-    datasets = build_demo_study(4)
-    series_uid = f"{ANALYZED_STUDY}.1"
-    for number, ds in enumerate(datasets, start=1):
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = ANALYZED_STUDY, series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series_uid}.{number}"
-        ds.PatientID = ANALYZED_PATIENT
+    datasets = demo_brain_study(ANALYZED_STUDY, ANALYZED_PATIENT, 4)
     with httpx.Client(timeout=60) as http:
         store_instances(http, loaded_orthanc.url, datasets)
     port = free_port()
     issuer = TestIssuer(audience=f"http://127.0.0.1:{port}/fhir")
     settings = {
-        "auth": "smart",
-        "auth_issuer": issuer.issuer,
-        "auth_jwks_url": issuer.jwks.url,
+        **issuer.facade_settings,
         "dicomweb_url": loaded_orthanc.dicomweb_url,
         "analyze_enabled": True,
         "analyze_worklist": False,

@@ -35,9 +35,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServe
         port = free_port()
         issuer = TestIssuer(audience=f"http://127.0.0.1:{port}/fhir")
         settings = {
-            "auth": "smart",
-            "auth_issuer": issuer.issuer,
-            "auth_jwks_url": issuer.jwks.url,
+            **issuer.facade_settings,
             "dicomweb_url": orthanc.dicomweb_url,
         }
         with serve(settings, port=port) as server:
