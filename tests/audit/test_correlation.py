@@ -31,9 +31,9 @@ from fhir_facade.sync.outbox_queue import OutboxQueue
 from fhir_facade.sync.upstream import UpstreamClient, UpstreamSettings
 from fhir_facade.sync.worker import SyncWorker
 from tests.audit.conftest import audited, correlation_of, events_with
-from tests.audit.loopback import RecordingServer, fhir_upstream, kserve_model, proxy_to
 from tests.conftest import LiveServer, ok_json, outcome
 from tests.dicom_factory import CORPUS
+from tests.loopback import RecordingServer, fhir_upstream, kserve_model, proxy_to
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 STUDY = CORPUS["mueller_mr_brain"]

@@ -3,48 +3,32 @@ a signing key that mints SMART access tokens with whatever claims a test needs."
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from joserfc import jwt
 from joserfc.jwk import ECKey
 
-from fhir_facade.embedded import free_port
+from tests.loopback import RecordingServer, json_answer
 
 ISSUER = "https://auth.hospital.example"
 
 
 class JwksServer:
-    """Serves whatever key set the test puts in `.jwks` at /jwks."""
+    """Serves whatever key set the test puts in `.jwks` at /jwks, and counts the fetches."""
 
     def __init__(self) -> None:
         self.jwks: dict[str, Any] = {"keys": []}
-        self.requests = 0
-        outer = self
+        self._server = RecordingServer(lambda method, path, body: json_answer(self.jwks)).__enter__()
+        self.url = f"{self._server.url}/jwks"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.requests += 1
-                body = json.dumps(outer.jwks).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/jwks"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    @property
+    def requests(self) -> int:
+        return len(self._server.requests)
 
     def close(self) -> None:
-        self.server.shutdown()
+        self._server.__exit__(None, None, None)
 
 
 class TestIssuer:

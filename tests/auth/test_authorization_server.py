@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -48,6 +46,7 @@ from tests.auth.fixtures.smart_app import (
     sign_in,
     unsigned_jwt,
 )
+from tests.loopback import RecordingServer, json_answer
 
 ROOT = "http://127.0.0.1:8080"
 BASE = f"{ROOT}/fhir"
@@ -225,24 +224,10 @@ def test_token_lifetime_follows_the_settings(tmp_path: Path, registry_file: Path
 
 def test_backend_client_keys_from_a_jwks_url(tmp_path: Path, ec_key: ECKey) -> None:
     served: dict[str, Any] = {"status": 200, "body": {"keys": [ec_key.as_dict(private=False)]}}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps(served["body"]).encode()
-            self.send_response(served["status"])
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    jwks_server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=jwks_server.serve_forever, daemon=True).start()
-    try:
+    jwks_server = RecordingServer(lambda method, path, body: json_answer(served["body"], served["status"]))
+    with jwks_server:
         path = tmp_path / "clients.json"
-        jwks_url = f"http://127.0.0.1:{jwks_server.server_port}/jwks"
+        jwks_url = f"{jwks_server.url}/jwks"
         path.write_text(
             json.dumps(
                 {"clients": [{"client_id": "remote-keys", "kind": "backend-service", "scope": "system/*.rs",
@@ -258,8 +243,6 @@ def test_backend_client_keys_from_a_jwks_url(tmp_path: Path, ec_key: ECKey) -> N
             served["status"] = 500
             failed = backend_token(http, client_assertion(ec_key, "remote-keys", TOKEN_URL))
             assert "jwks_url" in oauth_error(failed, 400, "invalid_client")
-    finally:
-        jwks_server.shutdown()
 
 
 def test_jwks_serves_only_the_public_key(http: TestClient, server: BuiltinAuthorizationServer) -> None:

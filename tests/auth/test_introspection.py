@@ -4,11 +4,8 @@ tokens, the validator on its own and the whole facade configured with it."""
 from __future__ import annotations
 
 import base64
-import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -19,47 +16,38 @@ from fhir_facade.auth.tokens import BearerValidator, IntrospectionValidator, Inv
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.conftest import ok_json, outcome, serve
 from tests.dicom_factory import CORPUS
+from tests.loopback import Answer, RecordingServer, json_answer
 
 ISSUER = "https://as.hospital.example"
 CLIENT = ("facade", "s3cret")
 
 
 class IntrospectionServer:
-    """Answers POST /introspect for the tokens in `.tokens` (others: inactive); counts calls and
-    remembers the Basic credentials it was sent."""
+    """Answers POST /introspect for the tokens in `.tokens` (others: inactive); records the calls."""
 
     def __init__(self) -> None:
         self.tokens: dict[str, dict[str, Any]] = {}
-        self.calls = 0
-        self.credentials: list[str] = []
-        outer = self
+        self.server = RecordingServer(self._answer).__enter__()
+        self.url = f"{self.server.url}/introspect"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                outer.calls += 1
-                outer.credentials.append(self.headers.get("Authorization", ""))
-                form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
-                answer = outer.tokens.get(form.get("token", [""])[0], {"active": False})
-                body = json.dumps(answer).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def _answer(self, method: str, path: str, body: bytes) -> Answer:
+        token = parse_qs(body.decode()).get("token", [""])[0]
+        return json_answer(self.tokens.get(token, {"active": False}))
 
-            def log_message(self, *args: Any) -> None:
-                pass
+    @property
+    def calls(self) -> int:
+        return len(self.server.requests)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/introspect"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    @property
+    def credentials(self) -> list[str]:
+        return [r.headers.get("authorization", "") for r in self.server.requests]
 
 
 @pytest.fixture(scope="module")
 def introspection() -> Iterator[IntrospectionServer]:
     server = IntrospectionServer()
     yield server
-    server.server.shutdown()
+    server.server.__exit__(None, None, None)
 
 
 def _active(audience: str, scope: str, **extra: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ AUDIENCE = "http://127.0.0.1:8080/fhir"
 def jwks_server() -> Iterator[JwksServer]:
     server = JwksServer()
     yield server
-    server.server.shutdown()
+    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Tiny loopback HTTP servers that record the requests they receive, to observe what the facade
 sends: a reverse proxy in front of the real Orthanc, and stand-ins answering as a KServe v2 model
-server or an upstream FHIR server does. Each runs in a thread on a free port of 127.0.0.1."""
+server, an upstream FHIR server, an issuer's JWKS or an introspection endpoint does. Each runs in a
+thread on a free port of 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from typing import Any
 
 import httpx
 
-__all__ = ["Answer", "Recorded", "RecordingServer", "fhir_upstream", "kserve_model", "proxy_to"]
+__all__ = [
+    "Answer",
+    "Recorded",
+    "RecordingServer",
+    "fhir_upstream",
+    "json_answer",
+    "kserve_model",
+    "proxy_to",
+]
 
 #: What a stand-in answers: status, headers, body.
 Answer = tuple[int, dict[str, str], bytes]
@@ -23,6 +32,11 @@ Responder = Callable[[str, str, bytes], Answer]
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
 )
+
+
+def json_answer(body: Any, status: int = 200) -> Answer:
+    """A JSON answer for a responder."""
+    return status, {"Content-Type": "application/json"}, json.dumps(body).encode()
 
 
 @dataclass(frozen=True)
