@@ -88,16 +88,20 @@ class AuthorizingProvider(ResourceProvider):
             return patient, []
         return patient, list(dict.fromkeys(s.query for s in granting))
 
-    async def _belongs(self, resource: dict[str, Any], patient: str) -> bool:
+    async def _belongs(
+        self, resource: dict[str, Any], patient: str, targets: Mapping[str, dict[str, Any]] | None = None
+    ) -> bool:
         """Whether `patient` may see `resource`: it is in the patient's compartment, or it is one that
-        holds no patient data (an algorithm Device)."""
+        holds no patient data (an algorithm Device). `targets`: Provenance targets fetched already."""
         rule = self._rule
         assert rule is not None
         if rule.unreferenced_is_shared and not references_at(resource, rule.elements):
             return True
-        return await self._owned(resource, patient)
+        return await self._owned(resource, patient, targets)
 
-    async def _owned(self, resource: dict[str, Any], patient: str) -> bool:
+    async def _owned(
+        self, resource: dict[str, Any], patient: str, targets: Mapping[str, dict[str, Any]] | None = None
+    ) -> bool:
         """Whether `resource` is in `patient`'s compartment. Writes need this, not mere visibility: a
         shared resource (an algorithm Device every patient's reports cite) is outside every patient's
         compartment, so a `patient/` scope may read it but not create, change or delete it."""
@@ -106,31 +110,71 @@ class AuthorizingProvider(ResourceProvider):
         if self.resource_type == "Patient":
             return resource.get("id") == patient
         if rule.via_targets:
-            return await self._targets_belong(resource, patient)
+            known = targets if targets is not None else await self._targets_of([resource])
+            return self._targets_belong(resource, patient, known)
         return patient in patient_references(resource, rule, self._base_url)
 
-    async def _targets_belong(self, resource: dict[str, Any], patient: str) -> bool:
-        """A Provenance is the patient's when every patient-specific target is, and one at least."""
-        belongs = False
+    async def _belonging(self, resources: list[dict[str, Any]], patient: str) -> list[dict[str, Any]]:
+        """The resources `patient` may see, judged together: the targets of a page of Provenances are
+        fetched with one `_id` search per target type, not one read per target."""
+        assert self._rule is not None
+        targets = await self._targets_of(resources) if self._rule.via_targets else {}
+        return [r for r in resources if await self._belongs(r, patient, targets)]
+
+    def _patient_specific_targets(self, resource: dict[str, Any]) -> list[tuple[str, str]]:
+        """(type, id) of the targets that hold patient data (and whose type this server serves)."""
+        found = []
         for reference in references_at(resource, ("target",)):
             kind, _, target_id = reference.removeprefix(self._base_url + "/").partition("/")
-            target_id = target_id.split("/_history/")[0]
             rule = compartment_rule(kind)
-            peer = self._peers.get(kind)
-            if rule is None or peer is None or rule.via_targets:
-                continue
+            if rule is not None and not rule.via_targets and kind in self._peers:
+                found.append((kind, target_id.split("/_history/")[0]))
+        return found
+
+    async def _targets_of(self, resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The patient-specific targets of `resources`, by "Type/id", read on the server's authority."""
+        wanted: dict[str, set[str]] = {}
+        for resource in resources:
+            for kind, target_id in self._patient_specific_targets(resource):
+                wanted.setdefault(kind, set()).add(target_id)
+
+        async def fetch(kind: str, ids: set[str]) -> list[dict[str, Any]]:
+            peer = self._peers[kind]
             try:
-                target = await peer.read(target_id)
-            except FhirError:
+                request = parse_search(
+                    kind,
+                    [("_id", ",".join(sorted(ids)))],
+                    peer.search_param_map,
+                    base_url=self._base_url,
+                    strict=True,
+                    default_count=len(ids),
+                    max_count=len(ids),
+                )
+            except FhirError:  # an id no search can name: such targets stay unknown (not the patient's)
+                return []
+            return (await peer.search(request)).matches
+
+        found = await asyncio.gather(*(fetch(kind, ids) for kind, ids in wanted.items()))
+        return {f"{m['resourceType']}/{m['id']}": m for batch in found for m in batch}
+
+    def _targets_belong(
+        self, resource: dict[str, Any], patient: str, targets: Mapping[str, dict[str, Any]]
+    ) -> bool:
+        """A Provenance is the patient's when every patient-specific target is, and one at least."""
+        specific = self._patient_specific_targets(resource)
+        for kind, target_id in specific:
+            target = targets.get(f"{kind}/{target_id}")
+            if target is None:
                 return False
+            rule = compartment_rule(kind)
+            assert rule is not None
             if kind == "Patient":
                 ok = target.get("id") == patient
             else:
                 ok = patient in patient_references(target, rule, self._base_url)
             if not ok:
                 return False
-            belongs = True
-        return belongs
+        return bool(specific)
 
     async def _matches_narrowing(self, ids: Sequence[str], queries: list[Query]) -> set[str]:
         """The ids among `ids` that match at least one narrowing query (one `_id` search each)."""
@@ -209,11 +253,9 @@ class AuthorizingProvider(ResourceProvider):
         if patient is None and not queries:
             return result
         allowed = await self._matches_narrowing([m["id"] for m in result.matches], queries)
-        kept = [
-            m
-            for m in result.matches
-            if m["id"] in allowed and (patient is None or await self._belongs(m, patient))
-        ]
+        kept = [m for m in result.matches if m["id"] in allowed]
+        if patient is not None:
+            kept = await self._belonging(kept, patient)
         if queries or (patient is not None and not self._confined_by_search()):
             # Filtered after the search: the inner total counts what the caller may not see (also on
             # an empty `_summary=count` page, where nothing was filtered), so none is given.
@@ -298,7 +340,7 @@ class AuthorizingProvider(ResourceProvider):
         if resource_id is not None:
             return await self._instance_history(resource_id, count, offset, patient)
         entries, _ = await self.inner.history(None, count, offset)
-        kept = [e for e in entries if not e.get("_deleted") and await self._belongs(e, patient)]
+        kept = await self._belonging([e for e in entries if not e.get("_deleted")], patient)
         # The inner total counts every patient's versions (also on an empty `_count=0` page).
         return kept, len(kept)
 
@@ -317,7 +359,8 @@ class AuthorizingProvider(ResourceProvider):
             raise not_found(f"{self.resource_type}/{resource_id} is not known")
         await self._check_visible(current, patient, [])
         entries, total = await self.inner.history(resource_id, count, offset)
-        kept = [e for e in entries if e.get("_deleted") or await self._belongs(e, patient)]
+        visible = await self._belonging([e for e in entries if not e.get("_deleted")], patient)
+        kept = [e for e in entries if e.get("_deleted") or any(e is v for v in visible)]
         return kept, total - (len(entries) - len(kept))
 
     async def _last_content(self, resource_id: str) -> dict[str, Any] | None:
