@@ -11,15 +11,16 @@ trusted, so nothing is checked, but audit still records the caller's address.
 
 from __future__ import annotations
 
+import logging
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
 from fhir_facade.auth.scopes import Interaction, Scopes
-from fhir_facade.fhir.errors import forbidden
+from fhir_facade.fhir.errors import forbidden, unauthorized
 
-__all__ = ["Access", "access_of", "current_access"]
+__all__ = ["Access", "access_of", "authenticated_caller", "current_access"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +99,15 @@ current_access: ContextVar[Access | None] = ContextVar("current_access", default
 def access_of(connection: HTTPConnection) -> Access | None:
     """The Access the authenticating dependency stored on this request, if it ran."""
     return getattr(connection.state, "access", None)
+
+
+def authenticated_caller() -> Access:
+    """The current request's Access. 401 when none was set: a route or provider reached without the
+    authenticating dependency fails closed rather than serving an unknown caller."""
+    access = current_access.get()
+    if access is None:
+        logging.getLogger(__name__).error(
+            "Reached without an authenticated caller (a route lacks the dependency)"
+        )
+        raise unauthorized("This request was not authenticated")
+    return access

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fhir_facade.auth.access import Access, current_access
+from fhir_facade.auth.access import authenticated_caller
 from fhir_facade.auth.compartment import (
     compartment_rule,
     patient_references,
@@ -31,21 +31,13 @@ from fhir_facade.auth.compartment import (
 )
 from fhir_facade.auth.scopes import Interaction, Query
 from fhir_facade.fhir.bundles import SearchResult
-from fhir_facade.fhir.errors import FhirError, forbidden, not_found, unauthorized
+from fhir_facade.fhir.errors import FhirError, forbidden, not_found
 from fhir_facade.fhir.search import SearchRequest, parse_search
 from fhir_facade.resources.base import ResourceProvider, WriteResult
 
 __all__ = ["AuthorizingProvider", "authorizing_providers"]
 
 log = logging.getLogger(__name__)
-
-
-def _access() -> Access:
-    access = current_access.get()
-    if access is None:  # a route that skipped authentication: fail closed
-        log.error("A provider was called without an authenticated caller")
-        raise unauthorized("This request was not authenticated")
-    return access
 
 
 class AuthorizingProvider(ResourceProvider):
@@ -75,7 +67,7 @@ class AuthorizingProvider(ResourceProvider):
 
     def _grant(self, interaction: Interaction) -> tuple[str | None, list[Query]]:
         """Check the permission; return (patient to confine to or None, narrowing queries)."""
-        access = _access()
+        access = authenticated_caller()
         access.require(interaction, self.resource_type)
         if not access.enforced:
             return None, []
@@ -220,7 +212,7 @@ class AuthorizingProvider(ResourceProvider):
                 "Refused %s/%s to %s: outside its grant",
                 self.resource_type,
                 resource.get("id"),
-                _access().who,
+                authenticated_caller().who,
             )
             raise not_found(f"{self.resource_type}/{resource.get('id')} is not known")
 
@@ -283,7 +275,7 @@ class AuthorizingProvider(ResourceProvider):
     ) -> WriteResult:
         """Update needs `u`; an update that creates the resource (update-as-create, and the creates of a
         transaction, which run as updates under server-assigned ids) needs `c` instead."""
-        if not _access().enforced:
+        if not authenticated_caller().enforced:
             return await self.inner.update(resource_id, resource, if_match=if_match)
         existing = await self._existing(resource_id)
         patient, queries = self._grant(Interaction.UPDATE if existing else Interaction.CREATE)

@@ -10,22 +10,15 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
-from fhir_facade.auth.access import Access, current_access
+from fhir_facade.auth.access import authenticated_caller
 from fhir_facade.auth.compartment import compartment_rule, patient_references
 from fhir_facade.auth.scopes import Interaction, requirements_for_analyze
-from fhir_facade.fhir.errors import FhirError, forbidden, not_found, unauthorized
+from fhir_facade.fhir.errors import FhirError, forbidden, not_found
 from fhir_facade.resources.base import ResourceProvider
 
 __all__ = ["analyze_guard", "server_admin_guard"]
 
 Guard = Callable[[Request], Awaitable[None]]
-
-
-def _caller() -> Access:
-    access = current_access.get()
-    if access is None:
-        raise unauthorized("This request was not authenticated")
-    return access
 
 
 def analyze_guard(studies: ResourceProvider, tasks: ResourceProvider, base_url: str) -> Guard:
@@ -35,7 +28,7 @@ def analyze_guard(studies: ResourceProvider, tasks: ResourceProvider, base_url: 
     cancelling one create on DiagnosticReport; under a `patient/` grant the job must be the patient's."""
 
     async def guard(request: Request) -> None:
-        access = _caller()
+        access = authenticated_caller()
         study_id = request.path_params.get("study_id")
         if study_id is not None:
             for interaction, resource_type in requirements_for_analyze():
@@ -76,7 +69,7 @@ def server_admin_guard() -> Guard:
     `system/` scope on all types (`*`): read for GET, update for POST."""
 
     async def guard(request: Request) -> None:
-        access = _caller()
+        access = authenticated_caller()
         if not access.enforced:
             return
         needed = Interaction.READ if request.method == "GET" else Interaction.UPDATE

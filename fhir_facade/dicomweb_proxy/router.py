@@ -30,7 +30,7 @@ from fastapi.responses import Response
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from fhir_facade.auth.access import Access, access_of, current_access
+from fhir_facade.auth.access import Access, access_of, authenticated_caller, current_access
 from fhir_facade.auth.scopes import Interaction
 from fhir_facade.config import Settings
 from fhir_facade.dicomweb.client import qido_datasets
@@ -43,7 +43,6 @@ from fhir_facade.fhir.errors import (
     forbidden,
     not_acceptable,
     not_found,
-    unauthorized,
 )
 
 __all__ = ["PREFIX", "build_dicomweb_proxy_router"]
@@ -140,15 +139,6 @@ class _ProxiedResponse(StreamingResponse):
             await self._upstream.aclose()
 
 
-def _caller(request: Request) -> Access:
-    """The Access the authenticating dependency stored; refused (401) when it did not run, so a
-    router mounted without it fails closed."""
-    access = access_of(request) or current_access.get()
-    if access is None:
-        raise unauthorized("No authenticated caller: the DICOMweb proxy is mounted without authentication")
-    return access
-
-
 def _confinement(access: Access, interaction: Interaction) -> PatientKey | None:
     patient = access.confinement(interaction, RESOURCE_TYPE)
     if patient is None:
@@ -233,7 +223,7 @@ class _Proxy:
 
     async def search(self, request: Request, template: str) -> Response:
         """QIDO-RS (PS3.18 10.6)."""
-        access = _caller(request)
+        access = authenticated_caller()
         access.require(Interaction.SEARCH, RESOURCE_TYPE)
         path = _upstream_path(template, request)
         key = _confinement(access, Interaction.SEARCH)
@@ -275,7 +265,7 @@ class _Proxy:
 
     async def retrieve(self, request: Request, template: str) -> Response:
         """WADO-RS (PS3.18 10.4): instances, metadata, frames, rendered, thumbnail, bulkdata."""
-        access = _caller(request)
+        access = authenticated_caller()
         access.require(Interaction.READ, RESOURCE_TYPE)
         path = _upstream_path(template, request)
         key = _confinement(access, Interaction.READ)
@@ -287,7 +277,7 @@ class _Proxy:
 
     async def store(self, request: Request, template: str) -> Response:
         """STOW-RS (PS3.18 10.5): the exact bytes forwarded once they are allowed."""
-        access = _caller(request)
+        access = authenticated_caller()
         access.require(Interaction.CREATE, RESOURCE_TYPE)
         path = _upstream_path(template, request)
         key = _confinement(access, Interaction.CREATE)

@@ -8,7 +8,7 @@ __all__ = ["safe_description"]
 
 # RFC 6749 5.2: error_description is %x20-21 / %x23-5B / %x5D-7E (no '"', no '\', ASCII only).
 # authlib raises ValueError for anything else, so text that quotes a request must be cleaned first.
-_FORBIDDEN = re.compile(r'[^\x20-\x21\x23-\x5b\x5d-\x7e]')
+_FORBIDDEN = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
 
 
 def safe_description(text: str, limit: int = 300) -> str:
