@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import copy
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -57,7 +56,7 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import wait_ready
+from bench.harness import facade_process
 from fhir_facade.analyze.inference import OnnxRuntimeBackend
 from fhir_facade.analyze.manifest import ModelManifest, load_manifests
 from fhir_facade.analyze.pixels import to_model_input
@@ -149,25 +148,19 @@ def facade(
     analyze_timeout: float | None = None,
 ) -> Iterator[Facade]:
     """The facade as its own process with `$analyze` on; its log (INFO) goes to a file."""
-    port = free_port()
     data_dir = workdir / "facade"
     data_dir.mkdir()
     env = {
-        **os.environ,
         "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
         "FACADE_ORTHANC_URL": orthanc.url,
-        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
         "FACADE_DATA_DIR": str(data_dir),
         "FACADE_DATABASE_URL": f"sqlite:///{data_dir / 'facade.sqlite3'}",
-        "FACADE_WATCH_STUDIES": "false",
         "FACADE_ANALYZE_ENABLED": "true",
         "FACADE_ANALYZE_WORKLIST": "false",
         "FACADE_ANALYZE_WRITE_SR": "true",
         "FACADE_ANALYZE_WORKERS": str(workers),
         "FACADE_LOG_LEVEL": "INFO",
     }
-    for name in ("FACADE_INFERENCE_THREADS", "FACADE_INFERENCE_PROVIDERS", "FACADE_ANALYZE_TIMEOUT"):
-        env.pop(name, None)
     if args.threads is not None:
         env["FACADE_INFERENCE_THREADS"] = str(args.threads)
     if providers_list(args.providers) is not None:
@@ -175,23 +168,8 @@ def facade(
     if analyze_timeout is not None:
         env["FACADE_ANALYZE_TIMEOUT"] = str(analyze_timeout)
     log_path = workdir / "facade.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fhir_facade", "serve", "--port", str(port)],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/fhir/metadata", process, log_path=log_path, timeout=180)
-        yield Facade(process, f"http://127.0.0.1:{port}/fhir", ServerLog(log_path))
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    with facade_process(env, log_path=log_path, timeout=180) as server:
+        yield Facade(server.process, server.base_url, ServerLog(log_path))
 
 
 @contextmanager

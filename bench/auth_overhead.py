@@ -12,40 +12,22 @@ confined to one patient (`patient/ImagingStudy.rs`, compared with the same searc
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import wait_ready
+from bench.harness import facade_process
 from bench.imaging_study_search import load_studies
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.auth.issuer import TestIssuer
-
-
-def start_facade(
-    orthanc: EmbeddedOrthanc, port: int, data_dir: Path, extra: dict[str, str]
-) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
-        "FACADE_ORTHANC_URL": orthanc.url,
-        "FACADE_WATCH_STUDIES": "false",
-        "FACADE_ANALYZE_ENABLED": "false",
-        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
-        "FACADE_DATA_DIR": str(data_dir),
-        "FACADE_LOG_LEVEL": "WARNING",
-        **extra,
-    }
-    return subprocess.Popen([sys.executable, "-m", "fhir_facade", "serve", "--port", str(port)], env=env)
 
 
 def timed(call: Callable[[], httpx.Response]) -> float:
@@ -70,24 +52,21 @@ def main() -> None:
         load_studies(orthanc.url, args.studies)
         open_port, secured_port = free_port(), free_port()
         issuer = TestIssuer(audience=f"http://127.0.0.1:{secured_port}/fhir")
-        processes = [
-            start_facade(orthanc, open_port, Path(tmp) / "open", {}),
-            start_facade(
-                orthanc,
-                secured_port,
-                Path(tmp) / "secured",
-                {
-                    "FACADE_AUTH": "smart",
-                    "FACADE_AUTH_ISSUER": issuer.issuer,
-                    "FACADE_AUTH_JWKS_URL": issuer.jwks.url,
-                },
-            ),
-        ]
-        try:
-            for port in (open_port, secured_port):
-                wait_ready(f"http://127.0.0.1:{port}/fhir/metadata")
-            open_fhir = httpx.Client(base_url=f"http://127.0.0.1:{open_port}/fhir", timeout=30)
-            secured = httpx.Client(base_url=f"http://127.0.0.1:{secured_port}/fhir", timeout=30)
+        common = {"FACADE_DICOMWEB_URL": orthanc.dicomweb_url, "FACADE_ORTHANC_URL": orthanc.url}
+        smart = {
+            "FACADE_AUTH": "smart",
+            "FACADE_AUTH_ISSUER": issuer.issuer,
+            "FACADE_AUTH_JWKS_URL": issuer.jwks.url,
+        }
+        with (
+            closing(issuer),
+            facade_process({**common, "FACADE_DATA_DIR": f"{tmp}/open"}, port=open_port) as open_facade,
+            facade_process(
+                {**common, **smart, "FACADE_DATA_DIR": f"{tmp}/secured"}, port=secured_port
+            ) as secure,
+            httpx.Client(base_url=open_facade.base_url, timeout=30) as open_fhir,
+            httpx.Client(base_url=secure.base_url, timeout=30) as secured,
+        ):
             system = issuer.headers("system/ImagingStudy.rs")
             confined = issuer.headers("launch/patient patient/ImagingStudy.rs", patient="BENCH-001")
             page = {"_count": 20}
@@ -116,11 +95,6 @@ def main() -> None:
             confined_ratio = medians["smart patient/"] / medians["open patient="]
             print(f"auth overhead, unconfined search: {unconfined:.3f} (target <= 1.10)")
             print(f"auth overhead, patient-confined search: {confined_ratio:.3f} (target <= 1.10)")
-        finally:
-            for process in processes:
-                process.terminate()
-                process.wait(10)
-            issuer.close()
 
 
 if __name__ == "__main__":

@@ -1,18 +1,70 @@
-"""Plumbing the benchmarks share: waiting for a server, throwaway PostgreSQL databases."""
+"""Plumbing the benchmarks share: a facade process, waiting for a server, throwaway PostgreSQL
+databases."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psycopg
 
-__all__ = ["pg_database", "wait_ready"]
+from fhir_facade.embedded import free_port
+
+__all__ = ["FacadeProcess", "facade_process", "pg_database", "wait_ready"]
+
+#: What every benchmarked facade runs with unless the bench says otherwise: no change feed, no models.
+_BENCH_DEFAULTS = {
+    "FACADE_WATCH_STUDIES": "false",
+    "FACADE_ANALYZE_ENABLED": "false",
+    "FACADE_LOG_LEVEL": "WARNING",
+}
+
+
+@dataclass(frozen=True)
+class FacadeProcess:
+    process: subprocess.Popen[bytes]
+    base_url: str
+
+
+@contextmanager
+def facade_process(
+    env: Mapping[str, str],
+    *,
+    port: int | None = None,
+    log_path: Path | None = None,
+    timeout: float = 60,
+) -> Iterator[FacadeProcess]:
+    """`fhir-facade serve` as its own process on `port` (default: a free one), configured by the bench
+    defaults and `env` only (FACADE_* variables of the caller's environment are not inherited, so a
+    figure never depends on the shell it was run from); stopped afterwards. Output goes to `log_path`
+    when given."""
+    port = port or free_port()
+    full = {name: value for name, value in os.environ.items() if not name.startswith("FACADE_")}
+    full |= {**_BENCH_DEFAULTS, "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir", **env}
+    command = [sys.executable, "-m", "fhir_facade", "serve", "--port", str(port)]
+    if log_path is not None:
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(command, env=full, stdout=log_file, stderr=subprocess.STDOUT)
+    else:
+        process = subprocess.Popen(command, env=full)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/fhir/metadata", process, log_path=log_path, timeout=timeout)
+        yield FacadeProcess(process, f"http://127.0.0.1:{port}/fhir")
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def wait_ready(

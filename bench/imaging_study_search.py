@@ -8,9 +8,7 @@ one run, interleaved. Prints median latencies, their ratio, and QIDO requests pe
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +18,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import wait_ready
+from bench.harness import facade_process
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from fhir_facade.resources.imaging_study import SERIES_FIELDS, STUDY_FIELDS
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study, upload
@@ -67,26 +65,19 @@ def main() -> None:
         EmbeddedOrthanc(Path(tmp), http_port=free_port(), dicom_port=free_port()) as orthanc,
     ):
         load_studies(orthanc.url, args.studies)
-        port = free_port()
         env = {
-            **os.environ,
             "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
             "FACADE_ORTHANC_URL": orthanc.url,
-            "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
-            "FACADE_LOG_LEVEL": "WARNING",
+            "FACADE_DATA_DIR": f"{tmp}/facade",
         }
-        facade = subprocess.Popen(
-            [sys.executable, "-m", "fhir_facade", "serve", "--port", str(port)], env=env
-        )
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/fhir/metadata")
-            fhir = httpx.Client(base_url=f"http://127.0.0.1:{port}/fhir", timeout=30)
+        with facade_process(env) as facade:
+            fhir = httpx.Client(base_url=facade.base_url, timeout=30)
             qido = httpx.Client(
                 base_url=orthanc.dicomweb_url,
                 timeout=30,
                 headers={"Accept": "application/dicom+json"},
             )
-            metrics = f"http://127.0.0.1:{port}/metrics"
+            metrics = facade.base_url.removesuffix("/fhir") + "/metrics"
             print(f"{args.studies} studies x 3 series in Orthanc; {args.rounds} rounds per figure")
             print(
                 f"{'page':>5} {'facade ms':>10} {'direct ms':>10} {'ratio':>6} {'PACS req/page':>14}"
@@ -125,9 +116,6 @@ def main() -> None:
                     f"{size:>5} {f:>10.1f} {d:>10.1f} {f / d:>6.2f} {per_page:>14.1f}"
                     f" {n:>15.1f} {n / d:>6.2f} {per_page_no_total:>14.1f}"
                 )
-        finally:
-            facade.terminate()
-            facade.wait(10)
 
 
 if __name__ == "__main__":

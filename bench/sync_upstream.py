@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +52,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import pg_database, wait_ready
+from bench.harness import facade_process, pg_database
 from fhir_facade.config import Settings
 from fhir_facade.embedded import free_port
 from tests.upstream_fhir_server import UPSTREAM_DIR, UpstreamFhirServer
@@ -246,32 +244,14 @@ def write_requests(before: dict[str, Any], after: dict[str, Any]) -> dict[str, i
 def facade(database_url: str, data_dir: Path, sync_env: dict[str, str]) -> Iterator[str]:
     """A facade process on a free port; yields its FHIR base URL. `sync_env` adds the
     FACADE_FHIR_UPSTREAM_URL / FACADE_SYNC_* settings (empty: no upstream, no sync worker)."""
-    port = free_port()
     env = {
-        **os.environ,
         "FACADE_DATABASE_URL": database_url,
         "FACADE_DATA_DIR": str(data_dir),
-        "FACADE_WATCH_STUDIES": "false",
-        "FACADE_ANALYZE_ENABLED": "false",
         "FACADE_DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/dicom-web",  # nothing listens
-        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
-        "FACADE_LOG_LEVEL": "WARNING",
         **sync_env,
     }
-    for name in ("FACADE_ORTHANC_URL", "FACADE_FHIR_UPSTREAM_URL"):
-        if name not in sync_env:
-            env.pop(name, None)
-    process = subprocess.Popen([sys.executable, "-m", "fhir_facade", "serve", "--port", str(port)], env=env)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/fhir/metadata", process)
-        yield f"http://127.0.0.1:{port}/fhir"
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    with facade_process(env) as server:
+        yield server.base_url
 
 
 def outbox_status(base_url: str) -> dict[str, Any]:

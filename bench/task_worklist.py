@@ -12,10 +12,8 @@ PostgreSQL: a throwaway database `facade_bench_<random>` on --pg-url's server (d
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import pg_database, wait_ready
+from bench.harness import facade_process, pg_database
 from fhir_facade.embedded import free_port
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.watcher.arrival_tasks import ANALYZE_CODE
@@ -120,30 +118,13 @@ def database_size(url: str, sqlite_path: Path | None) -> int:
 
 @contextmanager
 def facade(database_url: str, data_dir: Path) -> Iterator[httpx.Client]:
-    port = free_port()
     env = {
-        **os.environ,
         "FACADE_DATABASE_URL": database_url,
         "FACADE_DATA_DIR": str(data_dir),
-        "FACADE_WATCH_STUDIES": "false",
-        "FACADE_ANALYZE_ENABLED": "false",
         "FACADE_DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/dicom-web",  # nothing listens
-        "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
-        "FACADE_LOG_LEVEL": "WARNING",
     }
-    env.pop("FACADE_ORTHANC_URL", None)
-    process = subprocess.Popen([sys.executable, "-m", "fhir_facade", "serve", "--port", str(port)], env=env)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/fhir/metadata", process)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/fhir", timeout=60) as client:
-            yield client
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    with facade_process(env) as server, httpx.Client(base_url=server.base_url, timeout=60) as client:
+        yield client
 
 
 def sort_accepted(client: httpx.Client) -> bool:
