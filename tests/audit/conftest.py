@@ -1,48 +1,52 @@
-"""Audit test fixtures: the facade with auditing on, as create_app will wire it.
-
-Until app.py calls them itself, `audited()` adds the correlation middleware and the audit
-middleware to the app `serve()` built and starts/stops the recorder around its lifespan; both
-installs are idempotent, so this stays correct once app.py does it too.
-"""
+"""Audit test fixtures: the facade with auditing on, and reading back what it recorded."""
 
 from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from sqlalchemy import Engine
 
-from fhir_facade.audit import AuditRecorder, install_audit
+from fhir_facade.audit import AuditRecorder
 from fhir_facade.audit.event import CORRELATION_ENTITY_TYPE
-from fhir_facade.correlation import install_correlation
+from fhir_facade.fhir.search import parse_search
+from fhir_facade.store import ResourceStore, create_store_engine, search_param_defs, upgrade
 from tests.conftest import LiveServer, serve
 
 
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """A fresh SQLite store at the current schema version."""
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
 def audited(overrides: dict[str, Any], *, port: int | None = None) -> LiveServer:
-    """A LiveServer (not started) with `audit_enabled` on and correlation ids."""
-    server = serve({"audit_enabled": True, **overrides}, port=port)
-    app = server.app
-    recorder = install_audit(app, app.state.settings, app.state.store)
-    assert recorder is not None
-    install_correlation(app)
-    original = app.router.lifespan_context
+    """A LiveServer (not started) with `audit_enabled` on (create_app wires the audit middleware,
+    the recorder and correlation ids)."""
+    return serve({"audit_enabled": True, **overrides}, port=port)
 
-    @asynccontextmanager
-    async def lifespan(application: FastAPI) -> AsyncIterator[Any]:
-        async with original(application) as state:
-            await recorder.start()
-            try:
-                yield state
-            finally:
-                await recorder.stop()
 
-    app.router.lifespan_context = lifespan
-    return server
+def stored_events(store: ResourceStore, count: int = 50) -> tuple[list[dict[str, Any]], int]:
+    """The AuditEvents in `store` (at most `count`) and how many there are, read from the store
+    itself rather than through the API."""
+    request = parse_search(
+        "AuditEvent",
+        [("_count", str(count))],
+        search_param_defs("AuditEvent"),
+        base_url="http://127.0.0.1/fhir",
+        strict=True,
+        default_count=count,
+        max_count=count,
+    )
+    return store.search(request)
 
 
 def recorder_of(server: LiveServer) -> AuditRecorder:

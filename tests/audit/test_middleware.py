@@ -6,12 +6,9 @@ into the facade separately); the events go through the real recorder into a real
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
 from sqlalchemy import Engine
 
@@ -19,18 +16,9 @@ from fhir_facade.audit import AuditMiddleware, AuditRecorder
 from fhir_facade.auth.access import Access
 from fhir_facade.auth.scopes import parse_scopes
 from fhir_facade.correlation import install_correlation
-from fhir_facade.fhir.search import parse_search
-from fhir_facade.store import ResourceStore, create_store_engine, search_param_defs, upgrade
-from tests.audit.conftest import correlation_of
+from fhir_facade.store import ResourceStore
+from tests.audit.conftest import correlation_of, stored_events
 from tests.conftest import validate
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_store_engine(f"sqlite:///{tmp_path / 'store.sqlite3'}")
-    upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 def authenticate(request: Request) -> Access:
@@ -73,19 +61,6 @@ def app_with_audit(store: ResourceStore) -> tuple[FastAPI, AuditRecorder]:
     return app, recorder
 
 
-def all_events(store: ResourceStore) -> list[dict[str, Any]]:
-    request = parse_search(
-        "AuditEvent",
-        [("_count", "50")],
-        search_param_defs("AuditEvent"),
-        base_url="https://facade.example/fhir",
-        strict=True,
-        default_count=50,
-        max_count=50,
-    )
-    return store.search(request)[0]
-
-
 def test_caller_outcome_and_refusals(engine: Engine) -> None:
     store = ResourceStore(engine, outbox=False)
     app, recorder = app_with_audit(store)
@@ -110,7 +85,7 @@ def test_caller_outcome_and_refusals(engine: Engine) -> None:
         return statuses
 
     assert asyncio.run(scenario()) == [200, 401, 403, 500, 200]
-    events = {correlation_of(e): e for e in all_events(store)}
+    events = {correlation_of(e): e for e in stored_events(store)[0]}
     assert set(events) == {"ok", "no-token", "403", "crash"}
     for event in events.values():
         validate(event)

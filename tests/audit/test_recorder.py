@@ -6,27 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 
 from fhir_facade.audit import AuditRecorder, audit_event, describe_interaction
-from fhir_facade.fhir.search import parse_search
-from fhir_facade.store import ResourceStore, create_store_engine, search_param_defs, upgrade
+from fhir_facade.store import ResourceStore
 from fhir_facade.store.schema import OutboxEntry
+from tests.audit.conftest import stored_events
 from tests.conftest import validate
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_store_engine(f"sqlite:///{tmp_path / 'store.sqlite3'}")
-    upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 def event(n: int) -> dict[str, Any]:
@@ -45,19 +35,6 @@ def event(n: int) -> dict[str, Any]:
     return built
 
 
-def stored(store: ResourceStore) -> int:
-    request = parse_search(
-        "AuditEvent",
-        [("_summary", "count")],
-        search_param_defs("AuditEvent"),
-        base_url="http://x/fhir",
-        strict=True,
-        default_count=10,
-        max_count=10,
-    )
-    return store.search(request)[1]
-
-
 def test_stop_flushes_every_queued_event(engine: Engine) -> None:
     store = ResourceStore(engine, outbox=True)
     recorder = AuditRecorder(store, batch_size=50)
@@ -71,7 +48,7 @@ def test_stop_flushes_every_queued_event(engine: Engine) -> None:
         return queued
 
     assert asyncio.run(scenario()) == 250
-    assert stored(store) == 250
+    assert stored_events(store)[1] == 250
     assert recorder.recorded == 250 and recorder.failed == 0
     with engine.connect() as connection:
         outbox = OutboxEntry.__table__  # type: ignore[attr-defined]
@@ -92,14 +69,14 @@ def test_a_full_queue_makes_the_request_wait(engine: Engine) -> None:
         await recorder.stop()
 
     asyncio.run(scenario())
-    assert stored(store) == 40 and recorder.recorded == 40
+    assert stored_events(store)[1] == 40 and recorder.recorded == 40
 
 
 def test_without_the_writer_events_are_written_at_once(engine: Engine) -> None:
     store = ResourceStore(engine, outbox=False)
     recorder = AuditRecorder(store)
     asyncio.run(recorder.record(event(1)))
-    assert stored(store) == 1
+    assert stored_events(store)[1] == 1
     asyncio.run(recorder.stop())  # never started: nothing to do
 
 
@@ -117,7 +94,7 @@ def test_a_bad_event_costs_only_itself(engine: Engine, caplog: pytest.LogCapture
 
     with caplog.at_level(logging.ERROR, logger="fhir_facade.audit.recorder"):
         asyncio.run(scenario())
-    assert stored(store) == 2
+    assert stored_events(store)[1] == 2
     assert (recorder.recorded, recorder.failed) == (2, 1)
     assert any("not-a-code" in r.getMessage() for r in caplog.records), "the lost event is in the log"
 
