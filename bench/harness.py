@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from fhir_facade.embedded import free_port
+from fhir_facade.embedded import free_port, stop_process
 
 __all__ = ["FacadeProcess", "facade_process", "pg_database", "wait_ready"]
 
@@ -59,12 +59,7 @@ def facade_process(
         wait_ready(f"http://127.0.0.1:{port}/fhir/metadata", process, log_path=log_path, timeout=timeout)
         yield FacadeProcess(process, f"http://127.0.0.1:{port}/fhir")
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
 
 
 def wait_ready(

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_facade.embedded import free_port
+from fhir_facade.embedded import free_port, stop_process
 
 __all__ = ["UPSTREAM_DIR", "UpstreamFhirServer"]
 
@@ -151,12 +151,7 @@ class UpstreamFhirServer:
         self._admin.close()
         if self._process is None:
             return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._process = None
 
     def fault(self, mode: str, **params: Any) -> dict[str, Any]:

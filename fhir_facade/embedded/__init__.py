@@ -1,5 +1,11 @@
 """The embedded set-up: a local Orthanc (Debian packages) run by the facade's own commands and tests."""
 
-from fhir_facade.embedded.orthanc import EmbeddedOrthanc, OrthancNotInstalled, free_port, store_instances
+from fhir_facade.embedded.orthanc import (
+    EmbeddedOrthanc,
+    OrthancNotInstalled,
+    free_port,
+    stop_process,
+    store_instances,
+)
 
-__all__ = ["EmbeddedOrthanc", "OrthancNotInstalled", "free_port", "store_instances"]
+__all__ = ["EmbeddedOrthanc", "OrthancNotInstalled", "free_port", "stop_process", "store_instances"]

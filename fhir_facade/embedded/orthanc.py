@@ -45,6 +45,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds; waits for the end."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def store_instances(client: httpx.Client, orthanc_url: str, datasets: Iterable[FileDataset]) -> None:
     """Store datasets through Orthanc's REST `POST /instances`; raise on any refusal.
 
@@ -185,12 +195,7 @@ class EmbeddedOrthanc:
             self._log = None
         if self._process is None:
             return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._process = None
 
     def __enter__(self) -> EmbeddedOrthanc:

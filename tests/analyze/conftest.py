@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from fhir_facade.analyze.manifest import load_manifests
-from fhir_facade.embedded import free_port
+from fhir_facade.embedded import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 KSERVE_PYTHON = REPO / ".venv-kserve" / "bin" / "python"
@@ -61,9 +61,4 @@ def kserve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.3)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=15)
