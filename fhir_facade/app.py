@@ -218,9 +218,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.fhir_upstream_url
         else None
     )
+    # Every caller-facing path (router, Bundles, includes, $analyze, its jobs and the worklist acting
+    # for a client) sees the providers through the one authorization point (ADR 0009).
+    visible = authorizing_providers(providers, settings.base_url)
     analyze = (
         AnalyzeRuntime(
-            settings, qido=dicomweb, store=store, providers={p.resource_type: p for p in providers}
+            settings,
+            qido=dicomweb,
+            store=store,
+            providers={p.resource_type: p for p in providers},
+            visible={p.resource_type: p for p in visible},
         )
         if settings.analyze_enabled
         else None
@@ -282,7 +289,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     operations = analyze.operations if analyze else None
     authenticate, security = _install_security(app, settings)
     guarded = [Depends(authenticate)]
-    visible = authorizing_providers(providers, settings.base_url)
     if sync:
         app.include_router(sync.router, dependencies=[*guarded, Depends(server_admin_guard())])
     if analyze:  # before the FHIR router, whose /{type}/{id} catch-all would shadow the job URLs
@@ -316,15 +322,19 @@ def _install_security(app: FastAPI, settings: Settings) -> tuple[Authenticator, 
     if settings.auth != "smart":
         return Authenticator(None), None
     keys = None
+    compartments = None
     if settings.builtin_issuer:
         from fhir_facade.auth.server import BuiltinAuthorizationServer
 
         server = BuiltinAuthorizationServer(settings)
         app.include_router(server.router)
         keys = StaticKeys(server.public_key_set())
+        compartments = server.registry.user_compartments
     endpoints = AuthorizationEndpoints.from_settings(settings)
     app.include_router(build_discovery_router(endpoints, builtin=settings.builtin_issuer))
-    authenticate = Authenticator(bearer_validator(settings, keys), blocking=keys is None)
+    authenticate = Authenticator(
+        bearer_validator(settings, keys), blocking=keys is None, user_compartments=compartments
+    )
     log.info(
         "SMART on FHIR security on: tokens from %s for %s", settings.token_issuer, settings.token_audience
     )

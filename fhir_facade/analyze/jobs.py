@@ -9,7 +9,14 @@ worklist are run by the same worker.
   joins the running job) instead of running the model again. Keys are serialised per process; two
   replicas racing on one key can both run (documented in ADR 0006).
 - The worklist poller claims `Task?status=requested&code=analyze` (oldest, most urgent first) by
-  moving it to in-progress with If-Match, so two workers never take the same Task.
+  moving it to in-progress with If-Match, so two workers never take the same Task. It runs the Task
+  with the rights of whoever wrote its `requested` version (the store keeps that principal with the
+  version), checked when it runs: the same checks as `$analyze` itself, through the authorizing
+  providers, so a Task cannot point the worker at a study or order its author may not see.
+- Results are read through the authorizing providers with the poller's rights, so a job Task whose
+  output names another patient's report hands out nothing (ADR 0009).
+- An Idempotency-Key belongs to the client and user that used it: another caller's Task with the
+  same key is not theirs to find (and its study is not named to them).
 - At most `analyze_workers` analyses run at once; the rest wait their turn.
 """
 
@@ -18,15 +25,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from fhir_facade.analyze.service import AnalysisOutcome, Analyzer
+from fhir_facade.auth.access import Access, acting_as, current_access
+from fhir_facade.auth.enforcement import AuthorizingProvider
+from fhir_facade.auth.operations import check_analysis_rights
+from fhir_facade.auth.scopes import Interaction
 from fhir_facade.correlation import correlation_scope
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM, FhirError, Issue, conflict, internal_error, not_found
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.resources.stored import StoredResourceProvider
 from fhir_facade.watcher.arrival_tasks import ANALYZE_CODE, TASK_CODE_SYSTEM
 
 __all__ = ["IDEMPOTENCY_KEY_SYSTEM", "AnalysisJob", "AnalysisJobs", "JobState"]
@@ -92,17 +105,20 @@ class AnalysisJobs:
     def __init__(
         self,
         analyzer: Analyzer,
-        tasks: ResourceProvider,
-        reports: ResourceProvider,
-        studies: ResourceProvider,
+        tasks: StoredResourceProvider,
+        visible: Mapping[str, AuthorizingProvider],
         *,
         workers: int,
         base_url: str,
     ) -> None:
+        """`tasks`: the store's Task provider (job Tasks are the server's records). `visible`: the
+        authorizing providers, through which everything is read that a caller is handed or that the
+        worklist acts on for a client."""
         self.analyzer = analyzer
         self._tasks = tasks
-        self._reports = reports
-        self._studies = studies
+        self._visible = visible
+        self._reports = visible["DiagnosticReport"]
+        self._studies = visible["ImagingStudy"]
         self._base_url = base_url
         self._slots = asyncio.Semaphore(workers)
         self._workers = workers
@@ -154,14 +170,16 @@ class AnalysisJobs:
                 raise conflict(
                     f"Idempotency-Key {idempotency_key!r} was used for {focus}, not ImagingStudy/{study_id}"
                 )
-            state = await self.state(existing["id"])
+            state = await self.state(existing["id"], own=True)
             if state.running or state.report is not None:
                 return existing["id"], self._running.get(existing["id"]), state.report
         job = await self._start(study, model_id, series_uid, idempotency_key)
         return job.task_id, job, None
 
     async def _task_for_key(self, key: str) -> dict[str, Any] | None:
-        """The newest Task carrying this key that is not failed or cancelled."""
+        """The newest Task carrying this key, created by this caller, that is not failed or cancelled.
+        Keys are the caller's own (the IETF Idempotency-Key draft scopes them to the client): another
+        client's or user's Task with the same key is neither found nor named."""
         request = parse_search(
             "Task",
             [("identifier", f"{IDEMPOTENCY_KEY_SYSTEM}|{key}"), ("_sort", "-_lastUpdated")],
@@ -172,10 +190,24 @@ class AnalysisJobs:
             max_count=20,
             sortable=self._tasks.sortable,
         )
+        caller = current_access.get() or Access.unrestricted()
         for task in (await self._tasks.search(request)).matches:
-            if task.get("status") not in ("failed", "cancelled", "entered-in-error"):
+            if task.get("status") in ("failed", "cancelled", "entered-in-error"):
+                continue
+            if self._same_caller(await self._author(task["id"], "1"), caller):
                 return task
         return None
+
+    async def _author(self, task_id: str, version_id: str) -> str | None:
+        return await self._tasks.author_of(task_id, version_id)
+
+    @staticmethod
+    def _same_caller(principal: str | None, caller: Access) -> bool:
+        """Whether the Task's creator (`principal`) is `caller`: the same client for the same user.
+        Without authentication (FACADE_AUTH=none) there is one caller, recorded as None."""
+        if not caller.enforced:
+            return principal is None
+        return principal is not None and Access.from_principal(principal).same_principal(caller)
 
     async def _start(
         self, study: dict[str, Any], model_id: str | None, series_uid: str | None, key: str | None
@@ -260,14 +292,18 @@ class AnalysisJobs:
         outcome = await asyncio.shield(job.runner)
         return outcome.report
 
-    async def state(self, task_id: str) -> JobState:
+    async def state(self, task_id: str, *, own: bool = False) -> JobState:
+        """A job's state. Its report is read with the current caller's rights, unless `own`: a retry
+        of the caller's own keyed request, whose report it created (it may hold create but not read
+        on DiagnosticReport)."""
         job = self._running.get(task_id)
         if job is not None and job.runner is not None and not job.runner.done():
             return JobState(running=True, progress=job.progress_text)
         task = await self._analysis_task(task_id)
         status = task.get("status")
         if status == "completed":
-            return JobState(running=False, report=await self._report_of(task))
+            reports = self._visible_inner("DiagnosticReport") if own else self._reports
+            return JobState(running=False, report=await self._report_of(task, reports))
         if status in ("failed", "cancelled", "rejected", "entered-in-error"):
             return JobState(running=False, error=_task_error(task))
         return JobState(running=True, progress=f"Task {status}")
@@ -279,11 +315,14 @@ class AnalysisJobs:
             raise not_found(f"No analysis job {task_id}")
         return task
 
-    async def _report_of(self, task: dict[str, Any]) -> dict[str, Any]:
+    def _visible_inner(self, resource_type: str) -> ResourceProvider:
+        return self._visible[resource_type].inner
+
+    async def _report_of(self, task: dict[str, Any], reports: ResourceProvider) -> dict[str, Any]:
         for output in task.get("output", []):
             reference = output.get("valueReference", {}).get("reference", "")
             if reference.startswith("DiagnosticReport/"):
-                return await self._reports.read(reference.split("/", 1)[1])
+                return await reports.read(reference.split("/", 1)[1])
         raise internal_error(f"Completed analysis Task {task['id']} has no DiagnosticReport output")
 
     async def cancel(self, task_id: str) -> None:
@@ -331,10 +370,38 @@ class AnalysisJobs:
         )
         for task in (await self._tasks.search(request)).matches:
             with correlation_scope():  # one id per worklist job, for its PACS and model requests
+                requester = await self._requester(task)
                 claimed = await self._claim(task)
-                if claimed is not None:
-                    model = _task_input(claimed, "model")
-                    self._launch(claimed, model, _task_input(claimed, "series"))
+                if claimed is None:
+                    continue
+                with acting_as(requester):  # the job, its reads and its writes run with these rights
+                    if await self._may_run(claimed, requester):
+                        model = _task_input(claimed, "model")
+                        self._launch(claimed, model, _task_input(claimed, "series"))
+
+    async def _requester(self, task: dict[str, Any]) -> Access:
+        """Whose rights a requested Task runs with: the author of the version that requested it (the
+        server's own, unrestricted, for Tasks the server wrote, e.g. arrival Tasks)."""
+        principal = await self._author(task["id"], str(task.get("meta", {}).get("versionId", "")))
+        return Access.from_principal(principal) if principal else Access.unrestricted()
+
+    async def _may_run(self, task: dict[str, Any], requester: Access) -> bool:
+        """Check, now, with the requester's rights, what running the Task acts on: `$analyze` on its
+        focus study (read on the study, create on DiagnosticReport), and every resource it references
+        (basedOn orders...) must be visible to the requester. A refusal fails the Task, saying why in
+        terms that name nothing the requester may not see."""
+        try:
+            study_id = task["focus"]["reference"].split("/", 1)[1]
+            await check_analysis_rights(self._studies, study_id)
+            patients = requester.confinement(Interaction.READ, "ImagingStudy")
+            if patients is not None:
+                await self._visible["Task"].check_references(task, patients)
+        except FhirError as error:
+            issue = error.issues[0]
+            log.warning("Analysis Task %s refused for %s: %s", task["id"], requester.who, issue.diagnostics)
+            await self._finish(task["id"], "failed", issue.detail_code, str(issue.diagnostics))
+            return False
+        return True
 
     async def _claim(self, task: dict[str, Any]) -> dict[str, Any] | None:
         focus = task.get("focus", {}).get("reference", "")

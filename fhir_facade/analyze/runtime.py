@@ -15,11 +15,13 @@ from fhir_facade.analyze.inference import create_backend
 from fhir_facade.analyze.jobs import AnalysisJobs
 from fhir_facade.analyze.manifest import load_manifests
 from fhir_facade.analyze.service import Analyzer
+from fhir_facade.auth.enforcement import AuthorizingProvider
 from fhir_facade.config import Settings
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.stow import StowClient
 from fhir_facade.dicomweb.wado import WadoClient
 from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.resources.stored import StoredResourceProvider
 from fhir_facade.store import ResourceStore
 
 __all__ = ["ANALYZE_OPERATION", "AnalyzeRuntime"]
@@ -42,7 +44,11 @@ class AnalyzeRuntime:
         qido: DicomwebClient,
         store: ResourceStore,
         providers: dict[str, ResourceProvider],
+        visible: dict[str, AuthorizingProvider],
     ) -> None:
+        """`providers`: the unwrapped providers (the analyzer reads and writes on the server's behalf
+        once a job is authorized); `visible`: the authorizing ones, for what callers are handed and for
+        checking a job's rights."""
         self._settings = settings
         manifests = load_manifests()
         if settings.analyze_default_model not in manifests:
@@ -72,11 +78,12 @@ class AnalyzeRuntime:
             dicomweb_url=settings.dicomweb_url,
             timeout=settings.analyze_timeout,
         )
+        tasks = providers["Task"]
+        assert isinstance(tasks, StoredResourceProvider)
         self.jobs = AnalysisJobs(
             self.analyzer,
-            providers["Task"],
-            providers["DiagnosticReport"],
-            providers["ImagingStudy"],
+            tasks,
+            visible,
             workers=settings.analyze_workers,
             base_url=settings.base_url,
         )

@@ -11,16 +11,32 @@ trusted, so nothing is checked, but audit still records the caller's address.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from fhir_facade.auth.scopes import Interaction, Scopes
+from fhir_facade.auth.scopes import Interaction, Scopes, parse_scopes
 from fhir_facade.fhir.errors import forbidden, unauthorized
+from fhir_facade.store.authorship import WRITE_AUTHOR
 
-__all__ = ["Access", "access_of", "authenticated_caller", "current_access"]
+__all__ = [
+    "Access",
+    "Confinement",
+    "access_of",
+    "acting_as",
+    "authenticated_caller",
+    "current_access",
+    "enter_access",
+]
+
+#: The Patient ids a request is confined to; None: not confined (every patient).
+Confinement = frozenset[str] | None
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,10 @@ class Access:
     patient: str | None = None
     #: The token's `jti`, when it has one (audit).
     token_id: str | None = None
+    #: The patients a `user/` grant reaches: the signed-in user's compartments (the Patient ids the
+    #: user directory lists for them). None: the user is not restricted to a list (an external issuer
+    #: that narrows grants itself, or a user marked `all_patients`). Empty: no patient at all.
+    user_patients: frozenset[str] | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -59,24 +79,63 @@ class Access:
             scope=needed,
         )
 
-    def confinement(self, interaction: Interaction, resource_type: str) -> str | None:
-        """The Patient id this interaction must be confined to, or None when it is not confined.
+    def confinement(self, interaction: Interaction, resource_type: str) -> Confinement:
+        """The Patient ids this interaction is confined to, or None when it is not confined.
 
-        Confined when only `patient/` scopes grant it: a `user/` or `system/` grant for the same
-        interaction lifts the confinement. Call ``require`` first; a `patient/` grant without a patient
-        context confines to nothing and so is refused here.
+        - a `system/` grant: not confined (backend services act for the organisation);
+        - a `user/` grant: the user's compartments (``user_patients``), or None for an unrestricted
+          user; a `user/` grant lifts a `patient/` grant's narrower confinement;
+        - `patient/` grants only: the patient in the launch context (refused without one).
+
+        Call ``require`` first.
         """
         if not self.enforced:
             return None
         contexts = self.scopes.contexts_for(interaction, resource_type)
-        if not contexts or contexts != {"patient"}:
+        if not contexts or "system" in contexts:
             return None
+        if "user" in contexts:
+            return self.user_patients
         if not self.patient:
             raise forbidden(
                 f"A patient/ scope grants {interaction.name.lower()} on {resource_type}, but the token "
                 "has no patient context"
             )
-        return self.patient
+        return frozenset({self.patient})
+
+    def principal(self) -> str | None:
+        """This caller as stored with what it writes (JSON), so that work done later on its behalf (the
+        analysis worklist running a Task it requested) runs with its rights; None for the server itself
+        and for FACADE_AUTH=none."""
+        if not self.enforced:
+            return None
+        record: dict[str, Any] = {
+            "scope": self.scopes.text,
+            "client_id": self.client_id,
+            "sub": self.subject,
+            "fhirUser": self.fhir_user,
+            "patient": self.patient,
+            "user_patients": None if self.user_patients is None else sorted(self.user_patients),
+        }
+        return json.dumps({k: v for k, v in record.items() if v is not None}, separators=(",", ":"))
+
+    @classmethod
+    def from_principal(cls, principal: str) -> Access:
+        """The Access recorded by ``principal``: the same grants and compartments as when it wrote."""
+        record = json.loads(principal)
+        patients = record.get("user_patients")
+        return cls(
+            parse_scopes(record.get("scope", "")),
+            client_id=record.get("client_id"),
+            subject=record.get("sub"),
+            fhir_user=record.get("fhirUser"),
+            patient=record.get("patient"),
+            user_patients=None if patients is None else frozenset(patients),
+        )
+
+    def same_principal(self, other: Access) -> bool:
+        """Whether `other` is the same client acting for the same user (idempotency keys are theirs)."""
+        return (self.client_id, self.subject) == (other.client_id, other.subject)
 
     @property
     def who(self) -> str:
@@ -94,6 +153,25 @@ class Access:
 #: The caller of the request being served; None outside a request (background work runs on the
 #: server's own authority and does not go through the authorizing providers).
 current_access: ContextVar[Access | None] = ContextVar("current_access", default=None)
+
+
+def enter_access(access: Access) -> None:
+    """Make `access` the caller of the current context: every authorization decision reads it, and
+    every version the store writes in this context records it as its author."""
+    current_access.set(access)
+    WRITE_AUTHOR.set(access.principal())
+
+
+@contextmanager
+def acting_as(access: Access) -> Iterator[None]:
+    """Run the enclosed work as `access` (background work done for a client, e.g. the analysis
+    worklist running a Task the client requested), then restore the previous caller."""
+    tokens = current_access.set(access), WRITE_AUTHOR.set(access.principal())
+    try:
+        yield
+    finally:
+        current_access.reset(tokens[0])
+        WRITE_AUTHOR.reset(tokens[1])
 
 
 def access_of(connection: HTTPConnection) -> Access | None:

@@ -13,11 +13,12 @@ unconfined, as SMART leaves to the server (ADR 0008).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CompartmentRule", "compartment_rule", "patient_references"]
+__all__ = ["CompartmentRule", "compartment_rule", "local_references", "patient_references"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +87,44 @@ def patient_references(resource: dict[str, Any], rule: CompartmentRule, base_url
         if kind == "Patient" and rest and "/" not in rest:
             ids.add(rest)
     return ids
+
+
+_TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+
+
+def local_references(resource: dict[str, Any], base_url: str) -> list[tuple[str, tuple[str, str]]]:
+    """Every literal reference in `resource` (contained resources included) to a resource on this
+    server, as (element path, (type, id)); a versioned reference names its resource. References to
+    other servers, contained resources (`#id`) and unresolved `urn:uuid:` placeholders are skipped:
+    they name nothing this server holds."""
+    found: list[tuple[str, tuple[str, str]]] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, f"{path}[{index}]")
+        elif isinstance(node, dict):
+            reference = node.get("reference")
+            if isinstance(reference, str):
+                target = _local_target(reference, base_url)
+                if target is not None:
+                    found.append((f"{path}.reference", target))
+            for key, value in node.items():
+                if isinstance(value, (dict, list)):
+                    walk(value, f"{path}.{key}")
+
+    walk(resource, str(resource.get("resourceType", "Resource")))
+    return found
+
+
+def _local_target(reference: str, base_url: str) -> tuple[str, str] | None:
+    if reference.startswith(base_url + "/"):
+        reference = reference[len(base_url) + 1 :]
+    elif "://" in reference or reference.startswith(("#", "urn:")):
+        return None
+    parts = reference.split("/")
+    if len(parts) not in (2, 4) or not _TYPE_NAME.match(parts[0]) or not parts[1]:
+        return None
+    if len(parts) == 4 and parts[2] != "_history":
+        return None
+    return parts[0], parts[1]

@@ -9,11 +9,12 @@ challenge and an OperationOutcome.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from fhir_facade.auth.access import Access, current_access
+from fhir_facade.auth.access import Access, enter_access
 from fhir_facade.auth.scopes import InvalidScope, parse_scopes
 from fhir_facade.auth.tokens import (
     BearerValidator,
@@ -26,7 +27,10 @@ from fhir_facade.auth.tokens import (
 from fhir_facade.config import Settings
 from fhir_facade.fhir.errors import unauthorized
 
-__all__ = ["Authenticator", "bearer_validator"]
+__all__ = ["Authenticator", "UserCompartments", "bearer_validator"]
+
+#: The patients a user's `user/` scopes reach, by the token's `sub`; None: every patient.
+UserCompartments = Callable[[str | None], frozenset[str] | None]
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +68,24 @@ def bearer_validator(settings: Settings, builtin_keys: KeySource | None) -> Bear
 class Authenticator:
     """Resolve the caller of a request; with FACADE_AUTH=none everyone is trusted."""
 
-    def __init__(self, validator: BearerValidator | None, *, blocking: bool = True) -> None:
+    def __init__(
+        self,
+        validator: BearerValidator | None,
+        *,
+        blocking: bool = True,
+        user_compartments: UserCompartments | None = None,
+    ) -> None:
         self._validator = validator
         # Key fetches and introspection do network I/O; with in-process keys nothing blocks.
         self._blocking = blocking
+        # The built-in server's registry: a user/ grant reaches that user's patients only. Without it
+        # (an external issuer) user/ grants are taken as the issuer granted them (ADR 0009).
+        self._user_compartments = user_compartments
 
     async def __call__(self, request: Request) -> Access:
         access = Access.unrestricted() if self._validator is None else await self._authenticate(request)
         request.state.access = access
-        current_access.set(access)
+        enter_access(access)
         return access
 
     async def _authenticate(self, request: Request) -> Access:
@@ -107,4 +120,7 @@ class Authenticator:
             fhir_user=claims.fhir_user,
             patient=claims.patient,
             token_id=claims.token_id,
+            user_patients=(
+                self._user_compartments(claims.subject) if self._user_compartments is not None else None
+            ),
         )

@@ -11,9 +11,15 @@ the caller's Access (``current_access``) allows it:
 - a v2 scope narrowed by a query (``patient/Observation.rs?category=laboratory``) is applied the same
   way: one narrowing is added to the search; several are checked per resource with an `_id` search.
 
-The router, Bundle entries, `_include`/`_revinclude` and `$analyze` all reach providers through this
-wrapper, so they share one set of checks. Background work (the worklist, the change feed, sync) uses
-the unwrapped providers: it acts on the server's own authority.
+- a confined caller may only write references to resources it can see (a Task's focus, output and
+  basedOn are what the analysis worklist acts on), and every "not there", "deleted" and "not yours"
+  answers alike (404), so nothing about other patients' resources can be learnt from the errors.
+
+The router, Bundle entries, `_include`/`_revinclude`, `$analyze` and its jobs, and the analysis worklist
+(which runs a Task with the rights of the client that requested it) all reach providers through this
+wrapper, so they share one set of checks (docs/adr/0009-one-authorization-point.md lists every path).
+Only the server's own background work (the change feed's arrival Tasks, sync) uses the unwrapped
+providers.
 """
 
 from __future__ import annotations
@@ -23,15 +29,16 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fhir_facade.auth.access import authenticated_caller
+from fhir_facade.auth.access import Confinement, authenticated_caller
 from fhir_facade.auth.compartment import (
     compartment_rule,
+    local_references,
     patient_references,
     references_at,
 )
 from fhir_facade.auth.scopes import Interaction, Query
 from fhir_facade.fhir.bundles import SearchResult
-from fhir_facade.fhir.errors import FhirError, forbidden, not_found
+from fhir_facade.fhir.errors import FhirError, forbidden, not_found, unprocessable
 from fhir_facade.fhir.search import SearchRequest, parse_search
 from fhir_facade.resources.base import ResourceProvider, WriteResult
 
@@ -45,7 +52,9 @@ class AuthorizingProvider(ResourceProvider):
 
     def __init__(self, inner: ResourceProvider, peers: Mapping[str, ResourceProvider], base_url: str) -> None:
         self.inner = inner
-        self._peers = peers  # the unwrapped providers, for Provenance targets
+        self._peers = peers  # the unwrapped providers, for Provenance targets and referenced resources
+        #: The authorizing view of every type (filled by `authorizing_providers`), for write references.
+        self.authorizing_peers: Mapping[str, AuthorizingProvider] = {}
         self._base_url = base_url
         self._rule = compartment_rule(inner.resource_type)
         self.resource_type = inner.resource_type  # type: ignore[misc]
@@ -65,34 +74,46 @@ class AuthorizingProvider(ResourceProvider):
 
     # -- decisions -------------------------------------------------------------------------------
 
-    def _grant(self, interaction: Interaction) -> tuple[str | None, list[Query]]:
-        """Check the permission; return (patient to confine to or None, narrowing queries)."""
+    def _grant(self, interaction: Interaction) -> tuple[Confinement, list[Query]]:
+        """Check the permission; return (patients to confine to or None, narrowing queries)."""
         access = authenticated_caller()
         access.require(interaction, self.resource_type)
         if not access.enforced:
             return None, []
         # A type that holds no patient data here is granted unconfined by a patient/ scope.
-        patient = access.confinement(interaction, self.resource_type) if self._rule else None
+        patients = access.confinement(interaction, self.resource_type) if self._rule else None
         granting = access.scopes.granting(interaction, self.resource_type)
-        if patient is None:  # user/ or system/ grants decide; patient/ ones would only narrow
-            granting = tuple(s for s in granting if s.context != "patient") or granting
+        # user/ or system/ grants decide; patient/ ones would only narrow
+        granting = tuple(s for s in granting if s.context != "patient") or granting
         if any(not s.query for s in granting):
-            return patient, []
-        return patient, list(dict.fromkeys(s.query for s in granting))
+            return patients, []
+        return patients, list(dict.fromkeys(s.query for s in granting))
+
+    def _unknown(self, resource_id: str) -> FhirError:
+        """The one answer a confined caller gets for a resource that is not there, deleted, or not theirs:
+        they must not be told apart (an existence oracle on other patients' data)."""
+        return not_found(f"{self.resource_type}/{resource_id} is not known")
 
     async def _belongs(
-        self, resource: dict[str, Any], patient: str, targets: Mapping[str, dict[str, Any]] | None = None
+        self,
+        resource: dict[str, Any],
+        patients: frozenset[str],
+        targets: Mapping[str, dict[str, Any]] | None = None,
     ) -> bool:
-        """Whether `patient` may see `resource`: it is in the patient's compartment, or it is one that
-        holds no patient data (an algorithm Device). `targets`: Provenance targets fetched already."""
+        """Whether a caller confined to `patients` may see `resource`: it is in one of their
+        compartments, or it is one that holds no patient data (an algorithm Device). `targets`:
+        Provenance targets fetched already."""
         rule = self._rule
         assert rule is not None
         if rule.unreferenced_is_shared and not references_at(resource, rule.elements):
             return True
-        return await self._owned(resource, patient, targets)
+        return await self._owned(resource, patients, targets)
 
     async def _owned(
-        self, resource: dict[str, Any], patient: str, targets: Mapping[str, dict[str, Any]] | None = None
+        self,
+        resource: dict[str, Any],
+        patients: frozenset[str],
+        targets: Mapping[str, dict[str, Any]] | None = None,
     ) -> bool:
         """Whether `resource` is in `patient`'s compartment. Writes need this, not mere visibility: a
         shared resource (an algorithm Device every patient's reports cite) is outside every patient's
@@ -100,18 +121,20 @@ class AuthorizingProvider(ResourceProvider):
         rule = self._rule
         assert rule is not None
         if self.resource_type == "Patient":
-            return resource.get("id") == patient
+            return resource.get("id") in patients
         if rule.via_targets:
             known = targets if targets is not None else await self._targets_of([resource])
-            return self._targets_belong(resource, patient, known)
-        return patient in patient_references(resource, rule, self._base_url)
+            return self._targets_belong(resource, patients, known)
+        return not patients.isdisjoint(patient_references(resource, rule, self._base_url))
 
-    async def _belonging(self, resources: list[dict[str, Any]], patient: str) -> list[dict[str, Any]]:
+    async def _belonging(
+        self, resources: list[dict[str, Any]], patients: frozenset[str]
+    ) -> list[dict[str, Any]]:
         """The resources `patient` may see, judged together: the targets of a page of Provenances are
         fetched with one `_id` search per target type, not one read per target."""
         assert self._rule is not None
         targets = await self._targets_of(resources) if self._rule.via_targets else {}
-        return [r for r in resources if await self._belongs(r, patient, targets)]
+        return [r for r in resources if await self._belongs(r, patients, targets)]
 
     def _patient_specific_targets(self, resource: dict[str, Any]) -> list[tuple[str, str]]:
         """(type, id) of the targets that hold patient data (and whose type this server serves)."""
@@ -150,9 +173,9 @@ class AuthorizingProvider(ResourceProvider):
         return {f"{m['resourceType']}/{m['id']}": m for batch in found for m in batch}
 
     def _targets_belong(
-        self, resource: dict[str, Any], patient: str, targets: Mapping[str, dict[str, Any]]
+        self, resource: dict[str, Any], patients: frozenset[str], targets: Mapping[str, dict[str, Any]]
     ) -> bool:
-        """A Provenance is the patient's when every patient-specific target is, and one at least."""
+        """A Provenance is the patients' when every patient-specific target is, and one at least."""
         specific = self._patient_specific_targets(resource)
         for kind, target_id in specific:
             target = targets.get(f"{kind}/{target_id}")
@@ -161,9 +184,9 @@ class AuthorizingProvider(ResourceProvider):
             rule = compartment_rule(kind)
             assert rule is not None
             if kind == "Patient":
-                ok = target.get("id") == patient
+                ok = target.get("id") in patients
             else:
-                ok = patient in patient_references(target, rule, self._base_url)
+                ok = not patients.isdisjoint(patient_references(target, rule, self._base_url))
             if not ok:
                 return False
         return bool(specific)
@@ -199,56 +222,86 @@ class AuthorizingProvider(ResourceProvider):
                 f"apply: {error}"
             ) from error
 
-    async def _visible(self, resource: dict[str, Any], patient: str | None, queries: list[Query]) -> bool:
-        if patient is not None and not await self._belongs(resource, patient):
+    async def _visible(self, resource: dict[str, Any], patients: Confinement, queries: list[Query]) -> bool:
+        if patients is not None and not await self._belongs(resource, patients):
             return False
         return not queries or resource["id"] in await self._matches_narrowing([resource["id"]], queries)
 
     async def _check_visible(
-        self, resource: dict[str, Any], patient: str | None, queries: list[Query]
+        self, resource: dict[str, Any], patients: Confinement, queries: list[Query]
     ) -> None:
-        if not await self._visible(resource, patient, queries):
+        if not await self._visible(resource, patients, queries):
             log.info(
                 "Refused %s/%s to %s: outside its grant",
                 self.resource_type,
                 resource.get("id"),
                 authenticated_caller().who,
             )
-            raise not_found(f"{self.resource_type}/{resource.get('id')} is not known")
+            raise self._unknown(str(resource.get("id")))
+
+    async def within(self, resource_id: str, patients: frozenset[str]) -> bool:
+        """Whether `resource_id` exists and lies within `patients`' compartments (or holds no patient
+        data). Scopes are not asked: a write may reference what the writer could not read itself
+        (a Task `for` a Patient, written with Task scopes only), but nothing of another patient's."""
+        try:
+            resource = await self.inner.read(resource_id)
+        except FhirError as error:
+            if error.status in (404, 410):
+                return False
+            raise
+        return await self._belongs(resource, patients)
+
+    async def _inner_read(
+        self, resource_id: str, patients: Confinement, queries: list[Query]
+    ) -> dict[str, Any]:
+        """The inner read; for a restricted caller "not there" and "deleted" answer like "not yours"."""
+        try:
+            return await self.inner.read(resource_id)
+        except FhirError as error:
+            if (patients is not None or queries) and error.status in (404, 410):
+                raise self._unknown(resource_id) from None
+            raise
 
     # -- interactions ----------------------------------------------------------------------------
 
     async def read(self, resource_id: str) -> dict[str, Any]:
-        patient, queries = self._grant(Interaction.READ)
-        resource = await self.inner.read(resource_id)
-        await self._check_visible(resource, patient, queries)
+        patients, queries = self._grant(Interaction.READ)
+        resource = await self._inner_read(resource_id, patients, queries)
+        await self._check_visible(resource, patients, queries)
         return resource
 
     async def vread(self, resource_id: str, version_id: str) -> dict[str, Any]:
-        patient, queries = self._grant(Interaction.READ)
+        patients, queries = self._grant(Interaction.READ)
         if queries:
-            await self._check_visible(await self.inner.read(resource_id), None, queries)
-        resource = await self.inner.vread(resource_id, version_id)
-        await self._check_visible(resource, patient, [])
+            await self._check_visible(await self._inner_read(resource_id, patients, queries), None, queries)
+        try:
+            resource = await self.inner.vread(resource_id, version_id)
+        except FhirError as error:
+            if patients is not None and error.status in (404, 410):
+                raise self._unknown(resource_id) from None
+            raise
+        await self._check_visible(resource, patients, [])
         return resource
 
     async def search(self, request: SearchRequest) -> SearchResult:
-        patient, queries = self._grant(Interaction.SEARCH)
-        if patient is not None and self._rule is not None and self._rule.search_param:
+        patients, queries = self._grant(Interaction.SEARCH)
+        if patients is not None and not patients:
+            return SearchResult([], 0, False)  # a user with no patients: nothing to find, nothing to ask
+        if patients is not None and self._rule is not None and self._rule.search_param:
             request.clauses += self._parse(
-                [(self._rule.search_param, self._confining_value(patient))]
+                [(self._rule.search_param, self._confining_value(patients))]
             ).clauses
         if len(queries) == 1:
             request.clauses += self._parse(list(queries[0])).clauses
             queries = []
         result = await self.inner.search(request)
-        if patient is None and not queries:
+        if patients is None and not queries:
             return result
         allowed = await self._matches_narrowing([m["id"] for m in result.matches], queries)
         kept = [m for m in result.matches if m["id"] in allowed]
-        if patient is not None:
-            kept = await self._belonging(kept, patient)
-        if queries or (patient is not None and not self._confined_by_search()):
+        if patients is not None:
+            kept = await self._belonging(kept, patients)
+        if queries or (patients is not None and not self._confined_by_search()):
             # Filtered after the search: the inner total counts what the caller may not see (also on
             # an empty `_summary=count` page, where nothing was filtered), so none is given.
             result.total = None
@@ -260,14 +313,18 @@ class AuthorizingProvider(ResourceProvider):
         inner total is the patient's), rather than filtered afterwards."""
         return self._rule is not None and self._rule.search_param is not None
 
-    def _confining_value(self, patient: str) -> str:
-        return patient if self.resource_type == "Patient" else f"Patient/{patient}"
+    def _confining_value(self, patients: frozenset[str]) -> str:
+        """The confining parameter's value: the patients ORed (FHIR ids hold no commas)."""
+        prefix = "" if self.resource_type == "Patient" else "Patient/"
+        return ",".join(prefix + patient for patient in sorted(patients))
 
     async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
-        patient, queries = self._grant(Interaction.CREATE)
+        patients, queries = self._grant(Interaction.CREATE)
         self._refuse_narrowed_write(queries)
-        if patient is not None and not await self._owned(resource, patient):
-            raise forbidden(f"A patient/ scope may only create {self.resource_type} for Patient/{patient}")
+        if patients is not None:
+            if not await self._owned(resource, patients):
+                raise self._not_theirs("create")
+            await self.check_references(resource, patients)
         return await self.inner.create(resource)
 
     async def update(
@@ -278,22 +335,66 @@ class AuthorizingProvider(ResourceProvider):
         if not authenticated_caller().enforced:
             return await self.inner.update(resource_id, resource, if_match=if_match)
         existing = await self._existing(resource_id)
-        patient, queries = self._grant(Interaction.UPDATE if existing else Interaction.CREATE)
+        patients, queries = self._grant(Interaction.UPDATE if existing else Interaction.CREATE)
         self._refuse_narrowed_write(queries)
-        if patient is not None:
+        if patients is not None:
             if existing is not None:
-                await self._check_writable(existing, patient)
-            if not await self._owned({**resource, "id": resource_id}, patient):
-                raise forbidden(f"A patient/ scope may only write {self.resource_type} for Patient/{patient}")
+                await self._check_writable(existing, patients)
+            else:
+                await self._check_not_taken(resource_id, patients)
+            if not await self._owned({**resource, "id": resource_id}, patients):
+                raise self._not_theirs("write")
+            await self.check_references(resource, patients)
         return await self.inner.update(resource_id, resource, if_match=if_match)
 
-    async def _check_writable(self, existing: dict[str, Any], patient: str) -> None:
-        """404 for a resource the patient may not see; 403 for one it sees but does not own (shared)."""
-        await self._check_visible(existing, patient, [])
-        if not await self._owned(existing, patient):
+    def _not_theirs(self, verb: str) -> FhirError:
+        return forbidden(
+            f"A patient-confined token may only {verb} {self.resource_type} for the patients it may access"
+        )
+
+    async def _check_not_taken(self, resource_id: str, patients: frozenset[str]) -> None:
+        """An update-as-create may not revive a deleted resource that was another patient's: its id and
+        history stay theirs. Answered like a resource the caller may not see."""
+        previous = await self._last_content(resource_id)
+        if previous is not None and not await self._belongs(previous, patients):
+            log.info(
+                "Refused to let %s take over the deleted %s/%s",
+                authenticated_caller().who,
+                self.resource_type,
+                resource_id,
+            )
+            raise self._unknown(resource_id)
+
+    async def check_references(self, resource: dict[str, Any], patients: frozenset[str]) -> None:
+        """A caller confined to `patients` may only reference resources within them: otherwise a Task
+        `for` its own patient could point the analysis worklist at another patient's study (focus) or
+        hand out another patient's report (output). A reference to a resource that does not exist is refused the same
+        way, so the answer tells nothing about other patients' data."""
+        for path, (kind, target_id) in local_references(resource, self._base_url):
+            peer = self.authorizing_peers.get(kind)
+            if peer is None or compartment_rule(kind) is None:
+                continue  # a type that holds no patient data here (Endpoint, conformance artifacts)
+            if not await peer.within(target_id, patients):
+                log.info(
+                    "Refused a %s write by %s referencing %s/%s at %s",
+                    self.resource_type,
+                    authenticated_caller().who,
+                    kind,
+                    target_id,
+                    path,
+                )
+                raise unprocessable(
+                    f"{path} refers to {kind}/{target_id}, which is not known",
+                    detail_code="unknown_reference",
+                )
+
+    async def _check_writable(self, existing: dict[str, Any], patients: frozenset[str]) -> None:
+        """404 for a resource the caller may not see; 403 for one it sees but does not own (shared)."""
+        await self._check_visible(existing, patients, [])
+        if not await self._owned(existing, patients):
             raise forbidden(
                 f"{self.resource_type}/{existing.get('id')} holds no patient's data and is shared; "
-                "a patient/ scope may not change it"
+                "a patient-confined token may not change it"
             )
 
     async def _existing(self, resource_id: str) -> dict[str, Any] | None:
@@ -305,12 +406,18 @@ class AuthorizingProvider(ResourceProvider):
             raise
 
     async def delete(self, resource_id: str) -> None:
-        patient, queries = self._grant(Interaction.DELETE)
+        patients, queries = self._grant(Interaction.DELETE)
         self._refuse_narrowed_write(queries)
-        if patient is not None:
+        if patients is not None:
             existing = await self._existing(resource_id)
-            if existing is not None:  # nothing there to protect when it is gone already
-                await self._check_writable(existing, patient)
+            if existing is not None:
+                await self._check_writable(existing, patients)
+            else:
+                # Deleting what is gone is idempotent only for the caller's own resource; "never
+                # existed" and "another patient's, deleted" answer like "another patient's" (404).
+                previous = await self._last_content(resource_id)
+                if previous is None or not await self._belongs(previous, patients):
+                    raise self._unknown(resource_id)
         await self.inner.delete(resource_id)
 
     def _refuse_narrowed_write(self, queries: list[Query]) -> None:
@@ -324,20 +431,20 @@ class AuthorizingProvider(ResourceProvider):
         self, resource_id: str | None, count: int, offset: int
     ) -> tuple[list[dict[str, Any]], int]:
         interaction = Interaction.READ if resource_id else Interaction.SEARCH
-        patient, queries = self._grant(interaction)
+        patients, queries = self._grant(interaction)
         if queries:
             raise forbidden(f"History of {self.resource_type} is not available to query-narrowed scopes")
-        if patient is None:
+        if patients is None:
             return await self.inner.history(resource_id, count, offset)
         if resource_id is not None:
-            return await self._instance_history(resource_id, count, offset, patient)
+            return await self._instance_history(resource_id, count, offset, patients)
         entries, _ = await self.inner.history(None, count, offset)
-        kept = await self._belonging([e for e in entries if not e.get("_deleted")], patient)
+        kept = await self._belonging([e for e in entries if not e.get("_deleted")], patients)
         # The inner total counts every patient's versions (also on an empty `_count=0` page).
         return kept, len(kept)
 
     async def _instance_history(
-        self, resource_id: str, count: int, offset: int, patient: str
+        self, resource_id: str, count: int, offset: int, patients: frozenset[str]
     ) -> tuple[list[dict[str, Any]], int]:
         """The versions of one resource that are the patient's, and its deletions.
 
@@ -348,20 +455,32 @@ class AuthorizingProvider(ResourceProvider):
         """
         current = await self._existing(resource_id) or await self._last_content(resource_id)
         if current is None:
-            raise not_found(f"{self.resource_type}/{resource_id} is not known")
-        await self._check_visible(current, patient, [])
+            raise self._unknown(resource_id)
+        await self._check_visible(current, patients, [])
         entries, total = await self.inner.history(resource_id, count, offset)
-        visible = await self._belonging([e for e in entries if not e.get("_deleted")], patient)
+        visible = await self._belonging([e for e in entries if not e.get("_deleted")], patients)
         kept = [e for e in entries if e.get("_deleted") or any(e is v for v in visible)]
         return kept, total - (len(entries) - len(kept))
 
     async def _last_content(self, resource_id: str) -> dict[str, Any] | None:
-        """The newest version that is not a deletion, of a resource that is deleted now."""
-        entries, _ = await self.inner.history(resource_id, 2, 0)
+        """The newest version that is not a deletion, of a resource that is deleted now (None for one
+        that never existed, or for a type that keeps no history)."""
+        try:
+            entries, _ = await self.inner.history(resource_id, 2, 0)
+        except FhirError as error:
+            if error.status in (404, 405, 410):
+                return None
+            raise
         return next((e for e in entries if not e.get("_deleted")), None)
 
 
-def authorizing_providers(providers: Sequence[ResourceProvider], base_url: str) -> list[ResourceProvider]:
-    """Each provider wrapped in an AuthorizingProvider (the router's view of them)."""
+def authorizing_providers(
+    providers: Sequence[ResourceProvider], base_url: str
+) -> list[AuthorizingProvider]:
+    """Each provider wrapped in an AuthorizingProvider: the view of them every caller-facing path uses."""
     peers = {p.resource_type: p for p in providers}
-    return [AuthorizingProvider(p, peers, base_url) for p in providers]
+    wrapped = [AuthorizingProvider(p, peers, base_url) for p in providers]
+    by_type = {w.resource_type: w for w in wrapped}
+    for provider in wrapped:
+        provider.authorizing_peers = by_type
+    return wrapped

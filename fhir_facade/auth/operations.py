@@ -16,7 +16,7 @@ from fhir_facade.auth.scopes import Interaction, requirements_for_analyze
 from fhir_facade.fhir.errors import FhirError, forbidden, not_found
 from fhir_facade.resources.base import ResourceProvider
 
-__all__ = ["analyze_guard", "server_admin_guard"]
+__all__ = ["analyze_guard", "check_analysis_rights", "server_admin_guard"]
 
 Guard = Callable[[Request], Awaitable[None]]
 
@@ -31,27 +31,39 @@ def analyze_guard(studies: ResourceProvider, tasks: ResourceProvider, base_url: 
         access = authenticated_caller()
         study_id = request.path_params.get("study_id")
         if study_id is not None:
-            for interaction, resource_type in requirements_for_analyze():
-                access.require(interaction, resource_type)
-            if access.enforced:
-                await studies.read(study_id)
+            await check_analysis_rights(studies, study_id)
         else:
             interaction = Interaction.CREATE if request.method == "DELETE" else Interaction.READ
             access.require(interaction, "DiagnosticReport")
-            patient = access.confinement(interaction, "DiagnosticReport")
-            if patient is not None:
+            patients = access.confinement(interaction, "DiagnosticReport")
+            if patients is not None:
                 await _check_job_patient(
-                    tasks, base_url, str(request.path_params.get("task_id", "")), patient
+                    tasks, base_url, str(request.path_params.get("task_id", "")), patients
                 )
 
     return guard
 
 
-async def _check_job_patient(tasks: ResourceProvider, base_url: str, task_id: str, patient: str) -> None:
-    """A job is its Task, which the jobs endpoint reads on the server's own authority: a caller confined
-    to a patient may poll or cancel only a job `for` that patient (else 404, like another patient's
-    report), or it would be handed any patient's DiagnosticReport by job id. `tasks` is the unwrapped
-    Task provider: the job's Task is the server's, whatever the caller's Task scopes."""
+async def check_analysis_rights(studies: ResourceProvider, study_id: str) -> None:
+    """What running `$analyze` on a study needs of the current caller: read on the study (read through
+    the authorizing provider `studies`, so another patient's study is a 404) and create on
+    DiagnosticReport. The HTTP operation checks it per request; the analysis worklist checks it when
+    it runs a Task, with the rights of the client that requested the Task."""
+    access = authenticated_caller()
+    for interaction, resource_type in requirements_for_analyze():
+        access.require(interaction, resource_type)
+    if access.enforced:
+        await studies.read(study_id)
+
+
+async def _check_job_patient(
+    tasks: ResourceProvider, base_url: str, task_id: str, patients: frozenset[str]
+) -> None:
+    """A job is its Task, which the jobs endpoint reads on the server's own authority: a confined caller
+    may poll or cancel only a job `for` one of its patients (else 404, like another patient's report).
+    The report itself is read through the authorizing provider as well (AnalysisJobs.state), so a job
+    Task whose output names another patient's report hands out nothing. `tasks` is the unwrapped Task
+    provider: the job's Task is the server's, whatever the caller's Task scopes."""
     rule = compartment_rule("Task")
     assert rule is not None
     try:
@@ -60,7 +72,7 @@ async def _check_job_patient(tasks: ResourceProvider, base_url: str, task_id: st
         if error.status in (404, 410):
             raise not_found(f"No analysis job {task_id}") from error
         raise
-    if patient not in patient_references(task, rule, base_url):
+    if patients.isdisjoint(patient_references(task, rule, base_url)):
         raise not_found(f"No analysis job {task_id}")
 
 

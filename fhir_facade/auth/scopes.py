@@ -244,6 +244,11 @@ class Scopes:
     #: Non-resource scopes (openid, fhirUser, launch/patient, offline_access...), in the order given.
     other: tuple[str, ...] = ()
 
+    @property
+    def text(self) -> str:
+        """The scopes as a ``scope`` string (v2 spelling) that ``parse_scopes`` reads back as equal."""
+        return " ".join([*(s.text for s in self.resources), *self.other])
+
     def granting(self, interaction: Interaction, resource_type: str) -> tuple[ResourceScope, ...]:
         """The resource scopes that grant ``interaction`` on ``resource_type``."""
         return tuple(s for s in self.resources if s.grants(interaction, resource_type))

@@ -43,6 +43,7 @@ from fhir_facade.dicomweb_proxy.client import DicomwebProxyClient
 __all__ = [
     "PATIENT_INCLUDE_FIELDS",
     "PatientKey",
+    "PatientKeys",
     "confined_query",
     "names_patient",
     "qido_pattern",
@@ -130,6 +131,29 @@ class PatientKey:
         return f"{self.patient_id} (issuer {self.issuer})" if self.issuer else self.patient_id
 
 
+@dataclass(frozen=True)
+class PatientKeys:
+    """The DICOM patients a confined caller may reach: the one of a `patient/` token's launch context,
+    or the list of a `user/` token's user (empty: none). Answers what a single PatientKey answers, for
+    any of them."""
+
+    keys: tuple[PatientKey, ...]
+
+    @classmethod
+    def from_resource_ids(cls, resource_ids: frozenset[str]) -> PatientKeys:
+        """The patients of FHIR Patient ids; ValueError names an id that is not one of ours."""
+        return cls(tuple(PatientKey.from_resource_id(rid) for rid in sorted(resource_ids)))
+
+    def matches(self, patient_id: Any, issuer: Any) -> bool:
+        return any(key.matches(patient_id, issuer) for key in self.keys)
+
+    def matches_json(self, ds: DicomJson) -> bool:
+        return any(key.matches_json(ds) for key in self.keys)
+
+    def describe(self) -> str:
+        return ", ".join(key.describe() for key in self.keys) or "(no patient)"
+
+
 def qido_pattern(value: str) -> str:
     """A QIDO matching value that matches at least `value` at this Orthanc, written without
     percent-escapes.
@@ -168,8 +192,10 @@ def confined_query(raw_query: str, key: PatientKey) -> str:
     return "&".join(kept + ours)
 
 
-async def study_belongs_to(client: DicomwebProxyClient, study_uid: str, key: PatientKey) -> bool:
-    """Whether the PACS holds study `study_uid` and every study of that UID is `key`'s.
+async def study_belongs_to(
+    client: DicomwebProxyClient, study_uid: str, key: PatientKey | PatientKeys
+) -> bool:
+    """Whether the PACS holds study `study_uid` and every study of that UID is `key`'s (one of them).
 
     One QIDO query by StudyInstanceUID alone (not also by PatientID: that would hide another
     patient's study of the same UID, see the module notes).
@@ -180,7 +206,12 @@ async def study_belongs_to(client: DicomwebProxyClient, study_uid: str, key: Pat
 
 
 async def uids_of_other_patients(
-    client: DicomwebProxyClient, path: str, keyword: str, tag: str, uids: Sequence[str], key: PatientKey
+    client: DicomwebProxyClient,
+    path: str,
+    keyword: str,
+    tag: str,
+    uids: Sequence[str],
+    key: PatientKey | PatientKeys,
 ) -> list[str]:
     """Those of `uids` (values of `keyword`/`tag` at the QIDO level `path`) that the PACS already
     holds for a patient other than `key`: a store under them would make the other patient's

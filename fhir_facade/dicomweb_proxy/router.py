@@ -33,9 +33,9 @@ from starlette.types import Receive, Scope, Send
 from fhir_facade.auth.access import Access, access_of, authenticated_caller, current_access
 from fhir_facade.auth.scopes import Interaction
 from fhir_facade.config import Settings
-from fhir_facade.dicomweb.client import qido_datasets
+from fhir_facade.dicomweb.client import DicomJson, qido_datasets
 from fhir_facade.dicomweb_proxy.client import DICOM_JSON, DicomwebProxyClient, UpstreamResponse
-from fhir_facade.dicomweb_proxy.confinement import PatientKey, confined_query, study_belongs_to
+from fhir_facade.dicomweb_proxy.confinement import PatientKeys, confined_query, study_belongs_to
 from fhir_facade.dicomweb_proxy.stow import DEFAULT_MAX_STOW_BYTES, check_confined_stow, read_body
 from fhir_facade.fhir.errors import (
     FhirError,
@@ -139,16 +139,14 @@ class _ProxiedResponse(StreamingResponse):
             await self._upstream.aclose()
 
 
-def _confinement(access: Access, interaction: Interaction) -> PatientKey | None:
-    patient = access.confinement(interaction, RESOURCE_TYPE)
-    if patient is None:
+def _confinement(access: Access, interaction: Interaction) -> PatientKeys | None:
+    patients = access.confinement(interaction, RESOURCE_TYPE)
+    if patients is None:
         return None
     try:
-        return PatientKey.from_resource_id(patient)
+        return PatientKeys.from_resource_ids(patients)
     except ValueError as exc:
-        raise forbidden(
-            f"The token's patient context {patient!r} is not a Patient id of this server"
-        ) from exc
+        raise forbidden(f"The token's patient context is not a Patient id of this server: {exc}") from exc
 
 
 def _upstream_path(template: str, request: Request) -> str:
@@ -238,17 +236,22 @@ class _Proxy:
             # Answered like a search in a study the PACS does not hold (Orthanc: 200 and []).
             _log_refusal(request, f"study {study} is not patient {key.describe()}'s; answered no matches")
             return Response(b"[]", media_type=DICOM_JSON)
-        query = confined_query(request.url.query, key)
         headers = {"accept": DICOM_JSON}
         if "accept-charset" in request.headers:
             headers["accept-charset"] = request.headers["accept-charset"]
-        response = await self.pacs.fetch("GET", path, query=query, headers=headers)
-        passed = {
-            n.lower(): v for n, v in response.headers.items() if n.lower() in ("content-type", "warning")
-        }
-        if response.status_code >= 400 or not response.content:
-            return Response(response.content, status_code=response.status_code, headers=passed)
-        found = qido_datasets(response, path)
+        # One query per patient (a user's list may hold several): PatientID is no list key in QIDO.
+        found: list[DicomJson] = []
+        passed: dict[str, str] = {}
+        for one in key.keys:
+            query = confined_query(request.url.query, one)
+            response = await self.pacs.fetch("GET", path, query=query, headers=headers)
+            passed = {
+                n.lower(): v for n, v in response.headers.items() if n.lower() in ("content-type", "warning")
+            }
+            if response.status_code >= 400:
+                return Response(response.content, status_code=response.status_code, headers=passed)
+            if response.content:
+                found += qido_datasets(response, path)
         kept = [ds for ds in found if key.matches_json(ds)]
         if len(kept) < len(found):
             # Only a PatientID holding QIDO wildcard or list characters, or an issuer-less patient

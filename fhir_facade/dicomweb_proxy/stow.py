@@ -19,7 +19,7 @@ from starlette.requests import Request
 from fhir_facade.dicomweb.errors import DicomwebError
 from fhir_facade.dicomweb.wado import parse_multipart_related
 from fhir_facade.dicomweb_proxy.client import DicomwebProxyClient
-from fhir_facade.dicomweb_proxy.confinement import PatientKey, uids_of_other_patients
+from fhir_facade.dicomweb_proxy.confinement import PatientKey, PatientKeys, uids_of_other_patients
 from fhir_facade.fhir.errors import (
     FhirError,
     Issue,
@@ -127,7 +127,7 @@ def read_instances(body: bytes, content_type: str) -> list[StowInstance]:
 
 
 async def check_confined_stow(
-    pacs: DicomwebProxyClient, body: bytes, content_type: str, key: PatientKey
+    pacs: DicomwebProxyClient, body: bytes, content_type: str, key: PatientKey | PatientKeys
 ) -> list[StowInstance]:
     """Refuse (403) a store by a caller confined to `key` unless every instance is `key`'s patient
     and none of its study, series or SOP instance UIDs already belongs to another patient.

@@ -78,6 +78,10 @@ class StoredResourceProvider(ResourceProvider):
     async def vread(self, resource_id: str, version_id: str) -> dict[str, Any]:
         return await run_in_threadpool(self._store.vread, self.resource_type, resource_id, version_id)
 
+    async def author_of(self, resource_id: str, version_id: str) -> str | None:
+        """The principal that wrote this version (None: the server itself); see store/authorship.py."""
+        return await run_in_threadpool(self._store.author_of, self.resource_type, resource_id, version_id)
+
     async def search(self, request: SearchRequest) -> SearchResult:
         if request.snapshot is None:
             request.snapshot = datetime.now(UTC)

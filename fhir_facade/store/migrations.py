@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, func, insert, select, text
+from sqlalchemy import Connection, Engine, func, insert, inspect, select, text
 from sqlmodel import SQLModel
 
 from fhir_facade.store.engine import WRITE
@@ -47,7 +47,8 @@ class Migration:
 
 
 def _initial_schema(connection: Connection) -> None:
-    # Version 1 is the schema as first designed, so creating it from the models is exact here.
+    # Version 1 is the schema as first designed, created from the models; columns the models gained
+    # later (resource_version.author, migration 6) come with it, and their migration skips them.
     tables = [
         ResourceVersion.__table__,  # type: ignore[attr-defined]
         ResourceCurrent.__table__,  # type: ignore[attr-defined]
@@ -121,6 +122,13 @@ def _outbox_correlation(connection: Connection) -> None:
     connection.execute(text("ALTER TABLE outbox ADD COLUMN correlation_id VARCHAR(128)"))
 
 
+def _version_author(connection: Connection) -> None:
+    # The principal (client, user, grants) that wrote each version, so work done later on its behalf
+    # runs with its rights (ADR 0009). Nullable: older versions and the server's own writes have none.
+    if "author" not in {c["name"] for c in inspect(connection).get_columns("resource_version")}:
+        connection.execute(text("ALTER TABLE resource_version ADD COLUMN author TEXT"))
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
@@ -128,6 +136,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "search index owner indexes include param (fast _sort)", _owner_indexes_with_param),
     Migration(4, "outbox: every stored version, for the upstream sync", _outbox),
     Migration(5, "outbox.correlation_id: the request that wrote the version", _outbox_correlation),
+    Migration(6, "resource_version.author: the principal that wrote the version", _version_author),
 )
 
 

@@ -49,6 +49,7 @@ from fhir_facade.fhir.search import (
     TokenValue,
 )
 from fhir_facade.resources.base import WriteResult
+from fhir_facade.store.authorship import WRITE_AUTHOR
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.errors import invalid_resource, version_conflict
 from fhir_facade.store.indexing import (
@@ -224,6 +225,7 @@ class ResourceStore:
                 last_updated=moment,
                 deleted=resource is None,
                 resource_json=_dumps(stored),
+                author=WRITE_AUTHOR.get(),
             )
         )
         values = {"version_id": version, "last_updated": moment, "deleted": resource is None}
@@ -295,6 +297,22 @@ class ResourceStore:
             raise gone(f"{resource_type}/{resource_id} has been deleted")
         result: dict[str, Any] = json.loads(row.resource_json)
         return result
+
+    def author_of(self, resource_type: str, resource_id: str, version_id: str) -> str | None:
+        """The principal that wrote a version (store/authorship.py); None for the server's own writes
+        and for an unknown version."""
+        self._check_id(resource_type, resource_id)
+        if not version_id.isdigit():
+            return None
+        with self._reading() as connection:
+            author: str | None = connection.execute(
+                select(_version.c.author).where(
+                    _version.c.resource_type == resource_type,
+                    _version.c.resource_id == resource_id,
+                    _version.c.version_id == int(version_id),
+                )
+            ).scalar_one_or_none()
+        return author
 
     def exists(self, resource_type: str, resource_id: str) -> bool:
         """Whether a current, not deleted version exists."""

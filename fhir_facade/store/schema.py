@@ -82,6 +82,8 @@ class ResourceVersion(SQLModel, table=True):
     last_updated: datetime = _utc_column(nullable=False)
     deleted: bool = False
     resource_json: str = Field(sa_column=Column(Text, nullable=False))
+    #: The principal that wrote this version (store/authorship.py); None: the server itself.
+    author: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class ResourceCurrent(SQLModel, table=True):

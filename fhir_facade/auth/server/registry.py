@@ -14,7 +14,9 @@ Format (``FACADE_AUTH_CLIENTS_FILE``, default ``<data_dir>/auth-clients.json``):
       ],
       "users": [
         {"username": "demo", "password_hash": "scrypt$14$8$1$...", "fhirUser": "Practitioner/demo",
-         "patients": ["P-1001"]}
+         "patients": ["P-1001"]},
+        {"username": "reading-room", "password_hash": "scrypt$14$8$1$...",
+         "fhirUser": "Practitioner/rad1", "all_patients": true}
       ]
     }
 
@@ -26,7 +28,10 @@ Format (``FACADE_AUTH_CLIENTS_FILE``, default ``<data_dir>/auth-clients.json``):
   Backend services may hold ``system/`` scopes only, apps ``patient/``/``user/`` and the launch
   scopes.
 - Secrets and passwords are stored as hashes only (``passwords.hash_secret``).
-- ``patients``: the Patient ids the user may pick at a standalone launch with ``launch/patient``.
+- ``patients``: the user's compartments: the Patient ids the user may pick at a standalone launch
+  with ``launch/patient``, and the only patients a ``user/`` scope reaches for this user (a user with
+  no list reaches no patient's data). ``all_patients: true`` lifts that for users who may see every
+  patient (a reading room's radiologists); it is never the default (docs/adr/0009).
 
 The file is read once at start-up; restart the facade after editing it. When it does not exist the
 server writes a demo registry (the ``DEMO_*`` constants) and logs the demo user's password once.
@@ -220,6 +225,8 @@ class UserEntry(BaseModel):
     password_hash: str
     fhir_user: str | None = Field(None, alias="fhirUser")
     patients: tuple[str, ...] = ()
+    #: True: `user/` scopes reach every patient for this user; False: only `patients`.
+    all_patients: bool = False
 
     @field_validator("password_hash")
     @classmethod
@@ -267,6 +274,14 @@ class Registry(BaseModel):
 
     def user(self, username: str) -> UserEntry | None:
         return next((u for u in self.users if u.username == username), None)
+
+    def user_compartments(self, username: str | None) -> frozenset[str] | None:
+        """The patients a `user/` scope reaches for this user: their list, None for an `all_patients`
+        user, and none at all for a name the registry does not hold (a removed user's token)."""
+        user = self.user(username) if username else None
+        if user is None:
+            return frozenset()
+        return None if user.all_patients else frozenset(user.patients)
 
 
 def _validate(data: Any, source: Path) -> Registry:
