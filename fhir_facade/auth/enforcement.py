@@ -368,8 +368,8 @@ class AuthorizingProvider(ResourceProvider):
     async def check_references(self, resource: dict[str, Any], patients: frozenset[str]) -> None:
         """A caller confined to `patients` may only reference resources within them: otherwise a Task
         `for` its own patient could point the analysis worklist at another patient's study (focus) or
-        hand out another patient's report (output). A reference to a resource that does not exist is refused the same
-        way, so the answer tells nothing about other patients' data."""
+        hand out another patient's report (output). A reference to a resource that does not exist is
+        refused the same way, so the answer tells nothing about other patients' data."""
         for path, (kind, target_id) in local_references(resource, self._base_url):
             peer = self.authorizing_peers.get(kind)
             if peer is None or compartment_rule(kind) is None:
