@@ -245,19 +245,21 @@ def _explicit_le(group: int, element: int, vr: bytes, value: bytes) -> bytes:
     )
 
 
-@pytest.mark.parametrize(
-    ("element", "what"),
-    [((0x0010, 0x0020, b"LO"), "patient"), ((0x0020, 0x000D, b"UI"), "study")],
-)
-def test_identity_after_the_pixel_data_is_refused(
-    secured_stow: SecuredStow, scene: Scene, element: tuple[int, int, bytes], what: str
-) -> None:
-    """A second PatientID or StudyInstanceUID after the pixel data: a check that stops before the
-    pixels, or keeps another of two equal tags than the PACS's toolkit, sees another instance."""
-    group, number, vr = element
-    value = (PATIENT_B if what == "patient" else scene.theirs_uid).encode()
-    part = to_bytes(scene.own) + _explicit_le(group, number, vr, value)
-    body = b"--BND\r\n" + DICOM_PART + part + b"\r\n--BND--\r\n"
+@pytest.mark.parametrize("what", ["second PatientID", "IssuerOfPatientID", "StudyInstanceUID"])
+def test_identity_after_the_pixel_data_is_refused(secured_stow: SecuredStow, scene: Scene, what: str) -> None:
+    """An identifying element placed after the pixel data: a check that stops before the pixels
+    misses it, and a toolkit that keeps another of two equal tags than the PACS's sees another
+    patient. IssuerOfPatientID there would make the instance another patient's (PatientID within
+    another issuer); StudyInstanceUID there (none before) would put it into B's study."""
+    own = scene.own
+    if what == "second PatientID":
+        element = _explicit_le(0x0010, 0x0020, b"LO", PATIENT_B.encode())
+    elif what == "IssuerOfPatientID":
+        element = _explicit_le(0x0010, 0x0021, b"LO", b"OTHER-ISSUER")
+    else:
+        del own.StudyInstanceUID
+        element = _explicit_le(0x0020, 0x000D, b"UI", scene.theirs_uid.encode())
+    body = b"--BND\r\n" + DICOM_PART + to_bytes(own) + element + b"\r\n--BND--\r\n"
     before = secured_stow.instance_count()
     response = secured_stow.post(body, _content_type(f"boundary={BOUNDARY}"))
     assert "not in ascending order" in outcome(response, 400, "invalid")["issue"][0]["diagnostics"]
