@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from pydicom.dataset import FileDataset
+from pydicom.uid import generate_uid
 
 from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
 from tests.auth.issuer import TestIssuer
 from tests.conftest import outcome, serve
-from tests.dicom_factory import to_bytes
+from tests.dicom_factory import CORPUS_ROOT, to_bytes
 from tests.dicomweb_proxy.conftest import new_study, stow_body
 
 PATIENT_A, PATIENT_B = "FRAME-A", "FRAME-B"
@@ -85,6 +86,10 @@ def scene(secured_stow: SecuredStow) -> Scene:
         store_instances(client, secured_stow.orthanc.url, theirs)
     theirs_uid = str(theirs[0].StudyInstanceUID)
     intruder = new_study(PATIENT_B, study_uid=theirs_uid)[0]
+    # The factory derives series and SOP UIDs from the study's: the intruder gets its own, so that
+    # storing it adds an instance to B's study instead of repeating one Orthanc already holds.
+    intruder.SeriesInstanceUID = generate_uid(CORPUS_ROOT)
+    intruder.SOPInstanceUID = intruder.file_meta.MediaStorageSOPInstanceUID = generate_uid(CORPUS_ROOT)
     own = new_study(PATIENT_A)[0]
     return Scene(own, intruder, theirs_uid, secured_stow.study_sops(theirs_uid))
 
