@@ -11,7 +11,8 @@ Each instance is read whole (pixel data and other large values deferred, not loa
 attribute placed after the pixel data is seen too, and its top-level elements must come in
 ascending tag order without repeats (PS3.5 7.1): pydicom keeps the last of two equal tags, other
 toolkits the first, so a repeated PatientID would let the check and the PACS see different
-patients.
+patients. A dataset encoded in another VR form than its transfer syntax names is refused for the
+same reason (pydicom guesses the form; another toolkit may guess otherwise).
 """
 
 from __future__ import annotations
@@ -110,13 +111,18 @@ class _TagOrderError(ValueError):
 
 def _ascending_tags() -> Callable[[BaseTag, str | None, int], bool]:
     """A pydicom `stop_when` that never stops but refuses a top-level tag not above the last."""
-    last = -1
+    last, seen = -1, 0
 
     def check(tag: BaseTag, vr: str | None, length: int) -> bool:
-        nonlocal last
+        nonlocal last, seen
         if int(tag) <= last:
+            if seen == 1 and int(tag) == last:
+                # pydicom asks about the first element twice when it finds the dataset encoded in
+                # another VR form than the transfer syntax says (and reads on in the form found):
+                # a guess other toolkits need not make the same way.
+                raise _TagOrderError("its dataset is not encoded as its transfer syntax says")
             raise _TagOrderError(f"element {tag} follows {BaseTag(last)}: not in ascending order")
-        last = int(tag)
+        last, seen = int(tag), seen + 1
         return False
 
     return check

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from pydicom.dataset import FileDataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
 from tests.auth.issuer import TestIssuer
@@ -270,6 +270,30 @@ def test_identity_after_the_pixel_data_is_refused(secured_stow: SecuredStow, sce
     assert "not in ascending order" in outcome(response, 400, "invalid")["issue"][0]["diagnostics"]
     assert secured_stow.instance_count() == before
     assert secured_stow.study_sops(scene.theirs_uid) == scene.theirs_sops
+
+
+def test_dataset_in_another_vr_form_than_its_transfer_syntax_is_refused(
+    secured_stow: SecuredStow, scene: Scene
+) -> None:
+    """File meta saying Explicit VR over an Implicit VR dataset: pydicom guesses and reads on, and
+    a toolkit that guesses otherwise reads other values; such a file is refused."""
+    own = scene.own
+    explicit = to_bytes(own)
+    own.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit = to_bytes(own)
+
+    def dataset_start(part10: bytes) -> int:  # preamble, "DICM", group length element, meta group
+        return 132 + 12 + int.from_bytes(part10[140:144], "little")
+
+    forged = explicit[: dataset_start(explicit)] + implicit[dataset_start(implicit) :]
+    body = b"--BND\r\n" + DICOM_PART + forged + b"\r\n--BND--\r\n"
+    before = secured_stow.instance_count()
+    response = secured_stow.post(body, _content_type(f"boundary={BOUNDARY}"))
+    assert (
+        "not encoded as its transfer syntax says"
+        in outcome(response, 400, "invalid")["issue"][0]["diagnostics"]
+    )
+    assert secured_stow.instance_count() == before
 
 
 def _ambiguous(scene: Scene) -> dict[str, tuple[bytes, str, int, str]]:
