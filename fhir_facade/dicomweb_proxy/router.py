@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -298,7 +299,8 @@ class _Proxy:
         key = _confinement(access, Interaction.CREATE)
         reader = await read_stow_body(request, self.max_stow_bytes)
         try:
-            instances = read_instances(reader)
+            # pydicom work (about 2 ms an instance) off the event loop, like any blocking call.
+            instances = await run_in_threadpool(read_instances, reader)
             if key is not None:
                 await check_confined_stow(self.pacs, instances, key)
             body = CanonicalBody(reader)
