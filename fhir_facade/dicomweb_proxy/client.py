@@ -8,7 +8,7 @@ chunk at a time. Transport failures, time-outs and 5xx still become `DicomwebUna
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING
@@ -103,12 +103,13 @@ class DicomwebProxyClient(PooledClient):
         *,
         query: str = "",
         headers: Mapping[str, str] | None = None,
-        content: bytes | None = None,
+        content: bytes | AsyncIterable[bytes] | None = None,
     ) -> UpstreamResponse:
         """Send one request and return the answer with its body unread. The caller must `aclose` it.
 
         `path` is relative to the DICOMweb root and already percent-encoded; `query` is a raw
-        query string, sent as is.
+        query string, sent as is. `content` may be a stream: give its Content-Length in `headers`
+        (else httpx sends it chunked).
         """
         target = _target(path, query)
         stack = AsyncExitStack()

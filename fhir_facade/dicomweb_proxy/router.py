@@ -11,6 +11,8 @@ authorized with the caller's SMART scopes on ImagingStudy and confined to the pa
   query), answering as for an unknown study when it is not (QIDO: no matches; WADO: 404), so the
   existence of other patients' studies is not revealed; a STOW-RS body is checked instance by
   instance (see `stow`).
+- STOW-RS bodies are never forwarded as sent: they are split strictly and re-encoded (see
+  `multipart`), for every caller.
 
 The caller's Authorization, cookies and any other header not listed in `_FORWARDED_REQUEST_HEADERS`
 never reach the PACS. PACS 4xx answers pass through with their status and body; unreachable,
@@ -22,11 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -36,7 +39,13 @@ from fhir_facade.config import Settings
 from fhir_facade.dicomweb.client import DicomJson, qido_datasets
 from fhir_facade.dicomweb_proxy.client import DICOM_JSON, DicomwebProxyClient, UpstreamResponse
 from fhir_facade.dicomweb_proxy.confinement import PatientKeys, confined_query, study_belongs_to
-from fhir_facade.dicomweb_proxy.stow import DEFAULT_MAX_STOW_BYTES, check_confined_stow, read_body
+from fhir_facade.dicomweb_proxy.multipart import CanonicalBody
+from fhir_facade.dicomweb_proxy.stow import (
+    DEFAULT_MAX_STOW_BYTES,
+    check_confined_stow,
+    read_instances,
+    read_stow_body,
+)
 from fhir_facade.fhir.errors import (
     FhirError,
     bad_request,
@@ -212,7 +221,12 @@ class _Proxy:
         return run
 
     async def relay(
-        self, request: Request, path: str, *, headers: dict[str, str], content: bytes | None = None
+        self,
+        request: Request,
+        path: str,
+        *,
+        headers: dict[str, str],
+        content: AsyncIterable[bytes] | None = None,
     ) -> Response:
         upstream = await self.pacs.open_stream(
             request.method, path, query=request.url.query, headers=headers, content=content
@@ -279,19 +293,27 @@ class _Proxy:
         return await self.relay(request, path, headers=_forwarded_headers(request))
 
     async def store(self, request: Request, template: str) -> Response:
-        """STOW-RS (PS3.18 10.5): the exact bytes forwarded once they are allowed."""
+        """STOW-RS (PS3.18 10.5): the body split strictly and every instance read; for a confined
+        caller every instance checked; then the parts re-encoded under our own boundary, so the
+        PACS gets exactly what was read (see `multipart`)."""
         access = authenticated_caller()
         access.require(Interaction.CREATE, RESOURCE_TYPE)
         path = _upstream_path(template, request)
         key = _confinement(access, Interaction.CREATE)
-        body = await read_body(request, self.max_stow_bytes)
-        content_type = request.headers.get("content-type", "")
-        if key is not None:
-            await check_confined_stow(self.pacs, body, content_type, key)
-        headers = _forwarded_headers(request)
-        if content_type:
-            headers["content-type"] = content_type
-        return await self.relay(request, path, headers=headers, content=body)
+        reader = await read_stow_body(request, self.max_stow_bytes)
+        try:
+            # pydicom work (about 2 ms an instance) off the event loop, like any blocking call.
+            instances = await run_in_threadpool(read_instances, reader)
+            if key is not None:
+                await check_confined_stow(self.pacs, instances, key)
+            body = CanonicalBody(reader)
+            headers = _forwarded_headers(request)
+            headers["content-type"] = body.content_type
+            headers["content-length"] = str(body.length)
+            return await self.relay(request, path, headers=headers, content=body.chunks())
+        finally:
+            # The whole request body has been sent once the PACS's answer has begun.
+            reader.close()
 
 
 def _log_refusal(request: Request, reason: str) -> None:

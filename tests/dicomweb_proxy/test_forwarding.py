@@ -22,8 +22,8 @@ from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy
 from fhir_facade.embedded import free_port
 from fhir_facade.fhir.responses import install_error_handlers
 from tests.conftest import LiveServer, outcome
-from tests.dicom_factory import CORPUS
-from tests.dicomweb_proxy.conftest import caller, root_of, serve_proxy
+from tests.dicom_factory import CORPUS, to_bytes
+from tests.dicomweb_proxy.conftest import caller, multipart, new_study, root_of, serve_proxy, stow_body
 
 BOUNDARY = "recorded-boundary"
 FAILING_STUDY = "9.9.9"  # the recording PACS answers 500 for this study
@@ -144,12 +144,11 @@ def test_caller_credentials_never_reach_the_pacs(
     # (A confined retrieve first asks the PACS about the study, which the recorder does not hold.)
     response = client.get("/studies/1.2.3/series/4.5.6", headers={**CREDENTIALS, **access, "Accept": accept})
     assert response.status_code == (404 if scope == "patient/ImagingStudy.crs" else 200)
-    client.post(
-        "/studies",
-        content=b"--b--\r\n",
-        headers={**CREDENTIALS, **access, "Content-Type": "multipart/related; boundary=b"},
-    )
-    # Confined: the search, the retrieve's ownership query, and no store (an empty body is refused).
+    # An instance of another patient than the confined caller's: stored for the others.
+    instance = to_bytes(new_study("P-2")[0])
+    sent, content_type = multipart([instance])
+    client.post("/studies", content=sent, headers={**CREDENTIALS, **access, "Content-Type": content_type})
+    # Confined: the search, the retrieve's ownership query, and no store (another patient's instance).
     assert len(record.requests) == (2 if scope == "patient/ImagingStudy.crs" else 3)
     for _method, _path, headers, _body in record.requests:
         assert "authorization" not in headers
@@ -162,8 +161,16 @@ def test_caller_credentials_never_reach_the_pacs(
         assert search[2]["accept"] == "application/dicom+json"
         assert retrieve[1] == "/dicom-web/studies/1.2.3/series/4.5.6"
         assert retrieve[2]["accept"] == accept
-        assert store[0] == "POST" and store[3] == b"--b--\r\n"
-        assert store[2]["content-type"] == "multipart/related; boundary=b"
+        # Not the client's bytes: the part re-encoded under a boundary of the proxy's own.
+        media_type, boundary = store[2]["content-type"].split("; boundary=")
+        assert media_type == 'multipart/related; type="application/dicom"'
+        assert boundary not in content_type and len(boundary) >= 32
+        assert store[0] == "POST" and store[3] == (
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + instance
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        assert store[3] != sent and int(store[2]["content-length"]) == len(store[3])
 
 
 def test_confined_search_query_sent_to_the_pacs(recorded: tuple[Recorded, httpx.Client]) -> None:
@@ -214,14 +221,13 @@ def test_unreachable_pacs_is_503() -> None:
         httpx.Client(base_url=root_of(proxy), timeout=30) as client,
     ):
         confined = caller("patient/ImagingStudy.crs", "P-1001")
+        body, content_type = stow_body(new_study("P-1001")[:1])
         responses = [
             client.get("/studies"),
             client.get("/studies", headers=confined),
             client.get("/studies/1.2.3/metadata"),
             client.get("/studies/1.2.3/metadata", headers=confined),
-            client.post(
-                "/studies", content=b"--b--\r\n", headers={"Content-Type": "multipart/related; boundary=b"}
-            ),
+            client.post("/studies", content=body, headers={"Content-Type": content_type}),
         ]
     for response in responses:
         body = outcome(response, 503, "transient")

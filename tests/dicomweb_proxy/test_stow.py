@@ -1,5 +1,6 @@
 """STOW-RS through the proxy against a real Orthanc (the tests' own, since stores change it): the
-exact body is forwarded when allowed; a patient/ token stores its patient's instances only."""
+instances reach the PACS re-encoded when allowed; a patient/ token stores its patient's instances
+only. Framing attacks on the multipart body: test_stow_framing.py."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def referenced(response: httpx.Response) -> set[str]:
     return {item["00081155"]["Value"][0] for item in items}
 
 
-def test_unrestricted_store_is_forwarded_exactly(
+def test_unrestricted_store_is_answered_as_orthanc_answers(
     scratch_proxy: httpx.Client, scratch_direct: httpx.Client
 ) -> None:
     study = new_study("PROXY-U")
@@ -71,19 +72,20 @@ def test_patient_token_cannot_store_another_patients_instance(
 ) -> None:
     own, other = new_study("PROXY-A"), new_study("PROXY-B")
     mixed = [own[0], other[0]]  # one foreign instance refuses the whole request
-    for datasets in (other, mixed):
+    for datasets, refused in ((other, 1), (mixed, 2)):
         body, content_type = stow_body(datasets)
         headers = {**caller(STORE, "PROXY-A"), "Content-Type": content_type}
         with caplog.at_level("INFO", logger="fhir_facade.dicomweb_proxy"):
             response = scratch_proxy.post("/studies", content=body, headers=headers)
-        body_json = outcome(response, 403, "forbidden")
-        assert "PROXY-B" in body_json["issue"][0]["diagnostics"]
+        diagnostics = outcome(response, 403, "forbidden")["issue"][0]["diagnostics"]
+        assert f"instance {refused} may not be stored for patient PROXY-A" in diagnostics
+        assert "PROXY-B" not in diagnostics
         assert 'error="insufficient_scope"' in response.headers["www-authenticate"]
     assert stored_sops(scratch_direct, str(own[0].StudyInstanceUID)) == set()
     assert stored_sops(scratch_direct, str(other[0].StudyInstanceUID)) == set()
     refusals = [r for r in caplog.records if "refused POST /dicom-web/studies" in r.getMessage()]
     assert len(refusals) == 2
-    assert all(r.levelname == "INFO" and "PROXY-B" in r.getMessage() for r in refusals)
+    assert all(r.levelname == "INFO" and "may not be stored" in r.getMessage() for r in refusals)
 
 
 def test_issuer_must_match_too(scratch_proxy: httpx.Client, scratch_direct: httpx.Client) -> None:
@@ -126,7 +128,10 @@ def test_patient_token_cannot_store_under_another_patients_uid(
     response = scratch_proxy.post(
         "/studies", content=body, headers={**caller(STORE, "PROXY-A"), "Content-Type": content_type}
     )
-    assert "another patient" in outcome(response, 403, "forbidden")["issue"][0]["diagnostics"]
+    diagnostics = outcome(response, 403, "forbidden")["issue"][0]["diagnostics"]
+    assert "instance 1 may not be stored for patient PROXY-A" in diagnostics
+    taken = {"study": ds.StudyInstanceUID, "series": ds.SeriesInstanceUID, "sop": ds.SOPInstanceUID}[level]
+    assert str(taken) not in diagnostics  # the other patient's UID is not echoed
     # Orthanc itself would have taken it (and made PROXY-B's data ambiguous).
     assert stored_sops(scratch_direct, str(theirs[0].StudyInstanceUID)) == {
         str(d.SOPInstanceUID) for d in theirs
