@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fhir_facade.dicomweb.stow import StowClient
+from fhir_facade.dicomweb.wado import WadoClient
 from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, free_port
 from tests.conftest import LiveServer, ok_json, serve
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study, upload
@@ -201,3 +203,22 @@ def test_the_endpoint_does_not_reveal_the_pacs_credentials(facade: LiveServer, p
     with httpx.Client(timeout=30) as client:
         body = client.get(f"{facade.base_url}/Endpoint").text
     assert pacs.credentials[1] not in body
+
+
+async def test_the_analyze_clients_sign_in_for_wado_and_stow(pacs: EmbeddedOrthanc) -> None:
+    """$analyze's WADO-RS and STOW-RS clients (analyze/runtime.py) carry FACADE_PACS_* too."""
+    (first,) = build_study(study())
+    extra = StudySpec(
+        patient_id="ACCESS-1",
+        patient_name="Wache^Ina",
+        study_uid=STUDY_UID,
+        study_date="20241204",
+        study_time="101500",
+        series=[SeriesSpec("CT", "CORONAL", 2, n_instances=1)],
+    )
+    async with StowClient(pacs.dicomweb_url, auth=pacs.credentials) as stow:
+        result = await stow.store(build_study(extra), study_uid=STUDY_UID)
+        assert result.status == 200
+    async with WadoClient(pacs.dicomweb_url, timeout=30, max_connections=1, auth=pacs.credentials) as wado:
+        got = await wado.retrieve_instance(STUDY_UID, str(first.SeriesInstanceUID), str(first.SOPInstanceUID))
+        assert got.SOPInstanceUID == first.SOPInstanceUID
