@@ -69,7 +69,8 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
         worklist_dir=worklist_dir,
         modalities=list(dict.fromkeys(peers)),
     )
-    assert orthanc.credentials is not None
+    if orthanc.credentials is None:  # http_auth defaults to on; never serve an open PACS
+        raise SystemExit("fhir-facade: the embedded Orthanc has no HTTP credentials")
     user, password = orthanc.credentials
     with orthanc:
         with orthanc.client() as client:
