@@ -178,7 +178,7 @@ def orthanc_in_tmp() -> Iterator[tuple[EmbeddedOrthanc, Path, ExitStack]]:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-analyze-")))
         orthanc = stack.enter_context(
-            EmbeddedOrthanc(tmp / "orthanc", http_port=free_port(), dicom_port=free_port())
+            EmbeddedOrthanc(tmp / "orthanc", http_port=free_port(), dicom_port=free_port(), http_auth=False)
         )
         yield orthanc, tmp, stack
 

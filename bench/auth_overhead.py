@@ -47,7 +47,9 @@ def main() -> None:
 
     with (
         tempfile.TemporaryDirectory() as tmp,
-        EmbeddedOrthanc(Path(tmp) / "orthanc", http_port=free_port(), dicom_port=free_port()) as orthanc,
+        EmbeddedOrthanc(
+            Path(tmp) / "orthanc", http_port=free_port(), dicom_port=free_port(), http_auth=False
+        ) as orthanc,
     ):
         load_studies(orthanc.url, args.studies)
         open_port, secured_port = free_port(), free_port()

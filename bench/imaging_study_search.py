@@ -62,7 +62,7 @@ def main() -> None:
 
     with (
         tempfile.TemporaryDirectory() as tmp,
-        EmbeddedOrthanc(Path(tmp), http_port=free_port(), dicom_port=free_port()) as orthanc,
+        EmbeddedOrthanc(Path(tmp), http_port=free_port(), dicom_port=free_port(), http_auth=False) as orthanc,
     ):
         load_studies(orthanc.url, args.studies)
         env = {

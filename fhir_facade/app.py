@@ -189,12 +189,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.dicomweb_url,
         timeout=settings.dicomweb_timeout,
         max_connections=settings.dicomweb_max_connections,
+        auth=settings.pacs_auth,
     )
     orthanc = (
         OrthancRestClient(
             settings.orthanc_url,
             timeout=settings.dicomweb_timeout,
             max_connections=settings.dicomweb_max_connections,
+            auth=settings.pacs_auth,
         )
         if settings.orthanc_url
         else None

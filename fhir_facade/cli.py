@@ -49,29 +49,49 @@ def _serve(settings: Settings, host: str, port: int) -> None:
 
 
 def _embedded(settings: Settings, args: argparse.Namespace) -> None:
+    """Orthanc open to the facade alone (generated HTTP credentials, loopback only) and to the
+    configured modalities over DICOM (ADR 0013), loaded with the demo study; then serve."""
+    from pydantic import SecretStr
+
     from fhir_facade.demo import upload_demo
-    from fhir_facade.embedded import EmbeddedOrthanc
+    from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, parse_dicom_peer
 
     worklist_dir = settings.worklist_dir or settings.data_dir.resolve() / "worklists"
     worklist_dir.mkdir(parents=True, exist_ok=True)
+    # The worklist's own station (ScheduledStationAETitle) on this machine, and the listed ones.
+    station = DicomPeer(settings.worklist_station_ae_title, "127.0.0.1")
+    peers = [station, *(parse_dicom_peer(entry) for entry in settings.pacs_modalities)]
     orthanc = EmbeddedOrthanc(
         settings.data_dir.resolve() / "orthanc",
         http_port=args.orthanc_port,
         dicom_port=args.orthanc_dicom_port,
         stable_age=5,
         worklist_dir=worklist_dir,
+        modalities=list(dict.fromkeys(peers)),
     )
+    if orthanc.credentials is None:  # http_auth defaults to on; never serve an open PACS
+        raise SystemExit("fhir-facade: the embedded Orthanc has no HTTP credentials")
+    user, password = orthanc.credentials
     with orthanc:
-        study_uid = upload_demo(orthanc.url)
+        with orthanc.client() as client:
+            study_uid = upload_demo(orthanc.url, client=client)
         overrides: dict[str, object] = {
             "dicomweb_url": orthanc.dicomweb_url,
             "orthanc_url": orthanc.url,
             "worklist_dir": worklist_dir,
+            "pacs_username": user,
+            "pacs_password": SecretStr(password),
         }
         if "base_url" not in settings.model_fields_set:
             overrides["base_url"] = f"http://{args.host}:{args.port}/fhir"
         settings = settings.model_copy(update=overrides)
         log.info("Demo study loaded: %s/ImagingStudy/%s", settings.base_url, study_uid)
+        log.info(
+            "Orthanc's DICOM port %d (AE title %s) admits only %s",
+            orthanc.dicom_port,
+            orthanc.aet,
+            ", ".join(f"{peer.aet}@{peer.host}" for peer in orthanc.modalities),
+        )
         _serve(settings, args.host, args.port)
 
 

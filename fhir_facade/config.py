@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fhir_facade.embedded.dicom_peers import parse_dicom_peer
 
 __all__ = ["Settings"]
 
@@ -33,6 +35,25 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Seconds before a PACS request is abandoned (connect+read)."
     )
     dicomweb_max_connections: int = Field(20, ge=1, description="Connection pool size to the PACS.")
+    # PACS access (ADR 0013): the credentials the facade signs in to the PACS with, and the DICOM
+    # peers the embedded Orthanc admits.
+    pacs_username: str | None = Field(
+        None,
+        description=(
+            "HTTP Basic user for the PACS (RFC 7617), sent on every DICOMweb and Orthanc REST request "
+            "(unset: none). `fhir-facade embedded` generates its own."
+        ),
+    )
+    pacs_password: SecretStr | None = Field(None, description="HTTP Basic password for the PACS.")
+    pacs_modalities: tuple[str, ...] = Field(
+        (),
+        description=(
+            "DICOM peers the embedded Orthanc admits, as a JSON list of 'AET@ip-address[:port]' "
+            "(port default 104): each may C-ECHO, query the worklist and C-STORE, from that address "
+            "only. FACADE_WORKLIST_STATION_AE_TITLE@127.0.0.1 is always admitted; anyone else is "
+            "refused."
+        ),
+    )
     data_dir: Path = Field(Path(".data"), description="Where the embedded set-up keeps its files.")
     database_url: str | None = Field(
         None, description="SQL store URL; default sqlite:///<data_dir>/facade.sqlite3."
@@ -250,6 +271,13 @@ class Settings(BaseSettings):
     def _strip_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
 
+    @field_validator("pacs_modalities")
+    @classmethod
+    def _dicom_peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            parse_dicom_peer(entry)
+        return value
+
     @field_validator("dicom_timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -293,6 +321,14 @@ class Settings(BaseSettings):
     def resolved_clients_file(self) -> Path:
         """The built-in authorization server's client and user registry."""
         return self.auth_clients_file or self.data_dir / "auth-clients.json"
+
+    @property
+    def pacs_auth(self) -> tuple[str, str] | None:
+        """(user, password) for HTTP Basic to the PACS, or None when no user is configured."""
+        if self.pacs_username is None:
+            return None
+        password = self.pacs_password.get_secret_value() if self.pacs_password else ""
+        return (self.pacs_username, password)
 
     @property
     def resolved_database_url(self) -> str:

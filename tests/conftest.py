@@ -74,6 +74,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthan
         http_port=free_port(),
         dicom_port=free_port(),
         stable_age=2,
+        http_auth=False,  # loopback only; the credentialed path: tests/embedded/test_pacs_access.py
     )
     with instance:
         yield instance

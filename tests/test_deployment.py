@@ -85,3 +85,25 @@ def test_facade_requires_smart_tokens_and_keeps_its_keys() -> None:
     assert "FACADE_ALLOW_UNAUTHENTICATED_REMOTE" not in env
     # The built-in authorization server's signing key and registry survive a container restart.
     assert any(mount.split(":")[1] == env["FACADE_DATA_DIR"] for mount in facade["volumes"])
+
+
+def test_orthanc_serves_only_the_facade_and_listed_modalities() -> None:
+    """ADR 0013: HTTP wants the facade's password, DICOM admits listed AE titles from their own
+    addresses only, and neither port is published to every interface."""
+    services = _compose()["services"]
+    orthanc = services["orthanc"]["environment"]
+    facade = services["facade"]["environment"]
+    assert orthanc["ORTHANC__AUTHENTICATION_ENABLED"] == "true"
+    assert orthanc["ORTHANC__REGISTERED_USERS"] == (
+        '{"fhir-facade": "${ORTHANC_FACADE_PASSWORD:-change-me-orthanc-http}"}'
+    )
+    assert facade["FACADE_PACS_USERNAME"] == "fhir-facade"
+    assert facade["FACADE_PACS_PASSWORD"] == "${ORTHANC_FACADE_PASSWORD:-change-me-orthanc-http}"
+    always_allow = {k: v for k, v in orthanc.items() if k.startswith("ORTHANC__DICOM_ALWAYS_ALLOW_")}
+    assert set(always_allow) == {
+        f"ORTHANC__DICOM_ALWAYS_ALLOW_{op}"
+        for op in ("ECHO", "FIND", "FIND_WORKLIST", "GET", "MOVE", "STORE")
+    }
+    assert set(always_allow.values()) == {"false"}
+    assert orthanc["ORTHANC__DICOM_CHECK_MODALITY_HOST"] == "true"
+    assert services["orthanc"]["ports"] == ["${ORTHANC_DICOM_LISTEN:-127.0.0.1}:4242:4242"]

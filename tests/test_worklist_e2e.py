@@ -24,13 +24,14 @@ from fhirclient.models.imagingstudy import ImagingStudy
 from fhirclient.models.servicerequest import ServiceRequest
 from fhirclient.models.task import Task
 
-from fhir_facade.embedded import EmbeddedOrthanc, free_port
+from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, free_port
 from tests.conftest import validate
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study
 from tests.facade_process import FacadeProcess, wait_for
-from tests.worklist.test_findscu import findscu
+from tests.worklist.test_findscu import TEST_MODALITY, findscu
 
 STABLE_AGE_S = 1
+STORE_AET = "MODALITY1"
 ORDER_SYSTEM = "urn:oid:1.2.3.4.5.88"
 
 
@@ -44,12 +45,16 @@ def stack(tmp_path: Path) -> Iterator[tuple[EmbeddedOrthanc, FacadeProcess]]:
         dicom_port=free_port(),
         stable_age=STABLE_AGE_S,
         worklist_dir=worklists,
+        modalities=[TEST_MODALITY, DicomPeer(STORE_AET, "127.0.0.1")],
     )
+    assert orthanc.credentials is not None
     port = free_port()
     env = {
         **os.environ,
         "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
         "FACADE_ORTHANC_URL": orthanc.url,
+        "FACADE_PACS_USERNAME": orthanc.credentials[0],
+        "FACADE_PACS_PASSWORD": orthanc.credentials[1],
         "FACADE_WORKLIST_DIR": str(worklists),
         "FACADE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.sqlite3'}",
         "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
@@ -75,7 +80,7 @@ def send_with_storescu(orthanc: EmbeddedOrthanc, spec: StudySpec, folder: Path) 
         ds.save_as(path, enforce_file_format=True)
         files.append(str(path))
     done = subprocess.run(
-        ["storescu", "-aet", "MODALITY1", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *files],
+        ["storescu", "-aet", STORE_AET, "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *files],
         capture_output=True,
         text=True,
         timeout=60,

@@ -60,9 +60,10 @@ class AnalyzeRuntime:
             settings.dicomweb_url,
             timeout=settings.dicomweb_timeout,
             max_connections=settings.dicomweb_max_connections,
+            auth=settings.pacs_auth,
         )
         self.stow = (
-            StowClient(settings.dicomweb_url, timeout=settings.dicomweb_timeout)
+            StowClient(settings.dicomweb_url, timeout=settings.dicomweb_timeout, auth=settings.pacs_auth)
             if settings.analyze_write_sr
             else None
         )

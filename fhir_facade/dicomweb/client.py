@@ -30,12 +30,15 @@ class DicomwebClient(PooledClient):
     counts QIDO requests so tests and benchmarks can prove there is no N+1.
     """
 
-    def __init__(self, base_url: str, *, timeout: float, max_connections: int) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float, max_connections: int, auth: tuple[str, str] | None = None
+    ) -> None:
         super().__init__(
             base_url,
             timeout=timeout,
             max_connections=max_connections,
             headers={"Accept": "application/dicom+json"},
+            auth=auth,
         )
 
     async def search_studies(

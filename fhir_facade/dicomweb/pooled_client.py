@@ -1,7 +1,8 @@
 """The base of every PACS client (QIDO-RS, WADO-RS, STOW-RS, Orthanc REST): one shared httpx
 connection pool opened in the application lifespan, a request counter for tests and benchmarks,
-the one mapping of transport failures and 5xx answers to `DicomwebUnavailable`, and the
-correlation id of the request being served on every request sent (`X-Correlation-ID`).
+the one mapping of transport failures and 5xx answers to `DicomwebUnavailable`, the correlation
+id of the request being served on every request sent (`X-Correlation-ID`), and the facade's own
+PACS credentials (FACADE_PACS_USERNAME/_PASSWORD, HTTP Basic, RFC 7617) when it has them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class PooledClient:
         timeout: float,
         max_connections: int,
         headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -45,6 +47,7 @@ class PooledClient:
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
         self._headers = headers or {}
+        self._auth = httpx.BasicAuth(*auth) if auth else None
         self._transport = transport  # tests: faults a real PACS cannot be made to produce
         self._http: httpx.AsyncClient | None = None
         self.request_count = 0
@@ -56,6 +59,7 @@ class PooledClient:
                 timeout=httpx.Timeout(self._timeout),
                 limits=self._limits,
                 headers=self._headers,
+                auth=self._auth,
                 transport=self._transport,
                 event_hooks={"request": [add_correlation_headers_async]},
             )

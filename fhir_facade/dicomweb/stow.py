@@ -140,11 +140,14 @@ class StowClient(PooledClient):
         *,
         timeout: float = 30.0,
         max_connections: int = 4,
+        auth: tuple[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-        super().__init__(base_url, timeout=timeout, max_connections=max_connections, transport=transport)
+        super().__init__(
+            base_url, timeout=timeout, max_connections=max_connections, auth=auth, transport=transport
+        )
 
     async def store(self, datasets: Sequence[Dataset], study_uid: str | None = None) -> StowResult:
         """Store `datasets` in one request to `/studies` or `/studies/{study_uid}` (PS3.18 10.5.1).

@@ -192,12 +192,15 @@ class WadoClient(PooledClient):
     `DicomwebClient`; `request_count` counts WADO requests so tests can prove one per instance.
     """
 
-    def __init__(self, base_url: str, *, timeout: float, max_connections: int) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float, max_connections: int, auth: tuple[str, str] | None = None
+    ) -> None:
         super().__init__(
             base_url,
             timeout=timeout,
             max_connections=max_connections,
             headers={"Accept": ACCEPT_DICOM_AS_STORED},
+            auth=auth,
         )
 
     async def retrieve_instance(

@@ -65,7 +65,8 @@ class DicomwebProxyClient(PooledClient):
 
     Shares nothing with the FHIR side's clients but the base class: its own pool, opened and closed
     in the application lifespan. It never adds credentials of the caller; the headers it sends are
-    exactly those the router passes (plus httpx's Host, User-Agent and Connection).
+    exactly those the router passes (plus httpx's Host, User-Agent and Connection, and the facade's
+    own PACS credentials as Authorization when configured).
     """
 
     def __init__(
@@ -74,11 +75,14 @@ class DicomwebProxyClient(PooledClient):
         *,
         timeout: float,
         max_connections: int,
+        auth: tuple[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-        super().__init__(base_url, timeout=timeout, max_connections=max_connections, transport=transport)
+        super().__init__(
+            base_url, timeout=timeout, max_connections=max_connections, auth=auth, transport=transport
+        )
 
     async def open(self) -> None:
         await super().open()
@@ -94,6 +98,7 @@ class DicomwebProxyClient(PooledClient):
             settings.dicomweb_url,
             timeout=settings.dicomweb_timeout,
             max_connections=settings.dicomweb_max_connections,
+            auth=settings.pacs_auth,
         )
 
     async def open_stream(

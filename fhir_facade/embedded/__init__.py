@@ -1,5 +1,6 @@
 """The embedded set-up: a local Orthanc (Debian packages) run by the facade's own commands and tests."""
 
+from fhir_facade.embedded.dicom_peers import DicomPeer, parse_dicom_peer
 from fhir_facade.embedded.orthanc import (
     EmbeddedOrthanc,
     OrthancNotInstalled,
@@ -8,4 +9,12 @@ from fhir_facade.embedded.orthanc import (
     store_instances,
 )
 
-__all__ = ["EmbeddedOrthanc", "OrthancNotInstalled", "free_port", "stop_process", "store_instances"]
+__all__ = [
+    "DicomPeer",
+    "EmbeddedOrthanc",
+    "OrthancNotInstalled",
+    "free_port",
+    "parse_dicom_peer",
+    "stop_process",
+    "store_instances",
+]

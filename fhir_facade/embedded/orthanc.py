@@ -11,13 +11,15 @@ import ctypes
 import io
 import json
 import logging
+import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -25,10 +27,14 @@ from typing import IO, Any
 import httpx
 from pydicom.dataset import FileDataset
 
+from fhir_facade.embedded.dicom_peers import DicomPeer
+
 __all__ = ["EmbeddedOrthanc", "OrthancNotInstalled", "free_port", "store_instances"]
 
 log = logging.getLogger(__name__)
 
+#: The Orthanc user the facade signs in as (HTTP Basic, RFC 7617); its password is generated.
+FACADE_USER = "fhir-facade"
 PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 WORKLIST_PLUGIN = "libModalityWorklists.so"
@@ -93,7 +99,17 @@ def _find_plugin(name: str) -> Path:
 
 
 class EmbeddedOrthanc:
-    """A child Orthanc process listening on 127.0.0.1 only, without authentication."""
+    """A child Orthanc process that serves only the facade and the listed modalities.
+
+    Orthanc 1.10 (Debian) listens on every interface and has no bind-address option, so access is
+    refused inside Orthanc instead (docs/adr/0013-embedded-pacs-access.md):
+    - HTTP (REST, DICOMweb): only from 127.0.0.1 (`RemoteAccessAllowed: false`) and, unless
+      `http_auth=False`, only with the generated credentials (`credentials`, `auth`, `client()`):
+      a local user or a web page the browser was tricked into calling has neither.
+    - DICOM: only the `modalities` AE titles, each from its own IP address, and each only for what a
+      modality does (DicomPeer.orthanc_modality); every `DicomAlwaysAllow*` is off and the called
+      AE title must be ours.
+    """
 
     def __init__(
         self,
@@ -105,6 +121,8 @@ class EmbeddedOrthanc:
         stable_age: int = 60,
         extra_config: dict[str, Any] | None = None,
         worklist_dir: Path | None = None,
+        modalities: Sequence[DicomPeer] = (),
+        http_auth: bool = True,
     ) -> None:
         self.workdir = workdir
         self.http_port = http_port
@@ -113,6 +131,12 @@ class EmbeddedOrthanc:
         self.stable_age = stable_age
         self.extra_config = extra_config or {}
         self.worklist_dir = worklist_dir
+        self.modalities = tuple(modalities)
+        #: (user, password) for HTTP Basic, generated for this object; None when HTTP
+        #: authentication is off (tests that only need a loopback-only Orthanc).
+        self.credentials: tuple[str, str] | None = (
+            (FACADE_USER, secrets.token_urlsafe(32)) if http_auth else None
+        )
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -124,6 +148,15 @@ class EmbeddedOrthanc:
     def dicomweb_url(self) -> str:
         return f"{self.url}/dicom-web"
 
+    @property
+    def auth(self) -> httpx.BasicAuth | None:
+        """What an httpx client sends to be let in (None: Orthanc asks for nothing)."""
+        return httpx.BasicAuth(*self.credentials) if self.credentials else None
+
+    def client(self, *, timeout: float = 30.0) -> httpx.Client:
+        """A synchronous client of this Orthanc carrying its credentials (for uploads and checks)."""
+        return httpx.Client(auth=self.auth, timeout=timeout)
+
     def config(self) -> dict[str, Any]:
         storage = self.workdir / "storage"
         config: dict[str, Any] = {
@@ -133,9 +166,25 @@ class EmbeddedOrthanc:
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
             "DicomAet": self.aet,
+            # Orthanc 1.10 binds both ports to every interface (it has no bind-address option):
+            # a request from any address but 127.0.0.1 is answered 401 here.
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "HttpBindAddress": "127.0.0.1",
+            "AuthenticationEnabled": self.credentials is not None,
+            "RegisteredUsers": dict([self.credentials]) if self.credentials else {},
+            "ExecuteLuaEnabled": False,
+            # DICOM: no anonymous peers. Orthanc's defaults admit any AE title to C-ECHO and C-STORE.
+            "DicomAlwaysAllowEcho": False,
+            "DicomAlwaysAllowFind": False,
+            "DicomAlwaysAllowFindWorklist": False,
+            "DicomAlwaysAllowGet": False,
+            "DicomAlwaysAllowMove": False,
+            "DicomAlwaysAllowStore": False,
+            "DicomCheckModalityHost": True,
+            "DicomCheckCalledAet": True,
+            "DicomModalitiesInDatabase": False,
+            "DicomModalities": {
+                f"modality-{n}": peer.orthanc_modality() for n, peer in enumerate(self.modalities, 1)
+            },
             "StableAge": self.stable_age,
             # QIDO answers are encoded with DefaultEncoding: with the Latin-1 default Orthanc drops
             # the ideographic and phonetic groups of UTF-8 names (checked with Japanese PNs).
@@ -150,12 +199,10 @@ class EmbeddedOrthanc:
             },
         }
         if self.worklist_dir is not None:
-            # Modality Worklist SCP (DICOM PS3.4 K) from a folder of .wl files. Orthanc answers a
-            # worklist C-FIND only from listed DicomModalities unless DicomAlwaysAllowFindWorklist.
+            # Modality Worklist SCP (DICOM PS3.4 K) from a folder of .wl files, answered to the
+            # listed modalities only (their AllowFindWorklist).
             config["Plugins"].append(str(_find_plugin(WORKLIST_PLUGIN)))
             config["Worklists"] = {"Enable": True, "Database": str(self.worklist_dir)}
-            config["DicomAlwaysAllowFindWorklist"] = True
-            config["DicomCheckCalledAet"] = False
         config.update(self.extra_config)
         return config
 
@@ -165,7 +212,11 @@ class EmbeddedOrthanc:
             raise OrthancNotInstalled("Orthanc not found on PATH: apt-get install orthanc")
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "orthanc.json"
-        config_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
+        # The file holds the password: readable by this user only, also when it exists already.
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as config_file:
+            json.dump(self.config(), config_file, indent=2)
         log_file = self._log = (self.workdir / "orthanc.log").open("ab")
         self._process = subprocess.Popen(
             [binary, str(config_path)],
@@ -180,7 +231,7 @@ class EmbeddedOrthanc:
                     f"Orthanc exited with {self._process.returncode}; see {self.workdir / 'orthanc.log'}"
                 )
             try:
-                if httpx.get(f"{self.url}/system", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}/system", auth=self.auth, timeout=1.0).status_code == 200:
                     log.info("Orthanc ready at %s (data in %s)", self.url, self.workdir)
                     return self
             except httpx.TransportError:

@@ -150,7 +150,9 @@ async def test_stopped_orthanc_is_unavailable(tmp_path_factory: pytest.TempPathF
         tmp_path_factory.mktemp("stopped"), http_port=free_port(), dicom_port=free_port()
     )
     with orthanc:
-        async with WadoClient(orthanc.dicomweb_url, timeout=5, max_connections=1) as client:
+        async with WadoClient(
+            orthanc.dicomweb_url, timeout=5, max_connections=1, auth=orthanc.credentials
+        ) as client:
             with pytest.raises(InstanceNotFound):
                 await client.retrieve_instance("1.2", "1.3", "1.4")  # it is up
             orthanc.stop()

@@ -113,7 +113,10 @@ def scratch_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedd
     """An Orthanc of these tests' own, for stores: the shared one's contents are asserted
     elsewhere (e.g. how many studies P-1001 has), so nothing is written there."""
     instance = EmbeddedOrthanc(
-        tmp_path_factory.mktemp("orthanc-proxy"), http_port=free_port(), dicom_port=free_port()
+        tmp_path_factory.mktemp("orthanc-proxy"),
+        http_port=free_port(),
+        dicom_port=free_port(),
+        http_auth=False,  # loopback only; the credentialed path: tests/embedded/test_pacs_access.py
     )
     with instance:
         yield instance

@@ -27,7 +27,10 @@ OTHER = StudySpec(
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, TestIssuer]]:
     with EmbeddedOrthanc(
-        tmp_path_factory.mktemp("shared-uid"), http_port=free_port(), dicom_port=free_port()
+        tmp_path_factory.mktemp("shared-uid"),
+        http_port=free_port(),
+        dicom_port=free_port(),
+        http_auth=False,  # loopback only; the credentialed path: tests/embedded/test_pacs_access.py
     ) as orthanc:
         with httpx.Client(timeout=30) as client:
             for spec in (OWN, OTHER):

@@ -52,6 +52,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthan
         http_port=free_port(),
         dicom_port=free_port(),
         stable_age=1,
+        http_auth=False,  # loopback only; the credentialed path: tests/embedded/test_pacs_access.py
     ) as instance:
         yield instance
 

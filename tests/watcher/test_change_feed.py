@@ -55,7 +55,11 @@ def mixed_study_without_accession() -> StudySpec:
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[EmbeddedOrthanc]:
     with EmbeddedOrthanc(
-        tmp_path / "orthanc", http_port=free_port(), dicom_port=free_port(), stable_age=1
+        tmp_path / "orthanc",
+        http_port=free_port(),
+        dicom_port=free_port(),
+        stable_age=1,
+        http_auth=False,  # loopback only; the credentialed path: tests/embedded/test_pacs_access.py
     ) as instance:
         yield instance
 

@@ -14,11 +14,13 @@ from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydicom.dataset import Dataset
 
-from fhir_facade.embedded import EmbeddedOrthanc, free_port
+from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, free_port
 from fhir_facade.worklist import DCM_SYSTEM, WorklistFolder, sync_service_request
 
 ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
 CALLING_AET = "FHIRTEST-SCU"
+#: The modality these tests play: Orthanc admits only listed AE titles, from their listed address.
+TEST_MODALITY = DicomPeer(CALLING_AET, "127.0.0.1")
 RETURN_KEYS = (
     "PatientID",
     "PatientName",
@@ -75,6 +77,7 @@ def worklist_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         http_port=free_port(),
         dicom_port=free_port(),
         worklist_dir=worklists,
+        modalities=[TEST_MODALITY],
     )
     with instance:
         yield instance, worklists

@@ -13,7 +13,7 @@ import pytest
 
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.conftest import LiveServer, ok_json, serve
-from tests.worklist.test_findscu import findscu, order
+from tests.worklist.test_findscu import TEST_MODALITY, findscu, order
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
@@ -28,8 +28,17 @@ def facade_with_worklist(
         http_port=free_port(),
         dicom_port=free_port(),
         worklist_dir=worklists,
+        modalities=[TEST_MODALITY],
     )
-    with orthanc, serve({"dicomweb_url": orthanc.dicomweb_url, "worklist_dir": worklists}) as server:
+    assert orthanc.credentials is not None
+    user, password = orthanc.credentials
+    settings = {
+        "dicomweb_url": orthanc.dicomweb_url,
+        "worklist_dir": worklists,
+        "pacs_username": user,
+        "pacs_password": password,
+    }
+    with orthanc, serve(settings) as server:
         yield server, orthanc
 
 
