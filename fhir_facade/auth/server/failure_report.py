@@ -74,7 +74,14 @@ class FailureReporter:
                 )
                 description += f"; {lock}"
                 log.warning("Lockout at the %s endpoint: %s", endpoint, lock)
-            log.warning("%s (failure %d in the window)", description, attempt.failures)
+            own, shared = attempt.failures
+            log.warning(
+                "%s (failures in the window: %d for this %s, %d from this address)",
+                description,
+                own,
+                kind,
+                shared,
+            )
         if self._recorder is None:
             return
         event = authentication_event(

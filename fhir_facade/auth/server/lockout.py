@@ -103,7 +103,11 @@ class _Entry:
         return len(self.failures)
 
     def forgettable(self, now: float, window: float) -> bool:
-        return self.in_flight == 0 and not self.locked(now) and self.last_event + window <= now
+        """Nothing in flight, no lock, and nothing to remember: no failure and no lockout in the last
+        window (a repeat offender's strikes are kept for one window after the lockout ends)."""
+        if self.in_flight or self.locked(now):
+            return False
+        return self.last_event + window <= now or (self.strikes == 0 and not self.recent(now, window))
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,9 @@ class Attempt:
     retry_after: int | None = None
     refused_by: tuple[KeyKind, ...] = ()
     outcome: Literal["open", "refused", "failed", "succeeded", "released"] = "open"
-    failures: int = 0
+    #: After a failure: the failures now in the window for the principal (0 when not counted for it)
+    #: and for the address.
+    failures: tuple[int, int] = (0, 0)
     delay: float = 0.0
     locked: list[LockedKey] = field(default_factory=list)
 
@@ -300,22 +306,22 @@ class Lockout:
         now = self._clock()
         principal_table, address_table = self._tables
         with self._lock:
-            counts: list[tuple[int, LockoutPolicy]] = []
+            own = 0
             if principal:
-                count, locked = principal_table.fail(attempt.keys[0], now)
-                counts.append((count, principal_table.policy))
+                own, locked = principal_table.fail(attempt.keys[0], now)
                 if locked:
                     attempt.locked.append(locked)
             else:
                 principal_table.release(attempt.keys[0], now)
-            count, locked = address_table.fail(attempt.keys[1], now)
-            counts.append((count, address_table.policy))
+            shared, locked = address_table.fail(attempt.keys[1], now)
             if locked:
                 attempt.locked.append(locked)
         attempt.outcome = "failed"
-        attempt.failures = max(count for count, _ in counts)
+        attempt.failures = (own, shared)
         if not attempt.locked:
-            attempt.delay = max(policy.delay_after(count) for count, policy in counts)
+            attempt.delay = max(
+                principal_table.policy.delay_after(own), address_table.policy.delay_after(shared)
+            )
 
     def _succeed(self, attempt: Attempt) -> None:
         now = self._clock()
