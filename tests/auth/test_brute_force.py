@@ -202,10 +202,14 @@ def test_parallel_guesses_get_no_more_tries_than_serial_ones(browser: Any) -> No
 
 def test_a_success_resets_the_users_counter(browser: Any) -> None:
     user = browser("203.0.113.4")
-    fail(user, "frank", FAILURES - 1)
+    fail(user, "frank", 3)
     signed_in(user.sign_in("frank", PASSWORD))
-    fail(user, "frank", 2)  # without the reset, the second would be 429
+    fail(user, "frank", 3)  # a fresh budget: without the reset, the third would be 429
     signed_in(user.sign_in("frank", PASSWORD))
+    # ...and the fresh budget is a whole one, no more (from another address, whose count is clean).
+    elsewhere = browser("198.51.100.4")
+    fail(elsewhere, "frank")
+    locked_out(elsewhere.sign_in("frank", PASSWORD))
 
 
 def test_the_lockout_ends_after_its_duration(tmp_path: Path, backend_key: RSAKey, browser: Any) -> None:
