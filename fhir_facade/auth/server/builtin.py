@@ -127,9 +127,8 @@ class BuiltinAuthorizationServer:
                     attempt.close()
                     raise
                 _judge(attempt, oauth_request.refused_with, issued=response.status_code == 200)
-            await self._failures.report(
-                "token", attempt, client_id=None, reason=f"answered {oauth_request.refused_with}"
-            )
+            reason = f"{oauth_request.refused_with}: {oauth_request.refusal_description or 'no description'}"
+            await self._failures.report("token", attempt, client_id=None, reason=reason)
             await _hold_back(attempt)
             return response
 

@@ -31,7 +31,7 @@ def _shown(value: str) -> str:
 
 
 def _what(endpoint: Literal["sign-in", "token"]) -> tuple[str, str]:
-    return ("sign-in", "user") if endpoint == "sign-in" else ("client authentication", "client")
+    return ("sign-in", "user") if endpoint == "sign-in" else ("token request", "client")
 
 
 class FailureReporter:

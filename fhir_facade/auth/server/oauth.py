@@ -78,8 +78,10 @@ class StarletteOAuth2Request(OAuth2Request):
         self._args = _Payload(query)
         self._form = _Payload(form)
         self.payload = self._args if method == "GET" else self._form
-        #: The RFC 6749 error code this request was answered with, if any (``handle_error_response``).
+        #: The RFC 6749 error code this request was answered with, if any, and its description
+        #: (``handle_error_response``): what the token endpoint's lockout counts and logs.
         self.refused_with: str | None = None
+        self.refusal_description: str | None = None
 
     @property
     def args(self) -> dict[str, str]:
@@ -167,6 +169,7 @@ class SmartAuthorizationServer(AuthorizationServer):
     def handle_error_response(self, request: Any, error: OAuth2Error) -> Response:
         if isinstance(request, StarletteOAuth2Request):
             request.refused_with = str(error.error)
+            request.refusal_description = error.description or None
         response: Response = super().handle_error_response(request, error)
         return response
 
