@@ -328,7 +328,7 @@ def _install_security(app: FastAPI, settings: Settings) -> tuple[Authenticator, 
     if settings.builtin_issuer:
         from fhir_facade.auth.server import BuiltinAuthorizationServer
 
-        server = BuiltinAuthorizationServer(settings)
+        server = BuiltinAuthorizationServer(settings, audit=getattr(app.state, "audit", None))
         app.include_router(server.router)
         keys = StaticKeys(server.public_key_set())
         compartments = server.registry.user_compartments

@@ -240,6 +240,45 @@ class Settings(BaseSettings):
         le=300,
         description="Seconds an access token of the built-in server lives (at most 5 min).",
     )
+    # Brute-force protection of the built-in server's sign-in form and token endpoint (ADR 0011).
+    auth_lockout_failures: int = Field(
+        5,
+        ge=1,
+        description=(
+            "Failed sign-ins of one username (or failed client authentications of one client_id) "
+            "within auth_lockout_window that lock it out."
+        ),
+    )
+    auth_lockout_address_failures: int = Field(
+        20,
+        ge=1,
+        description=(
+            "Failed attempts from one client address (any username or client) within "
+            "auth_lockout_window that lock the address out (higher: many users may share a NAT)."
+        ),
+    )
+    auth_lockout_window: float = Field(
+        900, gt=0, description="Seconds over which failed attempts are counted (sliding window)."
+    )
+    auth_lockout_duration: float = Field(
+        300, gt=0, description="Seconds of the first lockout; each repeated one lasts twice as long."
+    )
+    auth_lockout_max_duration: float = Field(
+        3600, gt=0, description="Longest lockout of a repeat offender, in seconds."
+    )
+    auth_lockout_delay: float = Field(
+        0.1,
+        ge=0,
+        description="Seconds the answer to a first failure is held back; doubles with each further one.",
+    )
+    auth_lockout_max_delay: float = Field(
+        2.0, ge=0, description="Longest hold-back of a failure's answer, in seconds."
+    )
+    auth_lockout_max_tracked: int = Field(
+        10_000,
+        ge=1,
+        description="Most usernames/client_ids and addresses remembered per endpoint (bounds memory).",
+    )
     cors_origins: tuple[str, ...] = Field(
         (),
         description=(

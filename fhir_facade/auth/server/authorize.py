@@ -5,7 +5,8 @@ Steps, each a plain HTML form posting back to /auth/authorize with the request i
 1. GET: the request is validated (client, exact redirect_uri, scope, PKCE S256, aud, state); a bad
    client or redirect_uri gets an error page, any other error goes back to the app's redirect_uri.
    Valid: the sign-in form.
-2. POST username + password. Wrong: the form again, 401. Right, without ``launch/patient``: the
+2. POST username + password. Wrong: the form again, 401; after too many failures for the username or
+   the address, 429 without checking the password (``lockout``). Right, without ``launch/patient``: the
    redirect with the code. With ``launch/patient``: the patient choice, carrying a sign-in ticket
    (``tickets``) instead of the password. A single POST with username, password and ``patient`` also
    works (scripted clients).
@@ -17,11 +18,14 @@ there.
 
 from __future__ import annotations
 
+from typing import Any
+
 from authlib.oauth2.rfc6749 import OAuth2Error
 from starlette.responses import Response
 
+from fhir_facade.auth.server.lockout import Attempt, Lockout
 from fhir_facade.auth.server.oauth import SmartAuthorizationServer, StarletteOAuth2Request
-from fhir_facade.auth.server.pages import error_page, patient_choice_page, sign_in_page
+from fhir_facade.auth.server.pages import error_page, locked_out_page, patient_choice_page, sign_in_page
 from fhir_facade.auth.server.registry import Registry, UserEntry
 from fhir_facade.auth.server.scope_grants import PATIENT_LAUNCH
 from fhir_facade.auth.server.tickets import AUTHORIZATION_PARAMETERS, SignInTickets, request_fingerprint
@@ -39,11 +43,13 @@ class AuthorizationEndpoint:
         registry: Registry,
         users: UserDirectory,
         tickets: SignInTickets,
+        lockout: Lockout,
     ) -> None:
         self._server = server
         self._registry = registry
         self._users = users
         self._tickets = tickets
+        self._lockout = lockout
 
     def show(self, request: StarletteOAuth2Request) -> Response:
         try:
@@ -54,44 +60,71 @@ class AuthorizationEndpoint:
             app_name=self._app_name(request), scope=grant.request.scope, fields=_carried(request)
         )
 
-    def submit(self, request: StarletteOAuth2Request) -> Response:
+    def submit(self, request: StarletteOAuth2Request, address: str) -> tuple[Response, Attempt | None]:
+        """The answer to a POST from ``address``, and the password attempt it made (None: the password
+        was not checked), for the caller to log, audit and delay (``failure_report``)."""
         try:
             grant = self._server.get_consent_grant(request)
         except OAuth2Error as error:
-            return self._refuse(request, error)
+            return self._refuse(request, error), None
         form = request.form
         if form.get("decision") == "deny":
-            return self._respond(request, grant, None)
+            return self._respond(request, grant, None), None
         fields = _carried(request)
         app_name = self._app_name(request)
         scope = str(grant.request.scope)
         fingerprint = request_fingerprint(form)
 
         user: UserEntry | None
+        attempt: Attempt | None = None
         if "ticket" in form:
             username = self._tickets.redeem(form["ticket"], fingerprint)
             user = self._registry.user(username) if username is not None else None
             if user is None:
-                return sign_in_page(
+                expired = sign_in_page(
                     app_name=app_name,
                     scope=scope,
                     fields=fields,
                     error="Your sign-in has expired. Please sign in again.",
                     status=401,
                 )
+                return expired, None
         else:
-            user = self._users.authenticate(form.get("username", ""), form.get("password", ""))
+            username = form.get("username", "")
+            attempt = self._lockout.begin(username, address)
+            if attempt.retry_after is not None:
+                return locked_out_page(attempt.retry_after), attempt
+            try:
+                user = self._users.authenticate(username, form.get("password", ""))
+            except BaseException:
+                attempt.close()
+                raise
             if user is None:
-                return sign_in_page(
+                attempt.failed()
+                wrong = sign_in_page(
                     app_name=app_name,
                     scope=scope,
                     fields=fields,
                     error="Unknown username or wrong password.",
                     status=401,
                 )
+                return wrong, attempt
+            attempt.succeeded()
+        return self._signed_in(request, grant, user, app_name, fields, fingerprint), attempt
 
+    def _signed_in(
+        self,
+        request: StarletteOAuth2Request,
+        grant: Any,
+        user: UserEntry,
+        app_name: str,
+        fields: dict[str, str],
+        fingerprint: str,
+    ) -> Response:
+        """The user is known: the patient choice for ``launch/patient``, else the redirect with a code."""
+        form = request.form
         patient: str | None = None
-        if PATIENT_LAUNCH in scope.split():
+        if PATIENT_LAUNCH in str(grant.request.scope).split():
             if not user.patients:
                 message = f"{user.username} may not open any patient, and {app_name} needs one."
                 return error_page("access_denied", message, 403)

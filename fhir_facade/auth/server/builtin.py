@@ -1,11 +1,19 @@
 """The built-in authorization server as one object: keys, registry, grants and the routes.
 
 Used with FACADE_AUTH=smart and no FACADE_AUTH_ISSUER (``Settings.builtin_issuer``): the embedded,
-single-process set-up. Codes, sign-in tickets and the assertion replay cache live in this process's
-memory, so several replicas behind a load balancer need an external authorization server instead.
+single-process set-up. Codes, sign-in tickets, the assertion replay cache and the brute-force
+lockouts (``lockout``, ADR 0011) live in this process's memory, so several replicas behind a load
+balancer need an external authorization server instead.
+
+Failed sign-ins and failed client authentications are logged and, with auditing on, recorded as
+AuditEvents through the application's one ``AuditRecorder`` (``failure_report``); the answer to a
+failure is held back by the lockout's growing delay with ``asyncio.sleep``, so no worker thread waits.
 """
 
 from __future__ import annotations
+
+import asyncio
+import json
 
 from authlib.common.security import is_secure_transport
 from fastapi import APIRouter, Request
@@ -13,10 +21,13 @@ from joserfc.jwk import KeySet
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from fhir_facade.audit.recorder import AuditRecorder
 from fhir_facade.auth.server.access_tokens import AccessTokenIssuer
 from fhir_facade.auth.server.assertions import JtiReplayCache, SmartClientAssertion
 from fhir_facade.auth.server.authorize import AuthorizationEndpoint
 from fhir_facade.auth.server.codes import CodeStore
+from fhir_facade.auth.server.failure_report import FailureReporter
+from fhir_facade.auth.server.lockout import Attempt, lockouts_from_settings
 from fhir_facade.auth.server.oauth import SmartAuthorizationServer, StarletteOAuth2Request
 from fhir_facade.auth.server.registry import Registry, load_or_create_registry
 from fhir_facade.auth.server.signing_key import SigningKey
@@ -34,7 +45,8 @@ class BuiltinAuthorizationServer:
 
     Routes: GET+POST /auth/authorize (sign-in, authorization code with PKCE), POST /auth/token
     (authorization_code; client_credentials with private_key_jwt), GET /auth/jwks (the public key
-    that verifies the access tokens).
+    that verifies the access tokens). ``audit``: the application's AuditEvent recorder (None when
+    auditing is off), for the refused authentications.
     """
 
     router: APIRouter
@@ -42,7 +54,7 @@ class BuiltinAuthorizationServer:
     token_url: str
     jwks_url: str
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, audit: AuditRecorder | None = None) -> None:
         root = settings.public_root
         if not is_secure_transport(root):
             raise ValueError(
@@ -68,8 +80,10 @@ class BuiltinAuthorizationServer:
             assertion=SmartClientAssertion(self.token_url, replay_cache=self.replay_cache),
             fhir_base=settings.base_url,
         )
+        self.sign_in_lockout, self.token_lockout = lockouts_from_settings(settings)
+        self._failures = FailureReporter(audit, site=settings.public_root, issuer=settings.token_issuer)
         self._authorization = AuthorizationEndpoint(
-            self.oauth, self.registry, UserDirectory(self.registry), SignInTickets()
+            self.oauth, self.registry, UserDirectory(self.registry), SignInTickets(), self.sign_in_lockout
         )
         self.router = self._routes()
 
@@ -89,12 +103,33 @@ class BuiltinAuthorizationServer:
         @router.post("/authorize", include_in_schema=False)
         async def authorize_submit(request: Request) -> Response:
             oauth_request = await StarletteOAuth2Request.read(request, self.authorize_url)
-            return await run_in_threadpool(self._authorization.submit, oauth_request)
+            response, attempt = await run_in_threadpool(
+                self._authorization.submit, oauth_request, _address(request)
+            )
+            if attempt is not None:
+                client_id = oauth_request.payload.client_id
+                await self._failures.report(
+                    "sign-in", attempt, client_id=client_id, reason="unknown username or wrong password"
+                )
+                await _hold_back(attempt)
+            return response
 
         @router.post("/token", summary="OAuth 2.0 token endpoint (RFC 6749 3.2)")
         async def token(request: Request) -> Response:
             oauth_request = await StarletteOAuth2Request.read(request, self.token_url)
-            response: Response = await run_in_threadpool(self.oauth.create_token_response, oauth_request)
+            attempt = self.token_lockout.begin(oauth_request.claimed_client_id(), _address(request))
+            if attempt.retry_after is not None:
+                response = _locked_out_token_response(attempt.retry_after)
+            else:
+                try:
+                    response = await run_in_threadpool(self.oauth.create_token_response, oauth_request)
+                except BaseException:
+                    attempt.close()
+                    raise
+                _judge(attempt, oauth_request.refused_with, issued=response.status_code == 200)
+            reason = f"{oauth_request.refused_with}: {oauth_request.refusal_description or 'no description'}"
+            await self._failures.report("token", attempt, client_id=None, reason=reason)
+            await _hold_back(attempt)
             return response
 
         @router.get("/jwks", summary="The public keys that sign access tokens (RFC 7517)")
@@ -102,3 +137,47 @@ class BuiltinAuthorizationServer:
             return JSONResponse(jwks, headers={"Cache-Control": "public, max-age=300"})
 
         return router
+
+
+def _address(request: Request) -> str:
+    """The client's network address (behind a proxy, what uvicorn took from X-Forwarded-For for a
+    trusted proxy: FORWARDED_ALLOW_IPS)."""
+    return request.client.host if request.client else ""
+
+
+def _judge(attempt: Attempt, error: str | None, *, issued: bool) -> None:
+    """Count a token request's outcome: ``invalid_client`` (client authentication failed) against the
+    client_id and the address; ``invalid_grant`` (a wrong, used or expired code or verifier) against
+    the address only, since anyone can send a public client's id with a bad code and codes are not
+    guessable; any other error (scope, grant type, malformed request) is no credential failure."""
+    if error == "invalid_client":
+        attempt.failed()
+    elif error == "invalid_grant":
+        attempt.failed(principal=False)
+    elif error is None and issued:
+        attempt.succeeded()
+    attempt.close()
+
+
+async def _hold_back(attempt: Attempt) -> None:
+    """The growing delay before answering a failure (none once a lockout has started)."""
+    if attempt.outcome == "failed" and attempt.delay > 0:
+        await asyncio.sleep(attempt.delay)
+
+
+def _locked_out_token_response(retry_after: int) -> Response:
+    """RFC 6749 5.2 error body with 429 Too Many Requests and Retry-After (RFC 6585 4): the client is
+    not authenticated while its client_id or address is locked out (ADR 0011 explains the code)."""
+    body = {
+        "error": "invalid_client",
+        "error_description": (
+            "too many failed attempts for this client or from this address; "
+            f"retry after {retry_after} seconds"
+        ),
+    }
+    return Response(
+        json.dumps(body),
+        status_code=429,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store", "Pragma": "no-cache", "Retry-After": str(retry_after)},
+    )

@@ -12,6 +12,7 @@ non-https URLs other than loopback (RFC 6749 3.1/3.2 require TLS).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -20,10 +21,12 @@ from authlib.oauth2.rfc6749 import (
     AuthorizationServer,
     InvalidRequestError,
     InvalidScopeError,
+    OAuth2Error,
     OAuth2Payload,
     OAuth2Request,
     UnsupportedResponseTypeError,
 )
+from authlib.oauth2.rfc6749.util import extract_basic_authorization
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
@@ -75,6 +78,10 @@ class StarletteOAuth2Request(OAuth2Request):
         self._args = _Payload(query)
         self._form = _Payload(form)
         self.payload = self._args if method == "GET" else self._form
+        #: The RFC 6749 error code this request was answered with, if any, and its description
+        #: (``handle_error_response``): what the token endpoint's lockout counts and logs.
+        self.refused_with: str | None = None
+        self.refusal_description: str | None = None
 
     @property
     def args(self) -> dict[str, str]:
@@ -83,6 +90,26 @@ class StarletteOAuth2Request(OAuth2Request):
     @property
     def form(self) -> dict[str, str]:
         return self._form.data
+
+    def claimed_client_id(self) -> str:
+        """The client_id this token request claims, before anything is verified: the ``client_id``
+        parameter, else the HTTP Basic user name (RFC 6749 2.3.1), else the ``sub`` of the client
+        assertion (RFC 7523 3, read without checking its signature). What failures are counted
+        against; "" when the request names no client."""
+        sent = self.form.get("client_id")
+        if sent:
+            return sent
+        basic_user, _ = extract_basic_authorization(self.headers)
+        if basic_user:
+            return str(basic_user)
+        assertion = self.form.get("client_assertion", "")
+        try:
+            payload = assertion.split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (IndexError, ValueError, UnicodeDecodeError):
+            return ""
+        subject = claims.get("sub") if isinstance(claims, dict) else None
+        return subject if isinstance(subject, str) else ""
 
     @classmethod
     async def read(cls, request: Request, public_url: str) -> StarletteOAuth2Request:
@@ -138,6 +165,13 @@ class SmartAuthorizationServer(AuthorizationServer):
         if isinstance(body, dict):
             body = json.dumps(body)
         return Response(content=body or b"", status_code=status, headers=dict(headers))
+
+    def handle_error_response(self, request: Any, error: OAuth2Error) -> Response:
+        if isinstance(request, StarletteOAuth2Request):
+            request.refused_with = str(error.error)
+            request.refusal_description = error.description or None
+        response: Response = super().handle_error_response(request, error)
+        return response
 
     def validate_requested_scope(self, scope: str | None) -> None:
         """SMART requires ``scope``; every resource scope in it must be well formed (scopes.parse_scopes)."""

@@ -11,7 +11,7 @@ from html import escape
 
 from starlette.responses import HTMLResponse
 
-__all__ = ["error_page", "patient_choice_page", "sign_in_page"]
+__all__ = ["error_page", "locked_out_page", "patient_choice_page", "sign_in_page"]
 
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -28,13 +28,13 @@ _STYLE = (
 )
 
 
-def _document(title: str, body: str, status: int) -> HTMLResponse:
+def _document(title: str, body: str, status: int, headers: Mapping[str, str] | None = None) -> HTMLResponse:
     html = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
         f'<meta name="viewport" content="width=device-width"><style>{_STYLE}</style></head>'
         f"<body><h1>{escape(title)}</h1>{body}</body></html>"
     )
-    return HTMLResponse(html, status_code=status, headers=_HEADERS)
+    return HTMLResponse(html, status_code=status, headers={**_HEADERS, **(headers or {})})
 
 
 def _hidden(fields: Mapping[str, str]) -> str:
@@ -105,3 +105,20 @@ def error_page(error: str, description: str | None, status: int) -> HTMLResponse
     if description:
         body += f"<p>{escape(description)}</p>"
     return _document("Authorization error", body, status)
+
+
+def _wait(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} seconds"
+    return f"{-(-seconds // 60)} minutes"
+
+
+def locked_out_page(retry_after: int) -> HTMLResponse:
+    """429 Too Many Requests (RFC 6585 4) with Retry-After, shown instead of checking the password
+    while the username or the address is locked out. The same page whatever was typed, so it tells
+    nothing about the password or whether the username exists."""
+    body = (
+        '<p class="error" role="alert">Too many failed sign-in attempts.</p>'
+        f"<p>For your security, sign-in is paused. Please wait {_wait(retry_after)} and try again.</p>"
+    )
+    return _document("Sign-in paused", body, 429, {"Retry-After": str(retry_after)})
