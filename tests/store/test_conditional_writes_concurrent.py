@@ -1,0 +1,235 @@
+"""Conditional create and conditional update under concurrency, over real HTTP (FHIR R4
+http.html#ccreate and http.html#cond-update: the criteria decide whether a resource is created,
+so the server must create at most one however many identical requests arrive at once).
+
+Fifty identical requests are fired at the same time (one connection each) at a real facade, at two
+facade processes sharing the database, and as fifty transaction Bundles; afterwards exactly one
+resource matches the criteria, every answer is 200 or 201, and every stored version has its
+outbox row (an upstream is configured but nobody drains the outbox). Each test runs on a SQLite
+file and on PostgreSQL (the `engine` fixture of tests/store/conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine, text
+
+from fhir_facade.embedded import EmbeddedOrthanc, free_port
+from tests.conftest import ok_json, serve
+from tests.facade_process import FacadeProcess
+
+#: How many identical requests race (the probe that found the race used 20).
+PARALLEL = 50
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+#: A configured upstream turns the outbox on; no worker runs, so every row stays to be counted.
+NO_UPSTREAM = "http://127.0.0.1:9/fhir"
+
+Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+
+
+def database_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def facade_url(engine: Engine, orthanc: EmbeddedOrthanc) -> Iterator[str]:
+    """One facade (in this process) on a fresh database of each kind, with the outbox on."""
+    settings = {
+        "database_url": database_url(engine),
+        "dicomweb_url": orthanc.dicomweb_url,
+        "fhir_upstream_url": NO_UPSTREAM,
+        "sync_in_process": False,
+    }
+    with serve(settings) as server:
+        yield server.base_url
+
+
+@pytest.fixture
+def two_processes(engine: Engine, orthanc: EmbeddedOrthanc) -> Iterator[list[str]]:
+    """Two facade OS processes (replicas) on the same database."""
+    processes = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            env = {
+                **os.environ,
+                "FACADE_DATABASE_URL": database_url(engine),
+                "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
+                "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+                "FACADE_FHIR_UPSTREAM_URL": NO_UPSTREAM,
+                "FACADE_SYNC_IN_PROCESS": "false",
+                "FACADE_ANALYZE_ENABLED": "false",
+                "FACADE_WATCH_STUDIES": "false",
+                "FACADE_LOG_LEVEL": "WARNING",
+            }
+            process = FacadeProcess(env, port)
+            processes.append(process)
+            process.start()
+        yield [p.base_url for p in processes]
+    finally:
+        for process in processes:
+            process.stop()
+
+
+async def all_at_once(base_urls: Sequence[str], send: Send) -> list[httpx.Response]:
+    """PARALLEL requests at the same time, one connection each, spread over the base URLs."""
+    limits = httpx.Limits(max_connections=PARALLEL, max_keepalive_connections=PARALLEL)
+    clients = [httpx.AsyncClient(base_url=url, timeout=120, limits=limits) for url in base_urls]
+    try:
+        return list(await asyncio.gather(*(send(clients[n % len(clients)], n) for n in range(PARALLEL))))
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def marked(resource_type: str, system: str, value: str, n: int) -> dict[str, Any]:
+    """A valid resource of the type carrying the identifier system|value (n tells requests apart)."""
+    identifier = [{"system": system, "value": value}]
+    note = f"request {n}"
+    if resource_type == "Observation":
+        return {
+            "resourceType": "Observation",
+            "status": "final",
+            "identifier": identifier,
+            "code": {"text": "race"},
+            "valueString": note,
+        }
+    if resource_type == "ServiceRequest":
+        return {
+            "resourceType": "ServiceRequest",
+            "status": "active",
+            "intent": "order",
+            "identifier": identifier,
+            "subject": {"reference": "Patient/P-RACE"},
+            "note": [{"text": note}],
+        }
+    if resource_type == "Patient":
+        return {"resourceType": "Patient", "identifier": identifier, "name": [{"text": note}]}
+    raise AssertionError(resource_type)
+
+
+def assert_one_created(responses: list[httpx.Response]) -> str:
+    """Every answer 200/201 (no 5xx, no 409/412), exactly one 201, all naming the same resource."""
+    failures = [(r.status_code, r.text[:300]) for r in responses if r.status_code not in (200, 201)]
+    assert not failures, failures[:3]
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(201) == 1, sorted(statuses)
+    ids = {r.json()["id"] for r in responses}
+    assert len(ids) == 1, ids
+    return ids.pop()
+
+
+def assert_stored_once(
+    engine: Engine, base_url: str, resource_type: str, criteria: str, resource_id: str, versions: int
+) -> None:
+    """One resource matches the criteria (searched over HTTP); the database holds one resource of
+    the type with `versions` versions, and one outbox row per version."""
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        found = ok_json(client.get(f"/{resource_type}?{criteria}"))
+    assert found["total"] == 1 and found["entry"][0]["resource"]["id"] == resource_id
+    with engine.connect() as connection:
+
+        def count(table: str) -> int:
+            return int(
+                connection.execute(
+                    text(f"SELECT count(*) FROM {table} WHERE resource_type = :type"), {"type": resource_type}
+                ).scalar_one()
+            )
+
+        assert count("resource_current") == 1
+        assert count("resource_version") == versions
+        assert count("outbox") == versions
+
+
+@pytest.mark.parametrize("resource_type", ["Observation", "ServiceRequest", "Patient"])
+async def test_parallel_conditional_creates_store_one(
+    engine: Engine, facade_url: str, resource_type: str
+) -> None:
+    system, value = "urn:test:race", secrets.token_hex(4)
+    criteria = f"identifier={system}|{value}"
+
+    async def send(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        return await client.post(
+            f"/{resource_type}",
+            json=marked(resource_type, system, value, n),
+            headers={**FHIR_JSON, "If-None-Exist": criteria},
+        )
+
+    resource_id = assert_one_created(await all_at_once([facade_url], send))
+    assert_stored_once(engine, facade_url, resource_type, criteria, resource_id, versions=1)
+
+
+async def test_parallel_conditional_updates_create_one_and_update_it(engine: Engine, facade_url: str) -> None:
+    """The first to get through creates; every other one updates that resource (one version each)."""
+    system, value = "urn:test:race", secrets.token_hex(4)
+    criteria = f"identifier={system}|{value}"
+
+    async def send(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        return await client.put(
+            f"/Observation?{criteria}", json=marked("Observation", system, value, n), headers=FHIR_JSON
+        )
+
+    resource_id = assert_one_created(await all_at_once([facade_url], send))
+    assert_stored_once(engine, facade_url, "Observation", criteria, resource_id, versions=PARALLEL)
+
+
+async def test_parallel_transaction_bundles_with_conditional_create_store_one(
+    engine: Engine, facade_url: str
+) -> None:
+    system, value = "urn:test:race", secrets.token_hex(4)
+    criteria = f"identifier={system}|{value}"
+
+    async def send(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {
+                    "fullUrl": f"urn:uuid:{secrets.token_hex(16)}",
+                    "resource": marked("Observation", system, value, n),
+                    "request": {"method": "POST", "url": "Observation", "ifNoneExist": criteria},
+                }
+            ],
+        }
+        return await client.post("", json=bundle, headers=FHIR_JSON)
+
+    responses = await all_at_once([facade_url], send)
+    failures = [(r.status_code, r.text[:300]) for r in responses if r.status_code != 200]
+    assert not failures, failures[:3]
+    entries = [r.json()["entry"][0] for r in responses]
+    statuses = [e["response"]["status"] for e in entries]
+    assert statuses.count("201 Created") == 1 and statuses.count("200 OK") == PARALLEL - 1, statuses
+    ids = {e["resource"]["id"] for e in entries}
+    assert len(ids) == 1, ids
+    assert_stored_once(engine, facade_url, "Observation", criteria, ids.pop(), versions=1)
+
+
+async def test_two_facade_processes_store_one(engine: Engine, two_processes: list[str]) -> None:
+    """Replicas on one database: the requests are split between two facade processes, so only a
+    lock the database holds can keep them apart."""
+    system, value = "urn:test:race", secrets.token_hex(4)
+    criteria = f"identifier={system}|{value}"
+
+    async def create(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        body = marked("Observation", system, value, n)
+        return await client.post("/Observation", json=body, headers={**FHIR_JSON, "If-None-Exist": criteria})
+
+    async def update(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        body = marked("Observation", system, value, n)
+        return await client.put(f"/Observation?{criteria}", json=body, headers=FHIR_JSON)
+
+    resource_id = assert_one_created(await all_at_once(two_processes, create))
+    assert_stored_once(engine, two_processes[0], "Observation", criteria, resource_id, versions=1)
+
+    updated = await all_at_once(two_processes, update)
+    failures = [(r.status_code, r.text[:300]) for r in updated if r.status_code != 200]
+    assert not failures, failures[:3]
+    assert {r.json()["id"] for r in updated} == {resource_id}
+    assert_stored_once(engine, two_processes[1], "Observation", criteria, resource_id, versions=1 + PARALLEL)
