@@ -198,6 +198,13 @@ def _assign_placeholder_ids(entries: list[dict[str, Any]]) -> dict[str, str]:
     return ids
 
 
+def _placeholder(entry: dict[str, Any], ids: Mapping[str, str]) -> str | None:
+    """The entry's fullUrl when it is a placeholder that `_assign_placeholder_ids` gave an id (only
+    creates get one)."""
+    full_url = entry.get("fullUrl")
+    return full_url if isinstance(full_url, str) and full_url in ids else None
+
+
 async def process_bundle(
     bundle: dict[str, Any],
     providers: Mapping[str, ResourceProvider],
@@ -255,27 +262,23 @@ async def _run_transaction(
         for index in (i for i in order if methods[i] == "DELETE"):
             results[index] = await runner.run(_rewrite_references(entries[index], ids), index)
         for index in order:
-            full_url = entries[index].get("fullUrl")
-            if (
-                methods[index] != "POST"
-                or full_url not in ids
-                or not entries[index]["request"].get("ifNoneExist")
-            ):
+            full_url = _placeholder(entries[index], ids)
+            if full_url is None or not entries[index]["request"].get("ifNoneExist"):
                 continue
             guard, existing = await runner.find_conditional_create(entries[index], index)
             if existing is None:
                 guards[index] = guard
             else:
-                ids[str(full_url)] = f"{existing['resourceType']}/{existing['id']}"
+                ids[full_url] = f"{existing['resourceType']}/{existing['id']}"
                 results[index] = runner.existing_entry(existing)
         for index in order:
             if index in results:
                 continue
             entry = _rewrite_references(entries[index], ids)
-            full_url = entries[index].get("fullUrl")
+            full_url = _placeholder(entries[index], ids)
             # A create with a placeholder becomes a create under the assigned id (update-as-create),
             # so references to it could be rewritten before any write.
-            if isinstance(full_url, str) and full_url in ids:
+            if full_url is not None:
                 type_name, new_id = ids[full_url].split("/")
                 entry = {
                     **entry,
