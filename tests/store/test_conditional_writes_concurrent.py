@@ -5,8 +5,9 @@ so the server must create at most one however many identical requests arrive at 
 Fifty identical requests are fired at the same time (one connection each) at a real facade, at two
 facade processes sharing the database, and as fifty transaction Bundles; afterwards exactly one
 resource matches the criteria, every answer is 200 or 201, and every stored version has its
-outbox row (an upstream is configured but nobody drains the outbox). Each test runs on a SQLite
-file and on PostgreSQL (the `engine` fixture of tests/store/conftest.py).
+outbox row (an upstream is configured but nobody drains the outbox). The store's side of the
+guard (fhir/conditional_guard.py) is tested directly too. Each test runs on a SQLite file and on
+PostgreSQL (the `engine` fixture of tests/store/conftest.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ import pytest
 from sqlalchemy import Engine, text
 
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
+from fhir_facade.fhir.conditional_guard import ConditionalGuard, ConditionChanged, guarded
+from fhir_facade.fhir.errors import FhirError
+from fhir_facade.resources.stored import StoredResourceProvider
+from fhir_facade.store import ResourceStore
 from tests.conftest import ok_json, serve
 from tests.facade_process import FacadeProcess
+from tests.store.conftest import search_request
 
 #: How many identical requests race (the probe that found the race used 20).
 PARALLEL = 50
@@ -233,3 +239,60 @@ async def test_two_facade_processes_store_one(engine: Engine, two_processes: lis
     assert not failures, failures[:3]
     assert {r.json()["id"] for r in updated} == {resource_id}
     assert_stored_once(engine, two_processes[1], "Observation", criteria, resource_id, versions=1 + PARALLEL)
+
+
+def count_rows(engine: Engine, table: str, resource_type: str) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                text(f"SELECT count(*) FROM {table} WHERE resource_type = :type"), {"type": resource_type}
+            ).scalar_one()
+        )
+
+
+def test_a_guarded_write_whose_matches_changed_writes_nothing(engine: Engine, store: ResourceStore) -> None:
+    """The store re-runs the recorded search under the lock: a match created since (here by an
+    unconditional create) makes the conditional create fail with 409 before it writes a row."""
+    system, value = "urn:test:guard", secrets.token_hex(4)
+    request = search_request("Observation", [("identifier", f"{system}|{value}")])
+    guard = ConditionalGuard("Observation", f"identifier={system}|{value}")
+    matches, total = store.search(request)
+    guard.record(request, [m["id"] for m in matches], total)
+    store.create(marked("Observation", system, value, 0))
+
+    with pytest.raises(ConditionChanged) as raised:
+        store.create(marked("Observation", system, value, 1), guard=guard)
+    assert raised.value.status == 409 and raised.value.issues[0].code == "conflict"
+    for table in ("resource_current", "resource_version", "outbox"):
+        assert count_rows(engine, table, "Observation") == 1, table
+
+
+def test_a_guarded_write_without_its_search_is_refused(store: ResourceStore) -> None:
+    with pytest.raises(RuntimeError, match="without its recorded search"):
+        store.create(
+            marked("Observation", "urn:test:guard", "x", 0), guard=ConditionalGuard("Observation", "x")
+        )
+
+
+async def test_guarded_gives_up_with_409_when_the_matches_keep_changing(
+    engine: Engine, store: ResourceStore
+) -> None:
+    """Between each attempt's search and its write another writer adds a match, so every attempt
+    fails its check; after the last one the client gets 409 conflict and nothing of it is stored."""
+    provider = StoredResourceProvider("Observation", store)
+    system, value = "urn:test:guard", secrets.token_hex(4)
+    params = [("identifier", f"{system}|{value}")]
+
+    async def attempt(guard: ConditionalGuard) -> dict[str, Any]:
+        with guard.searching():
+            await provider.search(search_request("Observation", params))
+        store.create(marked("Observation", system, value, -1))  # the competitor, unconditional
+        with guard.writing():
+            return await provider.create(marked("Observation", system, value, 0))
+
+    with pytest.raises(FhirError) as raised:
+        await guarded("Observation", params, attempt)
+    assert raised.value.status == 409 and raised.value.issues[0].code == "conflict"
+    assert not isinstance(raised.value, ConditionChanged)
+    competitors = 5  # one per attempt (conditional_guard._ATTEMPTS)
+    assert count_rows(engine, "resource_current", "Observation") == competitors
