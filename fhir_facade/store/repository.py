@@ -469,17 +469,23 @@ class ResourceStore:
 
     def _match_ids(self, connection: Connection, request: SearchRequest) -> tuple[list[str], int]:
         """`search` on `connection`, as ids of the page and the total (a conditional write's
-        second look at its criteria)."""
+        second look at its criteria). One statement: the total is a window count over the
+        matches; only a page past the last match needs a second one."""
         where, order = self._search_terms(request)
-        total = connection.execute(select(func.count()).select_from(_current).where(*where)).scalar_one()
         rows = connection.execute(
-            select(_current.c.resource_id)
+            select(_current.c.resource_id, func.count().over().label("total"))
             .where(*where)
             .order_by(*order)
             .limit(request.count)
             .offset(request.offset)
         ).all()
-        return [row.resource_id for row in rows], int(total)
+        if rows:
+            return [row.resource_id for row in rows], int(rows[0].total)
+        if request.offset == 0:
+            return [], 0
+        return [], int(
+            connection.execute(select(func.count()).select_from(_current).where(*where)).scalar_one()
+        )
 
     def _search_terms(self, request: SearchRequest) -> tuple[list[ColumnElement[bool]], list[Any]]:
         """WHERE and ORDER BY of a search on `resource_current`."""
