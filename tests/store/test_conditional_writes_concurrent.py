@@ -12,10 +12,9 @@ PostgreSQL (the `engine` fixture of tests/store/conftest.py).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,17 +26,14 @@ from fhir_facade.fhir.conditional_guard import ConditionalGuard, ConditionChange
 from fhir_facade.fhir.errors import FhirError
 from fhir_facade.resources.stored import StoredResourceProvider
 from fhir_facade.store import ResourceStore
+from tests.concurrent_requests import PARALLEL, all_at_once, assert_one_created
 from tests.conftest import ok_json, serve
 from tests.facade_process import FacadeProcess
 from tests.store.conftest import search_request
 
-#: How many identical requests race (the probe that found the race used 20).
-PARALLEL = 50
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 #: A configured upstream turns the outbox on; no worker runs, so every row stays to be counted.
 NO_UPSTREAM = "http://127.0.0.1:9/fhir"
-
-Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
 
 
 def database_url(engine: Engine) -> str:
@@ -84,17 +80,6 @@ def two_processes(engine: Engine, orthanc: EmbeddedOrthanc) -> Iterator[list[str
             process.stop()
 
 
-async def all_at_once(base_urls: Sequence[str], send: Send) -> list[httpx.Response]:
-    """PARALLEL requests at the same time, one connection each, spread over the base URLs."""
-    limits = httpx.Limits(max_connections=PARALLEL, max_keepalive_connections=PARALLEL)
-    clients = [httpx.AsyncClient(base_url=url, timeout=120, limits=limits) for url in base_urls]
-    try:
-        return list(await asyncio.gather(*(send(clients[n % len(clients)], n) for n in range(PARALLEL))))
-    finally:
-        for client in clients:
-            await client.aclose()
-
-
 def marked(resource_type: str, system: str, value: str, n: int) -> dict[str, Any]:
     """A valid resource of the type carrying the identifier system|value (n tells requests apart)."""
     identifier = [{"system": system, "value": value}]
@@ -119,17 +104,6 @@ def marked(resource_type: str, system: str, value: str, n: int) -> dict[str, Any
     if resource_type == "Patient":
         return {"resourceType": "Patient", "identifier": identifier, "name": [{"text": note}]}
     raise AssertionError(resource_type)
-
-
-def assert_one_created(responses: list[httpx.Response]) -> str:
-    """Every answer 200/201 (no 5xx, no 409/412), exactly one 201, all naming the same resource."""
-    failures = [(r.status_code, r.text[:300]) for r in responses if r.status_code not in (200, 201)]
-    assert not failures, failures[:3]
-    statuses = [r.status_code for r in responses]
-    assert statuses.count(201) == 1, sorted(statuses)
-    ids = {r.json()["id"] for r in responses}
-    assert len(ids) == 1, ids
-    return ids.pop()
 
 
 def assert_stored_once(
