@@ -2,8 +2,10 @@
 
 Entries are dispatched to the same interaction functions as the REST routes. A transaction runs
 inside `atomic()` (the store's database transaction): any failing entry rolls every entry back and
-the whole request fails with that entry's OperationOutcome. Before anything is written,
-`urn:uuid:` fullUrls of new resources get server ids and every reference to them is rewritten.
+the whole request fails with that entry's OperationOutcome. Before anything is created,
+`urn:uuid:` fullUrls of new resources get server ids and every reference to them is rewritten;
+a conditional create (`ifNoneExist`) with such a fullUrl is searched first, and when it finds its
+resource the references point there instead (http.html#trules).
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from urllib.parse import parse_qsl, urlsplit
 
 from fhir_facade.config import Settings
 from fhir_facade.fhir.bundles import searchset_bundle
-from fhir_facade.fhir.errors import FhirError, bad_request, not_supported
+from fhir_facade.fhir.conditional_guard import ConditionalGuard, ConditionChanged, canonical_criteria
+from fhir_facade.fhir.errors import FhirError, bad_request, conflict, not_supported
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.fhir.write_interactions import (
     Written,
+    conditional_matches,
     conditionally_update,
     create_resource,
+    criteria_params,
+    single_match,
     update_resource,
     version_headers,
 )
@@ -37,6 +43,9 @@ _TYPE_NAME = re.compile(r"[A-Z][A-Za-z]*")
 
 # Processing order inside a transaction (http.html#trules): deletes, creates, updates, reads.
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
+#: A transaction whose conditional create lost a race to another request is run again this often
+#: (the next run finds the other request's resource), then 409.
+_TRANSACTION_ATTEMPTS = 5
 
 
 def _rewrite_references(value: Any, ids: Mapping[str, str]) -> Any:
@@ -71,27 +80,35 @@ class _EntryRunner:
             raise not_supported(f"Resource type '{type_name}' is not supported by this server")
         return provider
 
-    async def run(self, entry: dict[str, Any], index: int) -> dict[str, Any]:
-        method, url = _entry_request(entry, index)
-        request = entry["request"]
+    def _target(self, url: str) -> tuple[ResourceProvider, list[str], str]:
+        """The provider, path segments and query of an entry's request.url."""
         split = urlsplit(url)
         path = split.path.strip("/")
         if split.scheme and url.startswith(self.settings.base_url):
             path = url[len(self.settings.base_url) :].split("?")[0].strip("/")
         segments = path.split("/")
-        provider = self._provider(segments[0])
-        query = split.query
-        if method == "GET":
-            return await self._get(provider, segments, query)
-        if method == "DELETE" and len(segments) == 2:
-            await provider.delete(segments[1])
-            return {"response": {"status": "204 No Content"}}
+        return self._provider(segments[0]), segments, split.query
+
+    @staticmethod
+    def _resource(entry: dict[str, Any], index: int, provider: ResourceProvider) -> dict[str, Any]:
         resource = entry.get("resource")
         if not isinstance(resource, dict) or resource.get("resourceType") != provider.resource_type:
             raise bad_request(
                 f"Bundle.entry[{index}].resource must be a {provider.resource_type}",
                 expression=f"Bundle.entry[{index}].resource",
             )
+        return resource
+
+    async def run(self, entry: dict[str, Any], index: int) -> dict[str, Any]:
+        method, url = _entry_request(entry, index)
+        request = entry["request"]
+        provider, segments, query = self._target(url)
+        if method == "GET":
+            return await self._get(provider, segments, query)
+        if method == "DELETE" and len(segments) == 2:
+            await provider.delete(segments[1])
+            return {"response": {"status": "204 No Content"}}
+        resource = self._resource(entry, index, provider)
         if method == "POST" and len(segments) == 1:
             written = await create_resource(provider, resource, request.get("ifNoneExist"), self.settings)
         elif method == "PUT" and len(segments) == 2:
@@ -106,6 +123,26 @@ class _EntryRunner:
                 expression=f"Bundle.entry[{index}].request",
             )
         return self._written_entry(written)
+
+    async def find_conditional_create(
+        self, entry: dict[str, Any], index: int
+    ) -> tuple[ConditionalGuard, dict[str, Any] | None]:
+        """The search of a conditional create (`ifNoneExist`, http.html#ccreate) that runs as an
+        update-as-create under its placeholder's id: its guard, and the one match or None."""
+        _, url = _entry_request(entry, index)
+        provider, _, _ = self._target(url)
+        self._resource(entry, index, provider)
+        params = criteria_params(
+            str(entry["request"]["ifNoneExist"]), f"Bundle.entry[{index}].request.ifNoneExist"
+        )
+        guard = ConditionalGuard(provider.resource_type, canonical_criteria(params))
+        with guard.searching():
+            matches = await conditional_matches(provider, params, self.settings)
+        return guard, single_match(matches, "If-None-Exist")
+
+    def existing_entry(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """The response entry of a conditional create that found its resource (200)."""
+        return self._written_entry(Written(resource, 200, location=False))
 
     async def _get(self, provider: ResourceProvider, segments: list[str], query: str) -> dict[str, Any]:
         if len(segments) == 2:
@@ -161,6 +198,13 @@ def _assign_placeholder_ids(entries: list[dict[str, Any]]) -> dict[str, str]:
     return ids
 
 
+def _placeholder(entry: dict[str, Any], ids: Mapping[str, str]) -> str | None:
+    """The entry's fullUrl when it is a placeholder that `_assign_placeholder_ids` gave an id (only
+    creates get one)."""
+    full_url = entry.get("fullUrl")
+    return full_url if isinstance(full_url, str) and full_url in ids else None
+
+
 async def process_bundle(
     bundle: dict[str, Any],
     providers: Mapping[str, ResourceProvider],
@@ -188,28 +232,62 @@ async def process_bundle(
 
     if atomic is None:
         raise not_supported("Transactions need the persistent store", status=501)
-    ids = _assign_placeholder_ids(entries)
-    prepared = []
     for index, entry in enumerate(entries):
-        entry = _rewrite_references(entry, ids)
-        method, _ = _entry_request(entry, index)
-        full_url = bundle["entry"][index].get("fullUrl")
-        # A create with a placeholder becomes a create under the assigned id (update-as-create),
-        # so references to it could be rewritten before any write.
-        if isinstance(full_url, str) and full_url in ids:
-            type_name, new_id = ids[full_url].split("/")
-            entry = {
-                **entry,
-                "resource": {**entry["resource"], "id": new_id},
-                "request": {**entry["request"], "method": "PUT", "url": f"{type_name}/{new_id}"},
-            }
-        prepared.append((_ORDER.get(method, 9), index, entry))
+        _entry_request(entry, index)  # a malformed entry fails the request before any write
+    for _ in range(_TRANSACTION_ATTEMPTS):
+        try:
+            results = await _run_transaction(entries, runner, atomic)
+        except ConditionChanged:
+            continue  # rolled back: a conditional create's match appeared meanwhile; look again
+        return {"resourceType": "Bundle", "type": "transaction-response", "entry": results}
+    raise conflict(
+        f"The transaction's conditional creates kept finding new matches; it was tried "
+        f"{_TRANSACTION_ATTEMPTS} times. Retry it."
+    )
+
+
+async def _run_transaction(
+    entries: list[dict[str, Any]], runner: _EntryRunner, atomic: Atomic
+) -> list[dict[str, Any]]:
+    """One run of a transaction, in processing order (http.html#trules): deletes; then the searches
+    of conditional creates with placeholder fullUrls, so that every reference is rewritten to the
+    resource each one found or will create; then creates, updates and reads. A conditional create
+    whose match appeared after its search raises ConditionChanged (everything rolls back)."""
+    ids = _assign_placeholder_ids(entries)
+    methods = [_entry_request(entry, index)[0] for index, entry in enumerate(entries)]
+    order = sorted(range(len(entries)), key=lambda i: (_ORDER.get(methods[i], 9), i))
     results: dict[int, dict[str, Any]] = {}
+    guards: dict[int, ConditionalGuard] = {}
     async with atomic():
-        for _, index, entry in sorted(prepared, key=lambda item: (item[0], item[1])):
-            results[index] = await runner.run(entry, index)
-    return {
-        "resourceType": "Bundle",
-        "type": "transaction-response",
-        "entry": [results[i] for i in range(len(entries))],
-    }
+        for index in (i for i in order if methods[i] == "DELETE"):
+            results[index] = await runner.run(_rewrite_references(entries[index], ids), index)
+        for index in order:
+            full_url = _placeholder(entries[index], ids)
+            if full_url is None or not entries[index]["request"].get("ifNoneExist"):
+                continue
+            guard, existing = await runner.find_conditional_create(entries[index], index)
+            if existing is None:
+                guards[index] = guard
+            else:
+                ids[full_url] = f"{existing['resourceType']}/{existing['id']}"
+                results[index] = runner.existing_entry(existing)
+        for index in order:
+            if index in results:
+                continue
+            entry = _rewrite_references(entries[index], ids)
+            full_url = _placeholder(entries[index], ids)
+            # A create with a placeholder becomes a create under the assigned id (update-as-create),
+            # so references to it could be rewritten before any write.
+            if full_url is not None:
+                type_name, new_id = ids[full_url].split("/")
+                entry = {
+                    **entry,
+                    "resource": {**entry["resource"], "id": new_id},
+                    "request": {**entry["request"], "method": "PUT", "url": f"{type_name}/{new_id}"},
+                }
+            if index in guards:
+                with guards[index].writing():
+                    results[index] = await runner.run(entry, index)
+            else:
+                results[index] = await runner.run(entry, index)
+    return [results[i] for i in range(len(entries))]

@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 from fastapi import Request, Response
 
 from fhir_facade.config import Settings
+from fhir_facade.fhir.conditional_guard import ConditionalGuard, guarded
 from fhir_facade.fhir.errors import bad_request, precondition_failed
 from fhir_facade.fhir.prefer import return_preference
 from fhir_facade.fhir.responses import fhir_response
@@ -80,13 +81,23 @@ def write_response(written: Written, request: Request, settings: Settings) -> Re
 async def create_resource(
     provider: ResourceProvider, resource: dict[str, Any], if_none_exist: str | None, settings: Settings
 ) -> Written:
-    """Create, or with If-None-Exist return the single existing match (http.html#ccreate)."""
-    if if_none_exist is not None:
-        matches = await conditional_matches(provider, if_none_exist, settings, "If-None-Exist")
+    """Create, or with If-None-Exist return the single existing match (http.html#ccreate). The
+    search and the create are one atomic step (`conditional_guard`): of many identical
+    conditional creates at once, one creates and the others answer 200 with its resource."""
+    if if_none_exist is None:
+        return Written(await provider.create(resource), 201, location=True)
+    params = criteria_params(if_none_exist, "If-None-Exist")
+
+    async def attempt(guard: ConditionalGuard) -> Written:
+        with guard.searching():
+            matches = await conditional_matches(provider, params, settings)
         existing = single_match(matches, "If-None-Exist")
         if existing is not None:
             return Written(existing, 200, location=False)
-    return Written(await provider.create(resource), 201, location=True)
+        with guard.writing():
+            return Written(await provider.create(resource), 201, location=True)
+
+    return await guarded(provider.resource_type, params, attempt)
 
 
 async def update_resource(
@@ -110,36 +121,48 @@ async def conditionally_update(
     settings: Settings,
 ) -> Written:
     """PUT Type?criteria (http.html#cond-update): 0 matches create (with the body's id if it has
-    one), 1 updates that resource, more than one is 412."""
-    match = single_match(
-        await conditional_matches(provider, criteria, settings, "conditional update"),
-        "The conditional update",
-    )
-    if match is None:
-        if resource.get("id"):
-            return await update_resource(provider, resource["id"], resource, None)
-        return Written(await provider.create(resource), 201, location=True)
-    if resource.get("id") not in (None, match["id"]):
-        raise bad_request(
-            f"The body's id {resource['id']!r} differs from the matched "
-            f"{provider.resource_type}/{match['id']}",
-            expression=f"{provider.resource_type}.id",
-        )
-    return await update_resource(provider, match["id"], {**resource, "id": match["id"]}, if_match)
+    one), 1 updates that resource, more than one is 412. Search and write are one atomic step
+    (`conditional_guard`), so identical concurrent requests create one resource and update it."""
+    params = criteria_params(criteria, "conditional update")
+
+    async def attempt(guard: ConditionalGuard) -> Written:
+        with guard.searching():
+            matches = await conditional_matches(provider, params, settings)
+        match = single_match(matches, "The conditional update")
+        if match is not None and resource.get("id") not in (None, match["id"]):
+            raise bad_request(
+                f"The body's id {resource['id']!r} differs from the matched "
+                f"{provider.resource_type}/{match['id']}",
+                expression=f"{provider.resource_type}.id",
+            )
+        with guard.writing():
+            if match is not None:
+                return await update_resource(provider, match["id"], {**resource, "id": match["id"]}, if_match)
+            if resource.get("id"):
+                return await update_resource(provider, resource["id"], resource, None)
+            return Written(await provider.create(resource), 201, location=True)
+
+    return await guarded(provider.resource_type, params, attempt)
 
 
-async def conditional_matches(
-    provider: ResourceProvider, query: str | Sequence[tuple[str, str]], settings: Settings, header: str
-) -> list[dict[str, Any]]:
-    """Resources matching the criteria of a conditional interaction (at most two are needed to
-    tell 0, 1 or many). Criteria are parsed strictly: an unknown parameter would widen the match."""
+def criteria_params(query: str | Sequence[tuple[str, str]], header: str) -> list[tuple[str, str]]:
+    """The search criteria of a conditional interaction: its parameters without the result
+    parameters (`_count`, `_sort`...; `_id` is a criterion). None left is a 400."""
     params = parse_qsl(query, keep_blank_values=True) if isinstance(query, str) else list(query)
     params = [(k, v) for k, v in params if not k.startswith("_") or k == "_id"]
     if not params:
         raise bad_request(f"{header} needs search criteria", expression=header)
+    return params
+
+
+async def conditional_matches(
+    provider: ResourceProvider, params: Sequence[tuple[str, str]], settings: Settings
+) -> list[dict[str, Any]]:
+    """Resources matching the criteria of a conditional interaction (at most two are needed to
+    tell 0, 1 or many). Criteria are parsed strictly: an unknown parameter would widen the match."""
     request = parse_search(
         provider.resource_type,
-        params,
+        list(params),
         provider.search_param_map,
         base_url=settings.base_url,
         strict=True,

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from starlette.concurrency import run_in_threadpool
 
 from fhir_facade.fhir.bundles import SearchResult
+from fhir_facade.fhir.conditional_guard import active_guard
 from fhir_facade.fhir.errors import FhirError, Issue, method_not_allowed
 from fhir_facade.fhir.search import SearchParamDef, SearchRequest
 from fhir_facade.resources.base import ResourceProvider, WriteResult
@@ -83,9 +84,15 @@ class StoredResourceProvider(ResourceProvider):
         return await run_in_threadpool(self._store.author_of, self.resource_type, resource_id, version_id)
 
     async def search(self, request: SearchRequest) -> SearchResult:
-        if request.snapshot is None:
+        # The search of a conditional write is recorded for the write to check again under the
+        # lock (fhir/conditional_guard.py). It takes no paging snapshot: it must see every
+        # committed match, also one written by a replica whose clock runs ahead.
+        guard = active_guard(self.resource_type, "searching")
+        if request.snapshot is None and guard is None:
             request.snapshot = datetime.now(UTC)
         matches, total = await run_in_threadpool(self._store.search, request)
+        if guard is not None:
+            guard.record(request, [m["id"] for m in matches], total)
         more = request.offset + request.count < total
         return SearchResult(
             matches, total if request.total != "none" else None, more, snapshot=request.snapshot
@@ -94,7 +101,8 @@ class StoredResourceProvider(ResourceProvider):
     async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
         prepared = self.prepare(resource, None)
         await self.check(prepared)
-        stored = await run_in_threadpool(self._store.create, prepared)
+        guard = active_guard(self.resource_type, "writing")
+        stored = await run_in_threadpool(lambda: self._store.create(prepared, guard=guard))
         await self.after_write(stored)
         return stored
 
@@ -104,7 +112,8 @@ class StoredResourceProvider(ResourceProvider):
         current = await self._current(resource_id)
         prepared = self.prepare({**resource, "id": resource_id}, current)
         await self.check(prepared)
-        result = await run_in_threadpool(self._store.update, prepared, if_match)
+        guard = active_guard(self.resource_type, "writing")
+        result = await run_in_threadpool(lambda: self._store.update(prepared, if_match, guard=guard))
         await self.after_write(result.resource)
         return result
 

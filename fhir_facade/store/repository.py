@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from fhir_facade.correlation import current_correlation_id
+from fhir_facade.fhir.conditional_guard import CONDITIONAL_LOCK_SPACE, ConditionalGuard
 from fhir_facade.fhir.errors import FhirError, bad_request, gone, not_found
 from fhir_facade.fhir.search import (
     DateValue,
@@ -135,24 +136,30 @@ class ResourceStore:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+    def create(self, resource: dict[str, Any], *, guard: ConditionalGuard | None = None) -> dict[str, Any]:
         """FHIR http.html#create: store a new resource under a server-assigned id (any id in the
-        body is ignored, as the spec says), versionId "1". Returns the stored resource."""
+        body is ignored, as the spec says), versionId "1". Returns the stored resource.
+        `guard`: the create is conditional (http.html#ccreate), see `_hold_condition`."""
         resource_type = self._check_type(resource)
         resource_id = uuid.uuid4().hex
-        stored, _ = self._write(resource_type, resource_id, {**resource, "id": resource_id}, if_match=None)
+        stored, _ = self._write(
+            resource_type, resource_id, {**resource, "id": resource_id}, if_match=None, guard=guard
+        )
         return stored
 
-    def update(self, resource: dict[str, Any], if_match: str | None = None) -> WriteResult:
+    def update(
+        self, resource: dict[str, Any], if_match: str | None = None, *, guard: ConditionalGuard | None = None
+    ) -> WriteResult:
         """FHIR http.html#update: a new current version of `resource["id"]`. If the resource does
         not exist it is created with that id (update-as-create, http.html#upsert); a deleted one
         comes back to life with the next version. `if_match` is the client's ETag (`W/"n"`);
-        a different current version is a 412 (http.html#concurrency)."""
+        a different current version is a 412 (http.html#concurrency). `guard`: the update is
+        conditional (http.html#cond-update), see `_hold_condition`."""
         resource_type = self._check_type(resource)
         resource_id = resource.get("id")
         if not isinstance(resource_id, str) or not _FHIR_ID.match(resource_id):
             raise bad_request("An update needs a valid resource id", expression=f"{resource_type}.id")
-        stored, created = self._write(resource_type, resource_id, resource, if_match=if_match)
+        stored, created = self._write(resource_type, resource_id, resource, if_match=if_match, guard=guard)
         return WriteResult(stored, created)
 
     def delete(self, resource_type: str, resource_id: str) -> None:
@@ -163,7 +170,13 @@ class ResourceStore:
         self._write(resource_type, resource_id, None, if_match=None)
 
     def _write(
-        self, resource_type: str, resource_id: str, resource: dict[str, Any] | None, *, if_match: str | None
+        self,
+        resource_type: str,
+        resource_id: str,
+        resource: dict[str, Any] | None,
+        *,
+        if_match: str | None,
+        guard: ConditionalGuard | None = None,
     ) -> tuple[dict[str, Any], bool]:
         if resource is not None:
             self._validate(
@@ -172,13 +185,13 @@ class ResourceStore:
         expected = self._parse_etag(if_match) if if_match is not None else None
         ambient = AMBIENT_TRANSACTION.get()
         if ambient is not None:
-            return self._write_in(ambient, resource_type, resource_id, resource, if_match, expected)
+            return self._write_in(ambient, resource_type, resource_id, resource, if_match, expected, guard)
         for attempt in range(_WRITE_ATTEMPTS):
             try:
                 connection = self._engine.connect().execution_options(**{WRITE: True})
                 with connection, connection.begin():
                     return self._write_in(
-                        connection, resource_type, resource_id, resource, if_match, expected
+                        connection, resource_type, resource_id, resource, if_match, expected, guard
                     )
             except IntegrityError:
                 # Another transaction created the same id between our SELECT and INSERT (only
@@ -195,7 +208,10 @@ class ResourceStore:
         resource: dict[str, Any] | None,
         if_match: str | None,
         expected: int | None,
+        guard: ConditionalGuard | None,
     ) -> tuple[dict[str, Any], bool]:
+        if guard is not None:
+            self._hold_condition(connection, guard)
         key = and_(_current.c.resource_type == resource_type, _current.c.resource_id == resource_id)
         # FOR UPDATE: concurrent writers of one resource queue here (PostgreSQL); SQLite's
         # BEGIN IMMEDIATE has already serialised all writers.
@@ -254,6 +270,26 @@ class ResourceStore:
                 )
             )
         return stored, row is None
+
+    def _hold_condition(self, connection: Connection, guard: ConditionalGuard) -> None:
+        """Make a conditional write's search and write one atomic step (http.html#ccreate,
+        #cond-update; docs/adr/0012): lock the criteria for the rest of this transaction, then
+        search again; other matches than the search found raise `ConditionChanged` (nothing is
+        written yet), and the caller starts over.
+
+        PostgreSQL: a transaction-scoped advisory lock on (CONDITIONAL_LOCK_SPACE, hash of type
+        and criteria), so identical conditional writes queue, in every process on the database,
+        until the holder commits; the search after it is a new READ COMMITTED statement, which
+        sees what the holder committed. SQLite: the transaction began with BEGIN IMMEDIATE (see
+        `engine.WRITE`), the database's write lock, so no other writer runs until we commit."""
+        if guard.request is None or guard.seen is None:
+            raise RuntimeError(f"conditional write of {guard.resource_type} without its recorded search")
+        if connection.dialect.name == "postgresql":
+            connection.execute(select(func.pg_advisory_xact_lock(CONDITIONAL_LOCK_SPACE, guard.lock_key)))
+        ids, total = self._match_ids(connection, guard.request)
+        changed = guard.changed(ids, total)
+        if changed is not None:
+            raise changed
 
     @staticmethod
     def _reindex(connection: Connection, resource_type: str, resource_id: str, rows: IndexRows) -> None:
@@ -431,22 +467,8 @@ class ResourceStore:
         all happen in SQL. Order: the `_sort` keys (see `_sort_order`), then lastUpdated
         descending, then id, which is stable across pages while nothing is written
         (search.html#paging)."""
-        # The paging snapshot (request.snapshot, set by the provider on a first page and carried
-        # by the paging links): resources written since are left out, so pages stay consistent
-        # while rows are added (search.html#paging).
-        snapshot = [_current.c.last_updated <= request.snapshot] if request.snapshot else []
-        where = [
-            _current.c.resource_type == request.resource_type,
-            _current.c.deleted == false(),
-            *snapshot,
-            *(self._clause(request.resource_type, clause) for clause in request.clauses),
-        ]
+        where, order = self._search_terms(request)
         count = 0 if request.summary == "count" else request.count
-        order = [
-            *self._sort_order(request.resource_type, request.sort),
-            _current.c.last_updated.desc(),
-            _current.c.resource_id,
-        ]
         with self._reading() as connection:
             total = connection.execute(select(func.count()).select_from(_current).where(*where)).scalar_one()
             rows = (
@@ -462,6 +484,45 @@ class ResourceStore:
                 else []
             )
         return [json.loads(row.resource_json) for row in rows], int(total)
+
+    def _match_ids(self, connection: Connection, request: SearchRequest) -> tuple[list[str], int]:
+        """`search` on `connection`, as ids of the page and the total (a conditional write's
+        second look at its criteria). One statement: the total is a window count over the
+        matches; only a page past the last match needs a second one."""
+        where, order = self._search_terms(request)
+        rows = connection.execute(
+            select(_current.c.resource_id, func.count().over().label("total"))
+            .where(*where)
+            .order_by(*order)
+            .limit(request.count)
+            .offset(request.offset)
+        ).all()
+        if rows:
+            return [row.resource_id for row in rows], int(rows[0].total)
+        if request.offset == 0:
+            return [], 0
+        return [], int(
+            connection.execute(select(func.count()).select_from(_current).where(*where)).scalar_one()
+        )
+
+    def _search_terms(self, request: SearchRequest) -> tuple[list[ColumnElement[bool]], list[Any]]:
+        """WHERE and ORDER BY of a search on `resource_current`."""
+        # The paging snapshot (request.snapshot, set by the provider on a first page and carried
+        # by the paging links): resources written since are left out, so pages stay consistent
+        # while rows are added (search.html#paging).
+        snapshot = [_current.c.last_updated <= request.snapshot] if request.snapshot else []
+        where = [
+            _current.c.resource_type == request.resource_type,
+            _current.c.deleted == false(),
+            *snapshot,
+            *(self._clause(request.resource_type, clause) for clause in request.clauses),
+        ]
+        order = [
+            *self._sort_order(request.resource_type, request.sort),
+            _current.c.last_updated.desc(),
+            _current.c.resource_id,
+        ]
+        return where, order
 
     @staticmethod
     def sortable(resource_type: str) -> frozenset[str]:

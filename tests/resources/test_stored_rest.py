@@ -221,6 +221,41 @@ def test_transaction_rewrites_placeholders_and_is_all_or_nothing(fhir: httpx.Cli
     assert found["total"] == 0  # the first entry was rolled back
 
 
+def test_transaction_conditional_create_with_placeholder_finds_the_existing_resource(
+    fhir: httpx.Client,
+) -> None:
+    """A conditional create (ifNoneExist) under a urn:uuid fullUrl creates once; sent again it
+    answers 200 with the stored resource and references to the placeholder point at it
+    (http.html#trules). It used to run as a plain update-as-create and ignore ifNoneExist."""
+    order_url = "urn:uuid:0d5e7c1a-8f3b-4a2e-9c6d-5b4a3f2e1d0c"
+    criteria = "identifier=urn:oid:1.2.3.999|ACC-T3"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:f47ac10b-58cc-4372-a567-0e02b2c3d479",
+                "resource": task(basedOn=[{"reference": order_url}]),
+                "request": {"method": "POST", "url": "Task"},
+            },
+            {
+                "fullUrl": order_url,
+                "resource": service_request("ACC-T3"),
+                "request": {"method": "POST", "url": "ServiceRequest", "ifNoneExist": criteria},
+            },
+        ],
+    }
+    first = ok_json(fhir.post("", json=bundle, headers=FHIR_JSON))
+    assert [e["response"]["status"] for e in first["entry"]] == ["201 Created", "201 Created"]
+    order_id = first["entry"][1]["resource"]["id"]
+
+    second = ok_json(fhir.post("", json=bundle, headers=FHIR_JSON))
+    assert [e["response"]["status"] for e in second["entry"]] == ["201 Created", "200 OK"]
+    assert second["entry"][1]["resource"]["id"] == order_id
+    assert second["entry"][0]["resource"]["basedOn"][0]["reference"] == f"ServiceRequest/{order_id}"
+    assert ok_json(fhir.get(f"/ServiceRequest?{criteria}"))["total"] == 1
+
+
 @pytest.mark.parametrize("status", ["requested", "in-progress"])
 def test_task_search_by_status_and_paging(fhir: httpx.Client, status: str) -> None:
     for _ in range(3):
