@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from joserfc.jwk import RSAKey
+from pydicom.uid import generate_uid
 
 from fhir_facade.auth.server.passwords import hash_secret
 from fhir_facade.auth.server.registry import DEMO_PATIENTS, DEMO_USERNAME, create_demo_registry
@@ -26,7 +27,8 @@ from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
 from fhir_facade.watcher.arrival_tasks import ANALYZE_CODE
 from tests.auth.fixtures.smart_app import ASSERTION_TYPE, client_assertion, pkce_pair, sign_in
 from tests.conftest import LiveServer, ok_json, outcome, serve
-from tests.dicom_factory import demo_brain_study
+from tests.dicom_factory import CORPUS_ROOT, demo_brain_study, to_bytes
+from tests.dicomweb_proxy.conftest import new_study
 
 PATIENT_A, PATIENT_B = "PROBE-A", "PROBE-B"
 STUDY_A, STUDY_B = "1.2.826.0.1.3680043.8.498.727.9301", "1.2.826.0.1.3680043.8.498.727.9302"
@@ -382,3 +384,43 @@ def test_idempotency_key_of_another_caller_is_not_found_nor_named(probe: Probe) 
         assert mine.status_code == 202, mine.text
         assert STUDY_B not in mine.text and STUDY_B not in str(mine.headers)
         assert mine.headers["x-analysis-task"] != theirs.headers["x-analysis-task"]
+
+
+# -- 3. STOW-RS framing ---------------------------------------------------------------------------
+
+
+def test_stow_preamble_cannot_smuggle_an_instance_into_another_patients_study(
+    probe: Probe, loaded_orthanc: EmbeddedOrthanc
+) -> None:
+    """`X--BND` is no delimiter (RFC 2046 5.1.1): the facade's parser skipped the part behind it as
+    preamble while Orthanc stored it, into PROBE-B's study. Whatever the facade checks must be what
+    the PACS receives (ADR 0014)."""
+    intruder = new_study(PATIENT_B, study_uid=STUDY_B)[0]
+    intruder.SeriesInstanceUID = generate_uid(CORPUS_ROOT)
+    intruder.SOPInstanceUID = intruder.file_meta.MediaStorageSOPInstanceUID = generate_uid(CORPUS_ROOT)
+    own = new_study(PATIENT_A)[0]
+    part = b"Content-Type: application/dicom\r\n\r\n"
+    body = (
+        b"X--BND\r\n" + part + to_bytes(intruder)
+        + b"\r\n--BND\r\n" + part + to_bytes(own)
+        + b"\r\n--BND--\r\n"
+    )  # fmt: skip
+
+    def sops_of_b() -> set[str]:
+        found = httpx.get(f"{loaded_orthanc.dicomweb_url}/studies/{STUDY_B}/instances", timeout=30)
+        return {ds["00080018"]["Value"][0] for ds in found.json()}
+
+    before = sops_of_b()
+    response = httpx.post(
+        f"{probe.root}/dicom-web/studies",
+        content=body,
+        headers={
+            **probe.patient_token(PATIENT_A),
+            "Accept": "application/dicom+json",
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=BND',
+        },
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    assert sops_of_b() == before
+    assert str(intruder.SOPInstanceUID) not in sops_of_b()
