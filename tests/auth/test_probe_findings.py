@@ -167,8 +167,12 @@ def _analysis_task(patient: str, status: str, **fields: Any) -> dict[str, Any]:
     return task
 
 
-def _output(report_id: str) -> dict[str, Any]:
-    return {"type": {"text": "report"}, "valueReference": {"reference": f"DiagnosticReport/{report_id}"}}
+def _completed_job_naming(report_id: str) -> dict[str, Any]:
+    """A finished analysis job of PROBE-A's study whose output is `report_id`."""
+    output = {"type": {"text": "report"}, "valueReference": {"reference": f"DiagnosticReport/{report_id}"}}
+    return _analysis_task(
+        PATIENT_A, "completed", focus={"reference": f"ImagingStudy/{STUDY_A}"}, output=[output]
+    )
 
 
 def _token_json(response: httpx.Response) -> dict[str, Any]:
@@ -217,13 +221,7 @@ def test_forged_job_task_naming_another_patients_report_is_refused(probe: Probe)
     admin, own = probe.admin_token(), probe.patient_token(PATIENT_A)
     with probe.client() as http:
         secret = ok_json(http.post("DiagnosticReport", json=_report(PATIENT_B), headers=admin), 201)
-        forged = _analysis_task(
-            PATIENT_A,
-            "completed",
-            focus={"reference": f"ImagingStudy/{STUDY_A}"},
-            output=[_output(secret["id"])],
-        )
-        refused = http.post("Task", json=forged, headers=own)
+        refused = http.post("Task", json=_completed_job_naming(secret["id"]), headers=own)
         outcome(refused, 422, "processing")
         assert secret["id"] in refused.text and PATIENT_B not in refused.text
 
@@ -235,13 +233,7 @@ def test_job_url_never_hands_out_another_patients_report(probe: Probe) -> None:
     admin, own = probe.admin_token(), probe.patient_token(PATIENT_A, "launch/patient patient/*.rs")
     with probe.client() as http:
         secret = ok_json(http.post("DiagnosticReport", json=_report(PATIENT_B), headers=admin), 201)
-        job = _analysis_task(
-            PATIENT_A,
-            "completed",
-            focus={"reference": f"ImagingStudy/{STUDY_A}"},
-            output=[_output(secret["id"])],
-        )
-        task = ok_json(http.post("Task", json=job, headers=admin), 201)
+        task = ok_json(http.post("Task", json=_completed_job_naming(secret["id"]), headers=admin), 201)
         answer = http.get(f"{probe.server.base_url}/$analyze-jobs/{task['id']}", headers=own)
         outcome(answer, 404, "not-found")
         assert "confidential finding" not in answer.text
