@@ -209,6 +209,8 @@ def _add_provider_routes(
 
     async def vread(request: Request, resource_id: str, version_id: str) -> Response:
         negotiate_response_format(request)
+        if not _FHIR_ID.match(resource_id) or not _FHIR_ID.match(version_id):  # both are FHIR ids
+            raise not_found(f"{type_name}/{resource_id} has no version '{version_id[:64]}'")
         resource = await provider.vread(resource_id, version_id)
         return fhir_response(resource, request, headers=version_headers(resource, settings.base_url))
 
@@ -268,6 +270,8 @@ def _int_param(request: Request, name: str, default: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) > MAX_OFFSET:
-        raise bad_request(f"'{name}' must be an integer from 0 to {MAX_OFFSET}, got '{raw}'", expression=name)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_OFFSET:
+        raise bad_request(
+            f"'{name}' must be an integer from 0 to {MAX_OFFSET}, got '{raw[:40]}'", expression=name
+        )
     return int(raw)

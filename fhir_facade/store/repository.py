@@ -316,7 +316,8 @@ class ResourceStore:
         """FHIR http.html#vread: one version; 404 if it does not exist, 410 if that version is a
         deletion (the spec: "410 Gone" for a deleted version)."""
         self._check_id(resource_type, resource_id)
-        if not version_id.isdigit():
+        # Versions are 1, 2, ...: only ASCII digits that fit the column's 64-bit integer can name one.
+        if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 18:
             raise not_found(f"{resource_type}/{resource_id} has no version '{version_id}'")
         with self._reading() as connection:
             row = connection.execute(
