@@ -28,6 +28,7 @@ from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy_router
 from fhir_facade.fhir.errors import FhirError
+from fhir_facade.fhir.openapi import install_openapi
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.fhir.search import parse_search
@@ -312,6 +313,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=_CORS_EXPOSED_HEADERS,
             max_age=600,
         )
+    install_openapi(app, authenticated=settings.auth == "smart")
     install_correlation(app)  # outermost: every response, errors included, carries the id
     return app
 

@@ -40,11 +40,20 @@ class RawConnection:
     ) -> None:
         self.sock.close()
 
-    def send_head(self, method: str, target: str, headers: dict[str, str] | None = None) -> None:
-        """The request line and headers (Host added); the body, if any, follows with send_body."""
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+    @property
+    def reusable(self) -> bool:
+        """Whether the last exchange ended with both sides ready for another (no `close`)."""
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+    def send_head(
+        self, method: str, target: str, headers: dict[str, str] | list[tuple[str, str]] | None = None
+    ) -> None:
+        """The request line and headers (Host added unless given); the body follows with send_body."""
+        if self.reusable:
             self.conn.start_next_cycle()
-        fields = [("Host", "127.0.0.1"), *(headers or {}).items()]
+        fields = list(headers.items() if isinstance(headers, dict) else headers or [])
+        if not any(name.lower() == "host" for name, _ in fields):
+            fields.insert(0, ("Host", "127.0.0.1"))
         self.sock.sendall(self.conn.send(h11.Request(method=method, target=target, headers=fields)))
 
     def send_body(self, data: bytes, *, end: bool = True) -> None:
