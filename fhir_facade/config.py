@@ -217,8 +217,8 @@ class Settings(BaseSettings):
         16 * 1024,
         ge=4096,
         description=(
-            "Largest request line plus headers (uvicorn h11_max_incomplete_event_size); larger "
-            "ones get 400 from the server."
+            "Most bytes of a request line and headers buffered before they are complete (uvicorn "
+            "h11_max_incomplete_event_size); a head growing past it gets 400 from the server."
         ),
     )
     limits_max_concurrency: int | None = Field(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,7 +17,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from fhir_facade.app import create_app
+from fhir_facade.config import Settings
+from fhir_facade.embedded import free_port
 from fhir_facade.fhir.responses import install_error_handlers
+from fhir_facade.http_limits import uvicorn_options
 from tests.conftest import LiveServer, ok_json, outcome, serve, validate
 from tests.raw_http import RawConnection, RawResponse
 
@@ -198,8 +203,6 @@ def test_an_unexpected_error_keeps_the_connection() -> None:
     @app.get("/fine")
     async def fine() -> dict[str, str]:
         return {"ok": "yes"}
-
-    from fhir_facade.embedded import free_port
 
     port = free_port()
     with LiveServer(app, port), RawConnection(port) as connection:
@@ -402,3 +405,32 @@ def test_405_names_exactly_the_methods_of_the_path(
             content = b"{}" if other in ("POST", "PUT") else None
             answer = client.request(other, path, content=content, headers=FHIR_JSON)
             assert answer.status_code != 405, (other, path, answer.text)
+
+
+# --- What the server bounds (the run command's uvicorn settings) -----------------------------
+
+
+def test_server_options_bound_the_head_and_idle_connections(tmp_path: Any) -> None:
+    """uvicorn_options (what `fhir-facade serve` passes to uvicorn) is accepted by uvicorn and bounds
+    the request head (400 from the server, before the application) and idle keep-alive connections."""
+    port = free_port()
+    settings = Settings(
+        base_url=f"http://127.0.0.1:{port}/fhir",
+        dicomweb_url=NO_PACS,
+        database_url=f"sqlite:///{tmp_path}/store.sqlite3",
+        watch_studies=False,
+        analyze_enabled=False,
+        limits_max_header_bytes=4096,
+        limits_keep_alive_timeout=1.0,
+    )
+    with LiveServer(create_app(settings), port, uvicorn_options(settings)):
+        with RawConnection(port) as connection:
+            assert connection.request("GET", "/fhir/metadata", {"X-Pad": "x" * 2000}).status == 200
+            time.sleep(1.6)
+            assert connection.server_closed()
+        # h11 bounds the head it buffers while waiting for its end (a slowly sent head).
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"x" * 8000)
+            time.sleep(0.3)
+            sock.sendall(b"\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
