@@ -686,7 +686,10 @@ class ResourceStore:
             raise bad_request(
                 f"If-Match must be an ETag like W/\"1\", got '{if_match}'", expression="If-Match"
             )
-        return int(match.group(1))
+        digits = match.group(1)
+        # More digits than a stored version (a 64-bit column) has: it names none (412), and int()
+        # of thousands of digits would fail (the int string conversion limit).
+        return int(digits) if len(digits) <= 18 else -1
 
 
 def _utc_bounds(value: DateValue) -> tuple[datetime, datetime]:

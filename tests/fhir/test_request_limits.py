@@ -135,6 +135,13 @@ PROBES = {
         400,
         "invalid",
     ),
+    "5000-digit If-Match version": (
+        "PUT",
+        "/fhir/Observation/x",
+        json.dumps(observation(id="x")).encode(),
+        412,
+        "conflict",
+    ),
     "NaN": (
         "POST",
         "/fhir/Observation",
@@ -152,19 +159,25 @@ PROBES = {
 }
 
 
+#: Headers some probes send besides the FHIR JSON content type.
+PROBE_HEADERS = {"5000-digit If-Match version": {"If-Match": 'W/"' + "9" * 5000 + '"'}}
+
+
 @pytest.mark.parametrize("probe", PROBES)
 def test_probe_is_a_4xx_and_the_connection_serves_the_next_request(limited: LiveServer, probe: str) -> None:
     method, target, body, status, code = PROBES[probe]
+    headers = {**FHIR_JSON, **PROBE_HEADERS.get(probe, {})}
     with RawConnection(limited.port) as connection:
-        raw_outcome(connection.request(method, target, FHIR_JSON, body), status, code)
+        raw_outcome(connection.request(method, target, headers, body), status, code)
         assert connection.request("GET", "/fhir/metadata").status == 200
 
 
 def test_probes_through_one_httpx_client(limited: LiveServer) -> None:
     """The same probes through one httpx.Client, as a real client reuses its pooled connection."""
     with httpx.Client(base_url=f"http://127.0.0.1:{limited.port}", timeout=10) as client:
-        for method, target, body, status, code in PROBES.values():
-            outcome(client.request(method, target, content=body or None, headers=FHIR_JSON), status, code)
+        for probe, (method, target, body, status, code) in PROBES.items():
+            headers = {**FHIR_JSON, **PROBE_HEADERS.get(probe, {})}
+            outcome(client.request(method, target, content=body or None, headers=headers), status, code)
             assert client.get("/fhir/metadata").status_code == 200
 
 
