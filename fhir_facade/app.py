@@ -28,9 +28,11 @@ from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy_router
 from fhir_facade.fhir.errors import FhirError
+from fhir_facade.fhir.openapi import install_openapi
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.fhir.search import parse_search
+from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
 from fhir_facade.metrics import metrics_router
 from fhir_facade.resources.artifacts import artifact_providers
 from fhir_facade.resources.base import ResourceProvider
@@ -287,6 +289,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.analyze = analyze
     app.state.sync = sync
     install_error_handlers(app)
+    # Inside the audit (refusals are audited like any 4xx), outside everything that reads a body.
+    app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, store)  # inside CORS: preflights are not audited
     operations = analyze.operations if analyze else None
     authenticate, security = _install_security(app, settings)
@@ -303,7 +307,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             visible, settings, atomic_scope(store), operations, authenticate=authenticate, security=security
         )
     )
-    app.include_router(build_dicomweb_proxy_router(settings, proxy), dependencies=guarded)
+    app.include_router(
+        build_dicomweb_proxy_router(settings, proxy, max_stow_bytes=settings.limits_max_stow_body_bytes),
+        dependencies=guarded,
+    )
     app.include_router(metrics_router)
     if settings.cors_origins:
         app.add_middleware(
@@ -314,6 +321,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=_CORS_EXPOSED_HEADERS,
             max_age=600,
         )
+    install_openapi(app, authenticated=settings.auth == "smart")
     install_correlation(app)  # outermost: every response, errors included, carries the id
     return app
 

@@ -17,6 +17,7 @@ import uvicorn
 from fhir_facade.app import create_app
 from fhir_facade.config import Settings
 from fhir_facade.correlation import CorrelationIdFilter
+from fhir_facade.http_limits import uvicorn_options
 
 __all__ = ["main"]
 
@@ -45,7 +46,13 @@ def check_listen_address(settings: Settings, host: str) -> None:
 
 def _serve(settings: Settings, host: str, port: int) -> None:
     check_listen_address(settings, host)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        **uvicorn_options(settings),
+    )
 
 
 def _embedded(settings: Settings, args: argparse.Namespace) -> None:

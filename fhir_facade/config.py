@@ -190,6 +190,66 @@ class Settings(BaseSettings):
     )
     default_page_size: int = Field(20, ge=1, description="Search page size when _count is absent.")
     max_page_size: int = Field(500, ge=1, description="Upper bound for _count.")
+    limits_max_body_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest request body of every route but DICOMweb STOW-RS (FHIR JSON, Bundles, $analyze, "
+            "/auth forms); larger ones get 413, from Content-Length before the body is read."
+        ),
+    )
+    limits_max_stow_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest STOW-RS body (POST under /dicom-web); the proxy holds it in memory while it "
+            "checks it, so keep it within the server's memory."
+        ),
+    )
+    limits_body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds a request may go without sending any of the body it announced before it is "
+            "answered 408 and its connection closed (like nginx client_body_timeout)."
+        ),
+    )
+    limits_json_max_depth: int = Field(
+        100,
+        ge=16,
+        le=500,
+        description=(
+            "Deepest nesting of objects and arrays in a JSON request body (a Bundle entry holding a "
+            "resource with nested extensions needs about 20); deeper bodies get 400."
+        ),
+    )
+    limits_json_max_number_length: int = Field(
+        64,
+        ge=20,
+        le=4000,
+        description="Longest JSON number literal (characters) in a request body; longer ones get 400.",
+    )
+    limits_keep_alive_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds an idle keep-alive connection stays open (uvicorn timeout_keep_alive).",
+    )
+    limits_max_header_bytes: int = Field(
+        16 * 1024,
+        ge=4096,
+        description=(
+            "Most bytes of a request line and headers buffered before they are complete (uvicorn "
+            "h11_max_incomplete_event_size); a head growing past it gets 400 from the server."
+        ),
+    )
+    limits_max_concurrency: int | None = Field(
+        1000,
+        ge=1,
+        description=(
+            "Connections and requests served at once before new ones get 503 (uvicorn "
+            "limit_concurrency); unset: no bound."
+        ),
+    )
     auth: Literal["none", "smart"] = Field(
         "none",
         description=(

@@ -28,11 +28,14 @@ PYDICOM_TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 class LiveServer:
     """The app under uvicorn in a background thread: real HTTP, real lifespan."""
 
-    def __init__(self, app: FastAPI, port: int) -> None:
+    def __init__(self, app: FastAPI, port: int, options: dict[str, Any] | None = None) -> None:
+        """`options`: more uvicorn.Config arguments (e.g. fhir_facade.http_limits.uvicorn_options)."""
         self.app = app
         self.port = port
         self._server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+            uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **(options or {})
+            )
         )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request, Response
 from fhir_facade.analyze.jobs import AnalysisJobs
 from fhir_facade.fhir.errors import FhirError, bad_request
 from fhir_facade.fhir.negotiation import negotiate_response_format
+from fhir_facade.fhir.openapi import error_responses
 from fhir_facade.fhir.prefer import prefers_async
 from fhir_facade.fhir.request_body import read_resource
 from fhir_facade.fhir.responses import fhir_response
@@ -74,7 +75,11 @@ def build_analyze_router(jobs: AnalysisJobs, base_url: str) -> APIRouter:
         "/ImagingStudy/{study_id}/$analyze",
         summary="Analyze the study with an AI model (operations/OperationDefinition-analyze.json)",
         openapi_extra={"requestBody": {"required": False, "content": _JSON}},
-        responses={200: {"content": _JSON}, 202: {"description": "accepted (Prefer: respond-async)"}},
+        responses={
+            200: {"content": _JSON},
+            202: {"description": "accepted (Prefer: respond-async)"},
+            **error_responses(404, 409, 422),
+        },
     )
     async def analyze(request: Request, study_id: str) -> Response:
         negotiate_response_format(request)
@@ -99,7 +104,11 @@ def build_analyze_router(jobs: AnalysisJobs, base_url: str) -> APIRouter:
     @router.get(
         f"/{JOBS_PATH}/{{task_id}}",
         summary="Status of an asynchronous $analyze",
-        responses={200: {"content": _JSON}, 202: {"description": "still running"}},
+        responses={
+            200: {"content": _JSON},
+            202: {"description": "still running"},
+            **error_responses(404, 422),
+        },
     )
     async def job_status(request: Request, task_id: str) -> Response:
         negotiate_response_format(request)
@@ -125,7 +134,12 @@ def build_analyze_router(jobs: AnalysisJobs, base_url: str) -> APIRouter:
         }
         return fhir_response(bundle, request)
 
-    @router.delete(f"/{JOBS_PATH}/{{task_id}}", summary="Cancel an asynchronous $analyze")
+    @router.delete(
+        f"/{JOBS_PATH}/{{task_id}}",
+        summary="Cancel an asynchronous $analyze",
+        status_code=202,
+        responses=error_responses(404, 409),
+    )
     async def cancel(request: Request, task_id: str) -> Response:
         await jobs.cancel(task_id)
         return Response(status_code=202)

@@ -259,7 +259,7 @@ def _bundle_type(body: bytes | None) -> str:
     the request then failed with 400 and the difference does not matter)."""
     try:
         bundle = json.loads(body or b"")
-    except ValueError:
+    except (ValueError, RecursionError):  # a hostile body nested ~1000 deep must still be audited
         return "batch"
     return "transaction" if isinstance(bundle, dict) and bundle.get("type") == "transaction" else "batch"
 

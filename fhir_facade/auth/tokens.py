@@ -101,7 +101,7 @@ def _header(token: str) -> dict[str, Any]:
     try:
         segment = token.split(".")[0]
         header = json.loads(urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, RecursionError) as exc:  # RecursionError: a header nested ~1000 deep
         raise InvalidToken("the token is not a JWS compact serialisation") from exc
     if not isinstance(header, dict):
         raise InvalidToken("the token header is not a JSON object")

@@ -25,7 +25,9 @@ __all__ = [
     "not_acceptable",
     "not_found",
     "not_supported",
+    "payload_too_large",
     "precondition_failed",
+    "request_timeout",
     "unauthorized",
     "unprocessable",
     "unsupported_media_type",
@@ -124,6 +126,28 @@ def not_acceptable(diagnostics: str) -> FhirError:
 def unsupported_media_type(diagnostics: str) -> FhirError:
     """415: the request body is not in a format we read."""
     return _error(415, "not-supported", diagnostics)
+
+
+def payload_too_large(limit: int) -> FhirError:
+    """413 (RFC 9110 15.5.14): the body is larger than this server accepts, IssueType `too-long`.
+    The rest of the body is not read, so the connection is closed after the answer."""
+    return _error(
+        413,
+        "too-long",
+        f"The request body exceeds the limit of {limit} bytes",
+        headers={"Connection": "close"},
+    )
+
+
+def request_timeout(seconds: float) -> FhirError:
+    """408 (RFC 9110 15.5.9): the client stopped sending the body it announced; the connection is
+    closed ("the server SHOULD send the close connection option")."""
+    return _error(
+        408,
+        "timeout",
+        f"No request body data arrived for {seconds:g} s",
+        headers={"Connection": "close"},
+    )
 
 
 def dicom_service_unavailable(diagnostics: str) -> FhirError:

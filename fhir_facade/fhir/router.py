@@ -22,6 +22,7 @@ from fhir_facade.fhir.capability import capability_statement
 from fhir_facade.fhir.errors import bad_request, not_found, not_supported
 from fhir_facade.fhir.includes import resolve_includes
 from fhir_facade.fhir.negotiation import check_request_body_type, negotiate_response_format
+from fhir_facade.fhir.openapi import error_responses
 from fhir_facade.fhir.prefer import prefers_strict_handling
 from fhir_facade.fhir.request_body import read_resource
 from fhir_facade.fhir.responses import fhir_response
@@ -100,7 +101,8 @@ def build_fhir_router(
         "",
         summary="batch or transaction Bundle (FHIR R4 http.html#transaction)",
         openapi_extra={"requestBody": {"content": _JSON_CONTENT}},
-        responses={200: {"content": _JSON_CONTENT}},
+        # A transaction fails as a whole with the status of the entry that failed.
+        responses={200: {"content": _JSON_CONTENT}, **error_responses(404, 405, 409, 410, 412, 422)},
         dependencies=guarded,
     )
     async def bundle(request: Request) -> Response:
@@ -209,6 +211,8 @@ def _add_provider_routes(
 
     async def vread(request: Request, resource_id: str, version_id: str) -> Response:
         negotiate_response_format(request)
+        if not _FHIR_ID.match(resource_id) or not _FHIR_ID.match(version_id):  # both are FHIR ids
+            raise not_found(f"{type_name}/{resource_id} has no version '{version_id[:64]}'")
         resource = await provider.vread(resource_id, version_id)
         return fhir_response(resource, request, headers=version_headers(resource, settings.base_url))
 
@@ -229,27 +233,39 @@ def _add_provider_routes(
         return fhir_response(history_bundle(entries, total, settings.base_url, self_url), request)
 
     interactions = set(provider.interactions)
-    item_responses = {"responses": {"200": {"description": type_name, "content": _JSON_CONTENT}}}
-    body = {"requestBody": {"content": _JSON_CONTENT}}
+
+    def answers(*errors: int, body: bool = False) -> dict[str, Any]:
+        """The operation's success answers and the errors particular to it (install_openapi adds
+        the common ones). With a body it is a write: 201 when it created the resource."""
+        responses: dict[int | str, Any] = {"200": {"description": type_name, "content": _JSON_CONTENT}}
+        if body:
+            responses["201"] = {"description": f"{type_name} created", "content": _JSON_CONTENT}
+        responses |= error_responses(*errors)
+        return {"responses": responses, **({"requestBody": {"content": _JSON_CONTENT}} if body else {})}
+
     handlers: list[tuple[str, str, Callable[..., Awaitable[Response]], dict[str, Any]]] = [
         ("GET", f"/{type_name}", search, _search_openapi(provider)),
         ("POST", f"/{type_name}/_search", search_post, _search_openapi(provider)),
     ]
     if "history-type" in interactions:
-        handlers.append(("GET", f"/{type_name}/_history", history_type, item_responses))
-    handlers.append(("GET", f"/{type_name}/{{resource_id}}", read, item_responses))
+        handlers.append(("GET", f"/{type_name}/_history", history_type, answers(400)))
+    handlers.append(("GET", f"/{type_name}/{{resource_id}}", read, answers(404, 410)))
     if "create" in interactions:
-        handlers.append(("POST", f"/{type_name}", create, {**item_responses, **body}))
+        handlers.append(("POST", f"/{type_name}", create, answers(412, 422, body=True)))
     if "update" in interactions:
-        handlers.append(("PUT", f"/{type_name}/{{resource_id}}", update, {**item_responses, **body}))
-        handlers.append(("PUT", f"/{type_name}", conditional_update, {**item_responses, **body}))
+        handlers.append(("PUT", f"/{type_name}/{{resource_id}}", update, answers(409, 412, 422, body=True)))
+        handlers.append(("PUT", f"/{type_name}", conditional_update, answers(409, 412, 422, body=True)))
     if "delete" in interactions:
-        handlers.append(("DELETE", f"/{type_name}/{{resource_id}}", delete, {}))
+        handlers.append(
+            ("DELETE", f"/{type_name}/{{resource_id}}", delete, {"responses": error_responses(404, 409)})
+        )
     if "history-instance" in interactions:
-        handlers.append(("GET", f"/{type_name}/{{resource_id}}/_history", history_instance, item_responses))
+        handlers.append(
+            ("GET", f"/{type_name}/{{resource_id}}/_history", history_instance, answers(400, 404))
+        )
     if "vread" in interactions:
         handlers.append(
-            ("GET", f"/{type_name}/{{resource_id}}/_history/{{version_id}}", vread, item_responses)
+            ("GET", f"/{type_name}/{{resource_id}}/_history/{{version_id}}", vread, answers(404, 410))
         )
     for method, path, endpoint, openapi in handlers:
         router.add_api_route(
@@ -260,6 +276,7 @@ def _add_provider_routes(
             name=f"{type_name}-{endpoint.__name__}",
             openapi_extra=openapi,
             response_class=Response,
+            status_code=204 if method == "DELETE" else None,
             dependencies=guarded,
         )
 
@@ -268,6 +285,8 @@ def _int_param(request: Request, name: str, default: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) > MAX_OFFSET:
-        raise bad_request(f"'{name}' must be an integer from 0 to {MAX_OFFSET}, got '{raw}'", expression=name)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_OFFSET:
+        raise bad_request(
+            f"'{name}' must be an integer from 0 to {MAX_OFFSET}, got '{raw[:40]}'", expression=name
+        )
     return int(raw)

@@ -318,8 +318,12 @@ def _parse_values(param: SearchParamDef, modifier: str | None, raw: str, base_ur
 
 
 def _non_negative_int(name: str, raw: str) -> int:
-    if not raw.isdigit():
-        raise bad_request(f"'{name}' must be a non-negative integer, got '{raw}'", expression=name)
+    # ASCII digits only ('²'.isdigit() is true, int('²') fails), and few enough of them that int()
+    # is cheap and the value fits any SQL integer.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise bad_request(
+            f"'{name}' must be a non-negative integer below 10^18, got '{raw[:40]}'", expression=name
+        )
     return int(raw)
 
 

@@ -370,7 +370,8 @@ class ResourceStore:
         """FHIR http.html#vread: one version; 404 if it does not exist, 410 if that version is a
         deletion (the spec: "410 Gone" for a deleted version)."""
         self._check_id(resource_type, resource_id)
-        if not version_id.isdigit():
+        # Versions are 1, 2, ...: only ASCII digits that fit the column's 64-bit integer can name one.
+        if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 18:
             raise not_found(f"{resource_type}/{resource_id} has no version '{version_id}'")
         with self._reading() as connection:
             row = connection.execute(
@@ -764,7 +765,10 @@ class ResourceStore:
             raise bad_request(
                 f"If-Match must be an ETag like W/\"1\", got '{if_match}'", expression="If-Match"
             )
-        return int(match.group(1))
+        digits = match.group(1)
+        # More digits than a stored version (a 64-bit column) has: it names none (412), and int()
+        # of thousands of digits would fail (the int string conversion limit).
+        return int(digits) if len(digits) <= 18 else -1
 
 
 def _utc_bounds(value: DateValue) -> tuple[datetime, datetime]:

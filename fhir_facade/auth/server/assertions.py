@@ -97,7 +97,10 @@ class SmartClientAssertion(JWTBearerClientAssertion):
         return [self._token_url]
 
     def extract_assertion(self, assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        headers, claims = super().extract_assertion(assertion)
+        try:
+            headers, claims = super().extract_assertion(assertion)
+        except RecursionError as exc:  # authlib's json_loads catches ValueError only
+            raise _invalid("Invalid JWT payload (nested too deeply).") from exc
         algorithm = headers.get("alg")
         if algorithm not in ASSERTION_ALGORITHMS:
             raise _invalid(
