@@ -338,7 +338,9 @@ def test_stow_has_its_own_larger_limit(limited: LiveServer) -> None:
     multipart = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
     with httpx.Client(base_url=f"http://127.0.0.1:{limited.port}", timeout=10) as client:
         over_default = client.post("/dicom-web/studies", content=b"\0" * (BODY_LIMIT * 2), headers=multipart)
-        assert over_default.status_code == 503, over_default.text  # passed the limits, reached for the PACS
+        # Past the size limits, the STOW parser itself refuses zeros as a body without a delimiter.
+        outcome(over_default, 400, "invalid")
+        assert "boundary" in over_default.text
         outcome(
             client.post("/dicom-web/studies", content=b"\0" * (STOW_LIMIT + 1), headers=multipart),
             413,

@@ -106,8 +106,8 @@ class StarletteOAuth2Request(OAuth2Request):
         try:
             payload = assertion.split(".")[1]
             claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        except (IndexError, ValueError, UnicodeDecodeError):
-            return ""
+        except (IndexError, ValueError, UnicodeDecodeError, RecursionError):
+            return ""  # not a readable assertion (a nested one blows the stack): names no client
         subject = claims.get("sub") if isinstance(claims, dict) else None
         return subject if isinstance(subject, str) else ""
 
