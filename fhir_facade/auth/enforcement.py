@@ -474,9 +474,7 @@ class AuthorizingProvider(ResourceProvider):
         return next((e for e in entries if not e.get("_deleted")), None)
 
 
-def authorizing_providers(
-    providers: Sequence[ResourceProvider], base_url: str
-) -> list[AuthorizingProvider]:
+def authorizing_providers(providers: Sequence[ResourceProvider], base_url: str) -> list[AuthorizingProvider]:
     """Each provider wrapped in an AuthorizingProvider: the view of them every caller-facing path uses."""
     peers = {p.resource_type: p for p in providers}
     wrapped = [AuthorizingProvider(p, peers, base_url) for p in providers]
