@@ -48,7 +48,7 @@ from fhir_facade.sync.runtime import SyncRuntime
 from fhir_facade.watcher import StudyArrivalWatcher, TaskRule
 from fhir_facade.watcher.arrival_tasks import ArrivalTaskCreator
 from fhir_facade.watcher.change_feed import ArrivedStudy
-from fhir_facade.worklist import WorklistFolder
+from fhir_facade.worklist import WorklistFolder, bundled_catalogue
 
 __all__ = ["create_app"]
 
@@ -208,14 +208,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = ResourceStore(open_store_engine(settings), outbox=settings.fhir_upstream_url is not None)
     patients = PatientProvider(dicomweb, ctx, records=StoredResourceProvider("Patient", store))
     worklist = WorklistFolder(settings.worklist_dir) if settings.worklist_dir else None
-    stored = stored_providers(store, worklist, _quiet_reader(patients), settings.worklist_station_ae_title)
+    # The procedure catalogue (ADR 0018): bundled ConceptMap, then the site's, whose entries win.
+    catalogue = bundled_catalogue().with_site_maps(settings.worklist_procedure_map)
+    stored = stored_providers(
+        store,
+        worklist,
+        _quiet_reader(patients),
+        settings.worklist_station_ae_title,
+        catalogue=catalogue,
+        stations=settings.worklist_stations,
+    )
     orders = next(p for p in stored if p.resource_type == "ServiceRequest")
     providers: list[ResourceProvider] = [
         ImagingStudyProvider(dicomweb, ctx, orthanc, _orders_by_accession(orders, settings)),
         patients,
         EndpointProvider(ctx),
         *stored,
-        *artifact_providers(),
+        *artifact_providers(extra=catalogue.concept_maps),
     ]
     sync = (
         SyncRuntime(settings, store, {p.resource_type: p for p in providers})

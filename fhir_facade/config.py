@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fhir_facade.embedded.dicom_peers import parse_dicom_peer
+from fhir_facade.worklist import check_stations, load_concept_maps
 
 __all__ = ["Settings"]
 
@@ -131,6 +132,22 @@ class Settings(BaseSettings):
     watch_poll_interval: float = Field(1.0, gt=0, description="Seconds between change-feed polls.")
     worklist_station_ae_title: str = Field(
         "ANY-SCU", description="ScheduledStationAETitle of the worklist items."
+    )
+    # Imaging orders -> worklist items (ADR 0005, 0018): the procedure catalogue and the stations.
+    worklist_procedure_map: Path | None = Field(
+        None,
+        description=(
+            "A site's FHIR ConceptMap (JSON file, or a folder of them) from procedure codes (LOINC, CPT, "
+            "SNOMED CT, local) to DICOM modalities (DCM), read at start-up; its entries take precedence "
+            "over the bundled catalogue (mappings/ConceptMap-procedure-to-modality.json)."
+        ),
+    )
+    worklist_stations: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            'Scheduled Station AE Title per modality, as JSON, e.g. {"MR": "MR-SCANNER-1"}; a modality '
+            "not listed gets FACADE_WORKLIST_STATION_AE_TITLE."
+        ),
     )
     patient_identifier_system: str = Field(
         "urn:oid:2.16.840.1.113883.3.3719.1.1",
@@ -375,6 +392,19 @@ class Settings(BaseSettings):
     def _dicom_peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for entry in value:
             parse_dicom_peer(entry)
+        return value
+
+    @field_validator("worklist_procedure_map")
+    @classmethod
+    def _procedure_map(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            load_concept_maps(value)  # ProcedureMapError (a ValueError) names the file and element
+        return value
+
+    @field_validator("worklist_stations")
+    @classmethod
+    def _stations(cls, value: dict[str, str]) -> dict[str, str]:
+        check_stations(value)
         return value
 
     @field_validator("dicom_timezone")

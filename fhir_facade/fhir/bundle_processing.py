@@ -174,6 +174,11 @@ class _EntryRunner:
             response["etag"] = headers["ETag"]
         if written.resource.get("meta", {}).get("lastUpdated"):
             response["lastModified"] = written.resource["meta"]["lastUpdated"]
+        if written.warnings:  # Bundle.entry.response.outcome: hints and warnings (bundle.html)
+            response["outcome"] = {
+                "resourceType": "OperationOutcome",
+                "issue": [issue.to_fhir() for issue in written.warnings],
+            }
         return {"resource": written.resource, "response": response}
 
 

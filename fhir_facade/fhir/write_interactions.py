@@ -14,10 +14,11 @@ from fastapi import Request, Response
 
 from fhir_facade.config import Settings
 from fhir_facade.fhir.conditional_guard import ConditionalGuard, guarded
-from fhir_facade.fhir.errors import bad_request, precondition_failed
+from fhir_facade.fhir.errors import Issue, bad_request, precondition_failed
 from fhir_facade.fhir.prefer import return_preference
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.fhir.search import parse_search
+from fhir_facade.fhir.write_warnings import collecting
 from fhir_facade.resources.base import ResourceProvider
 
 __all__ = [
@@ -33,11 +34,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Written:
-    """Outcome of a write: the stored resource, the HTTP status, and whether to send Location."""
+    """Outcome of a write: the stored resource, the HTTP status, whether to send Location, and the
+    warnings the provider raised about it (`write_warnings`)."""
 
     resource: dict[str, Any]
     status: int
     location: bool
+    warnings: tuple[Issue, ...] = ()
+
+
+async def _create(provider: ResourceProvider, resource: dict[str, Any]) -> Written:
+    with collecting() as warnings:
+        created = await provider.create(resource)
+    return Written(created, 201, location=True, warnings=tuple(warnings))
 
 
 def version_headers(resource: dict[str, Any], base_url: str, *, location: bool = False) -> dict[str, str]:
@@ -56,7 +65,9 @@ def version_headers(resource: dict[str, Any], base_url: str, *, location: bool =
 
 
 def write_response(written: Written, request: Request, settings: Settings) -> Response:
-    """The answer to a create/update, shaped by `Prefer: return` (http.html#ops)."""
+    """The answer to a create/update, shaped by `Prefer: return` (http.html#ops). The provider's
+    warnings are the OperationOutcome's further issues; without `return=OperationOutcome` the body is
+    the resource, as http.html#ops says an OperationOutcome is returned only when asked for."""
     resource = written.resource
     headers = version_headers(resource, settings.base_url, location=written.location)
     preference = return_preference(request)
@@ -71,7 +82,8 @@ def write_response(written: Written, request: Request, settings: Settings) -> Re
                     "severity": "information",
                     "code": "informational",
                     "diagnostics": f"{resource['resourceType']}/{resource['id']} stored as version {version}",
-                }
+                },
+                *(issue.to_fhir() for issue in written.warnings),
             ],
         }
         return fhir_response(outcome, request, status=written.status, headers=headers)
@@ -85,7 +97,7 @@ async def create_resource(
     search and the create are one atomic step (`conditional_guard`): of many identical
     conditional creates at once, one creates and the others answer 200 with its resource."""
     if if_none_exist is None:
-        return Written(await provider.create(resource), 201, location=True)
+        return await _create(provider, resource)
     params = criteria_params(if_none_exist, "If-None-Exist")
 
     async def attempt(guard: ConditionalGuard) -> Written:
@@ -95,7 +107,7 @@ async def create_resource(
         if existing is not None:
             return Written(existing, 200, location=False)
         with guard.writing():
-            return Written(await provider.create(resource), 201, location=True)
+            return await _create(provider, resource)
 
     return await guarded(provider.resource_type, params, attempt)
 
@@ -109,8 +121,11 @@ async def update_resource(
             f"The body's id ({resource.get('id')!r}) must equal the URL's ({resource_id!r})",
             expression=f"{provider.resource_type}.id",
         )
-    result = await provider.update(resource_id, resource, if_match=if_match)
-    return Written(result.resource, 201 if result.created else 200, location=result.created)
+    with collecting() as warnings:
+        result = await provider.update(resource_id, resource, if_match=if_match)
+    return Written(
+        result.resource, 201 if result.created else 200, location=result.created, warnings=tuple(warnings)
+    )
 
 
 async def conditionally_update(
@@ -140,7 +155,7 @@ async def conditionally_update(
                 return await update_resource(provider, match["id"], {**resource, "id": match["id"]}, if_match)
             if resource.get("id"):
                 return await update_resource(provider, resource["id"], resource, None)
-            return Written(await provider.create(resource), 201, location=True)
+            return await _create(provider, resource)
 
     return await guarded(provider.resource_type, params, attempt)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fhir_facade.fhir.search import (
@@ -65,10 +66,15 @@ class ArtifactProvider(FixedSetProvider):
         return _matches(resource, clause)
 
 
-def artifact_providers() -> list[ArtifactProvider]:
-    """One provider per artifact type found in the data folders."""
+def artifact_providers(extra: Iterable[Mapping[str, Any]] = ()) -> list[ArtifactProvider]:
+    """One provider per artifact type found in the data folders, plus `extra` resources the site
+    configured (e.g. its procedure ConceptMaps), so clients can read every map the facade applies."""
+    by_type = _load_artifacts()
+    for resource in extra:
+        if resource.get("resourceType") and resource.get("id"):
+            by_type[resource["resourceType"]][resource["id"]] = dict(resource)
     return [
         ArtifactProvider(resource_type, resources)
-        for resource_type, resources in sorted(_load_artifacts().items())
+        for resource_type, resources in sorted(by_type.items())
         if resource_type not in _SKIP_TYPES
     ]

@@ -19,8 +19,9 @@ from typing import Any, Literal
 from pydicom.dataset import Dataset
 
 from fhir_facade.worklist.mwl_item import DEFAULT_STATION_AE_TITLE, WorklistMappingError, worklist_item
+from fhir_facade.worklist.procedures import ProcedureCatalogue
 
-__all__ = ["SyncResult", "WorklistFolder", "sync_service_request"]
+__all__ = ["SyncResult", "WorklistFolder", "is_schedulable", "sync_service_request"]
 
 SyncResult = Literal["written", "removed", "skipped"]
 
@@ -77,26 +78,41 @@ class WorklistFolder:
         return sorted(path.name.removesuffix(_SUFFIX) for path in self.path.glob(f"*{_SUFFIX}"))
 
 
+def is_schedulable(service_request: Mapping[str, Any]) -> bool:
+    """An active order with an order intent: what the modality is to perform (worklist item or Task)."""
+    return service_request.get("status") == "active" and service_request.get("intent") in _ACTIONABLE_INTENTS
+
+
 def sync_service_request(
     folder: WorklistFolder,
     service_request: Mapping[str, Any],
     patient: Mapping[str, Any] | None,
     *,
     station_ae_title: str = DEFAULT_STATION_AE_TITLE,
+    stations: Mapping[str, str] | None = None,
+    catalogue: ProcedureCatalogue | None = None,
 ) -> SyncResult:
     """Make the worklist reflect one ServiceRequest's R4 status (servicerequest.html#status).
 
     active with an order intent -> the item is written ("written"); revoked, completed,
     entered-in-error, on-hold -> the item is removed ("removed", or "skipped" when there was none);
     draft, unknown, and active non-order intents (proposal, plan, directive, option) -> no change
-    ("skipped"). Mapping failures of an active order raise `WorklistMappingError`.
+    ("skipped"). Mapping failures of an active order raise `WorklistMappingError` (`ModalityNotDerived`
+    when neither a DCM coding nor the procedure `catalogue` gives the modality).
     """
     request_id = service_request.get("id")
     if not isinstance(request_id, str) or not request_id:
         raise WorklistMappingError("an id is needed to name the worklist item", "ServiceRequest.id")
     status = service_request.get("status")
-    if status == "active" and service_request.get("intent") in _ACTIONABLE_INTENTS:
-        folder.write(request_id, worklist_item(service_request, patient, station_ae_title=station_ae_title))
+    if is_schedulable(service_request):
+        item = worklist_item(
+            service_request,
+            patient,
+            station_ae_title=station_ae_title,
+            stations=stations,
+            catalogue=catalogue,
+        )
+        folder.write(request_id, item)
         return "written"
     if status in _WITHDRAWN_STATUSES:
         return "removed" if folder.remove(request_id) else "skipped"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -23,11 +24,18 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
+from fhir_facade.worklist.procedures import ProcedureCatalogue, bundled_catalogue
+
 __all__ = [
     "DCM_SYSTEM",
     "DEFAULT_STATION_AE_TITLE",
     "MODALITY_WORKLIST_FIND",
+    "ModalityNotDerived",
+    "RequestedProcedure",
     "WorklistMappingError",
+    "check_stations",
+    "is_imaging_order",
+    "requested_procedure",
     "worklist_item",
 ]
 
@@ -51,6 +59,7 @@ _UID_ENTROPY_NAMESPACE = "fhir-facade:ServiceRequest:StudyInstanceUID"
 _CODING_SCHEMES: dict[str, str] = {
     DCM_SYSTEM: "DCM",
     "http://snomed.info/sct": "SCT",
+    "http://www.ama-assn.org/go/cpt": "C4",
     "http://loinc.org": "LN",
     "http://www.radlex.org": "RADLEX",
     "http://radlex.org": "RADLEX",
@@ -88,26 +97,50 @@ class WorklistMappingError(ValueError):
         self.expression = expression
 
 
+class ModalityNotDerived(WorklistMappingError):
+    """Neither a DCM modality coding nor the procedure catalogue gives the order's modality.
+
+    Unlike the other mapping errors this is no fault of the order: the catalogue lacks its code. The
+    order is stored and a person schedules it (ADR 0018)."""
+
+
+@dataclass(frozen=True)
+class RequestedProcedure:
+    """What the worklist item says is to be done: the modality of the step, the Requested Procedure
+    Code Sequence item (designator, code, meaning) when the order has a usable code, and the description."""
+
+    modality: str
+    code: tuple[str, str, str] | None
+    description: str
+
+
 def worklist_item(
     service_request: Mapping[str, Any],
     patient: Mapping[str, Any] | None = None,
     *,
     station_ae_title: str = DEFAULT_STATION_AE_TITLE,
+    stations: Mapping[str, str] | None = None,
+    catalogue: ProcedureCatalogue | None = None,
 ) -> Dataset:
     """Build the Modality Worklist item (PS3.4 K.6-1) for one R4 ServiceRequest (servicerequest.html).
 
-    One Requested Procedure with one Scheduled Procedure Step: the modality, start date/time and
-    station come from the order; patient demographics from `patient` when given, else from
-    `ServiceRequest.subject` (identifier, display). The Study Instance UID is derived from the
-    ServiceRequest id, so rewriting the item after an update keeps the same study (and the images the
-    modality already sent stay in it), unless the order carries its own `urn:dicom:uid` identifier.
+    One Requested Procedure with one Scheduled Procedure Step: the modality comes from a DCM
+    coding of the order or else from the procedure `catalogue` (default: the bundled one), the station
+    from `stations` (modality -> AE title) or else `station_ae_title`, the start from the order;
+    patient demographics from `patient` when given, else from `ServiceRequest.subject` (identifier,
+    display). The Study Instance UID is derived from the ServiceRequest id, so rewriting the item
+    after an update keeps the same study (and the images the modality already sent stay in it),
+    unless the order carries its own `urn:dicom:uid` identifier.
 
-    Raises `WorklistMappingError` for a missing id, patient id or name, modality or start time, and
-    `ValueError` for a resource of the wrong type or a malformed `station_ae_title`.
+    Raises `ModalityNotDerived` when no modality can be derived (checked first: such an order goes to
+    a person whatever else it lacks), `WorklistMappingError` for a missing id, patient id or name or
+    start time, and `ValueError` for a resource of the wrong type or a malformed station AE title.
     """
     _require_type(service_request, "ServiceRequest", "service_request")
     if patient is not None:
         _require_type(patient, "Patient", "patient")
+    procedure = requested_procedure(service_request, catalogue)
+    station_ae_title = (stations or {}).get(procedure.modality, station_ae_title)
     if not _AE_TITLE.fullmatch(station_ae_title) or not station_ae_title.strip():
         raise ValueError(f"station_ae_title {station_ae_title!r} is not a DICOM AE title (PS3.5 6.2)")
 
@@ -126,13 +159,12 @@ def worklist_item(
     ds.ReferringPhysicianName = _pn_from_text(_reference_display(service_request.get("requester")))
 
     # Requested Procedure module (PS3.3 C.4.11).
-    description = _procedure_description(service_request)
+    description = procedure.description
     procedure_id = _short_id(request_id)
     ds.RequestedProcedureID = procedure_id
     ds.RequestedProcedureDescription = description
-    codes = _code_sequence(_codings(service_request.get("code")))
-    if codes:
-        ds.RequestedProcedureCodeSequence = codes
+    if procedure.code is not None:
+        ds.RequestedProcedureCodeSequence = _code_sequence(procedure.code)
     ds.StudyInstanceUID = _study_instance_uid(service_request, request_id)
     ds.RequestedProcedurePriority = _PRIORITIES.get(str(service_request.get("priority", "")), "")
 
@@ -145,7 +177,7 @@ def worklist_item(
         step.ScheduledProcedureStepStartTime = _dicom_time(start)
     else:
         step.ScheduledProcedureStepStartTime = ""
-    step.Modality = _modality(service_request)
+    step.Modality = procedure.modality
     step.ScheduledPerformingPhysicianName = ""
     step.ScheduledProcedureStepDescription = description
     step.ScheduledProcedureStepID = procedure_id
@@ -156,6 +188,16 @@ def worklist_item(
 
     ds.file_meta = _file_meta(request_id)
     return ds
+
+
+def check_stations(stations: Mapping[str, str]) -> None:
+    """Validate a modality -> Scheduled Station AE Title map: keys are DCM modality terms (PS3.3
+    C.7.3.1.1.1), values AE titles (PS3.5 6.2). Raises ValueError naming the bad entry."""
+    for modality, title in stations.items():
+        if not _MODALITY.fullmatch(modality):
+            raise ValueError(f"{modality!r} is not a DICOM modality (upper-case defined term, e.g. MR)")
+        if not _AE_TITLE.fullmatch(title) or not title.strip():
+            raise ValueError(f"station {title!r} for {modality} is not a DICOM AE title (PS3.5 6.2)")
 
 
 def _require_type(resource: Mapping[str, Any], resource_type: str, argument: str) -> None:
@@ -282,55 +324,81 @@ def _procedure_description(service_request: Mapping[str, Any]) -> str:
     return next((str(c["display"]) for c in _codings(code) if c.get("display")), "")
 
 
-def _code_sequence(codings: Iterable[Mapping[str, Any]]) -> DicomSequence:
-    """Code Sequence Macro items (PS3.3 8.8, Table 8.8-1a): CodeValue up to 16 characters, a longer
-    code in LongCodeValue; CodeMeaning falls back to the code."""
-    items: list[Dataset] = []
+def _code_sequence(code: tuple[str, str, str]) -> DicomSequence:
+    """One Code Sequence Macro item (PS3.3 8.8, Table 8.8-1a): CodeValue up to 16 characters, a longer
+    code in LongCodeValue. Requested Procedure Code Sequence takes a single item (PS3.3 C.4.11)."""
+    scheme, value, meaning = code
+    item = Dataset()
+    if len(value) <= _SH_MAX:
+        item.CodeValue = value
+    else:
+        item.LongCodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning[:64]
+    return DicomSequence([item])
+
+
+def _order_code(codings: Iterable[Mapping[str, Any]]) -> tuple[str, str, str] | None:
+    """The first coding of a system with a registered designator (PS3.16 Table 8-1); others are left
+    out, since a Code Sequence item without a designator means nothing to the modality. CodeMeaning
+    falls back to the code."""
     for coding in codings:
         scheme = _CODING_SCHEMES.get(str(coding.get("system", "")))
-        code = str(coding.get("code", ""))
-        if scheme is None or not code:
-            continue
-        item = Dataset()
-        if len(code) <= _SH_MAX:
-            item.CodeValue = code
-        else:
-            item.LongCodeValue = code
-        item.CodingSchemeDesignator = scheme
-        item.CodeMeaning = str(coding.get("display") or code)[:64]
-        items.append(item)
-    return DicomSequence(items)
+        value = str(coding.get("code", ""))
+        if scheme is not None and value:
+            return (scheme, value, str(coding.get("display") or value))
+    return None
 
 
 #: SNOMED CT 363679005 |Imaging (procedure)|, the usual ServiceRequest.category of imaging orders.
 _IMAGING_CATEGORY = ("http://snomed.info/sct", "363679005")
 
 
-def is_imaging_order(service_request: Mapping[str, Any]) -> bool:
-    """Whether a ServiceRequest asks for imaging: a DCM coding in code/orderDetail/category, or the
-    SNOMED CT category Imaging. Only those become worklist items (other orders are just stored)."""
+def is_imaging_order(service_request: Mapping[str, Any], catalogue: ProcedureCatalogue | None = None) -> bool:
+    """Whether a ServiceRequest asks for imaging: a DCM coding in code/orderDetail/category, the SNOMED
+    CT category Imaging, or a code of the procedure catalogue. Only those become worklist items (or,
+    when no modality can be derived, scheduling Tasks); other orders are just stored."""
     concepts: list[Mapping[str, Any]] = [service_request.get("code") or {}]
     concepts += service_request.get("orderDetail", []) + service_request.get("category", [])
-    return any(
+    if any(
         coding.get("system") == DCM_SYSTEM or (coding.get("system"), coding.get("code")) == _IMAGING_CATEGORY
         for concept in concepts
         for coding in _codings(concept)
-    )
+    ):
+        return True
+    catalogue = catalogue if catalogue is not None else bundled_catalogue()
+    return catalogue.match(_codings(service_request.get("code"))) is not None
 
 
-def _modality(service_request: Mapping[str, Any]) -> str:
-    """Modality (0008,0060), Type 1 in the Scheduled Procedure Step (K.6-1): the first DCM modality
-    coding in code, then orderDetail, then category."""
-    concepts: list[Mapping[str, Any]] = [service_request.get("code") or {}]
+def requested_procedure(
+    service_request: Mapping[str, Any], catalogue: ProcedureCatalogue | None = None
+) -> RequestedProcedure:
+    """Modality (0008,0060), Type 1 in the Scheduled Procedure Step (K.6-1), with the procedure code and
+    description. A DCM modality coding in code, then orderDetail, then category wins (the order says
+    so); else the first coding of `code` found in the catalogue gives modality, code and description
+    (the catalogue's name, as the Order Filler's procedure catalogue does in IHE Scheduled Workflow).
+    Raises `ModalityNotDerived` when neither gives a modality."""
+    code = service_request.get("code") or {}
+    concepts: list[Mapping[str, Any]] = [code]
     concepts += service_request.get("orderDetail", [])
     concepts += service_request.get("category", [])
     for concept in concepts:
         for coding in _codings(concept):
-            code = str(coding.get("code", ""))
-            if coding.get("system") == DCM_SYSTEM and _MODALITY.fullmatch(code):
-                return code
-    raise WorklistMappingError(
-        f"no modality coding (system {DCM_SYSTEM}, e.g. CT) in code, orderDetail or category",
+            value = str(coding.get("code", ""))
+            if coding.get("system") == DCM_SYSTEM and _MODALITY.fullmatch(value):
+                return RequestedProcedure(
+                    value, _order_code(_codings(code)), _procedure_description(service_request)
+                )
+    catalogue = catalogue if catalogue is not None else bundled_catalogue()
+    entry = catalogue.match(_codings(code))
+    if entry is not None:
+        scheme = _CODING_SCHEMES.get(entry.system)
+        procedure_code = (scheme, entry.code, entry.description) if scheme else None
+        return RequestedProcedure(entry.modality, procedure_code, entry.description)
+    raise ModalityNotDerived(
+        f"no modality: no DCM modality coding (system {DCM_SYSTEM}, e.g. CT) in code, orderDetail or "
+        "category, and no code of the procedure catalogue (ConceptMap procedure-to-modality, or the "
+        "site's FACADE_WORKLIST_PROCEDURE_MAP)",
         "ServiceRequest.code",
     )
 

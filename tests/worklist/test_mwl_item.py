@@ -89,10 +89,7 @@ def test_item_maps_the_order_and_patient() -> None:
     assert ds.RequestedProcedureDescription == "CT Kopf nativ"
     assert [
         (c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning) for c in ds.RequestedProcedureCodeSequence
-    ] == [
-        ("303653007", "SCT", "CT of head"),
-        ("CT", "DCM", "Computed Tomography"),
-    ]
+    ] == [("303653007", "SCT", "CT of head")]  # a single item (PS3.3 C.4.11)
     assert ds.RequestedProcedureID == "sr-ct-head-1"
     assert ds.RequestedProcedurePriority == "HIGH"
     assert str(ds.ReferringPhysicianName) == "Dr. Anna Schmidt"

@@ -1,6 +1,6 @@
 """End to end: an imaging order POSTed to the facade becomes a worklist item that a real modality
 query (dcmtk findscu -W) finds in Orthanc; revoking or deleting the order removes it; an order the
-modality could not run is refused with 422 before anything is stored."""
+modality could not run (no start time) is refused with 422 before anything is stored."""
 
 from __future__ import annotations
 
@@ -76,14 +76,18 @@ def test_order_lifecycle_in_the_worklist(
     assert findscu(orthanc, tmp_path / "deleted") == []
 
 
-def test_order_without_modality_is_422_and_not_stored(
+def test_order_without_start_is_422_and_not_stored(
     facade_with_worklist: tuple[LiveServer, EmbeddedOrthanc],
 ) -> None:
+    # An order whose modality is known but that the modality cannot run (no start time for
+    # ScheduledProcedureStepStartDate, Type 1) is refused before anything is stored. An order whose
+    # modality cannot be derived is stored with a scheduling Task instead (test_procedure_orders.py).
     server, _ = facade_with_worklist
     fhir = httpx.Client(base_url=server.base_url, timeout=30)
     bad = new_order("ACC-E2E-3")
-    bad["code"] = {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110150"}]}
+    del bad["occurrenceDateTime"]
     body = ok_json(fhir.post("/ServiceRequest", json=bad, headers=FHIR_JSON), 422)
-    assert body["issue"][0]["expression"] == ["ServiceRequest.code"]
+    assert body["issue"][0]["code"] == "required"
+    assert body["issue"][0]["expression"] == ["ServiceRequest.occurrence"]
     found = ok_json(fhir.get("/ServiceRequest", params={"identifier": "urn:oid:1.2.3.4.5.7|ACC-E2E-3"}))
     assert found["total"] == 0
