@@ -135,7 +135,7 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
         (f"{V2_0203}|ACSN|ACC-1002,{V2_0203}|ACSN|ACC-1001", {"mueller_ct_chest", "mueller_mr_brain"}),
         (f"{V2_0203}|ACSN|ACC-0000", set()),
         (f"{V2_0203}|MR|ACC-1002", set()),  # the accession number is typed ACSN, not MR
-        (f"http://other.example|ACSN|ACC-1002", set()),
+        ("http://other.example|ACSN|ACC-1002", set()),
     ],
 )
 def test_identifier_of_type_finds_the_accession_number(
