@@ -20,15 +20,16 @@ _NOT_CONFIGURED = "Upstream sync is not configured on this server (set FACADE_FH
 
 
 def build_unconfigured_sync_router() -> APIRouter:
-    """The sync operations' paths, each answering 501 (mounted before the FHIR router)."""
-    router = APIRouter(prefix="/fhir")
+    """The sync operations' paths, each answering 501 (mounted before the FHIR router). Left out
+    of the OpenAPI document: the operations are not offered in this configuration."""
+    router = APIRouter(prefix="/fhir", include_in_schema=False)
 
-    @router.get("/$sync-status", summary="Upstream sync: not configured here (501)")
+    @router.get("/$sync-status")
     async def sync_status(request: Request) -> Response:
         negotiate_response_format(request)
         raise not_supported(f"$sync-status: {_NOT_CONFIGURED}", status=501)
 
-    @router.post("/$sync-replay", summary="Upstream sync: not configured here (501)")
+    @router.post("/$sync-replay")
     async def sync_replay(request: Request) -> Response:
         negotiate_response_format(request)
         raise not_supported(f"$sync-replay: {_NOT_CONFIGURED}", status=501)
