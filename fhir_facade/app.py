@@ -45,6 +45,7 @@ from fhir_facade.store.atomic import atomic_scope
 from fhir_facade.store.feed_position import SqlFeedPositionStore
 from fhir_facade.sync.outbox_queue import OutboxQueue
 from fhir_facade.sync.runtime import SyncRuntime
+from fhir_facade.sync.unconfigured import build_unconfigured_sync_router
 from fhir_facade.watcher import StudyArrivalWatcher, TaskRule
 from fhir_facade.watcher.arrival_tasks import ArrivalTaskCreator
 from fhir_facade.watcher.change_feed import ArrivedStudy
@@ -304,8 +305,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     operations = analyze.operations if analyze else None
     authenticate, security = _install_security(app, settings)
     guarded = [Depends(authenticate)]
-    if sync:
-        app.include_router(sync.router, dependencies=[*guarded, Depends(server_admin_guard())])
+    # Admin-only whether or not an upstream is set: a non-admin learns nothing of the configuration.
+    sync_router = sync.router if sync else build_unconfigured_sync_router()
+    app.include_router(sync_router, dependencies=[*guarded, Depends(server_admin_guard())])
     if analyze:  # before the FHIR router, whose /{type}/{id} catch-all would shadow the job URLs
         studies = next(p for p in visible if p.resource_type == "ImagingStudy")
         tasks = next(p for p in providers if p.resource_type == "Task")

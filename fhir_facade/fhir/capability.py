@@ -11,6 +11,7 @@ from typing import Any
 
 from fhir_facade import __version__
 from fhir_facade.config import Settings
+from fhir_facade.fhir.search import SearchParamType
 from fhir_facade.package_data import data_path
 from fhir_facade.resources.base import ResourceProvider
 
@@ -31,7 +32,33 @@ def _base() -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _resource_entry(provider: ResourceProvider, operations: Sequence[dict[str, str]]) -> dict[str, Any]:
+def _search_includes(provider: ResourceProvider) -> list[str]:
+    """`_include` values this type takes: one per reference parameter it can follow
+    (`include_paths`, resolved by fhir/includes.py; search.html#include)."""
+    return [f"{provider.resource_type}:{param}" for param in sorted(provider.include_paths)]
+
+
+def _search_revincludes(target: str, providers: Sequence[ResourceProvider]) -> list[str]:
+    """`_revinclude` values a search of `target` takes: every `Source:param` that includes can
+    follow and whose search parameter accepts a reference to `target` (a parameter restricted to
+    other target types, such as Task:patient for an ImagingStudy, is refused with 400)."""
+    found = []
+    for source in providers:
+        for param in sorted(source.include_paths):
+            definition = source.search_param_map.get(param)
+            if definition is None or definition.type is not SearchParamType.REFERENCE:
+                continue
+            if definition.target_types and target not in definition.target_types:
+                continue
+            found.append(f"{source.resource_type}:{param}")
+    return sorted(found)
+
+
+def _resource_entry(
+    provider: ResourceProvider,
+    providers: Sequence[ResourceProvider],
+    operations: Sequence[dict[str, str]],
+) -> dict[str, Any]:
     entry: dict[str, Any] = {"type": provider.resource_type}
     if provider.profile:
         entry["profile"] = provider.profile
@@ -46,6 +73,11 @@ def _resource_entry(provider: ResourceProvider, operations: Sequence[dict[str, s
         if p.documentation:
             item["documentation"] = p.documentation
         params.append(item)
+    includes, revincludes = _search_includes(provider), _search_revincludes(provider.resource_type, providers)
+    if includes:
+        entry["searchInclude"] = includes
+    if revincludes:
+        entry["searchRevInclude"] = revincludes
     if params:
         entry["searchParam"] = params
     if operations:
@@ -59,10 +91,12 @@ def capability_statement(
     operations: Mapping[str, Sequence[dict[str, str]]] | None = None,
     *,
     security: dict[str, Any] | None = None,
+    system_interactions: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The CapabilityStatement: the base from capability/ plus every registered provider and
     operation (`operations`: resource type -> [{name, definition}]), so only what works is listed;
-    `security` (rest.security) when the server requires tokens."""
+    `security` (rest.security) when the server requires tokens; `system_interactions`
+    (rest.interaction: transaction, batch, ...) as the router serves them."""
     operations = operations or {}
     statement = copy.deepcopy(_base())
     statement["software"]["version"] = __version__
@@ -70,10 +104,10 @@ def capability_statement(
     rest = statement["rest"][0]
     if security:
         rest["security"] = security
-    rest["resource"] = [
-        _resource_entry(p, operations.get(p.resource_type, ()))
-        for p in sorted(providers, key=lambda p: p.resource_type)
-    ]
+    ordered = sorted(providers, key=lambda p: p.resource_type)
+    rest["resource"] = [_resource_entry(p, ordered, operations.get(p.resource_type, ())) for p in ordered]
+    if system_interactions:
+        rest["interaction"] = [{"code": code} for code in system_interactions]
     rest["searchParam"] = [
         {"name": name, "type": kind, "documentation": doc} for name, kind, doc in _RESULT_PARAMS
     ]

@@ -95,6 +95,8 @@ def build_fhir_router(
     router = APIRouter(prefix="/fhir")
     by_type = {p.resource_type: p for p in providers}
     guarded: list[DependsParam] = [Depends(authenticate)] if authenticate else []
+    # What `POST [base]` below serves (rest.interaction): batches always, transactions with a store.
+    system_interactions = ("transaction", "batch") if atomic else ("batch",)
 
     @router.post("/", include_in_schema=False, dependencies=guarded)
     @router.post(
@@ -117,7 +119,9 @@ def build_fhir_router(
     )
     async def metadata(request: Request) -> Response:
         negotiate_response_format(request)
-        statement = capability_statement(providers, settings, operations, security=security)
+        statement = capability_statement(
+            providers, settings, operations, security=security, system_interactions=system_interactions
+        )
         return fhir_response(statement, request)
 
     for provider in providers:

@@ -5,7 +5,8 @@ Semantics implemented here, once, for every resource type:
 
 - repeated parameter = AND, comma-separated values = OR (`\\,` escapes a comma);
 - date prefixes eq/ne/gt/lt/ge/le, each value a range at its precision (search.html#date);
-- token `system|code`, `|code`, `system|`, `code`; reference `Type/id`, `id`, absolute URLs,
+- token `system|code`, `|code`, `system|`, `code`, and `:of-type=typesystem|typecode|value` on
+  identifiers (search.html#token); reference `Type/id`, `id`, absolute URLs,
   `:identifier` and type modifiers; string `:exact`/`:contains`;
 - unknown parameters are ignored (and left out of the self link) unless
   `Prefer: handling=strict`, then 400; unsupported modifiers are always 400.
@@ -25,6 +26,7 @@ from fhir_facade.fhir.errors import bad_request
 __all__ = [
     "RESULT_PARAMETERS",
     "DateValue",
+    "IdentifierOfType",
     "IncludeSpec",
     "ReferenceValue",
     "SearchClause",
@@ -69,6 +71,16 @@ class TokenValue:
 
 
 @dataclass(frozen=True)
+class IdentifierOfType:
+    """`identifier:of-type=[system]|[code]|[value]` (search.html#token): an Identifier whose
+    type has a coding (system, code) and whose value is `value`; all three parts are required."""
+
+    type_system: str
+    type_code: str
+    value: str
+
+
+@dataclass(frozen=True)
 class ReferenceValue:
     """`Type/id`, bare `id`, an absolute URL, or (with `:identifier`) a token."""
 
@@ -101,7 +113,7 @@ class StringValue:
     value: str
 
 
-Value = TokenValue | ReferenceValue | DateValue | StringValue
+Value = TokenValue | IdentifierOfType | ReferenceValue | DateValue | StringValue
 
 
 @dataclass(frozen=True)
@@ -265,6 +277,16 @@ def _parse_token(raw: str) -> TokenValue:
     return TokenValue(system, code or None)
 
 
+def _parse_of_type(raw: str, name: str) -> IdentifierOfType:
+    parts = [_unescape(p) for p in split_unescaped(raw, "|")]
+    if len(parts) != 3 or not all(parts):
+        raise bad_request(
+            f"'{name}:of-type' takes type-system|type-code|value, all three present, got '{raw}'",
+            expression=f"{name}:of-type",
+        )
+    return IdentifierOfType(*parts)
+
+
 def _parse_reference(raw: str, modifier: str | None, param: SearchParamDef, base_url: str) -> ReferenceValue:
     raw = _unescape(raw)
     if modifier == "identifier":
@@ -308,6 +330,8 @@ def _parse_values(param: SearchParamDef, modifier: str | None, raw: str, base_ur
             raise bad_request(f"Empty value in the list for '{param.name}'", expression=param.name)
         if param.type is SearchParamType.DATE:
             values.append(parse_date_value(part, name=param.name, allowed_prefixes=param.date_prefixes))
+        elif param.type is SearchParamType.TOKEN and modifier == "of-type":
+            values.append(_parse_of_type(part, param.name))
         elif param.type is SearchParamType.TOKEN:
             values.append(_parse_token(part))
         elif param.type is SearchParamType.REFERENCE:

@@ -21,6 +21,7 @@ from fhir_facade.dicomweb.query import OneOf, QidoQuery, tag_values
 from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.errors import not_found
 from fhir_facade.fhir.search import (
+    IdentifierOfType,
     ReferenceValue,
     SearchClause,
     SearchParamDef,
@@ -58,6 +59,8 @@ SERIES_FIELDS = ("0008103E", "00180015", "00200060", "00080021", "00080031", "00
 INSTANCE_FIELDS = ("00080016", "00200013", "0020000E", "00100020")
 _UID_LIST_CHUNK = 150  # UIDs per series query: keeps the URL well under common 16 KiB limits
 _STATUS_SYSTEM = "http://hl7.org/fhir/imagingstudy-status"
+#: Identifier.type of the accession number (dicom_to_fhir/imaging_study.py), for `:of-type`.
+ACSN_TYPE = ("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN")
 
 
 def _param(name: str, kind: SearchParamType, doc: str, definition: str, **kw: Any) -> SearchParamDef:
@@ -77,8 +80,10 @@ class ImagingStudyProvider(ResourceProvider):
         _param(
             "identifier",
             T.TOKEN,
-            "urn:dicom:uid|urn:oid:<Study UID>, or an accession number (no system)",
+            "urn:dicom:uid|urn:oid:<Study UID>, or an accession number (no system); "
+            f"modifier :of-type={ACSN_TYPE[0]}|{ACSN_TYPE[1]}|<accession number>",
             _SPEC + "clinical-identifier",
+            modifiers=frozenset({"of-type"}),
         ),
         _param(
             "patient",
@@ -270,9 +275,15 @@ class ImagingStudyProvider(ResourceProvider):
 
     @staticmethod
     def _apply_identifier(plan: StudySearchPlan, clause: SearchClause) -> None:
-        """Study UID (system urn:dicom:uid, or a urn:oid: value) or accession number (no system)."""
+        """Study UID (system urn:dicom:uid, or a urn:oid: value) or accession number (no system,
+        or `:of-type` with type v2-0203 ACSN: search.html#token; the Study UID identifier has no
+        type, so no other type matches)."""
         uids, accessions = set(), set()
         for value in clause.values:
+            if isinstance(value, IdentifierOfType):
+                if (value.type_system, value.type_code) == ACSN_TYPE:
+                    accessions.add(value.value)
+                continue
             assert isinstance(value, TokenValue)
             if not value.code:
                 continue

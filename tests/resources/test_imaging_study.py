@@ -125,6 +125,37 @@ def test_search_parameters(fhir: httpx.Client, params: dict[str, Any], expected:
     assert corpus_keys(search(fhir, **params)) == expected
 
 
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (f"{V2_0203}|ACSN|ACC-1002", {"mueller_ct_chest"}),
+        (f"{V2_0203}|ACSN|ACC-1002,{V2_0203}|ACSN|ACC-1001", {"mueller_ct_chest", "mueller_mr_brain"}),
+        (f"{V2_0203}|ACSN|ACC-0000", set()),
+        (f"{V2_0203}|MR|ACC-1002", set()),  # the accession number is typed ACSN, not MR
+        ("http://other.example|ACSN|ACC-1002", set()),
+    ],
+)
+def test_identifier_of_type_finds_the_accession_number(
+    fhir: httpx.Client, value: str, expected: set[str]
+) -> None:
+    """`identifier:of-type=system|code|value` (FHIR R4 search.html#token), the way an EHR asks
+    for a study by accession number without knowing the issuer's identifier system."""
+    bundle = search(fhir, **{"identifier:of-type": value})
+    assert corpus_keys(bundle) == expected
+    for entry in bundle.get("entry", []):
+        accession = next(i for i in entry["resource"]["identifier"] if i.get("type"))
+        assert accession["type"]["coding"][0] == {"system": V2_0203, "code": "ACSN"}
+
+
+@pytest.mark.parametrize("value", [f"{V2_0203}|ACSN", f"{V2_0203}||ACC-1002", "ACC-1002"])
+def test_identifier_of_type_needs_all_three_parts(fhir: httpx.Client, value: str) -> None:
+    body = outcome(fhir.get("/ImagingStudy", params={"identifier:of-type": value}), 400, "invalid")
+    assert body["issue"][0]["expression"] == ["identifier:of-type"]
+
+
 def test_started_ne_and_prefixes_exclude_the_day(fhir: httpx.Client) -> None:
     keys = corpus_keys(search(fhir, started="ne2024-01-15", _count=500))
     assert "mueller_mr_brain" not in keys and "mueller_ct_chest" in keys

@@ -1,0 +1,37 @@
+"""`$sync-status` and `$sync-replay` on a server without an upstream (FACADE_FHIR_UPSTREAM_URL
+unset): a clear 501 `not-supported` instead of the FHIR router's "Resource type '$sync-status' is
+not supported", which reads as if the client had misspelt a type.
+
+501, not 404: the operations exist in this software and work once an upstream is configured, so
+the request is valid but the server is not set up to fulfil it (RFC 9110 section 15.6.2, "the
+server does not support the functionality required to fulfill the request"); FHIR http.html
+keeps 404 for unknown types and resources. The same answer as a transaction without a store."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from fhir_facade.fhir.errors import not_supported
+from fhir_facade.fhir.negotiation import negotiate_response_format
+
+__all__ = ["build_unconfigured_sync_router"]
+
+_NOT_CONFIGURED = "Upstream sync is not configured on this server (set FACADE_FHIR_UPSTREAM_URL)"
+
+
+def build_unconfigured_sync_router() -> APIRouter:
+    """The sync operations' paths, each answering 501 (mounted before the FHIR router). Left out
+    of the OpenAPI document: the operations are not offered in this configuration."""
+    router = APIRouter(prefix="/fhir", include_in_schema=False)
+
+    @router.get("/$sync-status")
+    async def sync_status(request: Request) -> Response:
+        negotiate_response_format(request)
+        raise not_supported(f"$sync-status: {_NOT_CONFIGURED}", status=501)
+
+    @router.post("/$sync-replay")
+    async def sync_replay(request: Request) -> Response:
+        negotiate_response_format(request)
+        raise not_supported(f"$sync-replay: {_NOT_CONFIGURED}", status=501)
+
+    return router
