@@ -85,15 +85,13 @@ _CORS_EXPOSED_HEADERS = [
 
 
 def mapping_context(settings: Settings) -> MappingContext:
-    """The DICOM -> FHIR mapping settings. With SMART security on, Endpoint.address names the
-    facade's own token-guarded DICOMweb proxy, so a client fetches pixels with the token it has."""
+    """The DICOM -> FHIR mapping settings. Endpoint.address names the facade's own DICOMweb proxy
+    (with auth on and off, ADR 0016), so a client fetches pixels with the credentials it has."""
     return MappingContext(
         patient_identifier_system=settings.patient_identifier_system,
         issuer_systems=settings.issuer_systems,
         default_timezone=settings.timezone,
-        dicomweb_url=f"{settings.public_root}/dicom-web"
-        if settings.auth == "smart"
-        else settings.dicomweb_url,
+        dicomweb_url=settings.dicomweb_link_url,
     )
 
 

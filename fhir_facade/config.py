@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fhir_facade.embedded.dicom_peers import parse_dicom_peer
@@ -36,6 +36,36 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Seconds before a PACS request is abandoned (connect+read)."
     )
     dicomweb_max_connections: int = Field(20, ge=1, description="Connection pool size to the PACS.")
+    # Links handed to clients (ADR 0016): the proxy's address, never the PACS's, unless told.
+    dicomweb_expose_pacs_url: bool = Field(
+        False,
+        description=(
+            "Name FACADE_DICOMWEB_URL in FHIR answers (Endpoint.address, DiagnosticReport."
+            "presentedForm.url) instead of the facade's own DICOMweb proxy (<root>/dicom-web). "
+            "Only with FACADE_AUTH=none, for clients that may reach the PACS directly; the proxy's "
+            "answers name the proxy whatever this says."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _pacs_url_stays_inside(self) -> Settings:
+        if self.dicomweb_expose_pacs_url and self.auth == "smart":
+            raise ValueError(
+                "FACADE_DICOMWEB_EXPOSE_PACS_URL=true with FACADE_AUTH=smart would hand clients links "
+                "that bypass the token check (and the PACS's own credentials): refused"
+            )
+        return self
+
+    @property
+    def dicomweb_proxy_url(self) -> str:
+        """The facade's DICOMweb proxy as clients reach it: FACADE_BASE_URL's root + /dicom-web."""
+        return f"{self.public_root}/dicom-web"
+
+    @property
+    def dicomweb_link_url(self) -> str:
+        """The DICOMweb base of links in FHIR answers: the proxy, or the PACS when exposed."""
+        return self.dicomweb_url if self.dicomweb_expose_pacs_url else self.dicomweb_proxy_url
+
     # PACS access (ADR 0013): the credentials the facade signs in to the PACS with, and the DICOM
     # peers the embedded Orthanc admits.
     pacs_username: str | None = Field(

@@ -55,9 +55,12 @@ def silent_pacs() -> Iterator[str]:
 
 
 def test_unreachable_pacs_is_503() -> None:
-    with serve({"dicomweb_url": f"http://127.0.0.1:{free_port()}/dicom-web"}) as server:
+    pacs_port = free_port()
+    with serve({"dicomweb_url": f"http://127.0.0.1:{pacs_port}/dicom-web"}) as server:
         for path in ("/ImagingStudy", "/ImagingStudy/1.2.3", "/Patient/P1", "/Patient"):
-            assert_unavailable(httpx.get(server.base_url + path, timeout=10))
+            response = httpx.get(server.base_url + path, timeout=10)
+            assert_unavailable(response)
+            assert str(pacs_port) not in response.text  # the PACS's address stays inside (ADR 0016)
 
 
 def test_silent_pacs_times_out_as_503_without_hanging(silent_pacs: str) -> None:

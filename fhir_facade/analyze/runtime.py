@@ -76,7 +76,8 @@ class AnalyzeRuntime:
             wado=self.wado,
             stow=self.stow,
             store=store,
-            dicomweb_url=settings.dicomweb_url,
+            # presentedForm.url: a link the caller follows with its own token (ADR 0016)
+            link_base=settings.dicomweb_link_url,
             timeout=settings.analyze_timeout,
         )
         tasks = providers["Task"]

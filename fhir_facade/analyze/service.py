@@ -83,7 +83,11 @@ class AnalysisOutcome:
 
 
 class Analyzer:
-    """Runs analyses with warm inference backends, shared PACS clients and the store."""
+    """Runs analyses with warm inference backends, shared PACS clients and the store.
+
+    `link_base` is the DICOMweb base of the SR's `presentedForm.url`: the facade's proxy, so the
+    caller downloads the SR with its own token (ADR 0016), not the PACS the clients write to.
+    """
 
     def __init__(
         self,
@@ -96,7 +100,7 @@ class Analyzer:
         wado: WadoClient,
         stow: StowClient | None,
         store: ResourceStore,
-        dicomweb_url: str,
+        link_base: str,
         timeout: float | None = None,
     ) -> None:
         self.manifests = manifests
@@ -107,7 +111,7 @@ class Analyzer:
         self._wado = wado
         self._stow = stow
         self._store = store
-        self._dicomweb_url = dicomweb_url
+        self._link_base = link_base
         self._timeout = timeout
 
     def manifest(self, model_id: str | None) -> ModelManifest:
@@ -307,7 +311,7 @@ class Analyzer:
         except Exception as exc:
             log.exception("DICOM SR could not be built for study %s", study_uid)
             raise fhir_mapping_error(f"The DICOM SR of the result could not be built: {exc}") from exc
-        url = sr_retrieve_url(self._dicomweb_url, study_uid, series_uid, sop_uid)
+        url = sr_retrieve_url(self._link_base, study_uid, series_uid, sop_uid)
         return dataset, SrReference(sop_uid, series_uid, url)
 
     async def _store_sr(self, study_uid: str, dataset: pydicom.Dataset) -> None:

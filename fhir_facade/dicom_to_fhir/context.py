@@ -23,4 +23,5 @@ class MappingContext:
     default_timezone: tzinfo
     """Zone for DICOM times without TimezoneOffsetFromUTC (FHIR needs an offset with a time)."""
     dicomweb_url: str
-    """DICOMweb base URL, the Endpoint.address."""
+    """DICOMweb base URL clients are handed, the Endpoint.address: the facade's proxy
+    (Settings.dicomweb_link_url, ADR 0016)."""

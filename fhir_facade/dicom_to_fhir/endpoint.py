@@ -1,4 +1,5 @@
-"""The DICOMweb Endpoints of the PACS (FHIR endpoint.html; R4 imagingstudy.html#endpoint)."""
+"""The DICOMweb Endpoints of the PACS (FHIR endpoint.html; R4 imagingstudy.html#endpoint), addressed
+as clients reach them: the facade's DICOMweb proxy unless configured otherwise (ADR 0016)."""
 
 from __future__ import annotations
 
@@ -48,5 +49,5 @@ def endpoint(endpoint_id: str, ctx: MappingContext) -> dict[str, Any] | None:
 
 
 def endpoints(ctx: MappingContext) -> list[dict[str, Any]]:
-    """The WADO-RS, QIDO-RS and STOW-RS Endpoints, all at the DICOMweb base URL."""
+    """The WADO-RS, QIDO-RS and STOW-RS Endpoints, all at the context's DICOMweb base."""
     return [resource for id_ in ENDPOINT_IDS if (resource := endpoint(id_, ctx)) is not None]

@@ -7,6 +7,7 @@ PACS credentials (FACADE_PACS_USERNAME/_PASSWORD, HTTP Basic, RFC 7617) when it 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -18,6 +19,8 @@ from fhir_facade.correlation import add_correlation_headers_async
 from fhir_facade.dicomweb.errors import DicomwebUnavailable
 
 __all__ = ["PooledClient"]
+
+log = logging.getLogger(__name__)
 
 
 class PooledClient:
@@ -107,4 +110,7 @@ class PooledClient:
                 f"{self.service_name} did not answer {path} within {self._timeout} s"
             ) from exc
         except httpx.TransportError as exc:
-            raise DicomwebUnavailable(f"{self.service_name} unreachable at {self.base_url}: {exc}") from exc
+            # The message becomes the 503 outcome's diagnostics: it names no PACS address (ADR 0016);
+            # the log line does, for the operator.
+            log.warning("%s unreachable at %s: %r", self.service_name, self.base_url, exc)
+            raise DicomwebUnavailable(f"{self.service_name} unreachable: {type(exc).__name__}") from exc

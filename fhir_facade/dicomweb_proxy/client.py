@@ -56,6 +56,14 @@ class UpstreamResponse:
         except httpx.HTTPError as exc:
             raise DicomwebUnavailable(f"PACS stopped sending {self._path}: {exc!r}") from exc
 
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body decoded (gzip undone), for answers the proxy rewrites (see `links`)."""
+        try:
+            async for chunk in self.response.aiter_bytes():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise DicomwebUnavailable(f"PACS stopped sending {self._path}: {exc!r}") from exc
+
     async def aclose(self) -> None:
         await self._stack.aclose()
 

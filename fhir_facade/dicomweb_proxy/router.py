@@ -13,6 +13,11 @@ authorized with the caller's SMART scopes on ImagingStudy and confined to the pa
   instance (see `stow`).
 - STOW-RS bodies are never forwarded as sent: they are split strictly and re-encoded (see
   `multipart`), for every caller.
+- Links in answers (RetrieveURL, Retrieve URI, BulkDataURI) name the proxy, never the PACS (see
+  `links`, ADR 0016): QIDO-RS, metadata and STOW-RS answers are rewritten as they stream through;
+  instances, frames, rendered and bulk data are binary, carry no links and pass through untouched.
+- A QIDO-RS `includefield` list (`a,b` or `a%2Cb`) is split into one `includefield` per attribute
+  (see `include_fields`); the rest of the query string goes as the client sent it.
 
 The caller's Authorization, cookies and any other header not listed in `_FORWARDED_REQUEST_HEADERS`
 never reach the PACS. PACS 4xx answers pass through with their status and body; unreachable,
@@ -39,6 +44,8 @@ from fhir_facade.config import Settings
 from fhir_facade.dicomweb.client import DicomJson, qido_datasets
 from fhir_facade.dicomweb_proxy.client import DICOM_JSON, DicomwebProxyClient, UpstreamResponse
 from fhir_facade.dicomweb_proxy.confinement import PatientKeys, confined_query, study_belongs_to
+from fhir_facade.dicomweb_proxy.include_fields import split_include_fields
+from fhir_facade.dicomweb_proxy.links import LinkRewriter, gzip_stream
 from fhir_facade.dicomweb_proxy.multipart import CanonicalBody
 from fhir_facade.dicomweb_proxy.stow import (
     DEFAULT_MAX_STOW_BYTES,
@@ -58,8 +65,7 @@ __all__ = ["PREFIX", "build_dicomweb_proxy_router"]
 
 log = logging.getLogger(__name__)
 
-#: Where the router serves DICOMweb; the same root as Orthanc's, so the RetrieveURL and BulkDataURI
-#: Orthanc writes point here once its DicomWeb "Host" is the facade's.
+#: Where the router serves DICOMweb (Settings.dicomweb_proxy_url is the public root + this).
 PREFIX = "/dicom-web"
 RESOURCE_TYPE = "ImagingStudy"
 
@@ -124,21 +130,46 @@ _FRAME_LIST = re.compile(r"[1-9][0-9]*(?:,[1-9][0-9]*)*")  # PS3.18 10.4.1.1.4: 
 _BULK_SEGMENT = re.compile(r"[0-9A-Za-z_\-]+(?:\.[0-9A-Za-z_\-]+)*")
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::path)?\}")
 _JSON_MEDIA_TYPES = frozenset({DICOM_JSON, "application/json", "application/*", "*/*"})
+# Answers that may carry links (PS3.18 F.2 JSON, F.3 XML, alone or as multipart/related parts).
+_LINK_MEDIA_TYPES = frozenset({DICOM_JSON, "application/json", "application/dicom+xml", "application/xml"})
 
 Handler = Callable[[Request, str], Awaitable[Response]]
 
 
 class _ProxiedResponse(StreamingResponse):
     """The PACS's answer streamed back chunk by chunk; the PACS connection is released however the
-    response ends (sent, client gone, PACS failing half-way)."""
+    response ends (sent, client gone, PACS failing half-way).
 
-    def __init__(self, upstream: UpstreamResponse) -> None:
+    With `rewrite`, a JSON or XML body has its PACS links replaced as it streams (`links`), and is
+    gzip-encoded here when `gzip` (the PACS was asked for identity, so that it can be read); other
+    bodies pass as raw bytes. Location headers name the proxy in every case.
+    """
+
+    def __init__(
+        self, upstream: UpstreamResponse, links: LinkRewriter, *, rewrite: bool = False, gzip: bool = False
+    ) -> None:
         headers = {
-            name: value
+            name.lower(): value
             for name, value in upstream.headers.items()
             if name.lower() in _RETURNED_RESPONSE_HEADERS
         }
-        super().__init__(upstream.aiter_raw(), status_code=upstream.status_code, headers=headers)
+        for name in ("location", "content-location"):
+            if name in headers:
+                headers[name] = links.rewrite_url(headers[name])
+        body: AsyncIterable[bytes] = upstream.aiter_raw()
+        if rewrite and _carries_links(headers.get("content-type", "")):
+            body = links.stream(upstream.aiter_bytes())
+            for name in ("content-length", "content-encoding"):
+                headers.pop(name, None)
+            if "etag" in headers and not headers["etag"].startswith("W/"):
+                # The same representation less its PACS links: equivalent, not byte-identical
+                # (RFC 9110 8.8.1).
+                headers["etag"] = "W/" + headers["etag"]
+            headers["vary"] = "Accept-Encoding"
+            if gzip:
+                body = gzip_stream(body)
+                headers["content-encoding"] = "gzip"
+        super().__init__(body, status_code=upstream.status_code, headers=headers)
         self._upstream = upstream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -181,12 +212,44 @@ def _upstream_path(template: str, request: Request) -> str:
     return _PLACEHOLDER.sub(value, template)
 
 
-def _forwarded_headers(request: Request) -> dict[str, str]:
+def _forwarded_headers(request: Request, *, rewrite: bool = False) -> dict[str, str]:
     headers = {name: request.headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in request.headers}
     # Bytes travel as the PACS encodes them (httpx would otherwise ask for gzip and the raw body
-    # would no longer match what our client asked for).
-    headers["accept-encoding"] = request.headers.get("accept-encoding", "identity")
+    # would no longer match what our client asked for); answers whose links are rewritten are
+    # asked for unencoded and encoded again here (`_ProxiedResponse`).
+    headers["accept-encoding"] = "identity" if rewrite else request.headers.get("accept-encoding", "identity")
     return headers
+
+
+def _carries_links(content_type: str) -> bool:
+    """Whether an answer of this media type is DICOM JSON or XML (maybe as multipart/related parts),
+    the forms that carry RetrieveURL and BulkDataURI values."""
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
+    if media == "multipart/related":
+        for param in params.split(";"):
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "type":
+                return value.strip().strip('"').lower() in _LINK_MEDIA_TYPES
+        return False
+    return media in _LINK_MEDIA_TYPES
+
+
+def _accepts_gzip(request: Request) -> bool:
+    """Whether the client's Accept-Encoding (RFC 9110 12.5.3) admits gzip."""
+    weights: dict[str, float] = {}
+    for item in request.headers.get("accept-encoding", "").split(","):
+        coding, _, params = item.partition(";")
+        weight = 1.0
+        for param in params.split(";"):
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[coding.strip().lower()] = weight
+    return weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0))) > 0
 
 
 def _accepts_dicom_json(request: Request) -> bool:
@@ -203,8 +266,9 @@ def _accepts_dicom_json(request: Request) -> bool:
 
 
 class _Proxy:
-    def __init__(self, pacs: DicomwebProxyClient, max_stow_bytes: int) -> None:
+    def __init__(self, pacs: DicomwebProxyClient, links: LinkRewriter, max_stow_bytes: int) -> None:
         self.pacs = pacs
+        self.links = links
         self.max_stow_bytes = max_stow_bytes
 
     def endpoint(self, handler: Handler, template: str) -> Callable[[Request], Awaitable[Response]]:
@@ -226,12 +290,21 @@ class _Proxy:
         path: str,
         *,
         headers: dict[str, str],
+        query: str | None = None,
         content: AsyncIterable[bytes] | None = None,
+        rewrite: bool = False,
     ) -> Response:
+        """Forward one request and stream the answer back (`rewrite`: its links made the proxy's;
+        the request's `headers` must then have asked for an unencoded answer)."""
         upstream = await self.pacs.open_stream(
-            request.method, path, query=request.url.query, headers=headers, content=content
+            request.method,
+            path,
+            query=request.url.query if query is None else query,
+            headers=headers,
+            content=content,
         )
-        return _ProxiedResponse(upstream)
+        gzip = rewrite and _accepts_gzip(request)
+        return _ProxiedResponse(upstream, self.links, rewrite=rewrite, gzip=gzip)
 
     async def search(self, request: Request, template: str) -> Response:
         """QIDO-RS (PS3.18 10.6)."""
@@ -239,8 +312,10 @@ class _Proxy:
         access.require(Interaction.SEARCH, RESOURCE_TYPE)
         path = _upstream_path(template, request)
         key = _confinement(access, Interaction.SEARCH)
+        raw_query = split_include_fields(request.url.query)
         if key is None:
-            return await self.relay(request, path, headers=_forwarded_headers(request))
+            headers = _forwarded_headers(request, rewrite=True)
+            return await self.relay(request, path, headers=headers, query=raw_query, rewrite=True)
         if not _accepts_dicom_json(request):
             raise not_acceptable(
                 "A patient-confined QIDO-RS search is answered in application/dicom+json only"
@@ -257,13 +332,14 @@ class _Proxy:
         found: list[DicomJson] = []
         passed: dict[str, str] = {}
         for one in key.keys:
-            query = confined_query(request.url.query, one)
+            query = confined_query(raw_query, one)
             response = await self.pacs.fetch("GET", path, query=query, headers=headers)
             passed = {
                 n.lower(): v for n, v in response.headers.items() if n.lower() in ("content-type", "warning")
             }
             if response.status_code >= 400:
-                return Response(response.content, status_code=response.status_code, headers=passed)
+                body = self.links.rewrite(response.content)
+                return Response(body, status_code=response.status_code, headers=passed)
             if response.content:
                 found += qido_datasets(response, path)
         kept = [ds for ds in found if key.matches_json(ds)]
@@ -278,7 +354,8 @@ class _Proxy:
                 request.url.path,
             )
         passed.setdefault("content-type", DICOM_JSON)
-        return Response(json.dumps(kept, ensure_ascii=False).encode("utf-8"), headers=passed)
+        body = self.links.rewrite(json.dumps(kept, ensure_ascii=False).encode("utf-8"))
+        return Response(body, headers=passed)
 
     async def retrieve(self, request: Request, template: str) -> Response:
         """WADO-RS (PS3.18 10.4): instances, metadata, frames, rendered, thumbnail, bulkdata."""
@@ -290,7 +367,10 @@ class _Proxy:
             study = request.path_params["study"]
             if not await study_belongs_to(self.pacs, study, key):
                 raise not_found(f"No study {study}")
-        return await self.relay(request, path, headers=_forwarded_headers(request))
+        # Metadata carries BulkDataURIs; instances, frames, rendered and bulk data are binary.
+        rewrite = template.endswith("/metadata")
+        headers = _forwarded_headers(request, rewrite=rewrite)
+        return await self.relay(request, path, headers=headers, rewrite=rewrite)
 
     async def store(self, request: Request, template: str) -> Response:
         """STOW-RS (PS3.18 10.5): the body split strictly and every instance read; for a confined
@@ -307,10 +387,10 @@ class _Proxy:
             if key is not None:
                 await check_confined_stow(self.pacs, instances, key)
             body = CanonicalBody(reader)
-            headers = _forwarded_headers(request)
+            headers = _forwarded_headers(request, rewrite=True)  # the answer names the stored instances
             headers["content-type"] = body.content_type
             headers["content-length"] = str(body.length)
-            return await self.relay(request, path, headers=headers, content=body.chunks())
+            return await self.relay(request, path, headers=headers, content=body.chunks(), rewrite=True)
         finally:
             # The whole request body has been sent once the PACS's answer has begun.
             reader.close()
@@ -333,13 +413,15 @@ def build_dicomweb_proxy_router(
     Mount it under the authenticating dependency (it reads the caller's `Access` from
     `request.state.access` or `current_access`, and refuses with 401 when neither is set) and with
     `install_error_handlers`, which turns the raised FhirErrors into OperationOutcomes. `pacs` is
-    opened and closed by the caller's lifespan. `settings` is taken for the proxy's future knobs;
-    `max_stow_bytes` bounds a STOW-RS body (413 above it).
+    opened and closed by the caller's lifespan. Links in answers are rewritten from `pacs`'s base
+    to `settings.dicomweb_proxy_url` (FACADE_BASE_URL's root + /dicom-web); `max_stow_bytes`
+    bounds a STOW-RS body (413 above it).
     """
-    del settings  # nothing configurable yet beyond what `pacs` was built from
     if max_stow_bytes < 1:
         raise ValueError(f"max_stow_bytes must be positive, got {max_stow_bytes}")
-    proxy = _Proxy(pacs, max_stow_bytes)
+    if not settings.dicomweb_proxy_url.endswith(PREFIX):
+        raise ValueError(f"{settings.dicomweb_proxy_url!r} is not the proxy's root {PREFIX}")
+    proxy = _Proxy(pacs, LinkRewriter(pacs.base_url, settings.dicomweb_proxy_url), max_stow_bytes)
     router = APIRouter(prefix=PREFIX)
     routes: list[tuple[str, str, Handler, tuple[str, ...]]] = [
         ("GET", "qido", proxy.search, QIDO_PATHS),

@@ -1,4 +1,5 @@
-"""Endpoint: the PACS's DICOMweb services (WADO-RS, QIDO-RS, STOW-RS), one resource each.
+"""Endpoint: the PACS's DICOMweb services (WADO-RS, QIDO-RS, STOW-RS), one resource each, at the
+address clients use: the facade's DICOMweb proxy (ADR 0016).
 
 They are derived from configuration, so read and search are answered without a PACS request.
 """

@@ -52,9 +52,12 @@ async def _test_access(request: Request) -> None:
     current_access.set(access)
 
 
-def proxy_app(dicomweb_url: str, *, max_stow_bytes: int | None = None) -> FastAPI:
-    """A bare app with the proxy router (and its PACS client opened in the lifespan)."""
-    settings = Settings(dicomweb_url=dicomweb_url, dicomweb_timeout=5.0)
+def proxy_app(dicomweb_url: str, *, port: int = 8080, max_stow_bytes: int | None = None) -> FastAPI:
+    """A bare app with the proxy router (and its PACS client opened in the lifespan), whose links
+    name the proxy at 127.0.0.1:`port`."""
+    settings = Settings(
+        dicomweb_url=dicomweb_url, dicomweb_timeout=5.0, base_url=f"http://127.0.0.1:{port}/fhir"
+    )
     pacs = DicomwebProxyClient.from_settings(settings)
 
     @asynccontextmanager
@@ -75,12 +78,20 @@ def proxy_app(dicomweb_url: str, *, max_stow_bytes: int | None = None) -> FastAP
 
 
 def serve_proxy(dicomweb_url: str, *, max_stow_bytes: int | None = None) -> LiveServer:
-    return LiveServer(proxy_app(dicomweb_url, max_stow_bytes=max_stow_bytes), free_port())
+    port = free_port()
+    return LiveServer(proxy_app(dicomweb_url, port=port, max_stow_bytes=max_stow_bytes), port)
 
 
 def root_of(server: LiveServer) -> str:
     """The proxy's DICOMweb root, like Orthanc's `dicomweb_url`."""
     return f"http://127.0.0.1:{server.port}/dicom-web"
+
+
+def relinked(direct: httpx.Client, proxy: httpx.Client, content: bytes) -> bytes:
+    """Orthanc's answer as the proxy gives it: every link to Orthanc's DICOMweb root naming the
+    proxy's instead (ADR 0016)."""
+    theirs, ours = (str(client.base_url).rstrip("/").encode() for client in (direct, proxy))
+    return content.replace(theirs + b"/studies/", ours + b"/studies/")
 
 
 def caller(scope: str, patient: str | None = None) -> dict[str, str]:

@@ -216,8 +216,9 @@ def test_retrieve_is_streamed_not_buffered(recorded: tuple[Recorded, httpx.Clien
 
 
 def test_unreachable_pacs_is_503() -> None:
+    pacs_port = free_port()
     with (
-        serve_proxy(f"http://127.0.0.1:{free_port()}/dicom-web") as proxy,
+        serve_proxy(f"http://127.0.0.1:{pacs_port}/dicom-web") as proxy,
         httpx.Client(base_url=root_of(proxy), timeout=30) as client,
     ):
         confined = caller("patient/ImagingStudy.crs", "P-1001")
@@ -233,6 +234,7 @@ def test_unreachable_pacs_is_503() -> None:
         body = outcome(response, 503, "transient")
         assert body["issue"][0]["details"]["coding"][0]["code"] == "dicom_service_unavailable"
         assert response.headers["retry-after"] == "5"
+        assert str(pacs_port) not in response.text  # the PACS's address stays inside (ADR 0016)
 
 
 def test_pacs_server_error_is_503(recorded: tuple[Recorded, httpx.Client]) -> None:

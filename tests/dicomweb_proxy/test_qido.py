@@ -1,6 +1,6 @@
-"""QIDO-RS through the proxy against the real Orthanc: unconfined callers get Orthanc's exact answer,
-a patient/ token sees its patient's studies, series and instances only, whatever the client puts
-in the query."""
+"""QIDO-RS through the proxy against the real Orthanc: unconfined callers get Orthanc's answer with its
+links naming the proxy, a patient/ token sees its patient's studies, series and instances only,
+whatever the client puts in the query."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from fhir_facade.dicom_to_fhir.patient import patient_resource_id
 from tests.conftest import outcome
 from tests.dicom_factory import CORPUS, series_instance_uid
-from tests.dicomweb_proxy.conftest import caller
+from tests.dicomweb_proxy.conftest import caller, relinked
 
 MUELLER_MR = CORPUS["mueller_mr_brain"].study_uid  # P-1001
 MUELLER_CT = CORPUS["mueller_ct_chest"].study_uid  # P-1001
@@ -44,14 +44,14 @@ def values(response: httpx.Response, tag: str) -> list[Any]:
         f"/studies/{MUELLER_MR}/series/{MUELLER_SERIES}/instances?includefield=00200013",
     ],
 )
-def test_unrestricted_caller_gets_orthancs_answer_unchanged(
+def test_unrestricted_caller_gets_orthancs_answer_with_proxy_links(
     proxy: httpx.Client, direct: httpx.Client, target: str
 ) -> None:
     ours = proxy.get(target, headers=DICOM_JSON)
     theirs = direct.get(target.lstrip("/"), headers=DICOM_JSON)
     assert ours.status_code == theirs.status_code == 200
     assert ours.headers["content-type"] == theirs.headers["content-type"]
-    assert ours.content == theirs.content
+    assert ours.content == relinked(direct, proxy, theirs.content)
     assert ours.json()  # not vacuous: every query above matches something
 
 
@@ -160,7 +160,7 @@ def test_user_scope_is_not_confined(proxy: httpx.Client, direct: httpx.Client) -
     for scope in ("user/ImagingStudy.rs", "patient/ImagingStudy.rs user/ImagingStudy.s", "system/*.rs"):
         ours = proxy.get("/studies", headers=caller(scope, "P-1001"))
         assert ours.status_code == 200
-        assert ours.content == direct.get("/studies").content
+        assert ours.content == relinked(direct, proxy, direct.get("/studies").content)
         assert len(ours.json()) > 2
 
 

@@ -4,6 +4,7 @@ only. Framing attacks on the multipart body: test_stow_framing.py."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -19,6 +20,7 @@ from tests.dicomweb_proxy.conftest import (
     caller,
     multipart,
     new_study,
+    relinked,
     stow_body,
 )
 
@@ -39,7 +41,7 @@ def referenced(response: httpx.Response) -> set[str]:
     return {item["00081155"]["Value"][0] for item in items}
 
 
-def test_unrestricted_store_is_answered_as_orthanc_answers(
+def test_unrestricted_store_is_answered_as_orthanc_answers_with_proxy_links(
     scratch_proxy: httpx.Client, scratch_direct: httpx.Client
 ) -> None:
     study = new_study("PROXY-U")
@@ -52,7 +54,8 @@ def test_unrestricted_store_is_answered_as_orthanc_answers(
     theirs = scratch_direct.post("/studies", content=body, headers={**JSON, "Content-Type": content_type})
     assert theirs.status_code == ours.status_code
     assert theirs.headers["content-type"] == ours.headers["content-type"]
-    assert theirs.json() == ours.json()
+    assert json.loads(relinked(scratch_direct, scratch_proxy, theirs.content)) == ours.json()
+    assert theirs.json() != ours.json()  # the RetrieveURLs name the proxy (ADR 0016)
 
 
 def test_patient_token_stores_its_own_instances(
