@@ -131,3 +131,11 @@ def test_a_transaction_with_one_bad_code_stores_nothing(fhir: httpx.Client) -> N
     response = ok_json(fhir.post("", json=bundle, headers=FHIR_JSON))
     assert [e["response"]["status"][:3] for e in response["entry"]] == ["201", "201"]
     assert total(fhir, "Task", **query) == 1 and total(fhir, "DiagnosticReport", **query) == 1
+
+
+def test_a_bad_status_is_400_before_the_task_state_machine(fhir: httpx.Client) -> None:
+    """An unknown status is an invalid resource (400), not a refused transition (409)."""
+    created = ok_json(fhir.post("/Task", json=task(), headers=FHIR_JSON), 201)
+    changed = {**created, "status": "bogus"}
+    body = outcome(fhir.put(f"/Task/{created['id']}", json=changed, headers=FHIR_JSON), 400, "code-invalid")
+    assert body["issue"][0]["expression"] == ["Task.status"]
