@@ -20,6 +20,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir_facade.app import create_app
 from fhir_facade.config import Settings
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
+from fhir_facade.fhir.required_bindings import binding_issues
 from tests import dicom_factory
 
 PYDICOM_TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
@@ -115,9 +116,14 @@ def fhir(facade: LiveServer) -> Iterator[httpx.Client]:
 
 
 def validate(resource: dict[str, Any]) -> Any:
-    """Validate any resource (including Bundles and their entries) against FHIR R4B."""
+    """Validate any resource (including Bundles and their entries) against FHIR R4B, and the
+    stored types (and those in a Bundle) against R4's required bindings (ADR 0015)."""
     model = get_fhir_model_class(resource["resourceType"])
-    return model.model_validate(resource)
+    validated = model.model_validate(resource)
+    entries = resource.get("entry", []) if resource["resourceType"] == "Bundle" else []
+    for item in (resource, *(e["resource"] for e in entries if "resource" in e)):
+        assert binding_issues(item) == [], binding_issues(item)
+    return validated
 
 
 def ok_json(response: httpx.Response, status: int = 200) -> dict[str, Any]:

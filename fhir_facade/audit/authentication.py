@@ -25,7 +25,7 @@ from fhir_facade.audit.event import (
     _SOURCE_TYPE,
     _USER_TYPE,
     CLIENT_ID_SYSTEM,
-    CORRELATION_ENTITY_TYPE,
+    correlation_entity,
 )
 from fhir_facade.audit.interaction import DCM
 
@@ -113,7 +113,5 @@ def authentication_event(
         "source": {"site": site, "observer": {"display": f"fhir-facade {site}"}, "type": [_SOURCE_TYPE]},
     }
     if correlation_id:
-        event["entity"] = [
-            {"type": dict(CORRELATION_ENTITY_TYPE), "what": {"identifier": {"value": correlation_id}}}
-        ]
+        event["entity"] = [correlation_entity(correlation_id)]
     return event

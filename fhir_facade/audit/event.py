@@ -16,8 +16,10 @@ Layout, following IHE Basic Audit Log Patterns (BALP) where R4 leaves a choice:
 - entity: the resource acted on (`what.reference`), the query (`query` = base64 of the request
   relative to the service base, e.g. `Observation?patient=1`), the operation (`name` "$analyze"),
   DICOM studies (`what.identifier` urn:oid), each Patient in context (role 1 Patient), and the
-  correlation id: BALP's transaction entity, type `BasicAuditEntityType#XrequestId` with the id
-  in `what.identifier.value` (the X-Request-Id the facade echoes and sends on).
+  correlation id (BALP's transaction entity), in `what.identifier.value` with identifier type text
+  "X-Request-Id" (the id the facade echoes and sends on). Its entity.type is R4's audit-entity-type
+  "2" System Object, not BALP's `BasicAuditEntityType#XrequestId`: R4 binds entity.type
+  (extensible) to audit-entity-type, whose codes (1-4 and the resource types) have one that fits.
 """
 
 from __future__ import annotations
@@ -31,21 +33,27 @@ from typing import Any, Final
 from fhir_facade.audit.interaction import DCM, Interaction
 from fhir_facade.auth.access import Access
 
-__all__ = ["CLIENT_ID_SYSTEM", "CORRELATION_ENTITY_TYPE", "audit_event", "audit_outcome"]
+__all__ = [
+    "CLIENT_ID_SYSTEM",
+    "CORRELATION_ENTITY_TYPE",
+    "CORRELATION_IDENTIFIER_TYPE",
+    "audit_event",
+    "audit_outcome",
+    "correlation_entity",
+]
 
 #: Identifier.system of OAuth 2.0 client ids (who.identifier of the client agent).
 CLIENT_ID_SYSTEM: Final = "urn:ietf:params:oauth:client-id"
-#: AuditEvent.entity.type of the correlation id entity (IHE BALP "transaction" entity).
-CORRELATION_ENTITY_TYPE: Final = {
-    "system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
-    "code": "XrequestId",
-    "display": "transport specific unique identifier where http X-Request-Id is used",
-}
-
 _ENTITY_TYPE: Final = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+#: AuditEvent.entity.type of the correlation id entity (IHE BALP's "transaction" entity): the
+#: request is a system object, and audit-entity-type#2 is inside the R4 value set
+#: (valueset-audit-entity-type.html), where BALP's BasicAuditEntityType#XrequestId is not.
+CORRELATION_ENTITY_TYPE: Final = {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"}
+_SYSTEM_OBJECT: Final = CORRELATION_ENTITY_TYPE
+#: what.identifier.type of the correlation id entity: says which of the System Objects it is.
+CORRELATION_IDENTIFIER_TYPE: Final = {"text": "X-Request-Id"}
 _OBJECT_ROLE: Final = "http://terminology.hl7.org/CodeSystem/object-role"
 _PERSON: Final = {"system": _ENTITY_TYPE, "code": "1", "display": "Person"}
-_SYSTEM_OBJECT: Final = {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"}
 _PATIENT_ROLE: Final = {"system": _OBJECT_ROLE, "code": "1", "display": "Patient"}
 _RESOURCE_ROLE: Final = {"system": _OBJECT_ROLE, "code": "4", "display": "Domain Resource"}
 _JOB_ROLE: Final = {"system": _OBJECT_ROLE, "code": "20", "display": "Job"}
@@ -209,8 +217,16 @@ def _entities(
             named.add(reference)
             entities.append({"what": {"reference": reference}, "type": _PERSON, "role": _PATIENT_ROLE})
     if correlation_id:
-        entities.append({"type": CORRELATION_ENTITY_TYPE, "what": {"identifier": {"value": correlation_id}}})
+        entities.append(correlation_entity(correlation_id))
     return entities
+
+
+def correlation_entity(correlation_id: str) -> dict[str, Any]:
+    """The AuditEvent.entity that carries a request's correlation id (X-Request-Id)."""
+    return {
+        "type": dict(CORRELATION_ENTITY_TYPE),
+        "what": {"identifier": {"type": dict(CORRELATION_IDENTIFIER_TYPE), "value": correlation_id}},
+    }
 
 
 def audit_event(

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.conditional_guard import active_guard
 from fhir_facade.fhir.errors import FhirError, Issue, method_not_allowed
+from fhir_facade.fhir.required_bindings import check_required_bindings
 from fhir_facade.fhir.search import SearchParamDef, SearchRequest, parse_search
 from fhir_facade.fhir.write_warnings import warn
 from fhir_facade.resources.base import ResourceProvider, WriteResult
@@ -105,6 +106,7 @@ class StoredResourceProvider(ResourceProvider):
         )
 
     async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        check_required_bindings(resource)  # a bad code is a 400 before any type rule (the store checks too)
         prepared = self.prepare(resource, None)
         await self.check(prepared)
         guard = active_guard(self.resource_type, "writing")
@@ -115,6 +117,7 @@ class StoredResourceProvider(ResourceProvider):
     async def update(
         self, resource_id: str, resource: dict[str, Any], *, if_match: str | None
     ) -> WriteResult:
+        check_required_bindings(resource)
         current = await self._current(resource_id)
         prepared = self.prepare({**resource, "id": resource_id}, current)
         await self.check(prepared)

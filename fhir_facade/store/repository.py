@@ -40,6 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from fhir_facade.correlation import current_correlation_id
 from fhir_facade.fhir.conditional_guard import CONDITIONAL_LOCK_SPACE, ConditionalGuard
 from fhir_facade.fhir.errors import FhirError, bad_request, gone, not_found
+from fhir_facade.fhir.required_bindings import check_required_bindings
 from fhir_facade.fhir.search import (
     DateValue,
     ReferenceValue,
@@ -744,7 +745,9 @@ class ResourceStore:
 
     @staticmethod
     def _validate(resource_type: str, resource: dict[str, Any]) -> None:
-        """Basic FHIR validation (http.html#create: 400 on failure) with the R4B models."""
+        """Basic FHIR validation (http.html#create: 400 on failure): the structure with the R4B
+        models, then the required terminology bindings, which the models do not enforce
+        (fhir/required_bindings.py, ADR 0015). Every write, the server's own included, comes here."""
         try:
             model = get_fhir_model_class(resource_type)
         except (ValueError, KeyError) as exc:
@@ -757,6 +760,7 @@ class ResourceStore:
             model.model_validate(resource)
         except ValidationError as exc:
             raise invalid_resource(resource_type, exc) from exc
+        check_required_bindings(resource)
 
     @staticmethod
     def _parse_etag(if_match: str) -> int:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine
 
 from fhir_facade.audit import AuditRecorder
-from fhir_facade.audit.event import CORRELATION_ENTITY_TYPE
+from fhir_facade.audit.event import CORRELATION_IDENTIFIER_TYPE
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.store import ResourceStore, create_store_engine, search_param_defs, upgrade
 from tests.conftest import LiveServer, serve
@@ -56,10 +56,11 @@ def recorder_of(server: LiveServer) -> AuditRecorder:
 
 
 def correlation_of(event: dict[str, Any]) -> str | None:
-    """The correlation id an AuditEvent carries (its BALP transaction entity)."""
+    """The correlation id an AuditEvent carries (its X-Request-Id entity)."""
     for entity in event.get("entity", []):
-        if entity.get("type", {}).get("code") == CORRELATION_ENTITY_TYPE["code"]:
-            value: str = entity["what"]["identifier"]["value"]
+        identifier = entity.get("what", {}).get("identifier", {})
+        if identifier.get("type") == CORRELATION_IDENTIFIER_TYPE:
+            value: str = identifier["value"]
             return value
     return None
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from fhir_facade.audit import audit_event, audit_outcome, describe_interaction, is_audited
-from fhir_facade.audit.event import CLIENT_ID_SYSTEM, CORRELATION_ENTITY_TYPE
+from fhir_facade.audit.authentication import authentication_event
+from fhir_facade.audit.event import CLIENT_ID_SYSTEM, CORRELATION_ENTITY_TYPE, CORRELATION_IDENTIFIER_TYPE
 from fhir_facade.audit.interaction import needs_body
 from fhir_facade.auth.access import Access
 from fhir_facade.auth.scopes import parse_scopes
@@ -134,10 +135,45 @@ def test_outcome_codes(status: int | None, outcome: str) -> None:
     assert audit_outcome(status) == outcome
 
 
-def test_the_correlation_id_is_a_balp_transaction_entity() -> None:
+def test_the_correlation_id_is_a_system_object_entity() -> None:
     event = event_for("GET", "/fhir/Task/t-1")
-    (entity,) = [e for e in event["entity"] if e.get("type") == CORRELATION_ENTITY_TYPE]
-    assert entity["what"] == {"identifier": {"value": "corr-1"}}
+    (entity,) = [e for e in event["entity"] if e["what"].get("identifier", {}).get("value") == "corr-1"]
+    assert entity["type"] == CORRELATION_ENTITY_TYPE
+    assert entity["what"]["identifier"]["type"] == CORRELATION_IDENTIFIER_TYPE
+
+
+#: R4 valueset-audit-entity-type.html, the (extensible) binding of AuditEvent.entity.type.
+AUDIT_ENTITY_TYPES = {"http://terminology.hl7.org/CodeSystem/audit-entity-type": {"1", "2", "3", "4"}}
+RESOURCE_TYPES = "http://hl7.org/fhir/resource-types"
+
+
+def test_every_entity_type_is_in_the_r4_value_set() -> None:
+    """AuditEvent.entity.type used to carry BALP's BasicAuditEntityType#XrequestId, a code outside
+    R4's audit-entity-type value set (audit-entity-type 1-4 and the resource types)."""
+    events = [
+        event_for("GET", "/fhir/Task/t-1", access=clinician()),
+        event_for("GET", "/fhir/Observation", "patient=P-1", access=clinician()),
+        event_for("POST", "/fhir/ImagingStudy/1.2.3/$analyze", status=200),
+        event_for("GET", "/dicom-web/studies/1.2.3", status=200),
+        authentication_event(
+            "sign-in",
+            description="bad password",
+            username="alice",
+            client_id="app",
+            client_address="10.1.2.3",
+            correlation_id="corr-2",
+            site="https://facade.example",
+            issuer=ISSUER,
+            moment=STARTED,
+        ),
+    ]
+    types = [entity["type"] for event in events for entity in event["entity"]]
+    assert len(types) >= 8
+    for coding in types:
+        if coding["system"] == RESOURCE_TYPES:
+            assert coding["code"][0].isupper() and coding["code"].isalpha(), coding
+        else:
+            assert coding["code"] in AUDIT_ENTITY_TYPES[coding["system"]], coding
 
 
 def test_a_create_names_what_it_created() -> None:
