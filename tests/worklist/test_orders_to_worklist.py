@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_facade.embedded import EmbeddedOrthanc, free_port
-from tests.conftest import LiveServer, ok_json, serve
-from tests.worklist.test_findscu import TEST_MODALITY, findscu, order
+from fhir_facade.embedded import EmbeddedOrthanc
+from tests.conftest import LiveServer, ok_json
+from tests.worklist.conftest import facade_with_worklist_folder
+from tests.worklist.test_findscu import findscu, order
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
@@ -22,23 +23,7 @@ FHIR_JSON = {"Content-Type": "application/fhir+json"}
 def facade_with_worklist(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[LiveServer, EmbeddedOrthanc]]:
-    worklists = tmp_path_factory.mktemp("facade-worklists")
-    orthanc = EmbeddedOrthanc(
-        tmp_path_factory.mktemp("orthanc-orders"),
-        http_port=free_port(),
-        dicom_port=free_port(),
-        worklist_dir=worklists,
-        modalities=[TEST_MODALITY],
-    )
-    assert orthanc.credentials is not None
-    user, password = orthanc.credentials
-    settings = {
-        "dicomweb_url": orthanc.dicomweb_url,
-        "worklist_dir": worklists,
-        "pacs_username": user,
-        "pacs_password": password,
-    }
-    with orthanc, serve(settings) as server:
+    with facade_with_worklist_folder(tmp_path_factory, "orders") as (server, orthanc, _):
         yield server, orthanc
 
 

@@ -14,10 +14,11 @@ import httpx
 import pydicom
 import pytest
 
-from fhir_facade.embedded import EmbeddedOrthanc, free_port
+from fhir_facade.embedded import EmbeddedOrthanc
 from fhir_facade.worklist import WorklistFolder
-from tests.conftest import LiveServer, ok_json, serve
-from tests.worklist.test_findscu import ACSN, TEST_MODALITY, findscu
+from tests.conftest import LiveServer, ok_json
+from tests.worklist.conftest import facade_with_worklist_folder
+from tests.worklist.test_findscu import ACSN, findscu
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 LOINC = "http://loinc.org"
@@ -51,28 +52,15 @@ SITE_MAP: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def facade(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, EmbeddedOrthanc, Path]]:
-    worklists = tmp_path_factory.mktemp("procedure-worklists")
     site_map = tmp_path_factory.mktemp("site-maps") / "ConceptMap-site-procedures.json"
     site_map.write_text(json.dumps(SITE_MAP), encoding="utf-8")
-    orthanc = EmbeddedOrthanc(
-        tmp_path_factory.mktemp("orthanc-procedures"),
-        http_port=free_port(),
-        dicom_port=free_port(),
-        worklist_dir=worklists,
-        modalities=[TEST_MODALITY],
-    )
-    assert orthanc.credentials is not None
-    user, password = orthanc.credentials
-    settings = {
-        "dicomweb_url": orthanc.dicomweb_url,
-        "worklist_dir": worklists,
-        "pacs_username": user,
-        "pacs_password": password,
-        "worklist_procedure_map": site_map,
-        "worklist_stations": {"MR": "MR-SCANNER-1"},
-    }
-    with orthanc, serve(settings) as server:
-        yield server, orthanc, worklists
+    with facade_with_worklist_folder(
+        tmp_path_factory,
+        "procedures",
+        worklist_procedure_map=site_map,
+        worklist_stations={"MR": "MR-SCANNER-1"},
+    ) as running:
+        yield running
 
 
 def ehr_order(accession: str, coding: dict[str, str], text: str) -> dict[str, Any]:
