@@ -152,6 +152,12 @@ class AuthorizingProvider(ResourceProvider):
         for resource in resources:
             for kind, target_id in self._patient_specific_targets(resource):
                 wanted.setdefault(kind, set()).add(target_id)
+        return await self._fetch_by_ids(wanted)
+
+    async def _fetch_by_ids(self, wanted: Mapping[str, set[str]]) -> dict[str, dict[str, Any]]:
+        """The current resources named in `wanted` (type -> ids), by "Type/id", with one `_id` search per
+        type on the unwrapped providers (the server's authority), run together. A resource that does
+        not exist or is deleted is simply absent."""
 
         async def fetch(kind: str, ids: set[str]) -> list[dict[str, Any]]:
             peer = self._peers[kind]
@@ -165,7 +171,7 @@ class AuthorizingProvider(ResourceProvider):
                     default_count=len(ids),
                     max_count=len(ids),
                 )
-            except FhirError:  # an id no search can name: such targets stay unknown (not the patient's)
+            except FhirError:  # an id no search can name: such resources stay unknown
                 return []
             return (await peer.search(request)).matches
 
@@ -238,18 +244,6 @@ class AuthorizingProvider(ResourceProvider):
                 authenticated_caller().who,
             )
             raise self._unknown(str(resource.get("id")))
-
-    async def within(self, resource_id: str, patients: frozenset[str]) -> bool:
-        """Whether `resource_id` exists and lies within `patients`' compartments (or holds no patient
-        data). Scopes are not asked: a write may reference what the writer could not read itself
-        (a Task `for` a Patient, written with Task scopes only), but nothing of another patient's."""
-        try:
-            resource = await self.inner.read(resource_id)
-        except FhirError as error:
-            if error.status in (404, 410):
-                return False
-            raise
-        return await self._belongs(resource, patients)
 
     async def _inner_read(
         self, resource_id: str, patients: Confinement, queries: list[Query]
@@ -370,11 +364,20 @@ class AuthorizingProvider(ResourceProvider):
         `for` its own patient could point the analysis worklist at another patient's study (focus) or
         hand out another patient's report (output). A reference to a resource that does not exist is
         refused the same way, so the answer tells nothing about other patients' data."""
-        for path, (kind, target_id) in local_references(resource, self._base_url):
-            peer = self.authorizing_peers.get(kind)
-            if peer is None or compartment_rule(kind) is None:
-                continue  # a type that holds no patient data here (Endpoint, conformance artifacts)
-            if not await peer.within(target_id, patients):
+        # Scopes are not asked: a write may reference what the writer could not read itself (a Task
+        # `for` a Patient, written with Task scopes only), but nothing of another patient's.
+        checked = [
+            (path, kind, target_id)
+            for path, (kind, target_id) in local_references(resource, self._base_url)
+            if kind in self.authorizing_peers and compartment_rule(kind) is not None
+        ]  # other types hold no patient data here (Endpoint, conformance artifacts)
+        wanted: dict[str, set[str]] = {}
+        for _, kind, target_id in checked:
+            wanted.setdefault(kind, set()).add(target_id)
+        found = await self._fetch_by_ids(wanted)
+        for path, kind, target_id in checked:
+            target = found.get(f"{kind}/{target_id}")
+            if target is None or not await self.authorizing_peers[kind]._belongs(target, patients):
                 log.info(
                     "Refused a %s write by %s referencing %s/%s at %s",
                     self.resource_type,
