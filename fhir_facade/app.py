@@ -15,10 +15,11 @@ from starlette.concurrency import run_in_threadpool
 
 from fhir_facade import __version__
 from fhir_facade.analyze.runtime import AnalyzeRuntime
-from fhir_facade.audit import install_audit
+from fhir_facade.audit import audit_recorder, audit_stage, install_audit
+from fhir_facade.auth.access import current_access
 from fhir_facade.auth.dependency import Authenticator, bearer_validator
 from fhir_facade.auth.discovery import AuthorizationEndpoints, build_discovery_router, capability_security
-from fhir_facade.auth.enforcement import authorizing_providers
+from fhir_facade.auth.enforcement import AuthorizationStage
 from fhir_facade.auth.operations import analyze_guard, server_admin_guard
 from fhir_facade.auth.tokens import StaticKeys
 from fhir_facade.config import Settings
@@ -29,15 +30,17 @@ from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy_router
 from fhir_facade.fhir.errors import FhirError
 from fhir_facade.fhir.openapi import install_openapi
+from fhir_facade.fhir.pipeline import EventBus, Origin, Pipeline, PipelinedProvider, Stage, origin_scope
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
 from fhir_facade.metrics import metrics_router
 from fhir_facade.resources.artifacts import artifact_providers
-from fhir_facade.resources.base import ResourceProvider
 from fhir_facade.resources.endpoint import EndpointProvider
 from fhir_facade.resources.imaging_study import ImagingStudyProvider, OrdersByAccession
+from fhir_facade.resources.order_worklist import OrderWorklist
 from fhir_facade.resources.patient import PatientProvider
 from fhir_facade.resources.stored import StoredResourceProvider, stored_providers
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
@@ -48,7 +51,7 @@ from fhir_facade.sync.runtime import SyncRuntime
 from fhir_facade.sync.unconfigured import build_unconfigured_sync_router
 from fhir_facade.watcher import StudyArrivalWatcher, TaskRule
 from fhir_facade.watcher.arrival_tasks import ArrivalTaskCreator
-from fhir_facade.watcher.change_feed import ArrivedStudy
+from fhir_facade.watcher.change_feed import StudyArrived
 from fhir_facade.worklist import WorklistFolder, bundled_catalogue
 
 __all__ = ["create_app"]
@@ -144,26 +147,41 @@ class _RunningWatcher:
         await self._task
 
 
-def _start_watcher(
-    settings: Settings,
-    orthanc: OrthancRestClient | None,
-    store: ResourceStore,
-    providers: list[ResourceProvider],
-) -> _RunningWatcher | None:
-    """Study arrival -> Task, when Orthanc's REST API is configured and watching is on."""
-    if orthanc is None or not settings.watch_studies:
-        return None
-    by_type = {p.resource_type: p for p in providers}
+def _subscribe_to_arrivals(
+    settings: Settings, bus: EventBus, store: ResourceStore, visible: list[PipelinedProvider]
+) -> None:
+    """What happens when a study arrives: an analysis Task (written through the pipeline, as the
+    server's own work) and, when the upstream mirrors the PACS, a snapshot in the outbox."""
+    by_type = {p.resource_type: p for p in visible}
     creator = ArrivalTaskCreator(
         by_type["Task"], by_type["ServiceRequest"], TaskRule(settings.task_modalities), settings.base_url
     )
-    on_study: Callable[[ArrivedStudy], Awaitable[None]] = creator
+
+    async def create_task(study: StudyArrived) -> None:
+        with origin_scope(Origin.INTERNAL):
+            await creator(study)
+
+    bus.subscribe(StudyArrived, create_task)
     if settings.fhir_upstream_url and settings.sync_mirror_studies:
         queue = OutboxQueue(store.engine)
 
-        async def on_study(study: ArrivedStudy) -> None:
-            await creator(study)
+        async def mirror(study: StudyArrived) -> None:
             await run_in_threadpool(queue.enqueue_snapshot, "ImagingStudy", study.study_uid)
+
+        bus.subscribe(StudyArrived, mirror)
+
+
+def _start_watcher(
+    settings: Settings, orthanc: OrthancRestClient | None, store: ResourceStore, bus: EventBus
+) -> _RunningWatcher | None:
+    """Publish each stable study of Orthanc's change feed as StudyArrived, when Orthanc's REST API is
+    configured and watching is on. Published strictly: the feed position moves on only once every
+    subscriber took the study (they are idempotent, the watcher delivers at least once)."""
+    if orthanc is None or not settings.watch_studies:
+        return None
+
+    async def on_study(study: StudyArrived) -> None:
+        await bus.publish(study, strict=True)
 
     positions = SqlFeedPositionStore(store.engine, f"orthanc-changes:{settings.orthanc_url}")
     watcher = StudyArrivalWatcher(orthanc, positions, on_study, poll_interval=settings.watch_poll_interval)
@@ -204,7 +222,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     proxy = DicomwebProxyClient.from_settings(settings)
     ctx = mapping_context(settings)
-    store = ResourceStore(open_store_engine(settings), outbox=settings.fhir_upstream_url is not None)
+    bus = EventBus()  # after-commit events for every consumer (ADR 0022)
+    store = ResourceStore(open_store_engine(settings), bus=bus)
     patients = PatientProvider(dicomweb, ctx, records=StoredResourceProvider("Patient", store))
     worklist = WorklistFolder(settings.worklist_dir) if settings.worklist_dir else None
     # The procedure catalogue (ADR 0018): bundled ConceptMap, then the site's, whose entries win.
@@ -231,15 +250,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else None
     )
     # Every caller-facing path (router, Bundles, includes, $analyze, its jobs and the worklist acting
-    # for a client) sees the providers through the one authorization point (ADR 0009).
-    visible = authorizing_providers(providers, settings.base_url)
+    # for a client) sees the providers through the interaction pipeline, whose first stage is the one
+    # authorization point (ADR 0009, ADR 0022).
+    authorization = AuthorizationStage(providers, settings.base_url)
+    recorder = audit_recorder(settings, store)
+    # The audit first: it records the interactions the authorization refuses too.
+    stages: list[Stage] = [audit_stage(settings, recorder), authorization] if recorder else [authorization]
+    pipeline = Pipeline(stages, bus, current_access.get)
+    visible = pipeline.wrap(providers)
+    atomic = atomic_scope(store)  # one per store: it bounds the transactions open at once
+    _subscribe_to_arrivals(settings, bus, store, visible)
+    if worklist is not None:
+        OrderWorklist(
+            worklist,
+            _quiet_reader(patients),
+            next(p for p in visible if p.resource_type == "Task"),
+            station=settings.worklist_station_ae_title,
+            stations=settings.worklist_stations,
+            catalogue=catalogue,
+        ).subscribe(bus)
     analyze = (
         AnalyzeRuntime(
             settings,
             qido=dicomweb,
-            store=store,
+            atomic=atomic,
             providers={p.resource_type: p for p in providers},
             visible={p.resource_type: p for p in visible},
+            authorization=authorization,
         )
         if settings.analyze_enabled
         else None
@@ -255,7 +292,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await proxy.open()
         if orthanc:
             await orthanc.open()
-        watching = _start_watcher(settings, orthanc, store, providers)
+        watching = _start_watcher(settings, orthanc, store, bus)
         if analyze:
             await analyze.start()
         if sync:
@@ -294,12 +331,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.orthanc = orthanc
     app.state.store = store
     app.state.providers = providers
+    app.state.pipeline = pipeline
     app.state.analyze = analyze
     app.state.sync = sync
     install_error_handlers(app)
     # Inside the audit (refusals are audited like any 4xx), outside everything that reads a body.
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
-    audit = install_audit(app, settings, store)  # inside CORS: preflights are not audited
+    audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
     operations = analyze.operations if analyze else None
     authenticate, security = _install_security(app, settings)
     guarded = [Depends(authenticate)]
@@ -312,9 +350,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         guard = analyze_guard(studies, tasks, settings.base_url)
         app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
     app.include_router(
-        build_fhir_router(
-            visible, settings, atomic_scope(store), operations, authenticate=authenticate, security=security
-        )
+        build_fhir_router(visible, settings, atomic, operations, authenticate=authenticate, security=security)
     )
     app.include_router(
         build_dicomweb_proxy_router(settings, proxy, max_stow_bytes=settings.limits_max_stow_body_bytes),

@@ -13,12 +13,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from fhir_facade.analyze.jobs import AnalysisJobs
 from fhir_facade.fhir.errors import FhirError, bad_request
 from fhir_facade.fhir.negotiation import negotiate_response_format
 from fhir_facade.fhir.openapi import error_responses
+from fhir_facade.fhir.pipeline import Origin, enter_origin
 from fhir_facade.fhir.prefer import prefers_async
 from fhir_facade.fhir.request_body import read_resource
 from fhir_facade.fhir.responses import fhir_response
@@ -65,8 +66,13 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
+async def _as_operation() -> None:
+    """What the routes below read and write is done by the `$analyze` operation (pipeline origin)."""
+    enter_origin(Origin.OPERATION)
+
+
 def build_analyze_router(jobs: AnalysisJobs, base_url: str) -> APIRouter:
-    router = APIRouter(prefix="/fhir")
+    router = APIRouter(prefix="/fhir", dependencies=[Depends(_as_operation)])
 
     def status_url(task_id: str) -> str:
         return f"{base_url}/{JOBS_PATH}/{task_id}"

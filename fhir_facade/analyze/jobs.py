@@ -32,13 +32,14 @@ from typing import Any
 
 from fhir_facade.analyze.service import AnalysisOutcome, Analyzer
 from fhir_facade.auth.access import Access, acting_as, current_access
-from fhir_facade.auth.enforcement import AuthorizingProvider
+from fhir_facade.auth.enforcement import AuthorizationStage
 from fhir_facade.auth.operations import check_analysis_rights
 from fhir_facade.auth.scopes import Interaction
 from fhir_facade.correlation import correlation_scope
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM, FhirError, Issue, conflict, internal_error, not_found
+from fhir_facade.fhir.pipeline import Origin, PipelinedProvider, enter_origin
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import parse_search
-from fhir_facade.resources.base import ResourceProvider
 from fhir_facade.resources.stored import StoredResourceProvider
 from fhir_facade.watcher.arrival_tasks import ANALYZE_CODE, TASK_CODE_SYSTEM
 
@@ -106,17 +107,20 @@ class AnalysisJobs:
         self,
         analyzer: Analyzer,
         tasks: StoredResourceProvider,
-        visible: Mapping[str, AuthorizingProvider],
+        visible: Mapping[str, PipelinedProvider],
+        authorization: AuthorizationStage,
         *,
         workers: int,
         base_url: str,
     ) -> None:
         """`tasks`: the store's Task provider (job Tasks are the server's records). `visible`: the
-        authorizing providers, through which everything is read that a caller is handed or that the
-        worklist acts on for a client."""
+        pipelined providers, through which everything is read that a caller is handed or that the
+        worklist acts on for a client; `authorization`: the pipeline's authorization stage, for the
+        checks a job makes before it acts."""
         self.analyzer = analyzer
         self._tasks = tasks
         self._visible = visible
+        self._authorization = authorization
         self._reports = visible["DiagnosticReport"]
         self._studies = visible["ImagingStudy"]
         self._base_url = base_url
@@ -248,6 +252,7 @@ class AnalysisJobs:
         return job
 
     async def _run(self, job: AnalysisJob, task: dict[str, Any]) -> AnalysisOutcome:
+        enter_origin(Origin.INTERNAL)  # the job's own task: work done for the client it runs as
         try:
             async with self._slots:
                 return await self.analyzer.analyze(
@@ -395,7 +400,7 @@ class AnalysisJobs:
             await check_analysis_rights(self._studies, study_id)
             patients = requester.confinement(Interaction.READ, "ImagingStudy")
             if patients is not None:
-                await self._visible["Task"].check_references(task, patients)
+                await self._authorization.check_references("Task", task, patients)
         except FhirError as error:
             issue = error.issues[0]
             log.warning("Analysis Task %s refused for %s: %s", task["id"], requester.who, issue.diagnostics)

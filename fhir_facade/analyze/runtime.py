@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from fastapi import APIRouter
@@ -15,14 +17,14 @@ from fhir_facade.analyze.inference import create_backend
 from fhir_facade.analyze.jobs import AnalysisJobs
 from fhir_facade.analyze.manifest import load_manifests
 from fhir_facade.analyze.service import Analyzer
-from fhir_facade.auth.enforcement import AuthorizingProvider
+from fhir_facade.auth.enforcement import AuthorizationStage
 from fhir_facade.config import Settings
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.stow import StowClient
 from fhir_facade.dicomweb.wado import WadoClient
-from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.fhir.pipeline import PipelinedProvider
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.resources.stored import StoredResourceProvider
-from fhir_facade.store import ResourceStore
 
 __all__ = ["ANALYZE_OPERATION", "AnalyzeRuntime"]
 
@@ -42,13 +44,14 @@ class AnalyzeRuntime:
         settings: Settings,
         *,
         qido: DicomwebClient,
-        store: ResourceStore,
+        atomic: Callable[[], AbstractAsyncContextManager[None]],
         providers: dict[str, ResourceProvider],
-        visible: dict[str, AuthorizingProvider],
+        visible: dict[str, PipelinedProvider],
+        authorization: AuthorizationStage,
     ) -> None:
-        """`providers`: the unwrapped providers (the analyzer reads and writes on the server's behalf
-        once a job is authorized); `visible`: the authorizing ones, for what callers are handed and for
-        checking a job's rights."""
+        """`providers`: the unwrapped providers (the analyzer reads on the server's behalf once a job is
+        authorized); `visible`: the pipelined ones, for what callers are handed, for checking a job's
+        rights and for writing results; `atomic`: the store transaction a result is written in."""
         self._settings = settings
         manifests = load_manifests()
         if settings.analyze_default_model not in manifests:
@@ -75,7 +78,8 @@ class AnalyzeRuntime:
             qido=qido,
             wado=self.wado,
             stow=self.stow,
-            store=store,
+            writers=visible,
+            atomic=atomic,
             # presentedForm.url: a link the caller follows with its own token (ADR 0016)
             link_base=settings.dicomweb_link_url,
             timeout=settings.analyze_timeout,
@@ -86,6 +90,7 @@ class AnalyzeRuntime:
             self.analyzer,
             tasks,
             visible,
+            authorization,
             workers=settings.analyze_workers,
             base_url=settings.base_url,
         )

@@ -20,7 +20,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -47,6 +48,7 @@ from fhir_facade.analyze.pixels import (
     select_for_study,
 )
 from fhir_facade.analyze.result import AnalysisResult, ScoredInstance
+from fhir_facade.auth.access import on_server_authority
 from fhir_facade.dicomweb.client import DicomwebClient, DicomwebError, DicomwebUnavailable
 from fhir_facade.dicomweb.stow import StowClient
 from fhir_facade.dicomweb.wado import WadoClient
@@ -59,7 +61,8 @@ from fhir_facade.fhir.errors import (
     fhir_mapping_error,
     unprocessable,
 )
-from fhir_facade.resources.base import ResourceProvider
+from fhir_facade.fhir.pipeline import Origin, origin_scope
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.store import ResourceStore
 
 __all__ = ["AnalysisOutcome", "Analyzer", "Progress"]
@@ -99,7 +102,8 @@ class Analyzer:
         qido: DicomwebClient,
         wado: WadoClient,
         stow: StowClient | None,
-        store: ResourceStore,
+        writers: Mapping[str, ResourceProvider],
+        atomic: Callable[[], AbstractAsyncContextManager[None]],
         link_base: str,
         timeout: float | None = None,
     ) -> None:
@@ -110,7 +114,8 @@ class Analyzer:
         self._qido = qido
         self._wado = wado
         self._stow = stow
-        self._store = store
+        self._writers = writers  # the pipelined providers
+        self._atomic = atomic
         self._link_base = link_base
         self._timeout = timeout
 
@@ -178,7 +183,7 @@ class Analyzer:
             await self._store_sr(study_uid, sr_dataset)
         lap("stow")
         completed_task = _completed_task(task, resources) if task else None
-        await asyncio.to_thread(self._persist, resources, completed_task)
+        await self._persist(resources, completed_task)
         lap("store")
         seconds = time.perf_counter() - started
         log.info(
@@ -353,15 +358,29 @@ class Analyzer:
             raise fhir_mapping_error(f"The result could not be expressed as FHIR: {exc}") from exc
         return resources
 
-    def _persist(self, resources: AnalysisResources, task: dict[str, Any] | None) -> None:
-        """Everything of one result in one transaction: all stored, or none."""
-        with self._store.transaction():
-            if not self._store.exists("Device", resources.device["id"]):
-                self._store.update(resources.device)
-            for resource in (*resources.observations, resources.report, resources.provenance):
-                self._store.update(resource)
-            if task is not None:
-                self._store.update(task)
+    async def _persist(self, resources: AnalysisResources, task: dict[str, Any] | None) -> None:
+        """Everything of one result in one transaction: all stored, or none. Written through the
+        pipeline as the server's own work (the job was authorized before it ran), so the result's
+        consumers (outbox, subscriptions) hear of each resource after the commit."""
+        writes = [*resources.observations, resources.report, resources.provenance]
+        if task is not None:
+            writes.append(task)
+        with on_server_authority(), origin_scope(Origin.INTERNAL):
+            async with self._atomic():
+                if not await self._exists(resources.device):
+                    writes.insert(0, resources.device)
+                for resource in writes:
+                    writer = self._writers[resource["resourceType"]]
+                    await writer.update(resource["id"], resource, if_match=None)
+
+    async def _exists(self, resource: dict[str, Any]) -> bool:
+        try:
+            await self._writers[resource["resourceType"]].read(resource["id"])
+        except FhirError as error:
+            if error.status in (404, 410):
+                return False
+            raise
+        return True
 
 
 async def _one_ahead(items: AsyncGenerator[T, None]) -> AsyncIterator[T]:

@@ -61,6 +61,9 @@ _QUERY_ROLE: Final = {"system": _OBJECT_ROLE, "code": "24", "display": "Query"}
 _OPERATION_TYPE: Final = {"system": "http://hl7.org/fhir/resource-types", "code": "OperationDefinition"}
 _STUDY_UID_TYPE: Final = {"system": DCM, "code": "110180", "display": "Study Instance UID"}
 _CLIENT_TYPE: Final = {"system": DCM, "code": "110153", "display": "Source Role ID"}
+#: The server acting on its own (an arrival Task, a scheduling Task): DICOM "Application" (PS3.16 CID 402).
+_SERVER_TYPE: Final = {"system": DCM, "code": "110150", "display": "Application"}
+SERVER_AGENT: Final = "fhir-facade (the server itself)"
 _USER_TYPE: Final = {
     "system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
     "code": "humanuser",
@@ -103,8 +106,15 @@ def _network(address: str | None) -> dict[str, Any]:
 
 
 def _agents(
-    access: Access | None, status: int | None, address: str | None, subject_system: str | None, base_url: str
+    access: Access | None,
+    status: int | None,
+    address: str | None,
+    subject_system: str | None,
+    base_url: str,
+    by_server: bool = False,
 ) -> list[dict[str, Any]]:
+    if access is None and by_server:
+        return [{"type": _coding(_SERVER_TYPE), "who": {"display": SERVER_AGENT}, "requestor": True}]
     if access is None or not access.enforced:
         why = (
             "FACADE_AUTH=none"
@@ -242,6 +252,7 @@ def audit_event(
     created: str | None = None,
     subject_system: str | None = None,
     base_url: str = "",
+    origin: str | None = None,
 ) -> dict[str, Any]:
     """The AuditEvent of one request (see the module docstring for where each fact goes).
 
@@ -249,7 +260,9 @@ def audit_event(
     authenticating dependency recorded it (None: it did not run or refused the token);
     `created` the `Type/id` a create answered with (its Location); `subject_system` the
     Identifier.system of token subjects (the issuer); `base_url` our FHIR base, stripped from a
-    fhirUser on this server so it becomes a relative, searchable reference."""
+    fhirUser on this server so it becomes a relative, searchable reference. `origin`: the pipeline
+    origin of an interaction recorded by the audit stage (bundle-entry, operation, internal), said in
+    outcomeDesc; for `internal` without `access` the requestor is the server itself."""
     if not site:
         raise ValueError("site must name this server (e.g. its public root URL)")
     phrase = _phrase(status)
@@ -261,8 +274,10 @@ def audit_event(
         "period": {"start": _instant(started), "end": _instant(ended)},
         "recorded": _instant(ended),
         "outcome": audit_outcome(status),
-        "outcomeDesc": f"{interaction.method} {interaction.path}: {phrase}",
-        "agent": _agents(access, status, client_address, subject_system, base_url),
+        "outcomeDesc": f"{interaction.method} {interaction.path}{f' ({origin})' if origin else ''}: {phrase}",
+        "agent": _agents(
+            access, status, client_address, subject_system, base_url, by_server=origin == "internal"
+        ),
         "source": {"site": site, "observer": {"display": f"fhir-facade {site}"}, "type": [_SOURCE_TYPE]},
     }
     entities = _entities(interaction, access, created, correlation_id)

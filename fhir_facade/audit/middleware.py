@@ -20,12 +20,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fhir_facade.audit.event import audit_event
 from fhir_facade.audit.interaction import describe_interaction, is_audited, needs_body
 from fhir_facade.audit.recorder import AuditRecorder
+from fhir_facade.audit.stage import AuditStage
 from fhir_facade.auth.access import Access
 from fhir_facade.config import Settings
 from fhir_facade.correlation import current_correlation_id
 from fhir_facade.store import ResourceStore
 
-__all__ = ["AuditMiddleware", "install_audit"]
+__all__ = ["AuditMiddleware", "audit_recorder", "audit_stage", "install_audit"]
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +154,16 @@ class AuditMiddleware:
         return relative if len(parts) == 2 and all(parts) else None
 
 
-def install_audit(app: FastAPI, settings: Settings, store: ResourceStore) -> AuditRecorder | None:
-    """When `settings.audits`: add `AuditMiddleware` to `app` and return the recorder, for the
-    lifespan to `await recorder.start()` (after the store schema is upgraded) and
-    `await recorder.stop()` (before the engine is disposed: it flushes the queue). None when
-    auditing is off. The recorder is also `app.state.audit`."""
-    if not settings.audits:
+def install_audit(app: FastAPI, settings: Settings, recorder: AuditRecorder | None) -> AuditRecorder | None:
+    """When auditing is on (`recorder` given, see `audit_recorder`): add `AuditMiddleware` to `app` and
+    return the recorder, for the lifespan to `await recorder.start()` (after the store schema is
+    upgraded) and `await recorder.stop()` (before the engine is disposed: it flushes the queue).
+    The recorder is also `app.state.audit`."""
+    if recorder is None:
         return None
     existing = getattr(app.state, "audit", None)
     if isinstance(existing, AuditRecorder):
         return existing
-    recorder = AuditRecorder(store)
     app.add_middleware(
         AuditMiddleware,
         recorder=recorder,
@@ -174,3 +174,19 @@ def install_audit(app: FastAPI, settings: Settings, store: ResourceStore) -> Aud
     )
     app.state.audit = recorder
     return recorder
+
+
+def audit_recorder(settings: Settings, store: ResourceStore) -> AuditRecorder | None:
+    """The recorder of this server's AuditEvents (the middleware's and the audit stage's), or None
+    when `settings.audits` is off."""
+    return AuditRecorder(store) if settings.audits else None
+
+
+def audit_stage(settings: Settings, recorder: AuditRecorder) -> AuditStage:
+    """The pipeline stage recording what no request record covers (audit/stage.py)."""
+    return AuditStage(
+        recorder,
+        site=settings.public_root,
+        base_url=settings.base_url,
+        subject_system=settings.token_issuer if settings.auth == "smart" else None,
+    )

@@ -174,6 +174,18 @@ def acting_as(access: Access) -> Iterator[None]:
         WRITE_AUTHOR.reset(tokens[1])
 
 
+@contextmanager
+def on_server_authority() -> Iterator[None]:
+    """Run the enclosed interactions as the server itself (no caller: the pipeline's authorization
+    lets them through only as internal work), keeping the version author: what an authorized job
+    writes as its result (the analyzer's report, Observations, Provenance) is still the client's."""
+    token = current_access.set(None)
+    try:
+        yield
+    finally:
+        current_access.reset(token)
+
+
 def access_of(connection: HTTPConnection) -> Access | None:
     """The Access the authenticating dependency stored on this request, if it ran."""
     return getattr(connection.state, "access", None)

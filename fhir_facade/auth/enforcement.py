@@ -1,7 +1,8 @@
-"""Scope enforcement and patient confinement around a resource provider.
+"""Scope enforcement and patient confinement: the authorization stage of the interaction pipeline.
 
-``AuthorizingProvider`` wraps the provider of one type and answers every interaction only as far as
-the caller's Access (``current_access``) allows it:
+``AuthorizationStage`` is the first stage every interaction passes (fhir_facade/fhir/pipeline); its
+``TypeAuthorizer`` for the interaction's type lets it through only as far as the caller's Access
+(``current_access``) allows it:
 
 - the SMART permission for the interaction must be granted (403 insufficient_scope otherwise);
 - when only `patient/` scopes grant it, the request is confined to the token's patient: searches get
@@ -16,10 +17,10 @@ the caller's Access (``current_access``) allows it:
   answers alike (404), so nothing about other patients' resources can be learnt from the errors.
 
 The router, Bundle entries, `_include`/`_revinclude`, `$analyze` and its jobs, and the analysis worklist
-(which runs a Task with the rights of the client that requested it) all reach providers through this
-wrapper, so they share one set of checks (docs/adr/0009-one-authorization-point.md lists every path).
-Only the server's own background work (the change feed's arrival Tasks, sync) uses the unwrapped
-providers.
+(which runs a Task with the rights of the client that requested it) all reach providers through the
+pipeline, so they share one set of checks (docs/adr/0009-one-authorization-point.md lists every path).
+An interaction with no caller passes only when the server itself does it (origin INTERNAL: arrival
+Tasks, the worklist's scheduling Tasks); any other path without a caller fails closed (401).
 """
 
 from __future__ import annotations
@@ -39,38 +40,42 @@ from fhir_facade.auth.compartment import (
 from fhir_facade.auth.scopes import Interaction, Query
 from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.errors import FhirError, forbidden, not_found, unprocessable
+from fhir_facade.fhir.pipeline import (
+    Call,
+    Create,
+    Delete,
+    History,
+    InteractionContext,
+    Origin,
+    Proceed,
+    Read,
+    Search,
+    Update,
+    Vread,
+)
+from fhir_facade.fhir.provider import ResourceProvider, WriteResult
 from fhir_facade.fhir.search import SearchRequest, parse_search
-from fhir_facade.resources.base import ResourceProvider, WriteResult
 
-__all__ = ["AuthorizingProvider", "authorizing_providers"]
+__all__ = ["AuthorizationStage", "TypeAuthorizer"]
 
 log = logging.getLogger(__name__)
 
 
-class AuthorizingProvider(ResourceProvider):
-    """The provider of one type, answering only what the current caller may see and do."""
+class TypeAuthorizer:
+    """The decisions for one resource type: what the current caller may see and do with it.
+
+    `inner` is the type's own provider; the authorizer reads through it on the server's authority
+    (the current version before a write, Provenance targets), never through the pipeline.
+    """
 
     def __init__(self, inner: ResourceProvider, peers: Mapping[str, ResourceProvider], base_url: str) -> None:
         self.inner = inner
         self._peers = peers  # the unwrapped providers, for Provenance targets and referenced resources
-        #: The authorizing view of every type (filled by `authorizing_providers`), for write references.
-        self.authorizing_peers: Mapping[str, AuthorizingProvider] = {}
+        #: Every type's authorizer (filled by `AuthorizationStage`), for write references.
+        self.authorizing_peers: Mapping[str, TypeAuthorizer] = {}
         self._base_url = base_url
         self._rule = compartment_rule(inner.resource_type)
-        self.resource_type = inner.resource_type  # type: ignore[misc]
-        self.profile = inner.profile  # type: ignore[misc]
-        self.documentation = inner.documentation  # type: ignore[misc]
-        self.search_params = inner.search_params  # type: ignore[misc]
-        self.sortable = inner.sortable  # type: ignore[misc]
-        self.include_paths = inner.include_paths  # type: ignore[misc]
-
-    @property
-    def interactions(self) -> tuple[str, ...]:
-        return self.inner.interactions
-
-    @property
-    def search_param_map(self) -> dict[str, Any]:
-        return self.inner.search_param_map
+        self.resource_type = inner.resource_type
 
     # -- decisions -------------------------------------------------------------------------------
 
@@ -245,39 +250,37 @@ class AuthorizingProvider(ResourceProvider):
             )
             raise self._unknown(str(resource.get("id")))
 
-    async def _inner_read(
-        self, resource_id: str, patients: Confinement, queries: list[Query]
+    async def _restricted_read(
+        self, resource_id: str, patients: Confinement, queries: list[Query], read: Proceed
     ) -> dict[str, Any]:
-        """The inner read; for a restricted caller "not there" and "deleted" answer like "not yours"."""
+        """`read()`; for a restricted caller "not there" and "deleted" answer like "not yours"."""
         try:
-            return await self.inner.read(resource_id)
+            return await read()
         except FhirError as error:
             if (patients is not None or queries) and error.status in (404, 410):
                 raise self._unknown(resource_id) from None
             raise
 
-    # -- interactions ----------------------------------------------------------------------------
+    # -- interactions: each runs `proceed` (the rest of the pipeline) when the caller may ---------------
 
-    async def read(self, resource_id: str) -> dict[str, Any]:
+    async def read(self, resource_id: str, proceed: Proceed) -> dict[str, Any]:
         patients, queries = self._grant(Interaction.READ)
-        resource = await self._inner_read(resource_id, patients, queries)
+        resource = await self._restricted_read(resource_id, patients, queries, proceed)
         await self._check_visible(resource, patients, queries)
         return resource
 
-    async def vread(self, resource_id: str, version_id: str) -> dict[str, Any]:
+    async def vread(self, resource_id: str, proceed: Proceed) -> dict[str, Any]:
         patients, queries = self._grant(Interaction.READ)
         if queries:
-            await self._check_visible(await self._inner_read(resource_id, patients, queries), None, queries)
-        try:
-            resource = await self.inner.vread(resource_id, version_id)
-        except FhirError as error:
-            if patients is not None and error.status in (404, 410):
-                raise self._unknown(resource_id) from None
-            raise
+            current = await self._restricted_read(
+                resource_id, patients, queries, lambda: self.inner.read(resource_id)
+            )
+            await self._check_visible(current, None, queries)
+        resource = await self._restricted_read(resource_id, patients, [], proceed)
         await self._check_visible(resource, patients, [])
         return resource
 
-    async def search(self, request: SearchRequest) -> SearchResult:
+    async def search(self, request: SearchRequest, proceed: Proceed) -> SearchResult:
         patients, queries = self._grant(Interaction.SEARCH)
         if patients is not None and not patients:
             return SearchResult([], 0, False)  # a user with no patients: nothing to find, nothing to ask
@@ -288,7 +291,7 @@ class AuthorizingProvider(ResourceProvider):
         if len(queries) == 1:
             request.clauses += self._parse(list(queries[0])).clauses
             queries = []
-        result = await self.inner.search(request)
+        result: SearchResult = await proceed()  # runs the narrowed `request`
         if patients is None and not queries:
             return result
         allowed = await self._matches_narrowing([m["id"] for m in result.matches], queries)
@@ -312,23 +315,22 @@ class AuthorizingProvider(ResourceProvider):
         prefix = "" if self.resource_type == "Patient" else "Patient/"
         return ",".join(prefix + patient for patient in sorted(patients))
 
-    async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, resource: dict[str, Any], proceed: Proceed) -> dict[str, Any]:
         patients, queries = self._grant(Interaction.CREATE)
         self._refuse_narrowed_write(queries)
         if patients is not None:
             if not await self._owned(resource, patients):
                 raise self._not_theirs("create")
             await self.check_references(resource, patients)
-        return await self.inner.create(resource)
+        return await proceed()
 
-    async def update(
-        self, resource_id: str, resource: dict[str, Any], *, if_match: str | None
-    ) -> WriteResult:
+    async def update(self, call: Update, proceed: Proceed) -> WriteResult:
         """Update needs `u`; an update that creates the resource (update-as-create, and the creates of a
         transaction, which run as updates under server-assigned ids) needs `c` instead."""
         if not authenticated_caller().enforced:
-            return await self.inner.update(resource_id, resource, if_match=if_match)
-        existing = await self._existing(resource_id)
+            return await proceed()
+        resource_id, resource = call.id, call.resource
+        existing = await call.current()
         patients, queries = self._grant(Interaction.UPDATE if existing else Interaction.CREATE)
         self._refuse_narrowed_write(queries)
         if patients is not None:
@@ -339,7 +341,7 @@ class AuthorizingProvider(ResourceProvider):
             if not await self._owned({**resource, "id": resource_id}, patients):
                 raise self._not_theirs("write")
             await self.check_references(resource, patients)
-        return await self.inner.update(resource_id, resource, if_match=if_match)
+        return await proceed()
 
     def _not_theirs(self, verb: str) -> FhirError:
         return forbidden(
@@ -408,11 +410,12 @@ class AuthorizingProvider(ResourceProvider):
                 return None
             raise
 
-    async def delete(self, resource_id: str) -> None:
+    async def delete(self, call: Delete, proceed: Proceed) -> None:
         patients, queries = self._grant(Interaction.DELETE)
         self._refuse_narrowed_write(queries)
+        resource_id = call.id
         if patients is not None:
-            existing = await self._existing(resource_id)
+            existing = await call.current()
             if existing is not None:
                 await self._check_writable(existing, patients)
             else:
@@ -421,7 +424,7 @@ class AuthorizingProvider(ResourceProvider):
                 previous = await self._last_content(resource_id)
                 if previous is None or not await self._belongs(previous, patients):
                     raise self._unknown(resource_id)
-        await self.inner.delete(resource_id)
+        await proceed()
 
     def _refuse_narrowed_write(self, queries: list[Query]) -> None:
         if queries:
@@ -430,24 +433,22 @@ class AuthorizingProvider(ResourceProvider):
                 "ask for an unnarrowed write scope"
             )
 
-    async def history(
-        self, resource_id: str | None, count: int, offset: int
-    ) -> tuple[list[dict[str, Any]], int]:
+    async def history(self, resource_id: str | None, proceed: Proceed) -> tuple[list[dict[str, Any]], int]:
         interaction = Interaction.READ if resource_id else Interaction.SEARCH
         patients, queries = self._grant(interaction)
         if queries:
             raise forbidden(f"History of {self.resource_type} is not available to query-narrowed scopes")
         if patients is None:
-            return await self.inner.history(resource_id, count, offset)
+            return await proceed()
         if resource_id is not None:
-            return await self._instance_history(resource_id, count, offset, patients)
-        entries, _ = await self.inner.history(None, count, offset)
+            return await self._instance_history(resource_id, patients, proceed)
+        entries, _ = await proceed()
         kept = await self._belonging([e for e in entries if not e.get("_deleted")], patients)
         # The inner total counts every patient's versions (also on an empty `_count=0` page).
         return kept, len(kept)
 
     async def _instance_history(
-        self, resource_id: str, count: int, offset: int, patients: frozenset[str]
+        self, resource_id: str, patients: frozenset[str], proceed: Proceed
     ) -> tuple[list[dict[str, Any]], int]:
         """The versions of one resource that are the patient's, and its deletions.
 
@@ -460,7 +461,7 @@ class AuthorizingProvider(ResourceProvider):
         if current is None:
             raise self._unknown(resource_id)
         await self._check_visible(current, patients, [])
-        entries, total = await self.inner.history(resource_id, count, offset)
+        entries, total = await proceed()
         visible = await self._belonging([e for e in entries if not e.get("_deleted")], patients)
         kept = [e for e in entries if e.get("_deleted") or any(e is v for v in visible)]
         return kept, total - (len(entries) - len(kept))
@@ -477,11 +478,43 @@ class AuthorizingProvider(ResourceProvider):
         return next((e for e in entries if not e.get("_deleted")), None)
 
 
-def authorizing_providers(providers: Sequence[ResourceProvider], base_url: str) -> list[AuthorizingProvider]:
-    """Each provider wrapped in an AuthorizingProvider: the view of them every caller-facing path uses."""
-    peers = {p.resource_type: p for p in providers}
-    wrapped = [AuthorizingProvider(p, peers, base_url) for p in providers]
-    by_type = {w.resource_type: w for w in wrapped}
-    for provider in wrapped:
-        provider.authorizing_peers = by_type
-    return wrapped
+class AuthorizationStage:
+    """The pipeline stage that decides, for every interaction, what its caller may see and do.
+
+    An interaction without a caller is the server's own work and passes only when it says so (origin
+    INTERNAL); anywhere else a missing caller fails closed (`authenticated_caller` answers 401).
+    """
+
+    def __init__(self, providers: Sequence[ResourceProvider], base_url: str) -> None:
+        peers = {p.resource_type: p for p in providers}
+        self.authorizers = {kind: TypeAuthorizer(p, peers, base_url) for kind, p in peers.items()}
+        for authorizer in self.authorizers.values():
+            authorizer.authorizing_peers = self.authorizers
+
+    async def around(self, context: InteractionContext, call: Call, proceed: Proceed) -> Any:
+        if context.caller is None and context.origin is Origin.INTERNAL:
+            return await proceed()
+        authorizer = self.authorizers[context.resource_type]
+        match call:
+            case Read():
+                return await authorizer.read(call.id, proceed)
+            case Vread():
+                return await authorizer.vread(call.id, proceed)
+            case Search(request=request) if request is not None:
+                return await authorizer.search(request, proceed)
+            case History():
+                return await authorizer.history(call.id, proceed)
+            case Create():
+                return await authorizer.create(call.resource, proceed)
+            case Update():
+                return await authorizer.update(call, proceed)
+            case Delete():
+                return await authorizer.delete(call, proceed)
+        raise TypeError(f"No authorization rule for {type(call).__name__}")  # a new Call type needs one
+
+    async def check_references(
+        self, resource_type: str, resource: dict[str, Any], patients: frozenset[str]
+    ) -> None:
+        """Refuse `resource` (of `resource_type`) if it references anything outside `patients`: what a
+        job acting for a confined client checks before acting on a Task (analyze/jobs.py)."""
+        await self.authorizers[resource_type].check_references(resource, patients)

@@ -21,6 +21,8 @@ from fhir_facade.config import Settings
 from fhir_facade.fhir.bundles import searchset_bundle
 from fhir_facade.fhir.conditional_guard import ConditionalGuard, ConditionChanged, canonical_criteria
 from fhir_facade.fhir.errors import FhirError, bad_request, conflict, not_supported
+from fhir_facade.fhir.pipeline import Origin, origin_scope
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.fhir.write_interactions import (
     Written,
@@ -32,7 +34,6 @@ from fhir_facade.fhir.write_interactions import (
     update_resource,
     version_headers,
 )
-from fhir_facade.resources.base import ResourceProvider
 
 __all__ = ["Atomic", "process_bundle"]
 
@@ -216,7 +217,18 @@ async def process_bundle(
     settings: Settings,
     atomic: Atomic | None,
 ) -> dict[str, Any]:
-    """Process a batch or transaction and return the batch-response / transaction-response."""
+    """Process a batch or transaction and return the batch-response / transaction-response. Every entry
+    is an interaction of its own in the pipeline (origin BUNDLE_ENTRY)."""
+    with origin_scope(Origin.BUNDLE_ENTRY):
+        return await _process_bundle(bundle, providers, settings, atomic)
+
+
+async def _process_bundle(
+    bundle: dict[str, Any],
+    providers: Mapping[str, ResourceProvider],
+    settings: Settings,
+    atomic: Atomic | None,
+) -> dict[str, Any]:
     kind = bundle.get("type")
     if bundle.get("resourceType") != "Bundle" or kind not in ("batch", "transaction"):
         raise bad_request("POST [base] takes a Bundle of type batch or transaction", expression="Bundle.type")

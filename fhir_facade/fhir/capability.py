@@ -11,9 +11,9 @@ from typing import Any
 
 from fhir_facade import __version__
 from fhir_facade.config import Settings
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import SearchParamType
 from fhir_facade.package_data import data_path
-from fhir_facade.resources.base import ResourceProvider
 
 __all__ = ["capability_statement"]
 

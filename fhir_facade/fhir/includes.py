@@ -13,8 +13,8 @@ from typing import Any
 
 from fhir_facade.config import Settings
 from fhir_facade.fhir.errors import FhirError, bad_request
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import IncludeSpec, SearchRequest, parse_search
-from fhir_facade.resources.base import ResourceProvider
 
 __all__ = ["resolve_includes"]
 

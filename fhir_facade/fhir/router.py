@@ -24,6 +24,7 @@ from fhir_facade.fhir.includes import resolve_includes
 from fhir_facade.fhir.negotiation import check_request_body_type, negotiate_response_format
 from fhir_facade.fhir.openapi import error_responses
 from fhir_facade.fhir.prefer import prefers_strict_handling
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.request_body import read_resource
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.fhir.search import MAX_OFFSET, SearchParamType, parse_search
@@ -35,7 +36,6 @@ from fhir_facade.fhir.write_interactions import (
     version_headers,
     write_response,
 )
-from fhir_facade.resources.base import ResourceProvider
 
 __all__ = ["build_fhir_router"]
 

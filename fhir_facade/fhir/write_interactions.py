@@ -16,10 +16,10 @@ from fhir_facade.config import Settings
 from fhir_facade.fhir.conditional_guard import ConditionalGuard, guarded
 from fhir_facade.fhir.errors import Issue, bad_request, precondition_failed
 from fhir_facade.fhir.prefer import return_preference
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.fhir.write_warnings import collecting
-from fhir_facade.resources.base import ResourceProvider
 
 __all__ = [
     "Written",

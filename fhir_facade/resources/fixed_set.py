@@ -8,8 +8,8 @@ from typing import Any
 
 from fhir_facade.fhir.bundles import SearchResult, paged
 from fhir_facade.fhir.errors import not_found
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import SearchClause, SearchRequest
-from fhir_facade.resources.base import ResourceProvider
 
 __all__ = ["FixedSetProvider"]
 

@@ -20,6 +20,7 @@ from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.dicomweb.query import OneOf, QidoQuery, tag_values
 from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.errors import not_found
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import (
     IdentifierOfType,
     ReferenceValue,
@@ -29,7 +30,6 @@ from fhir_facade.fhir.search import (
     SearchRequest,
     TokenValue,
 )
-from fhir_facade.resources.base import ResourceProvider
 from fhir_facade.resources.dicom_search_terms import (
     DCM_SYSTEM,
     SOP_CLASS_SYSTEM,

@@ -19,6 +19,7 @@ from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.query import OneOf, QidoQuery
 from fhir_facade.fhir.bundles import SearchResult, paged
 from fhir_facade.fhir.errors import FhirError, not_found
+from fhir_facade.fhir.provider import ResourceProvider, WriteResult
 from fhir_facade.fhir.search import (
     ReferenceValue,
     SearchClause,
@@ -28,7 +29,6 @@ from fhir_facade.fhir.search import (
     StringValue,
     TokenValue,
 )
-from fhir_facade.resources.base import ResourceProvider, WriteResult
 from fhir_facade.resources.dicom_search_terms import apply_date_clause, apply_patient_clause
 from fhir_facade.resources.study_search import StudySearchPlan, find_all_studies
 

@@ -15,10 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.conditional_guard import active_guard
 from fhir_facade.fhir.errors import FhirError, Issue, method_not_allowed
+from fhir_facade.fhir.provider import ResourceProvider, WriteResult
 from fhir_facade.fhir.required_bindings import check_required_bindings
-from fhir_facade.fhir.search import SearchParamDef, SearchRequest, parse_search
-from fhir_facade.fhir.write_warnings import warn
-from fhir_facade.resources.base import ResourceProvider, WriteResult
+from fhir_facade.fhir.search import SearchParamDef, SearchRequest
 from fhir_facade.resources.task_lifecycle import check_transition, stamp_task
 from fhir_facade.store import ResourceStore, search_param_defs
 from fhir_facade.worklist import (
@@ -28,11 +27,8 @@ from fhir_facade.worklist import (
     WorklistMappingError,
     bundled_catalogue,
     is_imaging_order,
-    is_schedulable,
-    sync_service_request,
     worklist_item,
 )
-from fhir_facade.worklist.scheduling_task import SCHEDULE_CODE, scheduling_task
 
 __all__ = [
     "PERSISTENT_TYPES",
@@ -110,9 +106,7 @@ class StoredResourceProvider(ResourceProvider):
         prepared = self.prepare(resource, None)
         await self.check(prepared)
         guard = active_guard(self.resource_type, "writing")
-        stored = await run_in_threadpool(lambda: self._store.create(prepared, guard=guard))
-        await self.after_write(stored)
-        return stored
+        return await run_in_threadpool(lambda: self._store.create(prepared, guard=guard))
 
     async def update(
         self, resource_id: str, resource: dict[str, Any], *, if_match: str | None
@@ -122,13 +116,10 @@ class StoredResourceProvider(ResourceProvider):
         prepared = self.prepare({**resource, "id": resource_id}, current)
         await self.check(prepared)
         guard = active_guard(self.resource_type, "writing")
-        result = await run_in_threadpool(lambda: self._store.update(prepared, if_match, guard=guard))
-        await self.after_write(result.resource)
-        return result
+        return await run_in_threadpool(lambda: self._store.update(prepared, if_match, guard=guard))
 
     async def delete(self, resource_id: str) -> None:
         await run_in_threadpool(self._store.delete, self.resource_type, resource_id)
-        await self.after_delete(resource_id)
 
     async def history(
         self, resource_id: str | None, count: int, offset: int
@@ -147,12 +138,6 @@ class StoredResourceProvider(ResourceProvider):
 
     async def check(self, resource: dict[str, Any]) -> None:
         """Type-specific validation beyond the FHIR structure; raises FhirError (e.g. 422)."""
-
-    async def after_write(self, stored: dict[str, Any]) -> None:
-        """Side effects once a version is stored (outside the database transaction)."""
-
-    async def after_delete(self, resource_id: str) -> None:
-        """Side effects once a resource is deleted."""
 
     async def _current(self, resource_id: str) -> dict[str, Any] | None:
         try:
@@ -187,13 +172,11 @@ class TaskProvider(StoredResourceProvider):
 
 
 class ServiceRequestProvider(StoredResourceProvider):
-    """ServiceRequest: imaging orders. An active imaging order is also a DICOM Modality Worklist
-    item in Orthanc's worklist folder; revoking, completing or deleting the order removes it.
-
-    The item is checked before the order is stored (a 422 names what is missing, e.g. the start
-    time), and written after the commit: the worklist mirrors committed orders only. The modality
-    comes from a DCM coding or the procedure catalogue (ADR 0018); an order whose modality neither
-    gives is stored all the same, with a warning and a Task (code schedule) for a person.
+    """ServiceRequest: imaging orders. An active imaging order must be one the modality worklist can
+    take: the item is checked before the order is stored (a 422 names what is missing, e.g. the start
+    time). The worklist itself follows the stored orders as a consumer of the pipeline's events
+    (resources/order_worklist.py), as does the scheduling Task for an order without a modality
+    (stored all the same, ADR 0018).
     """
 
     include_paths: ClassVar[dict[str, str]] = {"patient": "subject", "subject": "subject"}
@@ -205,7 +188,6 @@ class ServiceRequestProvider(StoredResourceProvider):
         patients: PatientLookup,
         station: str,
         *,
-        tasks: StoredResourceProvider | None = None,
         catalogue: ProcedureCatalogue | None = None,
         stations: Mapping[str, str] | None = None,
     ) -> None:
@@ -213,7 +195,6 @@ class ServiceRequestProvider(StoredResourceProvider):
         self._folder = folder
         self._patients = patients
         self._station = station
-        self._tasks = tasks
         self._catalogue = catalogue if catalogue is not None else bundled_catalogue()
         self._stations = dict(stations or {})
 
@@ -223,11 +204,12 @@ class ServiceRequestProvider(StoredResourceProvider):
             return await self._patients(reference.removeprefix("Patient/"))
         return None
 
-    def _is_imaging(self, order: dict[str, Any]) -> bool:
-        return is_imaging_order(order, self._catalogue)
-
     async def check(self, resource: dict[str, Any]) -> None:
-        if self._folder is None or not self._is_imaging(resource) or resource.get("status") != "active":
+        if (
+            self._folder is None
+            or not is_imaging_order(resource, self._catalogue)
+            or resource.get("status") != "active"
+        ):
             return
         try:
             worklist_item(
@@ -238,7 +220,7 @@ class ServiceRequestProvider(StoredResourceProvider):
                 catalogue=self._catalogue,
             )
         except ModalityNotDerived:
-            return  # stored all the same; after_write asks a person to schedule it
+            return  # stored all the same; the order worklist asks a person to schedule it
         except WorklistMappingError as error:
             raise FhirError(
                 422,
@@ -250,78 +232,6 @@ class ServiceRequestProvider(StoredResourceProvider):
                     )
                 ],
             ) from error
-
-    async def after_write(self, stored: dict[str, Any]) -> None:
-        if self._folder is None or not self._is_imaging(stored):
-            return
-        folder, patient = self._folder, await self._patient(stored)
-        try:
-            outcome = await run_in_threadpool(
-                lambda: sync_service_request(
-                    folder,
-                    stored,
-                    patient,
-                    station_ae_title=self._station,
-                    stations=self._stations,
-                    catalogue=self._catalogue,
-                )
-            )
-        except ModalityNotDerived as error:
-            await self._hand_to_scheduler(stored, error)
-            return
-        log.info("Worklist item for ServiceRequest/%s: %s", stored["id"], outcome)
-
-    async def _hand_to_scheduler(self, order: dict[str, Any], error: ModalityNotDerived) -> None:
-        """No modality: no worklist item (an earlier one, from a version that had a modality, is
-        withdrawn), one open scheduling Task for the order, and a warning for the client (FHIR
-        http.html#ops, bundle.html entry.response.outcome; ADR 0018)."""
-        assert self._folder is not None and is_schedulable(order)
-        if await run_in_threadpool(self._folder.remove, order["id"]):
-            log.info("Worklist item for ServiceRequest/%s withdrawn: no modality", order["id"])
-        task_text = "no Task could be created (no Task store)"
-        if self._tasks is not None:
-            task = await self._open_scheduling_task(order["id"])
-            if task is None:
-                task = await self._tasks.create(scheduling_task(order, datetime.now(UTC)))
-                log.warning(
-                    "ServiceRequest/%s has no derivable modality; Task/%s asks to schedule it",
-                    order["id"],
-                    task["id"],
-                )
-            task_text = f"Task/{task['id']} (code schedule) asks a person to schedule it"
-        warn(
-            Issue(
-                "processing",
-                f"Stored, but not put on the modality worklist: {error}. {task_text}.",
-                severity="warning",
-                detail_code="modality_not_derived",
-                expression=(error.expression,),
-            )
-        )
-
-    async def _open_scheduling_task(self, order_id: str) -> dict[str, Any] | None:
-        """The scheduling Task already open for the order (an update must not add a second one)."""
-        assert self._tasks is not None
-        request = parse_search(
-            "Task",
-            [
-                ("focus", f"ServiceRequest/{order_id}"),
-                ("code", f"{SCHEDULE_CODE['system']}|{SCHEDULE_CODE['code']}"),
-                ("status", "draft,requested,received,accepted,ready,in-progress,on-hold"),
-            ],
-            self._tasks.search_param_map,
-            base_url="",
-            strict=True,
-            default_count=1,
-            max_count=1,
-        )
-        request.snapshot = datetime.now(UTC)
-        matches, _ = await run_in_threadpool(self._store.search, request)
-        return matches[0] if matches else None
-
-    async def after_delete(self, resource_id: str) -> None:
-        if self._folder is not None and await run_in_threadpool(self._folder.remove, resource_id):
-            log.info("Worklist item for deleted ServiceRequest/%s removed", resource_id)
 
 
 class AuditEventProvider(StoredResourceProvider):
@@ -393,7 +303,7 @@ def stored_providers(
         if resource_type == "ServiceRequest":
             providers.append(
                 ServiceRequestProvider(
-                    store, worklist, patients, station, tasks=tasks, catalogue=catalogue, stations=stations
+                    store, worklist, patients, station, catalogue=catalogue, stations=stations
                 )
             )
             continue

@@ -38,7 +38,8 @@ def open_transaction_limit(engine: Engine) -> int:
 
 
 def atomic_scope(store: ResourceStore) -> Callable[[], AbstractAsyncContextManager[None]]:
-    """A factory of async contexts in which every store call commits together or not at all."""
+    """A factory of async contexts in which every store call commits together or not at all. The
+    events of the interactions inside (store.bus) are published after the commit, or never."""
     turns = asyncio.Semaphore(open_transaction_limit(store.engine))
 
     @asynccontextmanager
@@ -46,13 +47,15 @@ def atomic_scope(store: ResourceStore) -> Callable[[], AbstractAsyncContextManag
         async with turns:
             connection = await run_in_threadpool(store.begin_transaction)
             token = AMBIENT_TRANSACTION.set(connection)
-            try:
-                yield
-            except BaseException:
+            with store.bus.deferral() as events:
+                try:
+                    yield
+                except BaseException:
+                    AMBIENT_TRANSACTION.reset(token)
+                    await run_in_threadpool(store.end_transaction, connection, commit=False)
+                    raise
                 AMBIENT_TRANSACTION.reset(token)
-                await run_in_threadpool(store.end_transaction, connection, commit=False)
-                raise
-            AMBIENT_TRANSACTION.reset(token)
-            await run_in_threadpool(store.end_transaction, connection, commit=True)
+                await run_in_threadpool(store.end_transaction, connection, commit=True)
+        await store.bus.flush(events)
 
     return atomic

@@ -37,9 +37,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from fhir_facade.correlation import current_correlation_id
 from fhir_facade.fhir.conditional_guard import CONDITIONAL_LOCK_SPACE, ConditionalGuard
 from fhir_facade.fhir.errors import FhirError, bad_request, gone, not_found
+from fhir_facade.fhir.pipeline import EventBus, VersionStored
+from fhir_facade.fhir.provider import WriteResult
 from fhir_facade.fhir.required_bindings import check_required_bindings
 from fhir_facade.fhir.search import (
     DateValue,
@@ -50,7 +51,6 @@ from fhir_facade.fhir.search import (
     StringValue,
     TokenValue,
 )
-from fhir_facade.resources.base import WriteResult
 from fhir_facade.store.authorship import WRITE_AUTHOR
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.errors import invalid_resource, version_conflict
@@ -65,7 +65,6 @@ from fhir_facade.store.indexing import (
     sortable_params,
 )
 from fhir_facade.store.schema import (
-    OutboxEntry,
     ResourceCurrent,
     ResourceVersion,
     SearchDate,
@@ -89,7 +88,6 @@ _WRITE_ATTEMPTS = 5
 
 _version: Table = ResourceVersion.__table__  # type: ignore[attr-defined]
 _current: Table = ResourceCurrent.__table__  # type: ignore[attr-defined]
-_outbox: Table = OutboxEntry.__table__  # type: ignore[attr-defined]
 _token: Table = SearchToken.__table__  # type: ignore[attr-defined]
 _date: Table = SearchDate.__table__  # type: ignore[attr-defined]
 _reference: Table = SearchReference.__table__  # type: ignore[attr-defined]
@@ -124,16 +122,18 @@ def _deleted_stub(resource_type: str, resource_id: str, version: int, moment: da
 class ResourceStore:
     """Versioned FHIR resources with search indexes, on one SQLAlchemy Engine.
 
-    `clock` is injectable so tests can write resources at known instants.
+    `clock` is injectable so tests can write resources at known instants. Every version written is
+    announced on `bus` as a pre-commit `VersionStored`, inside the write's transaction: what must
+    commit with it (the sync outbox, ADR 0007) subscribes there; the store knows of no consumer.
     """
 
     def __init__(
-        self, engine: Engine, *, clock: Callable[[], datetime] | None = None, outbox: bool = True
+        self, engine: Engine, *, clock: Callable[[], datetime] | None = None, bus: EventBus | None = None
     ) -> None:
         self._engine = engine
         self.engine = engine
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._outbox = outbox  # off when no upstream is configured: nothing would drain it
+        self.bus = bus if bus is not None else EventBus()
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -255,21 +255,10 @@ class ResourceStore:
         self._reindex(
             connection, resource_type, resource_id, extract_index(stored) if resource else IndexRows()
         )
-        # The outbox row commits or rolls back with the version itself (ADR 0007).
-        if self._outbox:
-            connection.execute(
-                insert(_outbox).values(
-                    resource_type=resource_type,
-                    resource_id=resource_id,
-                    version_id=version,
-                    deleted=resource is None,
-                    created_at=moment,
-                    state="pending",
-                    attempts=0,
-                    next_attempt_at=moment,
-                    correlation_id=current_correlation_id(),
-                )
-            )
+        # What must commit or roll back with the version itself (the outbox row, ADR 0007).
+        self.bus.precommit(
+            connection, VersionStored(resource_type, resource_id, version, resource is None, stored, moment)
+        )
         return stored, row is None
 
     def _hold_condition(self, connection: Connection, guard: ConditionalGuard) -> None:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, Table, and_, exists, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Row, Table, and_, exists, func, insert, select, text, update
 from sqlalchemy.orm import aliased
 
 from fhir_facade.correlation import current_correlation_id
+from fhir_facade.fhir.pipeline import EventBus, VersionStored
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.schema import OutboxEntry
 
@@ -114,24 +115,35 @@ class OutboxQueue:
             )
         return sorted((_row(r) for r in chosen), key=lambda row: row.seq)
 
+    def subscribe_to(self, bus: EventBus) -> None:
+        """Write an outbox row for every version the store writes, in the version's own transaction."""
+        bus.on_precommit(VersionStored, self.record)
+
+    @staticmethod
+    def record(connection: Connection, version: VersionStored) -> None:
+        """The one writer of outbox rows: the row commits or rolls back with what it announces (ADR 0007).
+        Version 0 asks for a live snapshot of a virtual resource, read when sent."""
+        connection.execute(
+            insert(_outbox).values(
+                resource_type=version.resource_type,
+                resource_id=version.resource_id,
+                version_id=version.version,
+                deleted=version.deleted,
+                created_at=version.at,
+                state="pending",
+                attempts=0,
+                next_attempt_at=version.at,
+                correlation_id=current_correlation_id(),
+            )
+        )
+
     def enqueue_snapshot(self, resource_type: str, resource_id: str, now: datetime | None = None) -> None:
         """Ask for a live snapshot of a virtual resource to be sent (version 0: read when sent),
         e.g. every stable study when the upstream mirrors the PACS."""
         now = now or datetime.now(UTC)
+        snapshot = VersionStored(resource_type, resource_id, 0, False, {}, now)
         with self._engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
-            connection.execute(
-                insert(_outbox).values(
-                    resource_type=resource_type,
-                    resource_id=resource_id,
-                    version_id=0,
-                    deleted=False,
-                    created_at=now,
-                    state="pending",
-                    attempts=0,
-                    next_attempt_at=now,
-                    correlation_id=current_correlation_id(),
-                )
-            )
+            self.record(connection, snapshot)
 
     def mark_sent(self, seqs: Sequence[int], now: datetime | None = None) -> None:
         self._set(seqs, state="sent", sent_at=now or datetime.now(UTC), lease_until=None, last_error=None)

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Request, Response
 from fhir_facade.config import Settings
 from fhir_facade.fhir.errors import FhirError
 from fhir_facade.fhir.negotiation import negotiate_response_format
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import fhir_response
-from fhir_facade.resources.base import ResourceProvider
 from fhir_facade.store import ResourceStore
 from fhir_facade.sync.outbox_queue import OutboxQueue
 from fhir_facade.sync.upstream import UpstreamClient, UpstreamSettings
@@ -29,6 +29,7 @@ class SyncRuntime:
         assert settings.fhir_upstream_url is not None
         self._settings = settings
         self.queue = OutboxQueue(store.engine)
+        self.queue.subscribe_to(store.bus)  # every stored version gets its outbox row from now on
         self.upstream = UpstreamClient(
             UpstreamSettings(
                 base_url=settings.fhir_upstream_url,

@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir_facade.dicom_to_fhir import patient_resource_id
+from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import parse_search
-from fhir_facade.resources.base import ResourceProvider
-from fhir_facade.watcher.change_feed import ArrivedStudy, TaskRule
+from fhir_facade.watcher.change_feed import StudyArrived, TaskRule
 
 __all__ = ["ANALYZE_CODE", "TASK_CODE_SYSTEM", "ArrivalTaskCreator"]
 
@@ -51,7 +51,7 @@ class ArrivalTaskCreator:
         )
         return (await provider.search(request)).matches
 
-    async def __call__(self, study: ArrivedStudy) -> None:
+    async def __call__(self, study: StudyArrived) -> None:
         if not self._rule.matches(study):
             return
         identifier = f"urn:oid:{study.study_uid}"

@@ -28,10 +28,10 @@ from fhir_facade.dicomweb.client import DicomwebUnavailable
 from fhir_facade.dicomweb.orthanc_rest import Change, OrthancRestClient
 
 __all__ = [
-    "ArrivedStudy",
     "FeedPositionStore",
     "FilePositionStore",
     "StudyArrivalWatcher",
+    "StudyArrived",
     "TaskRule",
 ]
 
@@ -94,8 +94,9 @@ class FilePositionStore:
 
 
 @dataclass(frozen=True)
-class ArrivedStudy:
-    """What a consumer needs to decide on and create a Task for a new study, from Orthanc's index.
+class StudyArrived:
+    """The event "a study became stable in the PACS" (published on the event bus, ADR 0022): what a
+    consumer needs to decide on and create a Task for a new study, from Orthanc's index.
 
     Empty DICOM values (type 2 attributes such as AccessionNumber) become None."""
 
@@ -114,7 +115,7 @@ class TaskRule:
 
     modalities: frozenset[str] = frozenset({"MR"})
 
-    def matches(self, study: ArrivedStudy) -> bool:
+    def matches(self, study: StudyArrived) -> bool:
         return not self.modalities.isdisjoint(study.modalities)
 
 
@@ -145,7 +146,7 @@ class StudyArrivalWatcher:
         self,
         orthanc: OrthancRestClient,
         positions: FeedPositionStore,
-        on_study: Callable[[ArrivedStudy], Awaitable[None]],
+        on_study: Callable[[StudyArrived], Awaitable[None]],
         *,
         poll_interval: float = 1.0,
         batch: int = 100,
@@ -283,7 +284,7 @@ class StudyArrivalWatcher:
             self.positions.save(position)
             self._saved = position
 
-    async def _arrived_study(self, orthanc_id: str) -> ArrivedStudy | None:
+    async def _arrived_study(self, orthanc_id: str) -> StudyArrived | None:
         """The study's identity, patient and modalities in three requests whatever its size:
         the study, its series (expanded) and the patient module of one of its instances."""
         study = await self.orthanc.study(orthanc_id)
@@ -299,7 +300,7 @@ class StudyArrivalWatcher:
         if study_uid is None:
             raise ValueError(f"Orthanc study {orthanc_id} has no StudyInstanceUID")
         modalities = {_text((s.get("MainDicomTags") or {}).get("Modality")) for s in series}
-        return ArrivedStudy(
+        return StudyArrived(
             study_uid=study_uid,
             accession_number=_text(tags.get("AccessionNumber")),
             patient_id=_text(patient.get("PatientID")),

@@ -79,12 +79,14 @@ def audit_events(fhir: httpx.Client) -> list[dict[str, Any]]:
     return [entry["resource"] for entry in response.json().get("entry", [])]
 
 
-def events_with(fhir: httpx.Client, correlation: str, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """The AuditEvents of the request with this correlation id, once at least one is stored."""
+def events_with(
+    fhir: httpx.Client, correlation: str, timeout: float = 10.0, *, at_least: int = 1
+) -> list[dict[str, Any]]:
+    """The AuditEvents of the request with this correlation id, once `at_least` of them are stored."""
     deadline = time.monotonic() + timeout
     while True:
         found = [e for e in audit_events(fhir) if correlation_of(e) == correlation]
-        if found or time.monotonic() > deadline:
+        if len(found) >= at_least or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
 

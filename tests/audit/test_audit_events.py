@@ -69,6 +69,11 @@ def the_event(fhir: httpx.Client, correlation: str) -> dict[str, Any]:
     return events[0]
 
 
+def validate_event(event: dict[str, Any]) -> dict[str, Any]:
+    validate(event)
+    return event
+
+
 def subtype(event: dict[str, Any]) -> str:
     (coding,) = event["subtype"]
     assert coding["system"] == SUBTYPE
@@ -173,9 +178,19 @@ def test_history_vread_transaction_and_operations(fhir: httpx.Client, unique: Ca
         "type": "transaction",
         "entry": [{"resource": observation(), "request": {"method": "POST", "url": "Observation"}}],
     }
-    ok_json(fhir.post("", json=transaction, headers={**FHIR_JSON, "X-Correlation-ID": bundle}))
-    event = the_event(fhir, bundle)
-    assert (subtype(event), event["action"], event["outcome"]) == ("transaction", "E", "0")
+    (entry,) = ok_json(fhir.post("", json=transaction, headers={**FHIR_JSON, "X-Correlation-ID": bundle}))[
+        "entry"
+    ]
+    # The request's event, and one for each entry (IHE BALP; the audit stage, ADR 0022).
+    events = events_with(fhir, bundle, at_least=2)
+    by_subtype = {subtype(validate_event(e)): e for e in events}
+    assert sorted(by_subtype) == ["create", "transaction"], events
+    request_event, entry_event = by_subtype["transaction"], by_subtype["create"]
+    assert (request_event["action"], request_event["outcome"]) == ("E", "0")
+    assert (entry_event["action"], entry_event["outcome"]) == ("C", "0")
+    assert what(entry_event) == [f"Observation/{entry['resource']['id']}"]
+    assert "(bundle-entry)" in entry_event["outcomeDesc"]
+    assert correlation_of(entry_event) == bundle
 
     # No upstream here: $sync-status is not offered, and the 404 is audited as an operation.
     fhir.get("/$sync-status", headers={"X-Correlation-ID": status})

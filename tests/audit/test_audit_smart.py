@@ -4,6 +4,7 @@ the DICOMweb proxy is audited with the DICOM event types."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -46,8 +47,8 @@ def secured(loaded_orthanc: EmbeddedOrthanc, issuer: TestIssuer, port: int) -> I
         yield server
 
 
-def event_of(server: LiveServer, issuer: TestIssuer, correlation: str) -> dict[str, Any]:
-    """The one AuditEvent of a request, read with an auditor's token."""
+def events_of(server: LiveServer, issuer: TestIssuer, correlation: str) -> list[dict[str, Any]]:
+    """Every AuditEvent with this correlation id (once one is there), read with an auditor's token."""
     deadline = time.monotonic() + 10
     with httpx.Client(base_url=server.base_url, timeout=30, headers=issuer.headers(AUDITOR)) as fhir:
         while True:
@@ -56,8 +57,19 @@ def event_of(server: LiveServer, issuer: TestIssuer, correlation: str) -> dict[s
                 e["resource"] for e in bundle.get("entry", []) if correlation_of(e["resource"]) == correlation
             ]
             if found or time.monotonic() > deadline:
-                break
+                return found
             time.sleep(0.05)
+
+
+def is_request_event(event: dict[str, Any]) -> bool:
+    """Recorded by the middleware for the request itself, not by the audit stage for an interaction
+    the request or the server made (those say their origin: "(internal)", "(bundle-entry)"...)."""
+    return not re.search(r" \((internal|operation|bundle-entry)\):", event.get("outcomeDesc", ""))
+
+
+def event_of(server: LiveServer, issuer: TestIssuer, correlation: str) -> dict[str, Any]:
+    """The one AuditEvent of a request itself, read with an auditor's token."""
+    found = [e for e in events_of(server, issuer, correlation) if is_request_event(e)]
     assert len(found) == 1, found
     validate(found[0])
     return found[0]

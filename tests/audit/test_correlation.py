@@ -26,7 +26,7 @@ from fhir_facade.correlation import (
     is_valid_correlation_id,
 )
 from fhir_facade.embedded import EmbeddedOrthanc
-from fhir_facade.store import ResourceStore, create_store_engine, upgrade
+from fhir_facade.store import create_store_engine, upgrade
 from fhir_facade.sync.outbox_queue import OutboxQueue
 from fhir_facade.sync.upstream import UpstreamClient, UpstreamSettings
 from fhir_facade.sync.worker import SyncWorker
@@ -34,6 +34,7 @@ from tests.audit.conftest import audited, correlation_of, events_with
 from tests.conftest import LiveServer, ok_json, outcome
 from tests.dicom_factory import CORPUS
 from tests.loopback import RecordingServer, fhir_upstream, kserve_model, proxy_to
+from tests.outbox_store import store_with_outbox
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 STUDY = CORPUS["mueller_mr_brain"]
@@ -225,7 +226,7 @@ def test_a_batch_of_several_requests_gets_one_fresh_id(
     mixing requests gets a fresh id, logged with each resource's own id."""
     engine = create_store_engine(f"sqlite:///{tmp_path / 'store.sqlite3'}")
     upgrade(engine)
-    store = ResourceStore(engine)
+    store = store_with_outbox(engine)
     device = {"resourceType": "Device", "identifier": [{"system": "urn:test", "value": "d"}]}
     with RecordingServer(fhir_upstream()) as upstream:
         client = UpstreamClient(UpstreamSettings(base_url=f"{upstream.url}/fhir"))

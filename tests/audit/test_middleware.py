@@ -62,7 +62,7 @@ def app_with_audit(store: ResourceStore) -> tuple[FastAPI, AuditRecorder]:
 
 
 def test_caller_outcome_and_refusals(engine: Engine) -> None:
-    store = ResourceStore(engine, outbox=False)
+    store = ResourceStore(engine)
     app, recorder = app_with_audit(store)
 
     async def scenario() -> list[int]:

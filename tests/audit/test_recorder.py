@@ -17,6 +17,7 @@ from fhir_facade.store import ResourceStore
 from fhir_facade.store.schema import OutboxEntry
 from tests.audit.conftest import stored_events
 from tests.conftest import validate
+from tests.outbox_store import store_with_outbox
 
 
 def event(n: int) -> dict[str, Any]:
@@ -36,7 +37,7 @@ def event(n: int) -> dict[str, Any]:
 
 
 def test_stop_flushes_every_queued_event(engine: Engine) -> None:
-    store = ResourceStore(engine, outbox=True)
+    store = store_with_outbox(engine)
     recorder = AuditRecorder(store, batch_size=50)
 
     async def scenario() -> int:
@@ -58,7 +59,7 @@ def test_stop_flushes_every_queued_event(engine: Engine) -> None:
 
 
 def test_a_full_queue_makes_the_request_wait(engine: Engine) -> None:
-    store = ResourceStore(engine, outbox=False)
+    store = ResourceStore(engine)
     recorder = AuditRecorder(store, queue_size=2, batch_size=1)
 
     async def scenario() -> None:
@@ -73,7 +74,7 @@ def test_a_full_queue_makes_the_request_wait(engine: Engine) -> None:
 
 
 def test_without_the_writer_events_are_written_at_once(engine: Engine) -> None:
-    store = ResourceStore(engine, outbox=False)
+    store = ResourceStore(engine)
     recorder = AuditRecorder(store)
     asyncio.run(recorder.record(event(1)))
     assert stored_events(store)[1] == 1
@@ -81,7 +82,7 @@ def test_without_the_writer_events_are_written_at_once(engine: Engine) -> None:
 
 
 def test_a_bad_event_costs_only_itself(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
-    store = ResourceStore(engine, outbox=False)
+    store = ResourceStore(engine)
     recorder = AuditRecorder(store)
     broken = {**event(2), "outcome": "not-a-code", "action": 7}
 
@@ -100,7 +101,7 @@ def test_a_bad_event_costs_only_itself(engine: Engine, caplog: pytest.LogCapture
 
 
 def test_bad_sizes_are_refused(engine: Engine) -> None:
-    store = ResourceStore(engine, outbox=False)
+    store = ResourceStore(engine)
     with pytest.raises(ValueError, match="queue_size"):
         AuditRecorder(store, queue_size=0)
     with pytest.raises(ValueError, match="batch_size"):

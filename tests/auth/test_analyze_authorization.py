@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
-from tests.audit.test_audit_smart import event_of
+from tests.audit.test_audit_smart import event_of, events_of, is_request_event
 from tests.auth.issuer import TestIssuer
 from tests.conftest import LiveServer, ok_json, outcome, serve
 from tests.dicom_factory import demo_brain_study
@@ -95,6 +95,19 @@ def test_analyze_and_its_refusals_are_audited(analyzing: tuple[LiveServer, TestI
     assert (done["action"], done["subtype"][0]["code"], done["outcome"]) == ("E", "operation", "0")
     assert any(e.get("name") == "$analyze" for e in done["entity"])
     assert {"reference": f"ImagingStudy/{STUDY_UID}"} in [e.get("what") for e in done["entity"]]
+    # The result the server wrote for the caller: one event per resource, recorded by the audit stage.
+    written = [e for e in events_of(server, issuer, "analyze-audit-ok") if not is_request_event(e)]
+    assert {
+        w["what"]["reference"].split("/")[0]
+        for e in written
+        for w in e.get("entity", [])
+        if "reference" in w.get("what", {})
+    } >= {
+        "DiagnosticReport",
+        "Observation",
+        "Provenance",
+    }
+    assert all("(internal)" in e["outcomeDesc"] and e["outcome"] == "0" for e in written)
     refused = event_of(server, issuer, "analyze-audit-404")
     assert refused["outcome"] == "4"
     assert {"reference": "Patient/P-1001"} in [e.get("what") for e in refused["entity"]], (

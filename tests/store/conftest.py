@@ -27,6 +27,7 @@ from fhir_facade.store import (
     sortable_params,
     upgrade,
 )
+from tests.outbox_store import store_with_outbox
 
 ADMIN_URL = os.environ.get("FACADE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 #: First instant the test clock hands out; each write is one second later than the previous.
@@ -86,7 +87,7 @@ def clock() -> TickingClock:
 @pytest.fixture
 def store(engine: Engine, clock: TickingClock) -> ResourceStore:
     upgrade(engine)
-    return ResourceStore(engine, clock=clock)
+    return store_with_outbox(engine, clock)
 
 
 def valid(resource: dict[str, Any]) -> dict[str, Any]:

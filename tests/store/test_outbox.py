@@ -43,7 +43,7 @@ def test_without_an_upstream_no_rows_are_written(
     store: ResourceStore, engine: Engine, clock: TickingClock
 ) -> None:
     """(`store` upgrades the schema.)"""
-    quiet = ResourceStore(engine, clock=clock, outbox=False)
+    quiet = ResourceStore(engine, clock=clock)
     quiet.create(task())
     assert OutboxQueue(engine).status().pending == 0
 

@@ -12,6 +12,7 @@ from fhir_facade.correlation import correlation_scope
 from fhir_facade.store import MIGRATIONS, ResourceStore, upgrade
 from fhir_facade.store.migrations import current_version
 from fhir_facade.sync.outbox_queue import OutboxQueue
+from tests.outbox_store import store_with_outbox
 from tests.store.conftest import TickingClock, search_request
 
 
@@ -56,7 +57,7 @@ def test_upgrade_from_version_4_keeps_waiting_rows(engine: Engine, clock: Tickin
         )
     assert upgrade(engine) == len(MIGRATIONS)
     assert upgrade(engine) == len(MIGRATIONS) == current_version(engine)
-    store = ResourceStore(engine, clock=clock)
+    store = store_with_outbox(engine, clock)
     with correlation_scope("req-new"):
         created = store.create(task())
     rows = OutboxQueue(engine).lease(10, 30, now=later())

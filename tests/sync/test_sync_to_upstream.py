@@ -21,6 +21,7 @@ from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.conftest import LiveServer, ok_json, serve
 from tests.dicom_factory import CORPUS, SeriesSpec, StudySpec, build_study, upload
 from tests.facade_process import FacadeProcess
+from tests.outbox_store import store_with_outbox
 from tests.upstream_fhir_server import UpstreamFhirServer
 
 ADMIN_URL = os.environ.get("FACADE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -411,7 +412,7 @@ def test_a_batch_reads_each_referenced_study_once(tmp_path: Path, upstream: Upst
     result. The reader counts calls and answers a fixed snapshot: the call count is what is tested."""
     import asyncio
 
-    from fhir_facade.store import ResourceStore, create_store_engine, upgrade
+    from fhir_facade.store import create_store_engine, upgrade
     from fhir_facade.sync.outbox_queue import OutboxQueue
     from fhir_facade.sync.upstream import UpstreamClient, UpstreamSettings
     from fhir_facade.sync.worker import SyncWorker
@@ -419,7 +420,7 @@ def test_a_batch_reads_each_referenced_study_once(tmp_path: Path, upstream: Upst
     upstream.reset()
     engine = create_store_engine(f"sqlite:///{tmp_path / 'store.sqlite3'}")
     upgrade(engine)
-    store = ResourceStore(engine)
+    store = store_with_outbox(engine)
     for _ in range(20):
         store.create(observation(STUDY.patient_id))
     reads: list[tuple[str, str]] = []

@@ -14,7 +14,7 @@ import pytest
 from fhir_facade.dicomweb import DicomwebUnavailable
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
-from fhir_facade.watcher import ArrivedStudy, FilePositionStore, StudyArrivalWatcher, TaskRule
+from fhir_facade.watcher import FilePositionStore, StudyArrivalWatcher, StudyArrived, TaskRule
 from tests import dicom_factory
 from tests.dicom_factory import SeriesSpec, StudySpec
 
@@ -87,12 +87,12 @@ class Recorder:
     """An on_study callback that records what it accepted; `fail_first` studies raise once."""
 
     def __init__(self, fail_first: set[str] | None = None, always_fail: bool = False) -> None:
-        self.accepted: list[ArrivedStudy] = []
+        self.accepted: list[StudyArrived] = []
         self.attempts: list[str] = []
         self._fail_first = set(fail_first or ())
         self._always_fail = always_fail
 
-    async def __call__(self, study: ArrivedStudy) -> None:
+    async def __call__(self, study: StudyArrived) -> None:
         self.attempts.append(study.study_uid)
         if self._always_fail or study.study_uid in self._fail_first:
             self._fail_first.discard(study.study_uid)
@@ -142,7 +142,7 @@ async def wait_until_stable(client: OrthancRestClient, *study_uids: str) -> None
 def watcher(
     client: OrthancRestClient,
     positions: FilePositionStore,
-    on_study: Callable[[ArrivedStudy], Awaitable[None]],
+    on_study: Callable[[StudyArrived], Awaitable[None]],
     *,
     batch: int = 100,
     max_attempts: int = 5,
