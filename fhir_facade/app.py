@@ -15,9 +15,10 @@ from starlette.concurrency import run_in_threadpool
 
 from fhir_facade import __version__
 from fhir_facade.analyze.runtime import AnalyzeRuntime
+from fhir_facade.api_docs import install_api_docs
 from fhir_facade.audit import audit_recorder, audit_stage, install_audit
 from fhir_facade.auth.access import current_access
-from fhir_facade.auth.dependency import Authenticator, bearer_validator
+from fhir_facade.auth.dependency import Authenticator, BearerScheme, bearer_validator
 from fhir_facade.auth.discovery import AuthorizationEndpoints, build_discovery_router, capability_security
 from fhir_facade.auth.enforcement import AuthorizationStage
 from fhir_facade.auth.operations import analyze_guard, server_admin_guard
@@ -325,6 +326,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="FHIR R4 gateway to a DICOMweb PACS. FHIR base: /fhir",
         lifespan=lifespan,
+        docs_url=None,  # install_api_docs serves /docs without a CDN; no ReDoc (ADR 0021)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.dicomweb = dicomweb
@@ -366,12 +369,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=_CORS_EXPOSED_HEADERS,
             max_age=600,
         )
-    install_openapi(app, authenticated=settings.auth == "smart")
+    install_openapi(app)
+    install_api_docs(app)
     install_correlation(app)  # outermost: every response, errors included, carries the id
     return app
 
 
-def _install_security(app: FastAPI, settings: Settings) -> tuple[Authenticator, dict[str, Any] | None]:
+def _install_security(
+    app: FastAPI, settings: Settings
+) -> tuple[Authenticator | BearerScheme, dict[str, Any] | None]:
     """FACADE_AUTH=smart: token validation, discovery and (without an external issuer) the built-in
     authorization server. Returns the authenticating dependency and CapabilityStatement.rest.security."""
     if settings.auth != "smart":
@@ -387,8 +393,11 @@ def _install_security(app: FastAPI, settings: Settings) -> tuple[Authenticator, 
         compartments = server.registry.user_compartments
     endpoints = AuthorizationEndpoints.from_settings(settings)
     app.include_router(build_discovery_router(endpoints, builtin=settings.builtin_issuer))
-    authenticate = Authenticator(
-        bearer_validator(settings, keys), blocking=keys is None, user_compartments=compartments
+    authenticate = BearerScheme(
+        Authenticator(
+            bearer_validator(settings, keys), blocking=keys is None, user_compartments=compartments
+        ),
+        token_url=endpoints.token,
     )
     log.info(
         "SMART on FHIR security on: tokens from %s for %s", settings.token_issuer, settings.token_audience

@@ -15,7 +15,12 @@ __all__ = ["metrics_router"]
 metrics_router = APIRouter()
 
 
-@metrics_router.get("/metrics", include_in_schema=False, response_class=PlainTextResponse)
+@metrics_router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format 0.0.4)",
+    tags=["monitoring"],
+    response_class=PlainTextResponse,
+)
 async def metrics(request: Request) -> PlainTextResponse:
     dicomweb = request.app.state.dicomweb
     lines = [

@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk docker-compose mricron-data)
+# Test-only: the real browser of tests/test_api_docs.py (Debian's chromium and its chromedriver).
+TEST_APT_PACKAGES=(chromium chromium-driver)
 missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
+for pkg in "${APT_PACKAGES[@]}" "${TEST_APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

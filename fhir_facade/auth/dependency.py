@@ -12,6 +12,8 @@ import logging
 from collections.abc import Callable
 
 from fastapi import Request
+from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
+from fastapi.security.base import SecurityBase
 from starlette.concurrency import run_in_threadpool
 
 from fhir_facade.auth.access import Access, enter_access
@@ -27,7 +29,7 @@ from fhir_facade.auth.tokens import (
 from fhir_facade.config import Settings
 from fhir_facade.fhir.errors import unauthorized
 
-__all__ = ["Authenticator", "UserCompartments", "bearer_validator"]
+__all__ = ["Authenticator", "BearerScheme", "UserCompartments", "bearer_validator"]
 
 #: The patients a user's `user/` scopes reach, by the token's `sub`; None: every patient.
 UserCompartments = Callable[[str | None], frozenset[str] | None]
@@ -124,3 +126,20 @@ class Authenticator:
                 self._user_compartments(claims.subject) if self._user_compartments is not None else None
             ),
         )
+
+
+class BearerScheme(SecurityBase):
+    """An `Authenticator` as a FastAPI security dependency: the same call, and every operation behind
+    it carries an HTTP bearer security requirement (RFC 6750) in the OpenAPI document, from which
+    `fhir_facade.fhir.openapi` declares its 401 and 403 answers and Swagger UI offers "Authorize".
+    Used with FACADE_AUTH=smart only: with auth off no operation needs a token."""
+
+    def __init__(self, authenticator: Authenticator, *, token_url: str) -> None:
+        self.model = HTTPBearerModel(
+            description=f"A SMART on FHIR access token, e.g. from {token_url} (SMART App Launch 2.x)"
+        )
+        self.scheme_name = "SMART"
+        self.authenticator = authenticator
+
+    async def __call__(self, request: Request) -> Access:
+        return await self.authenticator(request)

@@ -122,7 +122,12 @@ def build_discovery_router(endpoints: AuthorizationEndpoints, *, builtin: bool) 
     router = APIRouter()
     document = smart_configuration(endpoints, builtin=builtin)
 
-    @router.get("/fhir/.well-known/smart-configuration", summary="SMART configuration (discovery)")
+    @router.get(
+        "/fhir/.well-known/smart-configuration",
+        summary="SMART configuration (discovery)",
+        tags=["authorization"],
+        openapi_extra={"security": []},  # public: clients read it before they have a token
+    )
     async def smart_config(request: Request) -> JSONResponse:
         return JSONResponse(document, headers={"Cache-Control": "public, max-age=300"})
 

@@ -30,6 +30,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
@@ -60,6 +61,7 @@ from fhir_facade.fhir.errors import (
     not_acceptable,
     not_found,
 )
+from fhir_facade.fhir.openapi import error_responses
 
 __all__ = ["PREFIX", "build_dicomweb_proxy_router"]
 
@@ -402,6 +404,67 @@ def _log_refusal(request: Request, reason: str) -> None:
     log.info("DICOMweb proxy refused %s %s for %s: %s", request.method, request.url.path, who, reason)
 
 
+#: The OpenAPI tag of every proxy operation.
+OPENAPI_TAG = "DICOMweb"
+
+#: A PACS refusal comes back as the PACS sent it (status, media type and body).
+_PACS_4XX = {"4XX": {"description": "The PACS's own refusal, passed through as the PACS sent it"}}
+_DICOM_JSON_ANSWER = {DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}}
+
+_PATH_PARAMETERS = {
+    "study": "Study Instance UID",
+    "series": "Series Instance UID",
+    "instance": "SOP Instance UID",
+    "frames": "Frame numbers, e.g. 1,2,3",
+    "bulk": "Orthanc's bulk data tag path",
+}
+
+#: Per kind: the summary and the answers (DICOM PS3.18).
+_OPENAPI: dict[str, dict[str, Any]] = {
+    "qido": {
+        "summary": "QIDO-RS search (DICOM PS3.18 10.6)",
+        "responses": {
+            "200": {"description": "Matching DICOM JSON datasets", "content": _DICOM_JSON_ANSWER},
+            "204": {"description": "No matches (as some PACSs answer)"},
+            **error_responses(400, 406, 503),
+            **_PACS_4XX,
+        },
+    },
+    "wado": {
+        "summary": "WADO-RS retrieve (DICOM PS3.18 10.4)",
+        "responses": {
+            "200": {
+                "description": "What Accept asked for: multipart/related DICOM, DICOM JSON metadata, "
+                "rendered or thumbnail images, bulk data",
+                "content": {
+                    "multipart/related": {"schema": {"type": "string", "format": "binary"}},
+                    **_DICOM_JSON_ANSWER,
+                },
+            },
+            **error_responses(400, 404, 503),
+            **_PACS_4XX,
+        },
+    },
+    "stow": {
+        "summary": "STOW-RS store (DICOM PS3.18 10.5)",
+        "requestBody": {
+            "required": True,
+            "content": {
+                'multipart/related; type="application/dicom"': {
+                    "schema": {"type": "string", "format": "binary"}
+                }
+            },
+        },
+        "responses": {
+            "200": {"description": "The Store Instances Response Module", "content": _DICOM_JSON_ANSWER},
+            "202": {"description": "Some instances were stored (warnings in the answer)"},
+            **error_responses(400, 415, 503),
+            **_PACS_4XX,
+        },
+    },
+}
+
+
 def build_dicomweb_proxy_router(
     settings: Settings,
     pacs: DicomwebProxyClient,
@@ -430,11 +493,28 @@ def build_dicomweb_proxy_router(
     ]
     for method, kind, handler, templates in routes:
         for template in templates:
+            extra = _OPENAPI[kind]
             router.add_api_route(
                 template,
                 proxy.endpoint(handler, template),
                 methods=[method],
                 name=f"dicomweb-{kind}:{template}",
-                include_in_schema=False,  # DICOMweb, not FHIR: kept out of the FHIR OpenAPI
+                summary=f"{extra['summary']}: {template}",
+                tags=[OPENAPI_TAG],
+                response_class=Response,
+                openapi_extra={
+                    "parameters": [
+                        {
+                            "name": name,
+                            "in": "path",
+                            "required": True,
+                            "description": about,
+                            "schema": {"type": "string"},
+                        }
+                        for name, about in _PATH_PARAMETERS.items()
+                        if f"{{{name}}}" in template or f"{{{name}:" in template
+                    ],
+                    **{k: v for k, v in extra.items() if k != "summary"},
+                },
             )
     return router

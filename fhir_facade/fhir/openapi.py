@@ -1,13 +1,20 @@
-"""The OpenAPI document's error answers: each operation states the 4xx statuses it gives, each an
-OperationOutcome (FHIR R4 operationoutcome.html), so API explorers and schemathesis know them.
+"""The OpenAPI document's error answers: each operation states the 4xx and 5xx statuses it gives,
+each an OperationOutcome (FHIR R4 operationoutcome.html), so API explorers and schemathesis know
+them.
 
-Routes declare what is particular to their interaction with `error_responses(...)` (a read may be
-404 or 410, an update 412...); `install_openapi` adds what every operation of a kind can answer,
-because a middleware or the one error handler gives it: 400 (a bad parameter; FastAPI's own 422
-HTTPValidationError never happens here, its validation errors are answered 400), 406 (FHIR
-content negotiation), 408/413/415 for requests with a body (fhir_facade.http_limits, FHIR body
-types), 401/403 behind SMART security. The /auth endpoints answer with OAuth errors
-(RFC 6749 5.2), not OperationOutcomes, except for the limits.
+Routes declare what is particular to them with `error_responses(...)` (a read may be 404 or 410, an
+update 412...; routes that are not FHIR, such as /auth or /dicom-web, declare their own answers next
+to their code); `install_openapi` adds what every operation of a kind can answer, because a
+middleware or the one error handler (fhir_facade.fhir.responses) gives it, keeping what a route
+declared for the same status:
+- every operation: 413 (a declared Content-Length over the limit is refused before routing,
+  fhir_facade.http_limits) and 500 (an unexpected failure); with a body also 408;
+- with parameters or a body: 400 (FastAPI's own 422 HTTPValidationError never happens here, its
+  validation errors are answered 400);
+- behind the bearer token (a `security` requirement, FACADE_AUTH=smart): 401 and 403;
+- under /fhir (but /fhir/.well-known, SMART's): 406 (FHIR content negotiation), 415 with a body
+  (FHIR JSON only), and a tag: the resource type of `[base]/[type]/...` (FHIR R4 http.html), else
+  "FHIR system".
 """
 
 from __future__ import annotations
@@ -20,10 +27,9 @@ from fastapi import FastAPI
 
 from fhir_facade.fhir.negotiation import FHIR_JSON
 
-__all__ = ["OPERATION_OUTCOME_SCHEMA", "error_responses", "install_openapi"]
+__all__ = ["FHIR_SYSTEM_TAG", "OPERATION_OUTCOME_SCHEMA", "error_responses", "install_openapi"]
 
 _OUTCOME_REF = "#/components/schemas/OperationOutcome"
-_OAUTH_REF = "#/components/schemas/OAuthError"
 
 #: What the facade's error bodies hold (fhir_facade.fhir.errors.Issue.to_fhir).
 OPERATION_OUTCOME_SCHEMA: dict[str, Any] = {
@@ -54,14 +60,6 @@ OPERATION_OUTCOME_SCHEMA: dict[str, Any] = {
     },
 }
 
-_OAUTH_ERROR_SCHEMA: dict[str, Any] = {
-    "title": "OAuthError",
-    "description": "OAuth 2.0 error response (RFC 6749 section 5.2).",
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
-}
-
 _DESCRIPTIONS = {
     400: "Bad request: a malformed parameter or body (JSON too deep, numbers too long...)",
     401: "No valid access token (RFC 6750 section 3)",
@@ -77,7 +75,15 @@ _DESCRIPTIONS = {
     415: "The body is not FHIR JSON",
     422: "Well-formed, but the content cannot be processed",
     429: "Too many attempts; retry after Retry-After seconds",
+    500: "Unexpected server error (logged with the request's X-Correlation-ID)",
+    501: "Not configured on this server",
+    502: "The PACS gave an answer the facade could not use (dicom_service_error)",
+    503: "The PACS is unreachable or timed out (dicom_service_unavailable)",
+    504: "The operation ran past its time limit",
 }
+
+#: The tag of FHIR operations at the base or across types (`[base]`, `[base]/metadata`, `[base]/$op`).
+FHIR_SYSTEM_TAG = "FHIR system"
 
 _BODY_METHODS = frozenset({"post", "put", "patch"})
 
@@ -92,13 +98,6 @@ def _outcome_response(status: int) -> dict[str, Any]:
     return {"description": _DESCRIPTIONS[status], "content": {FHIR_JSON: {"schema": {"$ref": _OUTCOME_REF}}}}
 
 
-def _oauth_response(status: int) -> dict[str, Any]:
-    return {
-        "description": _DESCRIPTIONS[status],
-        "content": {"application/json": {"schema": {"$ref": _OAUTH_REF}}},
-    }
-
-
 def _drop_fastapi_validation(responses: dict[str, Any]) -> None:
     """Remove FastAPI's automatic 422 HTTPValidationError (its validation errors are answered 400
     here), keeping a 422 that the route declared itself."""
@@ -110,31 +109,36 @@ def _drop_fastapi_validation(responses: dict[str, Any]) -> None:
             del responses["422"]
 
 
-def _complete(path: str, method: str, operation: dict[str, Any], authenticated: bool) -> None:
+def _fhir_tag(path: str) -> str:
+    """`[base]/[type]/...` -> the type; anything else at the FHIR base -> FHIR_SYSTEM_TAG."""
+    first = path.removeprefix("/fhir").lstrip("/").split("/", 1)[0]
+    return first if first[:1].isupper() else FHIR_SYSTEM_TAG
+
+
+def _complete(path: str, method: str, operation: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation.setdefault("responses", {})
     _drop_fastapi_validation(responses)
     added: dict[int, dict[str, Any]] = {}
-    if method in _BODY_METHODS:
-        added |= {408: _outcome_response(408), 413: _outcome_response(413)}
-    if path.startswith("/auth/"):
-        if method == "post":
-            added |= {400: _oauth_response(400), 401: _oauth_response(401), 429: _oauth_response(429)}
-    else:
-        if operation.get("parameters") or method in _BODY_METHODS:
-            added[400] = _outcome_response(400)
-        if path.startswith("/fhir"):
-            added[406] = _outcome_response(406)
-            if method in _BODY_METHODS:
-                added[415] = _outcome_response(415)
-            if authenticated and path != "/fhir/metadata":
-                added |= {401: _outcome_response(401), 403: _outcome_response(403)}
-    for status, response in added.items():
+    body = method in _BODY_METHODS
+    if operation.get("parameters") or body:
+        added[400] = _outcome_response(400)
+    if operation.get("security"):
+        added |= {401: _outcome_response(401), 403: _outcome_response(403)}
+    if body:
+        added[408] = _outcome_response(408)
+    added[413] = _outcome_response(413)
+    if (path == "/fhir" or path.startswith("/fhir/")) and not path.startswith("/fhir/.well-known/"):
+        added[406] = _outcome_response(406)
+        if body:
+            added[415] = _outcome_response(415)
+        operation.setdefault("tags", [_fhir_tag(path)])
+    added[500] = _outcome_response(500)
+    for status, response in sorted(added.items()):
         responses.setdefault(str(status), response)
 
 
-def install_openapi(app: FastAPI, *, authenticated: bool) -> None:
-    """Complete `app`'s generated OpenAPI document with the error answers (see the module doc);
-    `authenticated`: SMART security is on (FACADE_AUTH=smart)."""
+def install_openapi(app: FastAPI) -> None:
+    """Complete `app`'s generated OpenAPI document with the error answers (see the module doc)."""
     generate: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -143,10 +147,9 @@ def install_openapi(app: FastAPI, *, authenticated: bool) -> None:
         document = generate()
         for path, operations in document.get("paths", {}).items():
             for method, operation in operations.items():
-                _complete(path, method, operation, authenticated)
+                _complete(path, method, operation)
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
         schemas["OperationOutcome"] = OPERATION_OUTCOME_SCHEMA
-        schemas["OAuthError"] = _OAUTH_ERROR_SCHEMA
         if "/HTTPValidationError" not in json.dumps(document.get("paths")):
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)

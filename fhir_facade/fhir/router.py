@@ -98,7 +98,13 @@ def build_fhir_router(
     # What `POST [base]` below serves (rest.interaction): batches always, transactions with a store.
     system_interactions = ("transaction", "batch") if atomic else ("batch",)
 
-    @router.post("/", include_in_schema=False, dependencies=guarded)
+    @router.post(
+        "/",
+        summary="batch or transaction Bundle, at the base URL with a trailing slash",
+        openapi_extra={"requestBody": {"content": _JSON_CONTENT}},
+        responses={200: {"content": _JSON_CONTENT}, **error_responses(404, 405, 409, 410, 412, 422)},
+        dependencies=guarded,
+    )
     @router.post(
         "",
         summary="batch or transaction Bundle (FHIR R4 http.html#transaction)",
@@ -127,8 +133,18 @@ def build_fhir_router(
     for provider in providers:
         _add_provider_routes(router, provider, settings, by_type, guarded)
 
-    @router.get("/{resource_type}", include_in_schema=False, dependencies=guarded)
-    @router.get("/{resource_type}/{resource_id}", include_in_schema=False, dependencies=guarded)
+    # Documented with their one answer (never a 200): a client learns that other types are refused.
+    unsupported: dict[str, Any] = {
+        "summary": "Any other resource type: not supported here (see metadata for the types)",
+        "status_code": 404,
+        "response_description": "The resource type is not supported (not-supported)",
+        "responses": error_responses(404),
+        "response_class": Response,
+        "dependencies": guarded,
+    }
+
+    @router.get("/{resource_type}", **unsupported)
+    @router.get("/{resource_type}/{resource_id}", **unsupported)
     async def unknown_type(request: Request, resource_type: str) -> Response:
         if resource_type in by_type:  # pragma: no cover - matched by the specific routes
             raise not_found(request.url.path)

@@ -9,10 +9,13 @@ keeps 404 for unknown types and resources. The same answer as a transaction with
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
 from fhir_facade.fhir.errors import not_supported
 from fhir_facade.fhir.negotiation import negotiate_response_format
+from fhir_facade.fhir.openapi import error_responses
 
 __all__ = ["build_unconfigured_sync_router"]
 
@@ -20,16 +23,22 @@ _NOT_CONFIGURED = "Upstream sync is not configured on this server (set FACADE_FH
 
 
 def build_unconfigured_sync_router() -> APIRouter:
-    """The sync operations' paths, each answering 501 (mounted before the FHIR router). Left out
-    of the OpenAPI document: the operations are not offered in this configuration."""
-    router = APIRouter(prefix="/fhir", include_in_schema=False)
+    """The sync operations' paths, each answering 501 (mounted before the FHIR router), and
+    documented so: their one answer is the 501, never a 200."""
+    router = APIRouter(prefix="/fhir")
+    answers: dict[str, Any] = {
+        "status_code": 501,
+        "response_description": _NOT_CONFIGURED,
+        "responses": error_responses(501),
+        "response_class": Response,
+    }
 
-    @router.get("/$sync-status")
+    @router.get("/$sync-status", summary="Upstream sync status: not configured on this server", **answers)
     async def sync_status(request: Request) -> Response:
         negotiate_response_format(request)
         raise not_supported(f"$sync-status: {_NOT_CONFIGURED}", status=501)
 
-    @router.post("/$sync-replay")
+    @router.post("/$sync-replay", summary="Upstream sync replay: not configured on this server", **answers)
     async def sync_replay(request: Request) -> Response:
         negotiate_response_format(request)
         raise not_supported(f"$sync-replay: {_NOT_CONFIGURED}", status=501)

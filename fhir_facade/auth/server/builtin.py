@@ -29,6 +29,7 @@ from fhir_facade.auth.server.codes import CodeStore
 from fhir_facade.auth.server.failure_report import FailureReporter
 from fhir_facade.auth.server.lockout import Attempt, lockouts_from_settings
 from fhir_facade.auth.server.oauth import SmartAuthorizationServer, StarletteOAuth2Request
+from fhir_facade.auth.server.openapi import AUTHORIZE_GET, AUTHORIZE_POST, JWKS, TOKEN
 from fhir_facade.auth.server.registry import Registry, load_or_create_registry
 from fhir_facade.auth.server.signing_key import SigningKey
 from fhir_facade.auth.server.tickets import SignInTickets
@@ -95,12 +96,12 @@ class BuiltinAuthorizationServer:
         router = APIRouter(prefix="/auth", tags=["authorization"])
         jwks = self.public_key_set().as_dict(private=False)
 
-        @router.get("/authorize", include_in_schema=False)
+        @router.get("/authorize", openapi_extra=AUTHORIZE_GET, response_class=Response)
         async def authorize_page(request: Request) -> Response:
             oauth_request = await StarletteOAuth2Request.read(request, self.authorize_url)
             return await run_in_threadpool(self._authorization.show, oauth_request)
 
-        @router.post("/authorize", include_in_schema=False)
+        @router.post("/authorize", openapi_extra=AUTHORIZE_POST, response_class=Response)
         async def authorize_submit(request: Request) -> Response:
             oauth_request = await StarletteOAuth2Request.read(request, self.authorize_url)
             response, attempt = await run_in_threadpool(
@@ -114,7 +115,7 @@ class BuiltinAuthorizationServer:
                 await _hold_back(attempt)
             return response
 
-        @router.post("/token", summary="OAuth 2.0 token endpoint (RFC 6749 3.2)")
+        @router.post("/token", openapi_extra=TOKEN, response_class=Response)
         async def token(request: Request) -> Response:
             oauth_request = await StarletteOAuth2Request.read(request, self.token_url)
             attempt = self.token_lockout.begin(oauth_request.claimed_client_id(), _address(request))
@@ -132,7 +133,7 @@ class BuiltinAuthorizationServer:
             await _hold_back(attempt)
             return response
 
-        @router.get("/jwks", summary="The public keys that sign access tokens (RFC 7517)")
+        @router.get("/jwks", openapi_extra=JWKS, response_class=Response)
         async def key_set() -> Response:
             return JSONResponse(jwks, headers={"Cache-Control": "public, max-age=300"})
 

@@ -1,0 +1,190 @@
+"""What the built-in authorization server's routes declare in the OpenAPI document: their
+parameters and their answers, success and error, as RFC 6749 and SMART App Launch 2.x give them.
+
+The token endpoint answers errors as JSON (RFC 6749 5.2), the authorization endpoint as HTML pages
+or as a redirect to the app (RFC 6749 4.1.2.1), never as OperationOutcomes; the limits and the
+unexpected-failure answers every route shares are added by fhir_facade.fhir.openapi.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["AUTHORIZE_GET", "AUTHORIZE_POST", "JWKS", "TOKEN"]
+
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+_FORM = "application/x-www-form-urlencoded"
+
+_OAUTH_ERROR: dict[str, Any] = {
+    "title": "OAuthError",
+    "description": "OAuth 2.0 error response (RFC 6749 section 5.2).",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "string",
+            "enum": [
+                "invalid_request",
+                "invalid_client",
+                "invalid_grant",
+                "unauthorized_client",
+                "unsupported_grant_type",
+                "invalid_scope",
+            ],
+        },
+        "error_description": {"type": "string"},
+    },
+}
+
+
+def _oauth_error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _OAUTH_ERROR}}}
+
+
+def _page(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _HTML}
+
+
+def _query(name: str, description: str, *, required: bool = False) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+_REDIRECT = {
+    "description": (
+        "To the app's registered redirect_uri with `code` and `state` (RFC 6749 4.1.2), or with "
+        "`error` once the client and its redirect_uri are verified (4.1.2.1)"
+    ),
+    "headers": {"Location": {"schema": {"type": "string", "format": "uri"}}},
+}
+_ERROR_PAGE = _page(
+    "Authorization error page: the client or its redirect_uri cannot be trusted, so the server "
+    "does not redirect (RFC 6749 4.1.2.1)"
+)
+
+#: GET /auth/authorize (RFC 6749 4.1.1, SMART App Launch 2.x app-launch.html#obtain-authorization-code).
+AUTHORIZE_GET: dict[str, Any] = {
+    "summary": "OAuth 2.0 authorization endpoint: the sign-in page (RFC 6749 4.1.1)",
+    "parameters": [
+        _query("response_type", "`code`", required=True),
+        _query("client_id", "The registered app", required=True),
+        _query("redirect_uri", "One of the app's registered redirect URIs", required=True),
+        _query("scope", "SMART scopes, e.g. `launch/patient patient/*.rs`", required=True),
+        _query("state", "Opaque value returned to the app", required=True),
+        _query("aud", "The FHIR base URL the token is for", required=True),
+        _query("code_challenge", "PKCE challenge (RFC 7636), S256", required=True),
+        _query("code_challenge_method", "`S256`", required=True),
+    ],
+    "responses": {
+        "200": _page("The sign-in form"),
+        "302": _REDIRECT,
+        "400": _ERROR_PAGE,
+        "401": _page("Authorization error page: unknown client (invalid_client)"),
+    },
+}
+
+#: POST /auth/authorize: the sign-in form, the patient choice and the user's decision.
+AUTHORIZE_POST: dict[str, Any] = {
+    "summary": "OAuth 2.0 authorization endpoint: sign in, choose a patient, allow or deny",
+    "requestBody": {
+        "required": True,
+        "content": {
+            _FORM: {
+                "schema": {
+                    "type": "object",
+                    "description": "The authorization request's parameters (as for GET), plus:",
+                    "properties": {
+                        "username": {"type": "string"},
+                        "password": {"type": "string", "format": "password"},
+                        "decision": {"type": "string", "enum": ["allow", "deny"]},
+                        "patient": {"type": "string", "description": "The chosen patient (launch/patient)"},
+                        "ticket": {"type": "string", "description": "Carries the sign-in to the choice"},
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": _page("The patient choice (scope launch/patient)"),
+        "302": _REDIRECT,
+        "400": _page("A patient that is not on the list, or an untrusted client or redirect_uri"),
+        "401": _page("Unknown username or wrong password, or the sign-in expired"),
+        "403": _page("The user may open no patient and the app needs one (access_denied)"),
+        "429": _page("Too many failed sign-ins: paused, see Retry-After (ADR 0011)"),
+    },
+}
+
+#: POST /auth/token (RFC 6749 3.2, 4.1.3, 4.4; SMART Backend Services client_credentials).
+TOKEN: dict[str, Any] = {
+    "summary": "OAuth 2.0 token endpoint (RFC 6749 3.2)",
+    "requestBody": {
+        "required": True,
+        "content": {
+            _FORM: {
+                "schema": {
+                    "type": "object",
+                    "required": ["grant_type"],
+                    "properties": {
+                        "grant_type": {
+                            "type": "string",
+                            "enum": ["authorization_code", "client_credentials", "refresh_token"],
+                        },
+                        "code": {"type": "string"},
+                        "redirect_uri": {"type": "string"},
+                        "code_verifier": {"type": "string", "description": "PKCE (RFC 7636)"},
+                        "client_id": {"type": "string"},
+                        "client_secret": {"type": "string", "format": "password"},
+                        "client_assertion_type": {"type": "string"},
+                        "client_assertion": {
+                            "type": "string",
+                            "description": "private_key_jwt (RFC 7523), SMART Backend Services",
+                        },
+                        "scope": {"type": "string"},
+                        "refresh_token": {"type": "string"},
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "Access token response (RFC 6749 5.1) with the SMART launch context",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["access_token", "token_type"],
+                        "properties": {
+                            "access_token": {"type": "string"},
+                            "token_type": {"type": "string", "enum": ["Bearer"]},
+                            "expires_in": {"type": "integer"},
+                            "scope": {"type": "string"},
+                            "refresh_token": {"type": "string"},
+                            "patient": {"type": "string"},
+                            "id_token": {"type": "string"},
+                        },
+                    }
+                }
+            },
+        },
+        "400": _oauth_error("invalid_request, invalid_grant, unsupported_grant_type, invalid_scope..."),
+        "401": _oauth_error("Client authentication failed (invalid_client)"),
+        "429": _oauth_error("Too many failed attempts for this client or address; see Retry-After"),
+    },
+}
+
+#: GET /auth/jwks (RFC 7517 5).
+JWKS: dict[str, Any] = {
+    "summary": "The public keys that sign access tokens (RFC 7517)",
+    "responses": {
+        "200": {
+            "description": "JWK Set",
+            "content": {"application/json": {"schema": {"type": "object", "required": ["keys"]}}},
+        }
+    },
+}
