@@ -351,7 +351,7 @@ def test_patient_from_dicom_odd_values() -> None:
     Patient.model_validate(patient)
     assert patient["id"].startswith("x.")
     assert parse_patient_resource_id(patient["id"]) == ("PAT-001", "Clinic Z")
-    assert set(patient) == {"resourceType", "id", "identifier"}
+    assert set(patient) == {"resourceType", "id", "text", "identifier"}
     assert patient_from_dicom(study_json(**{"00100020": element("LO")}), CTX) is None
     assert patient_from_dicom({}, CTX) is None
 
