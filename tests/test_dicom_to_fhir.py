@@ -38,6 +38,7 @@ from fhir_facade.dicom_to_fhir import (
     string,
     strings,
 )
+from tests.narrative_checks import narrative_text
 
 DEFAULT_SYSTEM = "urn:oid:2.16.840.1.113883.3.3719.1.1"
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -351,7 +352,7 @@ def test_patient_from_dicom_odd_values() -> None:
     Patient.model_validate(patient)
     assert patient["id"].startswith("x.")
     assert parse_patient_resource_id(patient["id"]) == ("PAT-001", "Clinic Z")
-    assert set(patient) == {"resourceType", "id", "identifier"}
+    assert set(patient) == {"resourceType", "id", "text", "identifier"}
     assert patient_from_dicom(study_json(**{"00100020": element("LO")}), CTX) is None
     assert patient_from_dicom({}, CTX) is None
 
@@ -663,3 +664,45 @@ def test_pydicom_dataset_with_non_ascii_name() -> None:
     Patient.model_validate(patient)
     assert [n["text"] for n in patient["name"]] == ["Hans Müller", "山田 太郎", "やまだ たろう"]
     assert parse_patient_resource_id(patient["id"]) == ("Ü 1", None)
+
+
+# --- narratives (ADR 0019) ----------------------------------------------------------------------
+
+HOSTILE = "<script>alert(1)</script> & Co"
+
+
+def test_imaging_study_narrative_summarises_the_study() -> None:
+    resource = full_study()
+    validate_study(resource)
+    narrative_text(
+        resource,
+        "Imaging study MRT Schädel nativ, MR, SR, 2024-03-15T14:30:05.25+05:30.",
+        "Patient Hans Müller (Patient/PAT-001)",
+        "Accession number ACC-42",
+        "Series 2",
+        "Instances 3",
+        "Referring physician",
+        f"Study Instance UID {STUDY_UID}",
+    )
+
+
+def test_narratives_escape_hostile_dicom_values() -> None:
+    study = study_json(
+        **{"00081030": element("LO", HOSTILE), "00100010": element("PN", {"Alphabetic": HOSTILE})}
+    )
+    resource = imaging_study_from_dicom(study, [], None, CTX)
+    validate_study(resource)
+    assert "<script" not in resource["text"]["div"]
+    narrative_text(resource, f"Imaging study {HOSTILE}", f"Patient {HOSTILE}")
+    patient = patient_from_dicom(study, CTX)
+    assert patient is not None
+    Patient.model_validate(patient)
+    assert "<script" not in patient["text"]["div"]
+    narrative_text(patient, f"Name {HOSTILE}", "Patient ID PAT-001", "Birth date 1980-01-02", "Sex male")
+
+
+def test_endpoint_narrative_names_connection_type_and_address() -> None:
+    for resource in endpoints(CTX):
+        narrative_text(
+            resource, f"Connection type {resource['id']}", "Address http://pacs.example.org/dicom-web"
+        )

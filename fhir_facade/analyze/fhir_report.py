@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_facade.analyze.codes import FINDING, IMAGING_CATEGORY, IMAGING_REPORT, RADIOLOGY_SECTION
+from fhir_facade.analyze.report_narrative import (
+    device_narrative,
+    observation_narrative,
+    provenance_narrative,
+    report_narrative,
+)
 from fhir_facade.analyze.result import AnalysisResult, CodedConcept, ScoredInstance
+from fhir_facade.fhir.narrative import with_narrative
 
 __all__ = [
     "MODEL_SHA256_SYSTEM",
@@ -62,6 +69,8 @@ class AnalysisContext:
     observation_id: str
     provenance_id: str
     sr: SrReference | None = None
+    study_description: str | None = None
+    accession_number: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,12 +238,17 @@ def _provenance(context: AnalysisContext, targets: list[str], device_ref: str) -
 
 
 def build_resources(result: AnalysisResult, context: AnalysisContext) -> AnalysisResources:
-    """The FHIR resources of one analysis, referencing each other by the context's ids."""
+    """The FHIR resources of one analysis, referencing each other by the context's ids, each with
+    its generated narrative (report_narrative)."""
     device = _device(result)
+    device = with_narrative(device, device_narrative(device))
     device_ref = f"Device/{device['id']}"
     observation = _observation(result, context, device_ref)
+    observation = with_narrative(observation, observation_narrative(result, context))
     observation_ref = f"Observation/{observation['id']}"
     report = _report(result, context, [observation_ref])
+    report = with_narrative(report, report_narrative(result, context, report["conclusion"]))
     report_ref = f"DiagnosticReport/{report['id']}"
     provenance = _provenance(context, [report_ref, observation_ref], device_ref)
+    provenance = with_narrative(provenance, provenance_narrative(provenance))
     return AnalysisResources(device, (observation,), report, provenance)

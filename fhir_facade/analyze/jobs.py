@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir_facade.analyze.service import AnalysisOutcome, Analyzer
+from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.auth.access import Access, acting_as, current_access
 from fhir_facade.auth.enforcement import AuthorizationStage
 from fhir_facade.auth.operations import check_analysis_rights
@@ -234,7 +235,7 @@ class AnalysisJobs:
             task["basedOn"] = [{"reference": r["reference"]} for r in study["basedOn"] if r.get("reference")]
         if series_uid:
             task["input"].append({"type": {"text": "series"}, "valueString": series_uid})
-        stored = await self._tasks.create(task)
+        stored = await self._tasks.create(with_analysis_task_narrative(task))
         return self._launch(stored, model_id, series_uid, study)
 
     def _launch(
@@ -283,7 +284,7 @@ class AnalysisJobs:
                 reason: dict[str, Any] = {"text": text}
                 if detail_code:
                     reason["coding"] = [{"system": FACADE_ISSUE_SYSTEM, "code": detail_code}]
-                updated = {**current, "status": status, "statusReason": reason}
+                updated = with_analysis_task_narrative({**current, "status": status, "statusReason": reason})
                 updated.pop("meta", None)
                 await self._tasks.update(task_id, updated, if_match=None)
             except Exception:  # the job's own failure is what the caller must see
@@ -413,7 +414,7 @@ class AnalysisJobs:
         if not focus.startswith("ImagingStudy/"):
             await self._finish(task["id"], "failed", None, "Task.focus is not an ImagingStudy")
             return None
-        updated = {**task, "status": "in-progress"}
+        updated = with_analysis_task_narrative({**task, "status": "in-progress"})
         updated.pop("meta", None)
         version = task.get("meta", {}).get("versionId")
         try:

@@ -48,6 +48,7 @@ from fhir_facade.analyze.pixels import (
     select_for_study,
 )
 from fhir_facade.analyze.result import AnalysisResult, ScoredInstance
+from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.auth.access import on_server_authority
 from fhir_facade.dicomweb.client import DicomwebClient, DicomwebError, DicomwebUnavailable
 from fhir_facade.dicomweb.stow import StowClient
@@ -345,6 +346,8 @@ class Analyzer:
             observation_id=uuid.uuid4().hex,
             provenance_id=uuid.uuid4().hex,
             sr=sr,
+            study_description=study.get("description"),
+            accession_number=_accession_number(study),
         )
         try:
             resources = build_resources(result, context)
@@ -415,6 +418,15 @@ def _study_uid(study: dict[str, Any]) -> str:
     raise bad_request(f"ImagingStudy/{study.get('id')} has no DICOM Study Instance UID")
 
 
+def _accession_number(study: dict[str, Any]) -> str | None:
+    """The study's accession number: its identifier of type v2-0203 ACSN (DICOMcast convention)."""
+    for identifier in study.get("identifier", []):
+        codes = [c.get("code") for c in identifier.get("type", {}).get("coding", [])]
+        if "ACSN" in codes and identifier.get("value"):
+            return str(identifier["value"])
+    return None
+
+
 def _plain_reference(reference: Any) -> dict[str, Any] | None:
     """A Reference as stored resources carry it: literal reference (+ identifier, display)."""
     if not isinstance(reference, dict) or not reference.get("reference"):
@@ -437,4 +449,4 @@ def _completed_task(task: dict[str, Any], resources: AnalysisResources) -> dict[
         ],
     }
     completed.pop("meta", None)
-    return completed
+    return with_analysis_task_narrative(completed)

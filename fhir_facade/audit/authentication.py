@@ -11,7 +11,9 @@ Codes (DICOM PS3.16 CID 400 "Audit Event ID", CID 401 "Audit Event Type Code"; I
 - agents: at sign-in the person (humanuser, `who.identifier` = the username as typed, requestor,
   with the network address) and the app that asked (DCM 110150 "Application", its client_id);
   at the token endpoint the client (110150, the client_id it claimed, requestor, network address)
-  and the authorization server (BALP `AuthzOauthService`).
+  and the authorization server (extra-security-role-type `authserver`: R4 binds agent.type
+  extensibly to participation-role-type, which has this code, so BALP's `AuthzOauthService` is not
+  used; ADR 0019).
 The password or client credential is never recorded.
 """
 
@@ -25,9 +27,11 @@ from fhir_facade.audit.event import (
     _SOURCE_TYPE,
     _USER_TYPE,
     CLIENT_ID_SYSTEM,
+    audit_event_narrative,
     correlation_entity,
 )
 from fhir_facade.audit.interaction import DCM
+from fhir_facade.fhir.narrative import with_narrative
 
 __all__ = ["LOGIN_SUBTYPE", "TOKEN_SUBTYPE", "USER_AUTHENTICATION", "authentication_event"]
 
@@ -36,9 +40,9 @@ LOGIN_SUBTYPE: Final = {"system": DCM, "code": "110122", "display": "Login"}
 TOKEN_SUBTYPE: Final = {"system": "urn:ihe:event-type-code", "code": "ITI-71", "display": "Get Access Token"}
 _APPLICATION: Final = {"system": DCM, "code": "110150", "display": "Application"}
 _AUTH_SERVER: Final = {
-    "system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/UserAgentTypes",
-    "code": "AuthzOauthService",
-    "display": "OAuth Authorization Server",
+    "system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
+    "code": "authserver",
+    "display": "authorization server",
 }
 
 
@@ -114,4 +118,4 @@ def authentication_event(
     }
     if correlation_id:
         event["entity"] = [correlation_entity(correlation_id)]
-    return event
+    return with_narrative(event, audit_event_narrative(event))

@@ -32,12 +32,22 @@ from typing import Any, Final
 
 from fhir_facade.audit.interaction import DCM, Interaction
 from fhir_facade.auth.access import Access
+from fhir_facade.fhir.narrative import (
+    Facts,
+    Items,
+    Paragraph,
+    joined,
+    narrative,
+    reference_text,
+    with_narrative,
+)
 
 __all__ = [
     "CLIENT_ID_SYSTEM",
     "CORRELATION_ENTITY_TYPE",
     "CORRELATION_IDENTIFIER_TYPE",
     "audit_event",
+    "audit_event_narrative",
     "audit_outcome",
     "correlation_entity",
 ]
@@ -283,7 +293,7 @@ def audit_event(
     entities = _entities(interaction, access, created, correlation_id)
     if entities:
         event["entity"] = entities
-    return event
+    return with_narrative(event, audit_event_narrative(event))
 
 
 def _phrase(status: int | None) -> str:
@@ -293,3 +303,59 @@ def _phrase(status: int | None) -> str:
         return f"{status} {HTTPStatus(status).phrase}"
     except ValueError:
         return str(status)
+
+
+#: R4 audit-event-action and audit-event-outcome displays (valueset-audit-event-action.html,
+#: valueset-audit-event-outcome.html), for the narrative.
+_ACTIONS: Final = {"C": "Create", "R": "Read/View/Print", "U": "Update", "D": "Delete", "E": "Execute"}
+_OUTCOMES: Final = {
+    "0": "Success",
+    "4": "Minor failure (the request was refused)",
+    "8": "Serious failure (the server failed)",
+    "12": "Major failure (no answer was sent)",
+}
+
+
+def _who(agent: dict[str, Any]) -> str:
+    who = reference_text(agent.get("who")) or agent.get("name") or "unknown"
+    role = joined(c.get("display") or c.get("code") for c in agent.get("type", {}).get("coding", []))
+    address = agent.get("network", {}).get("address")
+    return f"{who}" + (f" ({role})" if role else "") + (f" from {address}" if address else "")
+
+
+def _what(entity: dict[str, Any]) -> str:
+    what = reference_text(entity.get("what"))
+    role = entity.get("role", {}).get("display")
+    if what is None and entity.get("name"):
+        what = f"operation {entity['name']}"
+    if what is None and "query" in entity:
+        what = "the search query"
+    kind = entity.get("what", {}).get("identifier", {}).get("type", {})
+    label = kind.get("text") or joined(c.get("display") for c in kind.get("coding", []))
+    return (f"{label} " if label else "") + f"{what or 'unnamed'}" + (f" ({role})" if role else "")
+
+
+def audit_event_narrative(event: dict[str, Any]) -> dict[str, str]:
+    """An AuditEvent's narrative: action, outcome, who, what, when (R4 narrative.html), from the
+    event's own elements, so request and authentication events share it."""
+    kind = joined(
+        c.get("display") or c.get("code") for c in (event.get("type", {}), *event.get("subtype", []))
+    )
+    action = _ACTIONS.get(str(event.get("action")), event.get("action"))
+    outcome = _OUTCOMES.get(str(event.get("outcome")), event.get("outcome"))
+    return narrative(
+        Paragraph(f"{event.get('outcomeDesc') or kind}", label=f"{action}:"),
+        Facts(
+            [
+                ("Event", kind),
+                ("Action", action),
+                ("Outcome", outcome),
+                ("When", event.get("recorded")),
+                ("Recorded by", event.get("source", {}).get("observer", {}).get("display")),
+            ]
+        ),
+        Paragraph("Who", strong=True),
+        Items([_who(agent) for agent in event.get("agent", [])]),
+        Paragraph("What", strong=True) if event.get("entity") else None,
+        Items([_what(entity) for entity in event.get("entity", [])]),
+    )

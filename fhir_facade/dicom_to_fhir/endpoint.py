@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_facade.dicom_to_fhir.context import WADO_ENDPOINT_ID, MappingContext
+from fhir_facade.fhir.narrative import Facts, Paragraph, narrative, with_narrative
 
 __all__ = ["ENDPOINT_IDS", "endpoint", "endpoints"]
 
@@ -31,7 +32,7 @@ def endpoint(endpoint_id: str, ctx: MappingContext) -> dict[str, Any] | None:
     if service is None:
         return None
     name, mime_types = service
-    return {
+    resource = {
         "resourceType": "Endpoint",
         "id": endpoint_id,
         "status": "active",
@@ -46,6 +47,20 @@ def endpoint(endpoint_id: str, ctx: MappingContext) -> dict[str, Any] | None:
         "payloadMimeType": list(mime_types),
         "address": ctx.dicomweb_url.rstrip("/"),
     }
+    return with_narrative(
+        resource,
+        narrative(
+            Paragraph(f"{name} of the PACS at {resource['address']}."),
+            Facts(
+                [
+                    ("Connection type", endpoint_id),
+                    ("Address", resource["address"]),
+                    ("Payload", ", ".join(mime_types)),
+                    ("Status", "active"),
+                ]
+            ),
+        ),
+    )
 
 
 def endpoints(ctx: MappingContext) -> list[dict[str, Any]]:

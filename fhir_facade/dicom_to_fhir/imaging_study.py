@@ -30,8 +30,17 @@ from fhir_facade.dicom_to_fhir.patient import (
     patient_resource_id,
 )
 from fhir_facade.dicom_to_fhir.terminology import body_site_coding, laterality_coding
+from fhir_facade.fhir.narrative import (
+    Facts,
+    Paragraph,
+    Table,
+    joined,
+    narrative,
+    reference_text,
+    with_narrative,
+)
 
-__all__ = ["imaging_study_from_dicom"]
+__all__ = ["imaging_study_from_dicom", "imaging_study_narrative"]
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 """Code system of DICOM modality codes (PS3.16 CID 29/33), R4 ImagingStudy.modality binding."""
@@ -270,4 +279,51 @@ def imaging_study_from_dicom(
         resource["description"] = description
     if mapped_series:
         resource["series"] = mapped_series
-    return resource
+    return with_narrative(resource, imaging_study_narrative(resource))
+
+
+def imaging_study_narrative(study: dict[str, Any]) -> dict[str, str]:
+    """A compact summary of the study (R4 narrative.html): date, description, modalities, counts,
+    and one row per series."""
+    accession = next(
+        (
+            i.get("value")
+            for i in study.get("identifier", [])
+            if any(c.get("code") == "ACSN" for c in i.get("type", {}).get("coding", []))
+        ),
+        None,
+    )
+    modalities = joined(c.get("code") for c in study.get("modality", []))
+    return narrative(
+        Paragraph(
+            f"Imaging study {study.get('description') or '(no description)'}"
+            + (f", {modalities}" if modalities else "")
+            + (f", {study['started']}" if study.get("started") else "")
+            + "."
+        ),
+        Facts(
+            [
+                ("Patient", reference_text(study.get("subject"))),
+                ("Date", study.get("started")),
+                ("Description", study.get("description")),
+                ("Modalities", modalities),
+                ("Accession number", accession),
+                ("Referring physician", study.get("referrer", {}).get("display")),
+                ("Series", study.get("numberOfSeries")),
+                ("Instances", study.get("numberOfInstances")),
+                ("Study Instance UID", study["id"]),
+            ]
+        ),
+        Table(
+            ("Series", "Modality", "Description", "Instances"),
+            [
+                (
+                    series.get("number", ""),
+                    series["modality"].get("code", ""),
+                    series.get("description", ""),
+                    series.get("numberOfInstances", ""),
+                )
+                for series in study.get("series", [])
+            ],
+        ),
+    )

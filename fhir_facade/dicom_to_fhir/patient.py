@@ -14,7 +14,8 @@ from typing import Any
 
 from fhir_facade.dicom_to_fhir.attributes import DicomJson, date, person_name, string
 from fhir_facade.dicom_to_fhir.context import MappingContext
-from fhir_facade.dicom_to_fhir.names import human_names
+from fhir_facade.dicom_to_fhir.names import human_names, name_text
+from fhir_facade.fhir.narrative import Facts, Paragraph, joined, narrative, with_narrative
 
 __all__ = [
     "ENCODED_ID_PREFIX",
@@ -22,6 +23,7 @@ __all__ = [
     "parse_patient_resource_id",
     "patient_from_dicom",
     "patient_identifier",
+    "patient_narrative",
     "patient_resource_id",
 ]
 
@@ -154,4 +156,23 @@ def patient_from_dicom(ds: DicomJson, ctx: MappingContext) -> dict[str, Any] | N
     birth_date = date(ds, PATIENT_BIRTH_DATE)
     if birth_date:
         patient["birthDate"] = birth_date
-    return patient
+    return with_narrative(patient, patient_narrative(patient, name_text(person_name(ds, PATIENT_NAME))))
+
+
+def patient_narrative(patient: dict[str, Any], name: str | None) -> dict[str, str]:
+    """Name, id, birth date and sex (R4 narrative.html), as the PACS records them."""
+    ids = joined(
+        f"{i.get('value')}" + (f" ({i['assigner']['display']})" if i.get("assigner") else "")
+        for i in patient.get("identifier", [])
+    )
+    return narrative(
+        Paragraph(f"{name or 'Unnamed patient'}, as recorded in the PACS (DICOM)."),
+        Facts(
+            [
+                ("Name", name),
+                ("Patient ID", ids),
+                ("Birth date", patient.get("birthDate")),
+                ("Sex", patient.get("gender")),
+            ]
+        ),
+    )

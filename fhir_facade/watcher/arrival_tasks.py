@@ -13,6 +13,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.dicom_to_fhir import patient_resource_id
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import parse_search
@@ -86,5 +87,5 @@ class ArrivalTaskCreator:
                 task["priority"] = order["priority"]
         elif len(orders) > 1:
             log.warning("Accession %s matches several orders; the Task is not linked", study.accession_number)
-        created = await self._tasks.create(task)
+        created = await self._tasks.create(with_analysis_task_narrative(task))
         log.info("Task/%s created for arrived study %s", created["id"], study.study_uid)

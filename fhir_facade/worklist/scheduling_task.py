@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-__all__ = ["SCHEDULE_CODE", "TASK_CODE_SYSTEM", "scheduling_task"]
+from fhir_facade.fhir.narrative import Facts, Paragraph, narrative, reference_text, with_narrative
+
+__all__ = ["SCHEDULE_CODE", "TASK_CODE_SYSTEM", "scheduling_task", "scheduling_task_narrative"]
 
 #: The facade's own Task codes (capability/CodeSystem-task-code.json).
 TASK_CODE_SYSTEM = "http://fhir-facade.org/fhir/CodeSystem/task-code"
@@ -55,4 +57,32 @@ def scheduling_task(order: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         task["for"] = {"reference": subject["reference"]}
     if order.get("priority") in _PRIORITIES:
         task["priority"] = order["priority"]
-    return task
+    return with_narrative(task, scheduling_task_narrative(task, order))
+
+
+def scheduling_task_narrative(task: Mapping[str, Any], order: Mapping[str, Any]) -> dict[str, str]:
+    """What the person is asked to do, for which order and patient (R4 narrative.html)."""
+    reference = task["focus"]["reference"]
+    patient = reference_text(order.get("subject"))
+    return narrative(
+        Paragraph(
+            f"Schedule imaging order {reference}"
+            + (f" for patient {patient}" if patient else "")
+            + " by hand: its DICOM modality could not be derived from its code, so it is not on "
+            "the modality worklist."
+        ),
+        Paragraph(
+            "Then add the code to the site's procedure catalogue (FACADE_WORKLIST_PROCEDURE_MAP) "
+            "or give the order a DCM modality coding, so later orders reach the worklist."
+        ),
+        Facts(
+            [
+                ("Status", task.get("status")),
+                ("Priority", task.get("priority")),
+                ("Order", reference),
+                ("Procedure", _code_text(order)),
+                ("Patient", patient),
+                ("Authored", task.get("authoredOn")),
+            ]
+        ),
+    )

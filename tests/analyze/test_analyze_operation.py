@@ -24,6 +24,7 @@ from fhir_facade.embedded import EmbeddedOrthanc, store_instances
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM
 from tests.conftest import LiveServer, ok_json, outcome, serve, validate
 from tests.dicom_factory import CORPUS, demo_brain_study
+from tests.narrative_checks import narrative_text
 
 N_SLICES = 8
 #: The demo brain under UIDs of its own: other tests store the demo study with other slice counts.
@@ -455,3 +456,74 @@ class TestRemoteInference:
             assert remote["conclusionCode"] == local["conclusionCode"]
             observation = ok_json(http.get(f"/{remote['result'][0]['reference']}"))
             assert observation["device"]["reference"].startswith("Device/brain-tumor-vgg16")
+
+
+class TestNarrative:
+    """Every resource of a real run carries a generated narrative (ADR 0019); a client's is kept."""
+
+    def test_the_stored_report_reads_like_a_preliminary_report(
+        self, analysed: tuple[httpx.Response, float], client: httpx.Client, demo_orthanc: EmbeddedOrthanc
+    ) -> None:
+        report = ok_json(client.get(f"/DiagnosticReport/{analysed[0].json()['id']}"))
+        predicted = label_concepts(MANIFEST)[_reference_answer(demo_orthanc)].display
+        narrative_text(
+            report,
+            "preliminary",
+            "not verified by a radiologist",
+            f"Predicted class: {predicted}",
+            "Findings",
+            "Impression",
+            report["subject"]["reference"],
+            f"ImagingStudy/{STUDY_UID}",
+            MANIFEST.version,
+        )
+        observation = ok_json(client.get(f"/{report['result'][0]['reference']}"))
+        narrative_text(observation, "Finding (DCM 121071)", f"Value {predicted}")
+        narrative_text(ok_json(client.get(f"/{observation['device']['reference']}")), MANIFEST.sha256)
+
+    def test_the_job_task_narrative_follows_its_status(
+        self, analysed: tuple[httpx.Response, float], client: httpx.Client
+    ) -> None:
+        task = ok_json(client.get(f"/{analysed[0].headers['X-Analysis-Task']}"))
+        narrative_text(
+            task,
+            f"Analyze imaging study ImagingStudy/{STUDY_UID}",
+            f"with the AI model {MANIFEST.id}",
+            f"Completed: the preliminary AI report is DiagnosticReport/{analysed[0].json()['id']}",
+        )
+        failed = client.post(f"/ImagingStudy/{CT_STUDY}/$analyze")
+        narrative_text(ok_json(client.get(f"/{failed.headers['X-Analysis-Task']}")), "Failed:", "CT")
+
+    def test_a_client_narrative_on_a_requested_task_is_kept(self, client: httpx.Client) -> None:
+        text = {
+            "status": "additional",
+            "div": '<div xmlns="http://www.w3.org/1999/xhtml">Please run &amp; tell</div>',
+        }
+        task = ok_json(
+            client.post(
+                "/Task",
+                json={
+                    "resourceType": "Task",
+                    "text": text,
+                    "status": "requested",
+                    "intent": "order",
+                    "code": {
+                        "coding": [
+                            {"system": "http://fhir-facade.org/fhir/CodeSystem/task-code", "code": "analyze"}
+                        ]
+                    },
+                    "focus": {"reference": f"ImagingStudy/{STUDY_UID}"},
+                },
+                headers={"Content-Type": "application/fhir+json"},
+            ),
+            201,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            current = ok_json(client.get(f"/Task/{task['id']}"))
+            if current["status"] in ("completed", "failed"):
+                break
+            time.sleep(0.5)
+        assert current["status"] == "completed", current
+        assert current["text"] == text
+        assert int(current["meta"]["versionId"]) >= 3  # claimed and completed by the worker

@@ -18,6 +18,7 @@ from fhir_facade.embedded import EmbeddedOrthanc
 from tests.audit.conftest import audit_events, audited, correlation_of, events_with, query_of
 from tests.conftest import LiveServer, ok_json, outcome, serve, validate
 from tests.dicom_factory import CORPUS
+from tests.narrative_checks import narrative_text
 
 ADMIN_URL = os.environ.get("FACADE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -93,6 +94,9 @@ def check_common(event: dict[str, Any], correlation: str) -> None:
     assert agent["network"] == {"address": "127.0.0.1", "type": "2"}
     assert "FACADE_AUTH=none" in agent["name"]
     assert event["source"]["observer"]["display"].startswith("fhir-facade ")
+    narrative_text(
+        event, f"X-Request-Id {correlation}", "unauthenticated", "from 127.0.0.1", event["outcomeDesc"]
+    )
 
 
 def test_create_read_search_delete_each_leave_one_event(

@@ -16,6 +16,7 @@ from fhir_facade.audit.interaction import needs_body
 from fhir_facade.auth.access import Access
 from fhir_facade.auth.scopes import parse_scopes
 from tests.conftest import validate
+from tests.narrative_checks import narrative_text
 
 STARTED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 BASE = "https://facade.example/fhir"
@@ -319,3 +320,65 @@ def test_the_site_is_required() -> None:
             started=STARTED,
             ended=STARTED,
         )
+
+
+def test_the_narrative_says_action_outcome_who_what_when() -> None:
+    event = event_for("GET", "/fhir/Task/t-1", access=clinician())
+    narrative_text(
+        event,
+        "Read/View/Print: GET /fhir/Task/t-1: 200 OK",
+        "Outcome Success",
+        f"When {event['recorded']}",
+        "viewer-app (Source Role ID) from 10.1.2.3",
+        "Practitioner/p-7 (human user)",
+        "Task/t-1 (Domain Resource)",
+        "Patient/P-1001 (Patient)",
+        "X-Request-Id corr-1",
+    )
+    refused = event_for("DELETE", "/fhir/Task/t-1", status=403)
+    narrative_text(refused, "Delete:", "Minor failure", "403 Forbidden")
+
+
+def test_hostile_values_in_the_narrative_are_escaped() -> None:
+    hostile = "<script>alert(1)</script>&x"
+    event = event_for("GET", f"/fhir/{hostile}", status=404)
+    assert "<script" not in event["text"]["div"] and "&amp;x" in event["text"]["div"]
+    narrative_text(event, hostile)
+    token = authentication_event(
+        "token",
+        description=f"client {hostile!r} failed",
+        username=None,
+        client_id=hostile,
+        client_address="10.1.2.3",
+        correlation_id="corr-3",
+        site="https://facade.example",
+        issuer=ISSUER,
+        moment=STARTED,
+    )
+    validate(token)
+    assert "<script" not in token["text"]["div"]
+    narrative_text(token, "Execute:", hostile, "authorization server", "Minor failure")
+
+
+def test_the_authorization_server_agent_type_is_in_the_r4_value_set() -> None:
+    """AuditEvent.agent.type is bound (extensible) to participation-role-type, which has
+    extra-security-role-type#authserver: BALP's UserAgentTypes#AuthzOauthService is not needed."""
+    event = authentication_event(
+        "token",
+        description="bad assertion",
+        username=None,
+        client_id="svc",
+        client_address=None,
+        correlation_id=None,
+        site="https://facade.example",
+        issuer=ISSUER,
+        moment=STARTED,
+    )
+    server = next(a for a in event["agent"] if not a["requestor"])
+    assert server["type"]["coding"] == [
+        {
+            "system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
+            "code": "authserver",
+            "display": "authorization server",
+        }
+    ]

@@ -11,6 +11,7 @@ import pytest
 from fhir_facade.embedded import EmbeddedOrthanc
 from tests.conftest import LiveServer, ok_json, outcome, serve
 from tests.dicom_factory import CORPUS, series_instance_uid, sop_instance_uid
+from tests.narrative_checks import narrative_text
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 SNOMED = "http://snomed.info/sct"
@@ -294,6 +295,10 @@ def test_include_patient_and_endpoint(fhir: httpx.Client) -> None:
     assert modes.count(("match", "ImagingStudy")) == 2
     assert ("include", "Patient") in modes and ("include", "Endpoint") in modes
     assert len(modes) == 4  # the shared Patient and Endpoint are included once each
+    for entry in bundle["entry"]:  # every virtual resource carries its generated narrative
+        narrative_text(entry["resource"])
+    study = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
+    narrative_text(study, "Patient", "P-1001", "Modalities")
 
 
 def test_unsupported_include_is_400(fhir: httpx.Client) -> None:

@@ -15,6 +15,7 @@ import pytest
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.conftest import LiveServer, ok_json, serve
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study, upload
+from tests.narrative_checks import narrative_text
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 MR_UID = "1.2.826.0.1.3680043.8.498.77.1"
@@ -107,6 +108,13 @@ def test_new_mr_study_becomes_a_task_once(orthanc: EmbeddedOrthanc, tmp_path: Pa
         assert task["for"]["reference"] == "Patient/W-100"
         assert task["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]
         assert task["priority"] == "stat"
+        narrative_text(
+            task,
+            f"Analyze imaging study ImagingStudy/{MR_UID} of patient Patient/W-100",
+            f"for order ServiceRequest/{order['id']}",
+            "Requested: waiting for the analysis worker",
+            "Priority stat",
+        )
         focus = ok_json(fhir.get(f"/{task['focus']['reference']}"))  # the focus resolves, live
         assert focus["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]  # order, live
         found = ok_json(fhir.get("/ImagingStudy", params={"identifier": "ACC-W-1"}))

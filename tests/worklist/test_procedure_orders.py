@@ -17,6 +17,7 @@ import pytest
 from fhir_facade.embedded import EmbeddedOrthanc
 from fhir_facade.worklist import WorklistFolder
 from tests.conftest import LiveServer, ok_json
+from tests.narrative_checks import narrative_text
 from tests.worklist.conftest import facade_with_worklist_folder
 from tests.worklist.test_findscu import ACSN, findscu
 
@@ -169,6 +170,11 @@ def test_unknown_code_is_stored_with_a_warning_and_a_scheduling_task(
     server, orthanc, worklists = facade
     fhir = client(server)
     order = ehr_order("LOCAL-1", {"system": LOCAL, "code": "XR-THX-PED"}, "Thorax pädiatrisch")
+    client_text = {
+        "status": "additional",
+        "div": '<div xmlns="http://www.w3.org/1999/xhtml">Thorax &amp; more</div>',
+    }
+    order["text"] = client_text
     prefer = {**FHIR_JSON, "Prefer": "return=OperationOutcome"}
     response = fhir.post("/ServiceRequest", json=order, headers=prefer)
     body = ok_json(response, 201)
@@ -181,11 +187,18 @@ def test_unknown_code_is_stored_with_a_warning_and_a_scheduling_task(
 
     stored = ok_json(fhir.get(f"/ServiceRequest/{order_id}"))  # never lost
     assert stored["code"]["coding"][0]["code"] == "XR-THX-PED"
+    assert stored["text"] == client_text  # a client's narrative is never overwritten (ADR 0019)
     (task,) = scheduling_tasks(server, order_id)
     assert task["status"] == "requested"
     assert task["intent"] == "order"
     assert task["for"] == {"reference": "Patient/PID-LOCAL-1"}
     assert "modality could not be derived" in task["description"]
+    narrative_text(
+        task,
+        f"Schedule imaging order ServiceRequest/{order_id} for patient Weber, Lena (Patient/PID-LOCAL-1)",
+        "XR-THX-PED",
+        "Status requested",
+    )
     assert f"Task/{task['id']}" in warning["diagnostics"]
 
     assert findscu(orthanc, tmp_path / "q", AccessionNumber="LOCAL-1") == []
