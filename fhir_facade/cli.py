@@ -55,6 +55,34 @@ def _serve(settings: Settings, host: str, port: int) -> None:
     )
 
 
+def demo_analysis_notice(settings: Settings, study_uid: str, *, stable_age: int) -> str:
+    """What happens to the demo study after start-up, in one log line: analysed through its arrival
+    Task (the watcher and the analysis worklist, ADR 0005/0006) unless a setting turns that off."""
+    reasons = [
+        reason
+        for off, reason in (
+            (not settings.demo_analyze, "FACADE_DEMO_ANALYZE=false"),
+            (not settings.watch_studies, "FACADE_WATCH_STUDIES=false"),
+            (not settings.analyze_enabled, "FACADE_ANALYZE_ENABLED=false"),
+            (not settings.analyze_worklist, "FACADE_ANALYZE_WORKLIST=false"),
+            ("MR" not in settings.task_modalities, "FACADE_TASK_MODALITIES has no MR"),
+        )
+        if off
+    ]
+    if reasons:
+        return (
+            f"demo: study {study_uid} is not analysed at start-up ({', '.join(reasons)}); "
+            f"POST {settings.base_url}/ImagingStudy/{study_uid}/$analyze analyses it"
+        )
+    return (
+        f"demo: analysing study {study_uid} with {settings.analyze_default_model} at start-up: once "
+        f"Orthanc holds it stable ({stable_age} s) the study-arrival watcher gives it an analysis Task "
+        "and the worklist runs it; the result is logged as 'Analyzed study ...' (a preliminary "
+        "DiagnosticReport and an SR series in the PACS). Only the first start on a store does this "
+        "(the Task is kept); FACADE_DEMO_ANALYZE=false turns it off"
+    )
+
+
 def _embedded(settings: Settings, args: argparse.Namespace) -> None:
     """Orthanc open to the facade alone (generated HTTP credentials, loopback only) and to the
     configured modalities over DICOM (ADR 0013), loaded with the demo study; then serve."""
@@ -93,6 +121,7 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
             overrides["base_url"] = f"http://{args.host}:{args.port}/fhir"
         settings = settings.model_copy(update=overrides)
         log.info("Demo study loaded: %s/ImagingStudy/%s", settings.base_url, study_uid)
+        log.info("%s", demo_analysis_notice(settings, study_uid, stable_age=orthanc.stable_age))
         log.info(
             "Orthanc's DICOM port %d (AE title %s) admits only %s",
             orthanc.dicom_port,

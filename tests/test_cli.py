@@ -1,4 +1,5 @@
-"""The command line's safety rule: no unauthenticated listening beyond loopback by accident."""
+"""The command line: no unauthenticated listening beyond loopback by accident; the demo's start-up
+analysis announced; backend clients registered; passwords reset."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from joserfc.jwk import ECKey
 
 from fhir_facade.auth.server.registry import load_registry
-from fhir_facade.cli import check_listen_address, main
+from fhir_facade.cli import check_listen_address, demo_analysis_notice, main
 from fhir_facade.config import Settings
 
 
@@ -56,3 +57,24 @@ def test_register_backend_client(
     private = tmp_path / "private.json"
     private.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
     assert main([*args[:2], "other", "--jwks", str(private)]) == 2  # private key material is refused
+
+
+def test_the_start_up_analysis_of_the_demo_study_is_announced() -> None:
+    notice = demo_analysis_notice(Settings(), "1.2.3", stable_age=5)
+    assert notice.startswith("demo: analysing study 1.2.3 with brain-tumor-vgg16 at start-up")
+    assert "FACADE_DEMO_ANALYZE=false" in notice
+
+
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ({"demo_analyze": False}, "FACADE_DEMO_ANALYZE=false"),
+        ({"watch_studies": False}, "FACADE_WATCH_STUDIES=false"),
+        ({"analyze_enabled": False}, "FACADE_ANALYZE_ENABLED=false"),
+        ({"task_modalities": frozenset({"CT"})}, "FACADE_TASK_MODALITIES has no MR"),
+    ],
+)
+def test_and_so_is_why_it_is_not_analysed(setting: dict[str, object], reason: str) -> None:
+    notice = demo_analysis_notice(Settings(**setting), "1.2.3", stable_age=5)  # type: ignore[arg-type]
+    assert notice.startswith(f"demo: study 1.2.3 is not analysed at start-up ({reason})")
+    assert "/ImagingStudy/1.2.3/$analyze" in notice
