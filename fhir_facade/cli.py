@@ -1,6 +1,7 @@
 """`fhir-facade` command line: `serve` runs the FHIR server against a configured PACS;
 `embedded` also starts a local Orthanc with the demo brain MRI study (the README's run command);
-`sync` runs only the upstream sync worker."""
+`sync` runs only the upstream sync worker; `register-backend-client` and `set-password` edit the
+built-in authorization server's registry (read at start-up: restart the server after either)."""
 
 from __future__ import annotations
 
@@ -165,6 +166,30 @@ def _register_backend_client(settings: Settings, args: argparse.Namespace) -> in
     return 0
 
 
+def _set_password(settings: Settings, args: argparse.Namespace) -> int:
+    """Give a registered user (default: demo) a new password: random and printed once, or read
+    from stdin; only its hash is stored. The server reads the registry at start-up: restart it."""
+    import secrets
+
+    from fhir_facade.auth.server import RegistryError, set_user_password
+
+    path = settings.resolved_clients_file
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else secrets.token_urlsafe(12)
+    try:
+        set_user_password(path, args.username, password)
+    except RegistryError as exc:
+        print(f"fhir-facade: {exc}", file=sys.stderr)
+        return 2
+    if args.password_stdin:
+        print(f"Set the password of {args.username!r} in {path}; restart the server to use it.")
+    else:
+        print(
+            f"New password of {args.username!r}: {password} (shown only now; its hash is in {path}). "
+            "Restart the server to use it."
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fhir-facade", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     register.add_argument("--jwks", required=True, type=Path, help="JSON file with the client's public keys")
     register.add_argument("--scope", default="system/*.rs", help="the most the client may be granted")
     register.add_argument("--name", default=None)
+    password = commands.add_parser(
+        "set-password",
+        help="give a user of the built-in authorization server's registry a new password (restart after)",
+    )
+    password.add_argument("--username", default="demo")
+    password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin instead of generating one"
+    )
     embedded.add_argument("--orthanc-port", type=int, default=8042)
     embedded.add_argument("--orthanc-dicom-port", type=int, default=4242)
     args = parser.parse_args(argv)
@@ -202,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.command == "register-backend-client":
         return _register_backend_client(settings, args)
+    if args.command == "set-password":
+        return _set_password(settings, args)
     if args.command == "serve":
         _serve(settings, args.host, args.port)
     elif args.command == "sync":
