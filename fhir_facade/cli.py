@@ -56,9 +56,19 @@ def _serve(settings: Settings, host: str, port: int) -> None:
     )
 
 
-def demo_analysis_notice(settings: Settings, study_uid: str, *, stable_age: int) -> str:
+def demo_analysis_notice(
+    settings: Settings, study_uid: str, *, stable_age: int, stored_before: bool = False
+) -> str:
     """What happens to the demo study after start-up, in one log line: analysed through its arrival
-    Task (the watcher and the analysis worklist, ADR 0005/0006) unless a setting turns that off."""
+    Task (the watcher and the analysis worklist, ADR 0005/0006) when it has just been stored and
+    no setting turns that off; a study already in the PACS does not arrive again."""
+    if stored_before:
+        return (
+            f"demo: study {study_uid} was stored at an earlier start, so it does not arrive again and "
+            f"is not analysed now (its earlier analysis: GET {settings.base_url}/Task?code=analyze"
+            f"&focus=ImagingStudy/{study_uid}); POST {settings.base_url}/ImagingStudy/{study_uid}/$analyze "
+            "analyses it again"
+        )
     reasons = [
         reason
         for off, reason in (
@@ -79,8 +89,8 @@ def demo_analysis_notice(settings: Settings, study_uid: str, *, stable_age: int)
         f"demo: analysing study {study_uid} with {settings.analyze_default_model} at start-up: once "
         f"Orthanc holds it stable ({stable_age} s) the study-arrival watcher gives it an analysis Task "
         "and the worklist runs it; the result is logged as 'Analyzed study ...' (a preliminary "
-        "DiagnosticReport and an SR series in the PACS). Only the first start on a store does this "
-        "(the Task is kept); FACADE_DEMO_ANALYZE=false turns it off"
+        "DiagnosticReport and an SR series in the PACS), unless the store holds its Task from an "
+        "earlier start; FACADE_DEMO_ANALYZE=false turns it off"
     )
 
 
@@ -89,7 +99,7 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
     configured modalities over DICOM (ADR 0013), loaded with the demo study; then serve."""
     from pydantic import SecretStr
 
-    from fhir_facade.demo import upload_demo
+    from fhir_facade.demo import demo_stored, upload_demo
     from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, parse_dicom_peer
 
     worklist_dir = settings.worklist_dir or settings.data_dir.resolve() / "worklists"
@@ -110,6 +120,7 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
     user, password = orthanc.credentials
     with orthanc:
         with orthanc.client() as client:
+            stored_before = demo_stored(orthanc.url, client) > 0
             study_uid = upload_demo(orthanc.url, client=client)
         overrides: dict[str, object] = {
             "dicomweb_url": orthanc.dicomweb_url,
@@ -122,7 +133,12 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
             overrides["base_url"] = f"http://{args.host}:{args.port}/fhir"
         settings = settings.model_copy(update=overrides)
         log.info("Demo study loaded: %s/ImagingStudy/%s", settings.base_url, study_uid)
-        log.info("%s", demo_analysis_notice(settings, study_uid, stable_age=orthanc.stable_age))
+        log.info(
+            "%s",
+            demo_analysis_notice(
+                settings, study_uid, stable_age=orthanc.stable_age, stored_before=stored_before
+            ),
+        )
         log.info(
             "Orthanc's DICOM port %d (AE title %s) admits only %s",
             orthanc.dicom_port,

@@ -107,3 +107,9 @@ def test_set_password_resets_the_demo_users_password(
 
     assert main(["set-password", "--username", "nobody"]) == 2
     assert "no user 'nobody'" in capsys.readouterr().err
+
+
+def test_a_demo_study_stored_at_an_earlier_start_is_not_announced_as_analysed() -> None:
+    notice = demo_analysis_notice(Settings(), "1.2.3", stable_age=5, stored_before=True)
+    assert notice.startswith("demo: study 1.2.3 was stored at an earlier start")
+    assert "not analysed now" in notice and "/Task?code=analyze&focus=ImagingStudy/1.2.3" in notice
