@@ -70,10 +70,10 @@ def decide(
         own = scores[negative_label]
         scores[negative_label] = 1.0 - scores[best]
         derived[negative_label] = (
-            f"The {negative_label} score {scores[negative_label]:.2f} is 1 - the highest tumour class "
-            f"score ({best} {scores[best]:.2f}): the study shows no tumour only if its most suspicious "
+            f"The {negative_label} score {scores[negative_label]:.4f} is 1 - the highest tumour class "
+            f"score ({best} {scores[best]:.4f}): the study shows no tumour only if its most suspicious "
             f"slices do not. The model's own per-slice {negative_label} output, taken over its top-{k} "
-            f"slices ({own:.2f}), would pick the most normal slices instead, which a study with a "
+            f"slices ({own:.4f}), would pick the most normal slices instead, which a study with a "
             "focal lesion has too."
         )
     # Either way the decision rests on the k slices of the best tumour class: they carried the

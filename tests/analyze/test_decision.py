@@ -64,8 +64,8 @@ def test_the_negative_score_is_the_complement_of_the_finding_not_the_most_normal
     assert decision.class_scores["notumor"] == pytest.approx(0.15)
     assert decision.class_scores["glioma"] == pytest.approx(0.02)  # the others: top-k means
     note = decision.derived_scores["notumor"]
-    assert "1 - the highest tumour class score (meningioma 0.85)" in note
-    assert "(0.97)" in note
+    assert "1 - the highest tumour class score (meningioma 0.8500)" in note
+    assert "(0.9700)" in note
     assert set(decision.derived_scores) == {"notumor"}
 
 
