@@ -25,6 +25,7 @@ from fhir_facade.auth.operations import analyze_guard, server_admin_guard
 from fhir_facade.auth.tokens import StaticKeys
 from fhir_facade.config import Settings
 from fhir_facade.correlation import install_correlation
+from fhir_facade.demo.brain_mri import DEMO_STUDY_UID
 from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
@@ -154,9 +155,12 @@ def _subscribe_to_arrivals(
     """What happens when a study arrives: an analysis Task (written through the pipeline, as the
     server's own work) and, when the upstream mirrors the PACS, a snapshot in the outbox."""
     by_type = {p.resource_type: p for p in visible}
-    creator = ArrivalTaskCreator(
-        by_type["Task"], by_type["ServiceRequest"], TaskRule(settings.task_modalities), settings.base_url
+    # The demo study is analysed at start-up through its arrival Task unless FACADE_DEMO_ANALYZE=false.
+    rule = TaskRule(
+        settings.task_modalities,
+        skip_studies=frozenset() if settings.demo_analyze else frozenset({DEMO_STUDY_UID}),
     )
+    creator = ArrivalTaskCreator(by_type["Task"], by_type["ServiceRequest"], rule, settings.base_url)
 
     async def create_task(study: StudyArrived) -> None:
         with origin_scope(Origin.INTERNAL):

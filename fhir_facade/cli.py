@@ -1,6 +1,7 @@
 """`fhir-facade` command line: `serve` runs the FHIR server against a configured PACS;
 `embedded` also starts a local Orthanc with the demo brain MRI study (the README's run command);
-`sync` runs only the upstream sync worker."""
+`sync` runs only the upstream sync worker; `register-backend-client` and `set-password` edit the
+built-in authorization server's registry (read at start-up: restart the server after either)."""
 
 from __future__ import annotations
 
@@ -55,12 +56,50 @@ def _serve(settings: Settings, host: str, port: int) -> None:
     )
 
 
+def demo_analysis_notice(
+    settings: Settings, study_uid: str, *, stable_age: int, stored_before: bool = False
+) -> str:
+    """What happens to the demo study after start-up, in one log line: analysed through its arrival
+    Task (the watcher and the analysis worklist, ADR 0005/0006) when it has just been stored and
+    no setting turns that off; a study already in the PACS does not arrive again."""
+    if stored_before:
+        return (
+            f"demo: study {study_uid} was stored at an earlier start, so it does not arrive again and "
+            f"is not analysed now (its earlier analysis: GET {settings.base_url}/Task?code=analyze"
+            f"&focus=ImagingStudy/{study_uid}); POST {settings.base_url}/ImagingStudy/{study_uid}/$analyze "
+            "analyses it again"
+        )
+    reasons = [
+        reason
+        for off, reason in (
+            (not settings.demo_analyze, "FACADE_DEMO_ANALYZE=false"),
+            (not settings.watch_studies, "FACADE_WATCH_STUDIES=false"),
+            (not settings.analyze_enabled, "FACADE_ANALYZE_ENABLED=false"),
+            (not settings.analyze_worklist, "FACADE_ANALYZE_WORKLIST=false"),
+            ("MR" not in settings.task_modalities, "FACADE_TASK_MODALITIES has no MR"),
+        )
+        if off
+    ]
+    if reasons:
+        return (
+            f"demo: study {study_uid} is not analysed at start-up ({', '.join(reasons)}); "
+            f"POST {settings.base_url}/ImagingStudy/{study_uid}/$analyze analyses it"
+        )
+    return (
+        f"demo: analysing study {study_uid} with {settings.analyze_default_model} at start-up: once "
+        f"Orthanc holds it stable ({stable_age} s) the study-arrival watcher gives it an analysis Task "
+        "and the worklist runs it; the result is logged as 'Analyzed study ...' (a preliminary "
+        "DiagnosticReport and an SR series in the PACS), unless the store holds its Task from an "
+        "earlier start; FACADE_DEMO_ANALYZE=false turns it off"
+    )
+
+
 def _embedded(settings: Settings, args: argparse.Namespace) -> None:
     """Orthanc open to the facade alone (generated HTTP credentials, loopback only) and to the
     configured modalities over DICOM (ADR 0013), loaded with the demo study; then serve."""
     from pydantic import SecretStr
 
-    from fhir_facade.demo import upload_demo
+    from fhir_facade.demo import demo_stored, upload_demo
     from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, parse_dicom_peer
 
     worklist_dir = settings.worklist_dir or settings.data_dir.resolve() / "worklists"
@@ -81,6 +120,7 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
     user, password = orthanc.credentials
     with orthanc:
         with orthanc.client() as client:
+            stored_before = demo_stored(orthanc.url, client) > 0
             study_uid = upload_demo(orthanc.url, client=client)
         overrides: dict[str, object] = {
             "dicomweb_url": orthanc.dicomweb_url,
@@ -93,6 +133,12 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
             overrides["base_url"] = f"http://{args.host}:{args.port}/fhir"
         settings = settings.model_copy(update=overrides)
         log.info("Demo study loaded: %s/ImagingStudy/%s", settings.base_url, study_uid)
+        log.info(
+            "%s",
+            demo_analysis_notice(
+                settings, study_uid, stable_age=orthanc.stable_age, stored_before=stored_before
+            ),
+        )
         log.info(
             "Orthanc's DICOM port %d (AE title %s) admits only %s",
             orthanc.dicom_port,
@@ -136,6 +182,30 @@ def _register_backend_client(settings: Settings, args: argparse.Namespace) -> in
     return 0
 
 
+def _set_password(settings: Settings, args: argparse.Namespace) -> int:
+    """Give a registered user (default: demo) a new password: random and printed once, or read
+    from stdin; only its hash is stored. The server reads the registry at start-up: restart it."""
+    import secrets
+
+    from fhir_facade.auth.server import RegistryError, set_user_password
+
+    path = settings.resolved_clients_file
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else secrets.token_urlsafe(12)
+    try:
+        set_user_password(path, args.username, password)
+    except RegistryError as exc:
+        print(f"fhir-facade: {exc}", file=sys.stderr)
+        return 2
+    if args.password_stdin:
+        print(f"Set the password of {args.username!r} in {path}; restart the server to use it.")
+    else:
+        print(
+            f"New password of {args.username!r}: {password} (shown only now; its hash is in {path}). "
+            "Restart the server to use it."
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fhir-facade", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +225,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     register.add_argument("--jwks", required=True, type=Path, help="JSON file with the client's public keys")
     register.add_argument("--scope", default="system/*.rs", help="the most the client may be granted")
     register.add_argument("--name", default=None)
+    password = commands.add_parser(
+        "set-password",
+        help="give a user of the built-in authorization server's registry a new password (restart after)",
+    )
+    password.add_argument("--username", default="demo")
+    password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin instead of generating one"
+    )
     embedded.add_argument("--orthanc-port", type=int, default=8042)
     embedded.add_argument("--orthanc-dicom-port", type=int, default=4242)
     args = parser.parse_args(argv)
@@ -173,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.command == "register-backend-client":
         return _register_backend_client(settings, args)
+    if args.command == "set-password":
+        return _set_password(settings, args)
     if args.command == "serve":
         _serve(settings, args.host, args.port)
     elif args.command == "sync":

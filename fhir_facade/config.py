@@ -159,6 +159,14 @@ class Settings(BaseSettings):
     task_modalities: frozenset[str] = Field(
         frozenset({"MR"}), description="Modalities whose new studies get an analysis Task (JSON list)."
     )
+    demo_analyze: bool = Field(
+        True,
+        description=(
+            "Give the demo study (fhir_facade/demo, loaded by `fhir-facade embedded`) an analysis Task "
+            "when it arrives, like any new MR study, so it is analysed at start-up (once per store: "
+            "the Task is kept). false: the demo study gets no arrival Task; $analyze still works."
+        ),
+    )
     watch_poll_interval: float = Field(1.0, gt=0, description="Seconds between change-feed polls.")
     worklist_station_ae_title: str = Field(
         "ANY-SCU", description="ScheduledStationAETitle of the worklist items."

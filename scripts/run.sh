@@ -3,5 +3,7 @@
 # facade on http://127.0.0.1:8080/fhir. Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec .venv/bin/fhir-facade embedded --host 127.0.0.1 --port "${PORT:-8080}"
+# VENV (default .venv): the virtualenv setup.sh makes and this script runs.
+export VENV="${VENV:-.venv}"
+bash scripts/setup.sh run
+exec "$VENV"/bin/fhir-facade embedded --host 127.0.0.1 --port "${PORT:-8080}"

@@ -8,6 +8,14 @@ decide; the mean of the top few needs agreement between neighbouring slices. The
 positive for the class with the highest s_c when that score reaches `threshold` (0.5), else it is
 the negative label with score 1 - max s_c.
 
+The negative class's reported score is that same 1 - max s_c, whatever the finding, not a top-k
+mean of the model's own negative output. The model ends in a softmax over all four classes, so
+every slice's "no tumour" output is 1 minus its tumour outputs; but the top-k rule picks a class's
+*highest* slices, and for "no tumour" those are the most normal slices, which every study with a
+focal lesion also has (the demo study: 1.00 next to a meningioma finding). "The study shows no
+tumour" is the complement of "its most suspicious slices show one", so the negative score is
+derived from the positive ones, and `StudyDecision.derived_scores` says so (Observation.note).
+
 Limits: the scores are not calibrated probabilities of the study, and they do not sum to 1; the
 classifier was trained on single 2D slices of tumour cases and controls, so slices outside the
 brain (skull base, vertex) are out of its distribution; a study can only get one finding.
@@ -57,6 +65,17 @@ def decide(
 
     positives = [label for label in labels if label != negative_label]
     best = max(positives, key=lambda label: scores[label])
+    derived: dict[str, str] = {}
+    if negative_label is not None:
+        own = scores[negative_label]
+        scores[negative_label] = 1.0 - scores[best]
+        derived[negative_label] = (
+            f"The {negative_label} score {scores[negative_label]:.4f} is 1 - the highest tumour class "
+            f"score ({best} {scores[best]:.4f}): the study shows no tumour only if its most suspicious "
+            f"slices do not. The model's own per-slice {negative_label} output, taken over its top-{k} "
+            f"slices ({own:.4f}), would pick the most normal slices instead, which a study with a "
+            "focal lesion has too."
+        )
     # Either way the decision rests on the k slices of the best tumour class: they carried the
     # positive score, or came closest to one.
     supporting = tuple(instances[i] for i in top_indices[best])
@@ -72,4 +91,5 @@ def decide(
         class_concepts={name: concepts[name] for name in labels},
         method=METHOD.format(threshold=threshold),
         supporting=supporting,
+        derived_scores=derived,
     )

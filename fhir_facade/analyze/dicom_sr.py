@@ -35,6 +35,7 @@ from fhir_facade.analyze.result import AnalysisResult, CodedConcept, ScoredInsta
 
 __all__ = [
     "COMPREHENSIVE_3D_SR",
+    "FIRST_AI_SERIES_NUMBER",
     "PROBABILITY_UNIT",
     "PROCEDURE_MR_BRAIN",
     "build_analysis_sr",
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Comprehensive 3D SR Storage SOP Class (PS3.4 B.5).
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+#: The Series Number of a study's first AI result series (later ones: `sr_series_number`).
+FIRST_AI_SERIES_NUMBER = 9901
 
 #: LOINC 24590-2, listed in DICOM PS3.16 (CID 646) as "Brain MRI": the procedure reported.
 PROCEDURE_MR_BRAIN = CodedConcept("http://loinc.org", "24590-2", "Brain MRI")
@@ -156,7 +160,7 @@ def build_analysis_sr(
     *,
     series_uid: str,
     sop_instance_uid: str,
-    series_number: int = 9901,
+    series_number: int = FIRST_AI_SERIES_NUMBER,
     instance_number: int = 1,
     procedure: CodedConcept = PROCEDURE_MR_BRAIN,
     manufacturer: str = "fhir-facade",
@@ -169,7 +173,8 @@ def build_analysis_sr(
 
     `evidence` must hold a dataset (or its `evidence_header`) for every evaluated and supporting
     instance, all of study `result.study_uid`. `series_uid`/`sop_instance_uid` are the caller's
-    so that a retried write-back stores the same instance instead of a duplicate series.
+    so that a retried write-back stores the same instance instead of a duplicate series;
+    `series_number` is the caller's too: the next free one of the study (`sr_series_number`).
     `manufacturer` is the equipment that writes the SR (this facade); the model is named in the
     content (device observer, algorithm identification).
     """
@@ -201,7 +206,11 @@ def build_analysis_sr(
         name=result.model_id,
         version=result.model_version,
         manufacturer=algorithm_manufacturer,
-        parameters=[f"decision method: {decision.method}", f"model sha256: {result.model_sha256}"],
+        parameters=[
+            f"decision method: {decision.method}",
+            f"model sha256: {result.model_sha256}",
+            *(f"{label} score: 1 - the highest tumour class score" for label in decision.derived_scores),
+        ],
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(

@@ -164,6 +164,8 @@ def _observation(result: AnalysisResult, context: AnalysisContext, device_ref: s
             for label, score in decision.class_scores.items()
         ],
     }
+    if decision.derived_scores:  # a score that is not the model's output for its class says why
+        observation["note"] = [{"text": text} for text in decision.derived_scores.values()]
     return {**observation, **_about(context)}
 
 

@@ -50,6 +50,9 @@ class StudyDecision:
     method: str
     supporting: tuple[ScoredInstance, ...] = ()
     """The images whose outputs carried the decision: the top-k slices of the best tumour class."""
+    derived_scores: dict[str, str] = field(default_factory=dict)
+    """Class label -> how its score was derived when it is not the top-k mean of the model's output
+    for that class (the negative class: 1 - the best positive score; fhir_facade.analyze.decision)."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Order of effects, chosen so a failure leaves nothing half-written (ADR 0006):
    limit;
 3. build every FHIR resource and validate it; build the SR (its evidence: pixel-free headers
    kept while the images streamed);
-4. store the SR in the PACS (STOW-RS);
+4. store the SR in the PACS (STOW-RS) as a new series numbered 9901 and up
+   (`sr_series_number`);
 5. store Device, Observation, DiagnosticReport, Provenance and the finished Task in ONE database
    transaction.
 A failure in 1-4 stores nothing in the database; a failure in 5 leaves only the SR in the PACS,
@@ -48,6 +49,7 @@ from fhir_facade.analyze.pixels import (
     select_for_study,
 )
 from fhir_facade.analyze.result import AnalysisResult, ScoredInstance
+from fhir_facade.analyze.sr_series_number import study_next_series_number
 from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.auth.access import on_server_authority
 from fhir_facade.dicomweb.client import DicomwebClient, DicomwebError, DicomwebUnavailable
@@ -119,6 +121,9 @@ class Analyzer:
         self._atomic = atomic
         self._link_base = link_base
         self._timeout = timeout
+        # One SR series number taken and stored at a time, so two results of one study
+        # finishing together in this process do not both take the same number.
+        self._sr_numbering = asyncio.Lock()
 
     def manifest(self, model_id: str | None) -> ModelManifest:
         model_id = model_id or self.default_model
@@ -176,23 +181,29 @@ class Analyzer:
             ) from exc
         result = self._result(study_uid, manifest, scored)
         evidence = scored[2]
-        sr_dataset, sr_ref = await self._build_sr(study_uid, result, evidence) if self._stow else (None, None)
-        lap("sr")
-        resources = self._resources(result, study, sr_ref)
-        lap("fhir")
-        if sr_dataset is not None and self._stow is not None:
-            await self._store_sr(study_uid, sr_dataset)
-        lap("stow")
+        async with self._sr_numbering:
+            sr_dataset, sr_ref = (
+                await self._build_sr(study_uid, result, evidence) if self._stow else (None, None)
+            )
+            lap("sr")
+            resources = self._resources(result, study, sr_ref)
+            lap("fhir")
+            if sr_dataset is not None and self._stow is not None:
+                await self._store_sr(study_uid, sr_dataset)
+            lap("stow")
         completed_task = _completed_task(task, resources) if task else None
         await self._persist(resources, completed_task)
         lap("store")
         seconds = time.perf_counter() - started
         log.info(
-            "Analyzed study %s with %s: %s (%.2f) from %d images in %.2f s (inference %.2f s; %s)",
+            "Analyzed study %s with %s: %s (%.2f) -> DiagnosticReport/%s%s, from %d images in %.2f s "
+            "(inference %.2f s; %s)",
             study_uid,
             manifest.id,
             result.decision.label,
             result.decision.probability,
+            resources.report["id"],
+            f" + SR series {sr_dataset.SeriesNumber}" if sr_dataset is not None else "",
             len(result.instances),
             seconds,
             result.inference_seconds,
@@ -311,8 +322,28 @@ class Analyzer:
     ) -> tuple[pydicom.Dataset, SrReference]:
         series_uid, sop_uid = generate_uid(), generate_uid()
         try:
+            series_number = await study_next_series_number(self._qido, study_uid)
+        except DicomwebUnavailable as exc:
+            raise dicom_service_unavailable(f"The PACS did not answer: {exc}") from exc
+        except DicomwebError as exc:
+            raise FhirError(
+                502,
+                [
+                    _issue(
+                        "exception",
+                        f"The PACS could not list the study's series: {exc}",
+                        "dicom_service_error",
+                    )
+                ],
+            ) from exc
+        try:
             dataset = await asyncio.to_thread(
-                build_analysis_sr, result, evidence, series_uid=series_uid, sop_instance_uid=sop_uid
+                build_analysis_sr,
+                result,
+                evidence,
+                series_uid=series_uid,
+                sop_instance_uid=sop_uid,
+                series_number=series_number,
             )
         except Exception as exc:
             log.exception("DICOM SR could not be built for study %s", study_uid)

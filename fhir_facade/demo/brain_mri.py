@@ -295,16 +295,23 @@ def upload_demo(
     owned = client is None
     http = httpx.Client(timeout=30.0) if client is None else client
     try:
-        found = http.post(f"{base}/tools/lookup", content=DEMO_STUDY_UID)
-        found.raise_for_status()
-        for match in found.json():
-            if match.get("Type") == "Study":
-                instances = http.get(f"{base}/studies/{match['ID']}/instances")
-                instances.raise_for_status()
-                if len(instances.json()) >= n_slices:
-                    return DEMO_STUDY_UID
-        store_instances(http, base, build_demo_study(n_slices))
+        if demo_stored(base, http) < n_slices:
+            store_instances(http, base, build_demo_study(n_slices))
     finally:
         if owned:
             http.close()
     return DEMO_STUDY_UID
+
+
+def demo_stored(orthanc_url: str, client: httpx.Client) -> int:
+    """How many instances of the demo study Orthanc holds (0: none), by its REST API
+    (`POST /tools/lookup`, `GET /studies/{id}/instances`)."""
+    base = orthanc_url.rstrip("/")
+    found = client.post(f"{base}/tools/lookup", content=DEMO_STUDY_UID)
+    found.raise_for_status()
+    for match in found.json():
+        if match.get("Type") == "Study":
+            instances = client.get(f"{base}/studies/{match['ID']}/instances")
+            instances.raise_for_status()
+            return len(instances.json())
+    return 0

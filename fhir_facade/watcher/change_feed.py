@@ -111,12 +111,14 @@ class StudyArrived:
 @dataclass(frozen=True)
 class TaskRule:
     """Which arrived studies get an analysis Task: those with a series of one of `modalities`
-    (the default model classifies brain MRI, so MR)."""
+    (the default model classifies brain MRI, so MR), except the `skip_studies` (Study UIDs; the
+    demo study when FACADE_DEMO_ANALYZE=false)."""
 
     modalities: frozenset[str] = frozenset({"MR"})
+    skip_studies: frozenset[str] = frozenset()
 
     def matches(self, study: StudyArrived) -> bool:
-        return not self.modalities.isdisjoint(study.modalities)
+        return study.study_uid not in self.skip_studies and not self.modalities.isdisjoint(study.modalities)
 
 
 @dataclass

@@ -200,6 +200,52 @@ class TestSynchronous:
         assert sr_uid.encode() in retrieved.content
 
 
+#: The whole demo study (24 slices) under a UID of its own, for the series-number and score checks.
+FULL_DEMO_UID = "1.2.826.0.1.3680043.8.498.727.9003"
+
+
+@pytest.fixture(scope="module")
+def full_demo_study(demo_orthanc: EmbeddedOrthanc) -> str:
+    with httpx.Client(timeout=60) as client:
+        store_instances(client, demo_orthanc.url, demo_brain_study(FULL_DEMO_UID, "ANALYZE-TEST-3", 24))
+    return FULL_DEMO_UID
+
+
+def _sr_series_numbers(orthanc: EmbeddedOrthanc, study_uid: str) -> dict[str, int]:
+    """SeriesInstanceUID -> SeriesNumber of the study's SR series, by QIDO-RS on the PACS."""
+    with httpx.Client(timeout=30) as http:
+        series = http.get(
+            f"{orthanc.dicomweb_url}/studies/{study_uid}/series",
+            params={"Modality": "SR", "includefield": "00200011"},
+        ).json()
+    return {s["0020000E"]["Value"][0]: int(s["00200011"]["Value"][0]) for s in series}
+
+
+class TestResultSeries:
+    def test_each_result_gets_the_next_series_number_and_a_consistent_notumor_score(
+        self, client: httpx.Client, full_demo_study: str, demo_orthanc: EmbeddedOrthanc
+    ) -> None:
+        """Two analyses of the demo study: SR series 9901 then 9902 (an arrival Task of the
+        worklist may add its own in between: numbers stay unique and increasing). The real model
+        finds a meningioma in the demo study (README); "notumor" is reported as 1 - that score with
+        a note saying so, not as the 1.00 of the study's most normal slices."""
+        reports = [ok_json(client.post(f"/ImagingStudy/{full_demo_study}/$analyze")) for _ in range(2)]
+        numbers = _sr_series_numbers(demo_orthanc, full_demo_study)
+        ours = [numbers[r["presentedForm"][0]["url"].split("/series/")[1].split("/")[0]] for r in reports]
+        assert ours[0] >= 9901 and ours[1] > ours[0], numbers
+        assert sorted(numbers.values()) == list(range(9901, 9901 + len(numbers))), numbers
+        if len(numbers) == 2:  # no arrival analysis came in between
+            assert ours == [9901, 9902]
+
+        observation = ok_json(client.get(f"/{reports[0]['result'][0]['reference']}"))
+        scores = {c["code"]["text"]: c["valueQuantity"]["value"] for c in observation["component"]}
+        assert observation["valueCodeableConcept"]["coding"][0]["display"] == "Intracranial meningioma"
+        assert scores["Score for notumor"] == pytest.approx(1 - scores["Score for meningioma"], abs=1e-4)
+        assert scores["Score for notumor"] < 0.5
+        [note] = observation["note"]
+        assert "1 - the highest tumour class score (meningioma" in note["text"]
+
+
 class TestAsynchronous:
     def test_respond_async_polls_to_the_report(self, client: httpx.Client) -> None:
         started = client.post(f"/ImagingStudy/{STUDY_UID}/$analyze", headers={"Prefer": "respond-async"})

@@ -48,14 +48,33 @@ def test_one_noisy_slice_among_many_does_not() -> None:
 def test_below_threshold_everywhere_is_the_negative_label() -> None:
     decision = decide(slices(*[NORMAL] * 5), LABELS, "notumor", CONCEPTS)
     assert decision.label == "notumor"
-    assert decision.class_scores["notumor"] == pytest.approx(0.97)
+    # 1 - the best tumour score (0.01), the same number as the finding's probability.
+    assert decision.class_scores["notumor"] == pytest.approx(0.99) == decision.probability
     assert set(decision.class_concepts) == set(LABELS)
+
+
+def test_the_negative_score_is_the_complement_of_the_finding_not_the_most_normal_slices() -> None:
+    """A meningioma on 2 of 20 slices: the 18 normal slices output 0.97 "notumor", whose top-k
+    mean would put "notumor 0.97" next to the meningioma finding; the reported score is
+    1 - the meningioma score instead, and the decision says how it was derived."""
+    rows = [NORMAL] * 18 + [(0.02, 0.9, 0.05, 0.03), (0.02, 0.8, 0.15, 0.03)]
+    decision = decide(slices(*rows), LABELS, "notumor", CONCEPTS)
+    assert decision.label == "meningioma"
+    assert decision.class_scores["meningioma"] == pytest.approx(0.85)
+    assert decision.class_scores["notumor"] == pytest.approx(0.15)
+    assert decision.class_scores["glioma"] == pytest.approx(0.02)  # the others: top-k means
+    note = decision.derived_scores["notumor"]
+    assert "1 - the highest tumour class score (meningioma 0.8500)" in note
+    assert "(0.9700)" in note
+    assert set(decision.derived_scores) == {"notumor"}
 
 
 def test_without_a_negative_label_the_best_class_wins_whatever_its_score() -> None:
     decision = decide(slices((0.3, 0.2, 0.25, 0.25)), LABELS, None, CONCEPTS)
     assert decision.label == "glioma"
     assert decision.probability == pytest.approx(0.3)
+    assert decision.class_scores["notumor"] == pytest.approx(0.25)  # no negative label: as output
+    assert decision.derived_scores == {}
 
 
 def test_outputs_must_match_the_labels() -> None:

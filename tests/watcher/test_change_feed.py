@@ -205,6 +205,7 @@ async def test_stable_studies_arrive_once_and_survive_a_restart(
     assert arrived.modalities == frozenset({"CT", "MR"})
     assert rule.matches(arrived)
     assert not TaskRule(frozenset({"US"})).matches(arrived)
+    assert not TaskRule(skip_studies=frozenset({arrived.study_uid})).matches(arrived)  # the demo's opt-out
     assert seen.uids().count(mixed.study_uid) == 0
     assert saved(positions) >= await stable_study_seq(client, mixed.study_uid)
 

@@ -17,6 +17,12 @@ adapter (``oauth``), since authlib has no Starlette server integration.
 
 from fhir_facade.auth.server.builtin import BuiltinAuthorizationServer
 from fhir_facade.auth.server.passwords import hash_secret
-from fhir_facade.auth.server.registry import RegistryError, register_backend_client
+from fhir_facade.auth.server.registry import RegistryError, register_backend_client, set_user_password
 
-__all__ = ["BuiltinAuthorizationServer", "RegistryError", "hash_secret", "register_backend_client"]
+__all__ = [
+    "BuiltinAuthorizationServer",
+    "RegistryError",
+    "hash_secret",
+    "register_backend_client",
+    "set_user_password",
+]

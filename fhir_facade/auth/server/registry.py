@@ -74,6 +74,7 @@ __all__ = [
     "load_or_create_registry",
     "load_registry",
     "register_backend_client",
+    "set_user_password",
     "write_registry",
 ]
 
@@ -421,3 +422,20 @@ def register_backend_client(
     added = updated.client(client_id)
     assert added is not None
     return added
+
+
+def set_user_password(path: Path, username: str, password: str) -> UserEntry:
+    """Replace the password of a registered user (e.g. ``demo``, whose password is logged only when
+    the registry is first written) with the hash of ``password``. The running server reads the file
+    at start-up, so restart it afterwards; a lockout of the user (ADR 0011) ends with the restart too."""
+    if not password:
+        raise RegistryError("the new password is empty")
+    current = load_registry(path)
+    user = current.user(username)
+    if user is None:
+        known = ", ".join(repr(u.username) for u in current.users) or "none"
+        raise RegistryError(f"{path}: no user {username!r} (users: {known})")
+    changed = user.model_copy(update={"password_hash": hash_secret(password)})
+    users = tuple(changed if u.username == username else u for u in current.users)
+    write_registry(path, current.model_copy(update={"users": users}))
+    return changed
