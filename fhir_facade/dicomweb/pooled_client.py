@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any, Self
 
@@ -99,7 +99,7 @@ class PooledClient:
         assert self._http is not None
         self.request_count += 1
         try:
-            async with self._http.stream(method, path, **kwargs) as response:
+            async with self._opened(method, path, **kwargs) as response:
                 if response.status_code >= 500:
                     raise DicomwebUnavailable(
                         f"{self.service_name} answered {response.status_code} to {path}"
@@ -114,3 +114,32 @@ class PooledClient:
             # the log line does, for the operator.
             log.warning("%s unreachable at %s: %r", self.service_name, self.base_url, exc)
             raise DicomwebUnavailable(f"{self.service_name} unreachable: {type(exc).__name__}") from exc
+
+    @asynccontextmanager
+    async def _opened(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """The response to one request. A keep-alive connection the PACS closed just as the pool
+        reused it fails with RemoteProtocolError before any answer (Orthanc closes idle ones); an
+        idempotent request (GET, HEAD: RFC 9110 9.2.2) is then sent once more, on a new connection.
+        Other methods are not repeated: the PACS may have acted on them."""
+        assert self._http is not None
+        retries = 1 if method in ("GET", "HEAD") else 0
+        while True:
+            stack = AsyncExitStack()
+            try:
+                response = await stack.enter_async_context(self._http.stream(method, path, **kwargs))
+            except httpx.RemoteProtocolError as exc:
+                await stack.aclose()
+                if retries == 0:
+                    raise
+                retries -= 1
+                log.info(
+                    "%s closed a pooled connection (%r); sending %s %s again",
+                    self.service_name,
+                    exc,
+                    method,
+                    path,
+                )
+                continue
+            break
+        async with stack:
+            yield response
