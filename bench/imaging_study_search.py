@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,11 +48,9 @@ def load_studies(orthanc_url: str, count: int) -> None:
 
 def qido_requests(metrics_url: str) -> float:
     """PACS requests so far: QIDO-RS plus Orthanc REST (the count query)."""
-    total = 0.0
-    for line in httpx.get(metrics_url).text.splitlines():
-        if line.startswith(("fhir_facade_qido_requests_total", "fhir_facade_orthanc_requests_total")):
-            total += float(line.split()[-1])
-    return total
+    wanted = {"fhir_facade_qido_requests", "fhir_facade_orthanc_requests"}
+    families = text_string_to_metric_families(httpx.get(metrics_url).text)
+    return sum(sample.value for family in families if family.name in wanted for sample in family.samples)
 
 
 def main() -> None:

@@ -12,11 +12,12 @@ Image rules, decided once here (DICOM PS3.3 C.7.6.3 and C.11):
 
 - Only the first frame of a multi-frame instance is used: one input per instance.
 - Grayscale: Modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence), then the VOI step
-  to [0, 1]: "dicom" uses the first WindowCenter/WindowWidth with the VOILUTFunction (LINEAR by
-  default, PS3.3 C.11.2.1.2.1; LINEAR_EXACT and SIGMOID, C.11.2.1.3); without a usable window
+  to [0, 1], both by pydicom (`apply_modality_lut`, `apply_voi_lut`): "dicom" uses the first VOI
+  LUT Sequence item, else the first WindowCenter/WindowWidth with the VOILUTFunction (LINEAR by
+  default, PS3.3 C.11.2.1.2.1; LINEAR_EXACT and SIGMOID, C.11.2.1.3); without a usable VOI
   (absent, or a width below 1) it falls back to the 0.5/99.5 percentiles, which "minmax" always
-  uses. A VOI LUT Sequence is not applied. MONOCHROME1 is inverted after the VOI step, as a display
-  would show it (lowest values white).
+  uses. MONOCHROME1 is inverted after the VOI step, as a display would show it (lowest values
+  white).
 - Colour (RGB, the YBR family, which pydicom converts to RGB while decoding, and PALETTE COLOR):
   there is no VOI step for colour in DICOM, so samples are divided by their full range
   (2**BitsStored - 1). With `channels` 3 the RGB planes are kept as they are, since a colour model
@@ -29,14 +30,14 @@ Image rules, decided once here (DICOM PS3.3 C.7.6.3 and C.11):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
 from fhir_facade.analyze.manifest import Applicability, InputSpec
 from fhir_facade.dicom_to_fhir.attributes import integer, string
@@ -245,33 +246,38 @@ def _first_frame(ds: pydicom.Dataset) -> np.ndarray:
         ) from exc
 
 
-def _dicom_window(ds: pydicom.Dataset) -> tuple[float, float, str] | None:
-    """The first WindowCenter/WindowWidth pair and the VOI LUT Function, if usable."""
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is None or width is None:
+def _dicom_voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+    """The image's own VOI transformation (PS3.3 C.11.2) on Modality LUT output, onto [0, 1], by
+    pydicom's `apply_voi_lut`: the first VOI LUT Sequence item if there is one (C.11.2.1.1), else
+    the first WindowCenter/WindowWidth with the VOILUTFunction (LINEAR by default, C.11.2.1.2.1;
+    LINEAR_EXACT and SIGMOID, C.11.2.1.3). None when the image has neither, or nothing usable.
+
+    pydicom scales its output to a range of its own (the LUT's entries; for a window, the stored
+    range after rescale), so the result is brought to [0, 1] by that range: for a window, its
+    output for -inf and +inf, for a LUT, its smallest and largest entry (some writers declare
+    16-bit entries and use 12 bits, so the LUT's own span is used, not 2**bits - 1).
+    """
+    lut = ds.get("VOILUTSequence")
+    if not lut and ("WindowCenter" not in ds or "WindowWidth" not in ds):
         return None
     try:
-        # Both are multi-valued (VM 1-n): pydicom gives a MultiValue, or a DSfloat for one value.
-        c = float(center[0] if isinstance(center, Sequence) and not isinstance(center, str) else center)
-        w = float(width[0] if isinstance(width, Sequence) and not isinstance(width, str) else width)
-    except (TypeError, ValueError, IndexError):
+        if lut:
+            # A LUT is indexed by integer input values (PS3.3 C.11.2.1.1).
+            output = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0)
+            entries, first_mapped = lut[0].LUTDescriptor[0] or 2**16, lut[0].LUTDescriptor[1]
+            every = apply_voi_lut(np.arange(first_mapped, first_mapped + entries), ds, index=0)
+            low, high = float(every.min()), float(every.max())
+        else:
+            output = apply_voi_lut(values, ds, index=0)
+            low, high = (float(v) for v in apply_voi_lut(np.array([-np.inf, np.inf]), ds, index=0))
+    # pydicom refuses a width below its function's minimum (ValueError), an unknown function or
+    # LUT depth (ValueError/NotImplementedError), and missing attributes (AttributeError, KeyError).
+    except (ValueError, NotImplementedError, AttributeError, KeyError, IndexError, TypeError):
         return None
-    function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
-    # PS3.3 C.11.2.1.2: the width shall be >= 1 for LINEAR, > 0 for LINEAR_EXACT and SIGMOID.
-    if not np.isfinite(c) or not np.isfinite(w) or w <= 0 or (function == "LINEAR" and w < 1):
+    if not (np.isfinite(low) and np.isfinite(high)) or high == low:
         return None
-    return c, w, function
-
-
-def _apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """VOI LUT functions of PS3.3 C.11.2.1.2.1 / C.11.2.1.3 with output range [0, 1]."""
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
-    if width == 1:  # LINEAR with width 1 is a threshold at c - 0.5
-        return (values > center - 0.5).astype(np.float64)
-    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    unit = (np.asarray(output, dtype=np.float64) - low) / (high - low)
+    return unit if np.all(np.isfinite(unit)) else None
 
 
 def _percentile_window(values: np.ndarray) -> np.ndarray:
@@ -283,8 +289,9 @@ def _percentile_window(values: np.ndarray) -> np.ndarray:
 
 def _grayscale_unit(frame: np.ndarray, ds: pydicom.Dataset, windowing: str) -> np.ndarray:
     values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float64)
-    window = _dicom_window(ds) if windowing == "dicom" else None
-    unit = _apply_window(values, *window) if window is not None else _percentile_window(values)
+    unit = _dicom_voi(values, ds) if windowing == "dicom" else None
+    if unit is None:
+        unit = _percentile_window(values)
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
         unit = 1.0 - unit
     return unit

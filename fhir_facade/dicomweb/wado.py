@@ -22,12 +22,13 @@ Errors are converted here, at the boundary, like the QIDO client does: 404 -> `I
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import AsyncGenerator, Sequence
 from typing import NamedTuple
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from fhir_facade.dicomweb.errors import DicomwebError
 from fhir_facade.dicomweb.pooled_client import PooledClient
@@ -36,9 +37,6 @@ __all__ = ["InstanceNotFound", "MultipartPart", "MultipartStream", "WadoClient",
 
 ACCEPT_DICOM_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 """PS3.18 8.7.3.5.2: Part 10 instances in whatever transfer syntax the PACS stored."""
-
-# RFC 2046 5.1.1: the boundary parameter, quoted or as a token.
-_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
 
 
 class InstanceNotFound(DicomwebError):
@@ -53,136 +51,144 @@ class MultipartPart(NamedTuple):
 
 
 def _boundary(content_type: str) -> bytes:
-    if not content_type.lower().startswith("multipart/related"):
+    """The boundary parameter of a multipart/related Content-Type (RFC 2046 5.1.1, quoted or a token)."""
+    media_type, params = parse_options_header(content_type)
+    if media_type != b"multipart/related":
         raise DicomwebError(f"expected a multipart/related answer, got {content_type!r}")
-    match = _BOUNDARY.search(content_type)
-    if match is None:
+    boundary = params.get(b"boundary")
+    if not boundary:
         raise DicomwebError(f"multipart/related answer without a boundary: {content_type!r}")
-    return (match.group(1) or match.group(2)).encode("ascii")
-
-
-def _headers(block: bytes) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for line in block.decode("latin-1").split("\r\n"):
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise DicomwebError(f"malformed part header line {line!r}")
-        headers[name.strip().lower()] = value.strip()
-    return headers
-
-
-def parse_multipart_related(body: bytes, content_type: str) -> list[MultipartPart]:
-    """Split a multipart/related body (RFC 2387, framing of RFC 2046 5.1.1) into its parts.
-
-    The delimiter is CRLF "--" boundary; the CRLF before it belongs to the delimiter, not to the
-    part. Where a part carries Content-Length (Orthanc sends it) the content is cut by length and
-    the delimiter must follow it, so binary DICOM that happens to contain the delimiter bytes is
-    still split correctly; otherwise the next delimiter ends the part. Preamble and epilogue are
-    ignored.
-    """
-    delimiter = b"--" + _boundary(content_type)
-    if body.startswith(delimiter):
-        position = 0
-    else:
-        found = body.find(b"\r\n" + delimiter)
-        if found < 0:
-            raise DicomwebError("multipart body has no boundary delimiter")
-        position = found + 2
-    parts: list[MultipartPart] = []
-    while True:
-        position += len(delimiter)
-        if body.startswith(b"--", position):  # close-delimiter
-            return parts
-        line_end = body.find(b"\r\n", position)
-        if line_end < 0 or body[position:line_end].strip(b" \t"):
-            raise DicomwebError("multipart body is truncated or has text after a delimiter")
-        start = line_end + 2
-        if body.startswith(b"\r\n", start):  # a part without headers
-            headers: dict[str, str] = {}
-            content_start = start + 2
-        else:
-            headers_end = body.find(b"\r\n\r\n", start)
-            if headers_end < 0:
-                raise DicomwebError("multipart part headers are not terminated")
-            headers = _headers(body[start:headers_end])
-            content_start = headers_end + 4
-        next_delimiter = -1
-        length = headers.get("content-length", "")
-        if length.isdigit():
-            content_end = content_start + int(length)
-            if body.startswith(b"\r\n" + delimiter, content_end):
-                next_delimiter = content_end
-        if next_delimiter < 0:
-            next_delimiter = body.find(b"\r\n" + delimiter, content_start)
-            if next_delimiter < 0:
-                raise DicomwebError("multipart body ends without a close-delimiter")
-        parts.append(MultipartPart(headers, body[content_start:next_delimiter]))
-        position = next_delimiter + 2
+    return boundary
 
 
 class MultipartStream:
-    """The parts of a multipart/related body as its bytes arrive (same framing rules as
-    `parse_multipart_related`): `feed` returns the parts completed by a chunk, so a caller holds
-    one part plus one chunk, never the whole body."""
+    """The parts of a multipart/related body (RFC 2387, framing of RFC 2046 5.1.1) as its bytes
+    arrive: `feed` returns the parts completed by a chunk, so a caller holds one part plus one
+    chunk, never the whole body; `finish` says whether the body ended properly.
+
+    The splitting is python-multipart's streaming parser (the one Starlette uses for forms, and
+    the STOW-RS proxy for request bodies): its delimiter is CRLF "--" boundary, the CRLF belonging
+    to the delimiter, not to the part, and its part header grammar is strict. Two things it does
+    not do are done here: skipping a preamble (RFC 2046 lets one precede the first delimiter; the
+    parser only skips line breaks), and holding a part to its Content-Length (Orthanc sends one;
+    the parser ignores it, so a part whose length disagrees with where its delimiter lies is
+    refused rather than cut one way or the other). The epilogue is ignored.
+    """
 
     def __init__(self, content_type: str) -> None:
-        self._delimiter = b"--" + _boundary(content_type)
-        self._buffer = bytearray()
+        boundary = _boundary(content_type)
+        self._delimiter = b"--" + boundary
+        self._before = b""  # the preamble's last bytes, until the first delimiter is seen
+        self._dropped = 0  # preamble bytes already let go
         self._started = False
+        self._in_headers = False
+        self._name = self._value = b""
+        self._headers: dict[str, str] = {}
+        self._content: list[bytes] = []
+        self._completed: list[MultipartPart] = []
         self.done = False
+        self._parser = MultipartParser(
+            boundary,
+            callbacks={
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+        )
 
     def feed(self, chunk: bytes) -> list[MultipartPart]:
-        self._buffer += chunk
-        parts: list[MultipartPart] = []
-        while not self.done:
-            part = self._next()
-            if part is None:
-                break
-            parts.append(part)
-        return parts
-
-    def _next(self) -> MultipartPart | None:
-        buffer, delimiter = self._buffer, self._delimiter
+        if self.done:
+            return []  # the epilogue
         if not self._started:
-            at = 0 if buffer.startswith(delimiter) else buffer.find(b"\r\n" + delimiter)
-            if at < 0:
-                return None
-            del buffer[: at + (0 if at == 0 else 2) + len(delimiter)]
-            self._started = True
-        if len(buffer) < 2:
-            return None
-        if buffer.startswith(b"--"):
-            self.done = True
-            return None
-        line_end = buffer.find(b"\r\n")
-        if line_end < 0:
-            return None
-        if bytes(buffer[:line_end]).strip(b" \t"):
-            raise DicomwebError("multipart body has text after a delimiter")
-        start = line_end + 2
-        if buffer.startswith(b"\r\n", start):
-            headers: dict[str, str] = {}
-            content_start = start + 2
+            chunk = self._skip_preamble(chunk)
+            if not self._started:
+                return []
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            what = "part header" if self._in_headers else "multipart body"
+            raise DicomwebError(f"malformed {what}: {exc}") from exc
+        completed, self._completed = self._completed, []
+        return completed
+
+    def finish(self) -> None:
+        """Refuses a body that ended before its close-delimiter."""
+        if not self._started:
+            raise DicomwebError("multipart body has no boundary delimiter")
+        if self._in_headers:
+            raise DicomwebError("multipart part headers are not terminated")
+        if not self.done:
+            raise DicomwebError("multipart body ends without a close-delimiter")
+
+    def _skip_preamble(self, chunk: bytes) -> bytes:
+        """The bytes from the first delimiter on (at the very start of the body, or after a CRLF);
+        until it is seen, only enough of the preamble to find it across chunks is kept."""
+        seen = self._before + chunk
+        at_body_start = self._dropped == 0
+        if at_body_start and seen.startswith(self._delimiter):
+            at = 0
         else:
-            headers_end = buffer.find(b"\r\n\r\n", start)
-            if headers_end < 0:
-                return None
-            headers = _headers(bytes(buffer[start:headers_end]))
-            content_start = headers_end + 4
-        length = headers.get("content-length", "")
-        if length.isdigit():
-            content_end = content_start + int(length)
-            if len(buffer) < content_end + 2 + len(delimiter):
-                return None
-            if buffer[content_end : content_end + 2 + len(delimiter)] != b"\r\n" + delimiter:
-                raise DicomwebError("multipart part is longer than its Content-Length")
-        else:
-            content_end = buffer.find(b"\r\n" + delimiter, content_start)
-            if content_end < 0:
-                return None
-        part = MultipartPart(headers, bytes(buffer[content_start:content_end]))
-        del buffer[: content_end + 2 + len(delimiter)]
-        return part
+            found = seen.find(b"\r\n" + self._delimiter)
+            if found < 0:
+                if not (at_body_start and self._delimiter.startswith(seen)):
+                    keep = len(self._delimiter) + 1
+                    self._dropped += max(0, len(seen) - keep)
+                    seen = seen[-keep:]
+                self._before = seen
+                return b""
+            at = found + 2
+        self._started, self._before = True, b""
+        return seen[at:]
+
+    # python-multipart callbacks ------------------------------------------------------------------
+
+    def _part_begin(self) -> None:
+        self._in_headers, self._headers, self._content = True, {}, []
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._name += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        # python-multipart lets only tokens through as names
+        self._headers[self._name.decode("ascii").lower()] = self._value.decode("latin-1").strip(" \t")
+        self._name = self._value = b""
+
+    def _headers_finished(self) -> None:
+        self._in_headers = False
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self._content.append(data[start:end])
+
+    def _part_end(self) -> None:
+        content = b"".join(self._content)
+        self._content = []
+        declared = self._headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) != len(content):
+            raise DicomwebError(
+                f"multipart part declares Content-Length {declared} but its delimiter follows "
+                f"after {len(content)} bytes"
+            )
+        self._completed.append(MultipartPart(self._headers, content))
+
+    def _end(self) -> None:
+        self.done = True
+
+
+def parse_multipart_related(body: bytes, content_type: str) -> list[MultipartPart]:
+    """Split a whole multipart/related body (RFC 2387, framing of RFC 2046 5.1.1) into its parts,
+    by the same rules as `MultipartStream`."""
+    stream = MultipartStream(content_type)
+    parts = stream.feed(body)
+    stream.finish()
+    return parts
 
 
 class WadoClient(PooledClient):
@@ -250,8 +256,10 @@ class WadoClient(PooledClient):
                         raise DicomwebError(f"PACS sent an unreadable DICOM file in {path}: {exc}") from exc
                     yield ds
                     del ds
-            if not stream.done:
-                raise DicomwebError(f"multipart answer to {path} ended without a close-delimiter")
+            try:
+                stream.finish()
+            except DicomwebError as exc:
+                raise DicomwebError(f"multipart answer to {path} is cut short: {exc}") from exc
 
     async def iter_instances(
         self, study_uid: str, series_uid: str, sop_instance_uids: Sequence[str]

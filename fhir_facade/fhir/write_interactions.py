@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -20,6 +19,7 @@ from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.fhir.write_warnings import collecting
+from fhir_facade.http_dates import http_date
 
 __all__ = [
     "Written",
@@ -58,7 +58,7 @@ def version_headers(resource: dict[str, Any], base_url: str, *, location: bool =
         headers["ETag"] = f'W/"{version}"'
     if meta.get("lastUpdated"):
         moment = datetime.fromisoformat(meta["lastUpdated"].replace("Z", "+00:00"))
-        headers["Last-Modified"] = format_datetime(moment, usegmt=False)
+        headers["Last-Modified"] = http_date(moment)  # RFC 9110 8.8.2: an HTTP-date, in GMT
     if location and version:
         headers["Location"] = f"{base_url}/{resource['resourceType']}/{resource['id']}/_history/{version}"
     return headers

@@ -8,6 +8,8 @@ import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from fhir_facade.config import Settings
 from fhir_facade.fhir.errors import FhirError
@@ -105,25 +107,30 @@ class SyncRuntime:
             )
         return {"resourceType": "Parameters", "parameter": parameters}
 
-    def metrics_lines(self) -> list[str]:
+    def metric_families(self) -> list[Metric]:
+        """The outbox's depth and lag and this process's send counts, read at scrape time
+        (prometheus-client custom collector families, exposed by `fhir_facade.metrics`)."""
         status = self.queue.status()
-        lag = status.lag_seconds()
         return [
-            "# HELP fhir_facade_sync_pending Outbox rows waiting for the upstream.",
-            "# TYPE fhir_facade_sync_pending gauge",
-            f"fhir_facade_sync_pending {status.pending}",
-            "# HELP fhir_facade_sync_dead Outbox rows the upstream refused (dead letters).",
-            "# TYPE fhir_facade_sync_dead gauge",
-            f"fhir_facade_sync_dead {status.dead}",
-            "# HELP fhir_facade_sync_lag_seconds Age of the oldest pending outbox row.",
-            "# TYPE fhir_facade_sync_lag_seconds gauge",
-            f"fhir_facade_sync_lag_seconds {lag:.3f}",
-            "# HELP fhir_facade_sync_sent_total Outbox rows sent by this process.",
-            "# TYPE fhir_facade_sync_sent_total counter",
-            f"fhir_facade_sync_sent_total {self.worker.sent}",
-            "# HELP fhir_facade_sync_failures_total Failed upstream writes in this process.",
-            "# TYPE fhir_facade_sync_failures_total counter",
-            f"fhir_facade_sync_failures_total {self.worker.failures}",
+            GaugeMetricFamily(
+                "fhir_facade_sync_pending", "Outbox rows waiting for the upstream.", value=status.pending
+            ),
+            GaugeMetricFamily(
+                "fhir_facade_sync_dead", "Outbox rows the upstream refused (dead letters).", value=status.dead
+            ),
+            GaugeMetricFamily(
+                "fhir_facade_sync_lag_seconds",
+                "Age of the oldest pending outbox row.",
+                value=round(status.lag_seconds(), 3),
+            ),
+            CounterMetricFamily(
+                "fhir_facade_sync_sent", "Outbox rows sent by this process.", value=self.worker.sent
+            ),
+            CounterMetricFamily(
+                "fhir_facade_sync_failures",
+                "Failed upstream writes in this process.",
+                value=self.worker.failures,
+            ),
         ]
 
     def _build_router(self) -> APIRouter:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from fhir_facade.correlation import add_correlation_headers
+from fhir_facade.http_dates import retry_after_seconds
 from fhir_facade.sync.upstream_auth import DEFAULT_SCOPE, SmartAuthError, SmartBackendAuth
 
 __all__ = ["Outcome", "UpstreamAnswer", "UpstreamClient", "UpstreamSettings"]
@@ -59,13 +60,8 @@ class UpstreamSettings:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP-date: fall back to our own backoff
+    """Retry-After as seconds: delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
+    return retry_after_seconds(response.headers.get("retry-after"))
 
 
 def classify(response: httpx.Response) -> UpstreamAnswer:

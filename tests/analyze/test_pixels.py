@@ -201,6 +201,31 @@ def test_linear_exact_and_sigmoid_functions() -> None:
     assert values(sigmoid) == [0.5, round(1 / (1 + np.exp(-1)), 6), round(1 / (1 + np.exp(1)), 6), 0.999955]
 
 
+def voi_lut(first_mapped: int, entries: list[int], bits: int = 16) -> Dataset:
+    """One VOI LUT Sequence item (PS3.3 C.11.2.1.1): LUT Descriptor = entries, first value mapped, bits."""
+    item = Dataset()
+    # US, or SS when the first value mapped is negative (the VR is "US or SS", PS3.6).
+    item.add_new("LUTDescriptor", "SS" if first_mapped < 0 else "US", [len(entries), first_mapped, bits])
+    item.add_new("LUTData", "US", entries)
+    return item
+
+
+def test_a_voi_lut_sequence_is_applied_and_preferred_to_the_window() -> None:
+    """Inputs below the first value mapped take the first entry, above the last take the last; the
+    output is scaled by the LUT's own span (here 0..1000, though the entries are declared 16-bit).
+    The window beside it (which the code once used instead) is not applied."""
+    lut = voi_lut(0, [0, 100, 400, 1000])
+    ds = image([[-1, 0, 1, 2, 3, 5]], VOILUTSequence=[lut], WindowCenter=100, WindowWidth=201)
+    assert values(ds, width=6) == [0.0, 0.0, 0.1, 0.4, 1.0, 1.0]
+
+
+def test_a_voi_lut_follows_the_rescale_and_may_start_below_zero() -> None:
+    # HU = stored - 1024 = [-1026, -1025, -1024, -1023]; the LUT maps -1025.. to 10, 20, 50 of 8 bits.
+    lut = voi_lut(-1025, [10, 20, 50], bits=8)
+    ds = image([[-2, -1, 0, 1]], RescaleSlope=1, RescaleIntercept=-1024, VOILUTSequence=[lut])
+    assert values(ds) == [0.0, 0.0, 0.25, 1.0]
+
+
 def test_without_a_usable_window_the_percentiles_are_used() -> None:
     # 0..200: the 0.5th percentile is 1.0 and the 99.5th is 199.0, so y = (x - 1) / 198.
     pixels = np.arange(201).reshape(3, 67).tolist()

@@ -88,6 +88,11 @@ def test_audience_may_be_a_list(validator: TokenValidator, rsa_key: RSAKey) -> N
         ({"nbf": int(time.time()) + 600}, "not valid yet"),
         ({"aud": "https://other.example/fhir"}, "not " + AUDIENCE),
         ({"iss": "https://evil.example"}, "not trusted"),
+        ({"iss": None}, "not trusted"),
+        ({"aud": None}, "not " + AUDIENCE),
+        ({"iat": int(time.time()) + 600}, r"not valid yet \(iat\)"),
+        ({"exp": "tomorrow"}, "no expiry"),
+        ({"sub": 7}, "sub claim is invalid"),
     ],
 )
 def test_wrong_claims_are_refused(
@@ -100,6 +105,20 @@ def test_wrong_claims_are_refused(
 def test_alg_none_is_refused(validator: TokenValidator) -> None:
     token = f"{b64(json.dumps({'alg': 'none'}).encode())}.{b64(json.dumps(claims()).encode())}."
     with pytest.raises(InvalidToken, match="'none' is not accepted"):
+        validator.validate(token)
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        ("not-a-jwt", "not a JWS compact serialisation"),
+        ("a.b.c", "not a JWS compact serialisation"),
+        (f"{b64(b'[' * 1000)}.{b64(b'{}')}.", "not a JWS compact serialisation"),  # too deep, too big
+        (f"{b64(json.dumps({'kid': 'rsa-1'}).encode())}.{b64(b'{}')}.", "None is not accepted"),
+    ],
+)
+def test_unreadable_headers_are_refused(validator: TokenValidator, token: str, reason: str) -> None:
+    with pytest.raises(InvalidToken, match=reason):
         validator.validate(token)
 
 

@@ -25,6 +25,7 @@ from fhir_facade.dicomweb.client import DicomwebError, DicomwebUnavailable
 from fhir_facade.dicomweb.wado import (
     ACCEPT_DICOM_AS_STORED,
     InstanceNotFound,
+    MultipartPart,
     MultipartStream,
     WadoClient,
     parse_multipart_related,
@@ -239,11 +240,40 @@ def test_parser_framing_rules() -> None:
     assert [(p.headers, p.content) for p in parts] == [({}, b"first"), ({"x-y": "1"}, b"second\r\n")]
 
 
-def test_parser_trusts_content_length_over_delimiter_lookalikes() -> None:
-    content = b"\x00\r\n--xyz\x01binary"  # the delimiter bytes inside the payload
+def test_parser_takes_delimiter_lookalikes_as_content() -> None:
+    """ "--xyz" followed by neither CRLF, "--" nor padding is no delimiter (RFC 2046 5.1.1)."""
+    content = b"\x00\r\n--xyz\x01binary"
     body = b"--xyz\r\nContent-Length: %d\r\n\r\n%s\r\n--xyz--" % (len(content), content)
     (part,) = parse_multipart_related(body, "multipart/related; boundary=xyz")
     assert part.content == content
+
+
+def test_parser_refuses_a_content_length_that_disagrees_with_the_delimiter() -> None:
+    """RFC 2046 5.1.1: the boundary must not occur in a part. A part whose Content-Length runs past
+    a delimiter is refused, not cut by length one time and by delimiter another."""
+    content = b"\x00\r\n--xyz\r\nbinary"
+    body = b"--xyz\r\nContent-Length: %d\r\n\r\n%s\r\n--xyz--" % (len(content), content)
+    with pytest.raises(DicomwebError, match="Content-Length"):
+        parse_multipart_related(body, "multipart/related; boundary=xyz")
+
+
+def test_a_matching_content_length_is_accepted() -> None:
+    body = b"--xyz\r\nContent-Length: 4\r\n\r\ndata\r\n--xyz--"
+    (part,) = parse_multipart_related(body, "multipart/related; boundary=xyz")
+    assert (part.headers, part.content) == ({"content-length": "4"}, b"data")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64])
+def test_the_streaming_parser_finds_the_first_delimiter_across_chunks(chunk: int) -> None:
+    """A preamble, and a body that starts with its delimiter, fed a few bytes at a time."""
+    content_type = "multipart/related; boundary=xyz"
+    for body in (b"pre--xy\r\n--xyz\r\n\r\none\r\n--xyz--", b"--xyz\r\n\r\none\r\n--xyz--\r\nepilogue"):
+        stream = MultipartStream(content_type)
+        parts = []
+        for start in range(0, len(body), chunk):
+            parts += stream.feed(body[start : start + chunk])
+        stream.finish()
+        assert parts == [MultipartPart({}, b"one")]
 
 
 @pytest.mark.parametrize(

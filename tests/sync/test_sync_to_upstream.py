@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.conftest import LiveServer, ok_json, serve
@@ -204,7 +205,13 @@ def test_a_refused_resource_is_a_dead_letter_and_the_rest_flows(
         assert parts["resource"]["valueString"] == f"Observation/{bad['id']}"
         assert "OperationOutcome" in parts["upstream-answer"]["valueString"]
         metrics = httpx.get(facade_with_upstream.base_url.removesuffix("/fhir") + "/metrics").text
-        assert "fhir_facade_sync_dead 1" in metrics
+        families = {family.name: family for family in text_string_to_metric_families(metrics)}
+        assert families["fhir_facade_sync_dead"].type == "gauge"
+        assert families["fhir_facade_sync_dead"].samples[0].value == 1
+        assert families["fhir_facade_sync_failures"].type == "counter"
+        assert {"fhir_facade_sync_pending", "fhir_facade_sync_lag_seconds", "fhir_facade_sync_sent"} <= set(
+            families
+        )
         # Fixed upstream: a replay delivers it.
         upstream.fault("none")
         replayed = ok_json(fhir.post("/$sync-replay"))

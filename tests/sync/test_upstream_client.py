@@ -4,9 +4,11 @@ faults the real test upstream cannot be made to produce, so these use httpx.Mock
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import httpx
 
+from fhir_facade.http_dates import http_date
 from fhir_facade.sync.upstream import Outcome, UpstreamClient, UpstreamSettings
 
 OO = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing"}]}
@@ -24,6 +26,16 @@ def test_version_conflict_and_throttling_are_retried_with_retry_after() -> None:
     assert client(answering(409, OO)).put({"resourceType": "Task", "id": "a"}).outcome is Outcome.RETRY
     throttled = client(answering(429, OO, **{"Retry-After": "7"})).put({"resourceType": "Task", "id": "a"})
     assert (throttled.outcome, throttled.retry_after) == (Outcome.RETRY, 7.0)
+
+
+def test_retry_after_may_be_an_http_date() -> None:
+    """RFC 9110 10.2.3: Retry-After is delay-seconds or an HTTP-date; the date is a wait until then."""
+    later = http_date(datetime.now(UTC) + timedelta(seconds=120))
+    throttled = client(answering(503, OO, **{"Retry-After": later})).put({"resourceType": "Task", "id": "a"})
+    assert throttled.outcome is Outcome.RETRY
+    assert throttled.retry_after is not None and 115 <= throttled.retry_after <= 120
+    passed = client(answering(503, OO, **{"Retry-After": "Sun, 06 Nov 1994 08:49:37 GMT"}))
+    assert passed.put({"resourceType": "Task", "id": "a"}).retry_after == 0.0
 
 
 def test_a_validation_refusal_keeps_the_operation_outcome() -> None:

@@ -12,7 +12,6 @@ non-https URLs other than loopback (RFC 6749 3.1/3.2 require TLS).
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +26,8 @@ from authlib.oauth2.rfc6749 import (
     UnsupportedResponseTypeError,
 )
 from authlib.oauth2.rfc6749.util import extract_basic_authorization
+from joserfc import jws
+from joserfc.errors import JoseError
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
@@ -104,9 +105,8 @@ class StarletteOAuth2Request(OAuth2Request):
             return str(basic_user)
         assertion = self.form.get("client_assertion", "")
         try:
-            payload = assertion.split(".")[1]
-            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        except (IndexError, ValueError, UnicodeDecodeError, RecursionError):
+            claims = json.loads(jws.extract_compact(assertion.encode("ascii")).payload)
+        except (JoseError, ValueError, RecursionError):  # ValueError covers UnicodeError
             return ""  # not a readable assertion (a nested one blows the stack): names no client
         subject = claims.get("sub") if isinstance(claims, dict) else None
         return subject if isinstance(subject, str) else ""
