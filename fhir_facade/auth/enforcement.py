@@ -329,7 +329,7 @@ class TypeAuthorizer:
         transaction, which run as updates under server-assigned ids) needs `c` instead."""
         if not authenticated_caller().enforced:
             return await proceed()
-        resource_id, resource = call.id, call.resource
+        resource_id, resource = call.named_id, call.resource
         existing = await call.current()
         patients, queries = self._grant(Interaction.UPDATE if existing else Interaction.CREATE)
         self._refuse_narrowed_write(queries)
@@ -413,7 +413,7 @@ class TypeAuthorizer:
     async def delete(self, call: Delete, proceed: Proceed) -> None:
         patients, queries = self._grant(Interaction.DELETE)
         self._refuse_narrowed_write(queries)
-        resource_id = call.id
+        resource_id = call.named_id
         if patients is not None:
             existing = await call.current()
             if existing is not None:
@@ -497,9 +497,9 @@ class AuthorizationStage:
         authorizer = self.authorizers[context.resource_type]
         match call:
             case Read():
-                return await authorizer.read(call.id, proceed)
+                return await authorizer.read(call.named_id, proceed)
             case Vread():
-                return await authorizer.vread(call.id, proceed)
+                return await authorizer.vread(call.named_id, proceed)
             case Search(request=request) if request is not None:
                 return await authorizer.search(request, proceed)
             case History():

@@ -101,6 +101,10 @@ class _EntryRunner:
         return resource
 
     async def run(self, entry: dict[str, Any], index: int) -> dict[str, Any]:
+        with origin_scope(Origin.BUNDLE_ENTRY):
+            return await self._run(entry, index)
+
+    async def _run(self, entry: dict[str, Any], index: int) -> dict[str, Any]:
         method, url = _entry_request(entry, index)
         request = entry["request"]
         provider, segments, query = self._target(url)
@@ -137,7 +141,7 @@ class _EntryRunner:
             str(entry["request"]["ifNoneExist"]), f"Bundle.entry[{index}].request.ifNoneExist"
         )
         guard = ConditionalGuard(provider.resource_type, canonical_criteria(params))
-        with guard.searching():
+        with guard.searching(), origin_scope(Origin.BUNDLE_ENTRY):
             matches = await conditional_matches(provider, params, self.settings)
         return guard, single_match(matches, "If-None-Exist")
 
@@ -218,17 +222,7 @@ async def process_bundle(
     atomic: Atomic | None,
 ) -> dict[str, Any]:
     """Process a batch or transaction and return the batch-response / transaction-response. Every entry
-    is an interaction of its own in the pipeline (origin BUNDLE_ENTRY)."""
-    with origin_scope(Origin.BUNDLE_ENTRY):
-        return await _process_bundle(bundle, providers, settings, atomic)
-
-
-async def _process_bundle(
-    bundle: dict[str, Any],
-    providers: Mapping[str, ResourceProvider],
-    settings: Settings,
-    atomic: Atomic | None,
-) -> dict[str, Any]:
+    is an interaction of its own in the pipeline (origin BUNDLE_ENTRY, set by `_EntryRunner`)."""
     kind = bundle.get("type")
     if bundle.get("resourceType") != "Bundle" or kind not in ("batch", "transaction"):
         raise bad_request("POST [base] takes a Bundle of type batch or transaction", expression="Bundle.type")

@@ -321,7 +321,8 @@ def test_evidence_without_identity_is_refused(headers: list[Dataset]) -> None:
 
 def test_invalid_sr_uid_is_refused(result: AnalysisResult, headers: list[Dataset]) -> None:
     with pytest.raises(ValueError, match="sop_instance_uid is not a valid DICOM UID"):
-        build_analysis_sr(result, headers, series_uid=generate_uid(), sop_instance_uid=generate_uid() + ".1")
+        # 65 characters: one over PS3.5 9.1's limit (generate_uid() + ".1" is only sometimes too long)
+        build_analysis_sr(result, headers, series_uid=generate_uid(), sop_instance_uid="1.2." + "3" * 61)
 
 
 def test_sr_retrieve_url() -> None:

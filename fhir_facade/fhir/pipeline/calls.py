@@ -8,7 +8,7 @@ calling the provider itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from fhir_facade.fhir.errors import FhirError
 from fhir_facade.fhir.pipeline.context import InteractionKind
@@ -22,24 +22,28 @@ _UNREAD = object()
 
 @dataclass
 class Call:
-    """One interaction on `provider` (the provider being wrapped, never a pipelined one)."""
+    """One interaction on `provider` (the provider being wrapped, never a pipelined one) about the
+    resource `id` (None for a search, a create, a type history)."""
 
+    kind: ClassVar[InteractionKind]
     provider: ResourceProvider
-    kind: InteractionKind = field(init=False)
+    id: str | None = None
     _current: Any = field(default=_UNREAD, init=False, repr=False)
 
     @property
-    def resource_id(self) -> str | None:
-        return None
+    def named_id(self) -> str:
+        """`id`, for the interactions that always name one (read, vread, update, delete)."""
+        if self.id is None:
+            raise TypeError(f"A {self.kind} interaction names its resource")
+        return self.id
 
     async def current(self) -> dict[str, Any] | None:
         """The resource as stored now, None if it does not exist or is deleted (read once)."""
         if self._current is _UNREAD:
-            resource_id = self.resource_id
             self._current = None
-            if resource_id is not None:
+            if self.id is not None:
                 try:
-                    self._current = await self.provider.read(resource_id)
+                    self._current = await self.provider.read(self.id)
                 except FhirError as error:
                     if error.status not in (404, 410):
                         raise
@@ -48,80 +52,41 @@ class Call:
 
 @dataclass
 class Read(Call):
-    id: str = ""
-
-    def __post_init__(self) -> None:
-        self.kind = InteractionKind.READ
-
-    @property
-    def resource_id(self) -> str | None:
-        return self.id
+    kind: ClassVar[InteractionKind] = InteractionKind.READ
 
 
 @dataclass
 class Vread(Call):
-    id: str = ""
+    kind: ClassVar[InteractionKind] = InteractionKind.VREAD
     version_id: str = ""
-
-    def __post_init__(self) -> None:
-        self.kind = InteractionKind.VREAD
-
-    @property
-    def resource_id(self) -> str | None:
-        return self.id
 
 
 @dataclass
 class Search(Call):
+    kind: ClassVar[InteractionKind] = InteractionKind.SEARCH
     request: SearchRequest | None = None
-
-    def __post_init__(self) -> None:
-        self.kind = InteractionKind.SEARCH
 
 
 @dataclass
 class History(Call):
-    id: str | None = None
+    kind: ClassVar[InteractionKind] = InteractionKind.HISTORY
     count: int = 0
     offset: int = 0
-
-    def __post_init__(self) -> None:
-        self.kind = InteractionKind.HISTORY
-
-    @property
-    def resource_id(self) -> str | None:
-        return self.id
 
 
 @dataclass
 class Create(Call):
+    kind: ClassVar[InteractionKind] = InteractionKind.CREATE
     resource: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.kind = InteractionKind.CREATE
 
 
 @dataclass
 class Update(Call):
-    id: str = ""
+    kind: ClassVar[InteractionKind] = InteractionKind.UPDATE
     resource: dict[str, Any] = field(default_factory=dict)
     if_match: str | None = None
-
-    def __post_init__(self) -> None:
-        self.kind = InteractionKind.UPDATE
-
-    @property
-    def resource_id(self) -> str | None:
-        return self.id
 
 
 @dataclass
 class Delete(Call):
-    id: str = ""
-
-    def __post_init__(self) -> None:
-        self.kind = InteractionKind.DELETE
-
-    @property
-    def resource_id(self) -> str | None:
-        return self.id
+    kind: ClassVar[InteractionKind] = InteractionKind.DELETE

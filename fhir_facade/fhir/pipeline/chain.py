@@ -54,7 +54,7 @@ class Pipeline:
         return InteractionContext(
             kind=call.kind,
             resource_type=call.provider.resource_type,
-            resource_id=call.resource_id,
+            resource_id=call.id,
             origin=current_origin(),
             caller=caller,
             patient=getattr(caller, "patient", None),
@@ -91,7 +91,7 @@ class Pipeline:
             after = result.resource
         else:
             change, after = ChangeKind.DELETED, None
-        resource_id = str((after or {}).get("id") or call.resource_id)
+        resource_id = str((after or {}).get("id") or call.id)
         event = ResourceChanged(change, context.resource_type, resource_id, before, after, context)
         await self.bus.publish(event)
 
