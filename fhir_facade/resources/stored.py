@@ -1,6 +1,6 @@
 """Persistent resource types, kept in the facade's SQL store (the registry's stored types,
 capability/resource-types.json: ServiceRequest, Task, DiagnosticReport, Observation, Device,
-Provenance, AuditEvent, Communication): every FHIR interaction, delegated to `ResourceStore` in a
+Provenance, AuditEvent, ...): every FHIR interaction, delegated to `ResourceStore` in a
 worker thread (the store is synchronous, ADR 0004). Search parameters and `_include` paths are the
 registry's (fhir/registry.py); a type with no rules of its own needs no code here. AuditEvent is
 read-only through the API: the audit recorder writes it to the store directly."""
