@@ -45,12 +45,10 @@ EXTERNAL_FORMATS = {"urn:ietf:bcp:13": "bcp13-mime-type", "urn:iso:std:iso:4217"
 
 
 def written_types() -> list[str]:
-    """The resource types the facade stores (and so validates on write): the persistent types
-    and EHR-created Patient records (resources/patient.py)."""
-    sys.path.insert(0, str(REPO))
-    from fhir_facade.resources.stored import PERSISTENT_TYPES
-
-    return sorted({*PERSISTENT_TYPES, "Patient"})
+    """The resource types the facade stores (and so validates on write): the registry's stored
+    types and EHR-created Patient records (capability/resource-types.json)."""
+    declared = json.loads((REPO / "capability/resource-types.json").read_text(encoding="utf-8"))["types"]
+    return sorted(t for t, d in declared.items() if d.get("stored") or d.get("storedRecords"))
 
 
 def _bundle(path: Path) -> list[dict[str, Any]]:

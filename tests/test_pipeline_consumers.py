@@ -158,3 +158,24 @@ def test_a_write_the_server_makes_is_seen_once_by_each_consumer(
     (event,) = audit_events_naming(server, f"Task/{task['id']}", 1)
     assert "internal" in event["outcomeDesc"]
     assert event["agent"][0]["who"]["display"] == "fhir-facade (the server itself)"
+
+
+def test_a_communication_is_synced_and_audited_like_every_stored_type(
+    running: tuple[LiveServer, EmbeddedOrthanc, Path, Seen, Seen],
+) -> None:
+    """Communication was added as registry data only (docs/adr/0023): the outbox and the audit
+    take it with no code of theirs naming it."""
+    server, _, _, authorized, published = running
+    message = {
+        "resourceType": "Communication",
+        "status": "completed",
+        "subject": {"reference": "Patient/PIPE-COMM"},
+        "payload": [{"contentString": "Your report is ready"}],
+    }
+    with httpx.Client(base_url=server.base_url, timeout=30) as fhir:
+        created = ok_json(fhir.post("/Communication", json=message, headers=FHIR_JSON), 201)
+    assert authorized[("rest", "create", "Communication", created["id"])] == 1
+    assert published[("rest", "create", "Communication", created["id"])] == 1
+    assert outbox_rows(server, "Communication", created["id"]) == 1
+    (event,) = audit_events_naming(server, f"Communication/{created['id']}", 1)
+    assert event["subtype"][0]["code"] == "create"

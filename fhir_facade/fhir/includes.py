@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fhir_facade.config import Settings
+from fhir_facade.fhir.element_paths import references_at
 from fhir_facade.fhir.errors import FhirError, bad_request
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import IncludeSpec, SearchRequest, parse_search
@@ -22,13 +23,9 @@ __all__ = ["resolve_includes"]
 MAX_REVINCLUDED = 200
 
 
-def _references(resource: dict[str, Any], element: str) -> list[str]:
-    value = resource.get(element)
-    items = value if isinstance(value, list) else [value] if value else []
-    return [i["reference"] for i in items if isinstance(i, dict) and isinstance(i.get("reference"), str)]
-
-
-def _include_element(providers: Mapping[str, ResourceProvider], spec: IncludeSpec, name: str) -> str:
+def _include_element(
+    providers: Mapping[str, ResourceProvider], spec: IncludeSpec, name: str
+) -> tuple[str, ...]:
     provider = providers.get(spec.source_type)
     element = provider.include_paths.get(spec.param) if provider else None
     if element is None:
@@ -69,7 +66,7 @@ async def resolve_includes(
             raise bad_request(f"_include must start with {request.resource_type}", expression="_include")
         element = _include_element(providers, spec, "_include")
         for match in matches:
-            for reference in _references(match, element):
+            for reference in references_at(match, element):
                 target_type, _, target_id = reference.partition("/")
                 if target_type in providers and target_id and spec.target_type in (None, target_type):
                     wanted[(target_type, target_id)] = None

@@ -34,8 +34,9 @@ class ResourceProvider(ABC):
     documentation: ClassVar[str] = ""
     search_params: ClassVar[tuple[SearchParamDef, ...]] = ()
     sortable: ClassVar[frozenset[str]] = frozenset()
-    #: search parameter -> top-level element holding the Reference(s), for _include/_revinclude
-    include_paths: ClassVar[dict[str, str]] = {}
+    #: search parameter -> element paths holding the Reference(s), for _include/_revinclude
+    #: (fhir/element_paths.py; the registry's reference parameters, fhir/registry.py)
+    include_paths: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @property
     def interactions(self) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from fhir_facade.dicomweb.query import OneOf, QidoQuery, tag_values
 from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.errors import not_found
 from fhir_facade.fhir.provider import ResourceProvider
+from fhir_facade.fhir.registry import check_search_handlers, registry
 from fhir_facade.fhir.search import (
     IdentifierOfType,
     ReferenceValue,
@@ -70,11 +71,7 @@ def _param(name: str, kind: SearchParamType, doc: str, definition: str, **kw: An
 class ImagingStudyProvider(ResourceProvider):
     resource_type = "ImagingStudy"
     documentation = "Virtual: computed live from the PACS over QIDO-RS; id = Study Instance UID."
-    include_paths: ClassVar[dict[str, str]] = {
-        "patient": "subject",
-        "subject": "subject",
-        "endpoint": "endpoint",
-    }
+    include_paths: ClassVar[dict[str, tuple[str, ...]]] = registry()["ImagingStudy"].include_paths
     search_params = (
         _param("_id", T.TOKEN, "Study Instance UID(s)", _SPEC + "Resource-id"),
         _param(
@@ -232,31 +229,45 @@ class ImagingStudyProvider(ResourceProvider):
     async def _plan(self, request: SearchRequest) -> StudySearchPlan:
         plan = StudySearchPlan()
         for clause in request.clauses:
-            name = clause.param.name
-            if name == "_id":
-                self._require_uids(plan, uid_values(clause, ()))
-            elif name == "identifier":
-                self._apply_identifier(plan, clause)
-            elif name in ("patient", "subject"):
-                apply_patient_clause(plan, clause, self._ctx)
-            elif name == "started":
-                apply_date_clause(plan, clause, "StudyDate", self._started, self._ctx.default_timezone)
-            elif name == "modality":
-                self._apply_modality(plan, clause)
-            elif name == "series":
-                uids = uid_values(clause, (UID_SYSTEM,))
-                await self._require_studies_of(plan, "series", {"SeriesInstanceUID": uids})
-            elif name == "instance":
-                uids = uid_values(clause, (UID_SYSTEM,))
-                await self._require_studies_of(plan, "instances", {"SOPInstanceUID": uids})
-            elif name == "dicom-class":
-                uids = uid_values(clause, (SOP_CLASS_SYSTEM,))
-                await self._require_studies_of(plan, "instances", {"SOPClassUID": uids})
-            elif (name == "endpoint" and not _names_wado_endpoint(clause)) or (
-                name == "status" and not _asks_available(clause)
-            ):
-                plan.match_nothing()
+            await _SEARCH_HANDLERS[clause.param.name](self, plan, clause)
         return plan
+
+    # -- one handler per declared search parameter (_SEARCH_HANDLERS, checked at import) ---------
+
+    async def _search_id(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        self._require_uids(plan, uid_values(clause, ()))
+
+    async def _search_identifier(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        self._apply_identifier(plan, clause)
+
+    async def _search_patient(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        apply_patient_clause(plan, clause, self._ctx)
+
+    async def _search_started(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        apply_date_clause(plan, clause, "StudyDate", self._started, self._ctx.default_timezone)
+
+    async def _search_modality(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        self._apply_modality(plan, clause)
+
+    async def _search_series(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        uids = uid_values(clause, (UID_SYSTEM,))
+        await self._require_studies_of(plan, "series", {"SeriesInstanceUID": uids})
+
+    async def _search_instance(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        uids = uid_values(clause, (UID_SYSTEM,))
+        await self._require_studies_of(plan, "instances", {"SOPInstanceUID": uids})
+
+    async def _search_dicom_class(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        uids = uid_values(clause, (SOP_CLASS_SYSTEM,))
+        await self._require_studies_of(plan, "instances", {"SOPClassUID": uids})
+
+    async def _search_endpoint(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        if not _names_wado_endpoint(clause):
+            plan.match_nothing()
+
+    async def _search_status(self, plan: StudySearchPlan, clause: SearchClause) -> None:
+        if not _asks_available(clause):
+            plan.match_nothing()
 
     def _started(self, ds: DicomJson) -> Any:
         return started_instant(
@@ -330,6 +341,26 @@ class ImagingStudyProvider(ResourceProvider):
         tag = dicom_tag(keyword)
         studies = {study_uid(r) for r in rows if {str(v) for v in tag_values(r, tag)} & uids}
         self._require_uids(plan, studies - {""})
+
+
+#: The QIDO translation of each declared search parameter. A declared parameter without one fails
+#: the import (check_search_handlers): it would be accepted and silently match everything.
+_SEARCH_HANDLERS: dict[
+    str, Callable[[ImagingStudyProvider, StudySearchPlan, SearchClause], Awaitable[None]]
+] = {
+    "_id": ImagingStudyProvider._search_id,
+    "identifier": ImagingStudyProvider._search_identifier,
+    "patient": ImagingStudyProvider._search_patient,
+    "subject": ImagingStudyProvider._search_patient,
+    "started": ImagingStudyProvider._search_started,
+    "modality": ImagingStudyProvider._search_modality,
+    "series": ImagingStudyProvider._search_series,
+    "instance": ImagingStudyProvider._search_instance,
+    "dicom-class": ImagingStudyProvider._search_dicom_class,
+    "endpoint": ImagingStudyProvider._search_endpoint,
+    "status": ImagingStudyProvider._search_status,
+}
+check_search_handlers("ImagingStudy", ImagingStudyProvider.search_params, _SEARCH_HANDLERS)
 
 
 def _names_wado_endpoint(clause: SearchClause) -> bool:

@@ -11,6 +11,7 @@ record is the richer one); searches list stored matches first, then the DICOM vi
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +21,7 @@ from fhir_facade.dicomweb.query import OneOf, QidoQuery
 from fhir_facade.fhir.bundles import SearchResult, paged
 from fhir_facade.fhir.errors import FhirError, not_found
 from fhir_facade.fhir.provider import ResourceProvider, WriteResult
+from fhir_facade.fhir.registry import check_search_handlers
 from fhir_facade.fhir.search import (
     ReferenceValue,
     SearchClause,
@@ -39,6 +41,8 @@ T = SearchParamType
 PATIENT_FIELDS = ("00100021",)
 _GENDERS = {"male": "M", "female": "F", "other": "O"}
 _GENDER_SYSTEM = "http://hl7.org/fhir/administrative-gender"
+#: An exact test on a mapped Patient, for what QIDO cannot match (PatientName, query.py).
+PatientCheck = Callable[[dict[str, Any]], bool]
 
 
 def _fold(text: str) -> str:
@@ -160,27 +164,9 @@ class PatientProvider(ResourceProvider):
 
     async def _search_dicom(self, request: SearchRequest) -> list[dict[str, Any]]:
         plan = StudySearchPlan()
-        resource_checks = []
+        resource_checks: list[PatientCheck] = []
         for clause in request.clauses:
-            name = clause.param.name
-            if name in ("_id", "identifier"):
-                apply_patient_clause(plan, _as_reference_clause(clause), self._ctx)
-            elif name == "birthdate":
-                apply_date_clause(
-                    plan, clause, "PatientBirthDate", lambda ds: None, self._ctx.default_timezone
-                )
-            elif name == "gender":
-                codes = {
-                    _GENDERS[v.code]
-                    for v in clause.values
-                    if isinstance(v, TokenValue) and v.code in _GENDERS and v.system in (None, _GENDER_SYSTEM)
-                }
-                if codes:
-                    plan.require(QidoQuery({"PatientSex": OneOf(frozenset(codes))}))
-                else:
-                    plan.match_nothing()
-            elif name == "name":
-                resource_checks.append(self._apply_name(clause))
+            _SEARCH_HANDLERS[clause.param.name](self, plan, clause, resource_checks)
         studies = await find_all_studies(self._dicomweb, plan, PATIENT_FIELDS)
         patients: dict[str, dict[str, Any]] = {}
         for ds in studies:
@@ -189,8 +175,35 @@ class PatientProvider(ResourceProvider):
                 patients.setdefault(patient["id"], patient)
         return [patients[k] for k in sorted(patients)]
 
+    # -- one handler per declared search parameter (_SEARCH_HANDLERS, checked at import) ---------
+
+    def _search_patient_id(
+        self, plan: StudySearchPlan, clause: SearchClause, checks: list[PatientCheck]
+    ) -> None:
+        """`_id` and `identifier`: the same filters as a patient reference on studies."""
+        apply_patient_clause(plan, _as_reference_clause(clause), self._ctx)
+
+    def _search_birthdate(
+        self, plan: StudySearchPlan, clause: SearchClause, checks: list[PatientCheck]
+    ) -> None:
+        apply_date_clause(plan, clause, "PatientBirthDate", lambda ds: None, self._ctx.default_timezone)
+
+    def _search_gender(self, plan: StudySearchPlan, clause: SearchClause, checks: list[PatientCheck]) -> None:
+        codes = {
+            _GENDERS[v.code]
+            for v in clause.values
+            if isinstance(v, TokenValue) and v.code in _GENDERS and v.system in (None, _GENDER_SYSTEM)
+        }
+        if codes:
+            plan.require(QidoQuery({"PatientSex": OneOf(frozenset(codes))}))
+        else:
+            plan.match_nothing()
+
+    def _search_name(self, plan: StudySearchPlan, clause: SearchClause, checks: list[PatientCheck]) -> None:
+        checks.append(self._apply_name(clause))
+
     @staticmethod
-    def _apply_name(clause: SearchClause) -> Any:
+    def _apply_name(clause: SearchClause) -> PatientCheck:
         """FHIR string semantics (default starts-with any name part, :contains, :exact) on the
         mapped names. Not sent to QIDO: Orthanc's QIDO does not match PatientName (query.py)."""
         texts = [v.value for v in clause.values if isinstance(v, StringValue)]
@@ -210,6 +223,20 @@ class PatientProvider(ResourceProvider):
             )
 
         return check
+
+
+#: The QIDO translation (or exact check on the mapped Patient) of each declared search parameter.
+#: A declared parameter without one fails the import (check_search_handlers).
+_SEARCH_HANDLERS: dict[
+    str, Callable[[PatientProvider, StudySearchPlan, SearchClause, list[PatientCheck]], None]
+] = {
+    "_id": PatientProvider._search_patient_id,
+    "identifier": PatientProvider._search_patient_id,
+    "birthdate": PatientProvider._search_birthdate,
+    "gender": PatientProvider._search_gender,
+    "name": PatientProvider._search_name,
+}
+check_search_handlers("Patient", PatientProvider.search_params, _SEARCH_HANDLERS)
 
 
 def _reference_clause(provider: PatientProvider, resource_id: str) -> SearchClause:

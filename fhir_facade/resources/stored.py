@@ -1,6 +1,8 @@
-"""Persistent resource types, kept in the facade's SQL store (ServiceRequest, Task,
-DiagnosticReport, Observation, Device, Provenance, AuditEvent): every FHIR interaction, delegated
-to `ResourceStore` in a worker thread (the store is synchronous, ADR 0004). AuditEvent is
+"""Persistent resource types, kept in the facade's SQL store (the registry's stored types,
+capability/resource-types.json: ServiceRequest, Task, DiagnosticReport, Observation, Device,
+Provenance, AuditEvent, ...): every FHIR interaction, delegated to `ResourceStore` in a
+worker thread (the store is synchronous, ADR 0004). Search parameters and `_include` paths are the
+registry's (fhir/registry.py); a type with no rules of its own needs no code here. AuditEvent is
 read-only through the API: the audit recorder writes it to the store directly."""
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
@@ -16,6 +18,7 @@ from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.conditional_guard import active_guard
 from fhir_facade.fhir.errors import FhirError, Issue, method_not_allowed
 from fhir_facade.fhir.provider import ResourceProvider, WriteResult
+from fhir_facade.fhir.registry import registry
 from fhir_facade.fhir.required_bindings import check_required_bindings
 from fhir_facade.fhir.search import SearchParamDef, SearchRequest
 from fhir_facade.resources.task_lifecycle import check_transition, stamp_task
@@ -53,6 +56,8 @@ class StoredResourceProvider(ResourceProvider):
         self.documentation = "Persistent: stored by the facade (SQL), versioned."  # type: ignore[misc]
         self._store = store
         self._params = search_param_defs(resource_type)
+        facts = registry().facts(resource_type)
+        self.include_paths = facts.include_paths if facts else {}  # type: ignore[misc]
 
     @property
     def interactions(self) -> tuple[str, ...]:
@@ -151,16 +156,6 @@ class StoredResourceProvider(ResourceProvider):
 class TaskProvider(StoredResourceProvider):
     """Task: the worklist. The R4 state machine is enforced and lastModified kept (task.html)."""
 
-    include_paths: ClassVar[dict[str, str]] = {
-        "focus": "focus",
-        "patient": "for",
-        "subject": "for",
-        "based-on": "basedOn",
-        "owner": "owner",
-        "requester": "requester",
-        "part-of": "partOf",
-    }
-
     def __init__(self, store: ResourceStore) -> None:
         super().__init__("Task", store)
 
@@ -178,8 +173,6 @@ class ServiceRequestProvider(StoredResourceProvider):
     (resources/order_worklist.py), as does the scheduling Task for an order without a modality
     (stored all the same, ADR 0018).
     """
-
-    include_paths: ClassVar[dict[str, str]] = {"patient": "subject", "subject": "subject"}
 
     def __init__(
         self,
@@ -263,26 +256,8 @@ class AuditEventProvider(StoredResourceProvider):
         raise method_not_allowed("AuditEvents are immutable and cannot be deleted")
 
 
-#: The persistent types, each with the parameters the store indexes (fhir_facade/store/indexing.py).
-PERSISTENT_TYPES = (
-    "ServiceRequest",
-    "Task",
-    "DiagnosticReport",
-    "Observation",
-    "Device",
-    "Provenance",
-    "AuditEvent",
-)
-
-_INCLUDES: dict[str, dict[str, str]] = {
-    "DiagnosticReport": {
-        "patient": "subject",
-        "subject": "subject",
-        "based-on": "basedOn",
-        "result": "result",
-    },
-    "Observation": {"patient": "subject", "subject": "subject", "based-on": "basedOn"},
-}
+#: The persistent types, each with the parameters the store indexes (the registry's stored types).
+PERSISTENT_TYPES = registry().stored_types
 
 
 def stored_providers(
@@ -294,23 +269,13 @@ def stored_providers(
     catalogue: ProcedureCatalogue | None = None,
     stations: Mapping[str, str] | None = None,
 ) -> list[StoredResourceProvider]:
-    providers: list[StoredResourceProvider] = []
-    tasks = TaskProvider(store)
-    for resource_type in PERSISTENT_TYPES:
-        if resource_type == "Task":
-            providers.append(tasks)
-            continue
-        if resource_type == "ServiceRequest":
-            providers.append(
-                ServiceRequestProvider(
-                    store, worklist, patients, station, catalogue=catalogue, stations=stations
-                )
-            )
-            continue
-        if resource_type == "AuditEvent":
-            providers.append(AuditEventProvider(store))
-            continue
-        provider = StoredResourceProvider(resource_type, store)
-        provider.include_paths = _INCLUDES.get(resource_type, {})  # type: ignore[misc]
-        providers.append(provider)
-    return providers
+    """One provider per stored type: the type's own class where it has rules of its own (Task's
+    state machine, ServiceRequest's worklist check, AuditEvent's immutability), else the generic one."""
+    own: dict[str, Callable[[], StoredResourceProvider]] = {
+        "Task": lambda: TaskProvider(store),
+        "ServiceRequest": lambda: ServiceRequestProvider(
+            store, worklist, patients, station, catalogue=catalogue, stations=stations
+        ),
+        "AuditEvent": lambda: AuditEventProvider(store),
+    }
+    return [own[t]() if t in own else StoredResourceProvider(t, store) for t in PERSISTENT_TYPES]

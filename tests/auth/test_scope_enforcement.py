@@ -42,6 +42,7 @@ BODIES: dict[str, dict[str, Any]] = {
         "recorded": "2024-01-01T00:00:00Z",
         "agent": [{"who": {"display": "matrix"}}],
     },
+    "Communication": {"resourceType": "Communication", "status": "completed"},
 }
 #: interaction code -> the permission it needs
 NEEDS = {

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from fhir_facade.embedded import EmbeddedOrthanc
+from fhir_facade.fhir.registry import registry
 from tests.conftest import LiveServer, ok_json, serve, validate
 from tests.dicom_factory import CORPUS
 
@@ -137,7 +138,22 @@ def seeds(http: httpx.Client) -> dict[str, str]:
             "agent": [{"who": {"reference": device}}],
         },
     )
+    communication = _create(
+        http,
+        {
+            "resourceType": "Communication",
+            "status": "completed",
+            "subject": {"reference": PATIENT},
+            "basedOn": [{"reference": order}],
+            "partOf": [{"reference": task}],
+            "sender": {"reference": device},
+            "recipient": [{"reference": PATIENT}],
+            "sent": "2026-12-04T10:05:00Z",
+            "payload": [{"contentString": "The report is ready"}],
+        },
+    )
     seeds = {
+        "Communication": communication,
         "Device": device,
         "ServiceRequest": order,
         "Task": task,
@@ -278,7 +294,10 @@ def test_every_claimed_search_parameter_is_accepted_and_filters(
             if param["type"] == "reference":
                 # A fresh id per request: with audit on, the AuditEvent of one search names the
                 # Patient it searched for, which a later search must not find.
-                target = "Endpoint" if param["name"] == "endpoint" else "Patient"
+                # A type the parameter may refer to (its R4 targets, the registry's facts).
+                facts = registry()[type_name].param(param["name"])
+                targets = facts.targets if facts else ()
+                target = "Patient" if not targets or "Patient" in targets else targets[0]
                 value = f"{target}/no-such-{type_name}-{param['name']}"
             response = http.get(
                 f"/{type_name}", params={param["name"]: value, "_summary": "count"}, headers=STRICT

@@ -25,6 +25,7 @@ def test_metadata_lists_exactly_the_registered_types(fhir: httpx.Client) -> None
         "Device",
         "Provenance",
         "AuditEvent",
+        "Communication",
         "OperationDefinition",
     }
     assert {i["code"] for i in resources["Task"]["interaction"]} == {
