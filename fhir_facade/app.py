@@ -17,6 +17,7 @@ from fhir_facade import __version__
 from fhir_facade.analyze.runtime import AnalyzeRuntime
 from fhir_facade.api_docs import install_api_docs
 from fhir_facade.audit import audit_recorder, audit_stage, install_audit
+from fhir_facade.audit.refusals import AuthenticationAudit
 from fhir_facade.auth.access import current_access
 from fhir_facade.auth.dependency import Authenticator, BearerScheme, bearer_validator
 from fhir_facade.auth.discovery import AuthorizationEndpoints, build_discovery_router, capability_security
@@ -29,6 +30,7 @@ from fhir_facade.demo.brain_mri import DEMO_STUDY_UID
 from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
+from fhir_facade.dicomweb.outcomes import PACS_ERROR_TRANSLATORS
 from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy_router
 from fhir_facade.fhir.errors import FhirError
 from fhir_facade.fhir.openapi import install_openapi
@@ -341,7 +343,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.pipeline = pipeline
     app.state.analyze = analyze
     app.state.sync = sync
-    install_error_handlers(app)
+    install_error_handlers(app, PACS_ERROR_TRANSLATORS)
     # Inside the audit (refusals are audited like any 4xx), outside everything that reads a body.
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
@@ -391,7 +393,13 @@ def _install_security(
     if settings.builtin_issuer:
         from fhir_facade.auth.server import BuiltinAuthorizationServer
 
-        server = BuiltinAuthorizationServer(settings, audit=getattr(app.state, "audit", None))
+        recorder = getattr(app.state, "audit", None)
+        refusals = (
+            AuthenticationAudit(recorder, site=settings.public_root, issuer=settings.token_issuer)
+            if recorder is not None
+            else None
+        )
+        server = BuiltinAuthorizationServer(settings, audit=refusals)
         app.include_router(server.router)
         keys = StaticKeys(server.public_key_set())
         compartments = server.registry.user_compartments

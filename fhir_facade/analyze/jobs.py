@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from fhir_facade.analyze.codes import ANALYZE_CODE, TASK_CODE_SYSTEM
 from fhir_facade.analyze.service import AnalysisOutcome, Analyzer
 from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.auth.access import Access, acting_as, current_access
@@ -42,7 +43,6 @@ from fhir_facade.fhir.pipeline import Origin, PipelinedProvider, enter_origin
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.resources.stored import StoredResourceProvider
-from fhir_facade.watcher.arrival_tasks import ANALYZE_CODE, TASK_CODE_SYSTEM
 
 __all__ = ["IDEMPOTENCY_KEY_SYSTEM", "AnalysisJob", "AnalysisJobs", "JobState"]
 

@@ -32,6 +32,8 @@ from typing import Any, Final
 
 from fhir_facade.audit.interaction import DCM, Interaction
 from fhir_facade.auth.access import Access
+from fhir_facade.dicom_to_fhir.uids import uid_identifier
+from fhir_facade.fhir.ids import FHIR_ID_PATTERN, RESOURCE_TYPE_PATTERN
 from fhir_facade.fhir.narrative import (
     Facts,
     Items,
@@ -88,7 +90,7 @@ _SOURCE_TYPE: Final = {
 #: AuditEvent.agent.network.type "2": IP address.
 _IP_ADDRESS: Final = "2"
 #: A relative literal reference, optionally after an absolute base: what fhirUser holds.
-_REFERENCE = re.compile(r"^(?:https?://\S+/)?([A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64})$")
+_REFERENCE = re.compile(rf"^(?:https?://\S+/)?({RESOURCE_TYPE_PATTERN}/{FHIR_ID_PATTERN})$")
 _NO_WHITESPACE = re.compile(r"^\S+$")
 
 
@@ -222,8 +224,7 @@ def _entities(
                 "what": {
                     "identifier": {
                         "type": _coding(_STUDY_UID_TYPE),
-                        "system": "urn:dicom:uid",
-                        "value": f"urn:oid:{uid}",
+                        **uid_identifier(uid),
                     }
                 },
                 "type": _SYSTEM_OBJECT,

@@ -37,9 +37,10 @@ from fhir_facade.auth.compartment import (
     patient_references,
     references_at,
 )
+from fhir_facade.auth.errors import forbidden
 from fhir_facade.auth.scopes import Interaction, Query
 from fhir_facade.fhir.bundles import SearchResult
-from fhir_facade.fhir.errors import FhirError, forbidden, not_found, unprocessable
+from fhir_facade.fhir.errors import FhirError, not_found, unprocessable
 from fhir_facade.fhir.pipeline import (
     Call,
     Create,

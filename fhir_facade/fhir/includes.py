@@ -11,10 +11,10 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from fhir_facade.config import Settings
 from fhir_facade.fhir.errors import FhirError, bad_request
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import IncludeSpec, SearchRequest, parse_search
+from fhir_facade.fhir.settings import RestSettings
 
 __all__ = ["resolve_includes"]
 
@@ -60,7 +60,7 @@ async def resolve_includes(
     request: SearchRequest,
     matches: list[dict[str, Any]],
     providers: Mapping[str, ResourceProvider],
-    settings: Settings,
+    settings: RestSettings,
 ) -> list[dict[str, Any]]:
     """The resources to add to a page with search.mode 'include', without duplicates."""
     wanted: dict[tuple[str, str], None] = {}

@@ -39,6 +39,7 @@ from sqlalchemy.exc import IntegrityError
 
 from fhir_facade.fhir.conditional_guard import CONDITIONAL_LOCK_SPACE, ConditionalGuard
 from fhir_facade.fhir.errors import FhirError, bad_request, gone, not_found
+from fhir_facade.fhir.ids import is_fhir_id
 from fhir_facade.fhir.pipeline import EventBus, VersionStored
 from fhir_facade.fhir.provider import WriteResult
 from fhir_facade.fhir.required_bindings import check_required_bindings
@@ -81,7 +82,6 @@ __all__ = ["AMBIENT_TRANSACTION", "ResourceStore"]
 #: the context), which is how the async app's `atomic()` reaches the synchronous store.
 AMBIENT_TRANSACTION: ContextVar[Connection | None] = ContextVar("facade_store_transaction", default=None)
 
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _ETAG = re.compile(r'^(?:W/)?"?(\d+)"?$')
 #: A write that loses a race for a new resource id (two update-as-create) is retried this often.
 _WRITE_ATTEMPTS = 5
@@ -158,7 +158,7 @@ class ResourceStore:
         conditional (http.html#cond-update), see `_hold_condition`."""
         resource_type = self._check_type(resource)
         resource_id = resource.get("id")
-        if not isinstance(resource_id, str) or not _FHIR_ID.match(resource_id):
+        if not isinstance(resource_id, str) or not is_fhir_id(resource_id):
             raise bad_request("An update needs a valid resource id", expression=f"{resource_type}.id")
         stored, created = self._write(resource_type, resource_id, resource, if_match=if_match, guard=guard)
         return WriteResult(stored, created)
@@ -729,7 +729,7 @@ class ResourceStore:
 
     @staticmethod
     def _check_id(resource_type: str, resource_id: str) -> None:
-        if not _FHIR_ID.match(resource_id):
+        if not is_fhir_id(resource_id):
             raise not_found(f"{resource_type}/{resource_id} is not a valid resource id")
 
     @staticmethod

@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fhir_facade.auth.scopes import InvalidScope, parse_scopes
 from fhir_facade.auth.server.passwords import check_hash_format, hash_secret
 from fhir_facade.demo.brain_mri import DEMO_PATIENT_ID
+from fhir_facade.fhir.ids import FHIR_ID_PATTERN, RESOURCE_TYPE_PATTERN, is_fhir_id
 
 __all__ = [
     "DEMO_CLIENT_ID",
@@ -91,8 +92,7 @@ ClientKind = Literal["backend-service", "public", "confidential"]
 
 #: Assertion algorithms of SMART Backend Services, and the keys that make them.
 _ASSERTION_KEY_TYPES = {"RSA": "RS384", "EC": "ES384"}
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_FHIR_USER = re.compile(r"(?:https?://\S+/)?[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
+_FHIR_USER = re.compile(rf"(?:https?://\S+/)?{RESOURCE_TYPE_PATTERN}/{FHIR_ID_PATTERN}")
 _APP_CONTEXTS = ("patient", "user")
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class UserEntry(BaseModel):
     @classmethod
     def _valid_patients(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         for value in values:
-            if not _FHIR_ID.fullmatch(value):
+            if not is_fhir_id(value):
                 raise ValueError(f"patient {value!r} is not a FHIR id (Patient ids, without 'Patient/')")
         return values
 
