@@ -41,6 +41,7 @@ from fhir_facade.correlation import correlation_scope
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM, FhirError, Issue, conflict, internal_error, not_found
 from fhir_facade.fhir.pipeline import Origin, PipelinedProvider, enter_origin
 from fhir_facade.fhir.provider import ResourceProvider
+from fhir_facade.fhir.references import local_target
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.resources.stored import StoredResourceProvider
 
@@ -245,7 +246,7 @@ class AnalysisJobs:
         series_uid: str | None,
         study: dict[str, Any] | None = None,
     ) -> AnalysisJob:
-        study_id = task["focus"]["reference"].split("/", 1)[1]
+        study_id = _focus_id(task)
         job = AnalysisJob(task["id"], study_id, model_id, series_uid, study)
         job.runner = asyncio.create_task(self._run(job, task), name=f"analyze-{task['id']}")
         self._running[job.task_id] = job
@@ -327,8 +328,9 @@ class AnalysisJobs:
     async def _report_of(self, task: dict[str, Any], reports: ResourceProvider) -> dict[str, Any]:
         for output in task.get("output", []):
             reference = output.get("valueReference", {}).get("reference", "")
-            if reference.startswith("DiagnosticReport/"):
-                return await reports.read(reference.split("/", 1)[1])
+            target = local_target(reference) if isinstance(reference, str) else None
+            if target is not None and target[0] == "DiagnosticReport":
+                return await reports.read(target[1])
         raise internal_error(f"Completed analysis Task {task['id']} has no DiagnosticReport output")
 
     async def cancel(self, task_id: str) -> None:
@@ -397,7 +399,7 @@ class AnalysisJobs:
         (basedOn orders...) must be visible to the requester. A refusal fails the Task, saying why in
         terms that name nothing the requester may not see."""
         try:
-            study_id = task["focus"]["reference"].split("/", 1)[1]
+            study_id = _focus_id(task)
             await check_analysis_rights(self._studies, study_id)
             patients = requester.confinement(Interaction.READ, "ImagingStudy")
             if patients is not None:
@@ -455,3 +457,11 @@ def _task_error(task: dict[str, Any]) -> FhirError:
     status = _STATUS_BY_DETAIL.get(detail or "", 500)
     code = {422: "processing", 503: "transient", 504: "timeout", 400: "code-invalid"}.get(status, "exception")
     return FhirError(status, [Issue(code, text, detail_code=detail)])
+
+
+def _focus_id(task: dict[str, Any]) -> str:
+    """The id of the ImagingStudy an analysis Task is about (its focus, checked on creation)."""
+    target = local_target(str(task["focus"]["reference"]))
+    if target is None:
+        raise internal_error(f"Analysis Task {task.get('id')} has no resolvable focus")
+    return target[1]

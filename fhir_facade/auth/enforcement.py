@@ -55,6 +55,7 @@ from fhir_facade.fhir.pipeline import (
     Vread,
 )
 from fhir_facade.fhir.provider import ResourceProvider, WriteResult
+from fhir_facade.fhir.references import local_target
 from fhir_facade.fhir.search import SearchRequest, parse_search
 
 __all__ = ["AuthorizationStage", "TypeAuthorizer"]
@@ -146,10 +147,13 @@ class TypeAuthorizer:
         """(type, id) of the targets that hold patient data (and whose type this server serves)."""
         found = []
         for reference in references_at(resource, ("target",)):
-            kind, _, target_id = reference.removeprefix(self._base_url + "/").partition("/")
+            target = local_target(reference, self._base_url)
+            if target is None:
+                continue
+            kind, target_id = target
             rule = compartment_rule(kind)
             if rule is not None and not rule.via_targets and kind in self._peers:
-                found.append((kind, target_id.split("/_history/")[0]))
+                found.append((kind, target_id))
         return found
 
     async def _targets_of(self, resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from fhir_facade.fhir.errors import FhirError, bad_request
 from fhir_facade.fhir.provider import ResourceProvider
+from fhir_facade.fhir.references import local_target
 from fhir_facade.fhir.search import IncludeSpec, SearchRequest, parse_search
 from fhir_facade.fhir.settings import RestSettings
 
@@ -70,8 +71,11 @@ async def resolve_includes(
         element = _include_element(providers, spec, "_include")
         for match in matches:
             for reference in _references(match, element):
-                target_type, _, target_id = reference.partition("/")
-                if target_type in providers and target_id and spec.target_type in (None, target_type):
+                target = local_target(reference, settings.base_url)
+                if target is None:
+                    continue
+                target_type, target_id = target
+                if target_type in providers and spec.target_type in (None, target_type):
                     wanted[(target_type, target_id)] = None
     reads = [_read_quietly(providers[t], i) for t, i in wanted]
     included = [r for r in await asyncio.gather(*reads) if r is not None]

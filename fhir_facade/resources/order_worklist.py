@@ -22,6 +22,7 @@ from fhir_facade.auth.access import on_server_authority
 from fhir_facade.fhir.errors import Issue
 from fhir_facade.fhir.pipeline import ChangeKind, EventBus, Origin, ResourceChanged, origin_scope
 from fhir_facade.fhir.provider import ResourceProvider
+from fhir_facade.fhir.references import local_target
 from fhir_facade.fhir.search import parse_search
 from fhir_facade.fhir.write_warnings import warn
 from fhir_facade.worklist import (
@@ -75,8 +76,9 @@ class OrderWorklist:
 
     async def _patient(self, order: dict[str, Any]) -> dict[str, Any] | None:
         reference = (order.get("subject") or {}).get("reference", "")
-        if isinstance(reference, str) and reference.startswith("Patient/"):
-            return await self._patients(reference.removeprefix("Patient/"))
+        target = local_target(reference) if isinstance(reference, str) else None
+        if target is not None and target[0] == "Patient":
+            return await self._patients(target[1])
         return None
 
     def _modality_missing(self, order: dict[str, Any]) -> ModalityNotDerived | None:
