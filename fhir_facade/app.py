@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,13 +33,12 @@ from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.dicomweb.outcomes import PACS_ERROR_TRANSLATORS
 from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy_router
-from fhir_facade.fhir.errors import FhirError
+from fhir_facade.fhir.internal_search import SearchBuilder, read_or_none
 from fhir_facade.fhir.openapi import install_openapi
 from fhir_facade.fhir.pipeline import EventBus, Origin, Pipeline, PipelinedProvider, Stage, origin_scope
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
-from fhir_facade.fhir.search import parse_search
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
 from fhir_facade.metrics import metrics_router
 from fhir_facade.resources.artifacts import artifact_providers
@@ -102,37 +102,14 @@ def mapping_context(settings: Settings) -> MappingContext:
     )
 
 
-def _quiet_reader(provider: ResourceProvider) -> Callable[[str], Awaitable[dict[str, Any] | None]]:
-    """provider.read, with None for a resource that does not exist."""
-
-    async def read(resource_id: str) -> dict[str, Any] | None:
-        try:
-            return await provider.read(resource_id)
-        except FhirError as error:
-            if error.status in (404, 410):
-                return None
-            raise
-
-    return read
-
-
 def _orders_by_accession(orders: ResourceProvider, settings: Settings) -> OrdersByAccession:
     """One ServiceRequest search (identifier=a,b,c) for the accession numbers of a page."""
 
     async def lookup(accessions: list[str]) -> dict[str, list[str]]:
         wanted = set(accessions)
-        value = ",".join(a.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|") for a in accessions)
-        request = parse_search(
-            "ServiceRequest",
-            [("identifier", value)],
-            orders.search_param_map,
-            base_url=settings.base_url,
-            strict=True,
-            default_count=200,
-            max_count=200,
-        )
+        search = SearchBuilder(orders, base_url=settings.base_url).where_any("identifier", accessions)
         found: dict[str, list[str]] = {}
-        for order in (await orders.search(request)).matches:
+        for order in await search.count(200).matches():
             for identifier in order.get("identifier", []):
                 if identifier.get("value") in wanted:
                     found.setdefault(identifier["value"], []).append(order["id"])
@@ -238,7 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     stored = stored_providers(
         store,
         worklist,
-        _quiet_reader(patients),
+        functools.partial(read_or_none, patients),
         settings.worklist_station_ae_title,
         catalogue=catalogue,
         stations=settings.worklist_stations,
@@ -270,7 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if worklist is not None:
         OrderWorklist(
             worklist,
-            _quiet_reader(patients),
+            functools.partial(read_or_none, patients),
             next(p for p in visible if p.resource_type == "Task"),
             station=settings.worklist_station_ae_title,
             stations=settings.worklist_stations,

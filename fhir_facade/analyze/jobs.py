@@ -39,10 +39,10 @@ from fhir_facade.auth.operations import check_analysis_rights
 from fhir_facade.auth.scopes import Interaction
 from fhir_facade.correlation import correlation_scope
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM, FhirError, Issue, conflict, internal_error, not_found
+from fhir_facade.fhir.internal_search import SearchBuilder
 from fhir_facade.fhir.pipeline import Origin, PipelinedProvider, enter_origin
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.references import local_target
-from fhir_facade.fhir.search import parse_search
 from fhir_facade.resources.stored import StoredResourceProvider
 
 __all__ = ["IDEMPOTENCY_KEY_SYSTEM", "AnalysisJob", "AnalysisJobs", "JobState"]
@@ -186,18 +186,15 @@ class AnalysisJobs:
         """The newest Task carrying this key, created by this caller, that is not failed or cancelled.
         Keys are the caller's own (the IETF Idempotency-Key draft scopes them to the client): another
         client's or user's Task with the same key is neither found nor named."""
-        request = parse_search(
-            "Task",
-            [("identifier", f"{IDEMPOTENCY_KEY_SYSTEM}|{key}"), ("_sort", "-_lastUpdated")],
-            self._tasks.search_param_map,
-            base_url=self._base_url,
-            strict=True,
-            default_count=20,
-            max_count=20,
-            sortable=self._tasks.sortable,
+        candidates = (
+            await SearchBuilder(self._tasks, base_url=self._base_url)
+            .where_token("identifier", IDEMPOTENCY_KEY_SYSTEM, key)
+            .sort("-_lastUpdated")
+            .count(20)
+            .matches()
         )
         caller = current_access.get() or Access.unrestricted()
-        for task in (await self._tasks.search(request)).matches:
+        for task in candidates:
             if task.get("status") in ("failed", "cancelled", "entered-in-error"):
                 continue
             if self._same_caller(await self._author(task["id"], "1"), caller):
@@ -362,21 +359,15 @@ class AnalysisJobs:
         free = self._workers - len(self._running)
         if free <= 0:
             return
-        request = parse_search(
-            "Task",
-            [
-                ("status", "requested"),
-                ("code", f"{TASK_CODE_SYSTEM}|analyze"),
-                ("_sort", "-priority,authored-on"),
-            ],
-            self._tasks.search_param_map,
-            base_url=self._base_url,
-            strict=True,
-            default_count=free,
-            max_count=free,
-            sortable=self._tasks.sortable,
+        requested = (
+            await SearchBuilder(self._tasks, base_url=self._base_url)
+            .where("status", "requested")
+            .where_token("code", TASK_CODE_SYSTEM, ANALYZE_CODE["code"])
+            .sort("-priority", "authored-on")
+            .count(free)
+            .matches()
         )
-        for task in (await self._tasks.search(request)).matches:
+        for task in requested:
             with correlation_scope():  # one id per worklist job, for its PACS and model requests
                 requester = await self._requester(task)
                 claimed = await self._claim(task)

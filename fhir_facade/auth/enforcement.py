@@ -41,6 +41,7 @@ from fhir_facade.auth.errors import forbidden
 from fhir_facade.auth.scopes import Interaction, Query
 from fhir_facade.fhir.bundles import SearchResult
 from fhir_facade.fhir.errors import FhirError, not_found, unprocessable
+from fhir_facade.fhir.internal_search import SearchBuilder
 from fhir_facade.fhir.pipeline import (
     Call,
     Create,
@@ -172,14 +173,11 @@ class TypeAuthorizer:
         async def fetch(kind: str, ids: set[str]) -> list[dict[str, Any]]:
             peer = self._peers[kind]
             try:
-                request = parse_search(
-                    kind,
-                    [("_id", ",".join(sorted(ids)))],
-                    peer.search_param_map,
-                    base_url=self._base_url,
-                    strict=True,
-                    default_count=len(ids),
-                    max_count=len(ids),
+                request = (
+                    SearchBuilder(peer, base_url=self._base_url)
+                    .where_any("_id", sorted(ids))
+                    .count(len(ids))
+                    .request()
                 )
             except FhirError:  # an id no search can name: such resources stay unknown
                 return []

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from fhir_facade.fhir.errors import FhirError, bad_request
+from fhir_facade.fhir.internal_search import SearchBuilder, read_or_none
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.references import local_target
-from fhir_facade.fhir.search import IncludeSpec, SearchRequest, parse_search
+from fhir_facade.fhir.search import IncludeSpec, SearchRequest
 from fhir_facade.fhir.settings import RestSettings
 
 __all__ = ["resolve_includes"]
@@ -38,14 +39,9 @@ def _include_element(providers: Mapping[str, ResourceProvider], spec: IncludeSpe
 
 
 async def _read_quietly(provider: ResourceProvider, resource_id: str) -> dict[str, Any] | None:
-    try:
-        return await provider.read(resource_id)
-    except FhirError as error:
-        # A dangling or deleted reference is not an error of the search, and a resource the caller
-        # may not see (403: no scope for its type; 404: outside its patient compartment) is left out.
-        if error.status in (403, 404, 410):
-            return None
-        raise
+    # A dangling or deleted reference is not an error of the search, and a resource the caller
+    # may not see (403: no scope for its type; 404: outside its patient compartment) is left out.
+    return await read_or_none(provider, resource_id, also_absent=(403,))
 
 
 async def _search_quietly(provider: ResourceProvider, search: SearchRequest) -> list[dict[str, Any]]:
@@ -80,20 +76,17 @@ async def resolve_includes(
     reads = [_read_quietly(providers[t], i) for t, i in wanted]
     included = [r for r in await asyncio.gather(*reads) if r is not None]
 
-    page_refs = ",".join(f"{m['resourceType']}/{m['id']}" for m in matches)
+    page_refs = [f"{m['resourceType']}/{m['id']}" for m in matches]
     for spec in request.revincludes:
         _include_element(providers, spec, "_revinclude")
         if not page_refs:
             break
         source = providers[spec.source_type]
-        search = parse_search(
-            spec.source_type,
-            [(spec.param, page_refs)],
-            source.search_param_map,
-            base_url=settings.base_url,
-            strict=True,
-            default_count=MAX_REVINCLUDED,
-            max_count=MAX_REVINCLUDED,
+        search = (
+            SearchBuilder(source, base_url=settings.base_url)
+            .where_any(spec.param, page_refs)
+            .count(MAX_REVINCLUDED)
+            .request()
         )
         included += await _search_quietly(source, search)
 

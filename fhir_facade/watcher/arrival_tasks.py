@@ -17,8 +17,8 @@ from fhir_facade.analyze.codes import ANALYZE_CODE, TASK_CODE_SYSTEM
 from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.dicom_to_fhir import patient_resource_id
 from fhir_facade.dicom_to_fhir.uids import uid_identifier
+from fhir_facade.fhir.internal_search import SearchBuilder
 from fhir_facade.fhir.provider import ResourceProvider
-from fhir_facade.fhir.search import parse_search
 from fhir_facade.watcher.change_feed import StudyArrived, TaskRule
 
 __all__ = ["ANALYZE_CODE", "TASK_CODE_SYSTEM", "ArrivalTaskCreator"]
@@ -37,29 +37,21 @@ class ArrivalTaskCreator:
         self._rule = rule
         self._base_url = base_url
 
-    async def _search(self, provider: ResourceProvider, name: str, value: str) -> list[dict[str, Any]]:
-        request = parse_search(
-            provider.resource_type,
-            [(name, value)],
-            provider.search_param_map,
-            base_url=self._base_url,
-            strict=True,
-            default_count=2,
-            max_count=2,
-        )
-        return (await provider.search(request)).matches
-
     async def __call__(self, study: StudyArrived) -> None:
         if not self._rule.matches(study):
             return
         identifier = uid_identifier(study.study_uid)
-        if await self._search(self._tasks, "identifier", f"{identifier['system']}|{identifier['value']}"):
+        existing = SearchBuilder(self._tasks, base_url=self._base_url).where_token(
+            "identifier", identifier["system"], identifier["value"]
+        )
+        if await existing.count(1).matches():
             return  # already created (a replayed change)
         orders = []
         if study.accession_number:
-            orders = await self._search(
-                self._orders, "identifier", study.accession_number.replace(",", "\\,")
+            search = SearchBuilder(self._orders, base_url=self._base_url).where(
+                "identifier", study.accession_number
             )
+            orders = await search.count(2).matches()
         task: dict[str, Any] = {
             "resourceType": "Task",
             "identifier": [identifier],
