@@ -149,7 +149,7 @@ def test_find_cycle_reports_the_path() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_relative_imports_resolve(tmp_path: Path) -> None:
+def test_nodes_are_first_level_packages() -> None:
     assert _node("fhir_facade.fhir.errors") == "fhir"
     assert _node("fhir_facade.config") == "config"
     assert _node("fastapi") is None
