@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,6 +18,7 @@ from fhir_facade import __version__
 from fhir_facade.analyze.runtime import AnalyzeRuntime
 from fhir_facade.api_docs import install_api_docs
 from fhir_facade.audit import audit_recorder, audit_stage, install_audit
+from fhir_facade.audit.refusals import AuthenticationAudit
 from fhir_facade.auth.access import current_access
 from fhir_facade.auth.dependency import Authenticator, BearerScheme, bearer_validator
 from fhir_facade.auth.discovery import AuthorizationEndpoints, build_discovery_router, capability_security
@@ -29,14 +31,14 @@ from fhir_facade.demo.brain_mri import DEMO_STUDY_UID
 from fhir_facade.dicom_to_fhir import MappingContext
 from fhir_facade.dicomweb import DicomwebClient
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
+from fhir_facade.dicomweb.outcomes import PACS_ERROR_TRANSLATORS
 from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy_router
-from fhir_facade.fhir.errors import FhirError
+from fhir_facade.fhir.internal_search import SearchBuilder, read_or_none
 from fhir_facade.fhir.openapi import install_openapi
 from fhir_facade.fhir.pipeline import EventBus, Origin, Pipeline, PipelinedProvider, Stage, origin_scope
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
-from fhir_facade.fhir.search import parse_search
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
 from fhir_facade.metrics import metrics_router
 from fhir_facade.resources.artifacts import artifact_providers
@@ -100,37 +102,14 @@ def mapping_context(settings: Settings) -> MappingContext:
     )
 
 
-def _quiet_reader(provider: ResourceProvider) -> Callable[[str], Awaitable[dict[str, Any] | None]]:
-    """provider.read, with None for a resource that does not exist."""
-
-    async def read(resource_id: str) -> dict[str, Any] | None:
-        try:
-            return await provider.read(resource_id)
-        except FhirError as error:
-            if error.status in (404, 410):
-                return None
-            raise
-
-    return read
-
-
 def _orders_by_accession(orders: ResourceProvider, settings: Settings) -> OrdersByAccession:
     """One ServiceRequest search (identifier=a,b,c) for the accession numbers of a page."""
 
     async def lookup(accessions: list[str]) -> dict[str, list[str]]:
         wanted = set(accessions)
-        value = ",".join(a.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|") for a in accessions)
-        request = parse_search(
-            "ServiceRequest",
-            [("identifier", value)],
-            orders.search_param_map,
-            base_url=settings.base_url,
-            strict=True,
-            default_count=200,
-            max_count=200,
-        )
+        search = SearchBuilder(orders, base_url=settings.base_url).where_any("identifier", accessions)
         found: dict[str, list[str]] = {}
-        for order in (await orders.search(request)).matches:
+        for order in await search.count(200).matches():
             for identifier in order.get("identifier", []):
                 if identifier.get("value") in wanted:
                     found.setdefault(identifier["value"], []).append(order["id"])
@@ -236,7 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     stored = stored_providers(
         store,
         worklist,
-        _quiet_reader(patients),
+        functools.partial(read_or_none, patients),
         settings.worklist_station_ae_title,
         catalogue=catalogue,
         stations=settings.worklist_stations,
@@ -268,7 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if worklist is not None:
         OrderWorklist(
             worklist,
-            _quiet_reader(patients),
+            functools.partial(read_or_none, patients),
             next(p for p in visible if p.resource_type == "Task"),
             station=settings.worklist_station_ae_title,
             stations=settings.worklist_stations,
@@ -341,7 +320,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.pipeline = pipeline
     app.state.analyze = analyze
     app.state.sync = sync
-    install_error_handlers(app)
+    install_error_handlers(app, PACS_ERROR_TRANSLATORS)
     # Inside the audit (refusals are audited like any 4xx), outside everything that reads a body.
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
@@ -391,7 +370,13 @@ def _install_security(
     if settings.builtin_issuer:
         from fhir_facade.auth.server import BuiltinAuthorizationServer
 
-        server = BuiltinAuthorizationServer(settings, audit=getattr(app.state, "audit", None))
+        recorder = getattr(app.state, "audit", None)
+        refusals = (
+            AuthenticationAudit(recorder, site=settings.public_root, issuer=settings.token_issuer)
+            if recorder is not None
+            else None
+        )
+        server = BuiltinAuthorizationServer(settings, audit=refusals)
         app.include_router(server.router)
         keys = StaticKeys(server.public_key_set())
         compartments = server.registry.user_compartments

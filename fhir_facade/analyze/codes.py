@@ -14,6 +14,7 @@ from fhir_facade.analyze.result import CodedConcept
 from fhir_facade.package_data import data_path
 
 __all__ = [
+    "ANALYZE_CODE",
     "DCM",
     "FINDING",
     "IMAGING_CATEGORY",
@@ -21,6 +22,7 @@ __all__ = [
     "LOINC",
     "RADIOLOGY_SECTION",
     "SNOMED",
+    "TASK_CODE_SYSTEM",
     "UnmappedLabel",
     "label_concepts",
 ]
@@ -40,6 +42,10 @@ RADIOLOGY_SECTION = {
     "code": "RAD",
     "display": "Radiology",
 }
+#: The facade's own Task codes (capability/CodeSystem-task-code.json); `analyze` asks for an
+#: analysis (the watcher creates such Tasks on arrival, the analysis worklist runs them).
+TASK_CODE_SYSTEM = "http://fhir-facade.org/fhir/CodeSystem/task-code"
+ANALYZE_CODE = {"system": TASK_CODE_SYSTEM, "code": "analyze", "display": "Analyze imaging study"}
 #: FHIR observation-category "imaging": Observation.category.
 IMAGING_CATEGORY = {
     "system": "http://terminology.hl7.org/CodeSystem/observation-category",

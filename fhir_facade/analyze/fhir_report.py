@@ -25,6 +25,7 @@ from fhir_facade.analyze.report_narrative import (
     report_narrative,
 )
 from fhir_facade.analyze.result import AnalysisResult, CodedConcept, ScoredInstance
+from fhir_facade.dicom_to_fhir.uids import uid_identifier
 from fhir_facade.fhir.narrative import with_narrative
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
 SOURCE_IMAGE_EXTENSION = "http://fhir-facade.org/fhir/StructureDefinition/source-image"
 #: Identifier.system of a model's ONNX file digest (Device.identifier).
 MODEL_SHA256_SYSTEM = "http://fhir-facade.org/fhir/sid/onnx-sha256"
-_UID_SYSTEM = "urn:dicom:uid"
 _UCUM = "http://unitsofmeasure.org"
 
 
@@ -129,7 +129,7 @@ def _source_images(instances: tuple[ScoredInstance, ...]) -> list[dict[str, Any]
     return [
         {
             "url": SOURCE_IMAGE_EXTENSION,
-            "valueIdentifier": {"system": _UID_SYSTEM, "value": f"urn:oid:{instance.sop_instance_uid}"},
+            "valueIdentifier": uid_identifier(instance.sop_instance_uid),
         }
         for instance in instances
     ]
@@ -195,7 +195,7 @@ def _report(result: AnalysisResult, context: AnalysisContext, observation_refs: 
     }
     report.update(_about(context))
     if context.sr is not None:
-        report["identifier"] = [{"system": _UID_SYSTEM, "value": f"urn:oid:{context.sr.sop_instance_uid}"}]
+        report["identifier"] = [uid_identifier(context.sr.sop_instance_uid)]
         report["presentedForm"] = [
             {
                 "contentType": "application/dicom",

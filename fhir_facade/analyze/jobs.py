@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from fhir_facade.analyze.codes import ANALYZE_CODE, TASK_CODE_SYSTEM
 from fhir_facade.analyze.service import AnalysisOutcome, Analyzer
 from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.auth.access import Access, acting_as, current_access
@@ -38,11 +39,11 @@ from fhir_facade.auth.operations import check_analysis_rights
 from fhir_facade.auth.scopes import Interaction
 from fhir_facade.correlation import correlation_scope
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM, FhirError, Issue, conflict, internal_error, not_found
+from fhir_facade.fhir.internal_search import SearchBuilder
 from fhir_facade.fhir.pipeline import Origin, PipelinedProvider, enter_origin
 from fhir_facade.fhir.provider import ResourceProvider
-from fhir_facade.fhir.search import parse_search
+from fhir_facade.fhir.references import local_target
 from fhir_facade.resources.stored import StoredResourceProvider
-from fhir_facade.watcher.arrival_tasks import ANALYZE_CODE, TASK_CODE_SYSTEM
 
 __all__ = ["IDEMPOTENCY_KEY_SYSTEM", "AnalysisJob", "AnalysisJobs", "JobState"]
 
@@ -185,18 +186,15 @@ class AnalysisJobs:
         """The newest Task carrying this key, created by this caller, that is not failed or cancelled.
         Keys are the caller's own (the IETF Idempotency-Key draft scopes them to the client): another
         client's or user's Task with the same key is neither found nor named."""
-        request = parse_search(
-            "Task",
-            [("identifier", f"{IDEMPOTENCY_KEY_SYSTEM}|{key}"), ("_sort", "-_lastUpdated")],
-            self._tasks.search_param_map,
-            base_url=self._base_url,
-            strict=True,
-            default_count=20,
-            max_count=20,
-            sortable=self._tasks.sortable,
+        candidates = (
+            await SearchBuilder(self._tasks, base_url=self._base_url)
+            .where_token("identifier", IDEMPOTENCY_KEY_SYSTEM, key)
+            .sort("-_lastUpdated")
+            .count(20)
+            .matches()
         )
         caller = current_access.get() or Access.unrestricted()
-        for task in (await self._tasks.search(request)).matches:
+        for task in candidates:
             if task.get("status") in ("failed", "cancelled", "entered-in-error"):
                 continue
             if self._same_caller(await self._author(task["id"], "1"), caller):
@@ -245,7 +243,7 @@ class AnalysisJobs:
         series_uid: str | None,
         study: dict[str, Any] | None = None,
     ) -> AnalysisJob:
-        study_id = task["focus"]["reference"].split("/", 1)[1]
+        study_id = _focus_id(task)
         job = AnalysisJob(task["id"], study_id, model_id, series_uid, study)
         job.runner = asyncio.create_task(self._run(job, task), name=f"analyze-{task['id']}")
         self._running[job.task_id] = job
@@ -327,8 +325,9 @@ class AnalysisJobs:
     async def _report_of(self, task: dict[str, Any], reports: ResourceProvider) -> dict[str, Any]:
         for output in task.get("output", []):
             reference = output.get("valueReference", {}).get("reference", "")
-            if reference.startswith("DiagnosticReport/"):
-                return await reports.read(reference.split("/", 1)[1])
+            target = local_target(reference) if isinstance(reference, str) else None
+            if target is not None and target[0] == "DiagnosticReport":
+                return await reports.read(target[1])
         raise internal_error(f"Completed analysis Task {task['id']} has no DiagnosticReport output")
 
     async def cancel(self, task_id: str) -> None:
@@ -360,21 +359,15 @@ class AnalysisJobs:
         free = self._workers - len(self._running)
         if free <= 0:
             return
-        request = parse_search(
-            "Task",
-            [
-                ("status", "requested"),
-                ("code", f"{TASK_CODE_SYSTEM}|analyze"),
-                ("_sort", "-priority,authored-on"),
-            ],
-            self._tasks.search_param_map,
-            base_url=self._base_url,
-            strict=True,
-            default_count=free,
-            max_count=free,
-            sortable=self._tasks.sortable,
+        requested = (
+            await SearchBuilder(self._tasks, base_url=self._base_url)
+            .where("status", "requested")
+            .where_token("code", TASK_CODE_SYSTEM, ANALYZE_CODE["code"])
+            .sort("-priority", "authored-on")
+            .count(free)
+            .matches()
         )
-        for task in (await self._tasks.search(request)).matches:
+        for task in requested:
             with correlation_scope():  # one id per worklist job, for its PACS and model requests
                 requester = await self._requester(task)
                 claimed = await self._claim(task)
@@ -397,7 +390,7 @@ class AnalysisJobs:
         (basedOn orders...) must be visible to the requester. A refusal fails the Task, saying why in
         terms that name nothing the requester may not see."""
         try:
-            study_id = task["focus"]["reference"].split("/", 1)[1]
+            study_id = _focus_id(task)
             await check_analysis_rights(self._studies, study_id)
             patients = requester.confinement(Interaction.READ, "ImagingStudy")
             if patients is not None:
@@ -455,3 +448,11 @@ def _task_error(task: dict[str, Any]) -> FhirError:
     status = _STATUS_BY_DETAIL.get(detail or "", 500)
     code = {422: "processing", 503: "transient", 504: "timeout", 400: "code-invalid"}.get(status, "exception")
     return FhirError(status, [Issue(code, text, detail_code=detail)])
+
+
+def _focus_id(task: dict[str, Any]) -> str:
+    """The id of the ImagingStudy an analysis Task is about (its focus, checked on creation)."""
+    target = local_target(str(task["focus"]["reference"]))
+    if target is None:
+        raise internal_error(f"Analysis Task {task.get('id')} has no resolvable focus")
+    return target[1]

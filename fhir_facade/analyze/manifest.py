@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fhir_facade.fhir.ids import FHIR_ID_PATTERN
 from fhir_facade.package_data import data_path
 
 __all__ = [
@@ -129,7 +130,7 @@ class ModelManifest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str = Field(pattern=r"^[A-Za-z0-9\-.]{1,64}$")
+    id: str = Field(pattern=rf"^{FHIR_ID_PATTERN}$")
     title: str
     version: str
     publisher: str

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["AnalysisResult", "CodedConcept", "ScoredInstance", "StudyDecision"]
+from fhir_facade.dicom_to_fhir.coding_schemes import coding_scheme_designator
+
+__all__ = ["PRIVATE_CODING_SCHEME", "AnalysisResult", "CodedConcept", "ScoredInstance", "StudyDecision"]
+
+#: A local designator for codes of systems DICOM registers none for (PS3.16 8.2: "99" prefix).
+PRIVATE_CODING_SCHEME = "99FHIRFACADE"
 
 
 @dataclass(frozen=True)
@@ -19,12 +24,9 @@ class CodedConcept:
 
     @property
     def dicom_scheme(self) -> str:
-        """The DICOM Coding Scheme Designator for `system` (PS3.16 Section 8)."""
-        return {
-            "http://snomed.info/sct": "SCT",
-            "http://loinc.org": "LN",
-            "http://dicom.nema.org/resources/ontology/DCM": "DCM",
-        }.get(self.system, "99FHIRFACADE")
+        """The DICOM Coding Scheme Designator for `system` (PS3.16 Section 8); a system with no
+        registered designator gets our private one ("99" prefix, PS3.16 8.2)."""
+        return coding_scheme_designator(self.system) or PRIVATE_CODING_SCHEME
 
 
 @dataclass(frozen=True)

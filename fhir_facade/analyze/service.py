@@ -33,6 +33,7 @@ from pydicom.uid import generate_uid
 from fhir_facade.analyze.codes import label_concepts
 from fhir_facade.analyze.decision import decide
 from fhir_facade.analyze.dicom_sr import build_analysis_sr, evidence_header, sr_retrieve_url
+from fhir_facade.analyze.errors import ai_inference_timeout, fhir_mapping_error
 from fhir_facade.analyze.fhir_report import (
     AnalysisContext,
     AnalysisResources,
@@ -52,16 +53,15 @@ from fhir_facade.analyze.result import AnalysisResult, ScoredInstance
 from fhir_facade.analyze.sr_series_number import study_next_series_number
 from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.auth.access import on_server_authority
+from fhir_facade.dicom_to_fhir.uids import uid_from_identifier
 from fhir_facade.dicomweb.client import DicomwebClient, DicomwebError, DicomwebUnavailable
+from fhir_facade.dicomweb.outcomes import dicom_service_unavailable
 from fhir_facade.dicomweb.stow import StowClient
 from fhir_facade.dicomweb.wado import WadoClient
 from fhir_facade.fhir.errors import (
     FhirError,
     Issue,
-    ai_inference_timeout,
     bad_request,
-    dicom_service_unavailable,
-    fhir_mapping_error,
     unprocessable,
 )
 from fhir_facade.fhir.pipeline import Origin, origin_scope
@@ -443,9 +443,9 @@ def _issue(code: str, diagnostics: str, detail_code: str) -> Issue:
 
 def _study_uid(study: dict[str, Any]) -> str:
     for identifier in study.get("identifier", []):
-        value = identifier.get("value", "")
-        if identifier.get("system") == "urn:dicom:uid" and value.startswith("urn:oid:"):
-            return str(value[len("urn:oid:") :])
+        uid = uid_from_identifier(identifier)
+        if uid is not None:
+            return uid
     raise bad_request(f"ImagingStudy/{study.get('id')} has no DICOM Study Instance UID")
 
 

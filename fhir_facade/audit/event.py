@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from fhir_facade.audit.interaction import DCM, Interaction
 from fhir_facade.auth.access import Access
+from fhir_facade.dicom_to_fhir.uids import uid_identifier
 from fhir_facade.fhir.narrative import (
     Facts,
     Items,
@@ -41,6 +42,7 @@ from fhir_facade.fhir.narrative import (
     reference_text,
     with_narrative,
 )
+from fhir_facade.fhir.references import parse_reference
 
 __all__ = [
     "CLIENT_ID_SYSTEM",
@@ -87,8 +89,6 @@ _SOURCE_TYPE: Final = {
 }
 #: AuditEvent.agent.network.type "2": IP address.
 _IP_ADDRESS: Final = "2"
-#: A relative literal reference, optionally after an absolute base: what fhirUser holds.
-_REFERENCE = re.compile(r"^(?:https?://\S+/)?([A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64})$")
 _NO_WHITESPACE = re.compile(r"^\S+$")
 
 
@@ -161,16 +161,17 @@ def _user(access: Access, subject_system: str | None, base_url: str) -> dict[str
     """The user agent: fhirUser as a reference (relative when it is on this server), else the
     token's sub; none when the token names no one but the client (backend services)."""
     who: dict[str, Any]
-    fhir_user = access.fhir_user.removeprefix(base_url.rstrip("/") + "/") if access.fhir_user else None
-    if fhir_user and _REFERENCE.match(fhir_user):
-        who = {"reference": fhir_user}
+    user_reference = parse_reference(access.fhir_user, base_url) if access.fhir_user else None
+    if user_reference is not None and user_reference.relative and user_reference.version is None:
+        # Relative when it is on this server, as written when it is on another.
+        who = {"reference": user_reference.relative if user_reference.is_local else user_reference.raw}
     elif access.subject and access.subject != access.client_id:
         identifier = {"value": access.subject}
         if subject_system:
             identifier = {"system": subject_system, **identifier}
         who = {"identifier": identifier}
-    elif fhir_user:
-        who = {"display": fhir_user}
+    elif access.fhir_user:
+        who = {"display": access.fhir_user.removeprefix(base_url.rstrip("/") + "/")}
     else:
         return None
     agent: dict[str, Any] = {"type": _coding(_USER_TYPE), "who": who, "requestor": False}
@@ -187,7 +188,7 @@ def _entities(
     entities: list[dict[str, Any]] = []
     named: set[str] = set()
     for reference in (*interaction.targets, *((created,) if created else ())):
-        plain = reference.split("/_history/", 1)[0]
+        plain = parse_reference(reference).relative or reference
         if plain in named:
             continue
         named.add(plain)
@@ -222,8 +223,7 @@ def _entities(
                 "what": {
                     "identifier": {
                         "type": _coding(_STUDY_UID_TYPE),
-                        "system": "urn:dicom:uid",
-                        "value": f"urn:oid:{uid}",
+                        **uid_identifier(uid),
                     }
                 },
                 "type": _SYSTEM_OBJECT,

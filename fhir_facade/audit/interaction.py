@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
+from fhir_facade.fhir.ids import RESOURCE_TYPE_PATTERN, is_fhir_id
+
 __all__ = [
     "DCM",
     "DICOMWEB_PREFIX",
@@ -36,8 +38,7 @@ _DICOM_QUERY: Final = {"system": DCM, "code": "110112", "display": "Query"}
 _DICOM_EXPORT: Final = {"system": DCM, "code": "110106", "display": "Export"}
 _DICOM_IMPORT: Final = {"system": DCM, "code": "110107", "display": "Import"}
 
-_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_TYPE = re.compile(rf"^{RESOURCE_TYPE_PATTERN}$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: Operations whose URL names a resource after the operation: `$analyze-jobs/{task id}`.
 _OPERATION_TARGETS: Final = {"analyze-jobs": "Task"}
@@ -137,12 +138,12 @@ def _patients(resource_type: str | None, params: list[tuple[str, str]]) -> tuple
                 value = value.removeprefix("Patient/")
             elif base_name != "patient" and name != f"{base_name}:Patient":
                 continue  # subject=123 may be any type
-            if _ID.match(value):
+            if is_fhir_id(value):
                 found[value] = None
     if resource_type == "Patient":
         for name, raw in params:
             if name == "_id":
-                found.update((v, None) for v in raw.split(",") if _ID.match(v))
+                found.update((v, None) for v in raw.split(",") if is_fhir_id(v))
     return tuple(found)
 
 
@@ -162,7 +163,7 @@ def _fhir(method: str, path: str, segments: list[str], query: str, body: bytes |
     if first.startswith("$"):  # system-level operation, e.g. $sync-status, $analyze-jobs/{id}
         name = first[1:]
         target_type = _OPERATION_TARGETS.get(name)
-        named = len(segments) == 2 and _ID.match(segments[1]) is not None
+        named = len(segments) == 2 and is_fhir_id(segments[1])
         return Interaction(
             method,
             path,
@@ -204,7 +205,7 @@ def _fhir(method: str, path: str, segments: list[str], query: str, body: bytes |
             operation=resource_id[1:],
             query=query_text,
         )
-    valid = resource_type is not None and _ID.match(resource_id) is not None
+    valid = resource_type is not None and is_fhir_id(resource_id)
     target = f"{resource_type}/{resource_id}" if valid else None
     patients = (resource_id,) if valid and resource_type == "Patient" else ()
     operation: str | None = None
@@ -218,7 +219,7 @@ def _fhir(method: str, path: str, segments: list[str], query: str, body: bytes |
         subtype, action, operation = "operation", "E", segments[2][1:]
     elif len(segments) == 4 and segments[2] == "_history":
         subtype, action = "vread", "R"
-        target = f"{target}/_history/{segments[3]}" if target and _ID.match(segments[3]) else None
+        target = f"{target}/_history/{segments[3]}" if target and is_fhir_id(segments[3]) else None
     else:
         subtype, action = None, _METHOD_ACTION.get(method, "E")
     return Interaction(

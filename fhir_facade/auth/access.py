@@ -21,8 +21,8 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
+from fhir_facade.auth.errors import forbidden, unauthorized
 from fhir_facade.auth.scopes import Interaction, Scopes, parse_scopes
-from fhir_facade.fhir.errors import forbidden, unauthorized
 from fhir_facade.store.authorship import WRITE_AUTHOR
 
 __all__ = [

@@ -17,6 +17,7 @@ from fastapi.security.base import SecurityBase
 from starlette.concurrency import run_in_threadpool
 
 from fhir_facade.auth.access import Access, enter_access
+from fhir_facade.auth.errors import unauthorized
 from fhir_facade.auth.scopes import InvalidScope, parse_scopes
 from fhir_facade.auth.tokens import (
     BearerValidator,
@@ -27,7 +28,6 @@ from fhir_facade.auth.tokens import (
     TokenValidator,
 )
 from fhir_facade.config import Settings
-from fhir_facade.fhir.errors import unauthorized
 
 __all__ = ["Authenticator", "BearerScheme", "UserCompartments", "bearer_validator"]
 

@@ -37,9 +37,11 @@ from fhir_facade.auth.compartment import (
     patient_references,
     references_at,
 )
+from fhir_facade.auth.errors import forbidden
 from fhir_facade.auth.scopes import Interaction, Query
 from fhir_facade.fhir.bundles import SearchResult
-from fhir_facade.fhir.errors import FhirError, forbidden, not_found, unprocessable
+from fhir_facade.fhir.errors import FhirError, not_found, unprocessable
+from fhir_facade.fhir.internal_search import SearchBuilder
 from fhir_facade.fhir.pipeline import (
     Call,
     Create,
@@ -54,6 +56,7 @@ from fhir_facade.fhir.pipeline import (
     Vread,
 )
 from fhir_facade.fhir.provider import ResourceProvider, WriteResult
+from fhir_facade.fhir.references import local_target
 from fhir_facade.fhir.search import SearchRequest, parse_search
 
 __all__ = ["AuthorizationStage", "TypeAuthorizer"]
@@ -145,10 +148,13 @@ class TypeAuthorizer:
         """(type, id) of the targets that hold patient data (and whose type this server serves)."""
         found = []
         for reference in references_at(resource, ("target",)):
-            kind, _, target_id = reference.removeprefix(self._base_url + "/").partition("/")
+            target = local_target(reference, self._base_url)
+            if target is None:
+                continue
+            kind, target_id = target
             rule = compartment_rule(kind)
             if rule is not None and not rule.via_targets and kind in self._peers:
-                found.append((kind, target_id.split("/_history/")[0]))
+                found.append((kind, target_id))
         return found
 
     async def _targets_of(self, resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -167,14 +173,11 @@ class TypeAuthorizer:
         async def fetch(kind: str, ids: set[str]) -> list[dict[str, Any]]:
             peer = self._peers[kind]
             try:
-                request = parse_search(
-                    kind,
-                    [("_id", ",".join(sorted(ids)))],
-                    peer.search_param_map,
-                    base_url=self._base_url,
-                    strict=True,
-                    default_count=len(ids),
-                    max_count=len(ids),
+                request = (
+                    SearchBuilder(peer, base_url=self._base_url)
+                    .where_any("_id", sorted(ids))
+                    .count(len(ids))
+                    .request()
                 )
             except FhirError:  # an id no search can name: such resources stay unknown
                 return []

@@ -12,8 +12,9 @@ from fastapi import Request
 
 from fhir_facade.auth.access import authenticated_caller
 from fhir_facade.auth.compartment import compartment_rule, patient_references
+from fhir_facade.auth.errors import forbidden
 from fhir_facade.auth.scopes import Interaction, requirements_for_analyze
-from fhir_facade.fhir.errors import FhirError, forbidden, not_found
+from fhir_facade.fhir.errors import FhirError, not_found
 from fhir_facade.fhir.provider import ResourceProvider
 
 __all__ = ["analyze_guard", "check_analysis_rights", "server_admin_guard"]

@@ -30,6 +30,8 @@ from fhir_facade.dicom_to_fhir.patient import (
     patient_resource_id,
 )
 from fhir_facade.dicom_to_fhir.terminology import body_site_coding, laterality_coding
+from fhir_facade.dicom_to_fhir.uids import uid_identifier
+from fhir_facade.fhir.ids import is_fhir_id
 from fhir_facade.fhir.narrative import (
     Facts,
     Paragraph,
@@ -45,7 +47,6 @@ __all__ = ["imaging_study_from_dicom", "imaging_study_narrative"]
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 """Code system of DICOM modality codes (PS3.16 CID 29/33), R4 ImagingStudy.modality binding."""
 
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 # DICOM attributes (PS3.6 data dictionary), named for readability.
@@ -132,7 +133,7 @@ def _subject(study: DicomJson, ctx: MappingContext) -> dict[str, Any]:
 def _instance(ds: DicomJson) -> dict[str, Any] | None:
     uid = string(ds, SOP_INSTANCE_UID)
     sop_class = string(ds, SOP_CLASS_UID)
-    if uid is None or sop_class is None or not _FHIR_ID.fullmatch(uid):
+    if uid is None or sop_class is None or not is_fhir_id(uid):
         return None  # uid and sopClass are 1..1 in R4
     instance: dict[str, Any] = {
         "uid": uid,
@@ -218,11 +219,11 @@ def imaging_study_from_dicom(
     are computed from the series. Raises ValueError when the StudyInstanceUID is missing or invalid.
     """
     study_uid = string(study, STUDY_INSTANCE_UID)
-    if study_uid is None or not _FHIR_ID.fullmatch(study_uid):
+    if study_uid is None or not is_fhir_id(study_uid):
         raise ValueError(f"study: StudyInstanceUID (0020,000D) {study_uid!r} is not a valid FHIR id")
     study_tz = string(study, TIMEZONE_OFFSET_FROM_UTC)
     resource: dict[str, Any] = {"resourceType": "ImagingStudy", "id": study_uid}
-    identifiers: list[dict[str, Any]] = [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}]
+    identifiers: list[dict[str, Any]] = [uid_identifier(study_uid)]
     accession = _accession_identifier(study)
     if accession:
         identifiers.append(accession)
@@ -233,10 +234,10 @@ def imaging_study_from_dicom(
     series_by_uid: dict[str, DicomJson] = {}
     for ds in series:
         uid = string(ds, SERIES_INSTANCE_UID)
-        if uid is not None and _FHIR_ID.fullmatch(uid) and uid not in series_by_uid:
+        if uid is not None and is_fhir_id(uid) and uid not in series_by_uid:
             series_by_uid[uid] = ds
     for uid, members in grouped.items():
-        if uid not in series_by_uid and _FHIR_ID.fullmatch(uid):
+        if uid not in series_by_uid and is_fhir_id(uid):
             # Known only from its instances: the instance dataset stands in for the series one.
             series_by_uid[uid] = members[0]
     mapped_series = [

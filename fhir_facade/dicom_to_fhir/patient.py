@@ -15,6 +15,7 @@ from typing import Any
 from fhir_facade.dicom_to_fhir.attributes import DicomJson, date, person_name, string
 from fhir_facade.dicom_to_fhir.context import MappingContext
 from fhir_facade.dicom_to_fhir.names import human_names, name_text
+from fhir_facade.fhir.ids import is_fhir_id
 from fhir_facade.fhir.narrative import Facts, Paragraph, joined, narrative, with_narrative
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
 ENCODED_ID_PREFIX = "x."
 """Prefix of encoded ids; a PatientID starting with it is always encoded, so ids never collide."""
 
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR datatypes.html#id
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 _V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 _GENDER = {"M": "male", "F": "female", "O": "other"}
@@ -49,7 +49,7 @@ def patient_resource_id(patient_id: str, issuer: str | None) -> str | None:
     otherwise "x." + unpadded lowercase base32 of UTF-8 "issuer\\patientid" (a backslash cannot
     occur inside a DICOM LO value, PS3.5 6.2). None when that exceeds the 64 characters of an id.
     """
-    if not issuer and _FHIR_ID.fullmatch(patient_id) and not patient_id.startswith(ENCODED_ID_PREFIX):
+    if not issuer and is_fhir_id(patient_id) and not patient_id.startswith(ENCODED_ID_PREFIX):
         return patient_id
     raw = f"{issuer or ''}\\{patient_id}".encode()
     encoded = ENCODED_ID_PREFIX + base64.b32encode(raw).decode("ascii").rstrip("=").lower()
@@ -58,7 +58,7 @@ def patient_resource_id(patient_id: str, issuer: str | None) -> str | None:
 
 def parse_patient_resource_id(resource_id: str) -> tuple[str, str | None]:
     """The inverse of patient_resource_id: (PatientID, issuer or None); ValueError if malformed."""
-    if not _FHIR_ID.fullmatch(resource_id):
+    if not is_fhir_id(resource_id):
         raise ValueError(f"resource_id {resource_id!r} is not a FHIR id")
     if not resource_id.startswith(ENCODED_ID_PREFIX):
         return resource_id, None

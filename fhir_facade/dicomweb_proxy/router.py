@@ -40,6 +40,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from fhir_facade.auth.access import Access, access_of, authenticated_caller, current_access
+from fhir_facade.auth.errors import forbidden
 from fhir_facade.auth.scopes import Interaction
 from fhir_facade.config import Settings
 from fhir_facade.dicomweb.client import DicomJson, qido_datasets
@@ -57,7 +58,6 @@ from fhir_facade.dicomweb_proxy.stow import (
 from fhir_facade.fhir.errors import (
     FhirError,
     bad_request,
-    forbidden,
     not_acceptable,
     not_found,
 )

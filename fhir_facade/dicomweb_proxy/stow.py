@@ -26,10 +26,11 @@ from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 from starlette.requests import Request
 
+from fhir_facade.auth.errors import forbidden
 from fhir_facade.dicomweb_proxy.client import DicomwebProxyClient
 from fhir_facade.dicomweb_proxy.confinement import PatientKey, PatientKeys, uids_of_other_patients
 from fhir_facade.dicomweb_proxy.multipart import StowPart, StowReader, parse_stow_content_type
-from fhir_facade.fhir.errors import FhirError, Issue, bad_request, forbidden
+from fhir_facade.fhir.errors import FhirError, Issue, bad_request
 
 __all__ = [
     "DEFAULT_MAX_STOW_BYTES",

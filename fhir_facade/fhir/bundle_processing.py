@@ -17,13 +17,13 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from fhir_facade.config import Settings
 from fhir_facade.fhir.bundles import searchset_bundle
 from fhir_facade.fhir.conditional_guard import ConditionalGuard, ConditionChanged, canonical_criteria
 from fhir_facade.fhir.errors import FhirError, bad_request, conflict, not_supported
 from fhir_facade.fhir.pipeline import Origin, origin_scope
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import parse_search
+from fhir_facade.fhir.settings import RestSettings
 from fhir_facade.fhir.write_interactions import (
     Written,
     conditional_matches,
@@ -71,7 +71,7 @@ def _entry_request(entry: dict[str, Any], index: int) -> tuple[str, str]:
 
 
 class _EntryRunner:
-    def __init__(self, providers: Mapping[str, ResourceProvider], settings: Settings) -> None:
+    def __init__(self, providers: Mapping[str, ResourceProvider], settings: RestSettings) -> None:
         self.providers = providers
         self.settings = settings
 
@@ -218,7 +218,7 @@ def _placeholder(entry: dict[str, Any], ids: Mapping[str, str]) -> str | None:
 async def process_bundle(
     bundle: dict[str, Any],
     providers: Mapping[str, ResourceProvider],
-    settings: Settings,
+    settings: RestSettings,
     atomic: Atomic | None,
 ) -> dict[str, Any]:
     """Process a batch or transaction and return the batch-response / transaction-response. Every entry

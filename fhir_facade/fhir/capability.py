@@ -10,9 +10,9 @@ from functools import cache
 from typing import Any
 
 from fhir_facade import __version__
-from fhir_facade.config import Settings
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import SearchParamType
+from fhir_facade.fhir.settings import RestSettings
 from fhir_facade.package_data import data_path
 
 __all__ = ["capability_statement"]
@@ -87,7 +87,7 @@ def _resource_entry(
 
 def capability_statement(
     providers: Sequence[ResourceProvider],
-    settings: Settings,
+    settings: RestSettings,
     operations: Mapping[str, Sequence[dict[str, str]]] | None = None,
     *,
     security: dict[str, Any] | None = None,

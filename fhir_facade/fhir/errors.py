@@ -13,12 +13,9 @@ __all__ = [
     "FACADE_ISSUE_SYSTEM",
     "FhirError",
     "Issue",
-    "ai_inference_timeout",
     "bad_request",
     "conflict",
-    "dicom_service_unavailable",
-    "fhir_mapping_error",
-    "forbidden",
+    "error",
     "gone",
     "internal_error",
     "method_not_allowed",
@@ -28,7 +25,6 @@ __all__ = [
     "payload_too_large",
     "precondition_failed",
     "request_timeout",
-    "unauthorized",
     "unprocessable",
     "unsupported_media_type",
 ]
@@ -78,60 +74,63 @@ class FhirError(Exception):
         return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in self.issues]}
 
 
-def _error(status: int, code: str, diagnostics: str, **kwargs: Any) -> FhirError:
+def error(status: int, code: str, diagnostics: str, **kwargs: Any) -> FhirError:
+    """A one-issue FhirError; the keyword arguments are those of `Issue`, and `headers`. The
+    constructors of errors that belong to one part of the server (the PACS, the model, OAuth) live
+    in that part and build on this."""
     headers = kwargs.pop("headers", None) or {}
     return FhirError(status, [Issue(code, diagnostics, **kwargs)], headers)
 
 
 def bad_request(diagnostics: str, *, expression: str | None = None, code: str = "invalid") -> FhirError:
     """400: the request is malformed (e.g. a bad search parameter value, named in `expression`)."""
-    return _error(400, code, diagnostics, expression=(expression,) if expression else ())
+    return error(400, code, diagnostics, expression=(expression,) if expression else ())
 
 
 def precondition_failed(diagnostics: str) -> FhirError:
     """412: a condition of the request (If-Match, conditional create/update) does not hold."""
-    return _error(412, "conflict", diagnostics)
+    return error(412, "conflict", diagnostics)
 
 
 def conflict(diagnostics: str, *, expression: str | None = None) -> FhirError:
     """409: the request conflicts with the resource's current state (e.g. a Task transition)."""
-    return _error(409, "conflict", diagnostics, expression=(expression,) if expression else ())
+    return error(409, "conflict", diagnostics, expression=(expression,) if expression else ())
 
 
 def not_found(diagnostics: str) -> FhirError:
     """404: no such resource (FHIR http.html#read)."""
-    return _error(404, "not-found", diagnostics)
+    return error(404, "not-found", diagnostics)
 
 
 def gone(diagnostics: str) -> FhirError:
     """410: the resource was deleted (FHIR http.html#read)."""
-    return _error(410, "deleted", diagnostics)
+    return error(410, "deleted", diagnostics)
 
 
 def not_supported(diagnostics: str, *, status: int = 404) -> FhirError:
     """An interaction or resource type this server does not offer."""
-    return _error(status, "not-supported", diagnostics)
+    return error(status, "not-supported", diagnostics)
 
 
 def method_not_allowed(diagnostics: str) -> FhirError:
     """405: the interaction exists in FHIR but not on this resource type here."""
-    return _error(405, "not-supported", diagnostics)
+    return error(405, "not-supported", diagnostics)
 
 
 def not_acceptable(diagnostics: str) -> FhirError:
     """406: the client asked for a representation we cannot produce (FHIR http.html#mime-type)."""
-    return _error(406, "not-supported", diagnostics)
+    return error(406, "not-supported", diagnostics)
 
 
 def unsupported_media_type(diagnostics: str) -> FhirError:
     """415: the request body is not in a format we read."""
-    return _error(415, "not-supported", diagnostics)
+    return error(415, "not-supported", diagnostics)
 
 
 def payload_too_large(limit: int) -> FhirError:
     """413 (RFC 9110 15.5.14): the body is larger than this server accepts, IssueType `too-long`.
     The rest of the body is not read, so the connection is closed after the answer."""
-    return _error(
+    return error(
         413,
         "too-long",
         f"The request body exceeds the limit of {limit} bytes",
@@ -142,7 +141,7 @@ def payload_too_large(limit: int) -> FhirError:
 def request_timeout(seconds: float) -> FhirError:
     """408 (RFC 9110 15.5.9): the client stopped sending the body it announced; the connection is
     closed ("the server SHOULD send the close connection option")."""
-    return _error(
+    return error(
         408,
         "timeout",
         f"No request body data arrived for {seconds:g} s",
@@ -150,69 +149,12 @@ def request_timeout(seconds: float) -> FhirError:
     )
 
 
-def dicom_service_unavailable(diagnostics: str) -> FhirError:
-    """503: the PACS did not answer (unreachable, timed out or failing); the client may retry."""
-    return _error(
-        503,
-        "transient",
-        diagnostics,
-        detail_code="dicom_service_unavailable",
-        headers={"Retry-After": "5"},
-    )
-
-
 def unprocessable(diagnostics: str, *, detail_code: str, code: str = "processing") -> FhirError:
     """422: the request is well-formed but cannot be carried out on this content (e.g. a study
     with no images the model applies to)."""
-    return _error(422, code, diagnostics, detail_code=detail_code)
-
-
-def ai_inference_timeout(diagnostics: str) -> FhirError:
-    """504: the analysis ran past its time limit and was abandoned."""
-    return _error(504, "timeout", diagnostics, detail_code="ai_inference_timeout")
-
-
-def fhir_mapping_error(diagnostics: str) -> FhirError:
-    """500: the model ran, but its result could not be turned into valid FHIR (a bug or a bad
-    model package); nothing was stored."""
-    return _error(500, "exception", diagnostics, detail_code="fhir_mapping_error")
+    return error(422, code, diagnostics, detail_code=detail_code)
 
 
 def internal_error(diagnostics: str = "Internal server error; see the server log.") -> FhirError:
     """500: a bug. The body never carries a stack trace."""
-    return _error(500, "exception", diagnostics)
-
-
-def _bearer_challenge(error: str | None, description: str | None, scope: str | None = None) -> str:
-    """An RFC 6750 section 3 `WWW-Authenticate: Bearer` challenge (quotes and backslashes escaped)."""
-    parts = ['realm="fhir"']
-    for name, value in (("error", error), ("error_description", description), ("scope", scope)):
-        if value:
-            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-            parts.append(f'{name}="{escaped}"')
-    return "Bearer " + ", ".join(parts)
-
-
-def unauthorized(diagnostics: str, *, token_error: str | None = None) -> FhirError:
-    """401: no usable credentials. `token_error` is RFC 6750's error code: None when the request carried
-    no token (the challenge then names no error), "invalid_token" for a bad one, "invalid_request" for a
-    malformed Authorization header."""
-    return _error(
-        401,
-        "login",
-        diagnostics,
-        detail_code=token_error,
-        headers={"WWW-Authenticate": _bearer_challenge(token_error, diagnostics if token_error else None)},
-    )
-
-
-def forbidden(diagnostics: str, *, scope: str | None = None) -> FhirError:
-    """403 insufficient_scope (RFC 6750 3.1): the token is valid but does not grant this; `scope` names
-    a scope that would."""
-    return _error(
-        403,
-        "forbidden",
-        diagnostics,
-        detail_code="insufficient_scope",
-        headers={"WWW-Authenticate": _bearer_challenge("insufficient_scope", diagnostics, scope)},
-    )
+    return error(500, "exception", diagnostics)

@@ -11,11 +11,13 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from fhir_facade.config import Settings
 from fhir_facade.fhir.element_paths import references_at
 from fhir_facade.fhir.errors import FhirError, bad_request
+from fhir_facade.fhir.internal_search import SearchBuilder, read_or_none
 from fhir_facade.fhir.provider import ResourceProvider
-from fhir_facade.fhir.search import IncludeSpec, SearchRequest, parse_search
+from fhir_facade.fhir.references import local_target
+from fhir_facade.fhir.search import IncludeSpec, SearchRequest
+from fhir_facade.fhir.settings import RestSettings
 
 __all__ = ["resolve_includes"]
 
@@ -34,14 +36,9 @@ def _include_element(
 
 
 async def _read_quietly(provider: ResourceProvider, resource_id: str) -> dict[str, Any] | None:
-    try:
-        return await provider.read(resource_id)
-    except FhirError as error:
-        # A dangling or deleted reference is not an error of the search, and a resource the caller
-        # may not see (403: no scope for its type; 404: outside its patient compartment) is left out.
-        if error.status in (403, 404, 410):
-            return None
-        raise
+    # A dangling or deleted reference is not an error of the search, and a resource the caller
+    # may not see (403: no scope for its type; 404: outside its patient compartment) is left out.
+    return await read_or_none(provider, resource_id, also_absent=(403,))
 
 
 async def _search_quietly(provider: ResourceProvider, search: SearchRequest) -> list[dict[str, Any]]:
@@ -57,7 +54,7 @@ async def resolve_includes(
     request: SearchRequest,
     matches: list[dict[str, Any]],
     providers: Mapping[str, ResourceProvider],
-    settings: Settings,
+    settings: RestSettings,
 ) -> list[dict[str, Any]]:
     """The resources to add to a page with search.mode 'include', without duplicates."""
     wanted: dict[tuple[str, str], None] = {}
@@ -67,26 +64,26 @@ async def resolve_includes(
         element = _include_element(providers, spec, "_include")
         for match in matches:
             for reference in references_at(match, element):
-                target_type, _, target_id = reference.partition("/")
-                if target_type in providers and target_id and spec.target_type in (None, target_type):
+                target = local_target(reference, settings.base_url)
+                if target is None:
+                    continue
+                target_type, target_id = target
+                if target_type in providers and spec.target_type in (None, target_type):
                     wanted[(target_type, target_id)] = None
     reads = [_read_quietly(providers[t], i) for t, i in wanted]
     included = [r for r in await asyncio.gather(*reads) if r is not None]
 
-    page_refs = ",".join(f"{m['resourceType']}/{m['id']}" for m in matches)
+    page_refs = [f"{m['resourceType']}/{m['id']}" for m in matches]
     for spec in request.revincludes:
         _include_element(providers, spec, "_revinclude")
         if not page_refs:
             break
         source = providers[spec.source_type]
-        search = parse_search(
-            spec.source_type,
-            [(spec.param, page_refs)],
-            source.search_param_map,
-            base_url=settings.base_url,
-            strict=True,
-            default_count=MAX_REVINCLUDED,
-            max_count=MAX_REVINCLUDED,
+        search = (
+            SearchBuilder(source, base_url=settings.base_url)
+            .where_any(spec.param, page_refs)
+            .count(MAX_REVINCLUDED)
+            .request()
         )
         included += await _search_quietly(source, search)
 

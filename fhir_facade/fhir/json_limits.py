@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fhir_facade.config import Settings
 from fhir_facade.fhir.errors import FhirError, bad_request
+from fhir_facade.fhir.settings import JsonLimitSettings
 
 __all__ = ["JsonLimits", "parse_json"]
 
@@ -32,7 +32,7 @@ class JsonLimits:
     max_number_length: int = 64
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> JsonLimits:
+    def from_settings(cls, settings: JsonLimitSettings) -> JsonLimits:
         return cls(settings.limits_json_max_depth, settings.limits_json_max_number_length)
 
 

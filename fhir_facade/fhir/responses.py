@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,8 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fhir_facade.dicomweb import DicomwebError, DicomwebUnavailable
-from fhir_facade.fhir.errors import FhirError, Issue, dicom_service_unavailable, internal_error
+from fhir_facade.fhir.errors import FhirError, Issue, internal_error
 from fhir_facade.fhir.negotiation import FHIR_JSON, wants_pretty
 
 __all__ = ["allowed_methods", "error_response", "fhir_response", "install_error_handlers"]
@@ -108,9 +108,15 @@ class UnexpectedErrorMiddleware:
             await error_response(internal_error())(scope, receive, send)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(
+    app: FastAPI, translators: Mapping[type[Exception], Callable[[Any], FhirError]] | None = None
+) -> None:
     """Map every failure to an OperationOutcome with the right status; never a stack trace.
-    Call it before adding any other middleware (`UnexpectedErrorMiddleware` is innermost)."""
+    Call it before adding any other middleware (`UnexpectedErrorMiddleware` is innermost).
+
+    `translators` turn the typed errors of other parts of the server (e.g. the PACS client's,
+    `dicomweb.outcomes.PACS_ERROR_TRANSLATORS`) into FhirErrors; this module names none of them,
+    so the REST machinery imports nothing of DICOM (ADR 0025)."""
     app.add_middleware(UnexpectedErrorMiddleware)
 
     @app.exception_handler(FhirError)
@@ -119,15 +125,8 @@ def install_error_handlers(app: FastAPI) -> None:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc)
         return error_response(exc, request)
 
-    @app.exception_handler(DicomwebError)
-    async def _pacs_error(request: Request, exc: DicomwebError) -> Response:
-        # Unavailable (transport, timeout, 5xx) is the client's "retry later"; any other PACS
-        # failure is a bad gateway: the request was fine, the PACS answer was not.
-        log.warning("PACS error on %s %s: %s", request.method, request.url.path, exc)
-        if isinstance(exc, DicomwebUnavailable):
-            return error_response(dicom_service_unavailable(str(exc)), request)
-        error = FhirError(502, [Issue("exception", str(exc), detail_code="dicom_service_error")])
-        return error_response(error, request)
+    for exc_type, translate in (translators or {}).items():
+        app.add_exception_handler(exc_type, _translated(translate))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -158,3 +157,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("Unhandled error on %s %s", request.method, request.url.path)
         return error_response(internal_error(), request)
+
+
+def _translated(translate: Callable[[Any], FhirError]) -> Callable[[Request, Exception], Any]:
+    async def handler(request: Request, exc: Exception) -> Response:
+        return error_response(translate(exc), request)
+
+    return handler

@@ -7,7 +7,6 @@ path and search parameter, which is what schemathesis and API explorers read.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
@@ -15,11 +14,11 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.params import Depends as DependsParam
 
-from fhir_facade.config import Settings
 from fhir_facade.fhir.bundle_processing import Atomic, process_bundle
 from fhir_facade.fhir.bundles import searchset_bundle
 from fhir_facade.fhir.capability import capability_statement
 from fhir_facade.fhir.errors import bad_request, not_found, not_supported
+from fhir_facade.fhir.ids import is_fhir_id
 from fhir_facade.fhir.includes import resolve_includes
 from fhir_facade.fhir.negotiation import check_request_body_type, negotiate_response_format
 from fhir_facade.fhir.openapi import error_responses
@@ -28,6 +27,7 @@ from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.request_body import read_resource
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.fhir.search import MAX_OFFSET, SearchParamType, parse_search
+from fhir_facade.fhir.settings import RestSettings
 from fhir_facade.fhir.write_interactions import (
     conditionally_update,
     create_resource,
@@ -39,7 +39,6 @@ from fhir_facade.fhir.write_interactions import (
 
 __all__ = ["build_fhir_router"]
 
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _JSON_CONTENT = {"application/fhir+json": {"schema": {"type": "object"}}}
 _OPENAPI_TYPES = {SearchParamType.NUMBER: {"type": "number"}}
 
@@ -81,7 +80,7 @@ def _search_openapi(provider: ResourceProvider) -> dict[str, Any]:
 
 def build_fhir_router(
     providers: Sequence[ResourceProvider],
-    settings: Settings,
+    settings: RestSettings,
     atomic: Atomic | None = None,
     operations: Mapping[str, Sequence[dict[str, str]]] | None = None,
     *,
@@ -156,7 +155,7 @@ def build_fhir_router(
 def _add_provider_routes(
     router: APIRouter,
     provider: ResourceProvider,
-    settings: Settings,
+    settings: RestSettings,
     providers: dict[str, ResourceProvider],
     guarded: list[DependsParam],
 ) -> None:
@@ -194,7 +193,7 @@ def _add_provider_routes(
 
     async def read(request: Request, resource_id: str) -> Response:
         negotiate_response_format(request)
-        if not _FHIR_ID.match(resource_id):
+        if not is_fhir_id(resource_id):
             raise not_found(f"{type_name}/{resource_id} is not a valid resource id")
         resource = await provider.read(resource_id)
         return fhir_response(resource, request, headers=version_headers(resource, settings.base_url))
@@ -231,7 +230,7 @@ def _add_provider_routes(
 
     async def vread(request: Request, resource_id: str, version_id: str) -> Response:
         negotiate_response_format(request)
-        if not _FHIR_ID.match(resource_id) or not _FHIR_ID.match(version_id):  # both are FHIR ids
+        if not is_fhir_id(resource_id) or not is_fhir_id(version_id):  # both are FHIR ids
             raise not_found(f"{type_name}/{resource_id} has no version '{version_id[:64]}'")
         resource = await provider.vread(resource_id, version_id)
         return fhir_response(resource, request, headers=version_headers(resource, settings.base_url))

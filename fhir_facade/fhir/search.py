@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from fhir_facade.fhir.errors import bad_request
+from fhir_facade.fhir.ids import is_fhir_id
 
 __all__ = [
     "RESULT_PARAMETERS",
@@ -178,7 +179,6 @@ MAX_OFFSET = 2**31 - 1
 _SUMMARY_VALUES = frozenset({"true", "false", "count", "text", "data"})
 _TOTAL_VALUES = frozenset({"none", "estimate", "accurate"})
 _PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _DATE_RE = re.compile(
     r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
     r"(?:T(?P<hour>\d{2}):(?P<minute>\d{2})(?::(?P<second>\d{2})(?:\.(?P<fraction>\d{1,9}))?)?"
@@ -316,7 +316,7 @@ def _parse_reference(raw: str, modifier: str | None, param: SearchParamDef, base
             f"'{param.name}' refers to {', '.join(param.target_types)}, not {resource_type}",
             expression=param.name,
         )
-    if not _FHIR_ID.match(resource_id):
+    if not is_fhir_id(resource_id):
         raise bad_request(f"Invalid resource id '{resource_id}' for '{param.name}'", expression=param.name)
     return ReferenceValue(resource_type=resource_type, id=resource_id)
 

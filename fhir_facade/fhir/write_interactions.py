@@ -11,13 +11,13 @@ from urllib.parse import parse_qsl
 
 from fastapi import Request, Response
 
-from fhir_facade.config import Settings
 from fhir_facade.fhir.conditional_guard import ConditionalGuard, guarded
 from fhir_facade.fhir.errors import Issue, bad_request, precondition_failed
 from fhir_facade.fhir.prefer import return_preference
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.fhir.search import parse_search
+from fhir_facade.fhir.settings import RestSettings
 from fhir_facade.fhir.write_warnings import collecting
 from fhir_facade.http_dates import http_date
 
@@ -64,7 +64,7 @@ def version_headers(resource: dict[str, Any], base_url: str, *, location: bool =
     return headers
 
 
-def write_response(written: Written, request: Request, settings: Settings) -> Response:
+def write_response(written: Written, request: Request, settings: RestSettings) -> Response:
     """The answer to a create/update, shaped by `Prefer: return` (http.html#ops). The provider's
     warnings are the OperationOutcome's further issues; without `return=OperationOutcome` the body is
     the resource, as http.html#ops says an OperationOutcome is returned only when asked for."""
@@ -91,7 +91,7 @@ def write_response(written: Written, request: Request, settings: Settings) -> Re
 
 
 async def create_resource(
-    provider: ResourceProvider, resource: dict[str, Any], if_none_exist: str | None, settings: Settings
+    provider: ResourceProvider, resource: dict[str, Any], if_none_exist: str | None, settings: RestSettings
 ) -> Written:
     """Create, or with If-None-Exist return the single existing match (http.html#ccreate). The
     search and the create are one atomic step (`conditional_guard`): of many identical
@@ -133,7 +133,7 @@ async def conditionally_update(
     criteria: Sequence[tuple[str, str]] | str,
     resource: dict[str, Any],
     if_match: str | None,
-    settings: Settings,
+    settings: RestSettings,
 ) -> Written:
     """PUT Type?criteria (http.html#cond-update): 0 matches create (with the body's id if it has
     one), 1 updates that resource, more than one is 412. Search and write are one atomic step
@@ -171,7 +171,7 @@ def criteria_params(query: str | Sequence[tuple[str, str]], header: str) -> list
 
 
 async def conditional_matches(
-    provider: ResourceProvider, params: Sequence[tuple[str, str]], settings: Settings
+    provider: ResourceProvider, params: Sequence[tuple[str, str]], settings: RestSettings
 ) -> list[dict[str, Any]]:
     """Resources matching the criteria of a conditional interaction (at most two are needed to
     tell 0, 1 or many). Criteria are parsed strictly: an unknown parameter would widen the match."""

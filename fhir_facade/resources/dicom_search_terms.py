@@ -14,6 +14,7 @@ from fhir_facade.dicom_to_fhir import (
     patient_identifier,
     patient_resource_id,
 )
+from fhir_facade.dicom_to_fhir.uids import DICOM_UID_SYSTEM, OID_PREFIX
 from fhir_facade.dicomweb import DicomJson
 from fhir_facade.dicomweb.query import DateRange, OneOf, QidoQuery, tag_values
 from fhir_facade.fhir.search import DateValue, ReferenceValue, SearchClause, TokenValue
@@ -29,7 +30,7 @@ __all__ = [
     "uid_values",
 ]
 
-UID_SYSTEM = "urn:dicom:uid"
+UID_SYSTEM = DICOM_UID_SYSTEM
 SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 
@@ -38,7 +39,7 @@ InstantOf = Callable[[DicomJson], datetime | None]
 
 
 def strip_oid(value: str) -> str:
-    return value[len("urn:oid:") :] if value.startswith("urn:oid:") else value
+    return value.removeprefix(OID_PREFIX)
 
 
 def uid_values(clause: SearchClause, systems: Sequence[str]) -> set[str]:

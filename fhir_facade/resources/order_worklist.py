@@ -20,9 +20,10 @@ from starlette.concurrency import run_in_threadpool
 
 from fhir_facade.auth.access import on_server_authority
 from fhir_facade.fhir.errors import Issue
+from fhir_facade.fhir.internal_search import SearchBuilder
 from fhir_facade.fhir.pipeline import ChangeKind, EventBus, Origin, ResourceChanged, origin_scope
 from fhir_facade.fhir.provider import ResourceProvider
-from fhir_facade.fhir.search import parse_search
+from fhir_facade.fhir.references import local_target
 from fhir_facade.fhir.write_warnings import warn
 from fhir_facade.worklist import (
     ModalityNotDerived,
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 #: Reads a Patient by id (the DICOM view), None when there is none.
 PatientLookup = Callable[[str], Awaitable[dict[str, Any] | None]]
 
-_OPEN_TASK_STATUSES = "draft,requested,received,accepted,ready,in-progress,on-hold"
+_OPEN_TASK_STATUSES = ("draft", "requested", "received", "accepted", "ready", "in-progress", "on-hold")
 
 
 class OrderWorklist:
@@ -75,8 +76,9 @@ class OrderWorklist:
 
     async def _patient(self, order: dict[str, Any]) -> dict[str, Any] | None:
         reference = (order.get("subject") or {}).get("reference", "")
-        if isinstance(reference, str) and reference.startswith("Patient/"):
-            return await self._patients(reference.removeprefix("Patient/"))
+        target = local_target(reference) if isinstance(reference, str) else None
+        if target is not None and target[0] == "Patient":
+            return await self._patients(target[1])
         return None
 
     def _modality_missing(self, order: dict[str, Any]) -> ModalityNotDerived | None:
@@ -121,18 +123,12 @@ class OrderWorklist:
 
     async def _open_scheduling_task(self, order_id: str) -> dict[str, Any] | None:
         """The scheduling Task already open for the order (an update must not add a second one)."""
-        request = parse_search(
-            "Task",
-            [
-                ("focus", f"ServiceRequest/{order_id}"),
-                ("code", f"{SCHEDULE_CODE['system']}|{SCHEDULE_CODE['code']}"),
-                ("status", _OPEN_TASK_STATUSES),
-            ],
-            self._tasks.search_param_map,
-            base_url="",
-            strict=True,
-            default_count=1,
-            max_count=1,
+        request = (
+            SearchBuilder(self._tasks)
+            .where("focus", f"ServiceRequest/{order_id}")
+            .where_token("code", SCHEDULE_CODE["system"], SCHEDULE_CODE["code"])
+            .where_any("status", _OPEN_TASK_STATUSES)
+            .request()
         )
         request.snapshot = datetime.now(UTC)
         matches = (await self._tasks.search(request)).matches

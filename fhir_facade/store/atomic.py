@@ -22,7 +22,8 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 from starlette.concurrency import run_in_threadpool
 
-from fhir_facade.store.repository import AMBIENT_TRANSACTION, ResourceStore
+from fhir_facade.store.repository import ResourceStore
+from fhir_facade.store.transactions import AMBIENT_TRANSACTION
 
 __all__ = ["atomic_scope", "open_transaction_limit"]
 

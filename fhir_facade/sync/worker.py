@@ -29,6 +29,7 @@ from typing import Any
 
 from fhir_facade.correlation import correlation_scope, new_correlation_id
 from fhir_facade.fhir.errors import FhirError
+from fhir_facade.fhir.references import parse_reference
 from fhir_facade.store import ResourceStore
 from fhir_facade.sync.outbox_queue import OutboxQueue, OutboxRow
 from fhir_facade.sync.upstream import Outcome, UpstreamAnswer, UpstreamClient
@@ -60,9 +61,9 @@ def virtual_references(resource: dict[str, Any]) -> list[tuple[str, str]]:
     """(type, id) of every relative reference to a virtual type, in order, once each."""
     found: dict[tuple[str, str], None] = {}
     for reference in _references(resource):
-        parts = reference.split("/")
-        if len(parts) == 2 and parts[0] in VIRTUAL_TYPES and parts[1]:
-            found[(parts[0], parts[1])] = None
+        parsed = parse_reference(reference)
+        if parsed.is_local and parsed.version is None and parsed.resource_type in VIRTUAL_TYPES and parsed.id:
+            found[(parsed.resource_type, parsed.id)] = None
     return list(found)
 
 

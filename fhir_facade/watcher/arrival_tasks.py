@@ -13,20 +13,17 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from fhir_facade.analyze.codes import ANALYZE_CODE, TASK_CODE_SYSTEM
 from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.dicom_to_fhir import patient_resource_id
+from fhir_facade.dicom_to_fhir.uids import uid_identifier
+from fhir_facade.fhir.internal_search import SearchBuilder
 from fhir_facade.fhir.provider import ResourceProvider
-from fhir_facade.fhir.search import parse_search
 from fhir_facade.watcher.change_feed import StudyArrived, TaskRule
 
 __all__ = ["ANALYZE_CODE", "TASK_CODE_SYSTEM", "ArrivalTaskCreator"]
 
 log = logging.getLogger(__name__)
-
-#: The facade's own Task codes (capability/CodeSystem-task-code.json).
-TASK_CODE_SYSTEM = "http://fhir-facade.org/fhir/CodeSystem/task-code"
-ANALYZE_CODE = {"system": TASK_CODE_SYSTEM, "code": "analyze", "display": "Analyze imaging study"}
-_UID_SYSTEM = "urn:dicom:uid"
 
 
 class ArrivalTaskCreator:
@@ -40,32 +37,24 @@ class ArrivalTaskCreator:
         self._rule = rule
         self._base_url = base_url
 
-    async def _search(self, provider: ResourceProvider, name: str, value: str) -> list[dict[str, Any]]:
-        request = parse_search(
-            provider.resource_type,
-            [(name, value)],
-            provider.search_param_map,
-            base_url=self._base_url,
-            strict=True,
-            default_count=2,
-            max_count=2,
-        )
-        return (await provider.search(request)).matches
-
     async def __call__(self, study: StudyArrived) -> None:
         if not self._rule.matches(study):
             return
-        identifier = f"urn:oid:{study.study_uid}"
-        if await self._search(self._tasks, "identifier", f"{_UID_SYSTEM}|{identifier}"):
+        identifier = uid_identifier(study.study_uid)
+        existing = SearchBuilder(self._tasks, base_url=self._base_url).where_token(
+            "identifier", identifier["system"], identifier["value"]
+        )
+        if await existing.count(1).matches():
             return  # already created (a replayed change)
         orders = []
         if study.accession_number:
-            orders = await self._search(
-                self._orders, "identifier", study.accession_number.replace(",", "\\,")
+            search = SearchBuilder(self._orders, base_url=self._base_url).where(
+                "identifier", study.accession_number
             )
+            orders = await search.count(2).matches()
         task: dict[str, Any] = {
             "resourceType": "Task",
-            "identifier": [{"system": _UID_SYSTEM, "value": identifier}],
+            "identifier": [identifier],
             "status": "requested",
             "intent": "order",
             "code": {"coding": [ANALYZE_CODE]},

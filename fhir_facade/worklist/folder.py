@@ -10,7 +10,6 @@ a partial file; temporary names do not end in `.wl`, so the plugin ignores them.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Literal
 
 from pydicom.dataset import Dataset
 
+from fhir_facade.fhir.ids import is_fhir_id
 from fhir_facade.worklist.mwl_item import DEFAULT_STATION_AE_TITLE, WorklistMappingError, worklist_item
 from fhir_facade.worklist.procedures import ProcedureCatalogue
 
@@ -27,7 +27,6 @@ SyncResult = Literal["written", "removed", "skipped"]
 
 _SUFFIX = ".wl"
 # R4 id type (datatypes.html#id): also keeps file names inside the folder (no "/").
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 # R4 request-intent codes that authorize someone to act (valueset-request-intent.html): "order" and
 # its specializations. proposal, plan, directive and option do not, so they get no worklist item.
@@ -46,7 +45,7 @@ class WorklistFolder:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def _file(self, service_request_id: str) -> Path:
-        if not _FHIR_ID.fullmatch(service_request_id):
+        if not is_fhir_id(service_request_id):
             raise ValueError(f"service_request_id {service_request_id!r} is not a FHIR id")
         return self.path / f"{service_request_id}{_SUFFIX}"
 

@@ -24,6 +24,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
+from fhir_facade.dicom_to_fhir.coding_schemes import coding_scheme_designator
+from fhir_facade.dicom_to_fhir.uids import DICOM_UID_SYSTEM, uid_from_identifier
 from fhir_facade.worklist.procedures import ProcedureCatalogue, bundled_catalogue
 
 __all__ = [
@@ -51,21 +53,7 @@ a modality that queries with its own AE title as a matching key will not see ite
 placeholder, one that leaves the key empty (universal matching, PS3.4 C.2.2.2.3) will."""
 
 _ACSN_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
-_DICOM_UID_SYSTEM = "urn:dicom:uid"
 _UID_ENTROPY_NAMESPACE = "fhir-facade:ServiceRequest:StudyInstanceUID"
-
-# FHIR system -> DICOM Coding Scheme Designator (PS3.16 Section 8, Table 8-1). Codings from other
-# systems have no registered designator and are left out of RequestedProcedureCodeSequence.
-_CODING_SCHEMES: dict[str, str] = {
-    DCM_SYSTEM: "DCM",
-    "http://snomed.info/sct": "SCT",
-    "http://www.ama-assn.org/go/cpt": "C4",
-    "http://loinc.org": "LN",
-    "http://www.radlex.org": "RADLEX",
-    "http://radlex.org": "RADLEX",
-    "http://unitsofmeasure.org": "UCUM",
-    "http://hl7.org/fhir/sid/icd-10": "I10",
-}
 
 # R4 request-priority (valueset-request-priority.html) -> Requested Procedure Priority (0040,1003)
 # defined terms STAT, HIGH, ROUTINE, MEDIUM, LOW (PS3.3 C.4.11 / Table 10-9 attribute notes).
@@ -291,7 +279,7 @@ def _accession_number(service_request: Mapping[str, Any]) -> str:
         for coding in (identifier.get("type") or {}).get("coding", []):
             if coding.get("system") == _ACSN_TYPE_SYSTEM and coding.get("code") == "ACSN":
                 return str(identifier["value"])
-    plain = [i for i in identifiers if i.get("system") != _DICOM_UID_SYSTEM]
+    plain = [i for i in identifiers if i.get("system") != DICOM_UID_SYSTEM]
     return str(plain[0]["value"]) if plain else ""
 
 
@@ -299,9 +287,9 @@ def _study_instance_uid(service_request: Mapping[str, Any], request_id: str) -> 
     """An order-given study UID (identifier urn:dicom:uid, value urn:oid:...) wins; otherwise a UID
     hashed from the ServiceRequest id under pydicom's root (PS3.5 9.1), stable across rewrites."""
     for identifier in service_request.get("identifier", []):
-        value = str(identifier.get("value", ""))
-        if identifier.get("system") == _DICOM_UID_SYSTEM and value.startswith("urn:oid:"):
-            return UID(value.removeprefix("urn:oid:"))
+        uid = uid_from_identifier(identifier)
+        if uid is not None:
+            return UID(uid)
     return generate_uid(entropy_srcs=[_UID_ENTROPY_NAMESPACE, request_id])
 
 
@@ -343,7 +331,7 @@ def _order_code(codings: Iterable[Mapping[str, Any]]) -> tuple[str, str, str] | 
     out, since a Code Sequence item without a designator means nothing to the modality. CodeMeaning
     falls back to the code."""
     for coding in codings:
-        scheme = _CODING_SCHEMES.get(str(coding.get("system", "")))
+        scheme = coding_scheme_designator(str(coding.get("system", "")))
         value = str(coding.get("code", ""))
         if scheme is not None and value:
             return (scheme, value, str(coding.get("display") or value))
@@ -392,7 +380,7 @@ def requested_procedure(
     catalogue = catalogue if catalogue is not None else bundled_catalogue()
     entry = catalogue.match(_codings(code))
     if entry is not None:
-        scheme = _CODING_SCHEMES.get(entry.system)
+        scheme = coding_scheme_designator(entry.system)
         procedure_code = (scheme, entry.code, entry.description) if scheme else None
         return RequestedProcedure(entry.modality, procedure_code, entry.description)
     raise ModalityNotDerived(

@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from fhir_facade.fhir.ids import is_fhir_id
 from fhir_facade.package_data import data_path
 
 __all__ = [
@@ -34,7 +35,6 @@ _DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 # A DCM acquisition modality is an upper-case CS term (PS3.3 C.7.3.1.1.1, CID 29).
 _MODALITY = re.compile(r"[A-Z]{1,16}")
 # R4 id type (datatypes.html#id): the site's map is served as ConceptMap/<id> next to the bundled one.
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # ConceptMap equivalences that do not allow mapping (R4 valueset-concept-map-equivalence.html).
 _NOT_MAPPING = frozenset({"unmatched", "disjoint"})
 
@@ -145,7 +145,7 @@ def load_concept_maps(path: Path) -> list[dict[str, Any]]:
     maps = [_read(file) for file in files]
     for file, resource in zip(files, maps, strict=True):
         map_id = resource.get("id")
-        if not isinstance(map_id, str) or not _FHIR_ID.fullmatch(map_id) or map_id == BUNDLED_MAP_ID:
+        if not isinstance(map_id, str) or not is_fhir_id(map_id) or map_id == BUNDLED_MAP_ID:
             raise ProcedureMapError(
                 f"{file}: ConceptMap.id {map_id!r} must be a FHIR id other than {BUNDLED_MAP_ID!r} "
                 "(the site's map is served beside the bundled one)"

@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from fhir_facade.auth.access import Access, current_access
 from fhir_facade.auth.scopes import parse_scopes
 from fhir_facade.config import Settings
+from fhir_facade.dicomweb.outcomes import PACS_ERROR_TRANSLATORS
 from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy_router
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from fhir_facade.fhir.responses import install_error_handlers
@@ -69,7 +70,7 @@ def proxy_app(dicomweb_url: str, *, port: int = 8080, max_stow_bytes: int | None
             await pacs.close()
 
     app = FastAPI(lifespan=lifespan)
-    install_error_handlers(app)
+    install_error_handlers(app, PACS_ERROR_TRANSLATORS)
     kwargs = {} if max_stow_bytes is None else {"max_stow_bytes": max_stow_bytes}
     router = build_dicomweb_proxy_router(settings, pacs, **kwargs)
     app.include_router(router, dependencies=[Depends(_test_access)])

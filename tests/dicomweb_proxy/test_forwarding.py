@@ -18,6 +18,7 @@ import pytest
 from fastapi import FastAPI
 
 from fhir_facade.config import Settings
+from fhir_facade.dicomweb.outcomes import PACS_ERROR_TRANSLATORS
 from fhir_facade.dicomweb_proxy import DicomwebProxyClient, build_dicomweb_proxy_router
 from fhir_facade.embedded import free_port
 from fhir_facade.fhir.responses import install_error_handlers
@@ -272,7 +273,7 @@ def test_router_without_authentication_fails_closed() -> None:
     """Mounted without the authenticating dependency, the proxy lets nobody through."""
     settings = Settings(dicomweb_url=f"http://127.0.0.1:{free_port()}/dicom-web")
     app = FastAPI()
-    install_error_handlers(app)
+    install_error_handlers(app, PACS_ERROR_TRANSLATORS)
     app.include_router(build_dicomweb_proxy_router(settings, DicomwebProxyClient.from_settings(settings)))
     with LiveServer(app, free_port()) as server, httpx.Client(timeout=30) as client:
         response = client.get(f"http://127.0.0.1:{server.port}/dicom-web/studies")

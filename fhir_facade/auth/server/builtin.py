@@ -6,7 +6,7 @@ lockouts (``lockout``, ADR 0011) live in this process's memory, so several repli
 balancer need an external authorization server instead.
 
 Failed sign-ins and failed client authentications are logged and, with auditing on, recorded as
-AuditEvents through the application's one ``AuditRecorder`` (``failure_report``); the answer to a
+AuditEvents through the ``RefusalAudit`` the application hands in (``failure_report``); the answer to a
 failure is held back by the lockout's growing delay with ``asyncio.sleep``, so no worker thread waits.
 """
 
@@ -21,12 +21,11 @@ from joserfc.jwk import KeySet
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from fhir_facade.audit.recorder import AuditRecorder
 from fhir_facade.auth.server.access_tokens import AccessTokenIssuer
 from fhir_facade.auth.server.assertions import JtiReplayCache, SmartClientAssertion
 from fhir_facade.auth.server.authorize import AuthorizationEndpoint
 from fhir_facade.auth.server.codes import CodeStore
-from fhir_facade.auth.server.failure_report import FailureReporter
+from fhir_facade.auth.server.failure_report import FailureReporter, RefusalAudit
 from fhir_facade.auth.server.lockout import Attempt, lockouts_from_settings
 from fhir_facade.auth.server.oauth import SmartAuthorizationServer, StarletteOAuth2Request
 from fhir_facade.auth.server.openapi import AUTHORIZE_GET, AUTHORIZE_POST, JWKS, TOKEN
@@ -46,7 +45,7 @@ class BuiltinAuthorizationServer:
 
     Routes: GET+POST /auth/authorize (sign-in, authorization code with PKCE), POST /auth/token
     (authorization_code; client_credentials with private_key_jwt), GET /auth/jwks (the public key
-    that verifies the access tokens). ``audit``: the application's AuditEvent recorder (None when
+    that verifies the access tokens). ``audit``: records AuditEvents (None when
     auditing is off), for the refused authentications.
     """
 
@@ -55,7 +54,7 @@ class BuiltinAuthorizationServer:
     token_url: str
     jwks_url: str
 
-    def __init__(self, settings: Settings, *, audit: AuditRecorder | None = None) -> None:
+    def __init__(self, settings: Settings, *, audit: RefusalAudit | None = None) -> None:
         root = settings.public_root
         if not is_secure_transport(root):
             raise ValueError(
@@ -82,7 +81,7 @@ class BuiltinAuthorizationServer:
             fhir_base=settings.base_url,
         )
         self.sign_in_lockout, self.token_lockout = lockouts_from_settings(settings)
-        self._failures = FailureReporter(audit, site=settings.public_root, issuer=settings.token_issuer)
+        self._failures = FailureReporter(audit)
         self._authorization = AuthorizationEndpoint(
             self.oauth, self.registry, UserDirectory(self.registry), SignInTickets(), self.sign_in_lockout
         )

@@ -3,21 +3,19 @@
 Every failed sign-in or client authentication, every lockout it starts and every attempt refused
 during a lockout is logged (WARNING; refusals during a lockout at INFO, they can be many) with the
 username or client_id and the client address, never the password or credential, and recorded as a
-security AuditEvent (`fhir_facade.audit.authentication`) through the application's one
-`AuditRecorder` when auditing is on.
+security AuditEvent when auditing is on: the application hands in a `RefusalAudit`
+(`fhir_facade.audit.authentication.AuthenticationAudit`), so this package does not import the
+audit package, which depends on it (ADR 0025).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, Protocol
 
-from fhir_facade.audit.authentication import authentication_event
-from fhir_facade.audit.recorder import AuditRecorder
 from fhir_facade.auth.server.lockout import Attempt
-from fhir_facade.correlation import current_correlation_id
 
-__all__ = ["FailureReporter"]
+__all__ = ["FailureReporter", "RefusalAudit"]
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +32,25 @@ def _what(endpoint: Literal["sign-in", "token"]) -> tuple[str, str]:
     return ("sign-in", "user") if endpoint == "sign-in" else ("token request", "client")
 
 
+class RefusalAudit(Protocol):
+    """Records one refused authentication as an AuditEvent (DICOM PS3.15 A.5, IHE BALP)."""
+
+    async def refused(
+        self,
+        endpoint: Literal["sign-in", "token"],
+        *,
+        description: str,
+        username: str | None,
+        client_id: str | None,
+        client_address: str | None,
+    ) -> None: ...
+
+
 class FailureReporter:
     """Logs and audits the refused attempts of one authorization server."""
 
-    def __init__(self, recorder: AuditRecorder | None, *, site: str, issuer: str) -> None:
-        self._recorder = recorder
-        self._site = site
-        self._issuer = issuer
+    def __init__(self, audit: RefusalAudit | None) -> None:
+        self._audit = audit
 
     async def report(
         self,
@@ -82,19 +92,15 @@ class FailureReporter:
                 kind,
                 shared,
             )
-        if self._recorder is None:
+        if self._audit is None:
             return
-        event = authentication_event(
-            endpoint,
-            description=description,
-            username=principal if endpoint == "sign-in" else None,
-            client_id=client_id if endpoint == "sign-in" else principal,
-            client_address=attempt.address or None,
-            correlation_id=current_correlation_id(),
-            site=self._site,
-            issuer=self._issuer,
-        )
         try:
-            await self._recorder.record(event, current_correlation_id())
+            await self._audit.refused(
+                endpoint,
+                description=description,
+                username=principal if endpoint == "sign-in" else None,
+                client_id=client_id if endpoint == "sign-in" else principal,
+                client_address=attempt.address or None,
+            )
         except Exception:  # the refusal is answered whatever happens to its record
             log.exception("Could not record the AuditEvent of a refused %s", action)

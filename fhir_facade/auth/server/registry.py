@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -56,6 +55,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fhir_facade.auth.scopes import InvalidScope, parse_scopes
 from fhir_facade.auth.server.passwords import check_hash_format, hash_secret
 from fhir_facade.demo.brain_mri import DEMO_PATIENT_ID
+from fhir_facade.fhir.ids import is_fhir_id
+from fhir_facade.fhir.references import ReferenceKind, parse_reference
 
 __all__ = [
     "DEMO_CLIENT_ID",
@@ -91,11 +92,17 @@ ClientKind = Literal["backend-service", "public", "confidential"]
 
 #: Assertion algorithms of SMART Backend Services, and the keys that make them.
 _ASSERTION_KEY_TYPES = {"RSA": "RS384", "EC": "ES384"}
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_FHIR_USER = re.compile(r"(?:https?://\S+/)?[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
 _APP_CONTEXTS = ("patient", "user")
 
 log = logging.getLogger(__name__)
+
+
+def _is_user_reference(value: str) -> bool:
+    """fhirUser (SMART App Launch 2.0 scopes-and-launch-context): a reference to a Practitioner,
+    Patient... relative or absolute (http/https), not versioned."""
+    parsed = parse_reference(value)
+    absolute = parsed.kind is ReferenceKind.EXTERNAL and value.startswith(("http://", "https://"))
+    return (parsed.is_local or absolute) and parsed.relative is not None and parsed.version is None
 
 
 class RegistryError(ValueError):
@@ -238,7 +245,7 @@ class UserEntry(BaseModel):
     @field_validator("fhir_user")
     @classmethod
     def _valid_fhir_user(cls, value: str | None) -> str | None:
-        if value is not None and not _FHIR_USER.fullmatch(value):
+        if value is not None and not _is_user_reference(value):
             raise ValueError(f"fhirUser {value!r} must be a reference such as 'Practitioner/123'")
         return value
 
@@ -246,7 +253,7 @@ class UserEntry(BaseModel):
     @classmethod
     def _valid_patients(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         for value in values:
-            if not _FHIR_ID.fullmatch(value):
+            if not is_fhir_id(value):
                 raise ValueError(f"patient {value!r} is not a FHIR id (Patient ids, without 'Patient/')")
         return values
 
