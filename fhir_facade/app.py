@@ -146,7 +146,7 @@ def _subscribe_to_arrivals(
             await creator(study)
 
     bus.subscribe(StudyArrived, create_task)
-    if settings.fhir_upstream_url and settings.sync_mirror_studies:
+    if settings.fhir_upstream_url and settings.sync.mirror_studies:
         queue = OutboxQueue(store.engine)
 
         async def mirror(study: StudyArrived) -> None:
@@ -209,16 +209,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     bus = EventBus()  # after-commit events for every consumer (ADR 0022)
     store = ResourceStore(open_store_engine(settings), bus=bus)
     patients = PatientProvider(dicomweb, ctx, records=StoredResourceProvider("Patient", store))
-    worklist = WorklistFolder(settings.worklist_dir) if settings.worklist_dir else None
+    worklist = WorklistFolder(settings.worklist.folder) if settings.worklist.folder else None
     # The procedure catalogue (ADR 0018): bundled ConceptMap, then the site's, whose entries win.
-    catalogue = bundled_catalogue().with_site_maps(settings.worklist_procedure_map)
+    catalogue = bundled_catalogue().with_site_maps(settings.worklist.procedure_map)
     stored = stored_providers(
         store,
         worklist,
         functools.partial(read_or_none, patients),
-        settings.worklist_station_ae_title,
+        settings.worklist.station_ae_title,
         catalogue=catalogue,
-        stations=settings.worklist_stations,
+        stations=settings.worklist.stations,
     )
     orders = next(p for p in stored if p.resource_type == "ServiceRequest")
     providers: list[ResourceProvider] = [
@@ -249,8 +249,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             worklist,
             functools.partial(read_or_none, patients),
             next(p for p in visible if p.resource_type == "Task"),
-            station=settings.worklist_station_ae_title,
-            stations=settings.worklist_stations,
+            station=settings.worklist.station_ae_title,
+            stations=settings.worklist.stations,
             catalogue=catalogue,
         ).subscribe(bus)
     analyze = (
@@ -262,7 +262,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             visible={p.resource_type: p for p in visible},
             authorization=authorization,
         )
-        if settings.analyze_enabled
+        if settings.analyze.enabled
         else None
     )
 
@@ -339,7 +339,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         build_fhir_router(visible, settings, atomic, operations, authenticate=authenticate, security=security)
     )
     app.include_router(
-        build_dicomweb_proxy_router(settings, proxy, max_stow_bytes=settings.limits_max_stow_body_bytes),
+        build_dicomweb_proxy_router(settings, proxy, max_stow_bytes=settings.limits.max_stow_body_bytes),
         dependencies=guarded,
     )
     app.include_router(metrics_router)

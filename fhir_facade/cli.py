@@ -74,8 +74,8 @@ def demo_analysis_notice(
         for off, reason in (
             (not settings.demo_analyze, "FACADE_DEMO_ANALYZE=false"),
             (not settings.watch_studies, "FACADE_WATCH_STUDIES=false"),
-            (not settings.analyze_enabled, "FACADE_ANALYZE_ENABLED=false"),
-            (not settings.analyze_worklist, "FACADE_ANALYZE_WORKLIST=false"),
+            (not settings.analyze.enabled, "FACADE_ANALYZE_ENABLED=false"),
+            (not settings.analyze.worklist, "FACADE_ANALYZE_WORKLIST=false"),
             ("MR" not in settings.task_modalities, "FACADE_TASK_MODALITIES has no MR"),
         )
         if off
@@ -86,7 +86,7 @@ def demo_analysis_notice(
             f"POST {settings.base_url}/ImagingStudy/{study_uid}/$analyze analyses it"
         )
     return (
-        f"demo: analysing study {study_uid} with {settings.analyze_default_model} at start-up: once "
+        f"demo: analysing study {study_uid} with {settings.analyze.default_model} at start-up: once "
         f"Orthanc holds it stable ({stable_age} s) the study-arrival watcher gives it an analysis Task "
         "and the worklist runs it; the result is logged as 'Analyzed study ...' (a preliminary "
         "DiagnosticReport and an SR series in the PACS), unless the store holds its Task from an "
@@ -102,10 +102,10 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
     from fhir_facade.demo import demo_stored, upload_demo
     from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, parse_dicom_peer
 
-    worklist_dir = settings.worklist_dir or settings.data_dir.resolve() / "worklists"
+    worklist_dir = settings.worklist.folder or settings.data_dir.resolve() / "worklists"
     worklist_dir.mkdir(parents=True, exist_ok=True)
     # The worklist's own station (ScheduledStationAETitle) on this machine, and the listed ones.
-    station = DicomPeer(settings.worklist_station_ae_title, "127.0.0.1")
+    station = DicomPeer(settings.worklist.station_ae_title, "127.0.0.1")
     peers = [station, *(parse_dicom_peer(entry) for entry in settings.pacs_modalities)]
     orthanc = EmbeddedOrthanc(
         settings.data_dir.resolve() / "orthanc",

@@ -8,16 +8,150 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fhir_facade.embedded.dicom_peers import parse_dicom_peer
 from fhir_facade.worklist import check_stations, load_concept_maps
 
-__all__ = ["Settings"]
+__all__ = [
+    "AnalyzeSettings",
+    "InferenceSettings",
+    "LimitsSettings",
+    "LockoutSettings",
+    "Settings",
+    "SettingsSection",
+    "SyncSettings",
+    "UpstreamSettings",
+    "WorklistSettings",
+]
+
+
+class SettingsSection(BaseModel):
+    """One area's settings as a typed, read-only group (`settings.sync.batch_size`).
+
+    The environment keeps the flat `FACADE_<AREA>_<NAME>` variables deployments already set (and
+    `Settings` validates and documents them in one place); a section field reads the Settings field
+    `prefix + name`, or the one `renamed` gives. Code of an area takes its section, not the whole
+    Settings, so what it depends on is visible in its signature.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    prefix: ClassVar[str] = ""
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def of(cls, settings: Any) -> Self:
+        return cls(
+            **{name: getattr(settings, cls.renamed.get(name, cls.prefix + name)) for name in cls.model_fields}
+        )
+
+
+class UpstreamSettings(SettingsSection):
+    """How to reach the upstream FHIR server (FACADE_FHIR_UPSTREAM_URL, FACADE_UPSTREAM_*). `auth`
+    is none, basic (username/password), bearer (a fixed token) or smart-backend (SMART Backend
+    Services: client_id + private key; token_url, when left out, is discovered from
+    `[base_url]/.well-known/smart-configuration`)."""
+
+    prefix = "upstream_"
+    renamed = {
+        "base_url": "fhir_upstream_url",
+        "token_url": "upstream_smart_token_url",
+        "client_id": "upstream_smart_client_id",
+        "private_key_path": "upstream_smart_private_key_path",
+        "key_id": "upstream_smart_key_id",
+        "algorithm": "upstream_smart_algorithm",
+        "scope": "upstream_smart_scope",
+    }
+
+    base_url: str
+    auth: str = "none"
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    timeout: float = 10.0
+    token_url: str | None = None
+    client_id: str | None = None
+    private_key_path: str | Path | None = None
+    key_id: str | None = None
+    algorithm: str = "RS384"
+    scope: str = "system/*.write system/*.read"
+
+
+class SyncSettings(SettingsSection):
+    """The outbox worker (FACADE_SYNC_*, ADR 0007)."""
+
+    prefix = "sync_"
+    in_process: bool
+    poll_interval: float
+    batch_size: int
+    mirror_studies: bool
+    lease_seconds: float
+
+
+class WorklistSettings(SettingsSection):
+    """Orders -> DICOM Modality Worklist (FACADE_WORKLIST_*, ADR 0018)."""
+
+    prefix = "worklist_"
+    renamed = {"folder": "worklist_dir"}
+    folder: Path | None
+    station_ae_title: str
+    procedure_map: Path | None
+    stations: dict[str, str]
+
+
+class InferenceSettings(SettingsSection):
+    """Where the model runs (FACADE_INFERENCE_*)."""
+
+    prefix = "inference_"
+    backend: Literal["onnxruntime", "kserve-v2"]
+    url: str | None
+    providers: tuple[str, ...] | None
+    threads: int | None
+
+
+class AnalyzeSettings(SettingsSection):
+    """`$analyze` and the analysis worklist (FACADE_ANALYZE_*, ADR 0006)."""
+
+    prefix = "analyze_"
+    enabled: bool
+    default_model: str
+    worklist: bool
+    poll_interval: float
+    workers: int
+    timeout: float | None
+    write_sr: bool
+
+
+class LimitsSettings(SettingsSection):
+    """Request limits against hostile input (FACADE_LIMITS_*, ADR 0010)."""
+
+    prefix = "limits_"
+    max_body_bytes: int
+    max_stow_body_bytes: int
+    body_timeout: float
+    json_max_depth: int
+    json_max_number_length: int
+    keep_alive_timeout: float
+    max_header_bytes: int
+    max_concurrency: int | None
+
+
+class LockoutSettings(SettingsSection):
+    """Brute-force protection of the built-in authorization server (FACADE_AUTH_LOCKOUT_*, ADR 0011)."""
+
+    prefix = "auth_lockout_"
+    failures: int
+    address_failures: int
+    window: float
+    duration: float
+    max_duration: float
+    delay: float
+    max_delay: float
+    max_tracked: int
 
 
 class Settings(BaseSettings):
@@ -453,6 +587,37 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown IANA time zone {value!r}") from exc
         return value
+
+    # -- the sections: one typed group per area (see SettingsSection) ------------------------------
+
+    @cached_property
+    def upstream(self) -> UpstreamSettings | None:
+        """The upstream FHIR server, None when FACADE_FHIR_UPSTREAM_URL is not set."""
+        return UpstreamSettings.of(self) if self.fhir_upstream_url else None
+
+    @cached_property
+    def sync(self) -> SyncSettings:
+        return SyncSettings.of(self)
+
+    @cached_property
+    def worklist(self) -> WorklistSettings:
+        return WorklistSettings.of(self)
+
+    @cached_property
+    def inference(self) -> InferenceSettings:
+        return InferenceSettings.of(self)
+
+    @cached_property
+    def analyze(self) -> AnalyzeSettings:
+        return AnalyzeSettings.of(self)
+
+    @cached_property
+    def limits(self) -> LimitsSettings:
+        return LimitsSettings.of(self)
+
+    @cached_property
+    def lockout(self) -> LockoutSettings:
+        return LockoutSettings.of(self)
 
     @cached_property
     def timezone(self) -> ZoneInfo:

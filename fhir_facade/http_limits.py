@@ -49,7 +49,7 @@ class BodyLimits:
     @classmethod
     def from_settings(cls, settings: Settings) -> BodyLimits:
         return cls(
-            settings.limits_max_body_bytes, settings.limits_max_stow_body_bytes, settings.limits_body_timeout
+            settings.limits.max_body_bytes, settings.limits.max_stow_body_bytes, settings.limits.body_timeout
         )
 
     def for_request(self, scope: Scope) -> int:
@@ -115,7 +115,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     before the application sees a request: the head's size, idle keep-alive connections, and
     the number of connections and requests at once (503 above it)."""
     return {
-        "timeout_keep_alive": settings.limits_keep_alive_timeout,
-        "h11_max_incomplete_event_size": settings.limits_max_header_bytes,
-        "limit_concurrency": settings.limits_max_concurrency,
+        "timeout_keep_alive": settings.limits.keep_alive_timeout,
+        "h11_max_incomplete_event_size": settings.limits.max_header_bytes,
+        "limit_concurrency": settings.limits.max_concurrency,
     }

@@ -345,13 +345,13 @@ class KServeV2Backend:
 
 
 def create_backend(manifest: ModelManifest, settings: Settings) -> InferenceBackend:
-    """The backend that `settings.inference_backend` names, for one model (not warmed up yet)."""
-    if settings.inference_backend == "kserve-v2":
-        if not settings.inference_url:
+    """The backend that `settings.inference.backend` names, for one model (not warmed up yet)."""
+    if settings.inference.backend == "kserve-v2":
+        if not settings.inference.url:
             raise ValueError("inference_backend 'kserve-v2' needs inference_url (FACADE_INFERENCE_URL)")
-        return KServeV2Backend(manifest, settings.inference_url)
+        return KServeV2Backend(manifest, settings.inference.url)
     return OnnxRuntimeBackend(
         manifest,
-        providers=settings.inference_providers,
-        threads=settings.inference_threads,
+        providers=settings.inference.providers,
+        threads=settings.inference.threads,
     )

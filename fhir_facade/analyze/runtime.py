@@ -54,9 +54,9 @@ class AnalyzeRuntime:
         rights and for writing results; `atomic`: the store transaction a result is written in."""
         self._settings = settings
         manifests = load_manifests()
-        if settings.analyze_default_model not in manifests:
+        if settings.analyze.default_model not in manifests:
             raise ValueError(
-                f"FACADE_ANALYZE_DEFAULT_MODEL={settings.analyze_default_model!r} is not one of "
+                f"FACADE_ANALYZE_DEFAULT_MODEL={settings.analyze.default_model!r} is not one of "
                 f"{sorted(manifests)}"
             )
         self.wado = WadoClient(
@@ -67,13 +67,13 @@ class AnalyzeRuntime:
         )
         self.stow = (
             StowClient(settings.dicomweb_url, timeout=settings.dicomweb_timeout, auth=settings.pacs_auth)
-            if settings.analyze_write_sr
+            if settings.analyze.write_sr
             else None
         )
         self.analyzer = Analyzer(
             manifests=manifests,
             backends={},
-            default_model=settings.analyze_default_model,
+            default_model=settings.analyze.default_model,
             studies=providers["ImagingStudy"],
             qido=qido,
             wado=self.wado,
@@ -82,7 +82,7 @@ class AnalyzeRuntime:
             atomic=atomic,
             # presentedForm.url: a link the caller follows with its own token (ADR 0016)
             link_base=settings.dicomweb_link_url,
-            timeout=settings.analyze_timeout,
+            timeout=settings.analyze.timeout,
         )
         tasks = providers["Task"]
         assert isinstance(tasks, StoredResourceProvider)
@@ -91,7 +91,7 @@ class AnalyzeRuntime:
             tasks,
             visible,
             authorization,
-            workers=settings.analyze_workers,
+            workers=settings.analyze.workers,
             base_url=settings.base_url,
         )
         self.router: APIRouter = build_analyze_router(self.jobs, settings.base_url)
@@ -110,10 +110,10 @@ class AnalyzeRuntime:
             await asyncio.to_thread(backend.warm_up)
             self.analyzer.backends[model_id] = backend
             log.info("Model %s %s ready on %s", model_id, manifest.version, ", ".join(backend.providers))
-        if self._settings.analyze_worklist:
+        if self._settings.analyze.worklist:
             self._stop.clear()
             self._poller = asyncio.create_task(
-                self.jobs.run_worklist(self._stop, self._settings.analyze_poll_interval),
+                self.jobs.run_worklist(self._stop, self._settings.analyze.poll_interval),
                 name="analysis-worklist",
             )
 

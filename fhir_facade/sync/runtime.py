@@ -18,7 +18,7 @@ from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.store import ResourceStore
 from fhir_facade.sync.outbox_queue import OutboxQueue
-from fhir_facade.sync.upstream import UpstreamClient, UpstreamSettings
+from fhir_facade.sync.upstream import UpstreamClient
 from fhir_facade.sync.worker import SyncWorker
 
 __all__ = ["SyncRuntime"]
@@ -28,26 +28,12 @@ class SyncRuntime:
     def __init__(
         self, settings: Settings, store: ResourceStore, providers: dict[str, ResourceProvider]
     ) -> None:
-        assert settings.fhir_upstream_url is not None
+        upstream = settings.upstream
+        assert upstream is not None, "SyncRuntime needs FACADE_FHIR_UPSTREAM_URL"
         self._settings = settings
         self.queue = OutboxQueue(store.engine)
         self.queue.subscribe_to(store.bus)  # every stored version gets its outbox row from now on
-        self.upstream = UpstreamClient(
-            UpstreamSettings(
-                base_url=settings.fhir_upstream_url,
-                auth=settings.upstream_auth,
-                username=settings.upstream_username,
-                password=settings.upstream_password,
-                token=settings.upstream_token,
-                timeout=settings.upstream_timeout,
-                token_url=settings.upstream_smart_token_url,
-                client_id=settings.upstream_smart_client_id,
-                private_key_path=settings.upstream_smart_private_key_path,
-                key_id=settings.upstream_smart_key_id,
-                algorithm=settings.upstream_smart_algorithm,
-                scope=settings.upstream_smart_scope,
-            )
-        )
+        self.upstream = UpstreamClient(upstream)
 
         async def read_virtual(resource_type: str, resource_id: str) -> dict[str, Any] | None:
             try:
@@ -62,18 +48,18 @@ class SyncRuntime:
             self.queue,
             self.upstream,
             read_virtual,
-            batch_size=settings.sync_batch_size,
-            lease_seconds=settings.sync_lease_seconds,
+            batch_size=settings.sync.batch_size,
+            lease_seconds=settings.sync.lease_seconds,
         )
         self.router = self._build_router()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self._settings.sync_in_process:
+        if self._settings.sync.in_process:
             self._stop.clear()
             self._task = asyncio.create_task(
-                self.worker.run_forever(self._stop, self._settings.sync_poll_interval), name="upstream-sync"
+                self.worker.run_forever(self._stop, self._settings.sync.poll_interval), name="upstream-sync"
             )
 
     async def stop(self) -> None:

@@ -15,9 +15,10 @@ from typing import Any
 
 import httpx
 
+from fhir_facade.config import UpstreamSettings
 from fhir_facade.correlation import add_correlation_headers
 from fhir_facade.http_dates import retry_after_seconds
-from fhir_facade.sync.upstream_auth import DEFAULT_SCOPE, SmartAuthError, SmartBackendAuth
+from fhir_facade.sync.upstream_auth import SmartAuthError, SmartBackendAuth
 
 __all__ = ["Outcome", "UpstreamAnswer", "UpstreamClient", "UpstreamSettings"]
 
@@ -37,26 +38,6 @@ class UpstreamAnswer:
     status: int | None
     detail: str
     retry_after: float | None = None
-
-
-@dataclass(frozen=True)
-class UpstreamSettings:
-    """How to reach the upstream. `auth` is none, basic (username/password), bearer (a fixed
-    token) or smart-backend (SMART Backend Services: client_id + private key; token_url, when
-    left out, is discovered from `[base_url]/.well-known/smart-configuration`)."""
-
-    base_url: str
-    auth: str = "none"
-    username: str | None = None
-    password: str | None = None
-    token: str | None = None
-    timeout: float = 10.0
-    token_url: str | None = None
-    client_id: str | None = None
-    private_key_path: str | Path | None = None
-    key_id: str | None = None
-    algorithm: str = "RS384"
-    scope: str = DEFAULT_SCOPE
 
 
 def _retry_after(response: httpx.Response) -> float | None:

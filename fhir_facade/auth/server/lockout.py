@@ -352,16 +352,16 @@ def lockouts_from_settings(settings: Settings) -> tuple[Lockout, Lockout]:
     def policy(failures: int) -> LockoutPolicy:
         return LockoutPolicy(
             failures=failures,
-            window=settings.auth_lockout_window,
-            duration=settings.auth_lockout_duration,
-            max_duration=max(settings.auth_lockout_max_duration, settings.auth_lockout_duration),
-            delay=settings.auth_lockout_delay,
-            max_delay=max(settings.auth_lockout_max_delay, settings.auth_lockout_delay),
-            capacity=settings.auth_lockout_max_tracked,
+            window=settings.lockout.window,
+            duration=settings.lockout.duration,
+            max_duration=max(settings.lockout.max_duration, settings.lockout.duration),
+            delay=settings.lockout.delay,
+            max_delay=max(settings.lockout.max_delay, settings.lockout.delay),
+            capacity=settings.lockout.max_tracked,
         )
 
     principal, address = (
-        policy(settings.auth_lockout_failures),
-        policy(settings.auth_lockout_address_failures),
+        policy(settings.lockout.failures),
+        policy(settings.lockout.address_failures),
     )
     return Lockout("user", principal, address), Lockout("client", principal, address)
