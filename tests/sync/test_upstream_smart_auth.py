@@ -325,12 +325,12 @@ def test_bad_settings_are_refused_early(keys: dict[str, Path], tmp_path: Path) -
         SmartBackendAuth("http://x/token", CLIENT_ID, keys["RS384"].read_bytes(), RSA_KID, "HS256")
     with pytest.raises(ValueError, match="client_id"):
         UpstreamClient(
-            UpstreamSettings("http://x/fhir", auth="smart-backend", private_key_path=keys["RS384"])
+            UpstreamSettings(base_url="http://x/fhir", auth="smart-backend", private_key_path=keys["RS384"])
         )
     with pytest.raises(ValueError, match="private_key_path"):
         UpstreamClient(
             UpstreamSettings(
-                "http://x/fhir",
+                base_url="http://x/fhir",
                 auth="smart-backend",
                 client_id=CLIENT_ID,
                 key_id=RSA_KID,
