@@ -109,10 +109,10 @@ class ResourceStore:
                 resource_type, {**resource, "meta": {**resource.get("meta", {}), "versionId": "1"}}
             )
         expected = parse_etag(if_match) if if_match is not None else None
-        ambient = AMBIENT_TRANSACTION.get()
-        if ambient is not None:
+
+        def write_in(connection: Connection) -> tuple[dict[str, Any], bool]:
             return write_version(
-                ambient,
+                connection,
                 resource_type,
                 resource_id,
                 resource,
@@ -122,21 +122,15 @@ class ResourceStore:
                 clock=self._clock,
                 bus=self.bus,
             )
+
+        ambient = AMBIENT_TRANSACTION.get()
+        if ambient is not None:
+            return write_in(ambient)
         for attempt in range(_WRITE_ATTEMPTS):
             try:
                 connection = write_connection(self._engine)
                 with connection, connection.begin():
-                    return write_version(
-                        connection,
-                        resource_type,
-                        resource_id,
-                        resource,
-                        if_match,
-                        expected,
-                        guard,
-                        clock=self._clock,
-                        bus=self.bus,
-                    )
+                    return write_in(connection)
             except IntegrityError:
                 # Another transaction created the same id between our SELECT and INSERT (only
                 # possible for a new id: existing rows are locked). Retry sees its row.
