@@ -73,6 +73,9 @@ def local_references(resource: dict[str, Any], base_url: str) -> list[tuple[str,
 
 
 def _local_target(reference: str, base_url: str) -> tuple[str, str] | None:
+    """(type, id) of a reference that looks local. Deliberately laxer than fhir.references.local_target:
+    an id outside the FHIR id pattern still counts as a local target here, so `check_references`
+    refuses it (nothing of that id is known) instead of letting an unchecked reference through."""
     if reference.startswith(base_url + "/"):
         reference = reference[len(base_url) + 1 :]
     elif "://" in reference or reference.startswith(("#", "urn:")):
