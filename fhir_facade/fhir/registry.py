@@ -125,6 +125,9 @@ class ResourceTypeFacts:
     r4_compartment_params: tuple[str, ...] = ()
     #: The reference parameters `_include`/`_revinclude` follow (see `load_registry`).
     include_params: tuple[str, ...] = ()
+    #: Whether the upstream sync sends this type (False: Subscription, a delivery contract with
+    #: this server only; docs/adr/0026-subscriptions-design.md).
+    synced: bool = True
     _by_name: dict[str, SearchParameterFacts] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -262,6 +265,7 @@ def load_registry(folder: Path) -> ResourceTypeRegistry:
             patient_compartment=_compartment(resource_type, by_name, r4_params, rules.get(resource_type)),
             r4_compartment_params=r4_params or (),
             include_params=tuple(include),
+            synced=bool(declaration.get("synced", True)),
         )
     return ResourceTypeRegistry(types)
 
