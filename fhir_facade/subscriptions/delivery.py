@@ -67,6 +67,8 @@ async def read_focus(readers: Mapping[str, ResourceProvider], event: EventRow) -
     if provider is None:
         return None
     try:
+        if event.version_id == 0:  # a live resource of the PACS (the study topic)
+            return await provider.read(event.resource_id)
         return await provider.vread(event.resource_id, str(event.version_id))
     except FhirError:
         return None

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from fhir_facade.auth.access import Access
 from fhir_facade.auth.compartment import compartment_rule, patient_references
@@ -27,6 +27,7 @@ from fhir_facade.auth.scopes import Interaction
 from fhir_facade.fhir.errors import FhirError
 from fhir_facade.fhir.pipeline import EventBus, VersionStored
 from fhir_facade.store.authorship import WRITE_AUTHOR
+from fhir_facade.store.engine import WRITE
 from fhir_facade.store.tables import VERSION
 from fhir_facade.subscriptions.backport import parse_subscription
 from fhir_facade.subscriptions.tables import EVENT, STATE
@@ -131,7 +132,15 @@ class SubscriptionMatcher:
                 continue
             if not author_may_read(candidate.author, current, self._base_url):
                 continue
-            self._record(connection, candidate.subscription_id, version)
+            at = version.at if version.at.tzinfo else version.at.replace(tzinfo=UTC)
+            self._record(
+                connection,
+                candidate.subscription_id,
+                version.resource_type,
+                version.resource_id,
+                version.version,
+                at,
+            )
 
     @staticmethod
     def _before(connection: Connection, version: VersionStored) -> dict[str, Any] | None:
@@ -149,8 +158,40 @@ class SubscriptionMatcher:
         loaded: dict[str, Any] = json.loads(row.resource_json)
         return loaded
 
+    def record_study(self, engine: Engine, study: dict[str, Any], at: datetime) -> int:
+        """A study became stable in the PACS (`StudyArrived`): an event, numbered like the others
+        in one transaction of its own (the watcher has none), for each `active`/`error`
+        subscription of a `study-available` topic whose filters and author accept the live
+        ImagingStudy `study`. Version 0: the focus is the live resource. Returns how many."""
+        recorded = 0
+        with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
+            candidates = connection.execute(
+                select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json).where(
+                    STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING)
+                )
+            ).all()
+            for candidate in candidates:
+                try:
+                    spec = parse_subscription(json.loads(candidate.resource_json), self._topics)
+                except FhirError:
+                    continue
+                if spec.topic.event is None or not spec.topic.matches(spec.filters, study):
+                    continue
+                if not author_may_read(candidate.author, study, self._base_url):
+                    continue
+                self._record(connection, candidate.subscription_id, "ImagingStudy", str(study["id"]), 0, at)
+                recorded += 1
+        return recorded
+
     @staticmethod
-    def _record(connection: Connection, subscription_id: str, version: VersionStored) -> None:
+    def _record(
+        connection: Connection,
+        subscription_id: str,
+        resource_type: str,
+        resource_id: str,
+        version_id: int,
+        at: datetime,
+    ) -> None:
         key = STATE.c.subscription_id == subscription_id
         # The UPDATE takes the row lock first: concurrent writers number their events one after the other.
         connection.execute(update(STATE).where(key).values(events_count=STATE.c.events_count + 1))
@@ -159,11 +200,9 @@ class SubscriptionMatcher:
             insert(EVENT).values(
                 subscription_id=subscription_id,
                 event_number=number,
-                resource_type=version.resource_type,
-                resource_id=version.resource_id,
-                version_id=version.version,
-                occurred_at=version.at.astimezone(UTC)
-                if version.at.tzinfo
-                else version.at.replace(tzinfo=UTC),
+                resource_type=resource_type,
+                resource_id=resource_id,
+                version_id=version_id,
+                occurred_at=at,
             )
         )

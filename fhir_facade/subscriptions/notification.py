@@ -62,7 +62,9 @@ def status_parameters(
             {"name": "timestamp", "valueInstant": _instant(event.occurred_at)},
         ]
         if content != "empty":
-            reference = f"{base_url}/{event.resource_type}/{event.resource_id}/_history/{event.version_id}"
+            reference = f"{base_url}/{event.resource_type}/{event.resource_id}"
+            if event.version_id:  # 0: a live resource of the PACS, which has no versions
+                reference += f"/_history/{event.version_id}"
             parts.append({"name": "focus", "valueReference": {"reference": reference}})
         parameters.append({"name": "notification-event", "part": parts})
     return {
@@ -97,12 +99,12 @@ def notification_bundle(
             entry: dict[str, Any] = {
                 "fullUrl": f"{base_url}/{event.resource_type}/{event.resource_id}",
                 "request": {
-                    "method": "POST" if event.version_id == 1 else "PUT",
+                    "method": "POST" if event.version_id <= 1 else "PUT",
                     "url": event.resource_type
-                    if event.version_id == 1
+                    if event.version_id <= 1
                     else f"{event.resource_type}/{event.resource_id}",
                 },
-                "response": {"status": "201" if event.version_id == 1 else "200"},
+                "response": {"status": "201" if event.version_id <= 1 else "200"},
             }
             if content == "full-resource" and event.resource is not None:
                 entry["resource"] = event.resource

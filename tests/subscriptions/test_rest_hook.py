@@ -269,7 +269,7 @@ def test_topics_are_advertised_and_subscriptions_are_not_synced(
     statement = ok_json(http.get("metadata"))
     (entry,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "Subscription"]
     canonicals = {e["valueCanonical"] for e in entry["extension"]}
-    assert canonicals == {TASK_TOPIC, REPORT_TOPIC}
+    assert canonicals == {TASK_TOPIC, REPORT_TOPIC, f"{TOPICS}/imaging-study-available"}
     assert {e["url"] for e in entry["extension"]} == {
         "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/capabilitystatement-subscriptiontopic-canonical"
     }
@@ -286,3 +286,12 @@ def test_topics_are_advertised_and_subscriptions_are_not_synced(
         after = connection.execute(select(func.count()).select_from(table)).scalar_one()
         connection.rollback()
     assert after - before == 1  # the Task's row; none for the Subscription
+
+
+def test_the_shipped_topics_are_valid_r4b_subscription_topics() -> None:
+    from fhir_facade.subscriptions.topics import topics
+
+    shipped = topics()
+    assert {TASK_TOPIC, REPORT_TOPIC, f"{TOPICS}/imaging-study-available"} == set(shipped)
+    for topic in shipped.values():
+        validate(topic.resource)
