@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fhir_facade.fhir.errors import bad_request
 from fhir_facade.fhir.negotiation import negotiate_response_format
+from fhir_facade.fhir.openapi import error_responses
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import fhir_response
 from fhir_facade.subscriptions.backport import PAYLOAD_CONTENTS, parse_subscription
@@ -64,11 +65,6 @@ def build_operations_router(
     router = APIRouter(prefix="/fhir")
     subscriptions = readers["Subscription"]
 
-    @router.api_route(
-        "/Subscription/{subscription_id}/$status",
-        methods=["GET", "POST"],
-        summary="Subscription status (Backport IG $status)",
-    )
     async def status(subscription_id: str, request: Request) -> Response:
         negotiate_response_format(request)
         subscription = await subscriptions.read(subscription_id)
@@ -92,11 +88,6 @@ def build_operations_router(
         }
         return fhir_response(bundle, request)
 
-    @router.api_route(
-        "/Subscription/{subscription_id}/$events",
-        methods=["GET", "POST"],
-        summary="Replay of a subscription's events by number (Backport IG $events)",
-    )
     async def events(subscription_id: str, request: Request) -> Response:
         negotiate_response_format(request)
         parameters = await _parameters(request)
@@ -130,4 +121,18 @@ def build_operations_router(
         )
         return fhir_response(bundle, request)
 
+    summaries = {
+        "status": (status, "Subscription status (Backport IG $status)"),
+        "events": (events, "Replay of a subscription's events by number (Backport IG $events)"),
+    }
+    for name, (endpoint, summary) in summaries.items():
+        for method in ("GET", "POST"):
+            router.add_api_route(
+                f"/Subscription/{{subscription_id}}/${name}",
+                endpoint,
+                methods=[method],
+                summary=summary,
+                operation_id=f"subscription_{name}_{method.lower()}",
+                responses=error_responses(400, 404, 410),
+            )
     return router
