@@ -128,6 +128,9 @@ class ResourceTypeFacts:
     #: Whether the upstream sync sends this type (False: Subscription, a delivery contract with
     #: this server only; docs/adr/0026-subscriptions-design.md).
     synced: bool = True
+    #: Whether only the resource's author (and system/ callers) may see it (auth/author_only.py):
+    #: a Subscription carries its receiver's address and secrets.
+    author_only: bool = False
     _by_name: dict[str, SearchParameterFacts] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -266,6 +269,7 @@ def load_registry(folder: Path) -> ResourceTypeRegistry:
             r4_compartment_params=r4_params or (),
             include_params=tuple(include),
             synced=bool(declaration.get("synced", True)),
+            author_only=declaration.get("visibleTo") == "author",
         )
     return ResourceTypeRegistry(types)
 

@@ -87,3 +87,49 @@ def test_a_patient_tokens_subscription_never_carries_another_patients_event(
         stranger = issuer.headers("launch/patient patient/Task.rs", patient=OTHER)
         refused = http.get(f"Subscription/{created['id']}/$status", headers=stranger)
         assert refused.status_code == 403, refused.text
+
+
+def test_only_its_author_and_system_callers_see_a_subscription(
+    secured: tuple[LiveServer, TestIssuer], receiver: Receiver
+) -> None:
+    """A Subscription names its receiver and may carry the receiver's secrets (channel.header): other
+    clients, even with read scopes on Subscription, get 404 alike for it, find nothing in searches
+    and history, and cannot change or delete it (auth/author_only.py)."""
+    server, issuer = secured
+    scopes = "launch/patient patient/Subscription.cruds patient/Task.rs"
+    author = {**FHIR_JSON, **issuer.headers(scopes, patient=OWN)}
+    other_app = {**FHIR_JSON, **issuer.headers(scopes, patient=OWN, client_id="other-app")}
+    other_user = {**FHIR_JSON, **issuer.headers(scopes, patient=OWN, sub="user-2")}
+    admin = {**FHIR_JSON, **issuer.headers("system/Subscription.rs")}
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        body = subscription(TASK_TOPIC, receiver.url("secret"), "id-only")
+        body["channel"]["header"] = ["Authorization: Bearer receiver-secret"]
+        created = ok_json(http.post("Subscription", json=body, headers=author), 201)
+        sid = created["id"]
+        assert ok_json(http.get(f"Subscription/{sid}", headers=author))["id"] == sid
+        assert sid in [
+            e["resource"]["id"] for e in ok_json(http.get("Subscription", headers=author))["entry"]
+        ]
+        assert ok_json(http.get(f"Subscription/{sid}", headers=admin))["id"] == sid
+
+        for stranger in (other_app, other_user):
+            for url in (
+                f"Subscription/{sid}",
+                f"Subscription/{sid}/_history",
+                f"Subscription/{sid}/_history/1",
+            ):
+                answer = http.get(url, headers=stranger)
+                assert answer.status_code == 404, (url, answer.text)
+                assert "receiver-secret" not in answer.text
+            found = ok_json(http.get("Subscription", headers=stranger))
+            assert sid not in json.dumps(found) and "receiver-secret" not in json.dumps(found)
+            history = ok_json(http.get("Subscription/_history", headers=stranger))
+            assert sid not in json.dumps(history)
+            assert (
+                http.put(f"Subscription/{sid}", json={**body, "id": sid}, headers=stranger).status_code == 404
+            )
+            assert http.delete(f"Subscription/{sid}", headers=stranger).status_code == 404
+        assert (
+            ok_json(http.get(f"Subscription/{sid}", headers=author))["channel"]["header"]
+            == body["channel"]["header"]
+        )
