@@ -1,4 +1,4 @@
-"""The subscription topics the facade serves: data in capability/SubscriptionTopic-*.json (R4B
+"""The subscription topics the facade serves: data in capability/topics/SubscriptionTopic-*.json (R4B
 SubscriptionTopic content, which the Subscriptions R5 Backport IG 1.1.0 lets an R4 server name by
 canonical URL), loaded once.
 
@@ -121,9 +121,11 @@ def _reference_matches(value: Any, wanted: str) -> bool:
 
 
 def load_topics(folder: Any = None) -> dict[str, Topic]:
-    """Every capability/SubscriptionTopic-*.json by canonical URL; RegistryError on a topic whose
-    trigger or filters the facade cannot evaluate."""
-    folder = folder or data_path("capability")
+    """Every capability/topics/SubscriptionTopic-*.json by canonical URL; RegistryError on a topic
+    whose trigger or filters the facade cannot evaluate. A folder of their own: SubscriptionTopic is
+    no R4 resource type, so the conformance artifacts of capability/ (served as resources) must not
+    include them; the Backport IG names topics by canonical URL in the CapabilityStatement."""
+    folder = folder or data_path("capability") / "topics"
     found: dict[str, Topic] = {}
     for path in sorted(folder.glob("SubscriptionTopic-*.json")):
         resource = json.loads(path.read_text(encoding="utf-8"))
