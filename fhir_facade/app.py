@@ -50,6 +50,7 @@ from fhir_facade.resources.stored import StoredResourceProvider, stored_provider
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.store.atomic import atomic_scope
 from fhir_facade.store.feed_position import SqlFeedPositionStore
+from fhir_facade.subscriptions import SubscriptionRuntime
 from fhir_facade.sync.outbox_queue import OutboxQueue
 from fhir_facade.sync.runtime import SyncRuntime
 from fhir_facade.sync.unconfigured import build_unconfigured_sync_router
@@ -220,6 +221,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         catalogue=catalogue,
         stations=settings.worklist.stations,
     )
+    # Topic-based Subscriptions (ADR 0026): the matcher is on the bus before any write.
+    subscriptions = SubscriptionRuntime(settings, store)
+    stored = [subscriptions.provider if p.resource_type == "Subscription" else p for p in stored]
     orders = next(p for p in stored if p.resource_type == "ServiceRequest")
     providers: list[ResourceProvider] = [
         ImagingStudyProvider(dicomweb, ctx, orthanc, _orders_by_accession(orders, settings)),
@@ -244,6 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     visible = pipeline.wrap(providers)
     atomic = atomic_scope(store)  # one per store: it bounds the transactions open at once
     _subscribe_to_arrivals(settings, bus, store, visible)
+    subscription_routes = subscriptions.bind(visible)
     if worklist is not None:
         OrderWorklist(
             worklist,
@@ -281,6 +286,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await analyze.start()
         if sync:
             await sync.start()
+        await subscriptions.start()
         log.info(
             "fhir-facade %s: FHIR base %s, PACS %s",
             __version__,
@@ -292,6 +298,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if audit:  # first: writes out every event still queued, while the store is open
                 await audit.stop()
+            await subscriptions.stop()
             if sync:
                 await sync.stop()
             if analyze:
@@ -320,11 +327,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.pipeline = pipeline
     app.state.analyze = analyze
     app.state.sync = sync
+    app.state.subscriptions = subscriptions
     install_error_handlers(app, PACS_ERROR_TRANSLATORS)
     # Inside the audit (refusals are audited like any 4xx), outside everything that reads a body.
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
-    operations = analyze.operations if analyze else None
+    operations = {**(analyze.operations if analyze else {}), "Subscription": list(subscriptions.operations)}
     authenticate, security = _install_security(app, settings)
     guarded = [Depends(authenticate)]
     # Admin-only whether or not an upstream is set: a non-admin learns nothing of the configuration.
@@ -335,6 +343,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tasks = next(p for p in providers if p.resource_type == "Task")
         guard = analyze_guard(studies, tasks, settings.base_url)
         app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
+    # Before the FHIR router, whose /{type}/{id} catch-all would shadow the operations.
+    app.include_router(subscription_routes, dependencies=guarded)
     app.include_router(
         build_fhir_router(visible, settings, atomic, operations, authenticate=authenticate, security=security)
     )

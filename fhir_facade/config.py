@@ -276,6 +276,25 @@ class Settings(BaseSettings):
             "(idempotently) after this. Keep it well above FACADE_UPSTREAM_TIMEOUT."
         ),
     )
+    subscription_endpoints: tuple[str, ...] = Field(
+        (),
+        description=(
+            'URL prefixes (JSON list, e.g. ["https://ehr.hospital.example/fhir-hooks/"]) a rest-hook '
+            "Subscription's channel.endpoint must start with; anything else is refused (422), so a "
+            "client cannot make the server call arbitrary hosts (SSRF). Empty (the default): no "
+            "rest-hook Subscription is accepted."
+        ),
+    )
+    subscription_max_failures: int = Field(
+        5, ge=1, description="Failed deliveries in a row after which a Subscription's status becomes `error`."
+    )
+    subscription_retry_seconds: float = Field(
+        1.0, gt=0, description="First retry delay of a failed delivery; doubles per failure, at most 300 s."
+    )
+    subscription_poll_interval: float = Field(
+        0.2, gt=0, description="Seconds between polls of the subscription event rows when idle."
+    )
+    subscription_timeout: float = Field(10.0, gt=0, description="Seconds before a notification POST fails.")
     worklist_dir: Path | None = Field(
         None,
         description=(

@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from fhir_facade.auth.access import Confinement, authenticated_caller
+from fhir_facade.auth.author_only import AuthorOnly
 from fhir_facade.auth.compartment import (
     compartment_rule,
     local_references,
@@ -57,6 +58,7 @@ from fhir_facade.fhir.pipeline import (
 )
 from fhir_facade.fhir.provider import ResourceProvider, WriteResult
 from fhir_facade.fhir.references import local_target
+from fhir_facade.fhir.registry import registry
 from fhir_facade.fhir.search import SearchRequest, parse_search
 
 __all__ = ["AuthorizationStage", "TypeAuthorizer"]
@@ -481,6 +483,13 @@ class TypeAuthorizer:
         return next((e for e in entries if not e.get("_deleted")), None)
 
 
+@runtime_checkable
+class AuthoredProvider(Protocol):
+    """A provider that knows who wrote each version (the SQL store's, ADR 0009)."""
+
+    async def author_of(self, resource_id: str, version_id: str) -> str | None: ...
+
+
 class AuthorizationStage:
     """The pipeline stage that decides, for every interaction, what its caller may see and do.
 
@@ -493,10 +502,45 @@ class AuthorizationStage:
         self.authorizers = {kind: TypeAuthorizer(p, peers, base_url) for kind, p in peers.items()}
         for authorizer in self.authorizers.values():
             authorizer.authorizing_peers = self.authorizers
+        #: The types only their author may see (registry data), with the author lookup of their store.
+        self.author_only = {
+            kind: AuthorOnly(kind, provider.author_of)
+            for kind, provider in peers.items()
+            if (facts := registry().facts(kind)) is not None
+            and facts.author_only
+            and isinstance(provider, AuthoredProvider)
+        }
 
     async def around(self, context: InteractionContext, call: Call, proceed: Proceed) -> Any:
         if context.caller is None and context.origin is Origin.INTERNAL:
             return await proceed()
+        author_only = self.author_only.get(context.resource_type)
+        if author_only is None:
+            return await self._scoped(context, call, proceed)
+        checked = author_only
+
+        async def own_only() -> Any:
+            """After the scope checks (a missing scope stays a 403), before the resource is touched."""
+            match call:
+                case Read() | Vread():
+                    await checked.check(Interaction.READ, call.named_id)
+                case History() if call.id is not None:
+                    await checked.check(Interaction.READ, call.id)
+                case Update() | Delete() if await call.current() is not None:
+                    write = Interaction.UPDATE if isinstance(call, Update) else Interaction.DELETE
+                    await checked.check(write, call.named_id)
+            return await proceed()
+
+        result = await self._scoped(context, call, own_only)
+        match call:
+            case Search():
+                return await author_only.filter_search(result)
+            case History() if call.id is None:
+                return await author_only.filter_history(*result)
+        return result
+
+    async def _scoped(self, context: InteractionContext, call: Call, proceed: Proceed) -> Any:
+        """The scope and compartment decisions of the interaction's type."""
         authorizer = self.authorizers[context.resource_type]
         match call:
             case Read():

@@ -59,7 +59,10 @@ def _resource_entry(
     providers: Sequence[ResourceProvider],
     operations: Sequence[dict[str, str]],
 ) -> dict[str, Any]:
-    entry: dict[str, Any] = {"type": provider.resource_type}
+    entry: dict[str, Any] = {}
+    if provider.capability_extensions:
+        entry["extension"] = [dict(e) for e in provider.capability_extensions]
+    entry["type"] = provider.resource_type
     if provider.profile:
         entry["profile"] = provider.profile
     if provider.documentation:

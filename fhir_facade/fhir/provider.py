@@ -37,6 +37,9 @@ class ResourceProvider(ABC):
     #: search parameter -> element paths holding the Reference(s), for _include/_revinclude
     #: (fhir/element_paths.py; the registry's reference parameters, fhir/registry.py)
     include_paths: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: Extensions on this type's CapabilityStatement.rest.resource entry (e.g. the Subscriptions
+    #: Backport IG's capabilitystatement-subscriptiontopic-canonical on Subscription).
+    capability_extensions: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     @property
     def interactions(self) -> tuple[str, ...]:

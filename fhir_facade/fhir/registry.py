@@ -125,6 +125,12 @@ class ResourceTypeFacts:
     r4_compartment_params: tuple[str, ...] = ()
     #: The reference parameters `_include`/`_revinclude` follow (see `load_registry`).
     include_params: tuple[str, ...] = ()
+    #: Whether the upstream sync sends this type (False: Subscription, a delivery contract with
+    #: this server only; docs/adr/0026-subscriptions-design.md).
+    synced: bool = True
+    #: Whether only the resource's author (and system/ callers) may see it (auth/author_only.py):
+    #: a Subscription carries its receiver's address and secrets.
+    author_only: bool = False
     _by_name: dict[str, SearchParameterFacts] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -262,6 +268,8 @@ def load_registry(folder: Path) -> ResourceTypeRegistry:
             patient_compartment=_compartment(resource_type, by_name, r4_params, rules.get(resource_type)),
             r4_compartment_params=r4_params or (),
             include_params=tuple(include),
+            synced=bool(declaration.get("synced", True)),
+            author_only=declaration.get("visibleTo") == "author",
         )
     return ResourceTypeRegistry(types)
 

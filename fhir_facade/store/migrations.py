@@ -129,6 +129,48 @@ def _version_author(connection: Connection) -> None:
         connection.execute(text("ALTER TABLE resource_version ADD COLUMN author TEXT"))
 
 
+def _subscription_events(connection: Connection) -> None:
+    # Topic-based Subscriptions (docs/adr/0026-subscriptions-design.md). `subscription_state`: one
+    # row per Subscription, written with each of its versions: what matching reads (by the topic's
+    # resource type) and the per-subscription event counter, incremented in the transaction that
+    # writes the event, so event numbers have no gaps; delivery progress and the delivery lease.
+    # `subscription_event`: one durable row per (subscription, event number), written in the
+    # transaction of the change that triggered it (like the outbox, ADR 0007).
+    stamp = "TIMESTAMP WITH TIME ZONE"
+    connection.execute(
+        text(
+            "CREATE TABLE subscription_state ("
+            " subscription_id VARCHAR(64) PRIMARY KEY,"
+            " topic TEXT NOT NULL,"
+            " resource_type VARCHAR(64) NOT NULL,"
+            " status VARCHAR(16) NOT NULL,"
+            " author TEXT,"
+            " resource_json TEXT NOT NULL,"
+            " events_count BIGINT NOT NULL,"
+            " delivered_through BIGINT NOT NULL,"
+            " failures INTEGER NOT NULL,"
+            f" next_attempt_at {stamp} NOT NULL,"
+            f" lease_until {stamp},"
+            " last_error TEXT)"
+        )
+    )
+    connection.execute(
+        text("CREATE INDEX ix_subscription_state_type ON subscription_state (resource_type, status)")
+    )
+    connection.execute(
+        text(
+            "CREATE TABLE subscription_event ("
+            " subscription_id VARCHAR(64) NOT NULL,"
+            " event_number BIGINT NOT NULL,"
+            " resource_type VARCHAR(64) NOT NULL,"
+            " resource_id VARCHAR(64) NOT NULL,"
+            " version_id INTEGER NOT NULL,"
+            f" occurred_at {stamp} NOT NULL,"
+            " PRIMARY KEY (subscription_id, event_number))"
+        )
+    )
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
@@ -137,6 +179,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "outbox: every stored version, for the upstream sync", _outbox),
     Migration(5, "outbox.correlation_id: the request that wrote the version", _outbox_correlation),
     Migration(6, "resource_version.author: the principal that wrote the version", _version_author),
+    Migration(7, "subscription_state, subscription_event: topic-based Subscriptions", _subscription_events),
 )
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import aliased
 
 from fhir_facade.correlation import current_correlation_id
 from fhir_facade.fhir.pipeline import EventBus, VersionStored
+from fhir_facade.fhir.registry import registry
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.schema import OutboxEntry
 
@@ -122,7 +123,11 @@ class OutboxQueue:
     @staticmethod
     def record(connection: Connection, version: VersionStored) -> None:
         """The one writer of outbox rows: the row commits or rolls back with what it announces (ADR 0007).
-        Version 0 asks for a live snapshot of a virtual resource, read when sent."""
+        Version 0 asks for a live snapshot of a virtual resource, read when sent. Types the registry
+        marks `synced: false` (Subscription, ADR 0026) get no row: they never leave this server."""
+        facts = registry().facts(version.resource_type)
+        if facts is not None and not facts.synced:
+            return
         connection.execute(
             insert(_outbox).values(
                 resource_type=version.resource_type,

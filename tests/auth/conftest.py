@@ -15,6 +15,10 @@ from tests.conftest import LiveServer, serve
 CORS_ORIGIN = "https://viewer.hospital.example"
 
 
+#: The one rest-hook endpoint the secured server accepts (a closed port: nothing is delivered).
+MATRIX_HOOK = "http://127.0.0.1:9/matrix-hook"
+
+
 @pytest.fixture(scope="session")
 def secured_port() -> int:
     return free_port()
@@ -35,6 +39,7 @@ def secured(loaded_orthanc: EmbeddedOrthanc, issuer: TestIssuer, secured_port: i
             "dicomweb_url": loaded_orthanc.dicomweb_url,
             "issuer_systems": {"HOSPITAL-A": "urn:oid:1.2.3.4.5"},
             "cors_origins": [CORS_ORIGIN],
+            "subscription_endpoints": [MATRIX_HOOK],
         },
         port=secured_port,
     ) as server:

@@ -12,9 +12,11 @@ import httpx
 import pytest
 
 from fhir_facade.auth.scopes import Interaction
+from tests.auth.conftest import MATRIX_HOOK
 from tests.auth.issuer import TestIssuer
 from tests.conftest import LiveServer, ok_json, outcome
 from tests.dicom_factory import CORPUS
+from tests.subscriptions.test_rest_hook import TASK_TOPIC, subscription
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 PATIENT = "P-1001"
@@ -43,6 +45,8 @@ BODIES: dict[str, dict[str, Any]] = {
         "agent": [{"who": {"display": "matrix"}}],
     },
     "Communication": {"resourceType": "Communication", "status": "completed"},
+    # Off: the matrix checks scopes, not delivery (the test server allows this endpoint, conftest.py).
+    "Subscription": {**subscription(TASK_TOPIC, MATRIX_HOOK), "status": "off"},
 }
 #: interaction code -> the permission it needs
 NEEDS = {

@@ -58,6 +58,8 @@ def server(loaded_orthanc: EmbeddedOrthanc) -> Iterator[LiveServer]:
             "dicomweb_url": loaded_orthanc.dicomweb_url,
             "orthanc_url": loaded_orthanc.url,
             "audit_enabled": True,
+            # Subscriptions may name this (closed) port: created and probed, never delivered.
+            "subscription_endpoints": ["http://127.0.0.1:9/"],
         }
     ) as live:
         yield live
@@ -152,8 +154,19 @@ def seeds(http: httpx.Client) -> dict[str, str]:
             "payload": [{"contentString": "The report is ready"}],
         },
     )
+    subscription = _create(
+        http,
+        {
+            "resourceType": "Subscription",
+            "status": "requested",
+            "reason": "probe",
+            "criteria": "http://fhir-facade.org/fhir/SubscriptionTopic/task-status",
+            "channel": {"type": "rest-hook", "endpoint": "http://127.0.0.1:9/hook"},
+        },
+    )
     seeds = {
         "Communication": communication,
+        "Subscription": subscription,
         "Device": device,
         "ServiceRequest": order,
         "Task": task,

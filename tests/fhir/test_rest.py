@@ -26,6 +26,7 @@ def test_metadata_lists_exactly_the_registered_types(fhir: httpx.Client) -> None
         "Provenance",
         "AuditEvent",
         "Communication",
+        "Subscription",
         "OperationDefinition",
     }
     assert {i["code"] for i in resources["Task"]["interaction"]} == {

@@ -111,6 +111,7 @@ class PipelinedProvider(ResourceProvider):
         self.search_params = inner.search_params  # type: ignore[misc]
         self.sortable = inner.sortable  # type: ignore[misc]
         self.include_paths = inner.include_paths  # type: ignore[misc]
+        self.capability_extensions = inner.capability_extensions  # type: ignore[misc]
 
     @property
     def interactions(self) -> tuple[str, ...]:

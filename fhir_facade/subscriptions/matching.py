@@ -1,0 +1,208 @@
+"""Matching a change against the Subscriptions, in the transaction that writes it.
+
+A pre-commit handler of `VersionStored` (ADR 0022: the phase whose writes commit or roll back with
+the version itself, as the outbox's): every stored version of a topic's resource type is matched
+against the `active` and `error` Subscriptions of that type, and each match becomes a
+`subscription_event` row with the subscription's next event number. The counter is incremented in
+the same transaction, so the numbers have no gaps and follow commit order (a rolled-back write
+takes its numbers with it). A Subscription's own versions keep its `subscription_state` row.
+
+Confinement: a change is an event for a Subscription only if the Subscription's author (the
+principal that wrote it, ADR 0009) may read the resource; a `patient/` subscription never gets a
+number for another patient's resource, so not even its id leaves the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, insert, select, update
+
+from fhir_facade.auth.access import Access
+from fhir_facade.auth.compartment import compartment_rule, patient_references
+from fhir_facade.auth.scopes import Interaction
+from fhir_facade.fhir.errors import FhirError
+from fhir_facade.fhir.pipeline import EventBus, VersionStored
+from fhir_facade.store.authorship import WRITE_AUTHOR
+from fhir_facade.store.engine import WRITE
+from fhir_facade.store.tables import VERSION
+from fhir_facade.subscriptions.backport import parse_subscription
+from fhir_facade.subscriptions.tables import EVENT, STATE
+from fhir_facade.subscriptions.topics import Topic
+
+__all__ = ["SubscriptionMatcher", "author_may_read"]
+
+log = logging.getLogger(__name__)
+
+#: Statuses that collect events (`error` too: a receiver that recovers gets what it missed).
+COLLECTING = ("active", "error")
+
+
+def author_may_read(author: str | None, resource: dict[str, Any], base_url: str) -> bool:
+    """Whether the principal `author` (None: the server, or FACADE_AUTH=none) may read `resource`:
+    its scopes grant read on the type and, when confined, the resource is in one of its patients'
+    compartments (the rules of auth/compartment.py, as the authorization stage applies them)."""
+    if author is None:
+        return True
+    access = Access.from_principal(author)
+    resource_type = str(resource.get("resourceType"))
+    if not access.allows(Interaction.READ, resource_type):
+        return False
+    try:
+        patients = access.confinement(Interaction.READ, resource_type)
+    except FhirError:
+        return False  # a patient/ grant without patient context reads nothing
+    if patients is None:
+        return True
+    rule = compartment_rule(resource_type)
+    if rule is None:
+        return True  # the type holds no patient data
+    return not patients.isdisjoint(patient_references(resource, rule, base_url))
+
+
+class SubscriptionMatcher:
+    def __init__(self, topics: dict[str, Topic], base_url: str) -> None:
+        self._topics = topics
+        self._types = {t.resource_type for t in topics.values()}
+        self._base_url = base_url
+
+    def subscribe_to(self, bus: EventBus) -> None:
+        bus.on_precommit(VersionStored, self.on_version)
+
+    def on_version(self, connection: Connection, version: VersionStored) -> None:
+        if version.resource_type == "Subscription":
+            self._keep_state(connection, version)
+        elif version.resource_type in self._types:
+            self._match(connection, version)
+
+    def _keep_state(self, connection: Connection, version: VersionStored) -> None:
+        key = STATE.c.subscription_id == version.resource_id
+        if version.deleted:
+            connection.execute(delete(EVENT).where(EVENT.c.subscription_id == version.resource_id))
+            connection.execute(delete(STATE).where(key))
+            return
+        resource = version.resource
+        try:
+            spec = parse_subscription(resource, self._topics)
+            topic, resource_type = spec.topic.url, spec.topic.resource_type
+        except FhirError:  # written around the provider's checks: kept, never matched
+            topic, resource_type = str(resource.get("criteria", "")), ""
+        status = str(resource.get("status", "off"))
+        values: dict[str, Any] = {
+            "topic": topic,
+            "resource_type": resource_type,
+            "status": status,
+            "author": WRITE_AUTHOR.get(),
+            "resource_json": json.dumps(resource, separators=(",", ":")),
+        }
+        if status == "requested":  # (again) due for a handshake now
+            values.update(next_attempt_at=version.at, failures=0)
+        row = connection.execute(select(STATE.c.subscription_id).where(key).with_for_update()).first()
+        if row is None:
+            fresh = {"events_count": 0, "delivered_through": 0, "failures": 0, "next_attempt_at": version.at}
+            connection.execute(
+                insert(STATE).values(subscription_id=version.resource_id, **{**fresh, **values})
+            )
+        else:
+            connection.execute(update(STATE).where(key).values(**values))
+
+    def _match(self, connection: Connection, version: VersionStored) -> None:
+        candidates = connection.execute(
+            select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json).where(
+                STATE.c.resource_type == version.resource_type, STATE.c.status.in_(COLLECTING)
+            )
+        ).all()
+        if not candidates:
+            return
+        before = self._before(connection, version)
+        after = None if version.deleted else version.resource
+        change = "delete" if version.deleted else ("create" if before is None else "update")
+        for candidate in candidates:
+            try:
+                spec = parse_subscription(json.loads(candidate.resource_json), self._topics)
+            except FhirError:
+                continue
+            if not spec.topic.triggered(change, before, after):
+                continue
+            current = after if after is not None else before
+            if current is None or not spec.topic.matches(spec.filters, current):
+                continue
+            if not author_may_read(candidate.author, current, self._base_url):
+                continue
+            at = version.at if version.at.tzinfo else version.at.replace(tzinfo=UTC)
+            self._record(
+                connection,
+                candidate.subscription_id,
+                version.resource_type,
+                version.resource_id,
+                version.version,
+                at,
+            )
+
+    @staticmethod
+    def _before(connection: Connection, version: VersionStored) -> dict[str, Any] | None:
+        if version.version <= 1:
+            return None
+        row = connection.execute(
+            select(VERSION.c.resource_json, VERSION.c.deleted).where(
+                VERSION.c.resource_type == version.resource_type,
+                VERSION.c.resource_id == version.resource_id,
+                VERSION.c.version_id == version.version - 1,
+            )
+        ).first()
+        if row is None or row.deleted:
+            return None
+        loaded: dict[str, Any] = json.loads(row.resource_json)
+        return loaded
+
+    def record_study(self, engine: Engine, study: dict[str, Any], at: datetime) -> int:
+        """A study became stable in the PACS (`StudyArrived`): an event, numbered like the others
+        in one transaction of its own (the watcher has none), for each `active`/`error`
+        subscription of a `study-available` topic whose filters and author accept the live
+        ImagingStudy `study`. Version 0: the focus is the live resource. Returns how many."""
+        recorded = 0
+        with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
+            candidates = connection.execute(
+                select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json).where(
+                    STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING)
+                )
+            ).all()
+            for candidate in candidates:
+                try:
+                    spec = parse_subscription(json.loads(candidate.resource_json), self._topics)
+                except FhirError:
+                    continue
+                if spec.topic.event is None or not spec.topic.matches(spec.filters, study):
+                    continue
+                if not author_may_read(candidate.author, study, self._base_url):
+                    continue
+                self._record(connection, candidate.subscription_id, "ImagingStudy", str(study["id"]), 0, at)
+                recorded += 1
+        return recorded
+
+    @staticmethod
+    def _record(
+        connection: Connection,
+        subscription_id: str,
+        resource_type: str,
+        resource_id: str,
+        version_id: int,
+        at: datetime,
+    ) -> None:
+        key = STATE.c.subscription_id == subscription_id
+        # The UPDATE takes the row lock first: concurrent writers number their events one after the other.
+        connection.execute(update(STATE).where(key).values(events_count=STATE.c.events_count + 1))
+        number = connection.execute(select(STATE.c.events_count).where(key)).scalar_one()
+        connection.execute(
+            insert(EVENT).values(
+                subscription_id=subscription_id,
+                event_number=number,
+                resource_type=resource_type,
+                resource_id=resource_id,
+                version_id=version_id,
+                occurred_at=at,
+            )
+        )

@@ -1,0 +1,83 @@
+"""Topic-based Subscriptions as the application runs them (docs/adr/0026-subscriptions-design.md):
+the matcher on the bus from the start (before any write), the Subscription provider, the delivery
+worker in the lifespan and the `$status`/`$events` routes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from fhir_facade.auth.access import on_server_authority
+from fhir_facade.config import Settings
+from fhir_facade.fhir.pipeline import Origin, origin_scope
+from fhir_facade.fhir.provider import ResourceProvider
+from fhir_facade.store import ResourceStore
+from fhir_facade.subscriptions.delivery import DeliverySettings, DeliveryWorker
+from fhir_facade.subscriptions.matching import SubscriptionMatcher
+from fhir_facade.subscriptions.operations import OPERATIONS, build_operations_router
+from fhir_facade.subscriptions.provider import SubscriptionProvider
+from fhir_facade.subscriptions.queue import SubscriptionQueue
+from fhir_facade.subscriptions.topics import STUDY_AVAILABLE, topics
+from fhir_facade.watcher.change_feed import StudyArrived
+
+__all__ = ["SubscriptionRuntime"]
+
+
+class SubscriptionRuntime:
+    operations = OPERATIONS
+
+    def __init__(self, settings: Settings, store: ResourceStore) -> None:
+        self._settings = settings
+        self.topics = topics()
+        self._matcher = SubscriptionMatcher(self.topics, settings.base_url)
+        self._matcher.subscribe_to(store.bus)
+        self._store = store
+        self.queue = SubscriptionQueue(store.engine)
+        self.provider = SubscriptionProvider(store, self.topics, settings.subscription_endpoints)
+        self._worker: DeliveryWorker | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def bind(self, visible: Sequence[ResourceProvider]) -> APIRouter:
+        """Give the worker and the operations the pipelined providers; returns the operations' routes."""
+        readers = {p.resource_type: p for p in visible}
+        settings = self._settings
+        studies = readers.get("ImagingStudy")
+        if studies is not None and any(t.event == STUDY_AVAILABLE for t in self.topics.values()):
+            engine, matcher = self._store.engine, self._matcher
+
+            async def on_study(study: StudyArrived) -> None:
+                # Read once as the server; each subscription's author is checked on the resource.
+                with origin_scope(Origin.INTERNAL), on_server_authority():
+                    resource = await studies.read(study.study_uid)
+                await run_in_threadpool(matcher.record_study, engine, resource, datetime.now(UTC))
+
+            self._store.bus.subscribe(StudyArrived, on_study)
+        self._worker = DeliveryWorker(
+            self.queue,
+            self.topics,
+            readers,
+            DeliverySettings(
+                base_url=settings.base_url,
+                max_failures=settings.subscription_max_failures,
+                retry_seconds=settings.subscription_retry_seconds,
+                poll_interval=settings.subscription_poll_interval,
+                timeout=settings.subscription_timeout,
+            ),
+        )
+        return build_operations_router(readers, self.queue, self.topics, settings.base_url)
+
+    async def start(self) -> None:
+        assert self._worker is not None, "bind() first"
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._worker.run_forever(self._stop), name="subscription-delivery")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
