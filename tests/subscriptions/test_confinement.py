@@ -22,14 +22,6 @@ OWN, OTHER = "P-1001", "JP-0042"
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    hook = Receiver()
-    hook.start()
-    yield hook
-    hook.stop()
-
-
-@pytest.fixture(scope="module")
 def secured(loaded_orthanc: EmbeddedOrthanc, receiver: Receiver) -> Iterator[tuple[LiveServer, TestIssuer]]:
     port = free_port()
     issuer = TestIssuer(audience=f"http://127.0.0.1:{port}/fhir")

@@ -70,14 +70,6 @@ def report(patient: str, status: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    hook = Receiver()
-    hook.start()
-    yield hook
-    hook.stop()
-
-
-@pytest.fixture(scope="module")
 def facade(orthanc: EmbeddedOrthanc, receiver: Receiver) -> Iterator[LiveServer]:
     with serve(
         {
