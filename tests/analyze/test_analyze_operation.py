@@ -318,33 +318,43 @@ class TestIdempotency:
         outcome(client.post(f"/ImagingStudy/{CT_STUDY}/$analyze", headers=headers), 409, "conflict")
 
 
+ANALYZE_TASK_CODE = {"system": "http://fhir-facade.org/fhir/CodeSystem/task-code", "code": "analyze"}
+
+
+def run_analysis_task(client: httpx.Client, **fields: Any) -> dict[str, Any]:
+    """POST a requested analysis Task for the study (with `fields`) and wait until the analysis
+    worklist has finished it (completed or failed, at most 120 s); the Task as it ends."""
+    task = ok_json(
+        client.post(
+            "/Task",
+            json={
+                "resourceType": "Task",
+                "status": "requested",
+                "intent": "order",
+                "code": {
+                    "coding": [
+                        {"system": "http://fhir-facade.org/fhir/CodeSystem/task-code", "code": "analyze"}
+                    ]
+                },
+                "focus": {"reference": f"ImagingStudy/{STUDY_UID}"},
+                **fields,
+            },
+            headers={"Content-Type": "application/fhir+json"},
+        ),
+        201,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        current = ok_json(client.get(f"/Task/{task['id']}"))
+        if current["status"] in ("completed", "failed"):
+            return current
+        time.sleep(0.5)
+    return current
+
+
 class TestWorklist:
     def test_a_requested_analysis_task_is_picked_up(self, client: httpx.Client) -> None:
-        task = ok_json(
-            client.post(
-                "/Task",
-                json={
-                    "resourceType": "Task",
-                    "status": "requested",
-                    "intent": "order",
-                    "priority": "urgent",
-                    "code": {
-                        "coding": [
-                            {"system": "http://fhir-facade.org/fhir/CodeSystem/task-code", "code": "analyze"}
-                        ]
-                    },
-                    "focus": {"reference": f"ImagingStudy/{STUDY_UID}"},
-                },
-                headers={"Content-Type": "application/fhir+json"},
-            ),
-            201,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            current = ok_json(client.get(f"/Task/{task['id']}"))
-            if current["status"] in ("completed", "failed"):
-                break
-            time.sleep(0.5)
+        current = run_analysis_task(client, priority="urgent")
         assert current["status"] == "completed", current
         report_ref = current["output"][0]["valueReference"]["reference"]
         assert ok_json(client.get(f"/{report_ref}"))["status"] == "preliminary"
@@ -545,31 +555,7 @@ class TestNarrative:
             "status": "additional",
             "div": '<div xmlns="http://www.w3.org/1999/xhtml">Please run &amp; tell</div>',
         }
-        task = ok_json(
-            client.post(
-                "/Task",
-                json={
-                    "resourceType": "Task",
-                    "text": text,
-                    "status": "requested",
-                    "intent": "order",
-                    "code": {
-                        "coding": [
-                            {"system": "http://fhir-facade.org/fhir/CodeSystem/task-code", "code": "analyze"}
-                        ]
-                    },
-                    "focus": {"reference": f"ImagingStudy/{STUDY_UID}"},
-                },
-                headers={"Content-Type": "application/fhir+json"},
-            ),
-            201,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            current = ok_json(client.get(f"/Task/{task['id']}"))
-            if current["status"] in ("completed", "failed"):
-                break
-            time.sleep(0.5)
+        current = run_analysis_task(client, text=text)
         assert current["status"] == "completed", current
         assert current["text"] == text
         assert int(current["meta"]["versionId"]) >= 3  # claimed and completed by the worker
