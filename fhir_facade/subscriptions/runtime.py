@@ -1,5 +1,6 @@
 """Topic-based Subscriptions as the application runs them (docs/adr/0026-subscriptions-design.md):
-the matcher on the bus from the start (before any write), the Subscription provider, the delivery
+the matcher on the bus from the start (before any write), the Subscription provider, the topics
+as read-only Basic resources, the delivery
 worker in the lifespan and the `$status`/`$events` routes."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fhir_facade.subscriptions.matching import SubscriptionMatcher
 from fhir_facade.subscriptions.operations import OPERATIONS, build_operations_router
 from fhir_facade.subscriptions.provider import SubscriptionProvider
 from fhir_facade.subscriptions.queue import SubscriptionQueue
+from fhir_facade.subscriptions.topic_basic import TopicBasicProvider
 from fhir_facade.subscriptions.topics import STUDY_AVAILABLE, topics
 from fhir_facade.watcher.change_feed import StudyArrived
 
@@ -38,6 +40,8 @@ class SubscriptionRuntime:
         self._store = store
         self.queue = SubscriptionQueue(store.engine)
         self.provider = SubscriptionProvider(store, self.topics, settings.subscription_endpoints)
+        #: The topics readable as Basic resources (read-only, topic_basic.py).
+        self.topic_provider = TopicBasicProvider(t.resource for t in self.topics.values())
         self._worker: DeliveryWorker | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
