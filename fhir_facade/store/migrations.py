@@ -171,6 +171,33 @@ def _subscription_events(connection: Connection) -> None:
     )
 
 
+def _placeholder(connection: Connection) -> None:
+    # Branch i14-topics only: versions 8 and 9 belong to other branches being merged; on merge
+    # their migrations replace these two no-ops, so that 10 follows them.
+    del connection
+
+
+def _study_changes(connection: Connection) -> None:
+    # The study topic's "available" versus "changed" (docs/adr/0026-subscriptions-design.md,
+    # addendum): `subscription_study` keeps, per study the change feed reported stable, a
+    # fingerprint of its series and instances, so a StableStudy with the same fingerprint (a replay
+    # of the watcher) numbers no event and one with another fingerprint is `study-changed`.
+    # `subscription_event.event_code`: which event trigger of its topic an event is (NULL for a
+    # resource trigger), so a notification says it.
+    stamp = "TIMESTAMP WITH TIME ZONE"
+    connection.execute(
+        text(
+            "CREATE TABLE subscription_study ("
+            " study_uid VARCHAR(64) PRIMARY KEY,"
+            " fingerprint VARCHAR(64) NOT NULL,"
+            " changes INTEGER NOT NULL,"
+            f" first_seen_at {stamp} NOT NULL,"
+            f" updated_at {stamp} NOT NULL)"
+        )
+    )
+    connection.execute(text("ALTER TABLE subscription_event ADD COLUMN event_code VARCHAR(32)"))
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
@@ -180,6 +207,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "outbox.correlation_id: the request that wrote the version", _outbox_correlation),
     Migration(6, "resource_version.author: the principal that wrote the version", _version_author),
     Migration(7, "subscription_state, subscription_event: topic-based Subscriptions", _subscription_events),
+    Migration(8, "placeholder (branch i14-topics): another branch's migration 8", _placeholder),
+    Migration(9, "placeholder (branch i14-topics): another branch's migration 9", _placeholder),
+    Migration(
+        10, "subscription_study, subscription_event.event_code: study available/changed", _study_changes
+    ),
 )
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from fhir_facade.embedded import EmbeddedOrthanc
-from tests.conftest import LiveServer, ok_json, serve, validate
+from tests.conftest import ok_json, serve, validate
 from tests.subscriptions.test_rest_hook import FHIR_JSON, subscription
 
 TOPIC_FOLDER = Path(__file__).resolve().parents[2] / "capability" / "topics"
@@ -95,16 +95,14 @@ def test_a_topic_read_carries_its_trigger_and_filters(http: httpx.Client) -> Non
     assert filters == ["patient", "status", "code"]
     study = ok_json(http.get("Basic/imaging-study-available"))
     validate(study)
-    (event,) = [e for e in study["extension"] if e["url"] == R4B + "eventTrigger"][:1]
-    codes = [
-        _value(p)["coding"][0]["code"]
-        for e in study["extension"]
-        if e["url"] == R4B + "eventTrigger"
-        for p in e["extension"]
-        if p["url"] == "event"
-    ]
-    assert "study-available" in codes
-    assert event["extension"][0]["url"] == "description"
+    triggers = [e["extension"] for e in study["extension"] if e["url"] == R4B + "eventTrigger"]
+    codes = [_value(p)["coding"][0]["code"] for t in triggers for p in t if p["url"] == "event"]
+    assert codes == ["study-available", "study-changed"]
+    assert all(
+        ("resource", "http://hl7.org/fhir/StructureDefinition/ImagingStudy")
+        in [(p["url"], _value(p)) for p in t]
+        for t in triggers
+    )
     # The canonical of a Basic topic is what a Subscription names.
     url = next(_value(e) for e in basic["extension"] if e["url"] == R5 + "url")
     ok_json(http.post("Subscription", json=subscription(url, "http://127.0.0.1:9/hook")), 201)
