@@ -48,7 +48,12 @@ class DocReceiver:
             [sys.executable, "receiver.py", str(self.port)], cwd=self.folder, stdout=handle, stderr=handle
         )
         deadline = time.monotonic() + 10
-        while subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{self.port}/"], check=False).returncode != 0:
+        while (
+            subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{self.port}/"], check=False
+            ).returncode
+            != 0
+        ):
             assert time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.05)
 
