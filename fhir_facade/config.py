@@ -295,6 +295,14 @@ class Settings(BaseSettings):
         0.2, gt=0, description="Seconds between polls of the subscription event rows when idle."
     )
     subscription_timeout: float = Field(10.0, gt=0, description="Seconds before a notification POST fails.")
+    subscription_ws_token_seconds: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Lifetime of a websocket binding token ($get-ws-binding-token): the socket's only "
+            "credential, so short; a client binds within it, then asks for a new one to reconnect."
+        ),
+    )
     worklist_dir: Path | None = Field(
         None,
         description=(
