@@ -114,9 +114,14 @@ async def _requested_ids(request: Request) -> list[str]:
             body = json.loads(await request.body())
         except ValueError as failure:
             raise bad_request("The body must be a FHIR Parameters resource") from failure
-        if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        parameters = body.get("parameter", []) if isinstance(body, dict) else None
+        if (
+            not isinstance(body, dict)
+            or body.get("resourceType") != "Parameters"
+            or not isinstance(parameters, list)
+        ):
             raise bad_request("The body must be a FHIR Parameters resource")
-        for parameter in body.get("parameter", []):
+        for parameter in parameters:
             if isinstance(parameter, dict) and parameter.get("name") == "id":
                 found.append(str(parameter.get("valueId", parameter.get("valueString", ""))))
     return [i.strip() for i in found if i.strip()]
