@@ -138,13 +138,13 @@ class WebsocketChannel:
         settings: WebsocketSettings,
     ) -> None:
         """`readers`: the pipelined providers (every read goes through the authorization stage)."""
-        self._readers = readers
-        self._subscriptions = readers["Subscription"]
-        self._queue = queue
-        self._states = states
-        self._tokens = tokens
-        self._topics = topics
-        self._settings = settings
+        self.readers = readers
+        self.subscriptions = readers["Subscription"]
+        self.queue = queue
+        self.states = states
+        self.tokens = tokens
+        self.topics = topics
+        self.settings = settings
         self._sessions: set[_Session] = set()
 
     # -- $get-ws-binding-token ------------------------------------------------------------------
@@ -193,8 +193,8 @@ class WebsocketChannel:
         unique = list(dict.fromkeys(ids))
         for subscription_id in unique:
             # Through the pipeline with the caller's token: another author's Subscription is a 404.
-            resource = await self._subscriptions.read(subscription_id)
-            spec = parse_subscription(resource, self._topics)
+            resource = await self.subscriptions.read(subscription_id)
+            spec = parse_subscription(resource, self.topics)
             if spec.channel != "websocket" or resource.get("status") not in _BINDABLE:
                 raise error(
                     422,
@@ -206,12 +206,12 @@ class WebsocketChannel:
                 )
         access = current_access.get()
         principal = access.principal() if access is not None else None
-        token, expires = await run_in_threadpool(self._tokens.issue, principal, tuple(unique))
+        token, expires = await run_in_threadpool(self.tokens.issue, principal, tuple(unique))
         parameters: list[dict[str, Any]] = [
             {"name": "token", "valueString": token},
             {"name": "expiration", "valueDateTime": _instant(expires)},
             *({"name": "subscription", "valueString": f"Subscription/{i}"} for i in unique),
-            {"name": "websocket-url", "valueUrl": websocket_url(self._settings.base_url)},
+            {"name": "websocket-url", "valueUrl": websocket_url(self.settings.base_url)},
         ]
         return {"resourceType": "Parameters", "parameter": parameters}
 
@@ -239,30 +239,30 @@ class WebsocketChannel:
         for session in list(self._sessions):
             await session.close(1001, "server stopping")
 
-    def _access(self, binding: Binding) -> Access | None:
+    def access_for(self, binding: Binding) -> Access | None:
         """The rights the socket acts with: those of the caller the token was issued to."""
         if binding.principal is not None:
             return Access.from_principal(binding.principal)
-        return None if self._settings.enforced else Access.unrestricted()
+        return None if self.settings.enforced else Access.unrestricted()
 
-    async def _read_as(self, access: Access, subscription_id: str) -> dict[str, Any] | None:
+    async def read_as(self, access: Access, subscription_id: str) -> dict[str, Any] | None:
         try:
             with origin_scope(Origin.OPERATION), acting_as(access):
-                return await self._subscriptions.read(subscription_id)
+                return await self.subscriptions.read(subscription_id)
         except FhirError:
             return None
 
-    async def _activate(self, subscription_id: str, author: str | None) -> dict[str, Any] | None:
+    async def activate(self, subscription_id: str, author: str | None) -> dict[str, Any] | None:
         """A socket binds a `requested` subscription: it becomes `active` (IG: the handshake sets
         it up), a version written by the server with the subscription's author kept, as
         delivery.py does for rest-hook. Returns the active version (None if not recorded)."""
         token = WRITE_AUTHOR.set(author)
         try:
             with origin_scope(Origin.INTERNAL), on_server_authority():
-                current = await self._subscriptions.read(subscription_id)
+                current = await self.subscriptions.read(subscription_id)
                 if current.get("status") != "requested":
                     return current
-                written = await self._subscriptions.update(
+                written = await self.subscriptions.update(
                     subscription_id, {**current, "status": "active"}, if_match=None
                 )
                 return written.resource
@@ -291,7 +291,11 @@ class _Session:
                     await self._pump()
                 except (WebSocketDisconnect, RuntimeError):
                     break  # the socket went away while sending
-                await asyncio.wait({receiver}, timeout=self._channel._settings.poll_interval)
+                except Exception:
+                    log.exception("Websocket session failed")
+                    await self.close(1011, "internal error")  # RFC 6455 7.4.1
+                    break
+                await asyncio.wait({receiver}, timeout=self._channel.settings.poll_interval)
         finally:
             receiver.cancel()
             with suppress(asyncio.CancelledError, Exception):
@@ -327,19 +331,19 @@ class _Session:
     async def _bind(self, token: str) -> bool:
         """Bind the token's Subscriptions; False (and the socket closed) when the token is refused."""
         channel = self._channel
-        binding = await run_in_threadpool(channel._tokens.redeem, token)
-        access = channel._access(binding) if binding is not None else None
+        binding = await run_in_threadpool(channel.tokens.redeem, token)
+        access = channel.access_for(binding) if binding is not None else None
         if binding is None or access is None:
             await self.close(POLICY_VIOLATION, "binding token unknown or expired")
             return False
         bound = 0
         for subscription_id in binding.subscriptions:
-            resource = await channel._read_as(access, subscription_id)
-            state = await run_in_threadpool(channel._states.get, subscription_id)
+            resource = await channel.read_as(access, subscription_id)
+            state = await run_in_threadpool(channel.states.get, subscription_id)
             if resource is None or state is None or resource.get("status") not in _BINDABLE:
                 continue
             try:
-                spec = parse_subscription(resource, channel._topics)
+                spec = parse_subscription(resource, channel.topics)
             except FhirError:
                 continue
             if spec.channel != "websocket":
@@ -347,13 +351,13 @@ class _Session:
             # Events numbered after the state was read come on this socket; earlier ones by $events.
             # Active before the handshake goes out: once the client has it, its writes are events.
             if resource.get("status") == "requested":
-                resource = await channel._activate(subscription_id, state.author) or resource
+                resource = await channel.activate(subscription_id, state.author) or resource
             self._bound[subscription_id] = _Bound(subscription_id, state.events_count, datetime.now(UTC))
             handshake = notification_bundle(
-                channel._settings.base_url, resource, "handshake", state.events_count, [], spec.content
+                channel.settings.base_url, resource, "handshake", state.events_count, [], spec.content
             )
             await self._send(handshake)
-            await run_in_threadpool(channel._states.sent_on_socket, subscription_id, None)
+            await run_in_threadpool(channel.states.sent_on_socket, subscription_id, None)
             bound += 1
         if not bound:
             await self.close(POLICY_VIOLATION, "no subscription of this token can be bound")
@@ -364,22 +368,22 @@ class _Session:
         """Send each bound subscription's new events, or a heartbeat when one is due."""
         channel = self._channel
         for bound in list(self._bound.values()):
-            state = await run_in_threadpool(channel._states.get, bound.subscription_id)
+            state = await run_in_threadpool(channel.states.get, bound.subscription_id)
             if state is None or state.status not in _BINDABLE or state.channel != "websocket":
                 del self._bound[bound.subscription_id]  # deleted, off, or no longer websocket
                 continue
             try:
-                spec = parse_subscription(state.resource, channel._topics)
+                spec = parse_subscription(state.resource, channel.topics)
             except FhirError:
                 continue
             events = await run_in_threadpool(
-                channel._queue.events, bound.subscription_id, bound.cursor, None, _BATCH
+                channel.queue.events, bound.subscription_id, bound.cursor, None, _BATCH
             )
             for event in events:
                 focus = None
                 if spec.content == "full-resource":
                     with origin_scope(Origin.INTERNAL), _as(state.author):
-                        focus = await read_focus(channel._readers, event)
+                        focus = await read_focus(channel.readers, event)
                 notification = NotificationEvent(
                     event.event_number,
                     event.occurred_at,
@@ -390,7 +394,7 @@ class _Session:
                 )
                 await self._send(
                     notification_bundle(
-                        channel._settings.base_url,
+                        channel.settings.base_url,
                         state.resource,
                         "event-notification",
                         max(state.events_count, event.event_number),
@@ -401,11 +405,11 @@ class _Session:
                 bound.cursor = event.event_number
                 bound.last_sent = datetime.now(UTC)
             if events:
-                await run_in_threadpool(channel._states.sent_on_socket, bound.subscription_id, bound.cursor)
+                await run_in_threadpool(channel.states.sent_on_socket, bound.subscription_id, bound.cursor)
             elif heartbeat_due(bound.last_sent, spec.heartbeat_period, datetime.now(UTC)):
                 await self._send(
                     notification_bundle(
-                        channel._settings.base_url,
+                        channel.settings.base_url,
                         state.resource,
                         "heartbeat",
                         state.events_count,
@@ -414,4 +418,4 @@ class _Session:
                     )
                 )
                 bound.last_sent = datetime.now(UTC)
-                await run_in_threadpool(channel._states.sent_on_socket, bound.subscription_id, None)
+                await run_in_threadpool(channel.states.sent_on_socket, bound.subscription_id, None)
