@@ -91,6 +91,7 @@ class SubscriptionRuntime:
                 base_url=settings.base_url,
                 poll_interval=settings.subscription_poll_interval,
                 enforced=settings.auth == "smart",
+                bind_timeout=settings.subscription_ws_token_seconds,
             ),
         )
         routes = APIRouter()

@@ -93,6 +93,9 @@ class WebsocketSettings:
     poll_interval: float
     #: FACADE_AUTH=smart: a token must name the caller it was issued to.
     enforced: bool
+    #: A socket with nothing bound for this long is closed (1008): a connection costs a task, and
+    #: one that never binds must not hold it (the token's lifetime: a client binds within it).
+    bind_timeout: float = 60.0
 
 
 @dataclass
@@ -285,8 +288,15 @@ class _Session:
 
     async def run(self) -> None:
         receiver = asyncio.create_task(self._receive())
+        idle_since = asyncio.get_running_loop().time()
         try:
             while not receiver.done() and not self._closed.is_set():
+                now = asyncio.get_running_loop().time()
+                if self._bound:
+                    idle_since = now
+                elif now - idle_since > self._channel.settings.bind_timeout:
+                    await self.close(POLICY_VIOLATION, f"nothing bound: send '{BIND} <token>'")
+                    break
                 try:
                     await self._pump()
                 except (WebSocketDisconnect, RuntimeError):

@@ -255,9 +255,11 @@ def test_tokens_belong_to_their_caller_and_expire(
             socket.send(bogus)
             refused_with_policy_violation(socket)
     token = binding_token(author, sid)
-    time.sleep(TOKEN_SECONDS + 0.5)
-    with bind(token) as socket:
-        refused_with_policy_violation(socket)  # expired
+    with connect(url, open_timeout=10) as idle:  # connected, never binds
+        time.sleep(TOKEN_SECONDS + 0.5)
+        with bind(token) as socket:
+            refused_with_policy_violation(socket)  # expired
+        refused_with_policy_violation(idle)  # closed: nothing bound within the token's lifetime
 
 
 def test_a_reconnecting_client_replays_what_it_missed_with_events(author: httpx.Client) -> None:
