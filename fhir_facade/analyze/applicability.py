@@ -138,7 +138,7 @@ def _check(
     if ratio < rules.min_section_ratio:
         return ExcludedInstance(
             instance,
-            applicability_concept("partial-head-section"),
+            applicability_concept("partial-section"),
             f"tissue area {ratio:.0%} of the largest section of the series "
             f"(at least {rules.min_section_ratio:.0%} needed)",
         )

@@ -310,7 +310,7 @@ def build_analysis_sr(
 def _not_assessed(excluded: ExcludedInstance, by_uid: dict[str, Dataset]) -> hd.sr.QualitativeEvaluation:
     """One image left out of the decision: the reason, the image and its Instance Number."""
     evaluation = hd.sr.QualitativeEvaluation(
-        name=_code(applicability_concept("image-not-assessed")), value=_code(excluded.reason)
+        name=_code(applicability_concept("not-assessed")), value=_code(excluded.reason)
     )
     instance = excluded.instance
     image = hd.sr.ImageContentItem(

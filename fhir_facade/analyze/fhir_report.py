@@ -204,7 +204,7 @@ def _exclusion(
         "extension": _source_images((instance,)),
         "status": "preliminary",
         "category": [{"coding": [IMAGING_CATEGORY]}],
-        "code": _concept(applicability_concept("image-not-assessed")),
+        "code": _concept(applicability_concept("not-assessed")),
         "partOf": [study],
         "derivedFrom": [study],
         "issued": context.issued,

@@ -296,7 +296,7 @@ class TestResultSeries:
         excluded = _exclusions(client, report)
         numbers = sorted(number for number, _, _ in excluded)
         assert numbers[:4] == [1, 2, 3, 4] and numbers[-3:] == [22, 23, 24], numbers
-        assert {reason for _, _, reason in excluded} == {"skull-base-level", "partial-head-section"}
+        assert {reason for _, _, reason in excluded} == {"skull-base-level", "partial-section"}
 
 
 def _retrieve_sr(url: str) -> Dataset:
@@ -323,7 +323,7 @@ def _exclusions(client: httpx.Client, report: dict[str, Any]) -> list[tuple[int,
         validate(observation)
         assert observation["code"]["coding"][0] == {
             "system": "http://fhir-facade.org/fhir/CodeSystem/analysis-applicability",
-            "code": "image-not-assessed",
+            "code": "not-assessed",
             "display": "Image not assessed by the AI model",
         }
         [image] = observation["extension"]
@@ -375,7 +375,7 @@ class TestApplicability:
         assert by_number[total][1] == "no-head-tissue"  # z +109 mm, above the vertex
         assert {reason for _, reason in by_number.values()} == {
             "skull-base-level",
-            "partial-head-section",
+            "partial-section",
             "no-head-tissue",
         }
         kept = sorted(set(range(1, total + 1)) - set(by_number))
@@ -390,7 +390,7 @@ class TestApplicability:
             item
             for measurements in group.ContentSequence
             for item in measurements.get("ContentSequence", [])
-            if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "image-not-assessed"
+            if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "not-assessed"
         ]
         in_sr = {}
         for item in not_assessed:
