@@ -438,10 +438,15 @@ def run_applicability(args: argparse.Namespace) -> None:
             servers[flag].log.new_analyses()
         wall: dict[str, list[float]] = {"true": [], "false": []}
         inside: dict[str, list[float]] = {"true": [], "false": []}
+        offsets = {flag: server.log.path.stat().st_size for flag, server in servers.items()}
         for _ in range(args.rounds):
             for flag, client in clients.items():
                 wall[flag].append(analyze(client, study_uid))
                 inside[flag].extend(f.seconds for f in servers[flag].log.new_analyses())
+        phases = {
+            flag: _phase_medians(server.log.path.read_bytes()[offsets[flag] :].decode("utf-8", "replace"))
+            for flag, server in servers.items()
+        }
     print(f"\n$analyze of {what} ({len(datasets)} slices), {args.rounds} rounds, interleaved")
     header = ("POST median s", "min s", "max s", "server median s")
     print(f"{'applicability step':<20} {header[0]:>14} {header[1]:>7} {header[2]:>7} {header[3]:>16}")
@@ -450,8 +455,25 @@ def run_applicability(args: argparse.Namespace) -> None:
             f"{'on' if flag == 'true' else 'off':<20} {statistics.median(wall[flag]):>14.3f} "
             f"{min(wall[flag]):>7.3f} {max(wall[flag]):>7.3f} {statistics.median(inside[flag]):>16.3f}"
         )
+    print("phases inside Analyzer.analyze (medians, s): on / off")
+    for name in phases["true"]:
+        print(f"  {name:<10} {phases['true'][name]:>8.3f} / {phases['false'].get(name, 0.0):.3f}")
     for flag in ("true", "false"):
         print(f"conclusion ({'on' if flag == 'true' else 'off'}): {conclusions[flag]}")
+
+
+#: The phase list at the end of the "Analyzed study" line: "(inference 1.23 s; select 0.010, ...)".
+PHASES = re.compile(r"\(inference [\d.]+ s; (?P<phases>[^)]*)\)")
+
+
+def _phase_medians(log_text: str) -> dict[str, float]:
+    """Median seconds per phase over the "Analyzed study" lines of `log_text`."""
+    values: dict[str, list[float]] = {}
+    for match in PHASES.finditer(log_text):
+        for item in match["phases"].split(", "):
+            name, _, seconds = item.partition(" ")
+            values.setdefault(name, []).append(float(seconds))
+    return {name: statistics.median(items) for name, items in values.items()}
 
 
 def main() -> None:
