@@ -13,7 +13,8 @@ Order of effects, chosen so a failure leaves nothing half-written (ADR 0006):
    reports and Observations (status `cancelled`) in ONE database transaction.
 Between 2 and 3 the applicability step (`applicability`, ADR 0031) leaves the slices the model
 cannot assess out of the decision. A failure in 1-4 stores nothing in the database; a failure in 5
-leaves only the SR in the PACS, a derived object that a repeated analysis supersedes (logged).
+leaves only the SR in the PACS (logged): a derived object no report points at, which a repeated
+analysis does not name as a predecessor (only SRs of stored reports are).
 """
 
 from __future__ import annotations
