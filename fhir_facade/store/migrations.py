@@ -171,9 +171,39 @@ def _subscription_events(connection: Connection) -> None:
     )
 
 
+def _subscription_channels(connection: Connection) -> None:
+    # The websocket channel and heartbeats (docs/adr/0028-websocket-channel.md). On
+    # `subscription_state`: the channel type (the rest-hook worker leases only its own), the
+    # heartbeat period and when a notification last went out (rest-hook heartbeats are claimed on it
+    # by a conditional UPDATE, so one replica sends each). `subscription_ws_token`: the binding
+    # tokens of $get-ws-binding-token, by SHA-256 (a database read gives no usable token), so a
+    # socket may reach any replica.
+    stamp = "TIMESTAMP WITH TIME ZONE"
+    columns = {c["name"] for c in inspect(connection).get_columns("subscription_state")}
+    for name, kind in (
+        ("channel", "VARCHAR(16) NOT NULL DEFAULT 'rest-hook'"),
+        ("heartbeat_seconds", "INTEGER"),
+        ("last_sent_at", stamp),
+    ):
+        if name not in columns:
+            connection.execute(text(f"ALTER TABLE subscription_state ADD COLUMN {name} {kind}"))
+    connection.execute(
+        text(
+            "CREATE TABLE subscription_ws_token ("
+            " token_hash VARCHAR(64) PRIMARY KEY,"
+            " principal TEXT,"
+            " subscriptions TEXT NOT NULL,"
+            f" expires_at {stamp} NOT NULL)"
+        )
+    )
+    connection.execute(
+        text("CREATE INDEX ix_subscription_ws_token_expiry ON subscription_ws_token (expires_at)")
+    )
+
+
 def _placeholder(connection: Connection) -> None:
-    # Branch i14-topics only: versions 8 and 9 belong to other branches being merged; on merge
-    # their migrations replace these two no-ops, so that 10 follows them.
+    # Branch i14-topics only: version 9 belongs to another branch being merged; on merge its
+    # migration replaces this no-op, so that 10 follows it.
     del connection
 
 
@@ -207,7 +237,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "outbox.correlation_id: the request that wrote the version", _outbox_correlation),
     Migration(6, "resource_version.author: the principal that wrote the version", _version_author),
     Migration(7, "subscription_state, subscription_event: topic-based Subscriptions", _subscription_events),
-    Migration(8, "placeholder (branch i14-topics): another branch's migration 8", _placeholder),
+    Migration(8, "subscription channel, heartbeat, websocket binding tokens", _subscription_channels),
     Migration(9, "placeholder (branch i14-topics): another branch's migration 9", _placeholder),
     Migration(
         10, "subscription_study, subscription_event.event_code: study available/changed", _study_changes

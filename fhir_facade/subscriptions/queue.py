@@ -51,6 +51,7 @@ class SubscriptionQueue:
         and that no worker holds, leased to the caller."""
         now = now or datetime.now(UTC)
         due = and_(
+            STATE.c.channel == "rest-hook",  # websocket ones go to bound sockets (ADR 0028)
             STATE.c.next_attempt_at <= now,
             or_(STATE.c.lease_until.is_(None), STATE.c.lease_until < now),
             or_(
@@ -124,11 +125,13 @@ class SubscriptionQueue:
             connection.execute(
                 update(STATE)
                 .where(STATE.c.subscription_id == subscription_id)
-                .values(delivered_through=through, failures=0, last_error=None)
+                .values(
+                    delivered_through=through, failures=0, last_error=None, last_sent_at=datetime.now(UTC)
+                )
             )
 
     def handshaken(self, subscription_id: str) -> None:
-        self._set(subscription_id, failures=0, last_error=None)
+        self._set(subscription_id, failures=0, last_error=None, last_sent_at=datetime.now(UTC))
 
     def failed(self, subscription_id: str, failures: int, retry_at: datetime, error: str) -> None:
         self._set(subscription_id, failures=failures, next_attempt_at=retry_at, last_error=error[:2000])
