@@ -49,6 +49,7 @@ from fhir_facade.resources.patient import PatientProvider
 from fhir_facade.resources.stored import StoredResourceProvider, stored_providers
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.store.atomic import atomic_scope
+from fhir_facade.store.expiring import ExpiringEntries
 from fhir_facade.store.feed_position import SqlFeedPositionStore
 from fhir_facade.store.leases import Leases
 from fhir_facade.subscriptions import SubscriptionRuntime
@@ -341,7 +342,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
     operations = {**(analyze.operations if analyze else {}), "Subscription": list(subscriptions.operations)}
-    authenticate, security = _install_security(app, settings)
+    authenticate, security = _install_security(app, settings, ExpiringEntries(store.engine))
     guarded = [Depends(authenticate)]
     # Admin-only whether or not an upstream is set: a non-admin learns nothing of the configuration.
     sync_router = sync.router if sync else build_unconfigured_sync_router()
@@ -377,10 +378,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _install_security(
-    app: FastAPI, settings: Settings
+    app: FastAPI, settings: Settings, shared: ExpiringEntries
 ) -> tuple[Authenticator | BearerScheme, dict[str, Any] | None]:
     """FACADE_AUTH=smart: token validation, discovery and (without an external issuer) the built-in
-    authorization server. Returns the authenticating dependency and CapabilityStatement.rest.security."""
+    authorization server, whose codes, replay cache and lockout counters are `shared` in the store.
+    Returns the authenticating dependency and CapabilityStatement.rest.security."""
     if settings.auth != "smart":
         return Authenticator(None), None
     keys = None
@@ -394,7 +396,7 @@ def _install_security(
             if recorder is not None
             else None
         )
-        server = BuiltinAuthorizationServer(settings, audit=refusals)
+        server = BuiltinAuthorizationServer(settings, audit=refusals, shared=shared)
         app.include_router(server.router)
         keys = StaticKeys(server.public_key_set())
         compartments = server.registry.user_compartments
