@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,6 +37,19 @@ __all__ = ["Replica", "ReplicaSet", "lease_holder"]
 @pytest.fixture
 def fresh_postgres_url() -> Iterator[str]:
     """An empty PostgreSQL database of its own for one test."""
+    with _database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_postgres_url() -> Iterator[str]:
+    """An empty PostgreSQL database shared by the tests of one module (one replica set)."""
+    with _database() as url:
+        yield url
+
+
+@contextmanager
+def _database() -> Iterator[str]:
     name = f"facade_replicas_{secrets.token_hex(6)}"
     try:
         admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
