@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -119,7 +118,9 @@ def test_one_idempotency_key_sent_to_both_replicas_runs_one_analysis(replicas: R
     assert len(set(task_ids)) == 1, task_ids
     report = final_answer(b, task_ids[0], timeout=120)
     assert final_answer(a, task_ids[0], timeout=10)["id"] == report["id"]
-    keyed = ok_json(httpx.get(f"{a.base_url}/Task", params={"identifier": key["Idempotency-Key"]}, timeout=10))
+    keyed = ok_json(
+        httpx.get(f"{a.base_url}/Task", params={"identifier": key["Idempotency-Key"]}, timeout=10)
+    )
     assert keyed["total"] == 1
     assert reports(a.base_url) == before + 1
 
