@@ -5,6 +5,7 @@ expired, claimed without overlap) and expiring entries (single-use take, insert-
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, text
 
+from fhir_facade.auth.server.lockout import Lockout, LockoutPolicy
 from fhir_facade.store import MIGRATIONS, create_store_engine, upgrade
 from fhir_facade.store.expiring import ExpiringEntries
 from fhir_facade.store.leases import Leases
@@ -128,3 +130,33 @@ def test_an_entry_is_added_once_while_live(engine: Engine, clock: Clock) -> None
     assert added.count(True) == 1
     clock.advance(11)
     assert entries.add_if_absent("assertion-jti", "j", "", clock.now + timedelta(seconds=10))
+
+
+def test_lockout_counters_are_shared_by_replicas(engine: Engine) -> None:
+    """Two Lockouts (two replicas' token endpoints) on one store count failures together (ADR 0011
+    counters in `expiring_entry`): three failures spread over both lock the client at both."""
+    upgrade(engine)
+    seconds = [time.time()]
+    entries = ExpiringEntries(engine, clock=lambda: datetime.fromtimestamp(seconds[0], UTC))
+    rules = LockoutPolicy(
+        failures=3, window=60, duration=10, max_duration=40, delay=0, max_delay=0, capacity=10
+    )
+    many = LockoutPolicy(
+        failures=100, window=60, duration=10, max_duration=40, delay=0, max_delay=0, capacity=10
+    )
+    a, b = (Lockout("client", rules, many, clock=lambda: seconds[0], shared=entries) for _ in range(2))
+    for replica in (a, b, a):
+        attempt = replica.begin("backend", "192.0.2.7")
+        assert not attempt.refused
+        attempt.failed()
+    refused = b.begin("backend", "192.0.2.7")
+    assert refused.refused and refused.refused_by == ("client",) and refused.retry_after == 10
+    assert a.begin("backend", "192.0.2.8").refused  # the client is locked, whatever its address
+    seconds[0] += 11
+    admitted = b.begin("backend", "192.0.2.7")
+    assert not admitted.refused
+    admitted.succeeded()  # resets the client's counter everywhere
+    for replica in (a, b):
+        attempt = replica.begin("backend", "192.0.2.7")
+        attempt.failed()
+    assert not a.begin("backend", "192.0.2.7").refused  # two failures since the reset: not locked
