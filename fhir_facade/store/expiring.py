@@ -86,6 +86,16 @@ class ExpiringEntries:
             )
             return inserted.rowcount == 1
 
+    def count(self, kind: str) -> int:
+        """How many live entries of `kind` there are (for tests and metrics)."""
+        with self._engine.connect() as connection:
+            return int(
+                connection.execute(
+                    text("SELECT COUNT(*) FROM expiring_entry WHERE kind = :kind AND expires_at > :now"),
+                    {"kind": kind, "now": self._clock()},
+                ).scalar_one()
+            )
+
     @contextmanager
     def transaction(self) -> Iterator[EntryTransaction]:
         """One write transaction for reading and changing several entries as one step (the lockout

@@ -118,7 +118,9 @@ def test_an_entry_is_taken_once(engine: Engine, clock: Clock) -> None:
     taken = at_once(PARALLEL, lambda: entries.take("auth-code", "k"))
     assert taken.count("v") == 1 and taken.count(None) == PARALLEL - 1
     entries.put("auth-code", "old", "v", clock.now + timedelta(seconds=60))
+    assert entries.count("auth-code") == 1
     clock.advance(61)
+    assert entries.count("auth-code") == 0
     assert entries.take("auth-code", "old") is None  # expired
 
 
