@@ -171,6 +171,26 @@ def _subscription_events(connection: Connection) -> None:
     )
 
 
+def _reserved(connection: Connection) -> None:
+    # Placeholder for migration 8, which another branch of issue 14 adds; when the branches are
+    # merged, that branch's migration 8 replaces this entry (this one changes nothing).
+    del connection
+
+
+def _subscription_event_arrival(connection: Connection) -> None:
+    # `arrival`: what makes a study-available event unique besides its subscription and study (the
+    # Orthanc change that announced it), so a watcher retry of the same arrival records no second
+    # event (ADR 0026 addendum "Durable delivery"). NULL for events of stored resources, whose
+    # version already identifies them; NULLs do not collide in a unique index.
+    connection.execute(text("ALTER TABLE subscription_event ADD COLUMN arrival VARCHAR(128)"))
+    connection.execute(
+        text(
+            "CREATE UNIQUE INDEX ux_subscription_event_arrival"
+            " ON subscription_event (subscription_id, resource_id, arrival)"
+        )
+    )
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
@@ -180,6 +200,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "outbox.correlation_id: the request that wrote the version", _outbox_correlation),
     Migration(6, "resource_version.author: the principal that wrote the version", _version_author),
     Migration(7, "subscription_state, subscription_event: topic-based Subscriptions", _subscription_events),
+    Migration(8, "reserved (issue 14, another branch)", _reserved),
+    Migration(
+        9, "subscription_event.arrival: one study-available event per arrival", _subscription_event_arrival
+    ),
 )
 
 

@@ -14,6 +14,7 @@ number for another patient's resource, so not even its id leaves the server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from datetime import UTC, datetime
@@ -29,16 +30,18 @@ from fhir_facade.fhir.pipeline import EventBus, VersionStored
 from fhir_facade.store.authorship import WRITE_AUTHOR
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.tables import VERSION
-from fhir_facade.subscriptions.backport import parse_subscription
+from fhir_facade.subscriptions.backport import SubscriptionSpec, parse_subscription
 from fhir_facade.subscriptions.tables import EVENT, STATE
 from fhir_facade.subscriptions.topics import Topic
 
-__all__ = ["SubscriptionMatcher", "author_may_read"]
+__all__ = ["SubscriptionMatcher", "arrival_key", "author_may_read"]
 
 log = logging.getLogger(__name__)
 
 #: Statuses that collect events (`error` too: a receiver that recovers gets what it missed).
 COLLECTING = ("active", "error")
+#: Parsed Subscriptions kept by the matcher (by their stored JSON); cleared when full.
+_SPEC_CACHE = 4096
 
 
 def author_may_read(author: str | None, resource: dict[str, Any], base_url: str) -> bool:
@@ -68,6 +71,7 @@ class SubscriptionMatcher:
         self._topics = topics
         self._types = {t.resource_type for t in topics.values()}
         self._base_url = base_url
+        self._specs: dict[str, SubscriptionSpec | None] = {}
 
     def subscribe_to(self, bus: EventBus) -> None:
         bus.on_precommit(VersionStored, self.on_version)
@@ -121,9 +125,8 @@ class SubscriptionMatcher:
         after = None if version.deleted else version.resource
         change = "delete" if version.deleted else ("create" if before is None else "update")
         for candidate in candidates:
-            try:
-                spec = parse_subscription(json.loads(candidate.resource_json), self._topics)
-            except FhirError:
+            spec = self._spec(candidate.resource_json)
+            if spec is None:
                 continue
             if not spec.topic.triggered(change, before, after):
                 continue
@@ -158,30 +161,61 @@ class SubscriptionMatcher:
         loaded: dict[str, Any] = json.loads(row.resource_json)
         return loaded
 
-    def record_study(self, engine: Engine, study: dict[str, Any], at: datetime) -> int:
+    def record_study(self, engine: Engine, study: dict[str, Any], at: datetime, arrival: str) -> int:
         """A study became stable in the PACS (`StudyArrived`): an event, numbered like the others
         in one transaction of its own (the watcher has none), for each `active`/`error`
         subscription of a `study-available` topic whose filters and author accept the live
-        ImagingStudy `study`. Version 0: the focus is the live resource. Returns how many."""
+        ImagingStudy `study`. Version 0: the focus is the live resource. Returns how many.
+
+        Idempotent per `arrival` (the Orthanc change that announced it, see `arrival_key`): the
+        watcher hands a study over again when any consumer failed on it, and a subscription that
+        has an event for this study and arrival already gets no second one. The unique index of
+        migration 9 makes a concurrent second recording fail (and be retried), not duplicate."""
         recorded = 0
         with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
+            seen = set(
+                connection.execute(
+                    select(EVENT.c.subscription_id).where(
+                        EVENT.c.resource_type == "ImagingStudy",
+                        EVENT.c.resource_id == str(study["id"]),
+                        EVENT.c.arrival == arrival,
+                    )
+                ).scalars()
+            )
             candidates = connection.execute(
                 select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json).where(
                     STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING)
                 )
             ).all()
             for candidate in candidates:
-                try:
-                    spec = parse_subscription(json.loads(candidate.resource_json), self._topics)
-                except FhirError:
+                if candidate.subscription_id in seen:
+                    continue
+                spec = self._spec(candidate.resource_json)
+                if spec is None:
                     continue
                 if spec.topic.event is None or not spec.topic.matches(spec.filters, study):
                     continue
                 if not author_may_read(candidate.author, study, self._base_url):
                     continue
-                self._record(connection, candidate.subscription_id, "ImagingStudy", str(study["id"]), 0, at)
+                self._record(
+                    connection, candidate.subscription_id, "ImagingStudy", str(study["id"]), 0, at, arrival
+                )
                 recorded += 1
         return recorded
+
+    def _spec(self, resource_json: str) -> SubscriptionSpec | None:
+        """The parsed Subscription of a state row, cached by its JSON (a fan-out to many
+        subscriptions parses each once, not once per write)."""
+        if resource_json in self._specs:
+            return self._specs[resource_json]
+        try:
+            spec: SubscriptionSpec | None = parse_subscription(json.loads(resource_json), self._topics)
+        except FhirError:
+            spec = None
+        if len(self._specs) >= _SPEC_CACHE:
+            self._specs.clear()
+        self._specs[resource_json] = spec
+        return spec
 
     @staticmethod
     def _record(
@@ -191,11 +225,15 @@ class SubscriptionMatcher:
         resource_id: str,
         version_id: int,
         at: datetime,
+        arrival: str | None = None,
     ) -> None:
-        key = STATE.c.subscription_id == subscription_id
         # The UPDATE takes the row lock first: concurrent writers number their events one after the other.
-        connection.execute(update(STATE).where(key).values(events_count=STATE.c.events_count + 1))
-        number = connection.execute(select(STATE.c.events_count).where(key)).scalar_one()
+        number = connection.execute(
+            update(STATE)
+            .where(STATE.c.subscription_id == subscription_id)
+            .values(events_count=STATE.c.events_count + 1)
+            .returning(STATE.c.events_count)
+        ).scalar_one()
         connection.execute(
             insert(EVENT).values(
                 subscription_id=subscription_id,
@@ -204,5 +242,20 @@ class SubscriptionMatcher:
                 resource_id=resource_id,
                 version_id=version_id,
                 occurred_at=at,
+                arrival=arrival,
             )
         )
+
+
+def arrival_key(change_seq: int | None, study: dict[str, Any]) -> str:
+    """What tells one arrival of a study from another: the Seq of the Orthanc change that
+    announced it (the watcher's retries of it carry the same); without one (a StudyArrived not from
+    the change feed), a fingerprint of the study's content (its series and instance counts), so
+    the same content arriving twice is one event and more instances make a new one."""
+    if change_seq is not None:
+        return f"change:{change_seq}"
+    series = sorted(
+        (str(s.get("uid")), int(s.get("numberOfInstances") or 0)) for s in study.get("series", [])
+    )
+    digest = hashlib.sha256(json.dumps([series, study.get("numberOfInstances")]).encode()).hexdigest()
+    return f"content:{digest[:40]}"

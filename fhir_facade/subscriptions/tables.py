@@ -38,4 +38,6 @@ EVENT = Table(
     Column("resource_id", String(64), nullable=False),
     Column("version_id", Integer, nullable=False),
     Column("occurred_at", UtcDateTime(), nullable=False),
+    #: The arrival a study-available event records (migration 9), NULL for stored resources' events.
+    Column("arrival", String(128)),
 )

@@ -106,6 +106,10 @@ class StudyArrived:
     issuer_of_patient_id: str | None
     modalities: frozenset[str]
     orthanc_id: str
+    #: The Seq of the StableStudy change that announced it: the same for a retry of this arrival,
+    #: another for a later one (consumers that must not react twice key on it). None when the
+    #: event did not come from the change feed.
+    change_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,7 @@ class StudyArrivalWatcher:
         """Fetch and hand over one stable study; True when `on_study` accepted it. A failure is
         recorded for a later retry (or dropped after max_attempts); DicomwebUnavailable propagates."""
         try:
-            study = await self._arrived_study(change.orthanc_id)
+            study = await self._arrived_study(change.orthanc_id, change.seq)
             if study is None:
                 log.info(
                     "study %s (change %d) is no longer in Orthanc; skipped", change.orthanc_id, change.seq
@@ -286,7 +290,7 @@ class StudyArrivalWatcher:
             self.positions.save(position)
             self._saved = position
 
-    async def _arrived_study(self, orthanc_id: str) -> StudyArrived | None:
+    async def _arrived_study(self, orthanc_id: str, seq: int | None = None) -> StudyArrived | None:
         """The study's identity, patient and modalities in three requests whatever its size:
         the study, its series (expanded) and the patient module of one of its instances."""
         study = await self.orthanc.study(orthanc_id)
@@ -309,6 +313,7 @@ class StudyArrivalWatcher:
             issuer_of_patient_id=_text(patient_module.get("IssuerOfPatientID")),
             modalities=frozenset(m for m in modalities if m is not None),
             orthanc_id=orthanc_id,
+            change_seq=seq,
         )
 
 
