@@ -115,9 +115,11 @@ class SubscriptionMatcher:
 
     def _match(self, connection: Connection, version: VersionStored) -> None:
         candidates = connection.execute(
-            select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json).where(
-                STATE.c.resource_type == version.resource_type, STATE.c.status.in_(COLLECTING)
-            )
+            select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json)
+            .where(STATE.c.resource_type == version.resource_type, STATE.c.status.in_(COLLECTING))
+            # One lock order for every transaction that updates several state rows (the
+            # delivery's group commit too): concurrent writers queue, they do not deadlock.
+            .order_by(STATE.c.subscription_id)
         ).all()
         if not candidates:
             return
@@ -183,9 +185,9 @@ class SubscriptionMatcher:
                 ).scalars()
             )
             candidates = connection.execute(
-                select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json).where(
-                    STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING)
-                )
+                select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json)
+                .where(STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING))
+                .order_by(STATE.c.subscription_id)
             ).all()
             for candidate in candidates:
                 if candidate.subscription_id in seen:

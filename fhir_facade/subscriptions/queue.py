@@ -180,12 +180,16 @@ class SubscriptionQueue:
     def apply(self, changes: list[Progress]) -> list[bool]:
         """Apply progress records in one transaction (the worker's group commit: deliveries to
         many subscriptions that finish together cost one commit); for each, whether the lease
-        was still the caller's (False: it was taken over, nothing was written)."""
+        was still the caller's (False: it was taken over, nothing was written). Rows are updated
+        in subscription id order, the order matching locks them in too (matching.py), so a batch
+        and a write that numbers events for the same subscriptions cannot deadlock."""
         if not changes:
             return []
-        applied = []
+        applied = [False] * len(changes)
+        order = sorted(range(len(changes)), key=lambda i: changes[i].subscription_id)
         with self._write() as connection, connection.begin():
-            for change in changes:
+            for index in order:
+                change = changes[index]
                 result = connection.execute(
                     update(STATE)
                     .where(
@@ -194,7 +198,7 @@ class SubscriptionQueue:
                     )
                     .values(**change.values)
                 )
-                applied.append(bool(result.rowcount))
+                applied[index] = bool(result.rowcount)
         return applied
 
     def purge(self, before: datetime, limit: int = 10_000) -> int:
