@@ -61,13 +61,12 @@ class SubscriptionRuntime:
             engine, matcher = self._store.engine, self._matcher
 
             async def on_study(study: StudyArrived) -> None:
+                known = datetime.now(UTC)  # the event's timestamp: when the facade learnt of it
                 # Read once as the server; each subscription's author is checked on the resource.
                 with origin_scope(Origin.INTERNAL), on_server_authority():
                     resource = await studies.read(study.study_uid)
                 arrival = arrival_key(study.change_seq, resource)
-                if await run_in_threadpool(
-                    matcher.record_study, engine, resource, datetime.now(UTC), arrival
-                ):
+                if await run_in_threadpool(matcher.record_study, engine, resource, known, arrival):
                     self.wake()
 
             self._store.bus.subscribe(StudyArrived, on_study)
