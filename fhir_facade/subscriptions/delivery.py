@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ __all__ = ["DeliveryAttempt", "DeliverySettings", "DeliveryWorker", "read_focus"
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 300.0
+#: Subscriptions leased per delivery slot: those waiting for a slot hold their lease meanwhile, so
+#: keep lease_seconds above (this - 1) x FACADE_SUBSCRIPTION_TIMEOUT.
+_LEASED_AHEAD = 4
+#: Connections per HTTP client (see DeliveryWorker._open_clients).
+_POOL_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -131,8 +137,9 @@ class DeliveryWorker:
         self._settings = settings
         self._on_attempt = on_attempt
         self._progress = ProgressWriter(queue)
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
         self._wake: asyncio.Event | None = None
+        self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = False
 
     def wake(self) -> None:
@@ -142,13 +149,13 @@ class DeliveryWorker:
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         size = self._settings.concurrency
-        self._client = httpx.AsyncClient(
-            timeout=self._settings.timeout,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-        )
+        self._clients = self._open_clients(size)
         self._wake = asyncio.Event()
         self._stopping = False
+        self._slots = asyncio.Semaphore(size)
+        # Leased ahead of the POSTs: a lease round per `size` subscriptions, not one per finished
+        # delivery; the semaphore keeps `size` POSTs in flight.
+        capacity = size * _LEASED_AHEAD
         running: set[asyncio.Task[None]] = set()
         next_purge = 0.0
 
@@ -160,9 +167,9 @@ class DeliveryWorker:
             while not stop.is_set():
                 self._wake.clear()
                 started = 0
-                if len(running) < size:
+                if capacity - len(running) >= size or not running:
                     try:
-                        started = await self._start(size - len(running), running, finished)
+                        started = await self._start(capacity - len(running), running, finished)
                     except Exception:
                         log.exception("Leasing subscriptions for delivery failed")
                 if self._settings.retention is not None and time.monotonic() >= next_purge:
@@ -174,14 +181,16 @@ class DeliveryWorker:
             self._stopping = True
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
-            await self._client.aclose()
+            for client in self._clients:
+                await client.aclose()
+            self._clients = []
 
     async def run_once(self) -> int:
         """One round for tests and tools: lease what is due, deliver it all, return how many
         subscriptions were worked on."""
-        own_client = self._client is None
-        if own_client:
-            self._client = httpx.AsyncClient(timeout=self._settings.timeout, follow_redirects=False)
+        own_clients = not self._clients
+        if own_clients:
+            self._clients = self._open_clients(self._settings.concurrency)
         try:
             running: set[asyncio.Task[None]] = set()
             count = await self._start(self._settings.concurrency, running, running.discard)
@@ -189,9 +198,23 @@ class DeliveryWorker:
                 await asyncio.gather(*running, return_exceptions=True)
             return count
         finally:
-            if own_client and self._client is not None:
-                await self._client.aclose()
-                self._client = None
+            if own_clients:
+                for client in self._clients:
+                    await client.aclose()
+                self._clients = []
+
+    def _open_clients(self, size: int) -> list[httpx.AsyncClient]:
+        """Connection pools of _POOL_SIZE connections, `size` connections in all; a subscription
+        always uses the same one. One pool of `size` costs a scan of all its connections for every
+        request (httpcore), which dominated a fan-out to 1,000 subscriptions."""
+        return [
+            httpx.AsyncClient(
+                timeout=self._settings.timeout,
+                follow_redirects=False,
+                limits=httpx.Limits(max_connections=_POOL_SIZE, max_keepalive_connections=_POOL_SIZE),
+            )
+            for _ in range(max(1, -(-size // _POOL_SIZE)))
+        ]
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         assert self._wake is not None
@@ -232,7 +255,8 @@ class DeliveryWorker:
 
     async def _guarded(self, leased: Leased, events: list[EventRow]) -> None:
         try:
-            await self._deliver(leased, events)
+            async with self._slots:
+                await self._deliver(leased, events)
         except _LeaseLost:
             log.warning("Subscription/%s: lease taken over by another worker", leased.subscription_id)
         except Exception:
@@ -261,7 +285,7 @@ class DeliveryWorker:
             else:
                 await self._failed(leased, lease, failure)
             return
-        for event in events:
+        for index, event in enumerate(events):
             if self._stopping:
                 break
             focus = None
@@ -288,7 +312,9 @@ class DeliveryWorker:
             if failure is not None:
                 await self._failed(leased, lease, failure)
                 return
-            renewed = datetime.now(UTC) + timedelta(seconds=self._settings.lease_seconds)
+            # The last one ends the lease in the same write (one commit per subscription in a fan-out).
+            last = index == len(events) - 1 and leased.status != "error"
+            renewed = None if last else datetime.now(UTC) + timedelta(seconds=self._settings.lease_seconds)
             await self._record(
                 leased,
                 lease,
@@ -297,6 +323,8 @@ class DeliveryWorker:
                 last_error=None,
                 lease_until=renewed,
             )
+            if renewed is None:
+                return
             lease = renewed
         if leased.status == "error":
             await self._set_status(leased, "active")
@@ -312,12 +340,13 @@ class DeliveryWorker:
         focus: dict[str, Any] | None,
     ) -> str | None:
         """POST the notification; None on a 2xx, else what went wrong. Reported to `on_attempt`."""
-        assert self._client is not None
+        assert self._clients, "run_forever or run_once opens the clients"
+        client = self._clients[zlib.crc32(leased.subscription_id.encode()) % len(self._clients)]
         headers = {"Content-Type": "application/fhir+json", **dict(spec.headers)}
         started = datetime.now(UTC)
         status: int | None = None
         try:
-            response = await self._client.post(spec.endpoint, json=bundle, headers=headers)
+            response = await client.post(spec.endpoint, json=bundle, headers=headers)
             status = response.status_code
             failure = None if 200 <= status < 300 else f"HTTP {status}"
         except httpx.HTTPError as error:

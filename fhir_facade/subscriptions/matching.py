@@ -124,6 +124,7 @@ class SubscriptionMatcher:
         if not candidates:
             return
         before = self._before(connection, version)
+        matched: list[str] = []
         after = None if version.deleted else version.resource
         change = "delete" if version.deleted else ("create" if before is None else "update")
         for candidate in candidates:
@@ -137,15 +138,9 @@ class SubscriptionMatcher:
                 continue
             if not author_may_read(candidate.author, current, self._base_url):
                 continue
-            at = version.at if version.at.tzinfo else version.at.replace(tzinfo=UTC)
-            self._record(
-                connection,
-                candidate.subscription_id,
-                version.resource_type,
-                version.resource_id,
-                version.version,
-                at,
-            )
+            matched.append(candidate.subscription_id)
+        at = version.at if version.at.tzinfo else version.at.replace(tzinfo=UTC)
+        self._record(connection, matched, version.resource_type, version.resource_id, version.version, at)
 
     @staticmethod
     def _before(connection: Connection, version: VersionStored) -> dict[str, Any] | None:
@@ -173,7 +168,7 @@ class SubscriptionMatcher:
         watcher hands a study over again when any consumer failed on it, and a subscription that
         has an event for this study and arrival already gets no second one. The unique index of
         migration 9 makes a concurrent second recording fail (and be retried), not duplicate."""
-        recorded = 0
+        matched: list[str] = []
         with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
             seen = set(
                 connection.execute(
@@ -199,11 +194,9 @@ class SubscriptionMatcher:
                     continue
                 if not author_may_read(candidate.author, study, self._base_url):
                     continue
-                self._record(
-                    connection, candidate.subscription_id, "ImagingStudy", str(study["id"]), 0, at, arrival
-                )
-                recorded += 1
-        return recorded
+                matched.append(candidate.subscription_id)
+            self._record(connection, matched, "ImagingStudy", str(study["id"]), 0, at, arrival)
+        return len(matched)
 
     def _spec(self, resource_json: str) -> SubscriptionSpec | None:
         """The parsed Subscription of a state row, cached by its JSON (a fan-out to many
@@ -222,30 +215,44 @@ class SubscriptionMatcher:
     @staticmethod
     def _record(
         connection: Connection,
-        subscription_id: str,
+        subscription_ids: list[str],
         resource_type: str,
         resource_id: str,
         version_id: int,
         at: datetime,
         arrival: str | None = None,
     ) -> None:
-        # The UPDATE takes the row lock first: concurrent writers number their events one after the other.
-        number = connection.execute(
-            update(STATE)
-            .where(STATE.c.subscription_id == subscription_id)
-            .values(events_count=STATE.c.events_count + 1)
-            .returning(STATE.c.events_count)
-        ).scalar_one()
+        """Number one event for each subscription: their counters incremented in one statement,
+        their rows inserted in one. The state rows are locked first, in subscription id order (the
+        order delivery's group commit takes them in), so concurrent writers queue without
+        deadlocking and number their events one after the other."""
+        if not subscription_ids:
+            return
+        ids = sorted(subscription_ids)
+        key = STATE.c.subscription_id.in_(ids)
         connection.execute(
-            insert(EVENT).values(
-                subscription_id=subscription_id,
-                event_number=number,
-                resource_type=resource_type,
-                resource_id=resource_id,
-                version_id=version_id,
-                occurred_at=at,
-                arrival=arrival,
-            )
+            select(STATE.c.subscription_id).where(key).order_by(STATE.c.subscription_id).with_for_update()
+        ).all()
+        numbers = connection.execute(
+            update(STATE)
+            .where(key)
+            .values(events_count=STATE.c.events_count + 1)
+            .returning(STATE.c.subscription_id, STATE.c.events_count)
+        ).all()
+        connection.execute(
+            insert(EVENT),
+            [
+                {
+                    "subscription_id": subscription_id,
+                    "event_number": int(number),
+                    "resource_type": resource_type,
+                    "resource_id": resource_id,
+                    "version_id": version_id,
+                    "occurred_at": at,
+                    "arrival": arrival,
+                }
+                for subscription_id, number in numbers
+            ],
         )
 
 
