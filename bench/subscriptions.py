@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=20)
     parser.add_argument("--fanout", type=int, default=1000)
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--concurrency", type=int, default=None, help="FACADE_SUBSCRIPTION_CONCURRENCY")
     args = parser.parse_args()
 
     with ExitStack() as stack:
@@ -206,10 +207,12 @@ def main() -> None:
             "FACADE_TASK_MODALITIES": "[]",
             "FACADE_SUBSCRIPTION_ENDPOINTS": json.dumps([f"http://127.0.0.1:{receiver.port}/"]),
         }
+        if args.concurrency:
+            env["FACADE_SUBSCRIPTION_CONCURRENCY"] = str(args.concurrency)
         facade = stack.enter_context(facade_process(env, log_path=work / "facade.log", timeout=120))
         http = stack.enter_context(httpx.Client(base_url=facade.base_url, timeout=60, headers=FHIR_JSON))
         hook = f"http://127.0.0.1:{receiver.port}"
-        print(f"backend={args.backend} facade={facade.base_url} receiver={hook}")
+        print(f"backend={args.backend} concurrency={args.concurrency or 'default'} facade={facade.base_url}")
 
         # 1. DiagnosticReport commit -> receipt.
         create_active(http, receiver, [subscription("diagnostic-report-status", f"{hook}/reports")])

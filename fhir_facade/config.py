@@ -319,7 +319,7 @@ class Settings(BaseSettings):
         ),
     )
     subscription_concurrency: int = Field(
-        32,
+        64,
         ge=1,
         description=(
             "Subscriptions one replica delivers to at the same time (each still strictly in event "
