@@ -7,6 +7,7 @@ the study watcher off, SR write-back on as by default). Three parts, each runs a
     .venv/bin/python bench/analyze.py ratio [--slices 20] [--rounds 5]
     .venv/bin/python bench/analyze.py concurrency [--levels 1,4,16] [--slices 20] [--workers 1]
     .venv/bin/python bench/analyze.py memory [--instances 500] [--timeout 600]
+    .venv/bin/python bench/analyze.py applicability [--rounds 5] [--step 0]
 
 Options of every part: `--threads N` (ONNX Runtime intra-op threads, FACADE_INFERENCE_THREADS for
 the facade and the same for the bench's own session; default: ONNX Runtime's choice on both sides)
@@ -26,6 +27,12 @@ list, and the same list for the bench's own session; default: the facade's defau
   Instance UID and InstanceNumber). Reads the facade's VmHWM and VmRSS (/proc/<pid>/status) after
   start-up and one 4-slice warm-up analysis (VmHWM cannot be reset, so the baseline is reported),
   samples VmRSS every 50 ms during the request, and reads VmHWM after it. Target: peak < 1 GiB.
+
+- applicability: the cost of the slice applicability step (ADR 0031). Two facades on one Orthanc,
+  one with FACADE_ANALYZE_SLICE_APPLICABILITY=true (the default), one with false; per round
+  (interleaved) one synchronous `$analyze` of the demo study (its 24 slices under fresh UIDs; with
+  `--step k`, every k-th axial slice of the whole Colin27 volume instead) on each. Prints the
+  medians of the POST wall time and of the server's own time, and each one's conclusion.
 
 Every part does one untimed warm-up analysis first. All traffic goes to 127.0.0.1; the facade and
 Orthanc are stopped and the temp dirs removed in `finally`/`with` blocks.
@@ -60,7 +67,7 @@ from bench.harness import facade_process
 from fhir_facade.analyze.inference import OnnxRuntimeBackend
 from fhir_facade.analyze.manifest import ModelManifest, load_manifests
 from fhir_facade.analyze.pixels import to_model_input
-from fhir_facade.demo.brain_mri import build_demo_study
+from fhir_facade.demo.brain_mri import build_axial_study, build_demo_study
 from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
 
 MODEL_ID = "brain-tumor-vgg16"
@@ -70,7 +77,8 @@ WARM_UP_SLICES = 4
 GIB = 2**30
 # The facade's own figures: Analyzer.analyze logs one line per finished analysis.
 ANALYZED = re.compile(
-    r"Analyzed study (?P<study>\S+) with \S+: .* from (?P<images>\d+) images in (?P<seconds>[\d.]+) s"
+    r"Analyzed study (?P<study>\S+) with \S+: .* from (?P<images>\d+) images(?: \(\d+ excluded\))? "
+    r"in (?P<seconds>[\d.]+) s"
     r" \(inference (?P<inference>[\d.]+) s[;)]"
 )
 
@@ -146,9 +154,11 @@ def facade(
     *,
     workers: int = 1,
     analyze_timeout: float | None = None,
+    name: str = "facade",
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Facade]:
     """The facade as its own process with `$analyze` on; its log (INFO) goes to a file."""
-    data_dir = workdir / "facade"
+    data_dir = workdir / name
     data_dir.mkdir()
     env = {
         "FACADE_DICOMWEB_URL": orthanc.dicomweb_url,
@@ -167,7 +177,8 @@ def facade(
         env["FACADE_INFERENCE_PROVIDERS"] = json.dumps(providers_list(args.providers))
     if analyze_timeout is not None:
         env["FACADE_ANALYZE_TIMEOUT"] = str(analyze_timeout)
-    log_path = workdir / "facade.log"
+    env.update(extra_env or {})
+    log_path = workdir / f"{name}.log"
     with facade_process(env, log_path=log_path, timeout=180) as server:
         yield Facade(server.process, server.base_url, ServerLog(log_path))
 
@@ -394,6 +405,77 @@ def run_memory(args: argparse.Namespace) -> None:
     print(line)
 
 
+def run_applicability(args: argparse.Namespace) -> None:
+    if args.step:
+        template = build_axial_study(list(range(0, 181, args.step)))
+        what = f"every {args.step}. axial slice of Colin27"
+    else:
+        template = build_demo_study()
+        what = "the demo study"
+    study_uid, datasets = brain_study(template, len(template), "APPLICABILITY")
+    with orthanc_in_tmp() as (orthanc, tmp, stack):
+        store(orthanc.url, datasets)
+        servers = {
+            flag: stack.enter_context(
+                facade(
+                    orthanc,
+                    tmp,
+                    args,
+                    name=f"facade-{flag}",
+                    extra_env={"FACADE_ANALYZE_SLICE_APPLICABILITY": flag},
+                )
+            )
+            for flag in ("true", "false")
+        }
+        clients = {
+            flag: stack.enter_context(httpx.Client(base_url=server.base_url, timeout=600))
+            for flag, server in servers.items()
+        }
+        conclusions = {}
+        for flag, client in clients.items():  # warm-up, and what each one concludes
+            report = client.post(f"/ImagingStudy/{study_uid}/$analyze").json()
+            conclusions[flag] = report["conclusion"]
+            servers[flag].log.new_analyses()
+        wall: dict[str, list[float]] = {"true": [], "false": []}
+        inside: dict[str, list[float]] = {"true": [], "false": []}
+        offsets = {flag: server.log.path.stat().st_size for flag, server in servers.items()}
+        for _ in range(args.rounds):
+            for flag, client in clients.items():
+                wall[flag].append(analyze(client, study_uid))
+                inside[flag].extend(f.seconds for f in servers[flag].log.new_analyses())
+        phases = {
+            flag: _phase_medians(server.log.path.read_bytes()[offsets[flag] :].decode("utf-8", "replace"))
+            for flag, server in servers.items()
+        }
+    print(f"\n$analyze of {what} ({len(datasets)} slices), {args.rounds} rounds, interleaved")
+    header = ("POST median s", "min s", "max s", "server median s")
+    print(f"{'applicability step':<20} {header[0]:>14} {header[1]:>7} {header[2]:>7} {header[3]:>16}")
+    for flag in ("true", "false"):
+        print(
+            f"{'on' if flag == 'true' else 'off':<20} {statistics.median(wall[flag]):>14.3f} "
+            f"{min(wall[flag]):>7.3f} {max(wall[flag]):>7.3f} {statistics.median(inside[flag]):>16.3f}"
+        )
+    print("phases inside Analyzer.analyze (medians, s): on / off")
+    for name in phases["true"]:
+        print(f"  {name:<10} {phases['true'][name]:>8.3f} / {phases['false'].get(name, 0.0):.3f}")
+    for flag in ("true", "false"):
+        print(f"conclusion ({'on' if flag == 'true' else 'off'}): {conclusions[flag]}")
+
+
+#: The phase list at the end of the "Analyzed study" line: "(inference 1.23 s; select 0.010, ...)".
+PHASES = re.compile(r"\(inference [\d.]+ s; (?P<phases>[^)]*)\)")
+
+
+def _phase_medians(log_text: str) -> dict[str, float]:
+    """Median seconds per phase over the "Analyzed study" lines of `log_text`."""
+    values: dict[str, list[float]] = {}
+    for match in PHASES.finditer(log_text):
+        for item in match["phases"].split(", "):
+            name, _, seconds = item.partition(" ")
+            values.setdefault(name, []).append(float(seconds))
+    return {name: statistics.median(items) for name, items in values.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmarks of $analyze (see the module docstring).")
     common = argparse.ArgumentParser(add_help=False)
@@ -412,8 +494,17 @@ def main() -> None:
     memory = parts.add_parser("memory", parents=[common], help="peak RSS for one large series")
     memory.add_argument("--instances", type=int, default=500)
     memory.add_argument("--timeout", type=float, default=600, help="FACADE_ANALYZE_TIMEOUT, seconds")
+    applicability = parts.add_parser("applicability", parents=[common], help="cost of the slice step")
+    applicability.add_argument("--rounds", type=int, default=5)
+    applicability.add_argument("--step", type=int, default=0, help="every k-th Colin27 slice (0: demo)")
     args = parser.parse_args()
-    {"ratio": run_ratio, "concurrency": run_concurrency, "memory": run_memory}[args.part](args)
+    parts_by_name = {
+        "ratio": run_ratio,
+        "concurrency": run_concurrency,
+        "memory": run_memory,
+        "applicability": run_applicability,
+    }
+    parts_by_name[args.part](args)
 
 
 if __name__ == "__main__":

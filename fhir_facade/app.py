@@ -345,6 +345,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
     # Before the FHIR router, whose /{type}/{id} catch-all would shadow the operations.
     app.include_router(subscription_routes, dependencies=guarded)
+    # The websocket channel's socket: no bearer dependency, a browser cannot send one; the binding
+    # token from $get-ws-binding-token (a guarded route) is its credential (ADR 0028).
+    app.include_router(subscriptions.socket_router())
     app.include_router(
         build_fhir_router(visible, settings, atomic, operations, authenticate=authenticate, security=security)
     )

@@ -105,6 +105,7 @@ class SubscriptionSettings(SettingsSection):
     event_retention: float
     concurrency: int
     lease_seconds: float
+    ws_token_seconds: float
 
 
 class WorklistSettings(SettingsSection):
@@ -139,6 +140,7 @@ class AnalyzeSettings(SettingsSection):
     workers: int
     timeout: float | None
     write_sr: bool
+    slice_applicability: bool
 
 
 class LimitsSettings(SettingsSection):
@@ -334,6 +336,14 @@ class Settings(BaseSettings):
             "delivered event. A crashed replica's subscriptions are taken over after this."
         ),
     )
+    subscription_ws_token_seconds: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Lifetime of a websocket binding token ($get-ws-binding-token): the socket's only "
+            "credential, so short; a client binds within it, then asks for a new one to reconnect."
+        ),
+    )
     worklist_dir: Path | None = Field(
         None,
         description=(
@@ -434,6 +444,14 @@ class Settings(BaseSettings):
     )
     analyze_write_sr: bool = Field(
         True, description="Store each $analyze result in the PACS as a DICOM Comprehensive 3D SR (STOW-RS)."
+    )
+    analyze_slice_applicability: bool = Field(
+        True,
+        description=(
+            "Leave slices outside the model's applicability (its manifest's slice_applicability) out of "
+            "the study decision and list them in the report (ADR 0031). false: every slice counts, as "
+            "before; only to measure the step's cost or reproduce an earlier result."
+        ),
     )
     default_page_size: int = Field(20, ge=1, description="Search page size when _count is absent.")
     max_page_size: int = Field(500, ge=1, description="Upper bound for _count.")

@@ -27,7 +27,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from fhir_facade.demo.brain_mri import build_demo_study
+from fhir_facade.demo.brain_mri import build_axial_study, build_demo_study
 from fhir_facade.embedded import store_instances
 
 __all__ = [
@@ -395,7 +395,21 @@ CORPUS: dict[str, StudySpec] = {
 def demo_brain_study(study_uid: str, patient_id: str, n_slices: int) -> list[FileDataset]:
     """The demo's real Colin27 MR slices (what $analyze's model reads), renamed to a study and patient
     of the test's own, so tests do not share the demo study's state."""
-    datasets = build_demo_study(n_slices)
+    return _renamed(build_demo_study(n_slices), study_uid, patient_id)
+
+
+def colin27_axial_range(study_uid: str, patient_id: str, step: int) -> list[FileDataset]:
+    """Every `step`-th axial slice of the whole Colin27 volume (k = 0, step, ... < 181: from below
+    the cerebellum to above the vertex, the slices the demo leaves out included), renamed like
+    `demo_brain_study`."""
+    return _renamed(build_axial_study(list(range(0, COLIN27_AXIAL_SLICES, step))), study_uid, patient_id)
+
+
+#: Axial slices of the Colin27 volume Debian's mricron-data ships (181 x 217 x 181 voxels).
+COLIN27_AXIAL_SLICES = 181
+
+
+def _renamed(datasets: list[FileDataset], study_uid: str, patient_id: str) -> list[FileDataset]:
     series_uid = f"{study_uid}.1"
     for number, ds in enumerate(datasets, start=1):
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid

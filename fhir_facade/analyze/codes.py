@@ -14,6 +14,7 @@ from fhir_facade.analyze.result import CodedConcept
 from fhir_facade.package_data import data_path
 
 __all__ = [
+    "ANALYSIS_APPLICABILITY",
     "ANALYZE_CODE",
     "DCM",
     "FINDING",
@@ -23,7 +24,9 @@ __all__ = [
     "RADIOLOGY_SECTION",
     "SNOMED",
     "TASK_CODE_SYSTEM",
+    "UNDETERMINED",
     "UnmappedLabel",
+    "applicability_concept",
     "label_concepts",
 ]
 
@@ -52,6 +55,25 @@ IMAGING_CATEGORY = {
     "code": "imaging",
     "display": "Imaging",
 }
+
+
+#: SNOMED CT 373068000 "Undetermined (qualifier value)": the finding of a study none of whose images
+#: the model could assess (ADR 0031), so the report says "could not be assessed", never "no tumour".
+UNDETERMINED = CodedConcept(SNOMED, "373068000", "Undetermined")
+#: The facade's code system of slice applicability (mappings/CodeSystem-analysis-applicability.json).
+ANALYSIS_APPLICABILITY = "http://fhir-facade.org/fhir/CodeSystem/analysis-applicability"
+
+
+@cache
+def _applicability_concepts() -> dict[str, CodedConcept]:
+    path = data_path("mappings") / "CodeSystem-analysis-applicability.json"
+    resource = json.loads(path.read_text(encoding="utf-8"))
+    return {c["code"]: CodedConcept(resource["url"], c["code"], c["display"]) for c in resource["concept"]}
+
+
+def applicability_concept(code: str) -> CodedConcept:
+    """A concept of the slice applicability code system, by code (KeyError for an unknown one)."""
+    return _applicability_concepts()[code]
 
 
 class UnmappedLabel(Exception):

@@ -28,9 +28,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fhir_facade.analyze.codes import UNDETERMINED
 from fhir_facade.analyze.result import CodedConcept, ScoredInstance, StudyDecision
 
-__all__ = ["DEFAULT_THRESHOLD", "decide", "top_k"]
+__all__ = ["DEFAULT_THRESHOLD", "decide", "not_assessed", "top_k"]
 
 DEFAULT_THRESHOLD = 0.5
 METHOD = "top-k mean of slice probabilities, k = ceil(10% of slices) in [1, 5], threshold {threshold}"
@@ -92,4 +93,18 @@ def decide(
         method=METHOD.format(threshold=threshold),
         supporting=supporting,
         derived_scores=derived,
+    )
+
+
+def not_assessed(labels: Sequence[str], concepts: Mapping[str, CodedConcept], excluded: int) -> StudyDecision:
+    """The decision when the applicability step left no image (ADR 0031): "Undetermined", no
+    scores, so the report says the study could not be assessed, never "no tumour"."""
+    return StudyDecision(
+        label="not-assessed",
+        concept=UNDETERMINED,
+        probability=0.0,
+        class_scores={},
+        class_concepts={name: concepts[name] for name in labels},
+        method=f"no decision: all {excluded} image(s) were outside the model's applicability",
+        assessed=False,
     )

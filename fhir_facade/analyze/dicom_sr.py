@@ -12,7 +12,16 @@ Content tree (DICOM PS3.16 TID 1500):
 - one measurement group (TID 1501): tracking identifier (TID 4108), algorithm identification
   (TID 4019), the qualitative evaluation named DCM 121071 "Finding" (TID 1501's finding row) whose
   value is the decision's concept, and one numeric measurement (TID 300) per class, named by the
-  class's concept, in UCUM "{probability}" (an annotated unity: a dimensionless number in [0, 1]).
+  class's concept, in UCUM "{probability}" (an annotated unity: a dimensionless number in [0, 1]);
+  then one qualitative evaluation per image the applicability step left out of the decision
+  (ADR 0031): name "Image not assessed by the AI model", value the reason (both from
+  mappings/CodeSystem-analysis-applicability.json, scheme 99FHIRFACADE), with the image (IMAGE,
+  INFERRED FROM, DCM 121112 "Source of Measurement") and the Instance Number and measurement in
+  words (TEXT, HAS PROPERTIES) as its children. When every image was left out the finding is
+  SNOMED CT "Undetermined" and the group has no scores.
+
+A new result of the same model supersedes the earlier ones: its SR names their SRs in the
+Predecessor Documents Sequence (0040,A360; PS3.3 C.17.2, ADR 0031).
 
 The SR copies the Patient and Study modules of the evidence, so the PACS files it as a new
 series of the analysed study.
@@ -27,11 +36,19 @@ from collections.abc import Iterable, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import RE_VALID_UID, UID
 
 from fhir_facade import __version__
-from fhir_facade.analyze.result import AnalysisResult, CodedConcept, ScoredInstance
+from fhir_facade.analyze.codes import applicability_concept
+from fhir_facade.analyze.result import (
+    AnalysisResult,
+    CodedConcept,
+    ExcludedInstance,
+    PreviousSr,
+    ScoredInstance,
+)
 
 __all__ = [
     "COMPREHENSIVE_3D_SR",
@@ -168,6 +185,7 @@ def build_analysis_sr(
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
     series_description: str = "AI result (preliminary, unverified)",
+    predecessors: Sequence[PreviousSr] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the Comprehensive 3D SR (TID 1500) that reports `result` on its study.
 
@@ -176,7 +194,8 @@ def build_analysis_sr(
     so that a retried write-back stores the same instance instead of a duplicate series;
     `series_number` is the caller's too: the next free one of the study (`sr_series_number`).
     `manufacturer` is the equipment that writes the SR (this facade); the model is named in the
-    content (device observer, algorithm identification).
+    content (device observer, algorithm identification). `predecessors`: the SRs of the results
+    this one supersedes (Predecessor Documents Sequence).
     """
     for argument, value in (("series_uid", series_uid), ("sop_instance_uid", sop_instance_uid)):
         if len(value) > 64 or not RE_VALID_UID.match(value):
@@ -192,7 +211,9 @@ def build_analysis_sr(
             f"evidence holds instances of other studies than {result.study_uid}: {other_studies}"
         )
     evaluated = _unique(result.instances)
-    supporting = _unique(decision.supporting) or evaluated
+    # A study none of whose images could be assessed has no supporting images: its library stays
+    # empty rather than describing every image (about 50 ms each).
+    supporting = _unique(decision.supporting) or (evaluated if decision.assessed else [])
     absent = [
         item.sop_instance_uid for item in (*evaluated, *supporting) if item.sop_instance_uid not in by_uid
     ]
@@ -229,11 +250,14 @@ def build_analysis_sr(
                 name=_code(decision.class_concepts[label]), value=float(score), unit=PROBABILITY_UNIT
             )
             for label, score in _in_label_order(decision.class_scores, result.labels)
-        ],
+        ]
+        or None,
+        qualitative_evaluations=[_not_assessed(item, by_uid) for item in result.excluded] or None,
         source_images=[
             hd.sr.SourceImageForMeasurementGroup.from_source_image(by_uid[item.sop_instance_uid])
             for item in supporting
-        ],
+        ]
+        or None,
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -282,7 +306,40 @@ def build_analysis_sr(
         is_complete=False,
         is_verified=False,
         is_final=False,
+        previous_versions=[_predecessor(p) for p in predecessors] or None,
     )
+
+
+def _not_assessed(excluded: ExcludedInstance, by_uid: dict[str, Dataset]) -> hd.sr.QualitativeEvaluation:
+    """One image left out of the decision: the reason, the image and its Instance Number."""
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=_code(applicability_concept("not-assessed")), value=_code(excluded.reason)
+    )
+    instance = excluded.instance
+    image = hd.sr.ImageContentItem(
+        name=codes.DCM.SourceOfMeasurement,
+        referenced_sop_class_uid=instance.sop_class_uid,
+        referenced_sop_instance_uid=instance.sop_instance_uid,
+        relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+    )
+    number = instance.instance_number if instance.instance_number is not None else "unknown"
+    detail = hd.sr.TextContentItem(
+        name=_code(applicability_concept("instance-number")),
+        value=f"{number}: {excluded.detail}"[:1024],  # UT would allow more; keep it a line
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+    )
+    evaluation[0].ContentSequence = DicomSequence([image, detail])
+    return evaluation
+
+
+def _predecessor(previous: PreviousSr) -> Dataset:
+    """What highdicom needs of a predecessor SR for its Predecessor Documents Sequence item."""
+    ds = Dataset()
+    ds.StudyInstanceUID = previous.study_uid
+    ds.SeriesInstanceUID = previous.series_uid
+    ds.SOPInstanceUID = previous.sop_instance_uid
+    ds.SOPClassUID = COMPREHENSIVE_3D_SR
+    return ds
 
 
 def _code(concept: CodedConcept) -> hd.sr.CodedConcept:

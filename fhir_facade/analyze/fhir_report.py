@@ -17,14 +17,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fhir_facade.analyze.codes import FINDING, IMAGING_CATEGORY, IMAGING_REPORT, RADIOLOGY_SECTION
+from fhir_facade.analyze.codes import (
+    FINDING,
+    IMAGING_CATEGORY,
+    IMAGING_REPORT,
+    RADIOLOGY_SECTION,
+    applicability_concept,
+)
 from fhir_facade.analyze.report_narrative import (
     device_narrative,
+    exclusion_narrative,
     observation_narrative,
     provenance_narrative,
     report_narrative,
 )
-from fhir_facade.analyze.result import AnalysisResult, CodedConcept, ScoredInstance
+from fhir_facade.analyze.result import AnalysisResult, CodedConcept, ExcludedInstance, ScoredInstance
 from fhir_facade.dicom_to_fhir.uids import uid_identifier
 from fhir_facade.fhir.narrative import with_narrative
 
@@ -71,6 +78,8 @@ class AnalysisContext:
     sr: SrReference | None = None
     study_description: str | None = None
     accession_number: str | None = None
+    replaces: tuple[str, ...] = ()
+    """`DiagnosticReport/<id>` of the current results this one supersedes (ADR 0031)."""
 
 
 @dataclass(frozen=True)
@@ -164,19 +173,83 @@ def _observation(result: AnalysisResult, context: AnalysisContext, device_ref: s
             for label, score in decision.class_scores.items()
         ],
     }
-    if decision.derived_scores:  # a score that is not the model's output for its class says why
-        observation["note"] = [{"text": text} for text in decision.derived_scores.values()]
+    if not observation["extension"]:
+        del observation["extension"]
+    if not observation["component"]:
+        del observation["component"]
+    notes = list(decision.derived_scores.values())  # a score not the model's own for its class
+    if result.excluded:
+        notes.append(excluded_summary(result))
+    if notes:
+        observation["note"] = [{"text": text} for text in notes]
     return {**observation, **_about(context)}
 
 
+def exclusion_id(context: AnalysisContext, index: int) -> str:
+    """The id of the Observation recording the `index`-th excluded image (64 characters at most)."""
+    return f"{context.observation_id}-x{index}"[:64]
+
+
+def _exclusion(
+    excluded: ExcludedInstance, observation_id: str, context: AnalysisContext, device_ref: str
+) -> dict[str, Any]:
+    """One image left out of the decision (ADR 0031), in the finding's shape: the image by the
+    source-image extension, code "Image not assessed by the AI model", the reason as the value (a
+    code and the measurement in words), the Instance Number as a component."""
+    study = {"reference": context.study_reference}
+    instance = excluded.instance
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": observation_id,
+        "extension": _source_images((instance,)),
+        "status": "preliminary",
+        "category": [{"coding": [IMAGING_CATEGORY]}],
+        "code": _concept(applicability_concept("not-assessed")),
+        "partOf": [study],
+        "derivedFrom": [study],
+        "issued": context.issued,
+        "device": {"reference": device_ref},
+        "valueCodeableConcept": _concept(excluded.reason, f"{excluded.reason.display}: {excluded.detail}"),
+    }
+    if instance.instance_number is not None:
+        observation["component"] = [
+            {
+                "code": _concept(applicability_concept("instance-number")),
+                "valueInteger": instance.instance_number,
+            }
+        ]
+    return {**observation, **_about(context)}
+
+
+def excluded_summary(result: AnalysisResult) -> str:
+    """How many images the applicability step left out, and why, in one sentence."""
+    counts: dict[str, int] = {}
+    for item in result.excluded:
+        counts[item.reason.display] = counts.get(item.reason.display, 0) + 1
+    reasons = "; ".join(f"{reason.lower()}: {count}" for reason, count in counts.items())
+    total = len(result.instances)
+    return (
+        f"{len(result.excluded)} of {total} slice{'s' if total != 1 else ''} outside the model's "
+        f"applicability, not used ({reasons})"
+    )
+
+
 def conclusion_text(result: AnalysisResult) -> str:
-    """The report's conclusion: the finding, its score, the evidence size and the caveat."""
+    """The report's conclusion: the finding, its score, the evidence size and the caveat; or, when
+    no image could be assessed, that the study could not be assessed (never "no tumour")."""
     decision = result.decision
-    slices = len(result.instances)
     model = f"{result.model_title} {result.model_version}"
+    preliminary = "Preliminary: not reviewed by a physician."
+    if not decision.assessed:
+        return (
+            f"The study could not be assessed by the AI model: {excluded_summary(result)}. "
+            f"This is no statement that there is no tumour (model {model}). {preliminary}"
+        )
+    slices = len(result.assessed_instances)
+    excluded = f"; {excluded_summary(result)}" if result.excluded else ""
     return (
         f"{decision.concept.display} (AI finding, score {decision.probability:.2f} over {slices} "
-        f"slice{'s' if slices != 1 else ''}; model {model}). Preliminary: not reviewed by a physician."
+        f"slice{'s' if slices != 1 else ''}{excluded}; model {model}). {preliminary}"
     )
 
 
@@ -207,6 +280,9 @@ def _report(result: AnalysisResult, context: AnalysisContext, observation_refs: 
 
 
 def _provenance(context: AnalysisContext, targets: list[str], device_ref: str) -> dict[str, Any]:
+    """Who made the result from what; a superseded report is an entity with role `revision` (R4
+    provenance-entity-role: "the resulting entity is a revised version of some original")."""
+    revised = [{"role": "revision", "what": {"reference": ref}} for ref in context.replaces]
     return {
         "resourceType": "Provenance",
         "id": context.provenance_id,
@@ -235,7 +311,7 @@ def _provenance(context: AnalysisContext, targets: list[str], device_ref: str) -
                 "who": {"reference": device_ref},
             }
         ],
-        "entity": [{"role": "source", "what": {"reference": context.study_reference}}],
+        "entity": [{"role": "source", "what": {"reference": context.study_reference}}, *revised],
     }
 
 
@@ -247,10 +323,17 @@ def build_resources(result: AnalysisResult, context: AnalysisContext) -> Analysi
     device_ref = f"Device/{device['id']}"
     observation = _observation(result, context, device_ref)
     observation = with_narrative(observation, observation_narrative(result, context))
-    observation_ref = f"Observation/{observation['id']}"
-    report = _report(result, context, [observation_ref])
+    exclusions = [
+        with_narrative(
+            _exclusion(item, exclusion_id(context, index), context, device_ref),
+            exclusion_narrative(item, context),
+        )
+        for index, item in enumerate(result.excluded, start=1)
+    ]
+    observation_refs = [f"Observation/{o['id']}" for o in (observation, *exclusions)]
+    report = _report(result, context, observation_refs)
     report = with_narrative(report, report_narrative(result, context, report["conclusion"]))
     report_ref = f"DiagnosticReport/{report['id']}"
-    provenance = _provenance(context, [report_ref, observation_ref], device_ref)
+    provenance = _provenance(context, [report_ref, *observation_refs], device_ref)
     provenance = with_narrative(provenance, provenance_narrative(provenance))
-    return AnalysisResources(device, (observation,), report, provenance)
+    return AnalysisResources(device, (observation, *exclusions), report, provenance)

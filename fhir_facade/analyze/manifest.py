@@ -28,6 +28,7 @@ __all__ = [
     "ModelSource",
     "ModelSourceError",
     "OutputSpec",
+    "SliceApplicability",
     "load_manifest",
     "load_manifests",
 ]
@@ -125,6 +126,36 @@ class OutputSpec(BaseModel):
         return self
 
 
+class SliceApplicability(BaseModel):
+    """Which slices of an accepted series the model can assess (ADR 0031): thresholds of the
+    per-slice checks in fhir_facade.analyze.applicability, per model because they describe the
+    images the model was trained on. Absent from a manifest: every slice is assessed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tissue_threshold: float = Field(
+        0.1, gt=0, lt=1, description="A pixel is tissue when its windowed value ([0, 1]) reaches this."
+    )
+    min_tissue_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Below this fraction of tissue pixels a slice shows no head."
+    )
+    min_section_ratio: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="A slice whose tissue area is below this share of its series' largest is a "
+        "partial section (vertex, edge of the head).",
+    )
+    inferior_excluded_fraction: float = Field(
+        1 / 3,
+        ge=0,
+        lt=1,
+        description="Axial slices in this inferior share of the head's extent in the series are at "
+        "skull-base level.",
+    )
+
+
 class ModelManifest(BaseModel):
     """One model of the `$analyze` operation (operations/models/<id>.json)."""
 
@@ -143,6 +174,9 @@ class ModelManifest(BaseModel):
     label_concept_map: str = Field(description="ConceptMap.url mapping output labels to codes.")
     batch_size: int = Field(4, ge=1, description="Slices per inference call.")
     timeout_s: float = Field(300, gt=0, description="Inference time limit for one study.")
+    slice_applicability: SliceApplicability | None = Field(
+        None, description="Per-slice applicability checks before the study decision (ADR 0031)."
+    )
 
     @cached_property
     def model_path(self) -> Path:

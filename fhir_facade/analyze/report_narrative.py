@@ -24,11 +24,12 @@ from fhir_facade.fhir.narrative import (
 
 if TYPE_CHECKING:
     from fhir_facade.analyze.fhir_report import AnalysisContext
-    from fhir_facade.analyze.result import AnalysisResult
+    from fhir_facade.analyze.result import AnalysisResult, ExcludedInstance
 
 __all__ = [
     "PRELIMINARY_NOTICE",
     "device_narrative",
+    "exclusion_narrative",
     "observation_narrative",
     "provenance_narrative",
     "report_narrative",
@@ -84,18 +85,27 @@ def report_narrative(result: AnalysisResult, context: AnalysisContext, conclusio
         for label, score in sorted(decision.class_scores.items(), key=lambda item: -item[1])
         if label != decision.label
     ]
-    slices = len(result.instances)
+    slices = len(result.assessed_instances)
+    findings = (
+        Paragraph(
+            f"Predicted class: {decision.concept.display} (code {decision.concept.code}), "
+            f"score {decision.probability:.2f}, over {slices} image{'s' if slices != 1 else ''}. "
+            f"Other class scores: {', '.join(others) or 'none'}."
+        )
+        if decision.assessed
+        else Paragraph(
+            f"Not assessed: none of the {len(result.instances)} images is within the model's "
+            "applicability, so the model makes no statement about this study."
+        )
+    )
     return narrative(
         Heading(f"AI imaging report (preliminary): {result.model_title}", 2),
         Paragraph(PRELIMINARY_NOTICE, strong=True),
         _study_facts(context),
         Heading("Findings"),
-        Paragraph(
-            f"Predicted class: {decision.concept.display} (code {decision.concept.code}), "
-            f"score {decision.probability:.2f}, over {slices} image{'s' if slices != 1 else ''}. "
-            f"Other class scores: {', '.join(others) or 'none'}."
-        ),
+        findings,
         _scores(result),
+        *_excluded_parts(result),
         Heading("Impression"),
         Paragraph(conclusion),
         Facts(
@@ -110,6 +120,50 @@ def report_narrative(result: AnalysisResult, context: AnalysisContext, conclusio
     )
 
 
+def _excluded_parts(result: AnalysisResult) -> list[Heading | Paragraph | Table]:
+    """The images the applicability step left out of the decision, one row each (ADR 0031)."""
+    if not result.excluded:
+        return []
+    return [
+        Heading("Images not assessed"),
+        Paragraph(
+            f"{len(result.excluded)} of {len(result.instances)} images are outside what the model can "
+            "assess; their outputs were not used."
+        ),
+        Table(
+            ("Instance", "SOP Instance UID", "Reason", "Measured"),
+            [
+                (
+                    item.instance.instance_number if item.instance.instance_number is not None else "",
+                    item.instance.sop_instance_uid,
+                    item.reason.display,
+                    item.detail,
+                )
+                for item in result.excluded
+            ],
+        ),
+    ]
+
+
+def exclusion_narrative(excluded: ExcludedInstance, context: AnalysisContext) -> dict[str, str]:
+    """An excluded image's Observation: which image, why it was left out."""
+    instance = excluded.instance
+    return narrative(
+        Paragraph(
+            f"Image not assessed by the AI model: {excluded.reason.display.lower()} ({excluded.detail}). "
+            "Its output was left out of the study's result."
+        ),
+        Facts(
+            [
+                ("Instance number", instance.instance_number),
+                ("SOP Instance UID", instance.sop_instance_uid),
+                ("Series Instance UID", instance.series_uid),
+                ("Imaging study", context.study_reference),
+            ]
+        ),
+    )
+
+
 def observation_narrative(result: AnalysisResult, context: AnalysisContext) -> dict[str, str]:
     """The finding Observation's narrative: what was measured and its value."""
     decision = result.decision
@@ -117,7 +171,10 @@ def observation_narrative(result: AnalysisResult, context: AnalysisContext) -> d
         Heading("AI finding (preliminary)"),
         Paragraph(
             f"Finding: {decision.concept.display} (score {decision.probability:.2f}), "
-            "by an AI model, not verified by a radiologist.",
+            "by an AI model, not verified by a radiologist."
+            if decision.assessed
+            else f"Finding: {decision.concept.display}: no image of the study is within the model's "
+            "applicability, so the model makes no statement about it.",
         ),
         Facts(
             [
@@ -153,9 +210,12 @@ def provenance_narrative(provenance: dict[str, Any]) -> dict[str, str]:
     """The Provenance: what the algorithm created, from which study, when."""
     targets = joined(t.get("reference") for t in provenance.get("target", []))
     agents = joined(reference_text(a.get("who")) for a in provenance.get("agent", []))
-    sources = joined(reference_text(e.get("what")) for e in provenance.get("entity", []))
+    entities = provenance.get("entity", [])
+    sources = joined(reference_text(e.get("what")) for e in entities if e.get("role") != "revision")
+    revised = joined(reference_text(e.get("what")) for e in entities if e.get("role") == "revision")
     return narrative(
         Paragraph(
             f"{targets} created by the AI algorithm {agents} from {sources} at {provenance.get('recorded')}."
-        )
+        ),
+        Paragraph(f"This result supersedes {revised}.") if revised else None,
     )

@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 
 from fhir_facade.dicom_to_fhir.coding_schemes import coding_scheme_designator
 
-__all__ = ["PRIVATE_CODING_SCHEME", "AnalysisResult", "CodedConcept", "ScoredInstance", "StudyDecision"]
+__all__ = [
+    "PRIVATE_CODING_SCHEME",
+    "AnalysisResult",
+    "CodedConcept",
+    "ExcludedInstance",
+    "PreviousSr",
+    "ScoredInstance",
+    "StudyDecision",
+]
 
 #: A local designator for codes of systems DICOM registers none for (PS3.16 8.2: "99" prefix).
 PRIVATE_CODING_SCHEME = "99FHIRFACADE"
@@ -41,6 +49,25 @@ class ScoredInstance:
 
 
 @dataclass(frozen=True)
+class ExcludedInstance:
+    """An image left out of the study-level decision, and why (fhir_facade.analyze.applicability)."""
+
+    instance: ScoredInstance
+    reason: CodedConcept
+    detail: str
+    """What was measured, in words (e.g. "tissue area 41 % of the largest section")."""
+
+
+@dataclass(frozen=True)
+class PreviousSr:
+    """An SR in the PACS that a new result's SR names in its Predecessor Documents Sequence."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
 class StudyDecision:
     """The study-level answer derived from the per-image outputs (fhir_facade.analyze.decision)."""
 
@@ -55,6 +82,8 @@ class StudyDecision:
     derived_scores: dict[str, str] = field(default_factory=dict)
     """Class label -> how its score was derived when it is not the top-k mean of the model's output
     for that class (the negative class: 1 - the best positive score; fhir_facade.analyze.decision)."""
+    assessed: bool = True
+    """False when every image was excluded: `concept` is then "Undetermined", with no scores."""
 
 
 @dataclass(frozen=True)
@@ -71,3 +100,12 @@ class AnalysisResult:
     decision: StudyDecision
     inference_seconds: float = 0.0
     providers: tuple[str, ...] = field(default_factory=tuple)
+    excluded: tuple[ExcludedInstance, ...] = ()
+    """Images the model ran on whose output the decision left out (ADR 0031); `instances` holds
+    every image the model saw, the excluded ones included."""
+
+    @property
+    def assessed_instances(self) -> tuple[ScoredInstance, ...]:
+        """The images the decision rests on: `instances` less the excluded ones."""
+        left_out = {item.instance.sop_instance_uid for item in self.excluded}
+        return tuple(i for i in self.instances if i.sop_instance_uid not in left_out)

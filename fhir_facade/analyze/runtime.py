@@ -83,6 +83,7 @@ class AnalyzeRuntime:
             # presentedForm.url: a link the caller follows with its own token (ADR 0016)
             link_base=settings.dicomweb_link_url,
             timeout=settings.analyze.timeout,
+            slice_applicability=settings.analyze.slice_applicability,
         )
         tasks = providers["Task"]
         assert isinstance(tasks, StoredResourceProvider)

@@ -7,11 +7,14 @@ Order of effects, chosen so a failure leaves nothing half-written (ADR 0006):
 3. build every FHIR resource and validate it; build the SR (its evidence: pixel-free headers
    kept while the images streamed);
 4. store the SR in the PACS (STOW-RS) as a new series numbered 9901 and up
-   (`sr_series_number`);
-5. store Device, Observation, DiagnosticReport, Provenance and the finished Task in ONE database
-   transaction.
-A failure in 1-4 stores nothing in the database; a failure in 5 leaves only the SR in the PACS,
-a derived object that a repeated analysis supersedes (logged).
+   (`sr_series_number`), naming the SRs of the results it supersedes in its Predecessor Documents
+   Sequence (`supersede`, ADR 0031);
+5. store Device, Observations, DiagnosticReport, Provenance, the finished Task and the superseded
+   reports and Observations (status `cancelled`) in ONE database transaction.
+Between 2 and 3 the applicability step (`applicability`, ADR 0031) leaves the slices the model
+cannot assess out of the decision. A failure in 1-4 stores nothing in the database; a failure in 5
+leaves only the SR in the PACS (logged): a derived object no report points at, which a repeated
+analysis does not name as a predecessor (only SRs of stored reports are).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from typing import Any, TypeVar
 import pydicom
 from pydicom.uid import generate_uid
 
+from fhir_facade.analyze.applicability import SliceFacts, exclusions, slice_geometry, tissue_fractions
 from fhir_facade.analyze.codes import label_concepts
-from fhir_facade.analyze.decision import decide
+from fhir_facade.analyze.decision import decide, not_assessed
 from fhir_facade.analyze.dicom_sr import build_analysis_sr, evidence_header, sr_retrieve_url
 from fhir_facade.analyze.errors import ai_inference_timeout, fhir_mapping_error
 from fhir_facade.analyze.fhir_report import (
@@ -49,8 +53,9 @@ from fhir_facade.analyze.pixels import (
     iter_batches,
     select_for_study,
 )
-from fhir_facade.analyze.result import AnalysisResult, ScoredInstance
+from fhir_facade.analyze.result import AnalysisResult, ExcludedInstance, ScoredInstance
 from fhir_facade.analyze.sr_series_number import study_next_series_number
+from fhir_facade.analyze.supersede import PreviousResult, current_results, superseded
 from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
 from fhir_facade.auth.access import on_server_authority
 from fhir_facade.dicom_to_fhir.uids import uid_from_identifier
@@ -76,6 +81,18 @@ T = TypeVar("T")
 
 #: Called with (images done, images in total) as the analysis advances.
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What the model pass produced: per-image outputs, the seconds spent in the model, a
+    pixel-free header of every image (the SR's evidence) and each image's tissue share (the
+    applicability step's input; empty when the step is off)."""
+
+    instances: list[ScoredInstance]
+    inference_seconds: float
+    headers: list[pydicom.Dataset]
+    tissue: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,7 @@ class Analyzer:
         atomic: Callable[[], AbstractAsyncContextManager[None]],
         link_base: str,
         timeout: float | None = None,
+        slice_applicability: bool = True,
     ) -> None:
         self.manifests = manifests
         self.backends = backends
@@ -121,9 +139,11 @@ class Analyzer:
         self._atomic = atomic
         self._link_base = link_base
         self._timeout = timeout
-        # One SR series number taken and stored at a time, so two results of one study
-        # finishing together in this process do not both take the same number.
-        self._sr_numbering = asyncio.Lock()
+        self._slice_applicability = slice_applicability
+        # One result finished at a time (SR series number taken, SR stored, resources written), so
+        # two results of one study finishing together in this process neither take the same number
+        # nor miss each other when the later one supersedes the earlier (ADR 0031).
+        self._finishing = asyncio.Lock()
 
     def manifest(self, model_id: str | None) -> ModelManifest:
         model_id = model_id or self.default_model
@@ -180,24 +200,28 @@ class Analyzer:
                 f"Analysis of study {study_uid} with {manifest.id} ran past its limit of {limit:g} s"
             ) from exc
         result = self._result(study_uid, manifest, scored)
-        evidence = scored[2]
-        async with self._sr_numbering:
+        lap("decision")
+        async with self._finishing:
+            previous = await current_results(self._writers, study["id"], result)
+            lap("previous")
             sr_dataset, sr_ref = (
-                await self._build_sr(study_uid, result, evidence) if self._stow else (None, None)
+                await self._build_sr(study_uid, result, scored.headers, previous)
+                if self._stow
+                else (None, None)
             )
             lap("sr")
-            resources = self._resources(result, study, sr_ref)
+            resources = self._resources(result, study, sr_ref, previous)
             lap("fhir")
             if sr_dataset is not None and self._stow is not None:
                 await self._store_sr(study_uid, sr_dataset)
             lap("stow")
-        completed_task = _completed_task(task, resources) if task else None
-        await self._persist(resources, completed_task)
-        lap("store")
+            completed_task = _completed_task(task, resources) if task else None
+            await self._persist(resources, completed_task, previous)
+            lap("store")
         seconds = time.perf_counter() - started
         log.info(
-            "Analyzed study %s with %s: %s (%.2f) -> DiagnosticReport/%s%s, from %d images in %.2f s "
-            "(inference %.2f s; %s)",
+            "Analyzed study %s with %s: %s (%.2f) -> DiagnosticReport/%s%s, from %d images (%d excluded) "
+            "in %.2f s (inference %.2f s; %s)%s",
             study_uid,
             manifest.id,
             result.decision.label,
@@ -205,9 +229,11 @@ class Analyzer:
             resources.report["id"],
             f" + SR series {sr_dataset.SeriesNumber}" if sr_dataset is not None else "",
             len(result.instances),
+            len(result.excluded),
             seconds,
             result.inference_seconds,
             ", ".join(f"{name} {value:.3f}" for name, value in phases.items()),
+            "".join(f"; supersedes DiagnosticReport/{p.report_id}" for p in previous),
         )
         return AnalysisOutcome(resources.report, resources, result, seconds)
 
@@ -229,10 +255,12 @@ class Analyzer:
         manifest: ModelManifest,
         selections: Sequence[SeriesSelection],
         progress: Progress | None,
-    ) -> tuple[list[ScoredInstance], float, list[pydicom.Dataset]]:
-        """Per-image outputs, seconds spent in the model, and a pixel-free header of every image
-        (the SR's evidence)."""
+    ) -> _Scored:
+        """Per-image outputs, seconds spent in the model, a pixel-free header of every image (the
+        SR's evidence) and, with the applicability step on, each image's tissue share."""
         backend = self.backends[manifest.id]
+        rules = manifest.slice_applicability if self._slice_applicability else None
+        tissue: dict[str, float] = {}
         headers: list[pydicom.Dataset] = []
         total = sum(len(s.instances) for s in selections)
         scored: list[ScoredInstance] = []
@@ -252,6 +280,9 @@ class Analyzer:
                     t0 = time.perf_counter()
                     outputs = await asyncio.to_thread(backend.infer, batch)
                     inference_seconds += time.perf_counter() - t0
+                    if rules is not None:
+                        fractions = tissue_fractions(batch, manifest.input, rules.tissue_threshold)
+                        tissue.update(zip((r.sop_instance_uid for r in refs), fractions, strict=True))
                     for ref, row in zip(refs, outputs, strict=True):
                         scored.append(
                             ScoredInstance(
@@ -289,18 +320,33 @@ class Analyzer:
             raise FhirError(
                 500, [_issue("exception", f"Inference failed: {exc}", "ai_inference_error")]
             ) from exc
-        return scored, inference_seconds, headers
+        return _Scored(scored, inference_seconds, headers, tissue)
 
-    def _result(
-        self,
-        study_uid: str,
-        manifest: ModelManifest,
-        scored: tuple[list[ScoredInstance], float, list[pydicom.Dataset]],
-    ) -> AnalysisResult:
-        instances, inference_seconds, _ = scored
+    def _excluded(self, manifest: ModelManifest, scored: _Scored) -> list[ExcludedInstance]:
+        """The applicability step (ADR 0031): the images the model cannot assess, with reasons."""
+        rules = manifest.slice_applicability
+        if rules is None or not self._slice_applicability:
+            return []
+        heights = {str(h.SOPInstanceUID): slice_geometry(h) for h in scored.headers}
+        facts = {
+            uid: SliceFacts(tissue_fraction=fraction, z_mm=heights.get(uid))
+            for uid, fraction in scored.tissue.items()
+        }
+        return exclusions(scored.instances, facts, rules)
+
+    def _result(self, study_uid: str, manifest: ModelManifest, scored: _Scored) -> AnalysisResult:
+        instances = scored.instances
         try:
+            excluded = self._excluded(manifest, scored)
+            left_out = {item.instance.sop_instance_uid for item in excluded}
+            assessed = [i for i in instances if i.sop_instance_uid not in left_out]
             concepts = label_concepts(manifest)
-            decision = decide(instances, manifest.output.labels, manifest.output.negative_label, concepts)
+            labels = manifest.output.labels
+            decision = (
+                decide(assessed, labels, manifest.output.negative_label, concepts)
+                if assessed
+                else not_assessed(labels, concepts, len(excluded))
+            )
         except Exception as exc:  # a packaging error of the model, not the caller's fault
             log.exception("Result mapping failed for study %s", study_uid)
             raise fhir_mapping_error(f"The model's output could not be mapped: {exc}") from exc
@@ -313,12 +359,17 @@ class Analyzer:
             labels=manifest.output.labels,
             instances=tuple(instances),
             decision=decision,
-            inference_seconds=inference_seconds,
+            inference_seconds=scored.inference_seconds,
             providers=self.backends[manifest.id].providers,
+            excluded=tuple(excluded),
         )
 
     async def _build_sr(
-        self, study_uid: str, result: AnalysisResult, evidence: list[pydicom.Dataset]
+        self,
+        study_uid: str,
+        result: AnalysisResult,
+        evidence: list[pydicom.Dataset],
+        previous: Sequence[PreviousResult],
     ) -> tuple[pydicom.Dataset, SrReference]:
         series_uid, sop_uid = generate_uid(), generate_uid()
         try:
@@ -344,6 +395,7 @@ class Analyzer:
                 series_uid=series_uid,
                 sop_instance_uid=sop_uid,
                 series_number=series_number,
+                predecessors=[p.sr for p in previous if p.sr is not None],
             )
         except Exception as exc:
             log.exception("DICOM SR could not be built for study %s", study_uid)
@@ -364,7 +416,11 @@ class Analyzer:
             ) from exc
 
     def _resources(
-        self, result: AnalysisResult, study: dict[str, Any], sr: SrReference | None
+        self,
+        result: AnalysisResult,
+        study: dict[str, Any],
+        sr: SrReference | None,
+        previous: Sequence[PreviousResult],
     ) -> AnalysisResources:
         issued = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         context = AnalysisContext(
@@ -379,6 +435,7 @@ class Analyzer:
             sr=sr,
             study_description=study.get("description"),
             accession_number=_accession_number(study),
+            replaces=tuple(f"DiagnosticReport/{p.report_id}" for p in previous),
         )
         try:
             resources = build_resources(result, context)
@@ -392,13 +449,21 @@ class Analyzer:
             raise fhir_mapping_error(f"The result could not be expressed as FHIR: {exc}") from exc
         return resources
 
-    async def _persist(self, resources: AnalysisResources, task: dict[str, Any] | None) -> None:
-        """Everything of one result in one transaction: all stored, or none. Written through the
-        pipeline as the server's own work (the job was authorized before it ran), so the result's
-        consumers (outbox, subscriptions) hear of each resource after the commit."""
+    async def _persist(
+        self,
+        resources: AnalysisResources,
+        task: dict[str, Any] | None,
+        previous: Sequence[PreviousResult] = (),
+    ) -> None:
+        """Everything of one result in one transaction: all stored, or none, the superseded
+        reports and their Observations set to `cancelled` in the same one (ADR 0031). Written
+        through the pipeline as the server's own work (the job was authorized before it ran), so
+        the result's consumers (outbox, subscriptions) hear of each resource after the commit."""
         writes = [*resources.observations, resources.report, resources.provenance]
         if task is not None:
             writes.append(task)
+        for result in previous:
+            writes.extend(superseded(result, f"DiagnosticReport/{resources.report['id']}"))
         with on_server_authority(), origin_scope(Origin.INTERNAL):
             async with self._atomic():
                 if not await self._exists(resources.device):

@@ -38,6 +38,7 @@ __all__ = [
     "DEMO_SERIES_UID",
     "DEMO_STUDY_UID",
     "NiftiVolume",
+    "build_axial_study",
     "build_demo_study",
     "load_colin27",
     "png_preview",
@@ -172,7 +173,16 @@ def build_demo_study(n_slices: int = 24, volume: NiftiVolume | None = None) -> l
     and measure it correctly. All UIDs are fixed: building twice gives the same instances.
     """
     volume = load_colin27() if volume is None else volume
-    slices = _axial_slices(volume, n_slices)
+    return build_axial_study(_axial_slices(volume, n_slices), volume)
+
+
+def build_axial_study(slices: list[int], volume: NiftiVolume | None = None) -> list[FileDataset]:
+    """An axial series of the Colin27 volume's slices `slices` (k indices, ascending, evenly
+    spaced), under the demo study's UIDs: e.g. `range(0, 181, 3)` for the whole axial range, from
+    below the cerebellum to above the vertex (the applicability tests of ADR 0031)."""
+    volume = load_colin27() if volume is None else volume
+    if not slices or any(not 0 <= k < volume.data.shape[2] for k in slices):
+        raise ValueError(f"slices must be k indices in [0, {volume.data.shape[2]})")
     dx, dy, dz = volume.voxel_size
     spacing = (slices[1] - slices[0]) * dz if len(slices) > 1 else dz
     datasets: list[FileDataset] = []

@@ -171,10 +171,34 @@ def _subscription_events(connection: Connection) -> None:
     )
 
 
-def _reserved(connection: Connection) -> None:
-    # Placeholder for migration 8, which another branch of issue 14 adds; when the branches are
-    # merged, that branch's migration 8 replaces this entry (this one changes nothing).
-    del connection
+def _subscription_channels(connection: Connection) -> None:
+    # The websocket channel and heartbeats (docs/adr/0028-websocket-channel.md). On
+    # `subscription_state`: the channel type (the rest-hook worker leases only its own), the
+    # heartbeat period and when a notification last went out (rest-hook heartbeats are claimed on it
+    # by a conditional UPDATE, so one replica sends each). `subscription_ws_token`: the binding
+    # tokens of $get-ws-binding-token, by SHA-256 (a database read gives no usable token), so a
+    # socket may reach any replica.
+    stamp = "TIMESTAMP WITH TIME ZONE"
+    columns = {c["name"] for c in inspect(connection).get_columns("subscription_state")}
+    for name, kind in (
+        ("channel", "VARCHAR(16) NOT NULL DEFAULT 'rest-hook'"),
+        ("heartbeat_seconds", "INTEGER"),
+        ("last_sent_at", stamp),
+    ):
+        if name not in columns:
+            connection.execute(text(f"ALTER TABLE subscription_state ADD COLUMN {name} {kind}"))
+    connection.execute(
+        text(
+            "CREATE TABLE subscription_ws_token ("
+            " token_hash VARCHAR(64) PRIMARY KEY,"
+            " principal TEXT,"
+            " subscriptions TEXT NOT NULL,"
+            f" expires_at {stamp} NOT NULL)"
+        )
+    )
+    connection.execute(
+        text("CREATE INDEX ix_subscription_ws_token_expiry ON subscription_ws_token (expires_at)")
+    )
 
 
 def _subscription_event_arrival(connection: Connection) -> None:
@@ -200,10 +224,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "outbox.correlation_id: the request that wrote the version", _outbox_correlation),
     Migration(6, "resource_version.author: the principal that wrote the version", _version_author),
     Migration(7, "subscription_state, subscription_event: topic-based Subscriptions", _subscription_events),
-    Migration(8, "reserved (issue 14, another branch)", _reserved),
-    Migration(
-        9, "subscription_event.arrival: one study-available event per arrival", _subscription_event_arrival
-    ),
+    Migration(8, "subscription channel, heartbeat, websocket binding tokens", _subscription_channels),
+    Migration(9, "subscription_event.arrival: one study event per arrival", _subscription_event_arrival),
 )
 
 

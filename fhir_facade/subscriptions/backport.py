@@ -3,8 +3,10 @@
 R4 Subscription (subscription.html) carries the R5 topic-based model like this (IG,
 StructureDefinition-backport-subscription): `criteria` is the topic's canonical URL, each filter a
 `backport-filter-criteria` extension on `_criteria` (`Type?param=value`), `channel.type` the
-channel (`rest-hook` here), `channel.payload` the MIME type with the `backport-payload-content`
-extension on `_payload` (`empty`, `id-only`, `full-resource`), `channel.header` extra HTTP headers.
+channel (`rest-hook` or `websocket`), `channel.payload` the MIME type with the
+`backport-payload-content` extension on `_payload` (`empty`, `id-only`, `full-resource`),
+`channel.header` extra HTTP headers (rest-hook), and the `backport-heartbeat-period` extension on
+`channel` the seconds after which a heartbeat notification is sent when nothing else was.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from fhir_facade.fhir.errors import FhirError, error
 from fhir_facade.subscriptions.topics import Filter, Topic
 
 __all__ = [
+    "CHANNELS",
     "FILTER_CRITERIA",
+    "HEARTBEAT_PERIOD",
     "PAYLOAD_CONTENT",
     "PAYLOAD_CONTENTS",
     "SUBSCRIPTION_PROFILE",
@@ -32,6 +36,9 @@ SUBSCRIPTION_PROFILE = f"{_IG}/backport-subscription"
 FILTER_CRITERIA = f"{_IG}/backport-filter-criteria"
 PAYLOAD_CONTENT = f"{_IG}/backport-payload-content"
 PAYLOAD_CONTENTS = frozenset({"empty", "id-only", "full-resource"})
+HEARTBEAT_PERIOD = f"{_IG}/backport-heartbeat-period"
+#: The channel types this server delivers by (websocket: docs/adr/0028-websocket-channel.md).
+CHANNELS = ("rest-hook", "websocket")
 _FHIR_JSON = frozenset({"application/fhir+json", "application/json"})
 
 
@@ -47,6 +54,8 @@ class SubscriptionSpec:
     endpoint: str
     content: str
     headers: tuple[tuple[str, str], ...]
+    #: Seconds without a notification after which a heartbeat is sent (None: no heartbeats).
+    heartbeat_period: int | None = None
 
 
 def _invalid(message: str, expression: str) -> FhirError:
@@ -107,13 +116,16 @@ def parse_subscription(resource: dict[str, Any], topics: dict[str, Topic]) -> Su
         )
     channel = resource.get("channel") if isinstance(resource.get("channel"), dict) else {}
     assert isinstance(channel, dict)
-    if channel.get("type") != "rest-hook":
+    kind = channel.get("type")
+    if kind not in CHANNELS:
         raise _invalid(
-            f"channel.type {channel.get('type')!r} is not supported; this server delivers by rest-hook",
+            f"channel.type {kind!r} is not supported; this server delivers by {' or '.join(CHANNELS)}",
             "Subscription.channel.type",
         )
     endpoint = channel.get("endpoint")
-    if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+    if kind == "websocket":
+        endpoint = ""  # the client connects to the server (IG "websocket"); an endpoint is not used
+    elif not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
         raise _invalid(
             "A rest-hook channel needs an http(s) channel.endpoint", "Subscription.channel.endpoint"
         )
@@ -137,11 +149,28 @@ def parse_subscription(resource: dict[str, Any], topics: dict[str, Topic]) -> Su
         status=str(resource.get("status", "")),
         topic=topic,
         filters=_filters(resource, topic),
-        channel="rest-hook",
-        endpoint=endpoint,
+        channel=str(kind),
+        endpoint=str(endpoint),
         content=content,
         headers=_headers(channel.get("header")),
+        heartbeat_period=_heartbeat_period(channel),
     )
+
+
+def _heartbeat_period(channel: dict[str, Any]) -> int | None:
+    """The `backport-heartbeat-period` extension on `channel` (IG: unsignedInt, seconds); a positive
+    integer, at most one."""
+    found = _extensions(channel, HEARTBEAT_PERIOD)
+    if not found:
+        return None
+    value = found[0].get("valueUnsignedInt", found[0].get("valueInteger"))
+    if len(found) > 1 or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _invalid(
+            "The backport-heartbeat-period extension must be one positive integer (seconds, "
+            "valueUnsignedInt)",
+            "Subscription.channel.extension",
+        )
+    return value
 
 
 def endpoint_allowed(endpoint: str, prefixes: Sequence[str]) -> bool:

@@ -283,7 +283,8 @@ class DeliveryWorker:
             failure = await self._post(leased, spec, bundle, "handshake", None, None)
             if failure is None:
                 await self._set_status(leased, "active")  # before the release: no second handshake
-                await self._record(leased, lease, failures=0, last_error=None, lease_until=None)
+                done = {"failures": 0, "last_error": None, "last_sent_at": datetime.now(UTC)}
+                await self._record(leased, lease, lease_until=None, **done)
             else:
                 await self._failed(leased, lease, failure)
             return
@@ -323,6 +324,7 @@ class DeliveryWorker:
                 delivered_through=event.event_number,
                 failures=0,
                 last_error=None,
+                last_sent_at=datetime.now(UTC),  # heartbeats are due a period after it (heartbeat.py)
                 lease_until=renewed,
             )
             if renewed is None:

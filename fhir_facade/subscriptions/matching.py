@@ -89,15 +89,19 @@ class SubscriptionMatcher:
             connection.execute(delete(STATE).where(key))
             return
         resource = version.resource
+        channel, heartbeat = "rest-hook", None
         try:
             spec = parse_subscription(resource, self._topics)
             topic, resource_type = spec.topic.url, spec.topic.resource_type
+            channel, heartbeat = spec.channel, spec.heartbeat_period
         except FhirError:  # written around the provider's checks: kept, never matched
             topic, resource_type = str(resource.get("criteria", "")), ""
         status = str(resource.get("status", "off"))
         values: dict[str, Any] = {
             "topic": topic,
             "resource_type": resource_type,
+            "channel": channel,  # ADR 0028: the rest-hook worker leases only rest-hook rows
+            "heartbeat_seconds": heartbeat,
             "status": status,
             "author": WRITE_AUTHOR.get(),
             "resource_json": json.dumps(resource, separators=(",", ":")),

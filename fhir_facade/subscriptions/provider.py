@@ -1,9 +1,11 @@
 """Subscription as a stored type with the Backport IG's rules (docs/adr/0026-subscriptions-design.md).
 
 - The shape is checked before anything is stored (backport.py): a topic the server serves, filters
-  the topic allows, a rest-hook channel, a known payload content; a 422 names the element.
-- The endpoint must start with one of FACADE_SUBSCRIPTION_ENDPOINTS (422 otherwise): no request
-  can make the server POST to an arbitrary host.
+  the topic allows, a rest-hook or websocket channel, a known payload content, a positive
+  heartbeat period; a 422 names the element.
+- A rest-hook endpoint must start with one of FACADE_SUBSCRIPTION_ENDPOINTS (422 otherwise): no
+  request can make the server POST to an arbitrary host. A websocket subscription has no endpoint:
+  its client connects (docs/adr/0028-websocket-channel.md).
 - The server manages `active` and `error` (IG, "Subscription status"): a client creates a
   subscription `requested` (whatever it sends, except `off`), may set `requested` again or `off`
   later, but never `active` or `error`; the handshake makes it `active`.
@@ -33,8 +35,10 @@ class SubscriptionProvider(StoredResourceProvider):
         super().__init__("Subscription", store)
         self.profile = SUBSCRIPTION_PROFILE  # type: ignore[misc]
         self.documentation = (  # type: ignore[misc]
-            "Topic-based (Subscriptions R5 Backport IG 1.1.0): criteria = a topic canonical, rest-hook "
-            "channel to an allowed endpoint, payload empty / id-only / full-resource. Not synced upstream."
+            "Topic-based (Subscriptions R5 Backport IG 1.1.0): criteria = a topic canonical; channel "
+            "rest-hook (to an allowed endpoint) or websocket ($get-ws-binding-token, then "
+            "'bind-with-token <token>' on the returned websocket-url); payload empty / id-only / "
+            "full-resource; backport-heartbeat-period honoured. Not synced upstream."
         )
         self.capability_extensions = tuple(  # type: ignore[misc]
             {"url": TOPIC_CANONICAL_EXTENSION, "valueCanonical": url} for url in sorted(topics)
@@ -61,7 +65,7 @@ class SubscriptionProvider(StoredResourceProvider):
 
     async def check(self, resource: dict[str, Any]) -> None:
         spec = parse_subscription(resource, self._topics)
-        if not endpoint_allowed(spec.endpoint, self._endpoints):
+        if spec.channel == "rest-hook" and not endpoint_allowed(spec.endpoint, self._endpoints):
             raise error(
                 422,
                 "business-rule",

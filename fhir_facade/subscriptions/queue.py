@@ -77,6 +77,7 @@ class SubscriptionQueue:
         now = now or datetime.now(UTC)
         until = now + timedelta(seconds=lease_seconds)
         due = and_(
+            STATE.c.channel == "rest-hook",  # websocket ones go to bound sockets (ADR 0028)
             STATE.c.next_attempt_at <= now,
             or_(STATE.c.lease_until.is_(None), STATE.c.lease_until < now),
             or_(

@@ -1,11 +1,13 @@
 """Topic-based Subscriptions as the application runs them (docs/adr/0026-subscriptions-design.md):
 the matcher on the bus from the start (before any write), the Subscription provider, the delivery
-worker in the lifespan and the `$status`/`$events` routes.
+and heartbeat workers in the lifespan, the `$status`/`$events`/`$get-ws-binding-token` routes and
+the websocket channel's socket (docs/adr/0028-websocket-channel.md).
 
-The worker is woken after the commit of every change of a subscribed type (an after-commit
-subscriber of `ResourceChanged`) and after study events are recorded, so a notification leaves
-at once instead of at the next poll; the poll remains for events other replicas record. Each
-delivery attempt becomes an AuditEvent (audit/notification.py) when the audit is on."""
+The delivery worker is woken after the commit of every change of a subscribed type (an
+after-commit subscriber of `ResourceChanged`) and after study events are recorded, so a
+notification leaves at once instead of at the next poll; the poll remains for events other
+replicas record. Each rest-hook delivery attempt becomes an AuditEvent (audit/notification.py)
+when the audit is on."""
 
 from __future__ import annotations
 
@@ -24,19 +26,23 @@ from fhir_facade.config import Settings
 from fhir_facade.fhir.pipeline import Origin, ResourceChanged, origin_scope
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.store import ResourceStore
+from fhir_facade.subscriptions.binding_tokens import BindingTokens
+from fhir_facade.subscriptions.channel_state import ChannelStates
 from fhir_facade.subscriptions.delivery import DeliveryAttempt, DeliverySettings, DeliveryWorker
+from fhir_facade.subscriptions.heartbeat import HeartbeatWorker
 from fhir_facade.subscriptions.matching import SubscriptionMatcher, arrival_key
 from fhir_facade.subscriptions.operations import OPERATIONS, build_operations_router
 from fhir_facade.subscriptions.provider import SubscriptionProvider
 from fhir_facade.subscriptions.queue import SubscriptionQueue
 from fhir_facade.subscriptions.topics import STUDY_AVAILABLE, topics
+from fhir_facade.subscriptions.websocket import GET_WS_BINDING_TOKEN, WebsocketChannel, WebsocketSettings
 from fhir_facade.watcher.change_feed import StudyArrived
 
 __all__ = ["SubscriptionRuntime"]
 
 
 class SubscriptionRuntime:
-    operations = OPERATIONS
+    operations = (*OPERATIONS, GET_WS_BINDING_TOKEN)
 
     def __init__(self, settings: Settings, store: ResourceStore) -> None:
         self._settings = settings
@@ -46,13 +52,19 @@ class SubscriptionRuntime:
         self._store = store
         self.queue = SubscriptionQueue(store.engine)
         self.provider = SubscriptionProvider(store, self.topics, settings.subscription.endpoints)
+        self._states = ChannelStates(store.engine)
         self._worker: DeliveryWorker | None = None
+        self._heartbeats = HeartbeatWorker(
+            self._states, self.topics, settings.base_url, settings.subscription_timeout
+        )
+        self._websocket: WebsocketChannel | None = None
         self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def bind(self, visible: Sequence[ResourceProvider], audit: AuditRecorder | None = None) -> APIRouter:
-        """Give the worker and the operations the pipelined providers (and the audit recorder, when
-        the audit is on); returns the operations' routes."""
+        """Give the workers, the operations and the websocket channel the pipelined providers (and
+        the audit recorder, when the audit is on); returns the operations' routes (which take the
+        bearer token; the socket's route, which does not, is `socket_router()`)."""
         readers = {p.resource_type: p for p in visible}
         settings = self._settings
         section = settings.subscription
@@ -93,7 +105,28 @@ class SubscriptionRuntime:
             ),
             on_attempt=self._auditor(audit) if audit is not None else None,
         )
-        return build_operations_router(readers, self.queue, self.topics, settings.base_url)
+        self._websocket = WebsocketChannel(
+            readers,
+            self.queue,
+            self._states,
+            BindingTokens(self._store.engine, settings.subscription_ws_token_seconds),
+            self.topics,
+            WebsocketSettings(
+                base_url=settings.base_url,
+                poll_interval=settings.subscription_poll_interval,
+                enforced=settings.auth == "smart",
+                bind_timeout=settings.subscription_ws_token_seconds,
+            ),
+        )
+        routes = APIRouter()
+        routes.include_router(build_operations_router(readers, self.queue, self.topics, settings.base_url))
+        routes.include_router(self._websocket.operation_router())
+        return routes
+
+    def socket_router(self) -> APIRouter:
+        """The websocket channel's socket route: the binding token is its credential (ADR 0028)."""
+        assert self._websocket is not None, "bind() first"
+        return self._websocket.socket_router()
 
     def _auditor(self, recorder: AuditRecorder) -> Callable[[DeliveryAttempt], Awaitable[None]]:
         site, base_url = self._settings.public_root, self._settings.base_url
@@ -136,10 +169,15 @@ class SubscriptionRuntime:
     async def start(self) -> None:
         assert self._worker is not None, "bind() first"
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._worker.run_forever(self._stop), name="subscription-delivery")
+        self._tasks = [
+            asyncio.create_task(self._worker.run_forever(self._stop), name="subscription-delivery"),
+            asyncio.create_task(self._heartbeats.run_forever(self._stop), name="subscription-heartbeat"),
+        ]
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        if self._websocket is not None:
+            await self._websocket.close_all()
+        for task in self._tasks:
+            await task
+        self._tasks = []

@@ -1,4 +1,4 @@
-"""The two tables of topic-based Subscriptions (created by migration 7, store/migrations.py)."""
+"""The tables of topic-based Subscriptions (created by migrations 7 and 8, store/migrations.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Tex
 
 from fhir_facade.store.schema import UtcDateTime
 
-__all__ = ["EVENT", "STATE"]
+__all__ = ["EVENT", "STATE", "WS_TOKEN"]
 
 _metadata = MetaData()
 
@@ -26,6 +26,10 @@ STATE = Table(
     Column("next_attempt_at", UtcDateTime(), nullable=False),
     Column("lease_until", UtcDateTime()),
     Column("last_error", Text),
+    # Migration 8 (docs/adr/0028-websocket-channel.md).
+    Column("channel", String(16), nullable=False, server_default="rest-hook"),
+    Column("heartbeat_seconds", Integer),
+    Column("last_sent_at", UtcDateTime()),
 )
 
 #: One durable row per (subscription, event number), written with the change that triggered it.
@@ -40,4 +44,14 @@ EVENT = Table(
     Column("occurred_at", UtcDateTime(), nullable=False),
     #: The arrival a study-available event records (migration 9), NULL for stored resources' events.
     Column("arrival", String(128)),
+)
+
+#: The websocket binding tokens ($get-ws-binding-token), by SHA-256 of the token.
+WS_TOKEN = Table(
+    "subscription_ws_token",
+    _metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("principal", Text),
+    Column("subscriptions", Text, nullable=False),
+    Column("expires_at", UtcDateTime(), nullable=False),
 )

@@ -14,6 +14,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from fhir_facade.analyze.applicability import SliceFacts, exclusions, slice_geometry, tissue_fractions
 from fhir_facade.analyze.codes import label_concepts
 from fhir_facade.analyze.decision import decide
 from fhir_facade.analyze.inference import OnnxRuntimeBackend
@@ -23,7 +24,7 @@ from fhir_facade.analyze.result import ScoredInstance
 from fhir_facade.embedded import EmbeddedOrthanc, store_instances
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM
 from tests.conftest import LiveServer, ok_json, outcome, serve, validate
-from tests.dicom_factory import CORPUS, demo_brain_study
+from tests.dicom_factory import COLIN27_AXIAL_SLICES, CORPUS, colin27_axial_range, demo_brain_study
 from tests.narrative_checks import narrative_text
 
 N_SLICES = 8
@@ -100,9 +101,10 @@ def _count(client: httpx.Client, resource_type: str, **params: str) -> int:
     return int(ok_json(client.get(f"/{resource_type}", params={**params, "_summary": "count"}))["total"])
 
 
-def _reference_answer(orthanc: EmbeddedOrthanc) -> str:
+def _reference_answer(orthanc: EmbeddedOrthanc) -> tuple[str, int]:
     """The model's answer computed independently of the server: the same slices straight from
-    the demo builder, the same preprocessing, the model, the decision rule."""
+    the demo builder, the same preprocessing, the model, the applicability step, the decision rule.
+    The label and the number of slices the decision rests on."""
     backend = OnnxRuntimeBackend(MANIFEST)
     datasets = brain_series()
     batch = np.stack([to_model_input(ds, MANIFEST.input) for ds in datasets])
@@ -111,8 +113,18 @@ def _reference_answer(orthanc: EmbeddedOrthanc) -> str:
         ScoredInstance(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID), 1, tuple(row))
         for ds, row in zip(datasets, outputs, strict=True)
     ]
+    rules = MANIFEST.slice_applicability
+    assert rules is not None
+    fractions = tissue_fractions(batch, MANIFEST.input, rules.tissue_threshold)
+    facts = {
+        str(ds.SOPInstanceUID): SliceFacts(fraction, slice_geometry(ds))
+        for ds, fraction in zip(datasets, fractions, strict=True)
+    }
+    left_out = {e.instance.sop_instance_uid for e in exclusions(scored, facts, rules)}
+    kept = [item for item in scored if item.sop_instance_uid not in left_out]
     labels = MANIFEST.output.labels
-    return decide(scored, labels, MANIFEST.output.negative_label, label_concepts(MANIFEST)).label
+    decision = decide(kept, labels, MANIFEST.output.negative_label, label_concepts(MANIFEST))
+    return decision.label, len(kept)
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +149,17 @@ class TestSynchronous:
         self, analysed: tuple[httpx.Response, float], demo_orthanc: EmbeddedOrthanc
     ) -> None:
         report = analysed[0].json()
-        expected = label_concepts(MANIFEST)[_reference_answer(demo_orthanc)]
+        label, assessed = _reference_answer(demo_orthanc)
+        expected = label_concepts(MANIFEST)[label]
+        assert label == "notumor", "the healthy demo brain, its out-of-range slices excluded"
         assert report["conclusionCode"][0]["coding"][0] == {
             "system": expected.system,
             "code": expected.code,
             "display": expected.display,
         }
         assert report["conclusion"].startswith(expected.display)
-        assert f"over {N_SLICES} slices" in report["conclusion"]
+        excluded = N_SLICES - assessed
+        assert f"over {assessed} slices; {excluded} of {N_SLICES} slices outside" in report["conclusion"]
 
     def test_observation_device_provenance_are_stored(
         self, analysed: tuple[httpx.Response, float], client: httpx.Client
@@ -222,28 +237,192 @@ def _sr_series_numbers(orthanc: EmbeddedOrthanc, study_uid: str) -> dict[str, in
 
 
 class TestResultSeries:
-    def test_each_result_gets_the_next_series_number_and_a_consistent_notumor_score(
+    def test_a_new_result_supersedes_the_previous_one(
         self, client: httpx.Client, full_demo_study: str, demo_orthanc: EmbeddedOrthanc
     ) -> None:
-        """Two analyses of the demo study: SR series 9901 then 9902 (an arrival Task of the
-        worklist may add its own in between: numbers stay unique and increasing). The real model
-        finds a meningioma in the demo study (README); "notumor" is reported as 1 - that score with
-        a note saying so, not as the 1.00 of the study's most normal slices."""
+        """Two analyses of the whole demo study (ADR 0031): SR series 9901 then 9902, the second
+        naming the first in its Predecessor Documents Sequence; both SRs stay in the PACS; the
+        first DiagnosticReport and its Observations become `cancelled`, the second is the one
+        `preliminary` report of the study, and its Provenance names the first as revised."""
         reports = [ok_json(client.post(f"/ImagingStudy/{full_demo_study}/$analyze")) for _ in range(2)]
         numbers = _sr_series_numbers(demo_orthanc, full_demo_study)
-        ours = [numbers[r["presentedForm"][0]["url"].split("/series/")[1].split("/")[0]] for r in reports]
-        assert ours[0] >= 9901 and ours[1] > ours[0], numbers
-        assert sorted(numbers.values()) == list(range(9901, 9901 + len(numbers))), numbers
-        if len(numbers) == 2:  # no arrival analysis came in between
-            assert ours == [9901, 9902]
+        sr_series = [r["presentedForm"][0]["url"].split("/series/")[1].split("/")[0] for r in reports]
+        assert [numbers[uid] for uid in sr_series] == [9901, 9902], numbers
+        assert len(numbers) == 2, "the first SR stays in the PACS, no other AI series"
 
-        observation = ok_json(client.get(f"/{reports[0]['result'][0]['reference']}"))
+        second_sr = _retrieve_sr(reports[1]["presentedForm"][0]["url"])
+        [predecessor] = second_sr.PredecessorDocumentsSequence
+        assert predecessor.StudyInstanceUID == full_demo_study
+        [series] = predecessor.ReferencedSeriesSequence
+        assert series.SeriesInstanceUID == sr_series[0]
+        assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == reports[0]["identifier"][0][
+            "value"
+        ].removeprefix("urn:oid:")
+        assert "PredecessorDocumentsSequence" not in _retrieve_sr(reports[0]["presentedForm"][0]["url"])
+
+        first = ok_json(client.get(f"/DiagnosticReport/{reports[0]['id']}"))
+        second = ok_json(client.get(f"/DiagnosticReport/{reports[1]['id']}"))
+        assert (first["status"], second["status"]) == ("cancelled", "preliminary")
+        validate(first)
+        assert f"Superseded by DiagnosticReport/{second['id']}" in first["text"]["div"]
+        for ref in first["result"]:
+            assert ok_json(client.get(f"/{ref['reference']}"))["status"] == "cancelled"
+        for ref in second["result"]:
+            assert ok_json(client.get(f"/{ref['reference']}"))["status"] == "preliminary"
+        current = ok_json(
+            client.get("/DiagnosticReport", params={"result": second["result"][0]["reference"]})
+        )
+        assert [e["resource"]["id"] for e in current["entry"]] == [second["id"]]
+        provenance = ok_json(client.get("/Provenance", params={"target": f"DiagnosticReport/{second['id']}"}))
+        entities = provenance["entry"][0]["resource"]["entity"]
+        assert {"role": "revision", "what": {"reference": f"DiagnosticReport/{first['id']}"}} in entities
+
+    def test_the_unchanged_demo_study_is_no_tumour(
+        self, client: httpx.Client, full_demo_study: str, demo_orthanc: EmbeddedOrthanc
+    ) -> None:
+        """The demo study as shipped (24 slices of Colin27, the demo's own pixels and geometry,
+        renamed UIDs): "no abnormality detected", with the skull-base and vertex slices that used
+        to read "meningioma" listed as not assessed. "notumor" is still 1 - the highest tumour
+        score, with a note saying so."""
+        report = ok_json(client.post(f"/ImagingStudy/{full_demo_study}/$analyze"))
+        assert report["conclusionCode"][0]["coding"][0]["code"] == "281900007"  # No abnormality detected
+        observation = ok_json(client.get(f"/{report['result'][0]['reference']}"))
         scores = {c["code"]["text"]: c["valueQuantity"]["value"] for c in observation["component"]}
-        assert observation["valueCodeableConcept"]["coding"][0]["display"] == "Intracranial meningioma"
-        assert scores["Score for notumor"] == pytest.approx(1 - scores["Score for meningioma"], abs=1e-4)
-        assert scores["Score for notumor"] < 0.5
-        [note] = observation["note"]
-        assert "1 - the highest tumour class score (meningioma" in note["text"]
+        tumour = max(value for name, value in scores.items() if name != "Score for notumor")
+        assert scores["Score for notumor"] == pytest.approx(1 - tumour, abs=1e-4)
+        assert scores["Score for notumor"] > 0.99
+        assert scores["Score for meningioma"] < 0.01
+        assert "1 - the highest tumour class score" in observation["note"][0]["text"]
+        excluded = _exclusions(client, report)
+        numbers = sorted(number for number, _, _ in excluded)
+        assert numbers[:4] == [1, 2, 3, 4] and numbers[-3:] == [22, 23, 24], numbers
+        assert {reason for _, _, reason in excluded} == {"skull-base-level", "partial-section"}
+
+
+def _retrieve_sr(url: str) -> Dataset:
+    """One SR instance over WADO-RS (a multipart answer with one part)."""
+    import io
+
+    from pydicom import dcmread
+
+    with httpx.Client(timeout=30) as http:
+        response = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert response.status_code == 200, response.text
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    part = response.content.split(f"--{boundary}".encode())[1]
+    return dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1].rstrip(b"\r\n")))
+
+
+def _exclusions(client: httpx.Client, report: dict[str, Any]) -> list[tuple[int, str, str]]:
+    """(Instance Number, SOP Instance UID, reason code) of each excluded image the report lists:
+    its `result` Observations coded "Image not assessed by the AI model" (ADR 0031), each checked
+    to be valid R4."""
+    listed = []
+    for ref in report["result"][1:]:
+        observation = ok_json(client.get(f"/{ref['reference']}"))
+        validate(observation)
+        assert observation["code"]["coding"][0] == {
+            "system": "http://fhir-facade.org/fhir/CodeSystem/analysis-applicability",
+            "code": "not-assessed",
+            "display": "Image not assessed by the AI model",
+        }
+        [image] = observation["extension"]
+        [number] = observation["component"]
+        listed.append(
+            (
+                number["valueInteger"],
+                image["valueIdentifier"]["value"].removeprefix("urn:oid:"),
+                observation["valueCodeableConcept"]["coding"][0]["code"],
+            )
+        )
+    return listed
+
+
+#: Every third axial slice of the whole Colin27 volume (61 slices, 3 mm apart: below the
+#: cerebellum to above the vertex), under a UID of its own.
+AXIAL_RANGE_UID = "1.2.826.0.1.3680043.8.498.727.9005"
+AXIAL_RANGE_STEP = 3
+
+
+@pytest.fixture(scope="module")
+def axial_range_study(demo_orthanc: EmbeddedOrthanc) -> str:
+    with httpx.Client(timeout=120) as client:
+        store_instances(
+            client, demo_orthanc.url, colin27_axial_range(AXIAL_RANGE_UID, "ANALYZE-TEST-5", AXIAL_RANGE_STEP)
+        )
+    return AXIAL_RANGE_UID
+
+
+class TestApplicability:
+    def test_the_full_axial_range_of_a_healthy_brain_is_no_tumour(
+        self, client: httpx.Client, axial_range_study: str
+    ) -> None:
+        """The whole head of Colin27, skull base, face and neck, vertex and the empty slices above
+        it included: "no abnormality detected" over the slices the model can assess; every other
+        slice is listed with its instance number, SOP Instance UID and reason, in the report and in
+        the SR."""
+        started = time.perf_counter()
+        report = ok_json(client.post(f"/ImagingStudy/{axial_range_study}/$analyze"))
+        seconds = time.perf_counter() - started
+        validate(report)
+        assert report["conclusionCode"][0]["coding"][0]["code"] == "281900007", report["conclusion"]
+        total = len(range(0, COLIN27_AXIAL_SLICES, AXIAL_RANGE_STEP))
+        excluded = _exclusions(client, report)
+        assessed = total - len(excluded)
+        assert f"over {assessed} slices; {len(excluded)} of {total} slices outside" in report["conclusion"]
+        by_number = {number: (uid, reason) for number, uid, reason in excluded}
+        assert by_number[1] == (f"{axial_range_study}.1.1", "skull-base-level")  # z -71 mm
+        assert by_number[total][1] == "no-head-tissue"  # z +109 mm, above the vertex
+        assert {reason for _, reason in by_number.values()} == {
+            "skull-base-level",
+            "partial-section",
+            "no-head-tissue",
+        }
+        kept = sorted(set(range(1, total + 1)) - set(by_number))
+        assert kept == list(range(kept[0], kept[-1] + 1)), "one block of mid-brain slices is assessed"
+        assert 10 <= assessed <= total // 2, (assessed, total)
+
+        sr = _retrieve_sr(report["presentedForm"][0]["url"])
+        [group] = [
+            item for item in sr.ContentSequence if item.ValueType == "CONTAINER" and "ContentSequence" in item
+        ][-1:]
+        not_assessed = [
+            item
+            for measurements in group.ContentSequence
+            for item in measurements.get("ContentSequence", [])
+            if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "not-assessed"
+        ]
+        in_sr = {}
+        for item in not_assessed:
+            image = next(c for c in item.ContentSequence if c.ValueType == "IMAGE")
+            text = next(c for c in item.ContentSequence if c.ValueType == "TEXT")
+            uid = image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            in_sr[int(text.TextValue.split(":")[0])] = (uid, item.ConceptCodeSequence[0].CodeValue)
+        assert in_sr == by_number
+        print(f"\n$analyze of {total} Colin27 axial slices: {seconds:.1f} s")
+
+    def test_a_study_with_no_applicable_slice_could_not_be_assessed(
+        self, client: httpx.Client, demo_orthanc: EmbeddedOrthanc
+    ) -> None:
+        """Only the slices above the vertex and at the skull base: every slice is excluded, and the
+        report says the study could not be assessed: "Undetermined", never "no tumour"."""
+        study_uid = "1.2.826.0.1.3680043.8.498.727.9006"
+        datasets = colin27_axial_range(study_uid, "ANALYZE-TEST-6", 4)
+        keep = [ds for ds in datasets if float(ds.ImagePositionPatient[2]) > 100]
+        with httpx.Client(timeout=60) as http:
+            store_instances(http, demo_orthanc.url, keep)
+        report = ok_json(client.post(f"/ImagingStudy/{study_uid}/$analyze"))
+        validate(report)
+        assert report["conclusionCode"][0]["coding"][0] == {
+            "system": "http://snomed.info/sct",
+            "code": "373068000",
+            "display": "Undetermined",
+        }
+        assert report["conclusion"].startswith("The study could not be assessed by the AI model")
+        assert "no tumour" in report["conclusion"] and "No abnormality" not in report["conclusion"]
+        assert len(_exclusions(client, report)) == len(keep)
+        finding = ok_json(client.get(f"/{report['result'][0]['reference']}"))
+        assert "component" not in finding
 
 
 class TestAsynchronous:
@@ -521,7 +700,7 @@ class TestNarrative:
         self, analysed: tuple[httpx.Response, float], client: httpx.Client, demo_orthanc: EmbeddedOrthanc
     ) -> None:
         report = ok_json(client.get(f"/DiagnosticReport/{analysed[0].json()['id']}"))
-        predicted = label_concepts(MANIFEST)[_reference_answer(demo_orthanc)].display
+        predicted = label_concepts(MANIFEST)[_reference_answer(demo_orthanc)[0]].display
         narrative_text(
             report,
             "preliminary",

@@ -480,3 +480,91 @@ async def test_faults_orthanc_cannot_be_made_to_produce(
     assert request.content.startswith(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
     assert request.content.endswith(f"\r\n--{boundary}--\r\n".encode())
     assert b"DICM" in request.content[:300]
+
+
+class TestApplicabilityAndPredecessors:
+    """ADR 0031: excluded images as content items, the not-assessed finding, predecessors."""
+
+    def test_each_excluded_image_is_a_qualitative_evaluation_with_its_image(
+        self, result: AnalysisResult, headers: list[Dataset]
+    ) -> None:
+        from dataclasses import replace
+
+        from fhir_facade.analyze.codes import applicability_concept
+        from fhir_facade.analyze.result import ExcludedInstance
+
+        excluded = (
+            ExcludedInstance(
+                result.instances[0], applicability_concept("skull-base-level"), "at 0 % of the extent"
+            ),
+            ExcludedInstance(
+                result.instances[5], applicability_concept("partial-section"), "tissue area 51 %"
+            ),
+        )
+        sr = build_analysis_sr(
+            replace(result, excluded=excluded),
+            headers,
+            series_uid=generate_uid(),
+            sop_instance_uid=generate_uid(),
+        )
+        items = find_content_items(
+            sr, name=hd.sr.CodedConcept("not-assessed", "99FHIRFACADE", "x"), recursive=True
+        )
+        assert [item.ConceptCodeSequence[0].CodeValue for item in items] == [
+            "skull-base-level",
+            "partial-section",
+        ]
+        for item, expected in zip(items, excluded, strict=True):
+            image = next(c for c in item.ContentSequence if c.ValueType == "IMAGE")
+            assert image.RelationshipType == "INFERRED FROM"
+            assert (
+                image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == expected.instance.sop_instance_uid
+            )
+            text = next(c for c in item.ContentSequence if c.ValueType == "TEXT")
+            assert text.TextValue == f"{expected.instance.instance_number}: {expected.detail}"
+
+    def test_no_assessed_image_gives_an_undetermined_finding_without_scores(
+        self, result: AnalysisResult, headers: list[Dataset]
+    ) -> None:
+        from dataclasses import replace
+
+        from fhir_facade.analyze.decision import not_assessed
+
+        decision = not_assessed(LABELS, CONCEPTS, len(result.instances))
+        sr = build_analysis_sr(
+            replace(result, decision=decision),
+            headers,
+            series_uid=generate_uid(),
+            sop_instance_uid=generate_uid(),
+        )
+        findings = find_content_items(sr, name=codes.DCM.Finding, recursive=True)
+        assert [f.ConceptCodeSequence[0].CodeValue for f in findings] == ["373068000"]
+        assert not find_content_items(sr, value_type=hd.sr.ValueTypeValues.NUM, recursive=True)
+        assert (
+            len(
+                sr.CurrentRequestedProcedureEvidenceSequence[0]
+                .ReferencedSeriesSequence[0]
+                .ReferencedSOPSequence
+            )
+            == 6
+        )
+
+    def test_predecessors_are_listed(self, result: AnalysisResult, headers: list[Dataset]) -> None:
+        from fhir_facade.analyze.result import PreviousSr
+
+        previous = PreviousSr(STUDY_UID, "1.2.3.9901", "1.2.3.9901.1")
+        sr = build_analysis_sr(
+            result,
+            headers,
+            series_uid=generate_uid(),
+            sop_instance_uid=generate_uid(),
+            predecessors=[previous],
+        )
+        [item] = sr.PredecessorDocumentsSequence
+        assert item.StudyInstanceUID == STUDY_UID
+        [series] = item.ReferencedSeriesSequence
+        assert series.SeriesInstanceUID == "1.2.3.9901"
+        assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.3.9901.1"
+        assert series.ReferencedSOPSequence[0].ReferencedSOPClassUID == COMPREHENSIVE_3D_SR
+        plain = build_analysis_sr(result, headers, series_uid=generate_uid(), sop_instance_uid=generate_uid())
+        assert "PredecessorDocumentsSequence" not in plain

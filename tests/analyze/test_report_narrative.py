@@ -90,3 +90,38 @@ def test_the_observation_says_what_was_measured_and_its_value() -> None:
     narrative_text(resources.observations[0], "Finding (DCM 121071)", f"Value {meningioma}", "preliminary")
     narrative_text(resources.device, MANIFEST.title, MANIFEST.sha256)
     narrative_text(resources.provenance, "DiagnosticReport/r1", "ImagingStudy/1.2.3")
+
+
+def test_excluded_images_and_a_superseded_report_are_told() -> None:
+    """ADR 0031: the report lists each excluded image (instance, UID, reason, measurement); each
+    exclusion Observation says which image and why; the Provenance names the superseded report."""
+    from dataclasses import replace
+
+    from fhir_facade.analyze.codes import applicability_concept
+    from fhir_facade.analyze.result import ExcludedInstance
+
+    result = _result()
+    excluded = ExcludedInstance(
+        result.instances[0], applicability_concept("skull-base-level"), "at 12% of the head's extent"
+    )
+    resources = build_resources(
+        replace(result, excluded=(excluded,)), replace(_context(), replaces=("DiagnosticReport/old",))
+    )
+    for resource in resources.all():
+        validate(resource)
+    narrative_text(
+        resources.report,
+        "Images not assessed",
+        "1 of 4 images are outside what the model can assess",
+        "1.2.3.1.1",
+        "Section at skull-base level",
+        "at 12% of the head's extent",
+    )
+    assert "over 3 slices; 1 of 4 slices outside the model's applicability" in resources.report["conclusion"]
+    narrative_text(
+        resources.observations[1], "Image not assessed by the AI model", "Instance number 1", "1.2.3.1.1"
+    )
+    narrative_text(resources.provenance, "This result supersedes DiagnosticReport/old")
+    assert {"role": "revision", "what": {"reference": "DiagnosticReport/old"}} in resources.provenance[
+        "entity"
+    ]

@@ -234,9 +234,9 @@ def test_the_shape_and_the_endpoint_are_checked(http: httpx.Client, receiver: Re
     refused(
         subscription(TASK_TOPIC, f"http://127.0.0.1:{receiver.port + 1}/"), "subscription_endpoint_refused"
     )
-    websocket = subscription(TASK_TOPIC, receiver.url())
-    websocket["channel"]["type"] = "websocket"
-    refused(websocket, "subscription_invalid")
+    email = subscription(TASK_TOPIC, receiver.url())
+    email["channel"]["type"] = "email"  # rest-hook and websocket only (websocket: test_websocket.py)
+    refused(email, "subscription_invalid")
     refused(subscription(TASK_TOPIC, receiver.url(), "everything"), "subscription_invalid")
     refused(subscription(TASK_TOPIC, receiver.url(), filters=("Task?focus=x",)), "subscription_invalid")
     refused(
@@ -265,7 +265,7 @@ def test_topics_are_advertised_and_subscriptions_are_not_synced(
     assert {e["url"] for e in entry["extension"]} == {
         "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/capabilitystatement-subscriptiontopic-canonical"
     }
-    assert {o["name"] for o in entry["operation"]} == {"status", "events"}
+    assert {o["name"] for o in entry["operation"]} == {"status", "events", "get-ws-binding-token"}
 
     engine = facade.app.state.store.engine
     table = OutboxEntry.__table__  # type: ignore[attr-defined]
