@@ -231,6 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         EndpointProvider(ctx),
         *stored,
         *artifact_providers(extra=catalogue.concept_maps),
+        subscriptions.topic_provider,
     ]
     sync = (
         SyncRuntime(settings, store, {p.resource_type: p for p in providers})

@@ -201,18 +201,32 @@ def _subscription_channels(connection: Connection) -> None:
     )
 
 
-def _subscription_event_arrival(connection: Connection) -> None:
-    # `arrival`: what makes a study-available event unique besides its subscription and study (the
-    # Orthanc change that announced it), so a watcher retry of the same arrival records no second
-    # event (ADR 0026 addendum "Durable delivery"). NULL for events of stored resources, whose
-    # version already identifies them; NULLs do not collide in a unique index.
-    connection.execute(text("ALTER TABLE subscription_event ADD COLUMN arrival VARCHAR(128)"))
+def _placeholder(connection: Connection) -> None:
+    # Version 9 was reserved for issue 14's durable-delivery branch, which in the end needed no
+    # schema change (a study replay numbers no event thanks to migration 10's fingerprints). Kept
+    # as a no-op: versions are consecutive, and databases may have recorded it already.
+    del connection
+
+
+def _study_changes(connection: Connection) -> None:
+    # The study topic's "available" versus "changed" (docs/adr/0026-subscriptions-design.md,
+    # addendum): `subscription_study` keeps, per study the change feed reported stable, a
+    # fingerprint of its series and instances, so a StableStudy with the same fingerprint (a replay
+    # of the watcher) numbers no event and one with another fingerprint is `study-changed`.
+    # `subscription_event.event_code`: which event trigger of its topic an event is (NULL for a
+    # resource trigger), so a notification says it.
+    stamp = "TIMESTAMP WITH TIME ZONE"
     connection.execute(
         text(
-            "CREATE UNIQUE INDEX ux_subscription_event_arrival"
-            " ON subscription_event (subscription_id, resource_id, arrival)"
+            "CREATE TABLE subscription_study ("
+            " study_uid VARCHAR(64) PRIMARY KEY,"
+            " fingerprint VARCHAR(64) NOT NULL,"
+            " changes INTEGER NOT NULL,"
+            f" first_seen_at {stamp} NOT NULL,"
+            f" updated_at {stamp} NOT NULL)"
         )
     )
+    connection.execute(text("ALTER TABLE subscription_event ADD COLUMN event_code VARCHAR(32)"))
 
 
 #: Every migration ever released, in order. Versions are consecutive from 1.
@@ -225,7 +239,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "resource_version.author: the principal that wrote the version", _version_author),
     Migration(7, "subscription_state, subscription_event: topic-based Subscriptions", _subscription_events),
     Migration(8, "subscription channel, heartbeat, websocket binding tokens", _subscription_channels),
-    Migration(9, "subscription_event.arrival: one study event per arrival", _subscription_event_arrival),
+    Migration(9, "reserved, no schema change (issue 14 durable delivery needed none)", _placeholder),
+    Migration(
+        10, "subscription_study, subscription_event.event_code: study available/changed", _study_changes
+    ),
 )
 
 

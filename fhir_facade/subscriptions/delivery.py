@@ -302,6 +302,7 @@ class DeliveryWorker:
                 event.resource_id,
                 event.version_id,
                 focus,
+                event.event_code,
             )
             bundle = notification_bundle(
                 self._settings.base_url,

@@ -14,7 +14,6 @@ number for another patient's resource, so not even its id leaves the server.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from datetime import UTC, datetime
@@ -31,10 +30,11 @@ from fhir_facade.store.authorship import WRITE_AUTHOR
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.tables import VERSION
 from fhir_facade.subscriptions.backport import SubscriptionSpec, parse_subscription
+from fhir_facade.subscriptions.study_changes import classify
 from fhir_facade.subscriptions.tables import EVENT, STATE
 from fhir_facade.subscriptions.topics import Topic
 
-__all__ = ["SubscriptionMatcher", "arrival_key", "author_may_read"]
+__all__ = ["SubscriptionMatcher", "author_may_read"]
 
 log = logging.getLogger(__name__)
 
@@ -162,44 +162,37 @@ class SubscriptionMatcher:
         loaded: dict[str, Any] = json.loads(row.resource_json)
         return loaded
 
-    def record_study(self, engine: Engine, study: dict[str, Any], at: datetime, arrival: str) -> int:
-        """A study became stable in the PACS (`StudyArrived`): an event, numbered like the others
-        in one transaction of its own (the watcher has none), for each `active`/`error`
-        subscription of a `study-available` topic whose filters and author accept the live
-        ImagingStudy `study`. Version 0: the focus is the live resource. Returns how many.
+    def record_study(self, engine: Engine, study: dict[str, Any], at: datetime) -> int:
+        """A study became stable in the PACS (`StudyArrived`): classified `study-available` (first
+        time) or `study-changed` (other series or instances than last time; the same ones: a
+        replay, no event) by study_changes.py, then an event, numbered like the others in one
+        transaction of its own (the watcher has none), for each `active`/`error` subscription of a
+        topic with that event trigger whose filters and author accept the live ImagingStudy
+        `study`. Version 0: the focus is the live resource. Returns how many.
 
-        Idempotent per `arrival` (the Orthanc change that announced it, see `arrival_key`): the
-        watcher hands a study over again when any consumer failed on it, and a subscription that
-        has an event for this study and arrival already gets no second one. The unique index of
-        migration 9 makes a concurrent second recording fail (and be retried), not duplicate."""
+        A watcher retry of a study some other consumer failed on is such a replay: the
+        classification committed with the first attempt's events, so the retry numbers none
+        (tests/subscriptions/test_study_arrival_once.py)."""
         matched: list[str] = []
         with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
-            seen = set(
-                connection.execute(
-                    select(EVENT.c.subscription_id).where(
-                        EVENT.c.resource_type == "ImagingStudy",
-                        EVENT.c.resource_id == str(study["id"]),
-                        EVENT.c.arrival == arrival,
-                    )
-                ).scalars()
-            )
+            code = classify(connection, study, at)
+            if code is None:
+                return 0
             candidates = connection.execute(
                 select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json)
                 .where(STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING))
                 .order_by(STATE.c.subscription_id)
             ).all()
             for candidate in candidates:
-                if candidate.subscription_id in seen:
-                    continue
                 spec = self._spec(candidate.resource_json)
                 if spec is None:
                     continue
-                if spec.topic.event is None or not spec.topic.matches(spec.filters, study):
+                if code not in spec.topic.events or not spec.topic.matches(spec.filters, study):
                     continue
                 if not author_may_read(candidate.author, study, self._base_url):
                     continue
                 matched.append(candidate.subscription_id)
-            self._record(connection, matched, "ImagingStudy", str(study["id"]), 0, at, arrival)
+            self._record(connection, matched, "ImagingStudy", str(study["id"]), 0, at, code)
         return len(matched)
 
     def _spec(self, resource_json: str) -> SubscriptionSpec | None:
@@ -224,7 +217,7 @@ class SubscriptionMatcher:
         resource_id: str,
         version_id: int,
         at: datetime,
-        arrival: str | None = None,
+        event_code: str | None = None,
     ) -> None:
         """Number one event for each subscription: their counters incremented in one statement,
         their rows inserted in one. The state rows are locked first, in subscription id order (the
@@ -253,22 +246,8 @@ class SubscriptionMatcher:
                     "resource_id": resource_id,
                     "version_id": version_id,
                     "occurred_at": at,
-                    "arrival": arrival,
+                    "event_code": event_code,
                 }
                 for subscription_id, number in numbers
             ],
         )
-
-
-def arrival_key(change_seq: int | None, study: dict[str, Any]) -> str:
-    """What tells one arrival of a study from another: the Seq of the Orthanc change that
-    announced it (the watcher's retries of it carry the same); without one (a StudyArrived not from
-    the change feed), a fingerprint of the study's content (its series and instance counts), so
-    the same content arriving twice is one event and more instances make a new one."""
-    if change_seq is not None:
-        return f"change:{change_seq}"
-    series = sorted(
-        (str(s.get("uid")), int(s.get("numberOfInstances") or 0)) for s in study.get("series", [])
-    )
-    digest = hashlib.sha256(json.dumps([series, study.get("numberOfInstances")]).encode()).hexdigest()
-    return f"content:{digest[:40]}"

@@ -1,7 +1,8 @@
 """Topic-based Subscriptions as the application runs them (docs/adr/0026-subscriptions-design.md):
-the matcher on the bus from the start (before any write), the Subscription provider, the delivery
-and heartbeat workers in the lifespan, the `$status`/`$events`/`$get-ws-binding-token` routes and
-the websocket channel's socket (docs/adr/0028-websocket-channel.md).
+the matcher on the bus from the start (before any write), the Subscription provider, the topics
+as read-only Basic resources, the delivery and heartbeat workers in the lifespan, the
+`$status`/`$events`/`$get-ws-binding-token` routes and the websocket channel's socket
+(docs/adr/0028-websocket-channel.md).
 
 The delivery worker is woken after the commit of every change of a subscribed type (an
 after-commit subscriber of `ResourceChanged`) and after study events are recorded, so a
@@ -30,10 +31,11 @@ from fhir_facade.subscriptions.binding_tokens import BindingTokens
 from fhir_facade.subscriptions.channel_state import ChannelStates
 from fhir_facade.subscriptions.delivery import DeliveryAttempt, DeliverySettings, DeliveryWorker
 from fhir_facade.subscriptions.heartbeat import HeartbeatWorker
-from fhir_facade.subscriptions.matching import SubscriptionMatcher, arrival_key
+from fhir_facade.subscriptions.matching import SubscriptionMatcher
 from fhir_facade.subscriptions.operations import OPERATIONS, build_operations_router
 from fhir_facade.subscriptions.provider import SubscriptionProvider
 from fhir_facade.subscriptions.queue import SubscriptionQueue
+from fhir_facade.subscriptions.topic_basic import TopicBasicProvider
 from fhir_facade.subscriptions.topics import STUDY_AVAILABLE, topics
 from fhir_facade.subscriptions.websocket import GET_WS_BINDING_TOKEN, WebsocketChannel, WebsocketSettings
 from fhir_facade.watcher.change_feed import StudyArrived
@@ -53,6 +55,8 @@ class SubscriptionRuntime:
         self.queue = SubscriptionQueue(store.engine)
         self.provider = SubscriptionProvider(store, self.topics, settings.subscription.endpoints)
         self._states = ChannelStates(store.engine)
+        #: The topics readable as Basic resources (read-only, topic_basic.py).
+        self.topic_provider = TopicBasicProvider(t.resource for t in self.topics.values())
         self._worker: DeliveryWorker | None = None
         self._heartbeats = HeartbeatWorker(
             self._states, self.topics, settings.base_url, settings.subscription_timeout
@@ -77,8 +81,7 @@ class SubscriptionRuntime:
                 # Read once as the server; each subscription's author is checked on the resource.
                 with origin_scope(Origin.INTERNAL), on_server_authority():
                     resource = await studies.read(study.study_uid)
-                arrival = arrival_key(study.change_seq, resource)
-                if await run_in_threadpool(matcher.record_study, engine, resource, known, arrival):
+                if await run_in_threadpool(matcher.record_study, engine, resource, known):
                     self.wake()
 
             self._store.bus.subscribe(StudyArrived, on_study)

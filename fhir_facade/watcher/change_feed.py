@@ -106,10 +106,6 @@ class StudyArrived:
     issuer_of_patient_id: str | None
     modalities: frozenset[str]
     orthanc_id: str
-    #: The Seq of the StableStudy change that announced it: the same for a retry of this arrival,
-    #: another for a later one (consumers that must not react twice key on it). None when the
-    #: event did not come from the change feed.
-    change_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +175,13 @@ class StudyArrivalWatcher:
         self._saved: int | None = None
         self._retries: dict[int, _Retry] = {}
 
+    def forget_position(self) -> None:
+        """Reload the position from the store at the next poll, and drop pending retries: another
+        replica may have moved the feed on since this one last watched it (ADR 0032)."""
+        self._cursor = None
+        self._saved = None
+        self._retries.clear()
+
     async def run_once(self) -> int:
         """Handle every change logged since the last poll (and the pending retries); return how
         many studies `on_study` accepted. Raises DicomwebUnavailable when Orthanc cannot be read."""
@@ -246,7 +249,7 @@ class StudyArrivalWatcher:
         """Fetch and hand over one stable study; True when `on_study` accepted it. A failure is
         recorded for a later retry (or dropped after max_attempts); DicomwebUnavailable propagates."""
         try:
-            study = await self._arrived_study(change.orthanc_id, change.seq)
+            study = await self._arrived_study(change.orthanc_id)
             if study is None:
                 log.info(
                     "study %s (change %d) is no longer in Orthanc; skipped", change.orthanc_id, change.seq
@@ -290,7 +293,7 @@ class StudyArrivalWatcher:
             self.positions.save(position)
             self._saved = position
 
-    async def _arrived_study(self, orthanc_id: str, seq: int | None = None) -> StudyArrived | None:
+    async def _arrived_study(self, orthanc_id: str) -> StudyArrived | None:
         """The study's identity, patient and modalities in three requests whatever its size:
         the study, its series (expanded) and the patient module of one of its instances."""
         study = await self.orthanc.study(orthanc_id)
@@ -313,7 +316,6 @@ class StudyArrivalWatcher:
             issuer_of_patient_id=_text(patient_module.get("IssuerOfPatientID")),
             modalities=frozenset(m for m in modalities if m is not None),
             orthanc_id=orthanc_id,
-            change_seq=seq,
         )
 
 
