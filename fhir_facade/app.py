@@ -256,7 +256,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     visible = pipeline.wrap(providers)
     atomic = atomic_scope(store)  # one per store: it bounds the transactions open at once
     _subscribe_to_arrivals(settings, bus, store, visible)
-    subscription_routes = subscriptions.bind(visible)
+    subscription_routes = subscriptions.bind(visible, recorder)
     if worklist is not None:
         OrderWorklist(
             worklist,

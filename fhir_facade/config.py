@@ -27,6 +27,7 @@ __all__ = [
     "LockoutSettings",
     "Settings",
     "SettingsSection",
+    "SubscriptionSettings",
     "SyncSettings",
     "UpstreamSettings",
     "WorklistSettings",
@@ -93,6 +94,21 @@ class SyncSettings(SettingsSection):
     batch_size: int
     mirror_studies: bool
     lease_seconds: float
+
+
+class SubscriptionSettings(SettingsSection):
+    """Topic-based Subscriptions: delivery and retention (FACADE_SUBSCRIPTION_*, ADR 0026)."""
+
+    prefix = "subscription_"
+    endpoints: tuple[str, ...]
+    max_failures: int
+    retry_seconds: float
+    poll_interval: float
+    timeout: float
+    event_retention: float
+    concurrency: int
+    lease_seconds: float
+    ws_token_seconds: float
 
 
 class WorklistSettings(SettingsSection):
@@ -307,6 +323,30 @@ class Settings(BaseSettings):
         0.2, gt=0, description="Seconds between polls of the subscription event rows when idle."
     )
     subscription_timeout: float = Field(10.0, gt=0, description="Seconds before a notification POST fails.")
+    subscription_event_retention: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description=(
+            "Seconds a delivered subscription event row is kept for `$events` replays; older rows "
+            "that reached their receiver are purged by the delivery worker (undelivered ones never)."
+        ),
+    )
+    subscription_concurrency: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Subscriptions one replica delivers to at the same time (each still strictly in event "
+            "order); bounds the open connections to receivers."
+        ),
+    )
+    subscription_lease_seconds: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "How long a replica owns a subscription it leased for delivery; renewed with each "
+            "delivered event. A crashed replica's subscriptions are taken over after this."
+        ),
+    )
     subscription_ws_token_seconds: float = Field(
         60.0,
         gt=0,
@@ -657,6 +697,10 @@ class Settings(BaseSettings):
     @cached_property
     def sync(self) -> SyncSettings:
         return SyncSettings.of(self)
+
+    @cached_property
+    def subscription(self) -> SubscriptionSettings:
+        return SubscriptionSettings.of(self)
 
     @cached_property
     def worklist(self) -> WorklistSettings:

@@ -1,4 +1,4 @@
-"""Short-lived shared state in the SQL store (table `expiring_entry`, migration 12): small values
+"""Short-lived shared state in the SQL store (table `expiring_entry`, migration 11): small values
 keyed by (kind, key) that every replica on the database sees, each dead after its `expires_at`.
 
 The built-in authorization server keeps here what must hold across replicas (docs/adr/0032):

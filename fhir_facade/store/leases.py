@@ -1,4 +1,4 @@
-"""Leases in the SQL store (table `lease`, migration 11): time-limited ownership of work that one
+"""Leases in the SQL store (table `lease`, migration 10): time-limited ownership of work that one
 replica at a time may do, shared by every facade process on one database (docs/adr/0032).
 
 A lease is a row (name, holder, expires_at). `acquire` takes it when it is free or expired, or

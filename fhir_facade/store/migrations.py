@@ -203,12 +203,6 @@ def _subscription_channels(connection: Connection) -> None:
     )
 
 
-def _placeholder(connection: Connection) -> None:
-    # Branch i14-topics only: version 9 belongs to another branch being merged; on merge its
-    # migration replaces this no-op, so that 10 follows it.
-    del connection
-
-
 def _study_changes(connection: Connection) -> None:
     # The study topic's "available" versus "changed" (docs/adr/0026-subscriptions-design.md,
     # addendum): `subscription_study` keeps, per study the change feed reported stable, a
@@ -275,12 +269,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "resource_version.author: the principal that wrote the version", _version_author),
     Migration(7, "subscription_state, subscription_event: topic-based Subscriptions", _subscription_events),
     Migration(8, "subscription channel, heartbeat, websocket binding tokens", _subscription_channels),
-    Migration(9, "placeholder (branch i14-topics): another branch's migration 9", _placeholder),
     Migration(
-        10, "subscription_study, subscription_event.event_code: study available/changed", _study_changes
+        9, "subscription_study, subscription_event.event_code: study available/changed", _study_changes
     ),
-    Migration(11, "lease: time-limited ownership of work shared by replicas", _leases),
-    Migration(12, "expiring_entry: the built-in authorization server's shared state", _expiring_entries),
+    Migration(10, "lease: time-limited ownership of work shared by replicas", _leases),
+    Migration(11, "expiring_entry: the built-in authorization server's shared state", _expiring_entries),
 )
 
 

@@ -29,7 +29,7 @@ from fhir_facade.fhir.pipeline import EventBus, VersionStored
 from fhir_facade.store.authorship import WRITE_AUTHOR
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.tables import VERSION
-from fhir_facade.subscriptions.backport import parse_subscription
+from fhir_facade.subscriptions.backport import SubscriptionSpec, parse_subscription
 from fhir_facade.subscriptions.study_changes import classify
 from fhir_facade.subscriptions.tables import EVENT, STATE
 from fhir_facade.subscriptions.topics import Topic
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: Statuses that collect events (`error` too: a receiver that recovers gets what it missed).
 COLLECTING = ("active", "error")
+#: Parsed Subscriptions kept by the matcher (by their stored JSON); cleared when full.
+_SPEC_CACHE = 4096
 
 
 def author_may_read(author: str | None, resource: dict[str, Any], base_url: str) -> bool:
@@ -69,6 +71,7 @@ class SubscriptionMatcher:
         self._topics = topics
         self._types = {t.resource_type for t in topics.values()}
         self._base_url = base_url
+        self._specs: dict[str, SubscriptionSpec | None] = {}
 
     def subscribe_to(self, bus: EventBus) -> None:
         bus.on_precommit(VersionStored, self.on_version)
@@ -116,19 +119,21 @@ class SubscriptionMatcher:
 
     def _match(self, connection: Connection, version: VersionStored) -> None:
         candidates = connection.execute(
-            select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json).where(
-                STATE.c.resource_type == version.resource_type, STATE.c.status.in_(COLLECTING)
-            )
+            select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json)
+            .where(STATE.c.resource_type == version.resource_type, STATE.c.status.in_(COLLECTING))
+            # One lock order for every transaction that updates several state rows (the
+            # delivery's group commit too): concurrent writers queue, they do not deadlock.
+            .order_by(STATE.c.subscription_id)
         ).all()
         if not candidates:
             return
         before = self._before(connection, version)
+        matched: list[str] = []
         after = None if version.deleted else version.resource
         change = "delete" if version.deleted else ("create" if before is None else "update")
         for candidate in candidates:
-            try:
-                spec = parse_subscription(json.loads(candidate.resource_json), self._topics)
-            except FhirError:
+            spec = self._spec(candidate.resource_json)
+            if spec is None:
                 continue
             if not spec.topic.triggered(change, before, after):
                 continue
@@ -137,15 +142,9 @@ class SubscriptionMatcher:
                 continue
             if not author_may_read(candidate.author, current, self._base_url):
                 continue
-            at = version.at if version.at.tzinfo else version.at.replace(tzinfo=UTC)
-            self._record(
-                connection,
-                candidate.subscription_id,
-                version.resource_type,
-                version.resource_id,
-                version.version,
-                at,
-            )
+            matched.append(candidate.subscription_id)
+        at = version.at if version.at.tzinfo else version.at.replace(tzinfo=UTC)
+        self._record(connection, matched, version.resource_type, version.resource_id, version.version, at)
 
     @staticmethod
     def _before(connection: Connection, version: VersionStored) -> dict[str, Any] | None:
@@ -169,54 +168,86 @@ class SubscriptionMatcher:
         replay, no event) by study_changes.py, then an event, numbered like the others in one
         transaction of its own (the watcher has none), for each `active`/`error` subscription of a
         topic with that event trigger whose filters and author accept the live ImagingStudy
-        `study`. Version 0: the focus is the live resource. Returns how many."""
-        recorded = 0
+        `study`. Version 0: the focus is the live resource. Returns how many.
+
+        A watcher retry of a study some other consumer failed on is such a replay: the
+        classification committed with the first attempt's events, so the retry numbers none
+        (tests/subscriptions/test_study_arrival_once.py)."""
+        matched: list[str] = []
         with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
             code = classify(connection, study, at)
             if code is None:
                 return 0
             candidates = connection.execute(
-                select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json).where(
-                    STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING)
-                )
+                select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json)
+                .where(STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING))
+                .order_by(STATE.c.subscription_id)
             ).all()
             for candidate in candidates:
-                try:
-                    spec = parse_subscription(json.loads(candidate.resource_json), self._topics)
-                except FhirError:
+                spec = self._spec(candidate.resource_json)
+                if spec is None:
                     continue
                 if code not in spec.topic.events or not spec.topic.matches(spec.filters, study):
                     continue
                 if not author_may_read(candidate.author, study, self._base_url):
                     continue
-                self._record(
-                    connection, candidate.subscription_id, "ImagingStudy", str(study["id"]), 0, at, code
-                )
-                recorded += 1
-        return recorded
+                matched.append(candidate.subscription_id)
+            self._record(connection, matched, "ImagingStudy", str(study["id"]), 0, at, code)
+        return len(matched)
+
+    def _spec(self, resource_json: str) -> SubscriptionSpec | None:
+        """The parsed Subscription of a state row, cached by its JSON (a fan-out to many
+        subscriptions parses each once, not once per write)."""
+        if resource_json in self._specs:
+            return self._specs[resource_json]
+        try:
+            spec: SubscriptionSpec | None = parse_subscription(json.loads(resource_json), self._topics)
+        except FhirError:
+            spec = None
+        if len(self._specs) >= _SPEC_CACHE:
+            self._specs.clear()
+        self._specs[resource_json] = spec
+        return spec
 
     @staticmethod
     def _record(
         connection: Connection,
-        subscription_id: str,
+        subscription_ids: list[str],
         resource_type: str,
         resource_id: str,
         version_id: int,
         at: datetime,
         event_code: str | None = None,
     ) -> None:
-        key = STATE.c.subscription_id == subscription_id
-        # The UPDATE takes the row lock first: concurrent writers number their events one after the other.
-        connection.execute(update(STATE).where(key).values(events_count=STATE.c.events_count + 1))
-        number = connection.execute(select(STATE.c.events_count).where(key)).scalar_one()
+        """Number one event for each subscription: their counters incremented in one statement,
+        their rows inserted in one. The state rows are locked first, in subscription id order (the
+        order delivery's group commit takes them in), so concurrent writers queue without
+        deadlocking and number their events one after the other."""
+        if not subscription_ids:
+            return
+        ids = sorted(subscription_ids)
+        key = STATE.c.subscription_id.in_(ids)
         connection.execute(
-            insert(EVENT).values(
-                subscription_id=subscription_id,
-                event_number=number,
-                resource_type=resource_type,
-                resource_id=resource_id,
-                version_id=version_id,
-                occurred_at=at,
-                event_code=event_code,
-            )
+            select(STATE.c.subscription_id).where(key).order_by(STATE.c.subscription_id).with_for_update()
+        ).all()
+        numbers = connection.execute(
+            update(STATE)
+            .where(key)
+            .values(events_count=STATE.c.events_count + 1)
+            .returning(STATE.c.subscription_id, STATE.c.events_count)
+        ).all()
+        connection.execute(
+            insert(EVENT),
+            [
+                {
+                    "subscription_id": subscription_id,
+                    "event_number": int(number),
+                    "resource_type": resource_type,
+                    "resource_id": resource_id,
+                    "version_id": version_id,
+                    "occurred_at": at,
+                    "event_code": event_code,
+                }
+                for subscription_id, number in numbers
+            ],
         )

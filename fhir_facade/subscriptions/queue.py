@@ -1,26 +1,37 @@
 """The subscription event rows as a work queue: lease due subscriptions, read their events, record
-progress. One lease per subscription (its `subscription_state` row), so its events go out one
-after the other, in number order, whatever the number of workers (ADR 0026; the pattern of the
-sync outbox, ADR 0007: short lease transactions, the POST outside them)."""
+progress, purge what was delivered long ago. One lease per subscription (its `subscription_state`
+row), so its events go out one after the other, in number order, whatever the number of workers
+and replicas (ADR 0026; the pattern of the sync outbox, ADR 0007: short lease transactions, the POST
+outside them).
+
+Replicas: on PostgreSQL the lease reads the due rows `FOR UPDATE SKIP LOCKED`, so replicas leasing
+at the same moment take disjoint subscriptions without waiting on each other; on SQLite the write
+transaction (`BEGIN IMMEDIATE`, store/engine.py) serialises leases, and the same statement, its
+`FOR UPDATE` dropped by the dialect, is enough. The lease's expiry (`lease_until`) is also the
+worker's fencing token: every progress write is conditional on it, so a worker whose lease expired
+and was taken over (a stalled replica) writes nothing and stops, instead of moving another
+worker's progress.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, or_, select, update
 
 from fhir_facade.store.engine import WRITE
 from fhir_facade.subscriptions.tables import EVENT, STATE
 
-__all__ = ["EventRow", "Leased", "SubscriptionQueue"]
+__all__ = ["EventRow", "Leased", "Progress", "SubscriptionQueue"]
 
 
 @dataclass(frozen=True)
 class Leased:
-    """A subscription leased for delivery, as it stood when leased."""
+    """A subscription leased for delivery, as it stood when leased. `lease_until` is the lease's
+    expiry as written, the token every progress write of this lease is conditional on."""
 
     subscription_id: str
     status: str
@@ -29,6 +40,7 @@ class Leased:
     events_count: int
     delivered_through: int
     failures: int
+    lease_until: datetime
 
 
 @dataclass(frozen=True)
@@ -42,14 +54,30 @@ class EventRow:
     event_code: str | None = None
 
 
+@dataclass(frozen=True)
+class Progress:
+    """One change to a leased subscription's state row: applied only while `lease` (the
+    `lease_until` the worker holds) is still the row's, i.e. nobody took the subscription over.
+    `values` are the columns to set; `lease_until` among them renews (a datetime) or ends (None)
+    the lease."""
+
+    subscription_id: str
+    lease: datetime
+    values: dict[str, Any] = field(default_factory=dict)
+
+
 class SubscriptionQueue:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
+    def _write(self) -> Any:
+        return self._engine.connect().execution_options(**{WRITE: True})
+
     def lease(self, limit: int, lease_seconds: float, now: datetime | None = None) -> list[Leased]:
-        """Subscriptions that are due (a handshake to make, or events past the last delivered one)
-        and that no worker holds, leased to the caller."""
+        """Up to `limit` subscriptions that are due (a handshake to make, or events past the last
+        delivered one) and that no worker holds, leased to the caller, oldest due first."""
         now = now or datetime.now(UTC)
+        until = now + timedelta(seconds=lease_seconds)
         due = and_(
             STATE.c.channel == "rest-hook",  # websocket ones go to bound sockets (ADR 0028)
             STATE.c.next_attempt_at <= now,
@@ -61,36 +89,82 @@ class SubscriptionQueue:
                 ),
             ),
         )
-        leased: list[Leased] = []
-        with self._engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
+        with self._write() as connection, connection.begin():
             rows = connection.execute(
-                select(STATE).where(due).order_by(STATE.c.next_attempt_at).limit(limit)
+                select(STATE)
+                .where(due)
+                .order_by(STATE.c.next_attempt_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)  # PostgreSQL; SQLite: the write lock is held already
             ).all()
-            for row in rows:
-                # Conditional: a replica that leased the row meanwhile wins, we skip it.
-                taken = connection.execute(
-                    update(STATE)
-                    .where(STATE.c.subscription_id == row.subscription_id, due)
-                    .values(lease_until=now + timedelta(seconds=lease_seconds))
+            if not rows:
+                return []
+            ids = [row.subscription_id for row in rows]
+            taken = connection.execute(
+                update(STATE)
+                .where(STATE.c.subscription_id.in_(ids), due)
+                .values(lease_until=until)
+                .returning(STATE.c.subscription_id)
+            ).scalars()
+            mine = set(taken)
+        return [
+            Leased(
+                row.subscription_id,
+                row.status,
+                row.author,
+                json.loads(row.resource_json),
+                int(row.events_count),
+                int(row.delivered_through),
+                int(row.failures),
+                until,
+            )
+            for row in rows
+            if row.subscription_id in mine
+        ]
+
+    def pending(self, leased: list[Leased], per_subscription: int) -> dict[str, list[EventRow]]:
+        """The next undelivered events of each leased subscription (at most `per_subscription`
+        each, in number order), in one query: a fan-out to many subscriptions reads them once."""
+        if not leased:
+            return {}
+        ranked = (
+            select(
+                EVENT,
+                func.row_number()
+                .over(partition_by=EVENT.c.subscription_id, order_by=EVENT.c.event_number)
+                .label("rank"),
+            )
+            .join(STATE, STATE.c.subscription_id == EVENT.c.subscription_id)
+            .where(
+                EVENT.c.subscription_id.in_([item.subscription_id for item in leased]),
+                EVENT.c.event_number > STATE.c.delivered_through,
+            )
+            .subquery()
+        )
+        found: dict[str, list[EventRow]] = {}
+        with self._engine.connect() as connection:
+            rows = connection.execute(
+                select(ranked)
+                .where(ranked.c.rank <= per_subscription)
+                .order_by(ranked.c.subscription_id, ranked.c.event_number)
+            ).all()
+        for r in rows:
+            found.setdefault(r.subscription_id, []).append(
+                EventRow(
+                    int(r.event_number),
+                    r.resource_type,
+                    r.resource_id,
+                    int(r.version_id),
+                    r.occurred_at,
+                    r.event_code,
                 )
-                if taken.rowcount:
-                    leased.append(
-                        Leased(
-                            row.subscription_id,
-                            row.status,
-                            row.author,
-                            json.loads(row.resource_json),
-                            int(row.events_count),
-                            int(row.delivered_through),
-                            int(row.failures),
-                        )
-                    )
-        return leased
+            )
+        return found
 
     def events(
         self, subscription_id: str, since: int, until: int | None = None, limit: int = 100
     ) -> list[EventRow]:
-        """Events numbered above `since` (and at most `until`), in order."""
+        """Kept events numbered above `since` (and at most `until`), in order."""
         query = select(EVENT).where(EVENT.c.subscription_id == subscription_id, EVENT.c.event_number > since)
         if until is not None:
             query = query.where(EVENT.c.event_number <= until)
@@ -118,31 +192,54 @@ class SubscriptionQueue:
             ).first()
         return None if row is None else (int(row.events_count), int(row.delivered_through))
 
-    def delivered(self, subscription_id: str, through: int) -> None:
-        """Events up to `through` reached the receiver: the failure count starts over. The lease is
-        kept (the worker goes on with the next event)."""
-        with self._engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
-            connection.execute(
-                update(STATE)
-                .where(STATE.c.subscription_id == subscription_id)
-                .values(
-                    delivered_through=through, failures=0, last_error=None, last_sent_at=datetime.now(UTC)
+    def apply(self, changes: list[Progress]) -> list[bool]:
+        """Apply progress records in one transaction (the worker's group commit: deliveries to
+        many subscriptions that finish together cost one commit); for each, whether the lease
+        was still the caller's (False: it was taken over, nothing was written). Rows are updated
+        in subscription id order, the order matching locks them in too (matching.py), so a batch
+        and a write that numbers events for the same subscriptions cannot deadlock."""
+        if not changes:
+            return []
+        applied = [False] * len(changes)
+        order = sorted(range(len(changes)), key=lambda i: changes[i].subscription_id)
+        with self._write() as connection, connection.begin():
+            for index in order:
+                change = changes[index]
+                result = connection.execute(
+                    update(STATE)
+                    .where(
+                        STATE.c.subscription_id == change.subscription_id,
+                        STATE.c.lease_until == change.lease,
+                    )
+                    .values(**change.values)
                 )
-            )
+                applied[index] = bool(result.rowcount)
+        return applied
 
-    def handshaken(self, subscription_id: str) -> None:
-        self._set(subscription_id, failures=0, last_error=None, last_sent_at=datetime.now(UTC))
-
-    def failed(self, subscription_id: str, failures: int, retry_at: datetime, error: str) -> None:
-        self._set(subscription_id, failures=failures, next_attempt_at=retry_at, last_error=error[:2000])
-
-    def release(self, subscription_id: str) -> None:
-        self._set(subscription_id)
-
-    def _set(self, subscription_id: str, **values: object) -> None:
-        with self._engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
-            connection.execute(
-                update(STATE)
-                .where(STATE.c.subscription_id == subscription_id)
-                .values(lease_until=None, **values)
-            )
+    def purge(self, before: datetime, limit: int = 10_000) -> int:
+        """Delete events that occurred before `before` and reached their receiver (numbered at or
+        below their subscription's `delivered_through`); undelivered events are kept whatever
+        their age. Returns how many rows went."""
+        delivered = (
+            select(STATE.c.delivered_through)
+            .where(STATE.c.subscription_id == EVENT.c.subscription_id)
+            .scalar_subquery()
+        )
+        old = (
+            select(EVENT.c.subscription_id, EVENT.c.event_number)
+            .where(EVENT.c.occurred_at < before, EVENT.c.event_number <= delivered)
+            .limit(limit)
+        )
+        with self._write() as connection, connection.begin():
+            keys = connection.execute(old).all()
+            removed = 0
+            by_subscription: dict[str, list[int]] = {}
+            for subscription_id, number in keys:
+                by_subscription.setdefault(subscription_id, []).append(int(number))
+            for subscription_id, numbers in by_subscription.items():
+                removed += connection.execute(
+                    delete(EVENT).where(
+                        EVENT.c.subscription_id == subscription_id, EVENT.c.event_number.in_(numbers)
+                    )
+                ).rowcount
+        return removed

@@ -5,7 +5,7 @@ Orthanc logs `StableStudy` each time a study has received no instance for `Stabl
 so a study that gets a new series after it was stable is logged stable again, and the watcher
 publishes `StudyArrived` for every such change, at least once (fhir_facade/watcher/change_feed.py:
 it saves its position after each change and retries a failed one). The watcher keeps no state of
-studies, so this module does: one `subscription_study` row per study (migration 10) with a
+studies, so this module does: one `subscription_study` row per study (migration 9) with a
 fingerprint of what the live ImagingStudy held the last time (its series UIDs and their instance
 counts). Classified in the transaction that numbers the events, so the row and the events commit
 together.

@@ -46,7 +46,7 @@ EVENT = Table(
     Column("event_code", String(32)),
 )
 
-#: One row per study the change feed reported stable: what it held then (migration 10), so a
+#: One row per study the change feed reported stable: what it held then (migration 9), so a
 #: later StableStudy is told apart as a change or a replay (study_changes.py).
 STUDY = Table(
     "subscription_study",

@@ -17,6 +17,10 @@ class Receiver:
     def __init__(self) -> None:
         self.port = free_port()
         self.received: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        #: Seconds each answer waits (after the notification is kept): a slow receiver.
+        self.delay = 0.0
+        #: Paths answered 500 (the notification is kept all the same): a refusing receiver.
+        self.fail_paths: set[str] = set()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -31,7 +35,9 @@ class Receiver:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
                 with owner._lock:
                     owner.received.append((self.path, dict(self.headers.items()), body))
-                self.send_response(200)
+                if owner.delay:
+                    time.sleep(owner.delay)
+                self.send_response(500 if self.path in owner.fail_paths else 200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
