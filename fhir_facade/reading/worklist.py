@@ -107,11 +107,12 @@ class ReadingWorklist:
         with on_server_authority(), origin_scope(Origin.INTERNAL):
             if await self.open_task(study.study_uid) is not None:
                 return
-            patient = (
-                f"Patient/{patient_resource_id(study.patient_id, study.issuer_of_patient_id)}"
+            patient_id = (
+                patient_resource_id(study.patient_id, study.issuer_of_patient_id)
                 if study.patient_id
                 else None
             )
+            patient = f"Patient/{patient_id}" if patient_id else None
             order = await self._order(study.accession_number)
             task = self._new_task(study.study_uid, patient, order)
             self._apply(task, triage(self._rules, None, None), None)
