@@ -163,6 +163,11 @@ class ReadingWorklist:
         task = await self.open_task(study_uid)
         if task is None:
             return
+        if task.get("owner") is None and report.get("resultsInterpreter"):
+            task["owner"] = report["resultsInterpreter"][0]
+        if task["status"] != "in-progress":  # signed without a claim: the R4 state machine passes
+            task["status"] = "in-progress"  # through in-progress to completed (task.html)
+            task = (await self._tasks.update(task["id"], task, if_match=None)).resource
         task["status"] = "completed"
         task["lastModified"] = _now()
         task["output"] = [
@@ -171,8 +176,6 @@ class ReadingWorklist:
                 "valueReference": {"reference": f"DiagnosticReport/{report['id']}"},
             }
         ]
-        if task.get("owner") is None and report.get("resultsInterpreter"):
-            task["owner"] = report["resultsInterpreter"][0]
         await self._tasks.update(task["id"], task, if_match=None)
         log.info("Reading Task/%s completed by DiagnosticReport/%s", task["id"], report["id"])
 

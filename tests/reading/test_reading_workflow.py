@@ -284,8 +284,6 @@ def _pdf_instances(orthanc: EmbeddedOrthanc) -> list[pydicom.Dataset]:
         datasets = []
         for item in found.json():
             series, sop = item["0020000E"]["Value"][0], item["00080018"]["Value"][0]
-            raw = http.get(f"{orthanc.url}/instances", params={"expand": "false"})
-            del raw
             ids = http.post(f"{orthanc.url}/tools/lookup", content=sop).json()
             data = http.get(f"{orthanc.url}/instances/{ids[0]['ID']}/file").content
             datasets.append(pydicom.dcmread(io.BytesIO(data)))
