@@ -9,8 +9,8 @@ Reading Tasks (code `read`):
   released first (owner removed, status `requested`). The ETag is looked at first: a stale
   If-Match is the store's 412, as for any update (R4 http.html#concurrency).
 
-The radiologist's DiagnosticReport (not the AI's: `$analyze` writes with origin OPERATION or
-INTERNAL):
+The radiologist's DiagnosticReport: a report of an imaging study (`imagingStudy` set) written by
+a client (not the AI's: `$analyze` writes with origin OPERATION or INTERNAL):
 - `resultsInterpreter` from the caller's fhirUser when the client gave none; a signed report
   (final, amended, corrected, appended) without one is 422;
 - a signed report does not go back to registered/preliminary (422), and a change to `amended` or
@@ -75,6 +75,7 @@ class ReadingStage:
             isinstance(call, Create | Update)
             and context.resource_type == "DiagnosticReport"
             and context.origin not in (Origin.OPERATION, Origin.INTERNAL)
+            and call.resource.get("imagingStudy")
         ):
             await self._report(context, call)
         return await proceed()
