@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def _pdf(report: dict[str, Any]) -> bytes | None:
     for form in report.get("presentedForm", []):
-        if form.get("contentType") == "application/pdf" and form.get("data"):
+        if form.get("contentType") == "application/pdf" and form.get("data"):  # the first PDF
             return base64.b64decode(form["data"])
     return None
 

@@ -15,8 +15,8 @@ a client (not the AI's: `$analyze` writes with origin OPERATION or INTERNAL):
   (final, amended, corrected, appended) without one is 422;
 - a signed report does not go back to registered/preliminary (422), and a change to `amended` or
   `corrected` brings a new reason (the R5 `DiagnosticReport.note` cross-version extension);
-- without a client `presentedForm`, the facade renders one (application/pdf, fhir_facade.reading.pdf),
-  and re-renders its own on every change.
+- without a client PDF in `presentedForm`, the facade adds one (fhir_facade.reading.pdf) beside
+  the other forms (an AI report's SR link stays), and re-renders its own on every change.
 """
 
 from __future__ import annotations
@@ -143,10 +143,10 @@ class ReadingStage:
                 detail_code="report_amendment_reason_missing",
                 code="required",
             )
-        forms = report.get("presentedForm", [])
-        if forms and any(f.get("title") != RENDERED_TITLE for f in forms):
-            return  # the client's own rendering
-        report["presentedForm"] = [await _rendered(report)]
+        forms = [f for f in report.get("presentedForm", []) if f.get("title") != RENDERED_TITLE]
+        if any(f.get("contentType") == "application/pdf" for f in forms):
+            return  # the client's own PDF
+        report["presentedForm"] = [*forms, await _rendered(report)]  # others (the AI's SR link) kept
 
 
 async def _rendered(report: dict[str, Any]) -> dict[str, Any]:

@@ -267,7 +267,7 @@ def _report(order_id: str) -> dict[str, Any]:
 
 
 def _pdf_text(report: dict[str, Any]) -> str:
-    (form,) = report["presentedForm"]
+    (form,) = [f for f in report["presentedForm"] if f["contentType"] == "application/pdf"]
     assert form["contentType"] == "application/pdf"
     reader = pypdf.PdfReader(io.BytesIO(base64.b64decode(form["data"])))
     return "\n".join(page.extract_text() for page in reader.pages)
@@ -356,3 +356,19 @@ class TestRadiologistReport:
             lambda: sorted(i.SeriesNumber for i in _pdf_instances(orthanc)) == [9801, 9802] or None, 20
         )
         assert numbers
+
+    def test_signing_the_ai_report_itself_keeps_its_sr_link_and_adds_a_pdf(
+        self, client: httpx.Client
+    ) -> None:
+        bundle = ok_json(
+            client.get(
+                "/DiagnosticReport",
+                params={"patient": PATIENT_ID, "status": "preliminary"},
+            )
+        )
+        (ai,) = [e["resource"] for e in bundle["entry"] if not e["resource"].get("resultsInterpreter")]
+        signed = {**ai, "status": "final", "resultsInterpreter": [{"reference": "Practitioner/rad-a"}]}
+        final = ok_json(client.put(f"/DiagnosticReport/{ai['id']}", json=signed, headers=FHIR_JSON))
+        types = sorted(f["contentType"] for f in final["presentedForm"])
+        assert types == ["application/dicom", "application/pdf"]
+        assert ai["conclusion"][:40] in " ".join(_pdf_text(final).split())
