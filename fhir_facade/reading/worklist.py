@@ -25,6 +25,7 @@ from fhir_facade.fhir.pipeline.events import ChangeKind, ResourceChanged
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.references import local_target
 from fhir_facade.reading.codes import READ_CODE
+from fhir_facade.reading.stage import SIGNED
 from fhir_facade.reading.triage import Triage, TriageRules, ai_finding, triage
 from fhir_facade.watcher.change_feed import StudyArrived, TaskRule
 
@@ -127,7 +128,7 @@ class ReadingWorklist:
         study_uid = study_uid_of(report)
         if study_uid is None:
             return
-        was_final = (event.before or {}).get("status") in ("final", "amended", "corrected", "appended")
+        was_final = (event.before or {}).get("status") in SIGNED
         with on_server_authority(), origin_scope(Origin.INTERNAL):
             if event.change is ChangeKind.CREATED and is_ai_report(event):
                 await self._triage(study_uid, report)
