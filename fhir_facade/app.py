@@ -50,7 +50,9 @@ from fhir_facade.resources.patient import PatientProvider
 from fhir_facade.resources.stored import StoredResourceProvider, stored_providers
 from fhir_facade.store import ResourceStore, create_store_engine, upgrade
 from fhir_facade.store.atomic import atomic_scope
+from fhir_facade.store.expiring import ExpiringEntries
 from fhir_facade.store.feed_position import SqlFeedPositionStore
+from fhir_facade.store.leases import Leases
 from fhir_facade.subscriptions import SubscriptionRuntime
 from fhir_facade.sync.outbox_queue import OutboxQueue
 from fhir_facade.sync.runtime import SyncRuntime
@@ -58,6 +60,7 @@ from fhir_facade.sync.unconfigured import build_unconfigured_sync_router
 from fhir_facade.watcher import StudyArrivalWatcher, TaskRule
 from fhir_facade.watcher.arrival_tasks import ArrivalTaskCreator
 from fhir_facade.watcher.change_feed import StudyArrived
+from fhir_facade.watcher.election import ElectedWatcher
 from fhir_facade.worklist import WorklistFolder, bundled_catalogue
 
 __all__ = ["create_app"]
@@ -121,9 +124,10 @@ def _orders_by_accession(orders: ResourceProvider, settings: Settings) -> Orders
 
 
 class _RunningWatcher:
-    def __init__(self, watcher: StudyArrivalWatcher) -> None:
+    def __init__(self, watcher: ElectedWatcher) -> None:
+        self.watcher = watcher
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(watcher.run_forever(self._stop), name="study-arrival-watcher")
+        self._task = asyncio.create_task(watcher.run_forever(self._stop), name="watcher-election")
 
     async def stop(self) -> None:
         self._stop.set()
@@ -168,21 +172,24 @@ def _start_watcher(
 ) -> _RunningWatcher | None:
     """Publish each stable study of Orthanc's change feed as StudyArrived, when Orthanc's REST API is
     configured and watching is on. Published strictly: the feed position moves on only once every
-    subscriber took the study (they are idempotent, the watcher delivers at least once)."""
+    subscriber took the study (they are idempotent, the watcher delivers at least once). Of several
+    replicas on one database, the one holding the watcher lease watches (ADR 0032)."""
     if orthanc is None or not settings.watch_studies:
         return None
 
     async def on_study(study: StudyArrived) -> None:
         await bus.publish(study, strict=True)
 
-    positions = SqlFeedPositionStore(store.engine, f"orthanc-changes:{settings.orthanc_url}")
+    feed = f"orthanc-changes:{settings.orthanc_url}"
+    positions = SqlFeedPositionStore(store.engine, feed)
     watcher = StudyArrivalWatcher(orthanc, positions, on_study, poll_interval=settings.watch_poll_interval)
+    leases = Leases(store.engine, settings.replica_name, settings.replica.lease_seconds)
     log.info(
         "Watching %s/changes for new studies (Tasks for %s)",
         settings.orthanc_url,
         ", ".join(sorted(settings.task_modalities)),
     )
-    return _RunningWatcher(watcher)
+    return _RunningWatcher(ElectedWatcher(watcher, leases, f"watcher:{feed}"))
 
 
 def open_store_engine(settings: Settings) -> Engine:
@@ -238,6 +245,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         EndpointProvider(ctx),
         *stored,
         *artifact_providers(extra=catalogue.concept_maps),
+        subscriptions.topic_provider,
     ]
     sync = (
         SyncRuntime(settings, store, {p.resource_type: p for p in providers})
@@ -281,6 +289,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             providers={p.resource_type: p for p in providers},
             visible={p.resource_type: p for p in visible},
             authorization=authorization,
+            leases=Leases(store.engine, settings.replica_name, settings.replica.lease_seconds),
         )
         if settings.analyze.enabled
         else None
@@ -297,6 +306,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if orthanc:
             await orthanc.open()
         watching = _start_watcher(settings, orthanc, store, bus)
+        app.state.watcher = watching.watcher if watching else None
         if analyze:
             await analyze.start()
         if reading:
@@ -352,7 +362,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
     operations = {**(analyze.operations if analyze else {}), "Subscription": list(subscriptions.operations)}
-    authenticate, security = _install_security(app, settings)
+    authenticate, security = _install_security(app, settings, ExpiringEntries(store.engine))
     guarded = [Depends(authenticate)]
     # Admin-only whether or not an upstream is set: a non-admin learns nothing of the configuration.
     sync_router = sync.router if sync else build_unconfigured_sync_router()
@@ -391,10 +401,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _install_security(
-    app: FastAPI, settings: Settings
+    app: FastAPI, settings: Settings, shared: ExpiringEntries
 ) -> tuple[Authenticator | BearerScheme, dict[str, Any] | None]:
     """FACADE_AUTH=smart: token validation, discovery and (without an external issuer) the built-in
-    authorization server. Returns the authenticating dependency and CapabilityStatement.rest.security."""
+    authorization server, whose codes, replay cache and lockout counters are `shared` in the store.
+    Returns the authenticating dependency and CapabilityStatement.rest.security."""
     if settings.auth != "smart":
         return Authenticator(None), None
     keys = None
@@ -408,7 +419,7 @@ def _install_security(
             if recorder is not None
             else None
         )
-        server = BuiltinAuthorizationServer(settings, audit=refusals)
+        server = BuiltinAuthorizationServer(settings, audit=refusals, shared=shared)
         app.include_router(server.router)
         keys = StaticKeys(server.public_key_set())
         compartments = server.registry.user_compartments

@@ -6,6 +6,9 @@ All settings are optional; the defaults describe the embedded set-up (a local Or
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -172,6 +175,14 @@ class LockoutSettings(SettingsSection):
     delay: float
     max_delay: float
     max_tracked: int
+
+
+class ReplicaSettings(SettingsSection):
+    """Several facade processes on one database (FACADE_REPLICA_*, ADR 0032)."""
+
+    prefix = "replica_"
+    lease_seconds: float
+    id: str | None
 
 
 class Settings(BaseSettings):
@@ -632,6 +643,18 @@ class Settings(BaseSettings):
         ),
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    replica_lease_seconds: float = Field(
+        15.0,
+        gt=0,
+        description=(
+            "Lease time of the work one replica at a time does (the change-feed watcher, each running "
+            "analysis): renewed every third of it; a replica that dies is replaced after at most this "
+            "long (ADR 0032). Replica clocks must agree to well within it."
+        ),
+    )
+    replica_id: str | None = Field(
+        None, description="This process's name in the lease table (default: host name, process id, random)."
+    )
 
     @field_validator(
         "dicomweb_url", "base_url", "orthanc_url", "fhir_upstream_url", "inference_url", "auth_issuer"
@@ -703,6 +726,15 @@ class Settings(BaseSettings):
     @cached_property
     def lockout(self) -> LockoutSettings:
         return LockoutSettings.of(self)
+
+    @cached_property
+    def replica(self) -> ReplicaSettings:
+        return ReplicaSettings.of(self)
+
+    @cached_property
+    def replica_name(self) -> str:
+        """This process's lease holder name: FACADE_REPLICA_ID, else unique per process start."""
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
     @cached_property
     def timezone(self) -> ZoneInfo:

@@ -107,3 +107,25 @@ def test_orthanc_serves_only_the_facade_and_listed_modalities() -> None:
     assert set(always_allow.values()) == {"false"}
     assert orthanc["ORTHANC__DICOM_CHECK_MODALITY_HOST"] == "true"
     assert services["orthanc"]["ports"] == ["${ORTHANC_DICOM_LISTEN:-127.0.0.1}:4242:4242"]
+
+
+def test_facade_replicas_behind_the_proxy() -> None:
+    """Issue 17: two or more replicas on the one database, only the proxy published; the proxy's
+    configuration (in the repository) balances over exactly the replica services."""
+    services = _compose()["services"]
+    replicas = {name: s for name, s in services.items() if s.get("image") == "fhir-facade:latest"}
+    assert len(replicas) >= 2, sorted(replicas)
+    urls = {s["environment"]["FACADE_DATABASE_URL"] for s in replicas.values()}
+    assert len(urls) == 1
+    ids = {s["environment"]["FACADE_REPLICA_ID"] for s in replicas.values()}
+    assert len(ids) == len(replicas)
+    assert all("ports" not in s for s in replicas.values())
+    proxy = services["proxy"]
+    assert proxy["ports"] == ["8080:8080"]
+    source, target = proxy["volumes"][0].split(":")[:2]
+    assert target == "/etc/nginx/conf.d/default.conf"
+    config = (ROOT / source).read_text(encoding="utf-8")
+    upstream = {
+        line.split()[1] for line in config.splitlines() if line.strip().startswith("server ") and ":" in line
+    }
+    assert upstream == {f"{name}:8080" for name in replicas}

@@ -59,6 +59,9 @@ def stack(tmp_path: Path) -> Iterator[tuple[EmbeddedOrthanc, FacadeProcess]]:
         "FACADE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.sqlite3'}",
         "FACADE_BASE_URL": f"http://127.0.0.1:{port}/fhir",
         "FACADE_WATCH_POLL_INTERVAL": "0.25",
+        # The restarted process is the same replica: it renews the killed one's watcher lease at
+        # once instead of waiting for it to expire (ADR 0032).
+        "FACADE_REPLICA_ID": "e2e-replica",
         # This test is about Tasks being created; $analyze picking them up is tested on its own.
         "FACADE_ANALYZE_ENABLED": "false",
         "FACADE_LOG_LEVEL": "WARNING",

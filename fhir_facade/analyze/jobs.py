@@ -6,8 +6,14 @@ worklist are run by the same worker.
   the result's transaction; a failure sets it `failed` with the OperationOutcome's code as
   statusReason. Synchronous requests wait for the job; `Prefer: respond-async` gets its status URL.
 - `Idempotency-Key` is kept as Task.identifier: a retry finds the Task and returns its report (or
-  joins the running job) instead of running the model again. Keys are serialised per process; two
-  replicas racing on one key can both run (documented in ADR 0006).
+  joins the running job) instead of running the model again. The search for the key's Task and the
+  creation of a new one are one atomic conditional create (ADR 0012, the database's lock), so two
+  replicas receiving one key at once start one analysis (ADR 0032).
+- Every running job holds a lease on its Task in the store (`analysis-task:<id>`, ADR 0032),
+  renewed while it runs. A job whose replica died stops renewing; once its lease has expired the
+  poller of any replica claims it, moves the Task to a new version and runs it again. The result
+  is written with If-Match on the version its run started from, so a run that was taken over can
+  never store a second report for the Task. Status polls read the Task, so any replica answers them.
 - The worklist poller claims `Task?status=requested&code=analyze` (oldest, most urgent first) by
   moving it to in-progress with If-Match, so two workers never take the same Task. It runs the Task
   with the rights of whoever wrote its `requested` version (the store keeps that principal with the
@@ -25,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,19 +45,24 @@ from fhir_facade.auth.enforcement import AuthorizationStage
 from fhir_facade.auth.operations import check_analysis_rights
 from fhir_facade.auth.scopes import Interaction
 from fhir_facade.correlation import correlation_scope
+from fhir_facade.fhir.conditional_guard import ConditionalGuard, guarded
 from fhir_facade.fhir.errors import FACADE_ISSUE_SYSTEM, FhirError, Issue, conflict, internal_error, not_found
 from fhir_facade.fhir.internal_search import SearchBuilder
 from fhir_facade.fhir.pipeline import Origin, PipelinedProvider, enter_origin
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.references import local_target
 from fhir_facade.resources.stored import StoredResourceProvider
+from fhir_facade.store.leases import Leases
 
-__all__ = ["IDEMPOTENCY_KEY_SYSTEM", "AnalysisJob", "AnalysisJobs", "JobState"]
+__all__ = ["IDEMPOTENCY_KEY_SYSTEM", "JOB_LEASE_PREFIX", "AnalysisJob", "AnalysisJobs", "JobState"]
 
 log = logging.getLogger(__name__)
 
 #: Task.identifier.system of a client's Idempotency-Key.
 IDEMPOTENCY_KEY_SYSTEM = "http://fhir-facade.org/fhir/sid/idempotency-key"
+
+#: Lease names of running analysis Tasks: the prefix and the Task id.
+JOB_LEASE_PREFIX = "analysis-task:"
 
 #: facade-issue code -> HTTP status, to answer a failed job's poll with the status it failed with.
 _STATUS_BY_DETAIL = {
@@ -74,6 +86,8 @@ class AnalysisJob:
     model_id: str | None
     series_uid: str | None
     study: dict[str, Any] | None = field(default=None, repr=False)
+    #: The Task version the job started from: its writes are conditional on it (If-Match).
+    version: str = ""
     done: int = 0
     total: int = 0
     runner: asyncio.Task[AnalysisOutcome] | None = field(default=None, repr=False)
@@ -114,12 +128,14 @@ class AnalysisJobs:
         *,
         workers: int,
         base_url: str,
+        leases: Leases,
     ) -> None:
         """`tasks`: the store's Task provider (job Tasks are the server's records). `visible`: the
         pipelined providers, through which everything is read that a caller is handed or that the
         worklist acts on for a client; `authorization`: the pipeline's authorization stage, for the
-        checks a job makes before it acts."""
+        checks a job makes before it acts. `leases`: this replica's leases on the Tasks it runs."""
         self.analyzer = analyzer
+        self._leases = leases
         self._tasks = tasks
         self._visible = visible
         self._authorization = authorization
@@ -168,31 +184,42 @@ class AnalysisJobs:
         series_uid: str | None,
         idempotency_key: str,
     ) -> tuple[str, AnalysisJob | None, dict[str, Any] | None]:
-        """Inside the key's lock: the same report, the running job, or a new one."""
-        existing = await self._task_for_key(idempotency_key)
-        if existing is not None:
-            focus = existing.get("focus", {}).get("reference")
-            if focus != f"ImagingStudy/{study_id}":
-                raise conflict(
-                    f"Idempotency-Key {idempotency_key!r} was used for {focus}, not ImagingStudy/{study_id}"
-                )
-            state = await self.state(existing["id"], own=True)
-            if state.running or state.report is not None:
-                return existing["id"], self._running.get(existing["id"]), state.report
-        job = await self._start(study, model_id, series_uid, idempotency_key)
-        return job.task_id, job, None
-
-    async def _task_for_key(self, key: str) -> dict[str, Any] | None:
-        """The newest Task carrying this key, created by this caller, that is not failed or cancelled.
-        Keys are the caller's own (the IETF Idempotency-Key draft scopes them to the client): another
-        client's or user's Task with the same key is neither found nor named."""
-        candidates = (
-            await SearchBuilder(self._tasks, base_url=self._base_url)
-            .where_token("identifier", IDEMPOTENCY_KEY_SYSTEM, key)
+        """Inside the key's lock: the same report, the running job, or a new one. The key's search
+        and the new Task are one conditional create (fhir/conditional_guard.py): of replicas that
+        get the key at once, one creates the Task and the others find it."""
+        search = (
+            SearchBuilder(self._tasks, base_url=self._base_url)
+            .where_token("identifier", IDEMPOTENCY_KEY_SYSTEM, idempotency_key)
             .sort("-_lastUpdated")
             .count(20)
-            .matches()
         )
+
+        async def attempt(guard: ConditionalGuard) -> tuple[str, AnalysisJob | None, dict[str, Any] | None]:
+            with guard.searching():
+                candidates = await search.matches()
+            existing = await self._own_live_task(candidates)
+            if existing is not None:
+                focus = existing.get("focus", {}).get("reference")
+                if focus != f"ImagingStudy/{study_id}":
+                    raise conflict(
+                        f"Idempotency-Key {idempotency_key!r} was used for {focus}, "
+                        f"not ImagingStudy/{study_id}"
+                    )
+                state = await self.state(existing["id"], own=True)
+                if state.running or state.report is not None:
+                    return existing["id"], self._running.get(existing["id"]), state.report
+            with guard.writing():
+                task = await self._create_task(study, model_id, series_uid, idempotency_key)
+            # Outside the guard: the job's own writes are no part of the conditional create.
+            job = self._launch(task, model_id, series_uid, study)
+            return job.task_id, job, None
+
+        return await guarded("Task", search.params, attempt)
+
+    async def _own_live_task(self, candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The newest of the Tasks carrying a key that this caller created and that is not failed
+        or cancelled. Keys are the caller's own (the IETF Idempotency-Key draft scopes them to the
+        client): another client's or user's Task with the same key is neither found nor named."""
         caller = current_access.get() or Access.unrestricted()
         for task in candidates:
             if task.get("status") in ("failed", "cancelled", "entered-in-error"):
@@ -215,9 +242,19 @@ class AnalysisJobs:
     async def _start(
         self, study: dict[str, Any], model_id: str | None, series_uid: str | None, key: str | None
     ) -> AnalysisJob:
+        task = await self._create_task(study, model_id, series_uid, key)
+        return self._launch(task, model_id, series_uid, study)
+
+    async def _create_task(
+        self, study: dict[str, Any], model_id: str | None, series_uid: str | None, key: str | None
+    ) -> dict[str, Any]:
+        """Store the in-progress Task of a new `$analyze` run, holding its lease from the start: the
+        id is chosen here, the lease taken, then the Task written (update as create), so no replica
+        ever sees the Task without a lease and takes it over."""
         manifest = self.analyzer.manifest(model_id)
         task: dict[str, Any] = {
             "resourceType": "Task",
+            "id": uuid.uuid4().hex,
             "status": "in-progress",
             "intent": "order",
             "code": {"coding": [ANALYZE_CODE]},
@@ -233,8 +270,16 @@ class AnalysisJobs:
             task["basedOn"] = [{"reference": r["reference"]} for r in study["basedOn"] if r.get("reference")]
         if series_uid:
             task["input"].append({"type": {"text": "series"}, "valueString": series_uid})
-        stored = await self._tasks.create(with_analysis_task_narrative(task))
-        return self._launch(stored, model_id, series_uid, study)
+        lease = JOB_LEASE_PREFIX + task["id"]
+        if not await asyncio.to_thread(self._leases.acquire, lease):
+            raise internal_error(f"Could not take the lease of new analysis Task {task['id']}")
+        try:
+            result = await self._tasks.update(task["id"], with_analysis_task_narrative(task), if_match=None)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._leases.release, lease)
+            raise
+        return result.resource
 
     def _launch(
         self,
@@ -243,8 +288,10 @@ class AnalysisJobs:
         series_uid: str | None,
         study: dict[str, Any] | None = None,
     ) -> AnalysisJob:
+        """Run the Task (whose lease this replica holds) as an asyncio job."""
         study_id = _focus_id(task)
-        job = AnalysisJob(task["id"], study_id, model_id, series_uid, study)
+        version = str(task.get("meta", {}).get("versionId", ""))
+        job = AnalysisJob(task["id"], study_id, model_id, series_uid, study, version=version)
         job.runner = asyncio.create_task(self._run(job, task), name=f"analyze-{task['id']}")
         self._running[job.task_id] = job
         job.runner.add_done_callback(lambda _: self._running.pop(job.task_id, None))
@@ -252,6 +299,7 @@ class AnalysisJobs:
 
     async def _run(self, job: AnalysisJob, task: dict[str, Any]) -> AnalysisOutcome:
         enter_origin(Origin.INTERNAL)  # the job's own task: work done for the client it runs as
+        heartbeat = asyncio.create_task(self._keep_lease(job.task_id), name=f"lease-{job.task_id}")
         try:
             async with self._slots:
                 return await self.analyzer.analyze(
@@ -263,19 +311,44 @@ class AnalysisJobs:
                     study=job.study,
                 )
         except asyncio.CancelledError:
-            await self._finish(job.task_id, "cancelled", None, "Cancelled by the client")
+            await self._finish(job.task_id, "cancelled", None, "Cancelled by the client", job.version)
             raise
         except FhirError as error:
             issue = error.issues[0]
-            await self._finish(job.task_id, "failed", issue.detail_code, issue.diagnostics)
+            await self._finish(job.task_id, "failed", issue.detail_code, issue.diagnostics, job.version)
             raise
         except Exception as exc:
             log.exception("Analysis job %s failed", job.task_id)
-            await self._finish(job.task_id, "failed", None, f"Internal error: {type(exc).__name__}")
+            await self._finish(
+                job.task_id, "failed", None, f"Internal error: {type(exc).__name__}", job.version
+            )
             raise internal_error() from exc
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(BaseException):
+                await heartbeat
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._leases.release, JOB_LEASE_PREFIX + job.task_id)
 
-    async def _finish(self, task_id: str, status: str, detail_code: str | None, text: str) -> None:
-        """Record a job's end that is not a result; the result's own transaction records success."""
+    async def _keep_lease(self, task_id: str) -> None:
+        """Renew the job's lease every third of the lease time while it runs. A failed renewal is
+        logged, not acted on: if another replica took the Task over, this run's result is refused
+        when it is written (If-Match), and if the database only blinked the run is still good."""
+        name = JOB_LEASE_PREFIX + task_id
+        while True:
+            await asyncio.sleep(self._leases.seconds / 3)
+            try:
+                if not await asyncio.to_thread(self._leases.acquire, name):
+                    log.warning("Analysis Task %s: its lease was taken over by another replica", task_id)
+            except Exception:
+                log.exception("Analysis Task %s: could not renew its lease", task_id)
+
+    async def _finish(
+        self, task_id: str, status: str, detail_code: str | None, text: str, version: str | None = None
+    ) -> None:
+        """Record a job's end that is not a result; the result's own transaction records success.
+        `version`: the Task version the job started from; when the Task has moved on (another replica
+        took it over) the end is not recorded."""
         with contextlib.suppress(asyncio.CancelledError):
             try:
                 current = await self._tasks.read(task_id)
@@ -284,7 +357,16 @@ class AnalysisJobs:
                     reason["coding"] = [{"system": FACADE_ISSUE_SYSTEM, "code": detail_code}]
                 updated = with_analysis_task_narrative({**current, "status": status, "statusReason": reason})
                 updated.pop("meta", None)
-                await self._tasks.update(task_id, updated, if_match=None)
+                await self._tasks.update(task_id, updated, if_match=f'W/"{version}"' if version else None)
+            except FhirError as error:
+                if error.status == 412:
+                    log.warning(
+                        "Analysis Task %s was taken over by another replica; its end (%s) is not recorded",
+                        task_id,
+                        status,
+                    )
+                else:
+                    log.exception("Could not record the end (%s) of analysis Task %s", status, task_id)
             except Exception:  # the job's own failure is what the caller must see
                 log.exception("Could not record the end (%s) of analysis Task %s", status, task_id)
 
@@ -345,15 +427,75 @@ class AnalysisJobs:
 
     # -- the worklist -------------------------------------------------------------------------------
 
-    async def run_worklist(self, stop: asyncio.Event, poll_interval: float) -> None:
-        """Claim and run requested analysis Tasks until `stop` is set."""
+    async def run_worklist(
+        self, stop: asyncio.Event, poll_interval: float, *, requested: bool = True
+    ) -> None:
+        """Until `stop` is set: take over jobs whose replica died (their lease expired) and, with
+        `requested`, claim and run requested analysis Tasks."""
         while not stop.is_set():
             try:
-                await self._claim_requested()
+                await self._take_over_orphans()
+                if requested:
+                    await self._claim_requested()
             except Exception:
                 log.exception("Analysis worklist poll failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), poll_interval)
+
+    async def _take_over_orphans(self) -> None:
+        """Run again the in-progress Tasks whose lease expired: their replica died (or stalled for
+        longer than the lease). The lease is claimed first (one replica wins each), then the Task
+        moves to a new version with If-Match, which fences the old run off: its result and its end
+        are written with If-Match on the old version and refused."""
+        free = self._workers - len(self._running)
+        if free <= 0:
+            return
+        for name in await asyncio.to_thread(self._leases.claim_expired, JOB_LEASE_PREFIX, free):
+            task_id = name.removeprefix(JOB_LEASE_PREFIX)
+            with correlation_scope():
+                if not await self._take_over(task_id) and task_id not in self._running:
+                    await asyncio.to_thread(self._leases.release, name)
+
+    async def _take_over(self, task_id: str) -> bool:
+        """Run an orphaned analysis Task here; False when there is nothing to run."""
+        if task_id in self._running:
+            return True  # this replica's own job, whose renewal was late: the lease is renewed now
+        try:
+            task = await self._analysis_task(task_id)
+        except FhirError as error:
+            if error.status in (404, 410):
+                return False  # its replica died before the Task was written
+            raise
+        if task.get("status") != "in-progress":
+            return False  # it finished after all
+        requester = await self._original_requester(task)
+        updated = with_analysis_task_narrative(task)
+        updated.pop("meta", None)
+        try:
+            result = await self._tasks.update(task_id, updated, if_match=f'W/"{task["meta"]["versionId"]}"')
+        except FhirError as error:
+            if error.status in (409, 412):
+                return False
+            raise
+        claimed = result.resource
+        log.warning("Taking over analysis Task %s, whose replica stopped renewing its lease", task_id)
+        with acting_as(requester):
+            if await self._may_run(claimed, requester, claimed["meta"]["versionId"]):
+                self._launch(claimed, _task_input(claimed, "model"), _task_input(claimed, "series"))
+        return True
+
+    async def _original_requester(self, task: dict[str, Any]) -> Access:
+        """Whose rights an in-progress Task runs with: the author of its newest version that was not
+        yet in progress (a worklist Task's `requested` version), else of its first (a `$analyze`
+        Task, created in progress by the caller)."""
+        current = int(task["meta"]["versionId"])
+        for version in range(current - 1, 0, -1):
+            earlier = await self._tasks.vread(task["id"], str(version))
+            if earlier.get("status") != "in-progress":
+                principal = await self._author(task["id"], str(version))
+                return Access.from_principal(principal) if principal else Access.unrestricted()
+        principal = await self._author(task["id"], "1")
+        return Access.from_principal(principal) if principal else Access.unrestricted()
 
     async def _claim_requested(self) -> None:
         free = self._workers - len(self._running)
@@ -374,7 +516,7 @@ class AnalysisJobs:
                 if claimed is None:
                     continue
                 with acting_as(requester):  # the job, its reads and its writes run with these rights
-                    if await self._may_run(claimed, requester):
+                    if await self._may_run(claimed, requester, claimed["meta"]["versionId"]):
                         model = _task_input(claimed, "model")
                         self._launch(claimed, model, _task_input(claimed, "series"))
 
@@ -384,7 +526,7 @@ class AnalysisJobs:
         principal = await self._author(task["id"], str(task.get("meta", {}).get("versionId", "")))
         return Access.from_principal(principal) if principal else Access.unrestricted()
 
-    async def _may_run(self, task: dict[str, Any], requester: Access) -> bool:
+    async def _may_run(self, task: dict[str, Any], requester: Access, version: str) -> bool:
         """Check, now, with the requester's rights, what running the Task acts on: `$analyze` on its
         focus study (read on the study, create on DiagnosticReport), and every resource it references
         (basedOn orders...) must be visible to the requester. A refusal fails the Task, saying why in
@@ -398,23 +540,33 @@ class AnalysisJobs:
         except FhirError as error:
             issue = error.issues[0]
             log.warning("Analysis Task %s refused for %s: %s", task["id"], requester.who, issue.diagnostics)
-            await self._finish(task["id"], "failed", issue.detail_code, str(issue.diagnostics))
+            await self._finish(task["id"], "failed", issue.detail_code, str(issue.diagnostics), version)
+            await asyncio.to_thread(self._leases.release, JOB_LEASE_PREFIX + task["id"])
             return False
         return True
 
     async def _claim(self, task: dict[str, Any]) -> dict[str, Any] | None:
+        """Take a requested Task: its lease, then the move to in-progress with If-Match (another
+        worker, here or on another replica, may have taken it first: then neither happens)."""
         focus = task.get("focus", {}).get("reference", "")
         if not focus.startswith("ImagingStudy/"):
             await self._finish(task["id"], "failed", None, "Task.focus is not an ImagingStudy")
             return None
+        lease = JOB_LEASE_PREFIX + task["id"]
+        if not await asyncio.to_thread(self._leases.acquire, lease):
+            return None  # another replica is claiming it
         updated = with_analysis_task_narrative({**task, "status": "in-progress"})
         updated.pop("meta", None)
         version = task.get("meta", {}).get("versionId")
         try:
             result = await self._tasks.update(task["id"], updated, if_match=f'W/"{version}"')
         except FhirError as error:
+            await asyncio.to_thread(self._leases.release, lease)
             if error.status in (409, 412):
                 return None  # another worker took it first
+            raise
+        except BaseException:
+            await asyncio.to_thread(self._leases.release, lease)
             raise
         log.info("Claimed analysis Task %s for %s", task["id"], focus)
         return result.resource

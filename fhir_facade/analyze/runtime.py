@@ -25,6 +25,7 @@ from fhir_facade.dicomweb.wado import WadoClient
 from fhir_facade.fhir.pipeline import PipelinedProvider
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.resources.stored import StoredResourceProvider
+from fhir_facade.store.leases import Leases
 
 __all__ = ["ANALYZE_OPERATION", "AnalyzeRuntime"]
 
@@ -48,10 +49,12 @@ class AnalyzeRuntime:
         providers: dict[str, ResourceProvider],
         visible: dict[str, PipelinedProvider],
         authorization: AuthorizationStage,
+        leases: Leases,
     ) -> None:
         """`providers`: the unwrapped providers (the analyzer reads on the server's behalf once a job is
         authorized); `visible`: the pipelined ones, for what callers are handed, for checking a job's
-        rights and for writing results; `atomic`: the store transaction a result is written in."""
+        rights and for writing results; `atomic`: the store transaction a result is written in;
+        `leases`: this replica's leases, held on the Tasks it runs (ADR 0032)."""
         self._settings = settings
         manifests = load_manifests()
         if settings.analyze.default_model not in manifests:
@@ -94,6 +97,7 @@ class AnalyzeRuntime:
             authorization,
             workers=settings.analyze.workers,
             base_url=settings.base_url,
+            leases=leases,
         )
         self.router: APIRouter = build_analyze_router(self.jobs, settings.base_url)
         self.operations: dict[str, list[dict[str, str]]] = {"ImagingStudy": [ANALYZE_OPERATION]}
@@ -102,7 +106,8 @@ class AnalyzeRuntime:
 
     async def start(self) -> None:
         """Open the PACS clients, create and warm up every model's session (a cold first run can
-        take seconds, on CUDA more), and start the worklist poller."""
+        take seconds, on CUDA more), and start the poller: it takes over the jobs of dead replicas
+        always, and claims requested Tasks when the worklist is on."""
         await self.wado.open()
         if self.stow:
             await self.stow.open()
@@ -111,12 +116,13 @@ class AnalyzeRuntime:
             await asyncio.to_thread(backend.warm_up)
             self.analyzer.backends[model_id] = backend
             log.info("Model %s %s ready on %s", model_id, manifest.version, ", ".join(backend.providers))
-        if self._settings.analyze.worklist:
-            self._stop.clear()
-            self._poller = asyncio.create_task(
-                self.jobs.run_worklist(self._stop, self._settings.analyze.poll_interval),
-                name="analysis-worklist",
-            )
+        self._stop.clear()
+        self._poller = asyncio.create_task(
+            self.jobs.run_worklist(
+                self._stop, self._settings.analyze.poll_interval, requested=self._settings.analyze.worklist
+            ),
+            name="analysis-worklist",
+        )
 
     async def stop(self) -> None:
         self._stop.set()

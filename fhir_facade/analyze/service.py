@@ -67,6 +67,7 @@ from fhir_facade.fhir.errors import (
     FhirError,
     Issue,
     bad_request,
+    conflict,
     unprocessable,
 )
 from fhir_facade.fhir.pipeline import Origin, origin_scope
@@ -216,7 +217,8 @@ class Analyzer:
                 await self._store_sr(study_uid, sr_dataset)
             lap("stow")
             completed_task = _completed_task(task, resources) if task else None
-            await self._persist(resources, completed_task, previous)
+            task_version = str(task.get("meta", {}).get("versionId", "")) if task else ""
+            await self._persist(resources, completed_task, task_version or None, previous)
             lap("store")
         seconds = time.perf_counter() - started
         log.info(
@@ -453,15 +455,19 @@ class Analyzer:
         self,
         resources: AnalysisResources,
         task: dict[str, Any] | None,
+        task_version: str | None,
         previous: Sequence[PreviousResult] = (),
     ) -> None:
         """Everything of one result in one transaction: all stored, or none, the superseded
         reports and their Observations set to `cancelled` in the same one (ADR 0031). Written
         through the pipeline as the server's own work (the job was authorized before it ran), so
-        the result's consumers (outbox, subscriptions) hear of each resource after the commit."""
+        the result's consumers (outbox, subscriptions) hear of each resource after the commit.
+
+        The finished Task is written last, with If-Match on `task_version`, the version the job was
+        started or claimed at: when the job's replica was thought dead and another replica took the
+        Task over (a new version, ADR 0032), this result is refused whole (409), so one Task never
+        gets two reports."""
         writes = [*resources.observations, resources.report, resources.provenance]
-        if task is not None:
-            writes.append(task)
         for result in previous:
             writes.extend(superseded(result, f"DiagnosticReport/{resources.report['id']}"))
         with on_server_authority(), origin_scope(Origin.INTERNAL):
@@ -471,6 +477,18 @@ class Analyzer:
                 for resource in writes:
                     writer = self._writers[resource["resourceType"]]
                     await writer.update(resource["id"], resource, if_match=None)
+                if task is not None:  # last; its refusal rolls back everything above
+                    try:
+                        await self._writers["Task"].update(
+                            task["id"], task, if_match=f'W/"{task_version}"' if task_version else None
+                        )
+                    except FhirError as error:
+                        if error.status != 412:
+                            raise
+                        raise conflict(
+                            f"Analysis Task {task['id']} was taken over by another replica; "
+                            "this run's result is not stored"
+                        ) from error
 
     async def _exists(self, resource: dict[str, Any]) -> bool:
         try:

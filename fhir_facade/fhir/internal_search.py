@@ -81,6 +81,11 @@ class SearchBuilder:
         self._count = max(count, 1)
         return self
 
+    @property
+    def params(self) -> list[tuple[str, str]]:
+        """The parameters so far (the criteria of a conditional write, fhir/conditional_guard.py)."""
+        return list(self._params)
+
     def request(self) -> SearchRequest:
         """The SearchRequest, validated against the provider's search parameters."""
         return parse_search(

@@ -2,8 +2,10 @@
 
 `upgrade(engine)` applies, in order and each in its own transaction, the migrations whose
 version is above the highest recorded one, so it is idempotent and safe to call at every start.
-On PostgreSQL a transaction-scoped advisory lock serialises replicas that start together; on
-SQLite the write transaction (BEGIN IMMEDIATE) does the same. See docs/adr/0004-persistent-store.md
+On PostgreSQL a transaction-scoped advisory lock serialises replicas that start together, from the
+creation of `schema_version` itself on (two replicas creating it at once would otherwise both
+pass the existence check and one fail with DuplicateTable, docs/adr/0032); on SQLite the write
+transaction (BEGIN IMMEDIATE) does the same. See docs/adr/0004-persistent-store.md
 for why this is not Alembic (yet).
 
 Rule for new migrations: append, never edit an applied one; write the DDL explicitly (not
@@ -201,6 +203,68 @@ def _subscription_channels(connection: Connection) -> None:
     )
 
 
+def _placeholder(connection: Connection) -> None:
+    # Branch i14-topics only: version 9 belongs to another branch being merged; on merge its
+    # migration replaces this no-op, so that 10 follows it.
+    del connection
+
+
+def _study_changes(connection: Connection) -> None:
+    # The study topic's "available" versus "changed" (docs/adr/0026-subscriptions-design.md,
+    # addendum): `subscription_study` keeps, per study the change feed reported stable, a
+    # fingerprint of its series and instances, so a StableStudy with the same fingerprint (a replay
+    # of the watcher) numbers no event and one with another fingerprint is `study-changed`.
+    # `subscription_event.event_code`: which event trigger of its topic an event is (NULL for a
+    # resource trigger), so a notification says it.
+    stamp = "TIMESTAMP WITH TIME ZONE"
+    connection.execute(
+        text(
+            "CREATE TABLE subscription_study ("
+            " study_uid VARCHAR(64) PRIMARY KEY,"
+            " fingerprint VARCHAR(64) NOT NULL,"
+            " changes INTEGER NOT NULL,"
+            f" first_seen_at {stamp} NOT NULL,"
+            f" updated_at {stamp} NOT NULL)"
+        )
+    )
+    connection.execute(text("ALTER TABLE subscription_event ADD COLUMN event_code VARCHAR(32)"))
+
+
+def _leases(connection: Connection) -> None:
+    # Leases (docs/adr/0032-replica-leases.md): one row per piece of work that one replica at a time
+    # may do (the change-feed watcher, each running analysis Task). `expires_at` is written from
+    # the holder's clock; a row whose time is past may be taken over by another replica.
+    stamp = "TIMESTAMP WITH TIME ZONE"
+    connection.execute(
+        text(
+            "CREATE TABLE lease ("
+            " name VARCHAR(200) PRIMARY KEY,"
+            " holder VARCHAR(200) NOT NULL,"
+            f" acquired_at {stamp} NOT NULL,"
+            f" expires_at {stamp} NOT NULL)"
+        )
+    )
+    connection.execute(text("CREATE INDEX ix_lease_expires ON lease (expires_at)"))
+
+
+def _expiring_entries(connection: Connection) -> None:
+    # Short-lived shared state of the built-in authorization server (ADR 0032): authorization codes,
+    # the private_key_jwt jti replay cache and the lockout counters, so every replica sees them.
+    # One table, keyed by (kind, key); rows past `expires_at` are dead and purged lazily.
+    stamp = "TIMESTAMP WITH TIME ZONE"
+    connection.execute(
+        text(
+            "CREATE TABLE expiring_entry ("
+            " kind VARCHAR(32) NOT NULL,"
+            " key VARCHAR(300) NOT NULL,"
+            " value TEXT NOT NULL,"
+            f" expires_at {stamp} NOT NULL,"
+            " PRIMARY KEY (kind, key))"
+        )
+    )
+    connection.execute(text("CREATE INDEX ix_expiring_entry_expires ON expiring_entry (expires_at)"))
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
@@ -211,14 +275,29 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "resource_version.author: the principal that wrote the version", _version_author),
     Migration(7, "subscription_state, subscription_event: topic-based Subscriptions", _subscription_events),
     Migration(8, "subscription channel, heartbeat, websocket binding tokens", _subscription_channels),
+    Migration(9, "placeholder (branch i14-topics): another branch's migration 9", _placeholder),
+    Migration(
+        10, "subscription_study, subscription_event.event_code: study available/changed", _study_changes
+    ),
+    Migration(11, "lease: time-limited ownership of work shared by replicas", _leases),
+    Migration(12, "expiring_entry: the built-in authorization server's shared state", _expiring_entries),
 )
 
 
+def _lock(connection: Connection) -> None:
+    """Serialise schema changes across processes (PostgreSQL; SQLite's BEGIN IMMEDIATE already does)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+
+
 def current_version(engine: Engine) -> int:
-    """The highest applied migration (0 for an empty database)."""
-    with engine.connect() as connection:
-        SchemaVersion.__table__.create(connection, checkfirst=True)  # type: ignore[attr-defined]
-        connection.commit()
+    """The highest applied migration (0 for an empty database). Creates `schema_version` when
+    missing, under the same lock as the migrations: the existence check and the CREATE must be one
+    step, or two replicas starting together both create it."""
+    with engine.connect().execution_options(**{WRITE: True}) as connection:
+        with connection.begin():
+            _lock(connection)
+            SchemaVersion.__table__.create(connection, checkfirst=True)  # type: ignore[attr-defined]
         version = connection.execute(select(func.max(SchemaVersion.version))).scalar_one_or_none()
     return int(version or 0)
 
@@ -229,8 +308,7 @@ def upgrade(engine: Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> i
     version = 0
     for migration in migrations:
         with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
-            if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+            _lock(connection)
             version = int(
                 connection.execute(select(func.max(SchemaVersion.version))).scalar_one_or_none() or 0
             )

@@ -147,6 +147,7 @@ class DeliveryWorker:
                 event.resource_id,
                 event.version_id,
                 focus,
+                event.event_code,
             )
             bundle = notification_bundle(
                 self._settings.base_url,

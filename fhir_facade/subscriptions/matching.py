@@ -30,6 +30,7 @@ from fhir_facade.store.authorship import WRITE_AUTHOR
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.tables import VERSION
 from fhir_facade.subscriptions.backport import parse_subscription
+from fhir_facade.subscriptions.study_changes import classify
 from fhir_facade.subscriptions.tables import EVENT, STATE
 from fhir_facade.subscriptions.topics import Topic
 
@@ -163,12 +164,17 @@ class SubscriptionMatcher:
         return loaded
 
     def record_study(self, engine: Engine, study: dict[str, Any], at: datetime) -> int:
-        """A study became stable in the PACS (`StudyArrived`): an event, numbered like the others
-        in one transaction of its own (the watcher has none), for each `active`/`error`
-        subscription of a `study-available` topic whose filters and author accept the live
-        ImagingStudy `study`. Version 0: the focus is the live resource. Returns how many."""
+        """A study became stable in the PACS (`StudyArrived`): classified `study-available` (first
+        time) or `study-changed` (other series or instances than last time; the same ones: a
+        replay, no event) by study_changes.py, then an event, numbered like the others in one
+        transaction of its own (the watcher has none), for each `active`/`error` subscription of a
+        topic with that event trigger whose filters and author accept the live ImagingStudy
+        `study`. Version 0: the focus is the live resource. Returns how many."""
         recorded = 0
         with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
+            code = classify(connection, study, at)
+            if code is None:
+                return 0
             candidates = connection.execute(
                 select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json).where(
                     STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING)
@@ -179,11 +185,13 @@ class SubscriptionMatcher:
                     spec = parse_subscription(json.loads(candidate.resource_json), self._topics)
                 except FhirError:
                     continue
-                if spec.topic.event is None or not spec.topic.matches(spec.filters, study):
+                if code not in spec.topic.events or not spec.topic.matches(spec.filters, study):
                     continue
                 if not author_may_read(candidate.author, study, self._base_url):
                     continue
-                self._record(connection, candidate.subscription_id, "ImagingStudy", str(study["id"]), 0, at)
+                self._record(
+                    connection, candidate.subscription_id, "ImagingStudy", str(study["id"]), 0, at, code
+                )
                 recorded += 1
         return recorded
 
@@ -195,6 +203,7 @@ class SubscriptionMatcher:
         resource_id: str,
         version_id: int,
         at: datetime,
+        event_code: str | None = None,
     ) -> None:
         key = STATE.c.subscription_id == subscription_id
         # The UPDATE takes the row lock first: concurrent writers number their events one after the other.
@@ -208,5 +217,6 @@ class SubscriptionMatcher:
                 resource_id=resource_id,
                 version_id=version_id,
                 occurred_at=at,
+                event_code=event_code,
             )
         )

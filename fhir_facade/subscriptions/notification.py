@@ -13,11 +13,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["STATUS_PROFILE", "NotificationEvent", "notification_bundle", "status_parameters"]
+__all__ = [
+    "EVENT_SYSTEM",
+    "EVENT_TRIGGER_EXTENSION",
+    "STATUS_PROFILE",
+    "NotificationEvent",
+    "notification_bundle",
+    "status_parameters",
+]
 
 _IG = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 STATUS_PROFILE = f"{_IG}/backport-subscription-status-r4"
 NOTIFICATION_PROFILE = f"{_IG}/backport-subscription-notification-r4"
+#: On a notification-event: the code of the eventTrigger that fired (docs/adr/0026, addendum).
+EVENT_TRIGGER_EXTENSION = "http://fhir-facade.org/fhir/StructureDefinition/subscription-event-trigger"
+#: The facade's event codes (capability/CodeSystem-subscription-event.json).
+EVENT_SYSTEM = "http://fhir-facade.org/fhir/CodeSystem/subscription-event"
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,9 @@ class NotificationEvent:
     version_id: int
     #: The focus resource for full-resource content (None: not read, or refused).
     resource: dict[str, Any] | None = None
+    #: Which event trigger of the topic it is (`study-available`, `study-changed`); None for a
+    #: resource trigger.
+    trigger: str | None = None
 
 
 def _instant(moment: datetime) -> str:
@@ -66,7 +80,17 @@ def status_parameters(
             if event.version_id:  # 0: a live resource of the PACS, which has no versions
                 reference += f"/_history/{event.version_id}"
             parts.append({"name": "focus", "valueReference": {"reference": reference}})
-        parameters.append({"name": "notification-event", "part": parts})
+        parameter: dict[str, Any] = {"name": "notification-event", "part": parts}
+        if event.trigger is not None:
+            # The IG's notification-event has no part naming the trigger (R5 SubscriptionStatus has
+            # none either); an extension says which of the topic's eventTriggers fired.
+            parameter["extension"] = [
+                {
+                    "url": EVENT_TRIGGER_EXTENSION,
+                    "valueCoding": {"system": EVENT_SYSTEM, "code": event.trigger},
+                }
+            ]
+        parameters.append(parameter)
     return {
         "resourceType": "Parameters",
         "id": str(uuid.uuid4()),

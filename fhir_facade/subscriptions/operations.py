@@ -114,6 +114,7 @@ def build_operations_router(
                     row.resource_id,
                     row.version_id,
                     focus,
+                    row.event_code,
                 )
             )
         bundle = notification_bundle(

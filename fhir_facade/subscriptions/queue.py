@@ -38,6 +38,8 @@ class EventRow:
     resource_id: str
     version_id: int
     occurred_at: datetime
+    #: The event trigger's code (study topic), None for a resource trigger.
+    event_code: str | None = None
 
 
 class SubscriptionQueue:
@@ -95,7 +97,14 @@ class SubscriptionQueue:
         with self._engine.connect() as connection:
             rows = connection.execute(query.order_by(EVENT.c.event_number).limit(limit)).all()
         return [
-            EventRow(int(r.event_number), r.resource_type, r.resource_id, int(r.version_id), r.occurred_at)
+            EventRow(
+                int(r.event_number),
+                r.resource_type,
+                r.resource_id,
+                int(r.version_id),
+                r.occurred_at,
+                r.event_code,
+            )
             for r in rows
         ]
 

@@ -1,7 +1,8 @@
 """Topic-based Subscriptions as the application runs them (docs/adr/0026-subscriptions-design.md):
-the matcher on the bus from the start (before any write), the Subscription provider, the delivery
-and heartbeat workers in the lifespan, the `$status`/`$events`/`$get-ws-binding-token` routes and
-the websocket channel's socket (docs/adr/0028-websocket-channel.md)."""
+the matcher on the bus from the start (before any write), the Subscription provider, the topics
+as read-only Basic resources, the delivery and heartbeat workers in the lifespan, the
+`$status`/`$events`/`$get-ws-binding-token` routes and the websocket channel's socket
+(docs/adr/0028-websocket-channel.md)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from fhir_facade.subscriptions.matching import SubscriptionMatcher
 from fhir_facade.subscriptions.operations import OPERATIONS, build_operations_router
 from fhir_facade.subscriptions.provider import SubscriptionProvider
 from fhir_facade.subscriptions.queue import SubscriptionQueue
+from fhir_facade.subscriptions.topic_basic import TopicBasicProvider
 from fhir_facade.subscriptions.topics import STUDY_AVAILABLE, topics
 from fhir_facade.subscriptions.websocket import GET_WS_BINDING_TOKEN, WebsocketChannel, WebsocketSettings
 from fhir_facade.watcher.change_feed import StudyArrived
@@ -44,6 +46,8 @@ class SubscriptionRuntime:
         self.queue = SubscriptionQueue(store.engine)
         self.provider = SubscriptionProvider(store, self.topics, settings.subscription_endpoints)
         self._states = ChannelStates(store.engine)
+        #: The topics readable as Basic resources (read-only, topic_basic.py).
+        self.topic_provider = TopicBasicProvider(t.resource for t in self.topics.values())
         self._worker: DeliveryWorker | None = None
         self._heartbeats = HeartbeatWorker(
             self._states, self.topics, settings.base_url, settings.subscription_timeout

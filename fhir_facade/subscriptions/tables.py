@@ -1,4 +1,4 @@
-"""The tables of topic-based Subscriptions (created by migrations 7 and 8, store/migrations.py)."""
+"""The tables of topic-based Subscriptions (created by migrations 7, 8 and 10, store/migrations.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Tex
 
 from fhir_facade.store.schema import UtcDateTime
 
-__all__ = ["EVENT", "STATE", "WS_TOKEN"]
+__all__ = ["EVENT", "STATE", "STUDY", "WS_TOKEN"]
 
 _metadata = MetaData()
 
@@ -42,6 +42,20 @@ EVENT = Table(
     Column("resource_id", String(64), nullable=False),
     Column("version_id", Integer, nullable=False),
     Column("occurred_at", UtcDateTime(), nullable=False),
+    #: The event trigger's code (`study-available`, `study-changed`); None for a resource trigger.
+    Column("event_code", String(32)),
+)
+
+#: One row per study the change feed reported stable: what it held then (migration 10), so a
+#: later StableStudy is told apart as a change or a replay (study_changes.py).
+STUDY = Table(
+    "subscription_study",
+    _metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("changes", Integer, nullable=False),
+    Column("first_seen_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 #: The websocket binding tokens ($get-ws-binding-token), by SHA-256 of the token.

@@ -11,8 +11,10 @@ Two kinds of trigger:
 - a `resourceTrigger` on a stored type (a version written to the store); its `fhirPathCriteria` is
   not evaluated by a FHIRPath engine: only the expressions in `_CRITERIA` are known, and a topic
   using another fails loading;
-- an `eventTrigger` with the code `study-available` on ImagingStudy: a study became stable in the
-  PACS (the watcher's `StudyArrived`, ADR 0022), the live ImagingStudy being the focus.
+- `eventTrigger`s on ImagingStudy with the codes `study-available` (a study became stable in the
+  PACS for the first time: the watcher's `StudyArrived`, ADR 0022) and `study-changed` (it became
+  stable again with other series or instances; study_changes.py), the live ImagingStudy being the
+  focus. A topic names either or both.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from fhir_facade.fhir.element_paths import values_at
 from fhir_facade.fhir.registry import RegistryError, registry
 from fhir_facade.fhir.search import SearchParamType
 from fhir_facade.package_data import data_path
+from fhir_facade.subscriptions.study_changes import STUDY_AVAILABLE, STUDY_CHANGED
 
-__all__ = ["STUDY_AVAILABLE", "Filter", "Topic", "load_topics", "topics"]
+__all__ = ["STUDY_AVAILABLE", "STUDY_CHANGED", "Filter", "Topic", "load_topics", "topics"]
 
-#: The event code of the study topic's eventTrigger (capability/CodeSystem-... not needed: a code
-#: of this server, named by its system).
-STUDY_AVAILABLE = "study-available"
+#: The event codes the facade raises (capability/CodeSystem-subscription-event.json).
+_EVENT_CODES = frozenset({STUDY_AVAILABLE, STUDY_CHANGED})
 
 Resource = dict[str, Any]
 
@@ -70,8 +72,10 @@ class Topic:
     criteria: Callable[[Resource | None, Resource | None], bool]
     #: The SubscriptionTopic resource as shipped (R4B content).
     resource: Resource
-    #: The eventTrigger code (`study-available`), None for a resource trigger.
+    #: `study-available` for the study topic (an event topic), None for a resource trigger.
     event: str | None = None
+    #: The codes of its eventTriggers (`study-available`, `study-changed`): the events it fires on.
+    events: frozenset[str] = frozenset()
 
     def triggered(self, change: str, before: Resource | None, after: Resource | None) -> bool:
         """Whether a `change` (create/update/delete) from `before` to `after` is an event of this topic."""
@@ -130,11 +134,14 @@ def load_topics(folder: Any = None) -> dict[str, Topic]:
     for path in sorted(folder.glob("SubscriptionTopic-*.json")):
         resource = json.loads(path.read_text(encoding="utf-8"))
         event: str | None = None
+        events: set[str] = set()
         if "eventTrigger" in resource:
-            (trigger,) = resource["eventTrigger"]
-            codes = {c.get("code") for c in trigger.get("event", {}).get("coding", [])}
-            if STUDY_AVAILABLE not in codes:
-                raise RegistryError(f"{path.name}: event trigger {codes} unknown")
+            for trigger in resource["eventTrigger"]:
+                codes = {c.get("code") for c in trigger.get("event", {}).get("coding", [])} & _EVENT_CODES
+                if len(codes) != 1 or trigger.get("resource") != resource["eventTrigger"][0].get("resource"):
+                    raise RegistryError(f"{path.name}: event trigger {trigger.get('event')} unknown")
+                events |= codes
+            trigger = resource["eventTrigger"][0]
             event = STUDY_AVAILABLE
             criteria: Callable[[Resource | None, Resource | None], bool] = _never
         else:
@@ -164,6 +171,7 @@ def load_topics(folder: Any = None) -> dict[str, Topic]:
             criteria,
             resource,
             event,
+            frozenset(events),
         )
     return found
 

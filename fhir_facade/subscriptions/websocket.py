@@ -401,6 +401,7 @@ class _Session:
                     event.resource_id,
                     event.version_id,
                     focus,
+                    event.event_code,
                 )
                 await self._send(
                     notification_bundle(

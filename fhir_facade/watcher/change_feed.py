@@ -175,6 +175,13 @@ class StudyArrivalWatcher:
         self._saved: int | None = None
         self._retries: dict[int, _Retry] = {}
 
+    def forget_position(self) -> None:
+        """Reload the position from the store at the next poll, and drop pending retries: another
+        replica may have moved the feed on since this one last watched it (ADR 0032)."""
+        self._cursor = None
+        self._saved = None
+        self._retries.clear()
+
     async def run_once(self) -> int:
         """Handle every change logged since the last poll (and the pending retries); return how
         many studies `on_study` accepted. Raises DicomwebUnavailable when Orthanc cannot be read."""

@@ -28,6 +28,7 @@ def test_metadata_lists_exactly_the_registered_types(fhir: httpx.Client) -> None
         "Communication",
         "Subscription",
         "OperationDefinition",
+        "Basic",  # the subscription topics, read-only (docs/adr/0026-subscriptions-design.md)
     }
     assert {i["code"] for i in resources["Task"]["interaction"]} == {
         "read",

@@ -261,7 +261,12 @@ def test_topics_are_advertised_and_subscriptions_are_not_synced(
     statement = ok_json(http.get("metadata"))
     (entry,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "Subscription"]
     canonicals = {e["valueCanonical"] for e in entry["extension"]}
-    assert canonicals == {TASK_TOPIC, REPORT_TOPIC, f"{TOPICS}/imaging-study-available"}
+    assert canonicals == {
+        TASK_TOPIC,
+        REPORT_TOPIC,
+        f"{TOPICS}/imaging-study-available",
+        f"{TOPICS}/service-request-status",
+    }
     assert {e["url"] for e in entry["extension"]} == {
         "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/capabilitystatement-subscriptiontopic-canonical"
     }
@@ -284,6 +289,11 @@ def test_the_shipped_topics_are_valid_r4b_subscription_topics() -> None:
     from fhir_facade.subscriptions.topics import topics
 
     shipped = topics()
-    assert {TASK_TOPIC, REPORT_TOPIC, f"{TOPICS}/imaging-study-available"} == set(shipped)
+    assert {
+        TASK_TOPIC,
+        REPORT_TOPIC,
+        f"{TOPICS}/imaging-study-available",
+        f"{TOPICS}/service-request-status",
+    } == set(shipped)
     for topic in shipped.values():
         validate(topic.resource)

@@ -30,10 +30,12 @@ from fhir_facade.auth.server.lockout import Attempt, lockouts_from_settings
 from fhir_facade.auth.server.oauth import SmartAuthorizationServer, StarletteOAuth2Request
 from fhir_facade.auth.server.openapi import AUTHORIZE_GET, AUTHORIZE_POST, JWKS, TOKEN
 from fhir_facade.auth.server.registry import Registry, load_or_create_registry
+from fhir_facade.auth.server.shared_state import SharedCodeStore, SharedJtiReplayCache, SharedSignInTickets
 from fhir_facade.auth.server.signing_key import SigningKey
 from fhir_facade.auth.server.tickets import SignInTickets
 from fhir_facade.auth.server.users import UserDirectory
 from fhir_facade.config import Settings
+from fhir_facade.store.expiring import ExpiringEntries
 
 __all__ = ["SIGNING_KEY_FILE", "BuiltinAuthorizationServer"]
 
@@ -54,7 +56,9 @@ class BuiltinAuthorizationServer:
     token_url: str
     jwks_url: str
 
-    def __init__(self, settings: Settings, *, audit: RefusalAudit | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, audit: RefusalAudit | None = None, shared: ExpiringEntries | None = None
+    ) -> None:
         root = settings.public_root
         if not is_secure_transport(root):
             raise ValueError(
@@ -66,8 +70,10 @@ class BuiltinAuthorizationServer:
         self.jwks_url = f"{root}/auth/jwks"
         self.signing_key = SigningKey.load_or_create(settings.data_dir / SIGNING_KEY_FILE)
         self.registry: Registry = load_or_create_registry(settings.resolved_clients_file)
-        self.codes = CodeStore()
-        self.replay_cache = JtiReplayCache()
+        # With `shared` (the store's expiring entries, as the app passes them), codes, sign-in
+        # tickets, seen jti values and the lockout counters are shared by every replica (ADR 0032).
+        self.codes: CodeStore = SharedCodeStore(shared) if shared else CodeStore()
+        self.replay_cache: JtiReplayCache = SharedJtiReplayCache(shared) if shared else JtiReplayCache()
         self.oauth = SmartAuthorizationServer(
             registry=self.registry,
             codes=self.codes,
@@ -80,10 +86,11 @@ class BuiltinAuthorizationServer:
             assertion=SmartClientAssertion(self.token_url, replay_cache=self.replay_cache),
             fhir_base=settings.base_url,
         )
-        self.sign_in_lockout, self.token_lockout = lockouts_from_settings(settings)
+        self.sign_in_lockout, self.token_lockout = lockouts_from_settings(settings, shared)
+        tickets = SharedSignInTickets(shared) if shared else SignInTickets()
         self._failures = FailureReporter(audit)
         self._authorization = AuthorizationEndpoint(
-            self.oauth, self.registry, UserDirectory(self.registry), SignInTickets(), self.sign_in_lockout
+            self.oauth, self.registry, UserDirectory(self.registry), tickets, self.sign_in_lockout
         )
         self.router = self._routes()
 
@@ -117,16 +124,21 @@ class BuiltinAuthorizationServer:
         @router.post("/token", openapi_extra=TOKEN, response_class=Response)
         async def token(request: Request) -> Response:
             oauth_request = await StarletteOAuth2Request.read(request, self.token_url)
-            attempt = self.token_lockout.begin(oauth_request.claimed_client_id(), _address(request))
+            # The counters live in the store (shared by replicas): every step runs in a worker thread.
+            attempt = await run_in_threadpool(
+                self.token_lockout.begin, oauth_request.claimed_client_id(), _address(request)
+            )
             if attempt.retry_after is not None:
                 response = _locked_out_token_response(attempt.retry_after)
             else:
                 try:
                     response = await run_in_threadpool(self.oauth.create_token_response, oauth_request)
                 except BaseException:
-                    attempt.close()
+                    await run_in_threadpool(attempt.close)
                     raise
-                _judge(attempt, oauth_request.refused_with, issued=response.status_code == 200)
+                await run_in_threadpool(
+                    _judge, attempt, oauth_request.refused_with, issued=response.status_code == 200
+                )
             reason = f"{oauth_request.refused_with}: {oauth_request.refusal_description or 'no description'}"
             await self._failures.report("token", attempt, client_id=None, reason=reason)
             await _hold_back(attempt)

@@ -1,8 +1,8 @@
 """Authorization codes: issued at the authorization endpoint, redeemed once at the token endpoint.
 
-Kept in process memory, like the assertion replay cache: the built-in server is for the embedded,
-single-process set-up. Several replicas behind a load balancer would not share codes; such
-deployments need an external authorization server (FACADE_AUTH_ISSUER).
+`CodeStore` keeps them in process memory; the server itself uses its subclass `SharedCodeStore`
+(shared_state.py), which keeps them in the SQL store so that replicas behind one load balancer
+share them (ADR 0032).
 """
 
 from __future__ import annotations

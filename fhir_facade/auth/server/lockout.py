@@ -13,10 +13,13 @@ Sheet, "Protect Against Automated Attacks"; NIST SP 800-63B 5.2.2 "Rate Limiting
   than a serial one.
 - A success resets the principal's counter, never the address's (one valid account must not buy an
   attacker fresh guesses at the others).
-- State is in this process's memory (ADR 0008: the built-in server is single-process). Each table
-  holds at most ``capacity`` keys: entries are forgotten one window after their last failure or
-  lockout, and when the table is full the least recently used unlocked entry makes room. Keys longer
-  than any username or client_id are stored as their SHA-256, so huge submitted names cost no memory.
+- State is in this process's memory, or, given ``shared`` entries (the server does), in the store's
+  `expiring_entry` table, so that replicas on one database count every failure wherever it lands
+  (ADR 0032): each check-and-count is then one database transaction that locks the keys it reads.
+  An in-memory table holds at most ``capacity`` keys: entries are forgotten one window after their
+  last failure or lockout, and when the table is full the least recently used unlocked entry makes
+  room; a shared entry expires one window after its last failure or lockout. Keys longer than any
+  username or client_id are stored as their SHA-256, so huge submitted names cost no memory.
 
 Pure and synchronous (thread-safe, clock injected): the routes run it around authlib's worker-thread
 calls and do the waiting, logging and auditing themselves.
@@ -25,17 +28,21 @@ calls and do the waiting, logging and auditing themselves.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from fhir_facade.config import Settings
+    from fhir_facade.store.expiring import EntryTransaction, ExpiringEntries
 
 __all__ = ["Attempt", "LockedKey", "Lockout", "LockoutPolicy", "lockouts_from_settings"]
 
@@ -123,10 +130,12 @@ class LockedKey:
 class _Table:
     """The counters of one kind of key."""
 
-    def __init__(self, kind: KeyKind, policy: LockoutPolicy) -> None:
+    def __init__(
+        self, kind: KeyKind, policy: LockoutPolicy, entries: OrderedDict[str, _Entry] | None = None
+    ) -> None:
         self.kind = kind
         self.policy = policy
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict() if entries is None else entries
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -218,6 +227,67 @@ class _Table:
         del self._entries[victim]
 
 
+class _SharedEntries(OrderedDict[str, _Entry]):
+    """The entries of one table as one store transaction sees them: loaded (and locked) on first
+    look-up, written back (or deleted) by `flush`. Only the keys of the attempt at hand are loaded,
+    so the in-memory purge and eviction of `_Table` only ever look at those."""
+
+    def __init__(self, transaction: EntryTransaction, kind: str, max_failures: int) -> None:
+        super().__init__()
+        self._transaction = transaction
+        self._kind = kind
+        self._max_failures = max_failures
+        self._touched: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self._touched:
+            self._touched.add(key)
+            raw = self._transaction.get(self._kind, key)
+            if raw is not None:
+                super().__setitem__(key, self._decode(raw))
+        return super().get(key, default)
+
+    def __setitem__(self, key: str, value: _Entry) -> None:
+        self._touched.add(key)
+        super().__setitem__(key, value)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._touched.add(key)
+        return super().pop(key, *default)
+
+    def flush(self, window: float) -> None:
+        for key in self._touched:
+            entry = super().get(key)
+            if entry is None:
+                self._transaction.delete(self._kind, key)
+                continue
+            last = max([entry.last_event, entry.locked_until, *entry.failures])
+            expires = datetime.fromtimestamp(last + window, UTC)
+            self._transaction.put(self._kind, key, self._encode(entry), expires)
+
+    @staticmethod
+    def _encode(entry: _Entry) -> str:
+        return json.dumps(
+            {
+                "failures": list(entry.failures),
+                "in_flight": entry.in_flight,
+                "locked_until": entry.locked_until,
+                "strikes": entry.strikes,
+                "last_event": entry.last_event,
+            }
+        )
+
+    def _decode(self, raw: str) -> _Entry:
+        data = json.loads(raw)
+        return _Entry(
+            failures=deque(data["failures"], maxlen=self._max_failures),
+            in_flight=int(data["in_flight"]),
+            locked_until=float(data["locked_until"]),
+            strikes=int(data["strikes"]),
+            last_event=float(data["last_event"]),
+        )
+
+
 @dataclass
 class Attempt:
     """One sign-in or token request, from admission to its outcome.
@@ -271,21 +341,47 @@ class Lockout:
         principal: LockoutPolicy,
         address: LockoutPolicy,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
+        shared: ExpiringEntries | None = None,
     ) -> None:
+        """``shared``: keep the counters in the store (replicas share them); the clock is then the
+        wall clock (time.time), which all replicas agree on, unless one is given."""
+        self._principal_kind = principal_kind
+        self._policies = (principal, address)
         self._tables = (_Table(principal_kind, principal), _Table("address", address))
-        self._clock = clock
+        self._clock = clock or (time.time if shared is not None else time.monotonic)
         self._lock = threading.Lock()
+        self._shared = shared
+
+    @contextmanager
+    def _state(self) -> Iterator[tuple[_Table, _Table]]:
+        """The two tables, for one check-and-count: under this process's lock, and, when shared, in
+        one store transaction whose changes are written back at the end."""
+        with self._lock:
+            if self._shared is None:
+                yield self._tables
+                return
+            with self._shared.transaction() as transaction:
+                principal, address = self._policies
+                entries = (
+                    _SharedEntries(transaction, f"lockout:{self._principal_kind}", principal.failures),
+                    _SharedEntries(transaction, f"lockout:{self._principal_kind}:address", address.failures),
+                )
+                yield (
+                    _Table(self._principal_kind, principal, entries[0]),
+                    _Table("address", address, entries[1]),
+                )
+                entries[0].flush(principal.window)
+                entries[1].flush(address.window)
 
     def begin(self, principal: str, address: str) -> Attempt:
         """Admit an attempt (reserving it against both budgets) or refuse it (``retry_after`` set)."""
         keys = (_key(principal), _key(address))
         attempt = Attempt(self, principal, address, keys)
         now = self._clock()
-        with self._lock:
+        with self._state() as tables:
             waits = [
-                (table.kind, table.retry_after(key, now))
-                for table, key in zip(self._tables, keys, strict=True)
+                (table.kind, table.retry_after(key, now)) for table, key in zip(tables, keys, strict=True)
             ]
             refused = [(kind, wait) for kind, wait in waits if wait is not None]
             if refused:
@@ -293,19 +389,18 @@ class Lockout:
                 attempt.refused_by = tuple(kind for kind, _ in refused)
                 attempt.retry_after = max(1, math.ceil(max(wait for _, wait in refused)))
                 return attempt
-            for table, key in zip(self._tables, keys, strict=True):
+            for table, key in zip(tables, keys, strict=True):
                 table.reserve(key, now)
         return attempt
 
     def tracked(self) -> tuple[int, int]:
-        """How many principal and address keys are held (for tests and metrics)."""
+        """How many principal and address keys are held in memory (for tests and metrics)."""
         with self._lock:
             return len(self._tables[0]), len(self._tables[1])
 
     def _fail(self, attempt: Attempt, *, principal: bool) -> None:
         now = self._clock()
-        principal_table, address_table = self._tables
-        with self._lock:
+        with self._state() as (principal_table, address_table):
             own = 0
             if principal:
                 own, locked = principal_table.fail(attempt.keys[0], now)
@@ -325,16 +420,15 @@ class Lockout:
 
     def _succeed(self, attempt: Attempt) -> None:
         now = self._clock()
-        principal_table, address_table = self._tables
-        with self._lock:
+        with self._state() as (principal_table, address_table):
             principal_table.reset(attempt.keys[0])
             address_table.release(attempt.keys[1], now)
         attempt.outcome = "succeeded"
 
     def _release(self, attempt: Attempt) -> None:
         now = self._clock()
-        with self._lock:
-            for table, key in zip(self._tables, attempt.keys, strict=True):
+        with self._state() as tables:
+            for table, key in zip(tables, attempt.keys, strict=True):
                 table.release(key, now)
         attempt.outcome = "released"
 
@@ -345,9 +439,11 @@ def _key(value: str) -> str:
     return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def lockouts_from_settings(settings: Settings) -> tuple[Lockout, Lockout]:
+def lockouts_from_settings(
+    settings: Settings, shared: ExpiringEntries | None = None
+) -> tuple[Lockout, Lockout]:
     """The sign-in form's (per username) and the token endpoint's (per client_id) lockouts, each with
-    its own per-address counter (``auth_lockout_*`` settings)."""
+    its own per-address counter (``auth_lockout_*`` settings); in the store when ``shared``."""
 
     def policy(failures: int) -> LockoutPolicy:
         return LockoutPolicy(
@@ -364,4 +460,7 @@ def lockouts_from_settings(settings: Settings) -> tuple[Lockout, Lockout]:
         policy(settings.lockout.failures),
         policy(settings.lockout.address_failures),
     )
-    return Lockout("user", principal, address), Lockout("client", principal, address)
+    return (
+        Lockout("user", principal, address, shared=shared),
+        Lockout("client", principal, address, shared=shared),
+    )
