@@ -19,6 +19,7 @@ from typing import Any
 
 from fhir_facade.auth.access import on_server_authority
 from fhir_facade.dicom_to_fhir import patient_resource_id
+from fhir_facade.fhir.conditional_guard import ConditionalGuard, guarded
 from fhir_facade.fhir.internal_search import SearchBuilder, read_or_none
 from fhir_facade.fhir.pipeline import EventBus, Origin, origin_scope
 from fhir_facade.fhir.pipeline.events import ChangeKind, ResourceChanged
@@ -87,9 +88,8 @@ class ReadingWorklist:
         if self._arrival_rule is not None:
             bus.subscribe(StudyArrived, self.on_arrival)
 
-    async def open_task(self, study_uid: str) -> dict[str, Any] | None:
-        """The reading Task of the study not yet done, if any (the newest, should there be two)."""
-        search = (
+    def _open_search(self, study_uid: str) -> SearchBuilder:
+        return (
             SearchBuilder(self._tasks, base_url=self._base_url)
             .where("focus", f"ImagingStudy/{study_uid}")
             .where_token("code", READ_CODE["system"], READ_CODE["code"])
@@ -97,7 +97,10 @@ class ReadingWorklist:
             .sort("-_lastUpdated")
             .count(1)
         )
-        found = await search.matches()
+
+    async def open_task(self, study_uid: str) -> dict[str, Any] | None:
+        """The reading Task of the study not yet done, if any (the newest, should there be two)."""
+        found = await self._open_search(study_uid).matches()
         return found[0] if found else None
 
     async def on_arrival(self, study: StudyArrived) -> None:
@@ -106,8 +109,6 @@ class ReadingWorklist:
         if not self._arrival_rule.matches(study):
             return
         with on_server_authority(), origin_scope(Origin.INTERNAL):
-            if await self.open_task(study.study_uid) is not None:
-                return
             patient_id = (
                 patient_resource_id(study.patient_id, study.issuer_of_patient_id)
                 if study.patient_id
@@ -117,8 +118,20 @@ class ReadingWorklist:
             order = await self._order(study.accession_number)
             task = self._new_task(study.study_uid, patient, order)
             self._apply(task, triage(self._rules, None, None), None)
-            created = await self._tasks.create(task)
-            log.info("Reading Task/%s for arrived study %s", created["id"], study.study_uid)
+            search = self._open_search(study.study_uid)
+
+            async def attempt(guard: ConditionalGuard) -> dict[str, Any] | None:
+                # Atomic like the arrival Task (ADR 0012/0032): a replayed change or two replicas
+                # handling the same arrival make one Task.
+                with guard.searching():
+                    if await search.matches():
+                        return None
+                with guard.writing():
+                    return await self._tasks.create(task)
+
+            created = await guarded("Task", search.params, attempt)
+            if created is not None:
+                log.info("Reading Task/%s for arrived study %s", created["id"], study.study_uid)
 
     async def on_report(self, event: ResourceChanged) -> None:
         """In the report's transaction: triage on an AI report, completion on a final one."""
