@@ -41,6 +41,7 @@ from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
 from fhir_facade.metrics import metrics_router
+from fhir_facade.reading import ReadingRuntime
 from fhir_facade.resources.artifacts import artifact_providers
 from fhir_facade.resources.endpoint import EndpointProvider
 from fhir_facade.resources.imaging_study import ImagingStudyProvider, OrdersByAccession
@@ -133,18 +134,24 @@ class _RunningWatcher:
         await self._task
 
 
+def _arrival_rule(settings: Settings) -> TaskRule:
+    """Which arrived studies get an analysis (and a reading) Task. The demo study is analysed at
+    start-up through its arrival Task unless FACADE_DEMO_ANALYZE=false."""
+    return TaskRule(
+        settings.task_modalities,
+        skip_studies=frozenset() if settings.demo_analyze else frozenset({DEMO_STUDY_UID}),
+    )
+
+
 def _subscribe_to_arrivals(
     settings: Settings, bus: EventBus, store: ResourceStore, visible: list[PipelinedProvider]
 ) -> None:
     """What happens when a study arrives: an analysis Task (written through the pipeline, as the
     server's own work) and, when the upstream mirrors the PACS, a snapshot in the outbox."""
     by_type = {p.resource_type: p for p in visible}
-    # The demo study is analysed at start-up through its arrival Task unless FACADE_DEMO_ANALYZE=false.
-    rule = TaskRule(
-        settings.task_modalities,
-        skip_studies=frozenset() if settings.demo_analyze else frozenset({DEMO_STUDY_UID}),
+    creator = ArrivalTaskCreator(
+        by_type["Task"], by_type["ServiceRequest"], _arrival_rule(settings), settings.base_url
     )
-    creator = ArrivalTaskCreator(by_type["Task"], by_type["ServiceRequest"], rule, settings.base_url)
 
     async def create_task(study: StudyArrived) -> None:
         with origin_scope(Origin.INTERNAL):
@@ -252,10 +259,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     recorder = audit_recorder(settings, store)
     # The audit first: it records the interactions the authorization refuses too.
     stages: list[Stage] = [audit_stage(settings, recorder), authorization] if recorder else [authorization]
+    # The reading workflow's rules on claims and signed reports (ADR 0033), after the authorization.
+    reading = (
+        ReadingRuntime(settings, dicomweb, _arrival_rule(settings)) if settings.reading.enabled else None
+    )
+    if reading:
+        stages.append(reading.stage)
     pipeline = Pipeline(stages, bus, current_access.get)
     visible = pipeline.wrap(providers)
     atomic = atomic_scope(store)  # one per store: it bounds the transactions open at once
     _subscribe_to_arrivals(settings, bus, store, visible)
+    if reading:
+        reading.subscribe(bus, {p.resource_type: p for p in visible})
     subscription_routes = subscriptions.bind(visible, recorder)
     if worklist is not None:
         OrderWorklist(
@@ -294,6 +309,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.watcher = watching.watcher if watching else None
         if analyze:
             await analyze.start()
+        if reading:
+            await reading.start()
         if sync:
             await sync.start()
         await subscriptions.start()
@@ -313,6 +330,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await sync.stop()
             if analyze:
                 await analyze.stop()
+            if reading:
+                await reading.stop()
             if watching:
                 await watching.stop()
             await dicomweb.close()

@@ -25,6 +25,7 @@ __all__ = [
     "InferenceSettings",
     "LimitsSettings",
     "LockoutSettings",
+    "ReadingSettings",
     "Settings",
     "SettingsSection",
     "SubscriptionSettings",
@@ -144,6 +145,24 @@ class AnalyzeSettings(SettingsSection):
     timeout: float | None
     write_sr: bool
     slice_applicability: bool
+
+
+class ReadingSettings(SettingsSection):
+    """The reading worklist and the radiologist's report (FACADE_READING_*, ADR 0033).
+
+    Triage rules, first match wins: a finding in `critical_codes` -> stat; a finding in
+    `negative_codes` -> routine; a finding scored under `low_confidence` -> routine with a note
+    "review: low AI confidence"; any other (positive) finding scored at or over `urgent_threshold`
+    -> urgent; otherwise routine. Codes are `system|code`."""
+
+    prefix = "reading_"
+    enabled: bool
+    on_arrival: bool
+    urgent_threshold: float
+    low_confidence: float
+    critical_codes: frozenset[str]
+    negative_codes: frozenset[str]
+    pdf_to_pacs: bool
 
 
 class LimitsSettings(SettingsSection):
@@ -379,6 +398,32 @@ class Settings(BaseSettings):
             "when it arrives, like any new MR study, so it is analysed at start-up (once per store: "
             "the Task is kept). false: the demo study gets no arrival Task; $analyze still works."
         ),
+    )
+    reading_enabled: bool = Field(
+        True, description="Reading Tasks for studies that need a read, triaged by the AI result (ADR 0033)."
+    )
+    reading_on_arrival: bool = Field(
+        True,
+        description="A new study of FACADE_TASK_MODALITIES gets a routine reading Task at once; an AI "
+        "result then re-triages it.",
+    )
+    reading_urgent_threshold: float = Field(
+        0.8, ge=0, le=1, description="A positive AI finding scored at least this makes the read urgent."
+    )
+    reading_low_confidence: float = Field(
+        0.6, ge=0, le=1, description="An AI finding scored under this is routine, with a review note."
+    )
+    reading_critical_codes: frozenset[str] = Field(
+        frozenset(),
+        description='AI findings (JSON list of "system|code") whose read is stat.',
+    )
+    reading_negative_codes: frozenset[str] = Field(
+        frozenset({"http://snomed.info/sct|281900007", "http://snomed.info/sct|373068000"}),
+        description='AI findings (JSON list of "system|code") that are no positive finding '
+        "(default: No abnormality detected, Undetermined).",
+    )
+    reading_pdf_to_pacs: bool = Field(
+        True, description="Store a final radiologist report in the PACS as an Encapsulated PDF."
     )
     watch_poll_interval: float = Field(1.0, gt=0, description="Seconds between change-feed polls.")
     worklist_station_ae_title: str = Field(
@@ -713,6 +758,10 @@ class Settings(BaseSettings):
     @cached_property
     def analyze(self) -> AnalyzeSettings:
         return AnalyzeSettings.of(self)
+
+    @cached_property
+    def reading(self) -> ReadingSettings:
+        return ReadingSettings.of(self)
 
     @cached_property
     def limits(self) -> LimitsSettings:

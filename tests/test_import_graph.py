@@ -32,6 +32,7 @@ FHIR_MUST_NOT_IMPORT = (
     "sync",
     "watcher",
     "worklist",
+    "reading",
     "embedded",
     "demo",
     "config",

@@ -15,14 +15,16 @@ _END = frozenset({"entered-in-error"})
 #: status -> statuses it may move to. Terminal states (completed, failed, rejected, cancelled)
 #: may only be corrected to entered-in-error. requested -> in-progress is allowed so that an
 #: automated performer (the $analyze worker) can take a Task without intermediate steps.
+#: received/accepted/ready/in-progress/on-hold -> requested is a *release*: the performer gives the
+#: Task back to the pool unfinished (owner removed), as a reading worklist needs (ADR 0033).
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
     "draft": frozenset({"requested", "cancelled"}) | _END,
     "requested": frozenset({"received", "accepted", "rejected", "ready", "in-progress", "cancelled"}) | _END,
-    "received": frozenset({"accepted", "rejected", "ready", "in-progress", "cancelled"}) | _END,
-    "accepted": frozenset({"ready", "in-progress", "cancelled"}) | _END,
-    "ready": frozenset({"in-progress", "cancelled"}) | _END,
-    "in-progress": frozenset({"on-hold", "completed", "failed", "cancelled"}) | _END,
-    "on-hold": frozenset({"in-progress", "failed", "cancelled"}) | _END,
+    "received": frozenset({"requested", "accepted", "rejected", "ready", "in-progress", "cancelled"}) | _END,
+    "accepted": frozenset({"requested", "ready", "in-progress", "cancelled"}) | _END,
+    "ready": frozenset({"requested", "in-progress", "cancelled"}) | _END,
+    "in-progress": frozenset({"requested", "on-hold", "completed", "failed", "cancelled"}) | _END,
+    "on-hold": frozenset({"requested", "in-progress", "failed", "cancelled"}) | _END,
     "completed": _END,
     "failed": _END,
     "rejected": _END,

@@ -22,6 +22,8 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
         ("on-hold", "in-progress"),
         ("completed", "entered-in-error"),
         ("completed", "completed"),
+        ("in-progress", "requested"),  # a release (ADR 0033)
+        ("accepted", "requested"),
     ],
 )
 def test_allowed(old: str, new: str) -> None:
