@@ -1,8 +1,9 @@
 """The store/worklist issue's acceptance path, end to end with real parts:
 
 an order POSTed with the `fhirclient` library shows up in a modality's `findscu -W`; the study sent
-with dcmtk `storescu` for that accession becomes exactly one Task within 5 s of being stable;
-`Task?status=requested&_include=Task:focus` returns it with the live ImagingStudy whose basedOn
+with dcmtk `storescu` for that accession becomes exactly one analysis Task within 5 s of being
+stable (and, since ADR 0033, one reading Task beside it);
+`Task?code=analyze&status=requested&_include=Task:focus` returns it with the live ImagingStudy whose basedOn
 points at the order; SIGKILL of the facade between changes loses no Task and duplicates none.
 
 The facade runs as its own process (`python -m fhir_facade serve`) so that it can be killed.
@@ -159,7 +160,7 @@ def test_order_to_worklist_to_task_survives_sigkill(
     assert time.monotonic() - sent <= STABLE_AGE_S + 5, "Task not within 5 s of the study being stable"
 
     # The worklist query, through fhirclient: the Task with its live focus and the order.
-    search = Task.where({"status": "requested"}).include("focus")
+    search = Task.where({"code": "analyze", "status": "requested"}).include("focus")
     bundle = next(iter(search.perform_iter(smart.server)))
     validate(bundle.as_json())
     tasks = [e.resource for e in bundle.entry if e.search.mode == "match"]
