@@ -25,16 +25,16 @@ subscription's author (`acting_as`, ADR 0009/0022): what the author may not read
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.concurrency import run_in_threadpool
 
 from fhir_facade.auth.access import Access, acting_as, on_server_authority
@@ -56,8 +56,6 @@ _MAX_BACKOFF = 300.0
 #: Subscriptions leased per delivery slot: those waiting for a slot hold their lease meanwhile, so
 #: keep lease_seconds above (this - 1) x FACADE_SUBSCRIPTION_TIMEOUT.
 _LEASED_AHEAD = 4
-#: Connections per HTTP client (see DeliveryWorker._open_clients).
-_POOL_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,7 @@ class DeliveryWorker:
         self._settings = settings
         self._on_attempt = on_attempt
         self._progress = ProgressWriter(queue)
-        self._clients: list[httpx.AsyncClient] = []
+        self._session: aiohttp.ClientSession | None = None
         self._wake: asyncio.Event | None = None
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = False
@@ -149,7 +147,7 @@ class DeliveryWorker:
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         size = self._settings.concurrency
-        self._clients = self._open_clients(size)
+        self._session = self._open_session(size)
         self._wake = asyncio.Event()
         self._stopping = False
         self._slots = asyncio.Semaphore(size)
@@ -181,16 +179,15 @@ class DeliveryWorker:
             self._stopping = True
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
-            for client in self._clients:
-                await client.aclose()
-            self._clients = []
+            await self._session.close()
+            self._session = None
 
     async def run_once(self) -> int:
         """One round for tests and tools: lease what is due, deliver it all, return how many
         subscriptions were worked on."""
-        own_clients = not self._clients
-        if own_clients:
-            self._clients = self._open_clients(self._settings.concurrency)
+        own_session = self._session is None
+        if own_session:
+            self._session = self._open_session(self._settings.concurrency)
         try:
             running: set[asyncio.Task[None]] = set()
             count = await self._start(self._settings.concurrency, running, running.discard)
@@ -198,25 +195,18 @@ class DeliveryWorker:
                 await asyncio.gather(*running, return_exceptions=True)
             return count
         finally:
-            if own_clients:
-                for client in self._clients:
-                    await client.aclose()
-                self._clients = []
+            if own_session and self._session is not None:
+                await self._session.close()
+                self._session = None
 
-    def _open_clients(self, size: int) -> list[httpx.AsyncClient]:
-        """Connection pools of _POOL_SIZE connections, `size` connections in all; a subscription
-        always uses the same one. One pool of `size` costs a scan of all its connections for every
-        request (httpcore), which dominated a fan-out to 1,000 subscriptions."""
-        tls = httpx.create_ssl_context()  # loading the CA store once, not per pool
-        return [
-            httpx.AsyncClient(
-                timeout=self._settings.timeout,
-                follow_redirects=False,
-                verify=tls,
-                limits=httpx.Limits(max_connections=_POOL_SIZE, max_keepalive_connections=_POOL_SIZE),
-            )
-            for _ in range(max(1, -(-size // _POOL_SIZE)))
-        ]
+    def _open_session(self, size: int) -> aiohttp.ClientSession:
+        """One aiohttp session with at most `size` connections (keep-alive per receiver). aiohttp,
+        not httpx as elsewhere: a notification POST costs it about a quarter of httpx's CPU, which
+        decides a fan-out to 1,000 subscriptions on a busy event loop (ADR 0026, "Delivery client")."""
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=size, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=self._settings.timeout),
+        )
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         assert self._wake is not None
@@ -345,17 +335,19 @@ class DeliveryWorker:
         focus: dict[str, Any] | None,
     ) -> str | None:
         """POST the notification; None on a 2xx, else what went wrong. Reported to `on_attempt`."""
-        assert self._clients, "run_forever or run_once opens the clients"
-        client = self._clients[zlib.crc32(leased.subscription_id.encode()) % len(self._clients)]
+        assert self._session is not None, "run_forever or run_once opens the session"
         headers = {"Content-Type": "application/fhir+json", **dict(spec.headers)}
         started = datetime.now(UTC)
         status: int | None = None
         try:
-            response = await client.post(spec.endpoint, json=bundle, headers=headers)
-            status = response.status_code
+            async with self._session.post(
+                spec.endpoint, data=json.dumps(bundle), headers=headers, allow_redirects=False
+            ) as response:
+                await response.read()  # the connection goes back to the pool only when read
+                status = response.status
             failure = None if 200 <= status < 300 else f"HTTP {status}"
-        except httpx.HTTPError as error:
-            failure = f"{type(error).__name__}: {error}"
+        except (aiohttp.ClientError, TimeoutError) as error:
+            failure = f"{type(error).__name__}: {error or 'timed out'}"
         if self._on_attempt is not None:
             attempt = DeliveryAttempt(
                 leased.subscription_id,
