@@ -261,7 +261,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     stages: list[Stage] = [audit_stage(settings, recorder), authorization] if recorder else [authorization]
     # The reading workflow's rules on claims and signed reports (ADR 0033), after the authorization.
     reading = (
-        ReadingRuntime(settings, dicomweb, _arrival_rule(settings)) if settings.reading.enabled else None
+        ReadingRuntime(settings, dicomweb, _arrival_rule(settings), recorder)
+        if settings.reading.enabled
+        else None
     )
     if reading:
         stages.append(reading.stage)

@@ -6,12 +6,15 @@ from collections.abc import Mapping
 
 from fastapi import APIRouter
 
+from fhir_facade.audit.recorder import AuditRecorder
 from fhir_facade.config import Settings
 from fhir_facade.dicomweb.client import DicomwebClient
 from fhir_facade.dicomweb.stow import StowClient
 from fhir_facade.fhir.pipeline import EventBus, ResourceChanged
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.reading.agreement import AgreementRecorder
+from fhir_facade.reading.critical import CriticalResults
+from fhir_facade.reading.escalation import CriticalEscalation
 from fhir_facade.reading.pacs_copy import ReportToPacs
 from fhir_facade.reading.performance import AI_PERFORMANCE_OPERATION, build_performance_router
 from fhir_facade.reading.stage import ReadingStage
@@ -26,12 +29,20 @@ class ReadingRuntime:
     """Built in `create_app` when FACADE_READING_ENABLED; `stage` goes after the authorization;
     `router` (`$ai-performance`, ADR 0034) is made by `subscribe`, once the pipelined providers exist."""
 
-    def __init__(self, settings: Settings, qido: DicomwebClient, arrival_rule: TaskRule) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        qido: DicomwebClient,
+        arrival_rule: TaskRule,
+        recorder: AuditRecorder | None = None,
+    ) -> None:
         self._settings = settings
         self._qido = qido
         self._arrival_rule = arrival_rule
         self.stage = ReadingStage()
         self.router: APIRouter | None = None
+        self._recorder = recorder
+        self.escalation: CriticalEscalation | None = None
         #: The operations this workflow adds to the CapabilityStatement, by resource type.
         self.operations: dict[str, list[dict[str, str]]] = {"DiagnosticReport": [AI_PERFORMANCE_OPERATION]}
         self.stow = (
@@ -58,6 +69,15 @@ class ReadingRuntime:
             base_url=self._settings.base_url,
         ).subscribe(bus)
         AgreementRecorder(dict(visible), base_url=self._settings.base_url).subscribe(bus)
+        CriticalResults(dict(visible)).subscribe(bus)
+        self.escalation = CriticalEscalation(
+            dict(visible),
+            self._recorder,
+            timeout=section.critical_ack_timeout,
+            interval=section.critical_check_interval,
+            base_url=self._settings.base_url,
+        )
+        self.escalation.subscribe(bus)
         self.router = build_performance_router(visible["Observation"], self._settings.base_url)
         if self.stow is not None:
             bus.subscribe(ResourceChanged, ReportToPacs(self._qido, self.stow))
@@ -65,7 +85,11 @@ class ReadingRuntime:
     async def start(self) -> None:
         if self.stow is not None:
             await self.stow.open()
+        if self.escalation is not None:
+            await self.escalation.start()
 
     async def stop(self) -> None:
+        if self.escalation is not None:
+            await self.escalation.stop()
         if self.stow is not None:
             await self.stow.close()
