@@ -261,7 +261,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     stages: list[Stage] = [audit_stage(settings, recorder), authorization] if recorder else [authorization]
     # The reading workflow's rules on claims and signed reports (ADR 0033), after the authorization.
     reading = (
-        ReadingRuntime(settings, dicomweb, _arrival_rule(settings)) if settings.reading.enabled else None
+        ReadingRuntime(settings, dicomweb, _arrival_rule(settings), recorder)
+        if settings.reading.enabled
+        else None
     )
     if reading:
         stages.append(reading.stage)
@@ -361,7 +363,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside the audit (refusals are audited like any 4xx), outside everything that reads a body.
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
-    operations = {**(analyze.operations if analyze else {}), "Subscription": list(subscriptions.operations)}
+    operations = {
+        **(analyze.operations if analyze else {}),
+        **(reading.operations if reading else {}),
+        "Subscription": list(subscriptions.operations),
+    }
     authenticate, security = _install_security(app, settings, ExpiringEntries(store.engine))
     guarded = [Depends(authenticate)]
     # Admin-only whether or not an upstream is set: a non-admin learns nothing of the configuration.
@@ -372,6 +378,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tasks = next(p for p in providers if p.resource_type == "Task")
         guard = analyze_guard(studies, tasks, settings.base_url)
         app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
+    if reading and reading.router:  # $ai-performance (ADR 0034), before the FHIR router too
+        app.include_router(reading.router, dependencies=guarded)
     # Before the FHIR router, whose /{type}/{id} catch-all would shadow the operations.
     app.include_router(subscription_routes, dependencies=guarded)
     # The websocket channel's socket: no bearer dependency, a browser cannot send one; the binding

@@ -163,6 +163,8 @@ class ReadingSettings(SettingsSection):
     critical_codes: frozenset[str]
     negative_codes: frozenset[str]
     pdf_to_pacs: bool
+    critical_ack_timeout: float
+    critical_check_interval: float
 
 
 class LimitsSettings(SettingsSection):
@@ -424,6 +426,15 @@ class Settings(BaseSettings):
     )
     reading_pdf_to_pacs: bool = Field(
         True, description="Store a final radiologist report in the PACS as an Encapsulated PDF."
+    )
+    reading_critical_ack_timeout: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds the ordering practitioner has to acknowledge a critical result's "
+        "Communication before it is escalated (a stat Task and an AuditEvent, ADR 0034).",
+    )
+    reading_critical_check_interval: float = Field(
+        30.0, gt=0, description="Seconds between checks for unacknowledged critical results."
     )
     watch_poll_interval: float = Field(1.0, gt=0, description="Seconds between change-feed polls.")
     worklist_station_ae_title: str = Field(
