@@ -48,7 +48,7 @@ from fhir_facade.subscriptions.progress import ProgressWriter
 from fhir_facade.subscriptions.queue import EventRow, Leased, Progress, SubscriptionQueue
 from fhir_facade.subscriptions.topics import Topic
 
-__all__ = ["DeliveryAttempt", "DeliverySettings", "DeliveryWorker", "read_focus"]
+__all__ = ["DeliveryAttempt", "DeliverySettings", "DeliveryWorker", "event_notification", "read_focus"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,27 @@ async def read_focus(readers: Mapping[str, ResourceProvider], event: EventRow) -
         return await provider.vread(event.resource_id, str(event.version_id))
     except FhirError:
         return None
+
+
+async def event_notification(
+    readers: Mapping[str, ResourceProvider], event: EventRow, content: str, author: str | None
+) -> NotificationEvent:
+    """The notification of one event row, for rest-hook and websocket alike: with `full-resource`
+    content its focus is read acting as the subscription's author (what the author may not read is
+    not sent)."""
+    focus = None
+    if content == "full-resource":
+        with origin_scope(Origin.INTERNAL), _as(author):
+            focus = await read_focus(readers, event)
+    return NotificationEvent(
+        event.event_number,
+        event.occurred_at,
+        event.resource_type,
+        event.resource_id,
+        event.version_id,
+        focus,
+        event.event_code,
+    )
 
 
 class _LeaseLost(Exception):
@@ -281,19 +302,8 @@ class DeliveryWorker:
         for index, event in enumerate(events):
             if self._stopping:
                 break
-            focus = None
-            if spec.content == "full-resource":
-                with origin_scope(Origin.INTERNAL), _as(leased.author):
-                    focus = await read_focus(self._readers, event)
-            notification = NotificationEvent(
-                event.event_number,
-                event.occurred_at,
-                event.resource_type,
-                event.resource_id,
-                event.version_id,
-                focus,
-                event.event_code,
-            )
+            notification = await event_notification(self._readers, event, spec.content, leased.author)
+            focus = notification.resource
             bundle = notification_bundle(
                 self._settings.base_url,
                 leased.resource,

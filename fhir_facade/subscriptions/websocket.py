@@ -26,7 +26,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -46,8 +46,8 @@ from fhir_facade.store.authorship import WRITE_AUTHOR
 from fhir_facade.subscriptions.backport import parse_subscription
 from fhir_facade.subscriptions.binding_tokens import Binding, BindingTokens
 from fhir_facade.subscriptions.channel_state import ChannelStates, heartbeat_due
-from fhir_facade.subscriptions.delivery import read_focus
-from fhir_facade.subscriptions.notification import NotificationEvent, notification_bundle
+from fhir_facade.subscriptions.delivery import event_notification
+from fhir_facade.subscriptions.notification import notification_bundle
 from fhir_facade.subscriptions.queue import SubscriptionQueue
 from fhir_facade.subscriptions.topics import Topic
 
@@ -79,12 +79,6 @@ def websocket_url(base_url: str) -> str:
 
 def _instant(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _as(author: str | None) -> AbstractContextManager[None]:
-    """The author's rights for a read done on its behalf (the server's own for no author), as
-    delivery.py reads the focus of rest-hook notifications."""
-    return acting_as(Access.from_principal(author)) if author else on_server_authority()
 
 
 @dataclass(frozen=True)
@@ -390,19 +384,7 @@ class _Session:
                 channel.queue.events, bound.subscription_id, bound.cursor, None, _BATCH
             )
             for event in events:
-                focus = None
-                if spec.content == "full-resource":
-                    with origin_scope(Origin.INTERNAL), _as(state.author):
-                        focus = await read_focus(channel.readers, event)
-                notification = NotificationEvent(
-                    event.event_number,
-                    event.occurred_at,
-                    event.resource_type,
-                    event.resource_id,
-                    event.version_id,
-                    focus,
-                    event.event_code,
-                )
+                notification = await event_notification(channel.readers, event, spec.content, state.author)
                 await self._send(
                     notification_bundle(
                         channel.settings.base_url,
