@@ -47,7 +47,8 @@ def _up(base_url: str) -> bool:
         return False
 
 
-def wait_for(check: Callable[[], Any], timeout: float) -> Any:
+def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll `check` until it returns something truthy (returned), or fail after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()

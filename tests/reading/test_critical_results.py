@@ -7,7 +7,7 @@ needed (the PDF copy to the PACS is off)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,21 +16,12 @@ import pytest
 from fhir_facade.reading.codes import TASK_CODE_SYSTEM
 from fhir_facade.reading.critical import INTERPRETATION
 from tests.conftest import ok_json, serve, validate
+from tests.facade_process import wait_for
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 FOLLOW_UP = f"{TASK_CODE_SYSTEM}|critical-result-follow-up"
 ALERT = "http://terminology.hl7.org/CodeSystem/communication-category|alert"
 TIMEOUT = 1.5
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture(scope="module")

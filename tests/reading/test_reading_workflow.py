@@ -11,8 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,6 +24,7 @@ from fhir_facade.reading.codes import AMENDMENT_REASON_EXTENSION, TASK_CODE_SYST
 from fhir_facade.reading.triage import NO_AI_NOTE
 from tests.conftest import LiveServer, ok_json, outcome, serve, validate
 from tests.dicom_factory import demo_brain_study
+from tests.facade_process import wait_for
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.733.1"
 PATIENT_ID = "READING-1"
@@ -34,16 +34,6 @@ NO_ABNORMALITY = "http://snomed.info/sct|281900007"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 LOINC = "http://loinc.org"
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ restart neither misses nor repeats anything (position in the store, Task identif
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pytest
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.conftest import LiveServer, ok_json, serve
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study, upload
+from tests.facade_process import wait_for
 from tests.narrative_checks import narrative_text
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -34,16 +35,6 @@ def study(uid: str, accession: str, modality: str) -> StudySpec:
         description=f"{modality} arrival",
         series=[SeriesSpec(modality, "AX", 1, body_part="HEAD", n_instances=1)],
     )
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture(scope="module")
