@@ -12,17 +12,16 @@ PostgreSQL store and receiver."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from sqlalchemy import create_engine, select, text
 
-from fhir_facade.embedded import EmbeddedOrthanc, free_port
+from fhir_facade.embedded import EmbeddedOrthanc
 from fhir_facade.subscriptions.tables import EVENT
-from tests.conftest import ok_json, serve
+from tests.conftest import ok_json
 from tests.dicom_factory import build_study, upload
+from tests.subscriptions.conftest import watching_facade
 from tests.subscriptions.receiver import Receiver
 from tests.subscriptions.test_rest_hook import FHIR_JSON, TOPICS, _events, subscription
 from tests.watcher.test_arrival_tasks import study
@@ -45,35 +44,12 @@ CREATE TRIGGER first_task_fails BEFORE INSERT ON resource_version
 """
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthanc]:
-    with EmbeddedOrthanc(
-        tmp_path_factory.mktemp("orthanc-arrival-once"),
-        http_port=free_port(),
-        dicom_port=free_port(),
-        stable_age=1,
-        http_auth=False,
-    ) as instance:
-        yield instance
-
-
 def test_a_retried_arrival_is_one_event(
     pacs: EmbeddedOrthanc, postgres_url: str, receiver: Receiver, tmp_path: Path
 ) -> None:
     engine = create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
     with (
-        serve(
-            {
-                "database_url": postgres_url,
-                "dicomweb_url": pacs.dicomweb_url,
-                "orthanc_url": pacs.url,
-                "watch_studies": True,
-                "watch_poll_interval": 0.3,
-                "task_modalities": ["MR"],
-                "subscription_endpoints": [f"http://127.0.0.1:{receiver.port}/"],
-                "subscription_poll_interval": 0.05,
-            }
-        ) as server,
+        watching_facade(pacs, receiver, database_url=postgres_url, task_modalities=["MR"]) as server,
         httpx.Client(base_url=server.base_url, timeout=30, headers=FHIR_JSON) as http,
     ):
         with engine.begin() as connection:  # the schema exists now (the lifespan upgraded it)

@@ -23,8 +23,9 @@ from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, free_port
 from fhir_facade.store import upgrade
 from fhir_facade.subscriptions.notification import EVENT_SYSTEM, EVENT_TRIGGER_EXTENSION
 from fhir_facade.subscriptions.study_changes import STUDY_AVAILABLE, STUDY_CHANGED, classify
-from tests.conftest import ok_json, serve, validate
+from tests.conftest import ok_json, validate
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study
+from tests.subscriptions.conftest import watching_facade
 from tests.subscriptions.receiver import Receiver
 from tests.subscriptions.test_rest_hook import FHIR_JSON, TOPICS, _events, subscription
 
@@ -32,6 +33,20 @@ STUDY_TOPIC = f"{TOPICS}/imaging-study-available"
 STORE_AET = "STORESCU1"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.79.1"
 ACCESSION = "ACC-CHG-1"
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthanc]:
+    """This module's Orthanc also takes storescu from STORE_AET (the conftest's takes no peer)."""
+    with EmbeddedOrthanc(
+        tmp_path_factory.mktemp("orthanc-study-changes"),
+        http_port=free_port(),
+        dicom_port=free_port(),
+        stable_age=1,
+        http_auth=False,
+        modalities=[DicomPeer(STORE_AET, "127.0.0.1")],
+    ) as instance:
+        yield instance
 
 
 def _spec(series: SeriesSpec) -> StudySpec:
@@ -64,19 +79,6 @@ def storescu(orthanc: EmbeddedOrthanc, spec: StudySpec, folder: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthanc]:
-    with EmbeddedOrthanc(
-        tmp_path_factory.mktemp("orthanc-study-changes"),
-        http_port=free_port(),
-        dicom_port=free_port(),
-        stable_age=1,
-        http_auth=False,
-        modalities=[DicomPeer(STORE_AET, "127.0.0.1")],
-    ) as instance:
-        yield instance
-
-
 def _triggers(receiver: Receiver, path: str) -> list[tuple[int, str, dict[str, Any]]]:
     """(event number, trigger code, bundle) of each event received at `path`."""
     found = []
@@ -97,17 +99,7 @@ def test_a_new_series_in_a_stable_study_is_a_study_changed_event(
     receiver.start()
     try:
         with (
-            serve(
-                {
-                    "dicomweb_url": pacs.dicomweb_url,
-                    "orthanc_url": pacs.url,
-                    "watch_studies": True,
-                    "watch_poll_interval": 0.3,
-                    "task_modalities": [],
-                    "subscription_endpoints": [f"http://127.0.0.1:{receiver.port}/"],
-                    "subscription_poll_interval": 0.05,
-                }
-            ) as server,
+            watching_facade(pacs, receiver) as server,
             httpx.Client(base_url=f"{server.base_url}/", timeout=30, headers=FHIR_JSON) as http,
         ):
             subscriptions = {

@@ -5,15 +5,14 @@ watcher in the facade's lifespan, a real receiver: an MR study sent to Orthanc r
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from fhir_facade.embedded import EmbeddedOrthanc, free_port
-from tests.conftest import ok_json, serve
+from fhir_facade.embedded import EmbeddedOrthanc
+from tests.conftest import ok_json
 from tests.dicom_factory import build_study, upload
+from tests.subscriptions.conftest import watching_facade
 from tests.subscriptions.receiver import Receiver, status_of
 from tests.subscriptions.test_rest_hook import FHIR_JSON, TOPICS, _events, subscription
 from tests.watcher.test_arrival_tasks import study
@@ -23,18 +22,6 @@ MR_UID = "1.2.826.0.1.3680043.8.498.78.1"
 CT_UID = "1.2.826.0.1.3680043.8.498.78.2"
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthanc]:
-    with EmbeddedOrthanc(
-        tmp_path_factory.mktemp("orthanc-subscriptions"),
-        http_port=free_port(),
-        dicom_port=free_port(),
-        stable_age=1,
-        http_auth=False,
-    ) as instance:
-        yield instance
-
-
 def test_a_study_sent_to_the_pacs_notifies_with_the_live_imaging_study(
     pacs: EmbeddedOrthanc, tmp_path: Path
 ) -> None:
@@ -42,17 +29,7 @@ def test_a_study_sent_to_the_pacs_notifies_with_the_live_imaging_study(
     receiver.start()
     try:
         with (
-            serve(
-                {
-                    "dicomweb_url": pacs.dicomweb_url,
-                    "orthanc_url": pacs.url,
-                    "watch_studies": True,
-                    "watch_poll_interval": 0.3,
-                    "task_modalities": [],
-                    "subscription_endpoints": [f"http://127.0.0.1:{receiver.port}/"],
-                    "subscription_poll_interval": 0.05,
-                }
-            ) as server,
+            watching_facade(pacs, receiver) as server,
             httpx.Client(base_url=server.base_url, timeout=30, headers=FHIR_JSON) as http,
         ):
             body = subscription(
