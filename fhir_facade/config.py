@@ -26,6 +26,7 @@ __all__ = [
     "LimitsSettings",
     "LockoutSettings",
     "ReadingSettings",
+    "ReconcileSettings",
     "Settings",
     "SettingsSection",
     "SubscriptionSettings",
@@ -193,6 +194,15 @@ class LockoutSettings(SettingsSection):
     delay: float
     max_delay: float
     max_tracked: int
+
+
+class ReconcileSettings(SettingsSection):
+    """Reconciliation of arrivals (FACADE_RECONCILE_*, ADR 0039): which arrived studies are held
+    for a person, with a reconcile Task, before anything else is done with them."""
+
+    prefix = "reconcile_"
+    enabled: bool
+    require_known_patient: bool
 
 
 class ReplicaSettings(SettingsSection):
@@ -400,6 +410,18 @@ class Settings(BaseSettings):
             "when it arrives, like any new MR study, so it is analysed at start-up (once per store: "
             "the Task is kept). false: the demo study gets no arrival Task; $analyze still works."
         ),
+    )
+    reconcile_enabled: bool = Field(
+        True,
+        description="Hold an arrived study whose AccessionNumber is a stored order of another patient "
+        "(and, with FACADE_RECONCILE_REQUIRE_KNOWN_PATIENT, one of no stored Patient) with a "
+        "reconcile Task; completing it corrects the study in the PACS (needs FACADE_ORTHANC_URL).",
+    )
+    reconcile_require_known_patient: bool = Field(
+        False,
+        description="Hold an arrived study whose PatientID (+issuer) is no stored Patient's identifier. "
+        "For sites whose EHR stores its Patients here; off, studies of patients the facade only knows "
+        "from the PACS are not held.",
     )
     reading_enabled: bool = Field(
         True, description="Reading Tasks for studies that need a read, triaged by the AI result (ADR 0033)."
@@ -781,6 +803,10 @@ class Settings(BaseSettings):
     @cached_property
     def lockout(self) -> LockoutSettings:
         return LockoutSettings.of(self)
+
+    @cached_property
+    def reconcile(self) -> ReconcileSettings:
+        return ReconcileSettings.of(self)
 
     @cached_property
     def replica(self) -> ReplicaSettings:
