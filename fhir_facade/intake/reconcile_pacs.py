@@ -80,6 +80,20 @@ class OrthancInstances:
             raise DicomwebError("Orthanc answered POST /instances without an ID")
         return str(body["ID"]), str(body.get("Status", ""))
 
+    async def reconstruct(self, study_id: str) -> None:
+        """Re-read the main DICOM tags of the study and its patient from the stored files
+        (`POST /studies/{id}/reconstruct`, `/patients/{id}/reconstruct`). Orthanc takes a study's
+        and a patient's index tags from the first instance it receives and keeps them: after an
+        in-place correction they would still say the old accession or name (checked, Orthanc
+        1.10), and so would QIDO and the change feed's StableStudy."""
+        study = await self._orthanc.study(study_id)
+        if study is None:
+            return
+        for path in (f"/studies/{study_id}", f"/patients/{study.get('ParentPatient')}"):
+            response = await self._orthanc._send("POST", f"{path}/reconstruct", content=b"")
+            if response.status_code >= 400 and response.status_code != 404:
+                raise DicomwebError(f"Orthanc refused {path}/reconstruct ({response.status_code})")
+
     async def delete(self, instance_id: str) -> None:
         """`DELETE /instances/{id}`; an instance already gone is fine (a second run)."""
         response = await self._orthanc._send("DELETE", f"/instances/{instance_id}")
@@ -109,7 +123,7 @@ class StudyCorrector:
         goes into Source of Previous Values (0400,0564). Idempotent: run again after a failure
         or crash, it corrects what is left."""
         when = datetime.now(UTC)
-        corrected = unchanged = 0
+        corrected = unchanged = in_place = 0
         keywords: set[str] = set()
         for _ in range(_ROUNDS):
             instance_ids = await self._pacs.study_instances(study_id)
@@ -127,6 +141,7 @@ class StudyCorrector:
                 new_id, _ = await self._pacs.store(fixed)
                 if new_id == instance_id:  # same PatientID: Orthanc kept the old one
                     await self._replace_in_place(instance_id, data, fixed)
+                    in_place += 1
                 else:  # stored anew, or already by an earlier run that did not get to the delete
                     moved.append(instance_id)
                 corrected += 1
@@ -134,6 +149,8 @@ class StudyCorrector:
                 await self._pacs.delete(instance_id)
             if unchanged == len(instance_ids):
                 break  # nothing (left) to correct: the old study is gone, or all of it is right
+        if in_place:
+            await self._pacs.reconstruct(study_id)
         return Correction(corrected, unchanged, tuple(sorted(keywords)))
 
     def _coerced(
