@@ -14,6 +14,7 @@ storescu to a real Orthanc, the facade watching its change feed, Patients and or
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -23,8 +24,11 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
 from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, free_port
+from fhir_facade.intake.coercion import IdentityTarget
 from fhir_facade.intake.reconcile import ISSUE_SYSTEM, RECONCILE_IDENTIFIER_SYSTEM
+from fhir_facade.intake.reconcile_pacs import Correction, OrthancInstances, StudyCorrector
 from tests.conftest import LiveServer, ok_json, outcome, serve, validate
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study
 
@@ -375,3 +379,40 @@ def test_resolving_in_place_keeps_the_patient_id(
     imaging = ok_json(http.get(f"ImagingStudy/{uid}"))
     assert imaging["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]
     assert len(tasks(http, "reconcile", uid)) == 1  # the corrected arrival is not held again
+
+
+class _FailingDelete(OrthancInstances):
+    """A fault a test cannot cause in Orthanc itself: the process "dies" at its first delete,
+    after the corrected copies of the round are stored (a mock of the crash, not of Orthanc)."""
+
+    async def delete(self, instance_id: str) -> None:
+        raise RuntimeError("crash before the delete")
+
+
+def test_a_correction_cut_short_is_finished_by_the_next_run(
+    pacs: EmbeddedOrthanc, http: httpx.Client, ehr: dict[str, Any], tmp_path: Path
+) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.39.7"
+    storescu(pacs, study(uid, "WALKIN-10", "Unbekannt^Herr"), tmp_path / "crash")
+    (task,) = wait_for(lambda: tasks(http, "reconcile", uid))
+    old_study = task["identifier"][0]["value"]
+    target = IdentityTarget(patient_id="MRN-100", issuer_of_patient_id="", patient_name="Gut^Anna")
+
+    async def run(pacs_calls: OrthancInstances) -> Correction:
+        corrector = StudyCorrector(pacs_calls, modifying_system="fhir-facade", spool=tmp_path / "spool")
+        return await corrector.correct(old_study, target, source="test")
+
+    async def both() -> Correction:
+        async with OrthancRestClient(pacs.url, timeout=30, max_connections=4) as orthanc:
+            with pytest.raises(RuntimeError):
+                await run(_FailingDelete(orthanc))
+            # Both copies are in the PACS now: nothing was deleted before its corrected copy was stored.
+            assert len(pacs_instances(pacs, uid)) == 10
+            return await run(OrthancInstances(orthanc))
+
+    done = asyncio.run(both())
+    assert done.corrected == 5  # the second run re-stores (Orthanc keeps the first copy) and deletes
+    after = pacs_instances(pacs, uid)
+    assert len(after) == 5
+    assert {i["PatientID"] for i in after} == {"MRN-100"}
+    assert all(len(i["OriginalAttributesSequence"]) == 1 for i in after)
