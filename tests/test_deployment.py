@@ -121,8 +121,11 @@ def test_facade_replicas_behind_the_proxy() -> None:
     """Issue 17: two or more replicas on the one database, only the proxy published; the proxy's
     configuration (in the repository) balances over exactly the replica services."""
     services = _compose()["services"]
-    replicas = {  # the GPU profile's one-shot model copier runs the same image: not a replica
-        name: s for name, s in services.items() if s.get("image") == "fhir-facade:latest" and "entrypoint" not in s
+    # The GPU profile's one-shot model copier runs the same image with its own entrypoint: no replica.
+    replicas = {
+        name: s
+        for name, s in services.items()
+        if s.get("image") == "fhir-facade:latest" and "entrypoint" not in s
     }
     assert len(replicas) >= 2, sorted(replicas)
     urls = {s["environment"]["FACADE_DATABASE_URL"] for s in replicas.values()}
