@@ -128,10 +128,13 @@ class InferenceSettings(SettingsSection):
     """Where the model runs (FACADE_INFERENCE_*)."""
 
     prefix = "inference_"
-    backend: Literal["onnxruntime", "kserve-v2"]
+    backend: Literal["onnxruntime", "kserve-v2", "torch"]
     url: str | None
     providers: tuple[str, ...] | None
     threads: int | None
+    device_id: int
+    torch_device: Literal["auto", "cuda", "cpu"]
+    torch_precision: Literal["fp32", "tf32", "bf16"]
 
 
 class AnalyzeSettings(SettingsSection):
@@ -496,11 +499,12 @@ class Settings(BaseSettings):
             "(FHIR dateTimes with a time need an offset)."
         ),
     )
-    inference_backend: Literal["onnxruntime", "kserve-v2"] = Field(
+    inference_backend: Literal["onnxruntime", "kserve-v2", "torch"] = Field(
         "onnxruntime",
         description=(
             "Where $analyze runs models: in-process ONNX Runtime, or a remote server speaking the "
-            "Open Inference Protocol (KServe v2 REST: Triton, KServe, MLServer) at FACADE_INFERENCE_URL."
+            "Open Inference Protocol (KServe v2 REST: Triton, KServe, MLServer) at FACADE_INFERENCE_URL, "
+            "or in-process PyTorch on the ONNX model converted by onnx2torch (extra `torch`; ADR 0037)."
         ),
     )
     inference_url: str | None = Field(
@@ -515,6 +519,23 @@ class Settings(BaseSettings):
     )
     inference_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."
+    )
+    inference_device_id: int = Field(
+        0, ge=0, description="The GPU (CUDA ordinal) ONNX Runtime's CUDA provider and the torch backend use."
+    )
+    inference_torch_device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description=(
+            "torch backend: `auto` runs on the GPU when PyTorch sees one and says so in a warning when "
+            "it falls back to the CPU; `cuda` refuses to start without one; `cpu` never uses one."
+        ),
+    )
+    inference_torch_precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "tf32",
+        description=(
+            "torch backend on a GPU: fp32 (exact), tf32 (TensorFloat-32 matrix products; agrees with "
+            "ONNX Runtime to about 1e-5) or bf16 autocast (about 1e-4, fastest)."
+        ),
     )
     analyze_enabled: bool = Field(
         True, description="Offer $analyze (loads and warms up the models at start-up)."
