@@ -58,7 +58,7 @@ NO_ABNORMALITY, BRAIN_NEOPLASM = "281900007", "126952004"
 #: This site's triage rules: an AI "no abnormality" is read first (stat), the rest as configured
 #: by default. (The demo brain's AI class is "no abnormality"; a stat Task shows the rule applied.)
 CRITICAL_CODES = [f"{SNOMED}|{NO_ABNORMALITY}"]
-ACK_TIMEOUT = 3.0
+ACK_TIMEOUT = 5.0
 READ = f"{TASK_CODE_SYSTEM}|read"
 FOLLOW_UP = f"{TASK_CODE_SYSTEM}|critical-result-follow-up"
 ALERT = "http://terminology.hl7.org/CodeSystem/communication-category|alert"
@@ -414,12 +414,39 @@ def test_the_whole_reading_loop(stack: Stack) -> None:
         assert done["status"] == "completed"
         assert done["output"][0]["valueReference"] == {"reference": f"DiagnosticReport/{report['id']}"}
 
-        # The report in the PACS: an Encapsulated PDF in a new series of the study.
+        # The critical finding: a Communication to the order's requester, who acknowledges it at
+        # once (well within FACADE_READING_CRITICAL_ACK_TIMEOUT, whatever the machine's load).
+        (alert,) = found(
+            requester, "Communication", category=ALERT, status="in-progress", patient=FIRST.patient
+        )
+        assert alert["priority"] == "stat" and alert["recipient"] == [orders[FIRST.uid]["requester"]]
+        assert alert["about"] == [{"reference": f"DiagnosticReport/{report['id']}"}]
+        assert alert["sender"] == {"reference": USERS["rad-a"]}
+        acknowledged = ok_json(
+            requester.put(
+                f"/Communication/{alert['id']}",
+                json={**alert, "status": "completed", "received": _now()},
+                headers={**FHIR_JSON, "If-Match": etag(alert)},
+            )
+        )
+        assert acknowledged["status"] == "completed"
+
+        # The second study, read by rad-b and signed with a critical finding that nobody
+        # acknowledges (its escalation is checked last, once its timeout has passed).
+        second_task = wait_for(lambda: reading_task(other, SECOND), timeout=120)
+        assert second_task["priority"] == "stat"
+        second_claim, second = claim_and_sign(other, SECOND, orders[SECOND.uid]["id"], second_task)
+        assert second_claim["owner"] == {"reference": USERS["rad-b"]}
+        assert second["resultsInterpreter"] == [{"reference": USERS["rad-b"]}]
+        (unanswered,) = found(requester, "Communication", category=ALERT, patient=SECOND.patient)
+        assert unanswered["status"] == "in-progress"
+
+        # The first report in the PACS: an Encapsulated PDF in a new series of the study.
         (instance,) = wait_for(lambda: pacs_pdfs(stack, fhir, FIRST), timeout=30)
+        assert instance.SOPClassUID == ENCAPSULATED_PDF and instance.Modality == "DOC"
         assert instance.StudyInstanceUID == FIRST.uid and instance.PatientID == FIRST.patient
-        assert instance.Modality == "DOC" and instance.SeriesNumber == 9801
-        assert instance.AccessionNumber == FIRST.accession
-        stored = pypdf.PdfReader(io.BytesIO(instance.EncapsulatedDocument.rstrip(b"\0")))
+        assert instance.SeriesNumber == 9801 and instance.AccessionNumber == FIRST.accession
+        stored = pypdf.PdfReader(io.BytesIO(instance.EncapsulatedDocument))
         assert IMPRESSION in " ".join(" ".join(p.extract_text() for p in stored.pages).split())
 
         # The agreement with the AI: rad-a called a neoplasm, the AI "no abnormality": disagree.
@@ -437,37 +464,13 @@ def test_the_whole_reading_loop(stack: Stack) -> None:
             {"role": "source", "what": {"reference": f"DiagnosticReport/{ai_report['id']}"}}
         ]
 
-        # $ai-performance counts it.
+        # $ai-performance counts both reads (rad-b disagreed with the AI too).
         performance = ok_json(fhir.get("/DiagnosticReport/$ai-performance"))
         (model,) = performance["parameter"]
         assert {"name": "model", "valueString": "brain-tumor-vgg16"} in model["part"]
         (ai_class,) = [p for p in model["part"] if p["name"] == "class"]
         counts = {p["name"]: p.get("valueInteger") for p in ai_class["part"] if p["name"] != "code"}
-        assert counts == {"agree": 0, "disagree": 1, "partial": 0, "total": 1}, counts
-
-        # The critical finding: a Communication to the order's requester, who acknowledges it.
-        (alert,) = found(
-            requester, "Communication", category=ALERT, status="in-progress", patient=FIRST.patient
-        )
-        assert alert["status"] == "in-progress" and alert["priority"] == "stat"
-        assert alert["recipient"] == [orders[FIRST.uid]["requester"]]
-        assert alert["about"] == [{"reference": f"DiagnosticReport/{report['id']}"}]
-        acknowledged = ok_json(
-            requester.put(
-                f"/Communication/{alert['id']}",
-                json={**alert, "status": "completed", "received": _now()},
-                headers={**FHIR_JSON, "If-Match": etag(alert)},
-            )
-        )
-        assert acknowledged["status"] == "completed"
-
-        # The second study: signed with a critical finding by rad-b; nobody acknowledges it.
-        second_task = wait_for(lambda: reading_task(other, SECOND), timeout=120)
-        assert second_task["priority"] == "stat"
-        _, second = claim_and_sign(other, SECOND, orders[SECOND.uid]["id"], second_task)
-        assert second["resultsInterpreter"] == [{"reference": USERS["rad-b"]}]
-        (unanswered,) = found(requester, "Communication", category=ALERT, patient=SECOND.patient)
-        assert unanswered["status"] == "in-progress"
+        assert counts == {"agree": 0, "disagree": 2, "partial": 0, "total": 2}, counts
 
         # Escalated after the acknowledgement timeout: a stat follow-up Task and an AuditEvent.
         (follow_up,) = wait_for(
@@ -483,8 +486,8 @@ def test_the_whole_reading_loop(stack: Stack) -> None:
         whats = [e["what"]["reference"] for e in event["entity"]]
         assert f"Communication/{unanswered['id']}" in whats and f"DiagnosticReport/{second['id']}" in whats
 
-        # The acknowledged one was not escalated, though its timeout has long passed.
-        assert time.time() - _epoch(alert["sent"]) > ACK_TIMEOUT + 1
+        # The acknowledged one is not escalated, past its timeout and a few checks.
+        time.sleep(max(0.0, _epoch(alert["sent"]) + ACK_TIMEOUT + 1.0 - time.time()))
         assert found(fhir, "Task", code=FOLLOW_UP, focus=f"Communication/{alert['id']}") == []
         assert ok_json(fhir.get(f"/Communication/{unanswered['id']}"))["status"] == "in-progress"
     print(f"whole loop: {time.monotonic() - started:.1f} s")
