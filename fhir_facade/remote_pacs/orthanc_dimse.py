@@ -2,7 +2,7 @@
 
 - `POST /modalities/{name}/query` runs a C-FIND (Orthanc as SCU) and keeps the answers under
   `/queries/{id}`; `/queries/{id}/answers/{i}/content?simplify` is one answer, keyword -> value.
-- `POST /modalities/{name}/move` with `Asynchronous: true` starts a C-MOVE job; `/jobs/{id}` has its
+- `POST /queries/{id}/retrieve` with `Asynchronous: true` starts a C-MOVE job; `/jobs/{id}` has its
   `State` (Pending, Running, Success, Failure...) and `Progress` (0-100).
   https://orthanc.uclouvain.be/book/users/rest.html#query-retrieve-and-find-with-rest
 """
@@ -70,17 +70,24 @@ class OrthancDimse(OrthancRestClient):
         return [_dicom_json(answer) for answer in answers if answer]
 
     async def move_study(self, modality: str, study_uid: str, target_aet: str) -> str:
-        """Ask `modality` to C-MOVE the study to `target_aet` (our Orthanc), as an Orthanc job; its id."""
-        body = {
-            "Level": "Study",
-            "Resources": [{"StudyInstanceUID": study_uid}],
-            "TargetAet": target_aet,
-            "Asynchronous": True,
-        }
-        response = await self._send("POST", f"/modalities/{modality}/move", json=body)
+        """Ask `modality` to C-MOVE the study to `target_aet` (our Orthanc), as an Orthanc job; its id.
+
+        Orthanc 1.10 runs `/modalities/{name}/move` synchronously (its answer is `{}`, checked), so the
+        move goes through a C-FIND of the study and `/queries/{id}/retrieve`, which submits a job
+        when `Asynchronous` is set. The query is left to Orthanc's own expiry: the job uses it."""
+        body = {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}, "Normalize": False}
+        response = await self._send("POST", f"/modalities/{modality}/query", json=body)
+        if response.status_code >= 400:
+            raise DicomwebError(f"Orthanc rejected the C-FIND on {modality} with {response.status_code}")
+        query_id = str(response.json()["ID"])
+        move = {"TargetAet": target_aet, "Asynchronous": True}
+        response = await self._send("POST", f"/queries/{query_id}/retrieve", json=move)
         if response.status_code >= 400:
             raise DicomwebError(f"Orthanc rejected the C-MOVE from {modality} with {response.status_code}")
-        return str(response.json()["ID"])
+        answer = response.json()
+        if not isinstance(answer, dict) or "ID" not in answer:
+            raise DicomwebError(f"Orthanc started no C-MOVE job: {str(answer)[:200]}")
+        return str(answer["ID"])
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         """An Orthanc job (`GET /jobs/{id}`): State, Progress, ErrorCode, ErrorDescription."""
