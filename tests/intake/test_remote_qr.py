@@ -191,17 +191,24 @@ def test_search_parameters_become_the_c_find(fhir: httpx.Client) -> None:
 def test_only_configured_nodes(fhir: httpx.Client) -> None:
     outcome(fhir.get("/ImagingStudy/$query-remote", params={"node": "elsewhere"}), 400, "not-found")
     outcome(fhir.get("/ImagingStudy/$query-remote"), 400, "invalid")
-    outcome(fhir.get("/ImagingStudy/$query-remote", params={"node": "pacs2", "bogus": "1"}), 400, "not-supported")
+    outcome(
+        fhir.get("/ImagingStudy/$query-remote", params={"node": "pacs2", "bogus": "1"}), 400, "not-supported"
+    )
     body = {
         "resourceType": "Parameters",
-        "parameter": [{"name": "node", "valueString": "10.0.0.1:104"}, {"name": "study", "valueString": MR_UID}],
+        "parameter": [
+            {"name": "node", "valueString": "10.0.0.1:104"},
+            {"name": "study", "valueString": MR_UID},
+        ],
     }
     outcome(fhir.post("/ImagingStudy/$retrieve-remote", headers=FHIR_JSON, json=body), 400, "not-found")
     unknown_study = {
         "resourceType": "Parameters",
         "parameter": [{"name": "node", "valueString": "pacs2"}, {"name": "study", "valueString": "1.2.3.4"}],
     }
-    outcome(fhir.post("/ImagingStudy/$retrieve-remote", headers=FHIR_JSON, json=unknown_study), 404, "not-found")
+    outcome(
+        fhir.post("/ImagingStudy/$retrieve-remote", headers=FHIR_JSON, json=unknown_study), 404, "not-found"
+    )
 
 
 def test_retrieve_is_a_task_with_progress_then_an_arrival(fhir: httpx.Client) -> None:
@@ -251,7 +258,10 @@ def test_confined_caller_sees_only_its_patients_remote_studies(
     secured: LiveServer, issuer: tuple[TestIssuer, int]
 ) -> None:
     test_issuer, _ = issuer
-    headers = {**FHIR_JSON, **test_issuer.headers("launch/patient patient/*.cruds", patient=patient_resource_id(OWN, None))}
+    headers = {
+        **FHIR_JSON,
+        **test_issuer.headers("launch/patient patient/*.cruds", patient=patient_resource_id(OWN, None)),
+    }
     with httpx.Client(base_url=secured.base_url, timeout=30, headers=headers) as client:
         everything = ok_json(client.get("/ImagingStudy/$query-remote", params={"node": "pacs2"}))
         assert set(_studies(everything)) == {MR_UID, MR2_UID}
@@ -263,4 +273,17 @@ def test_confined_caller_sees_only_its_patients_remote_studies(
             "parameter": [{"name": "node", "valueString": "pacs2"}, {"name": "study", "valueString": CT_UID}],
         }
         outcome(client.post("/ImagingStudy/$retrieve-remote", json=body), 404, "not-found")
-    outcome(httpx.get(f"{secured.base_url}/ImagingStudy/$query-remote", params={"node": "pacs2"}), 401, "login")
+    outcome(
+        httpx.get(f"{secured.base_url}/ImagingStudy/$query-remote", params={"node": "pacs2"}), 401, "login"
+    )
+
+
+def test_capability_statement_declares_the_operations(fhir: httpx.Client) -> None:
+    statement = ok_json(fhir.get("/metadata"))
+    study = next(r for r in statement["rest"][0]["resource"] if r["type"] == "ImagingStudy")
+    declared = {o["name"]: o["definition"] for o in study.get("operation", [])}
+    for name in ("query-remote", "retrieve-remote"):
+        definition = ok_json(fhir.get(f"/OperationDefinition/{name}"))
+        assert declared[name] == definition["url"]
+        assert definition["code"] == name and definition["resource"] == ["ImagingStudy"]
+    ok_json(fhir.get("/CodeSystem/study-location"))
