@@ -109,7 +109,10 @@ class RetrieveJobs:
         try:
             job_id = await self._dimse.move_study(node.name, study_uid, self._local_aet)
         except DicomwebError as exc:
-            await self._finish(created, "failed", f"C-MOVE refused: {exc}")
+            # Written as the server (a fresh context: no caller), as the monitor would.
+            await asyncio.create_task(
+                self._finish(created, "failed", f"C-MOVE refused: {exc}"), context=contextvars.Context()
+            )
             raise
         # The monitor runs as the server, not as the caller: a fresh context (no Access).
         monitor = asyncio.create_task(

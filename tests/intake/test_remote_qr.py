@@ -52,7 +52,7 @@ STUDIES = [
 
 @pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
-    return {"local": free_port(), "remote": free_port()}
+    return {"local": free_port(), "remote": free_port(), "closed": free_port()}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,7 @@ def local(
     tmp_path_factory: pytest.TempPathFactory, ports: dict[str, int], remote: EmbeddedOrthanc
 ) -> Iterator[EmbeddedOrthanc]:
     node = RemoteNode("pacs2", DicomPeer(REMOTE_AET, "127.0.0.1", ports["remote"]))
+    offline = RemoteNode("offline", DicomPeer("NOBODY", "127.0.0.1", ports["closed"]))
     with EmbeddedOrthanc(
         tmp_path_factory.mktemp("orthanc-local"),
         http_port=free_port(),
@@ -94,7 +95,7 @@ def local(
         aet=LOCAL_AET,
         stable_age=1,
         http_auth=False,
-        remote_nodes=[node],
+        remote_nodes=[node, offline],
     ) as instance:
         yield instance
 
@@ -103,7 +104,10 @@ def _settings(local: EmbeddedOrthanc, ports: dict[str, int]) -> dict[str, Any]:
     return {
         "dicomweb_url": local.dicomweb_url,
         "orthanc_url": local.url,
-        "remote_pacs_nodes": [f"pacs2={REMOTE_AET}@127.0.0.1:{ports['remote']}"],
+        "remote_pacs_nodes": [
+            f"pacs2={REMOTE_AET}@127.0.0.1:{ports['remote']}",
+            f"offline=NOBODY@127.0.0.1:{ports['closed']}",
+        ],
         "remote_pacs_local_aet": LOCAL_AET,
     }
 
@@ -209,6 +213,13 @@ def test_only_configured_nodes(fhir: httpx.Client) -> None:
     outcome(
         fhir.post("/ImagingStudy/$retrieve-remote", headers=FHIR_JSON, json=unknown_study), 404, "not-found"
     )
+
+
+def test_unreachable_node_is_an_outcome_not_a_500(fhir: httpx.Client) -> None:
+    """A configured node that does not answer (nothing listens on its port)."""
+    response = fhir.get("/ImagingStudy/$query-remote", params={"node": "offline"})
+    body = outcome(response, 503, "transient")
+    assert body["issue"][0]["details"]["coding"][0]["code"] == "dicom_service_unavailable"
 
 
 def test_retrieve_is_a_task_with_progress_then_an_arrival(fhir: httpx.Client) -> None:
