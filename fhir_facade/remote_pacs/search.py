@@ -21,7 +21,7 @@ from fhir_facade.dicomweb import DicomJson
 from fhir_facade.dicomweb.query import tag_values
 from fhir_facade.embedded.remote_nodes import RemoteNode
 from fhir_facade.fhir.bundles import SearchResult
-from fhir_facade.fhir.errors import not_found
+from fhir_facade.fhir.errors import FhirError, Issue, not_found
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.search import SearchClause, SearchRequest
 from fhir_facade.remote_pacs.orthanc_dimse import OrthancDimse
@@ -36,6 +36,7 @@ LOCATION_SYSTEM = "http://fhir-facade.org/fhir/CodeSystem/study-location"
 REMOTE_TAG = {"system": LOCATION_SYSTEM, "code": "remote", "display": "Not in the local PACS"}
 _ID_NAMESPACE = uuid.UUID("5b0c1f3e-4a41-4e0f-9d55-3f1a2c6d7e80")
 #: The ImagingStudy search parameters a C-FIND can answer (study-level keys, PS3.4 C.6.1.1.3).
+_MAX_QUERIES = 16
 REMOTE_PARAMS = ("_id", "identifier", "patient", "subject", "started", "modality")
 
 
@@ -70,7 +71,12 @@ class RemoteStudies(ResourceProvider):
             await _HANDLERS[clause.param.name](self, plan, clause)
         found: dict[str, dict[str, Any]] = {}
         for alternative in plan.alternatives:
-            for answer in await self._dimse.find_studies(self.node.name, alternative.params(separator="\\")):
+            answers = [
+                answer
+                for query in c_find_queries(alternative.params(separator="\\"))
+                for answer in await self._dimse.find_studies(self.node.name, query)
+            ]
+            for answer in answers:
                 if not alternative.matches(answer, dicom_tag) or not all(
                     f(answer) for f in plan.post_filters
                 ):
@@ -113,6 +119,22 @@ class RemoteStudies(ResourceProvider):
         return started_instant(
             text("00080020"), text("00080030"), text("00080201"), self._ctx.default_timezone
         )
+
+
+def c_find_queries(params: dict[str, str]) -> list[dict[str, str]]:
+    """One query per combination of listed values of attributes that are not UIDs: C-FIND's list
+    matching is defined for UIDs only (PS3.4 C.2.2.2.2), so `PatientID=a\\b` (a user with two
+    patients) is two C-FINDs, not one another PACS may read as a literal value."""
+    queries: list[dict[str, str]] = [{}]
+    for key, value in params.items():
+        options = [value] if key.endswith("UID") else value.split("\\")
+        queries = [{**query, key: option} for query in queries for option in options]
+    if len(queries) > _MAX_QUERIES:
+        raise FhirError(
+            400,
+            [Issue("too-costly", f"The search expands to {len(queries)} C-FINDs; at most {_MAX_QUERIES}")],
+        )
+    return queries
 
 
 _HANDLERS: dict[str, Callable[[RemoteStudies, StudySearchPlan, SearchClause], Awaitable[None]]] = {

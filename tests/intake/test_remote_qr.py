@@ -16,7 +16,7 @@ import pytest
 from fhir_facade.dicom_to_fhir import patient_resource_id
 from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, free_port
 from fhir_facade.embedded.remote_nodes import RemoteNode
-from fhir_facade.remote_pacs.search import remote_study_id
+from fhir_facade.remote_pacs.search import c_find_queries, remote_study_id
 from tests.auth.issuer import TestIssuer
 from tests.conftest import LiveServer, ok_json, outcome, serve
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study, upload
@@ -170,6 +170,9 @@ def test_search_parameters_become_the_c_find(fhir: httpx.Client) -> None:
     own = f"Patient/{patient_resource_id(OWN, None)}"
     by_patient = ok_json(fhir.get("/ImagingStudy/$query-remote", params={"node": "pacs2", "patient": own}))
     assert set(_studies(by_patient)) == {MR_UID, MR2_UID}
+    both = f"{own},Patient/{patient_resource_id(OTHER, None)}"  # two C-FINDs: PatientID has no lists
+    by_patients = ok_json(fhir.get("/ImagingStudy/$query-remote", params={"node": "pacs2", "patient": both}))
+    assert set(_studies(by_patients)) == {MR_UID, MR2_UID, CT_UID}
     by_modality = ok_json(fhir.get("/ImagingStudy/$query-remote", params={"node": "pacs2", "modality": "CT"}))
     assert set(_studies(by_modality)) == {CT_UID}
     by_date = ok_json(
@@ -298,3 +301,11 @@ def test_capability_statement_declares_the_operations(fhir: httpx.Client) -> Non
         assert declared[name] == definition["url"]
         assert definition["code"] == name and definition["resource"] == ["ImagingStudy"]
     ok_json(fhir.get("/CodeSystem/study-location"))
+
+
+def test_c_find_lists_only_for_uids() -> None:
+    queries = c_find_queries({"PatientID": "A\\B", "StudyInstanceUID": "1.2\\1.3", "ModalitiesInStudy": "MR"})
+    assert queries == [
+        {"PatientID": "A", "StudyInstanceUID": "1.2\\1.3", "ModalitiesInStudy": "MR"},
+        {"PatientID": "B", "StudyInstanceUID": "1.2\\1.3", "ModalitiesInStudy": "MR"},
+    ]
