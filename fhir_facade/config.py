@@ -27,6 +27,7 @@ __all__ = [
     "LockoutSettings",
     "ReadingSettings",
     "ReconcileSettings",
+    "RemotePacsSettings",
     "Settings",
     "SettingsSection",
     "SubscriptionSettings",
@@ -216,6 +217,14 @@ class ReplicaSettings(SettingsSection):
     id: str | None
 
 
+class RemotePacsSettings(SettingsSection):
+    """Query/retrieve from remote DICOM nodes (FACADE_REMOTE_PACS_*, ADR 0041)."""
+
+    prefix = "remote_pacs_"
+    nodes: tuple[str, ...]
+    local_aet: str
+
+
 class Settings(BaseSettings):
     """Typed, validated configuration. Environment variables use the `FACADE_` prefix."""
 
@@ -280,6 +289,17 @@ class Settings(BaseSettings):
             "only. FACADE_WORKLIST_STATION_AE_TITLE@127.0.0.1 is always admitted; anyone else is "
             "refused."
         ),
+    )
+    remote_pacs_nodes: tuple[str, ...] = Field(
+        (),
+        description=(
+            "Remote DICOM nodes (other PACS, modalities) to query and retrieve from, as a JSON list "
+            "of 'NAME=AET@ip-address[:port]'; each NAME must also be an Orthanc DicomModalities "
+            "entry (the embedded Orthanc gets them). Only these can be addressed (ADR 0041)."
+        ),
+    )
+    remote_pacs_local_aet: str = Field(
+        "ORTHANC", description="AE title of the local Orthanc: the C-MOVE destination of a retrieve."
     )
     data_dir: Path = Field(Path(".data"), description="Where the embedded set-up keeps its files.")
     database_url: str | None = Field(
@@ -764,6 +784,15 @@ class Settings(BaseSettings):
             parse_dicom_peer(entry)
         return value
 
+    @field_validator("remote_pacs_nodes")
+    @classmethod
+    def _remote_nodes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from fhir_facade.embedded.remote_nodes import parse_remote_node
+
+        for entry in value:
+            parse_remote_node(entry)
+        return value
+
     @field_validator("worklist_procedure_map")
     @classmethod
     def _procedure_map(cls, value: Path | None) -> Path | None:
@@ -828,6 +857,10 @@ class Settings(BaseSettings):
     @cached_property
     def reconcile(self) -> ReconcileSettings:
         return ReconcileSettings.of(self)
+
+    @cached_property
+    def remote_pacs(self) -> RemotePacsSettings:
+        return RemotePacsSettings.of(self)
 
     @cached_property
     def replica(self) -> ReplicaSettings:
