@@ -40,6 +40,7 @@ from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
+from fhir_facade.intake.deidentify_runtime import deidentify_runtime
 from fhir_facade.metrics import metrics_router
 from fhir_facade.reading import ReadingRuntime
 from fhir_facade.resources.artifacts import artifact_providers
@@ -315,6 +316,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await reading.start()
         if sync:
             await sync.start()
+        if deidentify:
+            await deidentify.deidentifier.open()
         await subscriptions.start()
         log.info(
             "fhir-facade %s: FHIR base %s, PACS %s",
@@ -328,6 +331,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if audit:  # first: writes out every event still queued, while the store is open
                 await audit.stop()
             await subscriptions.stop()
+            if deidentify:
+                await deidentify.deidentifier.close()
             if sync:
                 await sync.stop()
             if analyze:
@@ -363,11 +368,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside the audit (refusals are audited like any 4xx), outside everything that reads a body.
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
+    deidentify = deidentify_runtime(settings, visible)
     operations = {
         **(analyze.operations if analyze else {}),
         **(reading.operations if reading else {}),
         "Subscription": list(subscriptions.operations),
     }
+    if deidentify:
+        operations["ImagingStudy"] = [*operations.get("ImagingStudy", []), *deidentify.operations]
     authenticate, security = _install_security(app, settings, ExpiringEntries(store.engine))
     guarded = [Depends(authenticate)]
     # Admin-only whether or not an upstream is set: a non-admin learns nothing of the configuration.
@@ -378,6 +386,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tasks = next(p for p in providers if p.resource_type == "Task")
         guard = analyze_guard(studies, tasks, settings.base_url)
         app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
+    if deidentify:  # $deidentify (ADR 0040), before the FHIR router too
+        app.include_router(deidentify.router, dependencies=guarded)
     if reading and reading.router:  # $ai-performance (ADR 0034), before the FHIR router too
         app.include_router(reading.router, dependencies=guarded)
     # Before the FHIR router, whose /{type}/{id} catch-all would shadow the operations.

@@ -9,6 +9,7 @@ import pytest
 
 from fhir_facade.config import (
     AnalyzeSettings,
+    DeidentifySettings,
     InferenceSettings,
     LimitsSettings,
     LockoutSettings,
@@ -16,6 +17,7 @@ from fhir_facade.config import (
     ReplicaSettings,
     Settings,
     SettingsSection,
+    StudyDeleteSettings,
     SubscriptionSettings,
     SyncSettings,
     UpstreamSettings,
@@ -24,11 +26,13 @@ from fhir_facade.config import (
 
 SECTIONS: list[type[SettingsSection]] = [
     AnalyzeSettings,
+    DeidentifySettings,
     InferenceSettings,
     LimitsSettings,
     LockoutSettings,
     ReadingSettings,
     ReplicaSettings,
+    StudyDeleteSettings,
     SubscriptionSettings,
     SyncSettings,
     UpstreamSettings,
