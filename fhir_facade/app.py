@@ -41,6 +41,7 @@ from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
 from fhir_facade.intake.deidentify_runtime import deidentify_runtime
+from fhir_facade.intake.study_delete import StudyDeletion
 from fhir_facade.metrics import metrics_router
 from fhir_facade.reading import ReadingRuntime
 from fhir_facade.resources.artifacts import artifact_providers
@@ -168,6 +169,15 @@ def _subscribe_to_arrivals(
         bus.subscribe(StudyArrived, mirror)
 
 
+def _study_deletion(
+    settings: Settings, orthanc: OrthancRestClient | None, store: ResourceStore
+) -> StudyDeletion | None:
+    """DELETE ImagingStudy/{id} only when switched on (ADR 0040); reflected upstream when there is one."""
+    if not settings.study_delete.enabled or orthanc is None:
+        return None
+    return StudyDeletion(orthanc, OutboxQueue(store.engine) if settings.fhir_upstream_url else None)
+
+
 def _start_watcher(
     settings: Settings, orthanc: OrthancRestClient | None, store: ResourceStore, bus: EventBus
 ) -> _RunningWatcher | None:
@@ -241,7 +251,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     stored = [subscriptions.provider if p.resource_type == "Subscription" else p for p in stored]
     orders = next(p for p in stored if p.resource_type == "ServiceRequest")
     providers: list[ResourceProvider] = [
-        ImagingStudyProvider(dicomweb, ctx, orthanc, _orders_by_accession(orders, settings)),
+        ImagingStudyProvider(
+            dicomweb, ctx, orthanc, _orders_by_accession(orders, settings), _study_deletion(settings, orthanc, store)
+        ),
         patients,
         EndpointProvider(ctx),
         *stored,

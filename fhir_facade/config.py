@@ -760,6 +760,8 @@ class Settings(BaseSettings):
             secret = self.deidentify_secret.get_secret_value() if self.deidentify_secret else ""
             if len(secret.encode()) < 16:
                 raise ValueError("FACADE_DEIDENTIFY_ENABLED needs FACADE_DEIDENTIFY_SECRET of at least 16 bytes")
+        if self.study_delete_enabled and not self.orthanc_url:
+            raise ValueError("FACADE_STUDY_DELETE_ENABLED needs FACADE_ORTHANC_URL (DICOMweb has no delete)")
         for name, url in self.deidentify_destinations.items():
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"FACADE_DEIDENTIFY_DESTINATIONS[{name!r}] must be an http(s) URL")
