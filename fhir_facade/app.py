@@ -252,7 +252,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     orders = next(p for p in stored if p.resource_type == "ServiceRequest")
     providers: list[ResourceProvider] = [
         ImagingStudyProvider(
-            dicomweb, ctx, orthanc, _orders_by_accession(orders, settings), _study_deletion(settings, orthanc, store)
+            dicomweb,
+            ctx,
+            orthanc,
+            _orders_by_accession(orders, settings),
+            _study_deletion(settings, orthanc, store),
         ),
         patients,
         EndpointProvider(ctx),

@@ -741,8 +741,8 @@ class Settings(BaseSettings):
     deidentify_destinations: dict[str, str] = Field(
         default_factory=dict,
         description=(
-            'DICOMweb stores $deidentify may send to, by name (JSON: {"research": "https://pacs2/dicom-web"}); '
-            "a request names one, never a URL."
+            "DICOMweb stores $deidentify may send to, by name "
+            '(JSON: {"research": "https://pacs2/dicom-web"}); a request names one, never a URL.'
         ),
     )
     deidentify_max_instances: int = Field(
@@ -751,7 +751,7 @@ class Settings(BaseSettings):
     deidentify_timeout: float = Field(60.0, gt=0, description="Seconds per request to a destination store.")
     study_delete_enabled: bool = Field(
         False,
-        description="Allow DELETE ImagingStudy/{id} (deletes the study in Orthanc; needs FACADE_ORTHANC_URL).",
+        description="Allow DELETE ImagingStudy/{id}: deletes the study in Orthanc (needs FACADE_ORTHANC_URL)",
     )
 
     @model_validator(mode="after")
@@ -759,7 +759,9 @@ class Settings(BaseSettings):
         if self.deidentify_enabled:
             secret = self.deidentify_secret.get_secret_value() if self.deidentify_secret else ""
             if len(secret.encode()) < 16:
-                raise ValueError("FACADE_DEIDENTIFY_ENABLED needs FACADE_DEIDENTIFY_SECRET of at least 16 bytes")
+                raise ValueError(
+                    "FACADE_DEIDENTIFY_ENABLED needs FACADE_DEIDENTIFY_SECRET of at least 16 bytes"
+                )
         if self.study_delete_enabled and not self.orthanc_url:
             raise ValueError("FACADE_STUDY_DELETE_ENABLED needs FACADE_ORTHANC_URL (DICOMweb has no delete)")
         for name, url in self.deidentify_destinations.items():

@@ -36,7 +36,7 @@ from fhir_facade.intake.deidentify_profile import (
     deidentify_dataset,
 )
 
-__all__ = ["DEIDENTIFY_OPERATION", "DEIDENTIFY_SCOPE", "DeidentifyRequest", "Deidentifier", "parse_request"]
+__all__ = ["DEIDENTIFY_OPERATION", "DEIDENTIFY_SCOPE", "Deidentifier", "DeidentifyRequest", "parse_request"]
 
 DEIDENTIFY_OPERATION = {
     "name": "deidentify",
@@ -238,7 +238,11 @@ def _provenance(study_id: str, new_uid: str, request: DeidentifyRequest, who: st
 
 
 def _output(
-    new_uid: str, request: DeidentifyRequest, pseudonym: str, provenance_id: str, results: list[InstanceResult]
+    new_uid: str,
+    request: DeidentifyRequest,
+    pseudonym: str,
+    provenance_id: str,
+    results: list[InstanceResult],
 ) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = [
         {"name": "studyInstanceUid", "valueOid": _oid(new_uid)},

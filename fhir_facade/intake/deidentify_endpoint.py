@@ -29,7 +29,7 @@ def build_deidentify_router(deidentifier: Deidentifier) -> APIRouter:
 
     @router.post(
         "/ImagingStudy/{study_id}/$deidentify",
-        summary="De-identify the study to a configured DICOMweb store (operations/OperationDefinition-deidentify.json)",
+        summary="De-identify the study to a configured DICOMweb store (OperationDefinition-deidentify.json)",
         openapi_extra={"requestBody": {"required": True, "content": _JSON}},
         responses={200: {"content": _JSON}, **error_responses(400, 403, 404, 422)},
     )

@@ -69,7 +69,10 @@ _COLUMN = {
 #: DICOM CID 7050 "De-identification Method" codes (DCM), recorded in (0012,0064).
 BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
 OPTION_CODES: dict[Option, tuple[str, str]] = {
-    Option.RETAIN_MODIFIED_DATES: ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    Option.RETAIN_MODIFIED_DATES: (
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
     Option.RETAIN_PATIENT_CHARACTERISTICS: ("113108", "Retain Patient Characteristics Option"),
     Option.CLEAN_DESCRIPTORS: ("113105", "Clean Descriptors Option"),
 }
@@ -211,7 +214,10 @@ def burned_in_warning(ds: Dataset) -> tuple[str, str | None]:
     secondary = sop_class.startswith("1.2.840.10008.5.1.4.1.1.7") or modality in ("SC", "OT")
     if state == "unknown" and (modality == "US" or secondary):
         kind = "an ultrasound" if modality == "US" else "a secondary capture"
-        return state, f"BurnedInAnnotation is not stated for {kind}: check the pixel data for identifying text"
+        return (
+            state,
+            f"BurnedInAnnotation is not stated for {kind}: check the pixel data for identifying text",
+        )
     return state, None
 
 
@@ -279,11 +285,13 @@ class _Run:
         elif vr == "DT":
             element.value = _map_values(element.value, lambda v: _shift_date(v[:8], self.offset) + v[8:])
         elif vr in _TEXT_VRS and element.value is not None:
-            element.value = _map_values(element.value, self._scrub)
+            # CS and AE allow no "*": the identifier is simply cut out of those
+            mark = "" if vr in ("CS", "AE") else "***"
+            element.value = _map_values(element.value, lambda text: self._scrub(text, mark))
 
-    def _scrub(self, text: str) -> str:
+    def _scrub(self, text: str, mark: str) -> str:
         for identifier in self.identifiers:
-            text = re.sub(re.escape(identifier), "***", text, flags=re.IGNORECASE)
+            text = re.sub(re.escape(identifier), mark, text, flags=re.IGNORECASE)
         return text
 
 
@@ -355,9 +363,9 @@ def deidentify_dataset(
     _Run(ds, table or profile_table(), keys, options).apply(ds)
     ds.PatientIdentityRemoved = "YES"
     applied = [o for o in Option if o in options]
-    ds.DeidentificationMethod = "; ".join(
-        [BASIC_PROFILE_CODE[1], *(OPTION_CODES[o][1] for o in applied)]
-    )[:64]
+    ds.DeidentificationMethod = "; ".join([BASIC_PROFILE_CODE[1], *(OPTION_CODES[o][1] for o in applied)])[
+        :64
+    ]
     codes = Sequence()
     for code, meaning in [BASIC_PROFILE_CODE, *(OPTION_CODES[o] for o in applied)]:
         item = Dataset()

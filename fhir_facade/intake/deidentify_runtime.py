@@ -36,5 +36,7 @@ def deidentify_runtime(settings: Settings, visible: Sequence[ResourceProvider]) 
         max_connections=settings.dicomweb_max_connections,
         auth=settings.pacs_auth,
     )
-    deidentifier = Deidentifier(section, source, by_type["ImagingStudy"], by_type["Provenance"], settings.base_url)
+    deidentifier = Deidentifier(
+        section, source, by_type["ImagingStudy"], by_type["Provenance"], settings.base_url
+    )
     return DeidentifyRuntime(deidentifier, build_deidentify_router(deidentifier))

@@ -16,6 +16,7 @@ import pytest
 
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests import dicom_factory
+from tests.auth.issuer import TestIssuer
 from tests.conftest import LiveServer, ok_json, outcome, serve
 from tests.dicom_factory import SeriesSpec, StudySpec
 
@@ -92,7 +93,8 @@ def _instances(orthanc: EmbeddedOrthanc, study_uid: str) -> list[pydicom.Dataset
             f"{orthanc.url}/tools/find", json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}}
         ).json()
         return [
-            pydicom.dcmread(io.BytesIO(client.get(f"{orthanc.url}/instances/{i}/file").content)) for i in found
+            pydicom.dcmread(io.BytesIO(client.get(f"{orthanc.url}/instances/{i}/file").content))
+            for i in found
         ]
 
 
@@ -100,7 +102,9 @@ def _instances(orthanc: EmbeddedOrthanc, study_uid: str) -> list[pydicom.Dataset
 def first_result(fhir: httpx.Client) -> dict[str, Any]:
     response = fhir.post(
         f"/ImagingStudy/{FIRST.study_uid}/$deidentify",
-        json=_parameters("research", "retain-modified-dates", "retain-patient-characteristics", "clean-descriptors"),
+        json=_parameters(
+            "research", "retain-modified-dates", "retain-patient-characteristics", "clean-descriptors"
+        ),
     )
     return ok_json(response)
 
@@ -138,7 +142,10 @@ def test_the_destination_holds_a_deidentified_copy(
 def test_a_provenance_names_the_source_study(fhir: httpx.Client, first_result: dict[str, Any]) -> None:
     reference = _value(first_result, "provenance")["reference"]
     provenance = ok_json(fhir.get(f"/{reference}"))
-    assert provenance["entity"][0] == {"role": "source", "what": {"reference": f"ImagingStudy/{FIRST.study_uid}"}}
+    assert provenance["entity"][0] == {
+        "role": "source",
+        "what": {"reference": f"ImagingStudy/{FIRST.study_uid}"},
+    }
     assert provenance["activity"]["coding"][0]["code"] == "DEID"
     assert provenance["target"][0]["identifier"]["value"] == _value(first_result, "studyInstanceUid")
 
@@ -157,7 +164,11 @@ def test_one_patient_gets_one_pseudonym_and_ultrasound_is_flagged(
 
 
 def test_errors(fhir: httpx.Client) -> None:
-    outcome(fhir.post(f"/ImagingStudy/{FIRST.study_uid}/$deidentify", json=_parameters("http://evil/")), 400, "invalid")
+    outcome(
+        fhir.post(f"/ImagingStudy/{FIRST.study_uid}/$deidentify", json=_parameters("http://evil/")),
+        400,
+        "invalid",
+    )
     outcome(
         fhir.post(f"/ImagingStudy/{FIRST.study_uid}/$deidentify", json=_parameters("research", "keep-all")),
         400,
@@ -171,3 +182,38 @@ def test_the_capability_statement_declares_it(fhir: httpx.Client) -> None:
     study = next(r for r in capability["rest"][0]["resource"] if r["type"] == "ImagingStudy")
     assert any(o["name"] == "deidentify" for o in study.get("operation", []))
     ok_json(fhir.get("/OperationDefinition/deidentify"))
+
+
+def test_it_needs_its_scope_and_a_user_or_system_grant(
+    stores: tuple[EmbeddedOrthanc, EmbeddedOrthanc],
+) -> None:
+    source, dest = stores
+    port = free_port()
+    issuer = TestIssuer(audience=f"http://127.0.0.1:{port}/fhir")
+    settings = {
+        **issuer.facade_settings,
+        "dicomweb_url": source.dicomweb_url,
+        "deidentify_enabled": True,
+        "deidentify_secret": SECRET,
+        "deidentify_destinations": {"research": dest.dicomweb_url},
+    }
+    path = f"/ImagingStudy/{FIRST.study_uid}/$deidentify"
+    try:
+        server = serve(settings, port=port)
+        with server, httpx.Client(base_url=server.base_url, timeout=60) as http:
+            assert http.post(path, json=_parameters()).status_code == 401
+            without = http.post(
+                path, json=_parameters(), headers=issuer.headers("system/ImagingStudy.rs system/Provenance.c")
+            )
+            outcome(without, 403, "forbidden")
+            assert 'scope="deidentify"' in without.headers["www-authenticate"]
+            no_provenance = issuer.headers("system/ImagingStudy.rs deidentify")
+            outcome(http.post(path, json=_parameters(), headers=no_provenance), 403, "forbidden")
+            patient = issuer.headers(
+                "launch/patient patient/ImagingStudy.rs patient/Provenance.c deidentify", patient="DEID-1"
+            )
+            outcome(http.post(path, json=_parameters(), headers=patient), 403, "forbidden")
+            allowed = issuer.headers("system/ImagingStudy.rs system/Provenance.cr deidentify")
+            ok_json(http.post(path, json=_parameters(), headers=allowed))
+    finally:
+        issuer.close()

@@ -128,7 +128,8 @@ def test_every_attribute_of_the_table_is_handled_as_the_table_says(options: froz
             else:  # recursed: the item's own attributes went through the table
                 assert all(NAME not in str(item.get("PatientName", "")) for item in after), where
                 assert all(
-                    item.ReferencedSOPInstanceUID == KEYS.uid("1.2.826.0.1.3680043.8.498.99") for item in after
+                    item.ReferencedSOPInstanceUID == KEYS.uid("1.2.826.0.1.3680043.8.498.99")
+                    for item in after
                 ), where
         elif tag == 0x00100020:
             assert after == KEYS.patient_id("MRN-12345", ISSUER), where

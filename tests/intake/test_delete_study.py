@@ -64,13 +64,13 @@ def _studies_in(pacs: EmbeddedOrthanc) -> set[str]:
 
 
 def test_off_unless_configured(pacs: EmbeddedOrthanc) -> None:
-    with serve({"dicomweb_url": pacs.dicomweb_url, "orthanc_url": pacs.url}) as server:
-        with httpx.Client(base_url=server.base_url, timeout=30) as http:
-            outcome(http.delete(f"/ImagingStudy/{KEPT.study_uid}"), 405, "not-supported")
-            study = next(
-                r for r in ok_json(http.get("/metadata"))["rest"][0]["resource"] if r["type"] == "ImagingStudy"
-            )
-            assert "delete" not in {i["code"] for i in study["interaction"]}
+    server = serve({"dicomweb_url": pacs.dicomweb_url, "orthanc_url": pacs.url})
+    with server, httpx.Client(base_url=server.base_url, timeout=30) as http:
+        outcome(http.delete(f"/ImagingStudy/{KEPT.study_uid}"), 405, "not-supported")
+        study = next(
+            r for r in ok_json(http.get("/metadata"))["rest"][0]["resource"] if r["type"] == "ImagingStudy"
+        )
+        assert "delete" not in {i["code"] for i in study["interaction"]}
     assert KEPT.study_uid in _studies_in(pacs)
 
 
@@ -79,12 +79,16 @@ def test_delete_needs_its_scope_and_deletes_in_the_pacs(
 ) -> None:
     server, issuer, heard = secured
     with httpx.Client(base_url=server.base_url, timeout=30) as http:
-        refused = http.delete(f"/ImagingStudy/{GONE.study_uid}", headers=issuer.headers("system/ImagingStudy.rs"))
+        refused = http.delete(
+            f"/ImagingStudy/{GONE.study_uid}", headers=issuer.headers("system/ImagingStudy.rs")
+        )
         outcome(refused, 403, "forbidden")
         assert "ImagingStudy.d" in refused.headers["www-authenticate"]
         assert GONE.study_uid in _studies_in(pacs)
 
-        deleted = http.delete(f"/ImagingStudy/{GONE.study_uid}", headers=issuer.headers("system/ImagingStudy.rd"))
+        deleted = http.delete(
+            f"/ImagingStudy/{GONE.study_uid}", headers=issuer.headers("system/ImagingStudy.rd")
+        )
         assert deleted.status_code == 204, deleted.text
         assert _studies_in(pacs) == {KEPT.study_uid}  # that study and only that one
         outcome(
