@@ -40,7 +40,9 @@ from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
+from fhir_facade.intake.deidentify_runtime import deidentify_runtime
 from fhir_facade.intake.reconcile_runtime import ReconcileRuntime
+from fhir_facade.intake.study_delete import StudyDeletion
 from fhir_facade.metrics import metrics_router
 from fhir_facade.reading import ReadingRuntime
 from fhir_facade.remote_pacs import RemotePacsRuntime, parse_remote_node
@@ -170,6 +172,15 @@ def _subscribe_to_arrivals(
         bus.subscribe(StudyArrived, mirror)
 
 
+def _study_deletion(
+    settings: Settings, orthanc: OrthancRestClient | None, store: ResourceStore
+) -> StudyDeletion | None:
+    """DELETE ImagingStudy/{id} only when switched on (ADR 0040); reflected upstream when there is one."""
+    if not settings.study_delete.enabled or orthanc is None:
+        return None
+    return StudyDeletion(orthanc, OutboxQueue(store.engine) if settings.fhir_upstream_url else None)
+
+
 def _start_watcher(
     settings: Settings,
     orthanc: OrthancRestClient | None,
@@ -271,7 +282,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     stored = [subscriptions.provider if p.resource_type == "Subscription" else p for p in stored]
     orders = next(p for p in stored if p.resource_type == "ServiceRequest")
     providers: list[ResourceProvider] = [
-        ImagingStudyProvider(dicomweb, ctx, orthanc, _orders_by_accession(orders, settings)),
+        ImagingStudyProvider(
+            dicomweb,
+            ctx,
+            orthanc,
+            _orders_by_accession(orders, settings),
+            _study_deletion(settings, orthanc, store),
+        ),
         patients,
         EndpointProvider(ctx, remote_pacs.endpoints if remote_pacs else ()),
         *stored,
@@ -356,6 +373,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await reading.start()
         if sync:
             await sync.start()
+        if deidentify:
+            await deidentify.deidentifier.open()
         await subscriptions.start()
         log.info(
             "fhir-facade %s: FHIR base %s, PACS %s",
@@ -369,6 +388,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if audit:  # first: writes out every event still queued, while the store is open
                 await audit.stop()
             await subscriptions.stop()
+            if deidentify:
+                await deidentify.deidentifier.close()
             if sync:
                 await sync.stop()
             if analyze:
@@ -408,6 +429,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside the audit (refusals are audited like any 4xx), outside everything that reads a body.
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
+    deidentify = deidentify_runtime(settings, visible)
     operations = {
         **(analyze.operations if analyze else {}),
         **(reading.operations if reading else {}),
@@ -415,6 +437,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     }
     if remote_pacs:
         operations["ImagingStudy"] = [*operations.get("ImagingStudy", []), *remote_pacs.operations]
+    if deidentify:
+        operations["ImagingStudy"] = [*operations.get("ImagingStudy", []), *deidentify.operations]
     authenticate, security = _install_security(app, settings, ExpiringEntries(store.engine))
     guarded = [Depends(authenticate)]
     # Admin-only whether or not an upstream is set: a non-admin learns nothing of the configuration.
@@ -425,6 +449,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tasks = next(p for p in providers if p.resource_type == "Task")
         guard = analyze_guard(studies, tasks, settings.base_url)
         app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
+    if deidentify:  # $deidentify (ADR 0040), before the FHIR router too
+        app.include_router(deidentify.router, dependencies=guarded)
     if reading and reading.router:  # $ai-performance (ADR 0034), before the FHIR router too
         app.include_router(reading.router, dependencies=guarded)
     if remote_pacs:  # $query-remote, $retrieve-remote (ADR 0041), before the FHIR router too

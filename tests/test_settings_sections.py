@@ -9,6 +9,7 @@ import pytest
 
 from fhir_facade.config import (
     AnalyzeSettings,
+    DeidentifySettings,
     InferenceSettings,
     LimitsSettings,
     LockoutSettings,
@@ -18,6 +19,7 @@ from fhir_facade.config import (
     ReplicaSettings,
     Settings,
     SettingsSection,
+    StudyDeleteSettings,
     SubscriptionSettings,
     SyncSettings,
     UpstreamSettings,
@@ -26,6 +28,7 @@ from fhir_facade.config import (
 
 SECTIONS: list[type[SettingsSection]] = [
     AnalyzeSettings,
+    DeidentifySettings,
     InferenceSettings,
     LimitsSettings,
     LockoutSettings,
@@ -33,6 +36,7 @@ SECTIONS: list[type[SettingsSection]] = [
     ReconcileSettings,
     RemotePacsSettings,
     ReplicaSettings,
+    StudyDeleteSettings,
     SubscriptionSettings,
     SyncSettings,
     UpstreamSettings,
