@@ -15,9 +15,10 @@ it); a negative one is a region that argues against it.
 
 The value of a patch belongs to its centre; the map is the bilinear interpolation between
 patch centres (constant beyond the outermost centres), evaluated directly at the source image's
-pixels (the model input is the whole image resized, `pixels.to_model_input`). Its maximum is
-therefore the centre of the most important patch, never an image corner that only one patch
-covered.
+pixels (the model input is the whole image resized, `pixels.to_model_input`). Inside the
+outermost centres its maximum is the centre of the most important patch; between them and the
+image edge the map is flat (those pixels were hidden by the edge patches only), so where the
+strongest patch is an edge one the maximum is a short plateau from its centre to the edge.
 """
 
 from __future__ import annotations

@@ -23,7 +23,13 @@ from fhir_facade import __version__
 from fhir_facade.analyze.result import CodedConcept
 from fhir_facade.analyze.saliency import OcclusionGrid
 
-__all__ = ["PARAMETRIC_MAP_STORAGE", "build_saliency_map", "render_overlay_png"]
+__all__ = [
+    "BRAIN",
+    "OCCLUSION_SENSITIVITY",
+    "PARAMETRIC_MAP_STORAGE",
+    "build_saliency_map",
+    "render_overlay_png",
+]
 
 #: Parametric Map Storage SOP Class (PS3.4 B.5).
 PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
@@ -32,6 +38,14 @@ _TYPE2_READ = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
     "StudyDate", "StudyTime", "ReferringPhysicianName",
 )  # fmt: skip
+
+#: SNOMED CT 12738006 "Brain": the region the default model's key images show.
+BRAIN = CodedConcept("http://snomed.info/sct", "12738006", "Brain")
+
+#: How the map was derived (Derivation Code Sequence): no DICOM code names occlusion sensitivity.
+OCCLUSION_SENSITIVITY = hd.sr.CodedConcept(
+    value="occlusion", scheme_designator="99FHIRFACADE", meaning="Occlusion sensitivity"
+)
 
 _UNITLESS = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 
@@ -47,8 +61,10 @@ def build_saliency_map(
     model_id: str,
     patch: int,
     stride: int,
+    anatomy: CodedConcept = BRAIN,
 ) -> hd.pm.ParametricMap:
-    """The occlusion map of `source` (the full key image dataset) for the class `concept`."""
+    """The occlusion map of `source` (the full key image dataset) for the class `concept`;
+    `anatomy`: the region the map covers (Frame Anatomy)."""
     for argument, value in (("series_uid", series_uid), ("sop_instance_uid", sop_instance_uid)):
         if len(value) > 64 or not RE_VALID_UID.match(value):
             raise ValueError(f"{argument} is not a valid DICOM UID: {value!r}")
@@ -60,14 +76,14 @@ def build_saliency_map(
         high = low + 1.0  # a flat map: any non-empty range
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="LOGODDS_DROP",
-        lut_explanation=f"Drop of the log-odds of {concept.display} when the region is hidden"[:64],
+        lut_explanation=f"Log-odds drop of {concept.display} when hidden"[:64],
         unit=_UNITLESS,
         value_range=(low, high),
         slope=1.0,
         intercept=0.0,
     )
     top = max(high, 0.0)
-    return hd.pm.ParametricMap(
+    pm = hd.pm.ParametricMap(
         source_images=[source],
         pixel_array=values[np.newaxis],
         series_instance_uid=series_uid,
@@ -93,7 +109,17 @@ def build_saliency_map(
         )[:64],
         content_creator_name="fhir-facade^AI",
         series_description="AI saliency map (preliminary, unverified)",
+        derivation=OCCLUSION_SENSITIVITY,
     )
+    # Frame Anatomy (PS3.3 C.7.6.16.2.8): the region and "U" (unpaired), so General Series
+    # Laterality (Type 2C, for paired parts) is not expected; highdicom does not write it.
+    frame_anatomy = Dataset()
+    frame_anatomy.AnatomicRegionSequence = [
+        hd.sr.CodedConcept(anatomy.code, anatomy.dicom_scheme, anatomy.display)
+    ]
+    frame_anatomy.FrameLaterality = "U"
+    pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [frame_anatomy]
+    return pm
 
 
 def _with_type2(source: Dataset) -> Dataset:
