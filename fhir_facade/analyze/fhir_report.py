@@ -313,9 +313,7 @@ def _saliency_media(
     base: dict[str, Any] = {
         "resourceType": "Media",
         "status": "completed",
-        "type": {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image"}]
-        },
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image"}]},
         "identifier": [uid_identifier(saliency.sop_instance_uid)],
         "partOf": [{"reference": context.study_reference}],
         "issued": context.issued,

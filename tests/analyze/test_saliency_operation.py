@@ -129,10 +129,10 @@ def _head_mask(image: np.ndarray) -> np.ndarray:
             y, x = queue.popleft()
             size += 1
             for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < values.shape[0] and 0 <= nx < values.shape[1]:
-                    if foreground[ny, nx] and not labels[ny, nx]:
-                        labels[ny, nx] = label
-                        queue.append((ny, nx))
+                inside = 0 <= ny < values.shape[0] and 0 <= nx < values.shape[1]
+                if inside and foreground[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    queue.append((ny, nx))
         sizes.append(size)
     return labels == int(np.argmax(sizes))
 
@@ -223,7 +223,7 @@ class TestSaliencyMap:
         # Where the map is at its maximum: the centroid of the top (beyond the outermost patch
         # centres the map is flat, so argmax alone would pick the first pixel of a plateau).
         top = values >= values.max() - 0.01 * (values.max() - values.min())
-        peak = tuple(int(round(float(c.mean()))) for c in np.nonzero(top))
+        peak = tuple(round(float(c.mean())) for c in np.nonzero(top))
         assert mask[peak], f"the map's maximum at {peak} lies outside the head"
 
     def test_the_png_is_the_map_over_the_key_image(self, reports: list[dict[str, Any]]) -> None:
