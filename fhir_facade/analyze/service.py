@@ -11,6 +11,9 @@ Order of effects, chosen so a failure leaves nothing half-written (ADR 0006):
    Sequence (`supersede`, ADR 0031);
 5. store Device, Observations, DiagnosticReport, Provenance, the finished Task and the superseded
    reports and Observations (status `cancelled`) in ONE database transaction.
+With FACADE_ANALYZE_SALIENCY on, a positive result's key image is run through the model again with
+squares hidden (`saliency`), after the decision and before 3; its Parametric Map is stored with the
+SR in 4, in the next series (`saliency_dicom`, ADR 0035).
 Between 2 and 3 the applicability step (`applicability`, ADR 0031) leaves the slices the model
 cannot assess out of the decision. A failure in 1-4 stores nothing in the database; a failure in 5
 leaves only the SR in the PACS (logged): a derived object no report points at, which a repeated
@@ -110,7 +113,6 @@ class _KeyImageSaliency:
     plane: np.ndarray
     """One channel of the model input: the image as the model saw it, for the PNG."""
     grid: OcclusionGrid
-    class_index: int
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ class Analyzer:
         result = self._result(study_uid, manifest, scored)
         lap("decision")
         key_saliency = await self._key_image_saliency(manifest, result, limit) if self._stow else None
-        if key_saliency is not None:
+        if self._saliency is not None:
             lap("saliency")
         async with self._finishing:
             previous = await current_results(self._writers, study["id"], result)
@@ -470,7 +472,7 @@ class Analyzer:
             log.warning("No saliency map for study %s: %s", result.study_uid, exc)
             return None
         plane = tensor[..., 0] if manifest.input.layout == "NHWC" else tensor[0]
-        return _KeyImageSaliency(key, source, plane, grid, class_index)
+        return _KeyImageSaliency(key, source, plane, grid)
 
     async def _build_saliency(
         self, study_uid: str, result: AnalysisResult, key_saliency: _KeyImageSaliency, series_number: int
