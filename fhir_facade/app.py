@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,8 +40,11 @@ from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
+from fhir_facade.intake.reconcile_runtime import ReconcileRuntime
 from fhir_facade.metrics import metrics_router
 from fhir_facade.reading import ReadingRuntime
+from fhir_facade.remote_pacs import RemotePacsRuntime, parse_remote_node
+from fhir_facade.remote_pacs.orthanc_dimse import OrthancDimse
 from fhir_facade.resources.artifacts import artifact_providers
 from fhir_facade.resources.endpoint import EndpointProvider
 from fhir_facade.resources.imaging_study import ImagingStudyProvider, OrdersByAccession
@@ -168,7 +171,11 @@ def _subscribe_to_arrivals(
 
 
 def _start_watcher(
-    settings: Settings, orthanc: OrthancRestClient | None, store: ResourceStore, bus: EventBus
+    settings: Settings,
+    orthanc: OrthancRestClient | None,
+    store: ResourceStore,
+    bus: EventBus,
+    hold: Callable[[StudyArrived], Awaitable[bool]] | None = None,
 ) -> _RunningWatcher | None:
     """Publish each stable study of Orthanc's change feed as StudyArrived, when Orthanc's REST API is
     configured and watching is on. Published strictly: the feed position moves on only once every
@@ -178,6 +185,8 @@ def _start_watcher(
         return None
 
     async def on_study(study: StudyArrived) -> None:
+        if hold is not None and await hold(study):
+            return  # held for reconciliation (ADR 0039): published once it arrives corrected
         await bus.publish(study, strict=True)
 
     feed = f"orthanc-changes:{settings.orthanc_url}"
@@ -221,6 +230,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     proxy = DicomwebProxyClient.from_settings(settings)
     ctx = mapping_context(settings)
+    # Query/retrieve from the configured remote DICOM nodes, through Orthanc (ADR 0041).
+    dimse = (
+        OrthancDimse(
+            settings.orthanc_url,
+            timeout=settings.dicomweb_timeout,
+            max_connections=settings.dicomweb_max_connections,
+            auth=settings.pacs_auth,
+        )
+        if settings.orthanc_url and settings.remote_pacs.nodes
+        else None
+    )
+    remote_pacs = (
+        RemotePacsRuntime(
+            [parse_remote_node(entry) for entry in settings.remote_pacs.nodes],
+            dimse,
+            ctx,
+            local_aet=settings.remote_pacs.local_aet,
+            base_url=settings.base_url,
+        )
+        if dimse
+        else None
+    )
     bus = EventBus()  # after-commit events for every consumer (ADR 0022)
     store = ResourceStore(open_store_engine(settings), bus=bus)
     patients = PatientProvider(dicomweb, ctx, records=StoredResourceProvider("Patient", store))
@@ -242,7 +273,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     providers: list[ResourceProvider] = [
         ImagingStudyProvider(dicomweb, ctx, orthanc, _orders_by_accession(orders, settings)),
         patients,
-        EndpointProvider(ctx),
+        EndpointProvider(ctx, remote_pacs.endpoints if remote_pacs else ()),
         *stored,
         *artifact_providers(extra=catalogue.concept_maps),
         subscriptions.topic_provider,
@@ -267,10 +298,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if reading:
         stages.append(reading.stage)
+    # Reconciliation of arrivals (ADR 0039): completing a reconcile Task corrects its study.
+    reconcile = (
+        ReconcileRuntime(settings, orthanc, ctx, recorder) if orthanc and settings.reconcile.enabled else None
+    )
+    if reconcile:
+        stages.append(reconcile.stage)
     pipeline = Pipeline(stages, bus, current_access.get)
     visible = pipeline.wrap(providers)
     atomic = atomic_scope(store)  # one per store: it bounds the transactions open at once
     _subscribe_to_arrivals(settings, bus, store, visible)
+    if reconcile:
+        reconcile.bind({p.resource_type: p for p in visible}, StoredResourceProvider("Patient", store))
     if reading:
         reading.subscribe(bus, {p.resource_type: p for p in visible})
     subscription_routes = subscriptions.bind(visible, recorder)
@@ -307,7 +346,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await proxy.open()
         if orthanc:
             await orthanc.open()
-        watching = _start_watcher(settings, orthanc, store, bus)
+        if dimse:
+            await dimse.open()
+        watching = _start_watcher(settings, orthanc, store, bus, reconcile.hold if reconcile else None)
         app.state.watcher = watching.watcher if watching else None
         if analyze:
             await analyze.start()
@@ -336,6 +377,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await reading.stop()
             if watching:
                 await watching.stop()
+            if remote_pacs:
+                await remote_pacs.stop()
+            if dimse:
+                await dimse.close()
             await dicomweb.close()
             await proxy.close()
             if orthanc:
@@ -368,6 +413,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         **(reading.operations if reading else {}),
         "Subscription": list(subscriptions.operations),
     }
+    if remote_pacs:
+        operations["ImagingStudy"] = [*operations.get("ImagingStudy", []), *remote_pacs.operations]
     authenticate, security = _install_security(app, settings, ExpiringEntries(store.engine))
     guarded = [Depends(authenticate)]
     # Admin-only whether or not an upstream is set: a non-admin learns nothing of the configuration.
@@ -380,6 +427,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
     if reading and reading.router:  # $ai-performance (ADR 0034), before the FHIR router too
         app.include_router(reading.router, dependencies=guarded)
+    if remote_pacs:  # $query-remote, $retrieve-remote (ADR 0041), before the FHIR router too
+        by_type = {p.resource_type: p for p in visible}
+        app.include_router(
+            remote_pacs.bind(pipeline, by_type["Task"], by_type["ImagingStudy"]), dependencies=guarded
+        )
     # Before the FHIR router, whose /{type}/{id} catch-all would shadow the operations.
     app.include_router(subscription_routes, dependencies=guarded)
     # The websocket channel's socket: no bearer dependency, a browser cannot send one; the binding

@@ -26,6 +26,8 @@ __all__ = [
     "LimitsSettings",
     "LockoutSettings",
     "ReadingSettings",
+    "ReconcileSettings",
+    "RemotePacsSettings",
     "Settings",
     "SettingsSection",
     "SubscriptionSettings",
@@ -127,10 +129,13 @@ class InferenceSettings(SettingsSection):
     """Where the model runs (FACADE_INFERENCE_*)."""
 
     prefix = "inference_"
-    backend: Literal["onnxruntime", "kserve-v2"]
+    backend: Literal["onnxruntime", "kserve-v2", "torch"]
     url: str | None
     providers: tuple[str, ...] | None
     threads: int | None
+    device_id: int
+    torch_device: Literal["auto", "cuda", "cpu"]
+    torch_precision: Literal["fp32", "tf32", "bf16"]
 
 
 class AnalyzeSettings(SettingsSection):
@@ -198,12 +203,29 @@ class LockoutSettings(SettingsSection):
     max_tracked: int
 
 
+class ReconcileSettings(SettingsSection):
+    """Reconciliation of arrivals (FACADE_RECONCILE_*, ADR 0039): which arrived studies are held
+    for a person, with a reconcile Task, before anything else is done with them."""
+
+    prefix = "reconcile_"
+    enabled: bool
+    require_known_patient: bool
+
+
 class ReplicaSettings(SettingsSection):
     """Several facade processes on one database (FACADE_REPLICA_*, ADR 0032)."""
 
     prefix = "replica_"
     lease_seconds: float
     id: str | None
+
+
+class RemotePacsSettings(SettingsSection):
+    """Query/retrieve from remote DICOM nodes (FACADE_REMOTE_PACS_*, ADR 0041)."""
+
+    prefix = "remote_pacs_"
+    nodes: tuple[str, ...]
+    local_aet: str
 
 
 class Settings(BaseSettings):
@@ -270,6 +292,17 @@ class Settings(BaseSettings):
             "only. FACADE_WORKLIST_STATION_AE_TITLE@127.0.0.1 is always admitted; anyone else is "
             "refused."
         ),
+    )
+    remote_pacs_nodes: tuple[str, ...] = Field(
+        (),
+        description=(
+            "Remote DICOM nodes (other PACS, modalities) to query and retrieve from, as a JSON list "
+            "of 'NAME=AET@ip-address[:port]'; each NAME must also be an Orthanc DicomModalities "
+            "entry (the embedded Orthanc gets them). Only these can be addressed (ADR 0041)."
+        ),
+    )
+    remote_pacs_local_aet: str = Field(
+        "ORTHANC", description="AE title of the local Orthanc: the C-MOVE destination of a retrieve."
     )
     data_dir: Path = Field(Path(".data"), description="Where the embedded set-up keeps its files.")
     database_url: str | None = Field(
@@ -404,6 +437,18 @@ class Settings(BaseSettings):
             "the Task is kept). false: the demo study gets no arrival Task; $analyze still works."
         ),
     )
+    reconcile_enabled: bool = Field(
+        True,
+        description="Hold an arrived study whose AccessionNumber is a stored order of another patient "
+        "(and, with FACADE_RECONCILE_REQUIRE_KNOWN_PATIENT, one of no stored Patient) with a "
+        "reconcile Task; completing it corrects the study in the PACS (needs FACADE_ORTHANC_URL).",
+    )
+    reconcile_require_known_patient: bool = Field(
+        False,
+        description="Hold an arrived study whose PatientID (+issuer) is no stored Patient's identifier. "
+        "For sites whose EHR stores its Patients here; off, studies of patients the facade only knows "
+        "from the PACS are not held.",
+    )
     reading_enabled: bool = Field(
         True, description="Reading Tasks for studies that need a read, triaged by the AI result (ADR 0033)."
     )
@@ -477,11 +522,12 @@ class Settings(BaseSettings):
             "(FHIR dateTimes with a time need an offset)."
         ),
     )
-    inference_backend: Literal["onnxruntime", "kserve-v2"] = Field(
+    inference_backend: Literal["onnxruntime", "kserve-v2", "torch"] = Field(
         "onnxruntime",
         description=(
             "Where $analyze runs models: in-process ONNX Runtime, or a remote server speaking the "
-            "Open Inference Protocol (KServe v2 REST: Triton, KServe, MLServer) at FACADE_INFERENCE_URL."
+            "Open Inference Protocol (KServe v2 REST: Triton, KServe, MLServer) at FACADE_INFERENCE_URL, "
+            "or in-process PyTorch on the ONNX model converted by onnx2torch (extra `torch`; ADR 0037)."
         ),
     )
     inference_url: str | None = Field(
@@ -496,6 +542,23 @@ class Settings(BaseSettings):
     )
     inference_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."
+    )
+    inference_device_id: int = Field(
+        0, ge=0, description="The GPU (CUDA ordinal) ONNX Runtime's CUDA provider and the torch backend use."
+    )
+    inference_torch_device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description=(
+            "torch backend: `auto` runs on the GPU when PyTorch sees one and says so in a warning when "
+            "it falls back to the CPU; `cuda` refuses to start without one; `cpu` never uses one."
+        ),
+    )
+    inference_torch_precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "tf32",
+        description=(
+            "torch backend on a GPU: fp32 (exact), tf32 (TensorFloat-32 matrix products; agrees with "
+            "ONNX Runtime to about 1e-5) or bf16 autocast (about 1e-4, fastest)."
+        ),
     )
     analyze_enabled: bool = Field(
         True, description="Offer $analyze (loads and warms up the models at start-up)."
@@ -738,6 +801,15 @@ class Settings(BaseSettings):
             parse_dicom_peer(entry)
         return value
 
+    @field_validator("remote_pacs_nodes")
+    @classmethod
+    def _remote_nodes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from fhir_facade.embedded.remote_nodes import parse_remote_node
+
+        for entry in value:
+            parse_remote_node(entry)
+        return value
+
     @field_validator("worklist_procedure_map")
     @classmethod
     def _procedure_map(cls, value: Path | None) -> Path | None:
@@ -798,6 +870,14 @@ class Settings(BaseSettings):
     @cached_property
     def lockout(self) -> LockoutSettings:
         return LockoutSettings.of(self)
+
+    @cached_property
+    def reconcile(self) -> ReconcileSettings:
+        return ReconcileSettings.of(self)
+
+    @cached_property
+    def remote_pacs(self) -> RemotePacsSettings:
+        return RemotePacsSettings.of(self)
 
     @cached_property
     def replica(self) -> ReplicaSettings:
