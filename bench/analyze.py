@@ -8,6 +8,7 @@ the study watcher off, SR write-back on as by default). Three parts, each runs a
     .venv/bin/python bench/analyze.py concurrency [--levels 1,4,16] [--slices 20] [--workers 1]
     .venv/bin/python bench/analyze.py memory [--instances 500] [--timeout 600]
     .venv/bin/python bench/analyze.py applicability [--rounds 5] [--step 0]
+    .venv/bin/python bench/analyze.py saliency [--rounds 3] [--patch 48] [--stride 24]
 
 Options of every part: `--threads N` (ONNX Runtime intra-op threads, FACADE_INFERENCE_THREADS for
 the facade and the same for the bench's own session; default: ONNX Runtime's choice on both sides)
@@ -33,6 +34,12 @@ list, and the same list for the bench's own session; default: the facade's defau
   (interleaved) one synchronous `$analyze` of the demo study (its 24 slices under fresh UIDs; with
   `--step k`, every k-th axial slice of the whole Colin27 volume instead) on each. Prints the
   medians of the POST wall time and of the server's own time, and each one's conclusion.
+
+- saliency: the cost of the key-image saliency map (ADR 0035). Two facades on one Orthanc, both
+  with the applicability step off (so the demo study is positive, "meningioma", and a map is
+  made), one with FACADE_ANALYZE_SALIENCY=true (--patch, --stride), one with false; per round
+  (interleaved) one synchronous `$analyze` of the demo study on each. Prints the medians side by
+  side, the ratio on / off (over 2: the setting stays off by default) and the saliency phase.
 
 Every part does one untimed warm-up analysis first. All traffic goes to 127.0.0.1; the facade and
 Orthanc are stopped and the temp dirs removed in `finally`/`with` blocks.
@@ -462,6 +469,71 @@ def run_applicability(args: argparse.Namespace) -> None:
         print(f"conclusion ({'on' if flag == 'true' else 'off'}): {conclusions[flag]}")
 
 
+def run_saliency(args: argparse.Namespace) -> None:
+    template = build_demo_study()
+    study_uid, datasets = brain_study(template, len(template), "SALIENCY")
+    common = {"FACADE_ANALYZE_SLICE_APPLICABILITY": "false"}
+    with orthanc_in_tmp() as (orthanc, tmp, stack):
+        store(orthanc.url, datasets)
+        servers = {
+            flag: stack.enter_context(
+                facade(
+                    orthanc,
+                    tmp,
+                    args,
+                    name=f"facade-saliency-{flag}",
+                    extra_env={
+                        **common,
+                        "FACADE_ANALYZE_SALIENCY": flag,
+                        "FACADE_ANALYZE_SALIENCY_PATCH": str(args.patch),
+                        "FACADE_ANALYZE_SALIENCY_STRIDE": str(args.stride),
+                    },
+                )
+            )
+            for flag in ("true", "false")
+        }
+        clients = {
+            flag: stack.enter_context(httpx.Client(base_url=server.base_url, timeout=600))
+            for flag, server in servers.items()
+        }
+        media = {}
+        for flag, client in clients.items():  # warm-up, and whether a map was made
+            report = client.post(f"/ImagingStudy/{study_uid}/$analyze").json()
+            media[flag] = len(report.get("media", []))
+            servers[flag].log.new_analyses()
+        wall: dict[str, list[float]] = {"true": [], "false": []}
+        inside: dict[str, list[float]] = {"true": [], "false": []}
+        offsets = {flag: server.log.path.stat().st_size for flag, server in servers.items()}
+        for _ in range(args.rounds):
+            for flag, client in clients.items():
+                wall[flag].append(analyze(client, study_uid))
+                inside[flag].extend(f.seconds for f in servers[flag].log.new_analyses())
+        phases = {
+            flag: _phase_medians(server.log.path.read_bytes()[offsets[flag] :].decode("utf-8", "replace"))
+            for flag, server in servers.items()
+        }
+    on, off = statistics.median(wall["true"]), statistics.median(wall["false"])
+    print(
+        f"\n$analyze of the demo study ({len(datasets)} slices, applicability off), {args.rounds} rounds, "
+        f"interleaved; saliency patch {args.patch}, stride {args.stride}"
+    )
+    header = ("POST median s", "min s", "max s", "server median s")
+    print(f"{'saliency':<20} {header[0]:>14} {header[1]:>7} {header[2]:>7} {header[3]:>16}")
+    for flag in ("true", "false"):
+        print(
+            f"{'on' if flag == 'true' else 'off':<20} {statistics.median(wall[flag]):>14.3f} "
+            f"{min(wall[flag]):>7.3f} {max(wall[flag]):>7.3f} {statistics.median(inside[flag]):>16.3f}"
+        )
+    print(
+        f"ratio on / off (POST medians): {on / off:.2f} "
+        f"({'more' if on > 2 * off else 'not more'} than double)"
+    )
+    print("phases inside Analyzer.analyze (medians, s): on / off")
+    for name in phases["true"]:
+        print(f"  {name:<10} {phases['true'][name]:>8.3f} / {phases['false'].get(name, 0.0):.3f}")
+    print(f"key-image media in the report: on {media['true']}, off {media['false']}")
+
+
 #: The phase list at the end of the "Analyzed study" line: "(inference 1.23 s; select 0.010, ...)".
 PHASES = re.compile(r"\(inference [\d.]+ s; (?P<phases>[^)]*)\)")
 
@@ -497,12 +569,17 @@ def main() -> None:
     applicability = parts.add_parser("applicability", parents=[common], help="cost of the slice step")
     applicability.add_argument("--rounds", type=int, default=5)
     applicability.add_argument("--step", type=int, default=0, help="every k-th Colin27 slice (0: demo)")
+    saliency = parts.add_parser("saliency", parents=[common], help="cost of the saliency map")
+    saliency.add_argument("--rounds", type=int, default=3)
+    saliency.add_argument("--patch", type=int, default=48, help="FACADE_ANALYZE_SALIENCY_PATCH")
+    saliency.add_argument("--stride", type=int, default=24, help="FACADE_ANALYZE_SALIENCY_STRIDE")
     args = parser.parse_args()
     parts_by_name = {
         "ratio": run_ratio,
         "concurrency": run_concurrency,
         "memory": run_memory,
         "applicability": run_applicability,
+        "saliency": run_saliency,
     }
     parts_by_name[args.part](args)
 

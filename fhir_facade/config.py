@@ -152,6 +152,9 @@ class AnalyzeSettings(SettingsSection):
     timeout: float | None
     write_sr: bool
     slice_applicability: bool
+    saliency: bool
+    saliency_patch: int
+    saliency_stride: int
 
 
 class ReadingSettings(SettingsSection):
@@ -603,6 +606,20 @@ class Settings(BaseSettings):
             "the study decision and list them in the report (ADR 0031). false: every slice counts, as "
             "before; only to measure the step's cost or reproduce an earlier result."
         ),
+    )
+    analyze_saliency: bool = Field(
+        False,
+        description=(
+            "With a positive finding, compute an occlusion-sensitivity map of the key image with the "
+            "model and store it as a DICOM Parametric Map next to the SR, referenced from the SR and the "
+            "report (ADR 0035). Off by default: it costs several times the analysis (docs/performance.md)."
+        ),
+    )
+    analyze_saliency_patch: int = Field(
+        48, ge=4, description="Side of the occluding square, in model input pixels (ADR 0035)."
+    )
+    analyze_saliency_stride: int = Field(
+        24, ge=1, description="Step between occluding squares, in model input pixels (ADR 0035)."
     )
     default_page_size: int = Field(20, ge=1, description="Search page size when _count is absent.")
     max_page_size: int = Field(500, ge=1, description="Upper bound for _count.")

@@ -25,8 +25,9 @@ esac
 
 RUN_APT_PACKAGES=(orthanc orthanc-dicomweb mricron-data)
 # dcmtk: findscu/storescu in the worklist and modality tests; docker-compose: `config -q` of the
-# deployment file; chromium + chromium-driver: the real-browser tests (tests/test_api_docs.py).
-TEST_APT_PACKAGES=(dcmtk docker-compose chromium chromium-driver)
+# deployment file; chromium + chromium-driver: the real-browser tests (tests/test_api_docs.py);
+# dicom3tools: dciodvfy checks the saliency Parametric Map against its IOD (ADR 0035).
+TEST_APT_PACKAGES=(dcmtk docker-compose chromium chromium-driver dicom3tools)
 
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"

@@ -55,6 +55,7 @@ __all__ = [
     "FIRST_AI_SERIES_NUMBER",
     "PROBABILITY_UNIT",
     "PROCEDURE_MR_BRAIN",
+    "SALIENCY_MAP_CONCEPT",
     "build_analysis_sr",
     "evidence_header",
     "sr_retrieve_url",
@@ -70,6 +71,12 @@ FIRST_AI_SERIES_NUMBER = 9901
 
 #: LOINC 24590-2, listed in DICOM PS3.16 (CID 646) as "Brain MRI": the procedure reported.
 PROCEDURE_MR_BRAIN = CodedConcept("http://loinc.org", "24590-2", "Brain MRI")
+
+#: The measurement group's reference to the saliency map of the key image (ADR 0035): no DICOM
+#: code names "saliency map", so a local one (PS3.16 8.2).
+SALIENCY_MAP_CONCEPT = hd.sr.CodedConcept(
+    value="saliency-map", scheme_designator="99FHIRFACADE", meaning="Saliency map (occlusion sensitivity)"
+)
 
 #: UCUM annotation "{probability}": a dimensionless 1 with a name saying what the number is.
 PROBABILITY_UNIT = hd.sr.CodedConcept(value="{probability}", scheme_designator="UCUM", meaning="probability")
@@ -186,6 +193,7 @@ def build_analysis_sr(
     institutional_department_name: str | None = None,
     series_description: str = "AI result (preliminary, unverified)",
     predecessors: Sequence[PreviousSr] = (),
+    saliency_map: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the Comprehensive 3D SR (TID 1500) that reports `result` on its study.
 
@@ -195,7 +203,8 @@ def build_analysis_sr(
     `series_number` is the caller's too: the next free one of the study (`sr_series_number`).
     `manufacturer` is the equipment that writes the SR (this facade); the model is named in the
     content (device observer, algorithm identification). `predecessors`: the SRs of the results
-    this one supersedes (Predecessor Documents Sequence).
+    this one supersedes (Predecessor Documents Sequence). `saliency_map`: the result's saliency
+    Parametric Map (ADR 0035), referenced from the measurement group and listed in the evidence.
     """
     for argument, value in (("series_uid", series_uid), ("sop_instance_uid", sop_instance_uid)):
         if len(value) > 64 or not RE_VALID_UID.match(value):
@@ -259,6 +268,15 @@ def build_analysis_sr(
         ]
         or None,
     )
+    if saliency_map is not None:
+        group[0].ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=SALIENCY_MAP_CONCEPT,
+                referenced_sop_class_uid=str(saliency_map.SOPClassUID),
+                referenced_sop_instance_uid=str(saliency_map.SOPInstanceUID),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -289,6 +307,8 @@ def build_analysis_sr(
     # The library images first: highdicom copies the Patient and Study modules from evidence[0].
     library_uids = {str(h.SOPInstanceUID) for h in library}
     ordered = library + [h for h in headers if str(h.SOPInstanceUID) not in library_uids]
+    if saliency_map is not None:
+        ordered.append(evidence_header(saliency_map))
     return hd.sr.Comprehensive3DSR(
         evidence=ordered,
         content=report,

@@ -14,6 +14,7 @@ anything is stored.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "SOURCE_IMAGE_EXTENSION",
     "AnalysisContext",
     "AnalysisResources",
+    "SaliencyReference",
     "SrReference",
     "build_resources",
     "device_id",
@@ -58,6 +60,20 @@ class SrReference:
     sop_instance_uid: str
     series_uid: str
     retrieve_url: str
+
+
+@dataclass(frozen=True)
+class SaliencyReference:
+    """The saliency map of the key image (ADR 0035): the Parametric Map in the PACS and its PNG
+    rendering over the image."""
+
+    sop_instance_uid: str
+    retrieve_url: str
+    key_sop_instance_uid: str
+    key_instance_number: int | None
+    concept: CodedConcept
+    png: bytes
+    method: str
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,7 @@ class AnalysisContext:
     accession_number: str | None = None
     replaces: tuple[str, ...] = ()
     """`DiagnosticReport/<id>` of the current results this one supersedes (ADR 0031)."""
+    saliency: SaliencyReference | None = None
 
 
 @dataclass(frozen=True)
@@ -276,7 +293,56 @@ def _report(result: AnalysisResult, context: AnalysisContext, observation_refs: 
                 "title": "DICOM Comprehensive 3D SR (TID 1500) of this result, in the PACS",
             }
         ]
+    if context.saliency is not None:
+        report["contained"], report["media"] = _saliency_media(context.saliency, context)
     return report
+
+
+def _saliency_media(
+    saliency: SaliencyReference, context: AnalysisContext
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The key image's saliency map as R4 DiagnosticReport.media ("key images associated with
+    this report"), each a contained Media (the facade stores no Media of its own, ADR 0035): the
+    PNG rendering for any client, and the DICOM Parametric Map in the PACS for viewers."""
+    number = saliency.key_instance_number
+    image = f"image {number}" if number is not None else "the key image"
+    comment = (
+        f"Where the model found the evidence for {saliency.concept.display} on {image} "
+        f"(urn:oid:{saliency.key_sop_instance_uid}): {saliency.method}. Preliminary."
+    )
+    base: dict[str, Any] = {
+        "resourceType": "Media",
+        "status": "completed",
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image"}]},
+        "identifier": [uid_identifier(saliency.sop_instance_uid)],
+        "partOf": [{"reference": context.study_reference}],
+        "issued": context.issued,
+    }
+    if context.subject:
+        base["subject"] = context.subject
+    rendered = {
+        **base,
+        "id": "saliency-png",
+        "content": {
+            "contentType": "image/png",
+            "data": base64.b64encode(saliency.png).decode("ascii"),
+            "title": f"Saliency map over {image}",
+        },
+    }
+    dicom = {
+        **base,
+        "id": "saliency-dicom",
+        "content": {
+            "contentType": "application/dicom",
+            "url": saliency.retrieve_url,
+            "title": f"DICOM Parametric Map over {image}, in the PACS",
+        },
+    }
+    media = [
+        {"comment": comment, "link": {"reference": "#saliency-png"}},
+        {"comment": comment, "link": {"reference": "#saliency-dicom"}},
+    ]
+    return [rendered, dicom], media
 
 
 def _provenance(context: AnalysisContext, targets: list[str], device_ref: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from fhir_facade.analyze.endpoint import build_analyze_router
 from fhir_facade.analyze.inference import create_backend
 from fhir_facade.analyze.jobs import AnalysisJobs
 from fhir_facade.analyze.manifest import load_manifests
+from fhir_facade.analyze.saliency import SaliencyOptions
 from fhir_facade.analyze.service import Analyzer
 from fhir_facade.auth.enforcement import AuthorizationStage
 from fhir_facade.config import Settings
@@ -87,6 +88,9 @@ class AnalyzeRuntime:
             link_base=settings.dicomweb_link_url,
             timeout=settings.analyze.timeout,
             slice_applicability=settings.analyze.slice_applicability,
+            saliency=SaliencyOptions(settings.analyze.saliency_patch, settings.analyze.saliency_stride)
+            if settings.analyze.saliency
+            else None,
         )
         tasks = providers["Task"]
         assert isinstance(tasks, StoredResourceProvider)

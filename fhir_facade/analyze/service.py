@@ -11,6 +11,9 @@ Order of effects, chosen so a failure leaves nothing half-written (ADR 0006):
    Sequence (`supersede`, ADR 0031);
 5. store Device, Observations, DiagnosticReport, Provenance, the finished Task and the superseded
    reports and Observations (status `cancelled`) in ONE database transaction.
+With FACADE_ANALYZE_SALIENCY on, a positive result's key image is run through the model again with
+squares hidden (`saliency`), after the decision and before 3; its Parametric Map is stored with the
+SR in 4, in the next series (`saliency_dicom`, ADR 0035).
 Between 2 and 3 the applicability step (`applicability`, ADR 0031) leaves the slices the model
 cannot assess out of the decision. A failure in 1-4 stores nothing in the database; a failure in 5
 leaves only the SR in the PACS (logged): a derived object no report points at, which a repeated
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
@@ -41,6 +45,7 @@ from fhir_facade.analyze.errors import ai_inference_timeout, fhir_mapping_error
 from fhir_facade.analyze.fhir_report import (
     AnalysisContext,
     AnalysisResources,
+    SaliencyReference,
     SrReference,
     build_resources,
 )
@@ -52,8 +57,11 @@ from fhir_facade.analyze.pixels import (
     UndecodableImage,
     iter_batches,
     select_for_study,
+    to_model_input,
 )
 from fhir_facade.analyze.result import AnalysisResult, ExcludedInstance, ScoredInstance
+from fhir_facade.analyze.saliency import OcclusionGrid, SaliencyOptions, key_instance, occlusion_sensitivity
+from fhir_facade.analyze.saliency_dicom import build_saliency_map, render_overlay_png
 from fhir_facade.analyze.sr_series_number import study_next_series_number
 from fhir_facade.analyze.supersede import PreviousResult, current_results, superseded
 from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
@@ -97,6 +105,17 @@ class _Scored:
 
 
 @dataclass(frozen=True)
+class _KeyImageSaliency:
+    """The occlusion map of the key image (ADR 0035), before it becomes DICOM and FHIR."""
+
+    key: ScoredInstance
+    source: pydicom.Dataset
+    plane: np.ndarray
+    """One channel of the model input: the image as the model saw it, for the PNG."""
+    grid: OcclusionGrid
+
+
+@dataclass(frozen=True)
 class AnalysisOutcome:
     """The stored result: the report, the other resources, and what was measured."""
 
@@ -128,6 +147,7 @@ class Analyzer:
         link_base: str,
         timeout: float | None = None,
         slice_applicability: bool = True,
+        saliency: SaliencyOptions | None = None,
     ) -> None:
         self.manifests = manifests
         self.backends = backends
@@ -141,6 +161,7 @@ class Analyzer:
         self._link_base = link_base
         self._timeout = timeout
         self._slice_applicability = slice_applicability
+        self._saliency = saliency
         # One result finished at a time (SR series number taken, SR stored, resources written), so
         # two results of one study finishing together in this process neither take the same number
         # nor miss each other when the later one supersedes the earlier (ADR 0031).
@@ -202,19 +223,24 @@ class Analyzer:
             ) from exc
         result = self._result(study_uid, manifest, scored)
         lap("decision")
+        key_saliency = await self._key_image_saliency(manifest, result, limit) if self._stow else None
+        if self._saliency is not None:
+            lap("saliency")
         async with self._finishing:
             previous = await current_results(self._writers, study["id"], result)
             lap("previous")
-            sr_dataset, sr_ref = (
-                await self._build_sr(study_uid, result, scored.headers, previous)
+            sr_dataset, sr_ref, saliency_map, saliency_ref = (
+                await self._build_sr(study_uid, result, scored.headers, previous, key_saliency)
                 if self._stow
-                else (None, None)
+                else (None, None, None, None)
             )
             lap("sr")
-            resources = self._resources(result, study, sr_ref, previous)
+            resources = self._resources(result, study, sr_ref, previous, saliency_ref)
             lap("fhir")
             if sr_dataset is not None and self._stow is not None:
-                await self._store_sr(study_uid, sr_dataset)
+                await self._store_sr(
+                    study_uid, [sr_dataset] if saliency_map is None else [saliency_map, sr_dataset]
+                )
             lap("stow")
             completed_task = _completed_task(task, resources) if task else None
             task_version = str(task.get("meta", {}).get("versionId", "")) if task else ""
@@ -372,7 +398,10 @@ class Analyzer:
         result: AnalysisResult,
         evidence: list[pydicom.Dataset],
         previous: Sequence[PreviousResult],
-    ) -> tuple[pydicom.Dataset, SrReference]:
+        key_saliency: _KeyImageSaliency | None = None,
+    ) -> tuple[pydicom.Dataset, SrReference, pydicom.Dataset | None, SaliencyReference | None]:
+        """The SR and, with a key image saliency, its Parametric Map (the SR's series number + 1,
+        so the map is listed right after the SR it belongs to)."""
         series_uid, sop_uid = generate_uid(), generate_uid()
         try:
             series_number = await study_next_series_number(self._qido, study_uid)
@@ -389,6 +418,11 @@ class Analyzer:
                     )
                 ],
             ) from exc
+        saliency_map, saliency_ref = None, None
+        if key_saliency is not None:
+            saliency_map, saliency_ref = await self._build_saliency(
+                study_uid, result, key_saliency, series_number + 1
+            )
         try:
             dataset = await asyncio.to_thread(
                 build_analysis_sr,
@@ -398,17 +432,93 @@ class Analyzer:
                 sop_instance_uid=sop_uid,
                 series_number=series_number,
                 predecessors=[p.sr for p in previous if p.sr is not None],
+                saliency_map=saliency_map,
             )
         except Exception as exc:
             log.exception("DICOM SR could not be built for study %s", study_uid)
             raise fhir_mapping_error(f"The DICOM SR of the result could not be built: {exc}") from exc
         url = sr_retrieve_url(self._link_base, study_uid, series_uid, sop_uid)
-        return dataset, SrReference(sop_uid, series_uid, url)
+        return dataset, SrReference(sop_uid, series_uid, url), saliency_map, saliency_ref
 
-    async def _store_sr(self, study_uid: str, dataset: pydicom.Dataset) -> None:
+    async def _key_image_saliency(
+        self, manifest: ModelManifest, result: AnalysisResult, limit: float
+    ) -> _KeyImageSaliency | None:
+        """The occlusion map of a positive result's key image (ADR 0035), with the analysis's own
+        backend and preprocessing, or None (setting off, no finding, or it failed: the map is
+        extra evidence, so a failure is logged and the result goes on without it)."""
+        options = self._saliency
+        key = key_instance(result, manifest.output.negative_label) if options else None
+        if options is None or key is None:
+            return None
+        backend = self.backends[manifest.id]
+        class_index = manifest.output.labels.index(result.decision.label)
+        try:
+            async with asyncio.timeout(limit):
+                source = await self._wado.retrieve_instance(
+                    result.study_uid, key.series_uid, key.sop_instance_uid
+                )
+                tensor = await asyncio.to_thread(to_model_input, source, manifest.input)
+                grid = await asyncio.to_thread(
+                    occlusion_sensitivity,
+                    backend.infer,
+                    tensor,
+                    manifest.input,
+                    class_index,
+                    patch=options.patch,
+                    stride=options.stride,
+                    batch_size=manifest.batch_size,
+                )
+        except (TimeoutError, DicomwebError, UndecodableImage, InferenceError) as exc:
+            log.warning("No saliency map for study %s: %s", result.study_uid, exc)
+            return None
+        plane = tensor[..., 0] if manifest.input.layout == "NHWC" else tensor[0]
+        return _KeyImageSaliency(key, source, plane, grid)
+
+    async def _build_saliency(
+        self, study_uid: str, result: AnalysisResult, key_saliency: _KeyImageSaliency, series_number: int
+    ) -> tuple[pydicom.Dataset, SaliencyReference]:
+        assert self._saliency is not None
+        series_uid, sop_uid = generate_uid(), generate_uid()
+        concept = result.decision.concept
+        try:
+            dataset = await asyncio.to_thread(
+                build_saliency_map,
+                key_saliency.source,
+                key_saliency.grid,
+                concept,
+                series_uid=series_uid,
+                sop_instance_uid=sop_uid,
+                series_number=series_number,
+                model_id=result.model_id,
+                patch=self._saliency.patch,
+                stride=self._saliency.stride,
+            )
+            png = await asyncio.to_thread(
+                render_overlay_png, key_saliency.source, key_saliency.plane, key_saliency.grid
+            )
+        except Exception as exc:
+            log.exception("The saliency map could not be built for study %s", study_uid)
+            raise fhir_mapping_error(f"The saliency map of the result could not be built: {exc}") from exc
+        key = key_saliency.key
+        reference = SaliencyReference(
+            sop_instance_uid=sop_uid,
+            retrieve_url=sr_retrieve_url(self._link_base, study_uid, series_uid, sop_uid),
+            key_sop_instance_uid=key.sop_instance_uid,
+            key_instance_number=key.instance_number,
+            concept=concept,
+            png=png,
+            method=(
+                f"occlusion sensitivity, drop of the class log-odds when a {self._saliency.patch}-pixel "
+                f"square of the model input is hidden, stride {self._saliency.stride} "
+                f"({key_saliency.grid.passes} occluded copies)"
+            ),
+        )
+        return dataset, reference
+
+    async def _store_sr(self, study_uid: str, datasets: list[pydicom.Dataset]) -> None:
         assert self._stow is not None
         try:
-            await self._stow.store([dataset], study_uid=study_uid)
+            await self._stow.store(datasets, study_uid=study_uid)
         except DicomwebUnavailable as exc:
             raise dicom_service_unavailable(f"The PACS did not accept the result SR: {exc}") from exc
         except DicomwebError as exc:
@@ -423,6 +533,7 @@ class Analyzer:
         study: dict[str, Any],
         sr: SrReference | None,
         previous: Sequence[PreviousResult],
+        saliency: SaliencyReference | None = None,
     ) -> AnalysisResources:
         issued = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         context = AnalysisContext(
@@ -438,6 +549,7 @@ class Analyzer:
             study_description=study.get("description"),
             accession_number=_accession_number(study),
             replaces=tuple(f"DiagnosticReport/{p.report_id}" for p in previous),
+            saliency=saliency,
         )
         try:
             resources = build_resources(result, context)
