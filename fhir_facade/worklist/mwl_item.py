@@ -36,7 +36,11 @@ __all__ = [
     "RequestedProcedure",
     "WorklistMappingError",
     "check_stations",
+    "dicom_patient_sex",
+    "fhir_birth_date_as_da",
     "is_imaging_order",
+    "order_accession_number",
+    "pn_from_human_names",
     "requested_procedure",
     "worklist_item",
 ]
@@ -143,7 +147,7 @@ def worklist_item(
     _patient_attributes(ds, service_request, patient)
 
     # Imaging Service Request module (PS3.3 C.4.13).
-    ds.AccessionNumber = _accession_number(service_request)
+    ds.AccessionNumber = order_accession_number(service_request)
     ds.ReferringPhysicianName = _pn_from_text(_reference_display(service_request.get("requester")))
 
     # Requested Procedure module (PS3.3 C.4.11).
@@ -219,7 +223,7 @@ def _patient_attributes(
         )
     ds.PatientID = patient_id
 
-    name = _pn_from_human_names(patient.get("name", [])) if patient is not None else ""
+    name = pn_from_human_names(patient.get("name", [])) if patient is not None else ""
     name = name or _pn_from_text(_reference_display(subject))
     if not name:
         raise WorklistMappingError(
@@ -227,10 +231,20 @@ def _patient_attributes(
         )
     ds.PatientName = name
 
-    birth_date = str((patient or {}).get("birthDate", ""))
-    # DA needs a full date (PS3.5 6.2); FHIR allows "1970" or "1970-05", which stay empty here.
-    ds.PatientBirthDate = birth_date.replace("-", "") if _FHIR_DATE.fullmatch(birth_date) else ""
-    ds.PatientSex = _SEXES.get(str((patient or {}).get("gender", "")), "")
+    ds.PatientBirthDate = fhir_birth_date_as_da((patient or {}).get("birthDate"))
+    ds.PatientSex = dicom_patient_sex((patient or {}).get("gender"))
+
+
+def fhir_birth_date_as_da(birth_date: Any) -> str:
+    """Patient.birthDate -> DA. DA needs a full date (PS3.5 6.2); FHIR allows "1970" or "1970-05",
+    which give "" (PatientBirthDate is Type 2: present, possibly empty)."""
+    text = str(birth_date or "")
+    return text.replace("-", "") if _FHIR_DATE.fullmatch(text) else ""
+
+
+def dicom_patient_sex(gender: Any) -> str:
+    """Patient.gender -> Patient's Sex (0010,0040) M, F, O; "unknown" or none gives ""."""
+    return _SEXES.get(str(gender or ""), "")
 
 
 def _pn_component(text: str) -> str:
@@ -238,7 +252,7 @@ def _pn_component(text: str) -> str:
     return re.sub(r"[\^=\\]", " ", text).strip()
 
 
-def _pn_from_human_names(names: Sequence[Mapping[str, Any]]) -> str:
+def pn_from_human_names(names: Sequence[Mapping[str, Any]]) -> str:
     """HumanName -> PN family^given^middle^prefix^suffix (PS3.5 6.2.1); the official name first.
 
     given[0] is the given name and further given names the middle name, the inverse of
@@ -272,7 +286,7 @@ def _reference_display(reference: Mapping[str, Any] | None) -> str:
     return str((reference or {}).get("display", ""))
 
 
-def _accession_number(service_request: Mapping[str, Any]) -> str:
+def order_accession_number(service_request: Mapping[str, Any]) -> str:
     """The identifier typed v2-0203 ACSN (the ImagingStudy convention), else the first one."""
     identifiers = [i for i in service_request.get("identifier", []) if i.get("value")]
     for identifier in identifiers:
