@@ -9,6 +9,8 @@ import pytest
 
 from fhir_facade.config import (
     AnalyzeSettings,
+    ImportSettings,
+    ImportSettings,
     InferenceSettings,
     LimitsSettings,
     LockoutSettings,
