@@ -112,7 +112,7 @@ def _validate(
         "refused" if verdict.errors else "stored",
         [*verdict.errors, *verdict.warnings],
         verdict.sop_instance_uid,
-        verdict.study_uid if verdict.ok else None,
+        verdict.study_uid if verdict.study_uid and not any("StudyInstanceUID" in e for e in verdict.errors) else None,
     )
     return verdict, result
 
@@ -252,6 +252,7 @@ def run_import(
         candidate = _Candidate(member, verdict, _content_key(member, options.target), result)
         if not verdict.ok:
             member.path.unlink(missing_ok=True)
+            candidates.append(candidate)  # its study is not stored either
         else:
             uid = verdict.sop_instance_uid or ""
             twin = seen.get(uid)
