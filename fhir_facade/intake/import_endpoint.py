@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +48,7 @@ from fhir_facade.intake.import_ledger import ImportLedger
 from fhir_facade.intake.import_pacs import OrthancStore
 from fhir_facade.intake.import_run import ImportOptions, report_parameters, run_import
 from fhir_facade.intake.import_sources import body_kind, spool_body
+from fhir_facade.intake.validation import warm_up
 
 __all__ = ["IMPORT_OPERATION", "JOBS_PATH", "ImportService"]
 
@@ -99,6 +101,7 @@ class ImportService:
             auth=settings.pacs_auth,
         )
         self.operations: dict[str, list[dict[str, str]]] = {"ImagingStudy": [IMPORT_OPERATION]}
+        threading.Thread(target=warm_up, name="import-validation-tables", daemon=True).start()
         self.router = self._build_router()
 
     async def close(self) -> None:

@@ -20,7 +20,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +88,8 @@ class _Candidate:
     verdict: Verdict
     key: str
     result: InstanceResult
+    #: The answer of the PACS, once sent: (status, PACS id, reason).
+    future: Future[tuple[str, str, str]] | None = None
 
 
 def _content_key(member: Member, target: IdentityTarget | None) -> str:
@@ -112,7 +114,9 @@ def _validate(
         "refused" if verdict.errors else "stored",
         [*verdict.errors, *verdict.warnings],
         verdict.sop_instance_uid,
-        verdict.study_uid if verdict.study_uid and not any("StudyInstanceUID" in e for e in verdict.errors) else None,
+        verdict.study_uid
+        if verdict.study_uid and not any("StudyInstanceUID" in e for e in verdict.errors)
+        else None,
     )
     return verdict, result
 
@@ -180,27 +184,29 @@ def _store_one(candidate: _Candidate, options: ImportOptions, store: OrthancStor
     return answer.status, answer.pacs_id, answer.reason
 
 
-def _store_study(
-    study: str,
-    members: list[_Candidate],
-    options: ImportOptions,
-    store: OrthancStore,
-    ledger: ImportLedger,
-    pool: ThreadPoolExecutor,
-    tick: Callable[[], None],
+def _undo(store: OrthancStore, answers: list[tuple[str, str, str]]) -> str:
+    """Delete what this import stored of a study; a note naming what could not be deleted."""
+    kept = [a[1] for a in answers if a[0] == "Success" and not store.delete(a[1])]
+    return f"; {len(kept)} instance(s) could not be deleted again: {', '.join(kept)}" if kept else ""
+
+
+def _finish_study(
+    study: str, members: list[_Candidate], store: OrthancStore, ledger: ImportLedger, refused: bool
 ) -> None:
-    answers: list[tuple[str, str, str]] = []
-    for answer in pool.map(lambda c: _store_one(c, options, store), members):
-        answers.append(answer)
-        tick()
+    """Collect the answers of a study's instances: record them, or take the study back whole."""
+    answers = [c.future.result() if c.future else ("Failed", "", "not sent") for c in members]
+    if refused:  # an instance validated after these was refused: none of the study stays
+        note = _undo(store, answers)
+        if note:
+            for candidate in members:
+                candidate.result.reasons.append(note.lstrip("; "))
+        return
     failed = [
         (c, a) for c, a in zip(members, answers, strict=True) if a[0] not in ("Success", "AlreadyStored")
     ]
     if failed:
         first, (_, _, reason) = failed[0]
-        undone = [a[1] for a in answers if a[0] == "Success"]
-        kept = [pacs_id for pacs_id in undone if not store.delete(pacs_id)]
-        note = f"; {len(kept)} instance(s) could not be deleted again: {', '.join(kept)}" if kept else ""
+        note = _undo(store, answers)
         for candidate, answer in zip(members, answers, strict=True):
             candidate.result.status = "refused"
             own = answer[2] if answer[0] not in ("Success", "AlreadyStored") else None
@@ -238,22 +244,36 @@ def run_import(
     ledger: ImportLedger,
     progress: Callable[[str], None],
 ) -> ImportReport:
-    """Validate every entry of the upload, then store the studies that passed whole."""
+    """Validate every entry of the upload; send each valid instance as soon as it passed, unless its
+    study already has a refusal; in the end keep the studies that passed whole and delete what was
+    sent of the others."""
     report = ImportReport()
     candidates: list[_Candidate] = []
     checked_series: set[str] = set()
     seen: dict[str, _Candidate] = {}
-    for member in members_of(kind, body, workdir):
-        if member.skipped is not None or member.path is None:
-            report.results.append(InstanceResult(member.name, "skipped", [member.skipped or "skipped"]))
-            continue
-        verdict, result = _validate(member, options, checked_series)
-        report.results.append(result)
-        candidate = _Candidate(member, verdict, _content_key(member, options.target), result)
-        if not verdict.ok:
-            member.path.unlink(missing_ok=True)
-            candidates.append(candidate)  # its study is not stored either
-        else:
+    refused_studies: set[str] = set()
+    sent = done = 0
+
+    def tick(_: object) -> None:
+        nonlocal done
+        done += 1
+        if done % 20 == 0:
+            progress(f"read {len(report.results)} entries, stored {done} instances")
+
+    with ThreadPoolExecutor(options.concurrency, thread_name_prefix="import-store") as pool:
+        for member in members_of(kind, body, workdir):
+            if member.skipped is not None or member.path is None:
+                report.results.append(InstanceResult(member.name, "skipped", [member.skipped or "skipped"]))
+                continue
+            verdict, result = _validate(member, options, checked_series)
+            report.results.append(result)
+            candidate = _Candidate(member, verdict, _content_key(member, options.target), result)
+            candidates.append(candidate)
+            study = verdict.study_uid or ""
+            if not verdict.ok:
+                member.path.unlink(missing_ok=True)
+                refused_studies.add(study)
+                continue
             uid = verdict.sop_instance_uid or ""
             twin = seen.get(uid)
             if twin is not None:
@@ -266,31 +286,24 @@ def run_import(
                 )
                 member.path.unlink(missing_ok=True)
                 if not same:
-                    candidates.append(candidate)
+                    refused_studies.add(study)
                 continue
             seen[uid] = candidate
-            candidates.append(candidate)
-        if len(report.results) % 50 == 0:
-            progress(f"validated {len(report.results)} entries")
-    _check_ledger([c for c in candidates if c.result.status != "refused"], ledger, store)
-    _whole_studies(candidates)
-    by_study: dict[str, list[_Candidate]] = {}
-    for candidate in candidates:
-        if candidate.result.status in ("stored", "stored-with-warnings"):
-            by_study.setdefault(candidate.verdict.study_uid or "", []).append(candidate)
-    total = sum(len(m) for m in by_study.values())
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if done % 20 == 0 or done == total:
-            progress(f"stored {done} of {total} instances")
-
-    progress(f"validated {len(report.results)} entries; storing {total} instances")
-    with ThreadPoolExecutor(options.concurrency, thread_name_prefix="import-store") as pool:
+            _check_ledger([candidate], ledger, store)
+            if candidate.result.status == "refused":
+                refused_studies.add(study)
+            elif candidate.result.status == "stored" and study not in refused_studies:
+                candidate.future = pool.submit(_store_one, candidate, options, store)
+                candidate.future.add_done_callback(tick)
+                sent += 1
+        progress(f"read {len(report.results)} entries, stored {done} of {sent} instances")
+        _whole_studies(candidates)
+        by_study: dict[str, list[_Candidate]] = {}
+        for candidate in candidates:
+            if candidate.future is not None:
+                by_study.setdefault(candidate.verdict.study_uid or "", []).append(candidate)
         for study, members in by_study.items():
-            _store_study(study, members, options, store, ledger, pool, tick)
+            _finish_study(study, members, store, ledger, refused=study in refused_studies)
     return report
 
 

@@ -19,6 +19,7 @@ Two layers (ADR 0038):
 from __future__ import annotations
 
 import functools
+import io
 import json
 import pkgutil
 import re
@@ -32,7 +33,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-__all__ = ["DICM_OFFSET", "Verdict", "check_instance", "dciodvfy_available", "run_dciodvfy"]
+__all__ = ["DICM_OFFSET", "Verdict", "check_instance", "dciodvfy_available", "run_dciodvfy", "warm_up"]
 
 #: Offset of the "DICM" prefix of a Part 10 file (PS3.10 7.1: 128-byte preamble).
 DICM_OFFSET = 128
@@ -43,6 +44,8 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 #: dciodvfy errors that refuse an instance; its other errors are warnings (ADR 0038).
 _DCIODVFY_REFUSES = re.compile(r"Type 1C? |read failed|Information Object Not found|Bad Value Length")
 _DCIODVFY_TIMEOUT = 60.0
+#: Files up to this size are parsed from memory (one at a time per import); larger ones from disk.
+_IN_MEMORY_BYTES = 64 * 1024 * 1024
 #: Modules whose attribute table lists the attributes of conditional macros at the top level (the
 #: SR content item's value-type-specific attributes): only these of them are Type 1 for every file.
 _CONDITIONAL_MODULES: dict[str, frozenset[str]] = {"sr-document-content": frozenset({"ValueType"})}
@@ -193,7 +196,10 @@ def check_instance(path: Path) -> Verdict:
     """Parse and check the Part 10 file at `path` (pixel data is not read into memory)."""
     verdict = Verdict()
     try:
-        ds = pydicom.dcmread(path, defer_size=1024)
+        if path.stat().st_size <= _IN_MEMORY_BYTES:  # one read: no seeks back for deferred values
+            ds = pydicom.dcmread(io.BytesIO(path.read_bytes()))
+        else:
+            ds = pydicom.dcmread(path, defer_size=1024)
     except Exception as error:  # pydicom raises many kinds for broken files: each is a refusal
         verdict.errors.append(f"not readable as DICOM: {type(error).__name__}: {error}"[:300])
         return verdict
@@ -208,6 +214,12 @@ def check_instance(path: Path) -> Verdict:
     except Exception as error:  # a value pydicom parses lazily and fails on (bad VR, bad length)
         verdict.errors.append(f"not readable as DICOM: {type(error).__name__}: {error}"[:300])
     return verdict
+
+
+def warm_up() -> None:
+    """Read the standard's tables now (about 1.5 s), not in the first import."""
+    for name in ("sop_class_iod_map", "iod_module_map", "module_attribute_map"):
+        _standard(name)
 
 
 def dciodvfy_available() -> bool:
