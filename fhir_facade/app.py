@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -41,6 +41,7 @@ from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
 from fhir_facade.intake.import_endpoint import ImportService
+from fhir_facade.intake.reconcile_runtime import ReconcileRuntime
 from fhir_facade.metrics import metrics_router
 from fhir_facade.reading import ReadingRuntime
 from fhir_facade.resources.artifacts import artifact_providers
@@ -169,7 +170,11 @@ def _subscribe_to_arrivals(
 
 
 def _start_watcher(
-    settings: Settings, orthanc: OrthancRestClient | None, store: ResourceStore, bus: EventBus
+    settings: Settings,
+    orthanc: OrthancRestClient | None,
+    store: ResourceStore,
+    bus: EventBus,
+    hold: Callable[[StudyArrived], Awaitable[bool]] | None = None,
 ) -> _RunningWatcher | None:
     """Publish each stable study of Orthanc's change feed as StudyArrived, when Orthanc's REST API is
     configured and watching is on. Published strictly: the feed position moves on only once every
@@ -179,6 +184,8 @@ def _start_watcher(
         return None
 
     async def on_study(study: StudyArrived) -> None:
+        if hold is not None and await hold(study):
+            return  # held for reconciliation (ADR 0039): published once it arrives corrected
         await bus.publish(study, strict=True)
 
     feed = f"orthanc-changes:{settings.orthanc_url}"
@@ -268,10 +275,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if reading:
         stages.append(reading.stage)
+    # Reconciliation of arrivals (ADR 0039): completing a reconcile Task corrects its study.
+    reconcile = (
+        ReconcileRuntime(settings, orthanc, ctx, recorder) if orthanc and settings.reconcile.enabled else None
+    )
+    if reconcile:
+        stages.append(reconcile.stage)
     pipeline = Pipeline(stages, bus, current_access.get)
     visible = pipeline.wrap(providers)
     atomic = atomic_scope(store)  # one per store: it bounds the transactions open at once
     _subscribe_to_arrivals(settings, bus, store, visible)
+    if reconcile:
+        reconcile.bind({p.resource_type: p for p in visible}, StoredResourceProvider("Patient", store))
     if reading:
         reading.subscribe(bus, {p.resource_type: p for p in visible})
     subscription_routes = subscriptions.bind(visible, recorder)
@@ -320,7 +335,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await proxy.open()
         if orthanc:
             await orthanc.open()
-        watching = _start_watcher(settings, orthanc, store, bus)
+        watching = _start_watcher(settings, orthanc, store, bus, reconcile.hold if reconcile else None)
         app.state.watcher = watching.watcher if watching else None
         if analyze:
             await analyze.start()

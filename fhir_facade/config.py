@@ -27,6 +27,7 @@ __all__ = [
     "LimitsSettings",
     "LockoutSettings",
     "ReadingSettings",
+    "ReconcileSettings",
     "Settings",
     "SettingsSection",
     "SubscriptionSettings",
@@ -128,10 +129,13 @@ class InferenceSettings(SettingsSection):
     """Where the model runs (FACADE_INFERENCE_*)."""
 
     prefix = "inference_"
-    backend: Literal["onnxruntime", "kserve-v2"]
+    backend: Literal["onnxruntime", "kserve-v2", "torch"]
     url: str | None
     providers: tuple[str, ...] | None
     threads: int | None
+    device_id: int
+    torch_device: Literal["auto", "cuda", "cpu"]
+    torch_precision: Literal["fp32", "tf32", "bf16"]
 
 
 class AnalyzeSettings(SettingsSection):
@@ -195,6 +199,15 @@ class LockoutSettings(SettingsSection):
     delay: float
     max_delay: float
     max_tracked: int
+
+
+class ReconcileSettings(SettingsSection):
+    """Reconciliation of arrivals (FACADE_RECONCILE_*, ADR 0039): which arrived studies are held
+    for a person, with a reconcile Task, before anything else is done with them."""
+
+    prefix = "reconcile_"
+    enabled: bool
+    require_known_patient: bool
 
 
 class ReplicaSettings(SettingsSection):
@@ -412,6 +425,18 @@ class Settings(BaseSettings):
             "the Task is kept). false: the demo study gets no arrival Task; $analyze still works."
         ),
     )
+    reconcile_enabled: bool = Field(
+        True,
+        description="Hold an arrived study whose AccessionNumber is a stored order of another patient "
+        "(and, with FACADE_RECONCILE_REQUIRE_KNOWN_PATIENT, one of no stored Patient) with a "
+        "reconcile Task; completing it corrects the study in the PACS (needs FACADE_ORTHANC_URL).",
+    )
+    reconcile_require_known_patient: bool = Field(
+        False,
+        description="Hold an arrived study whose PatientID (+issuer) is no stored Patient's identifier. "
+        "For sites whose EHR stores its Patients here; off, studies of patients the facade only knows "
+        "from the PACS are not held.",
+    )
     reading_enabled: bool = Field(
         True, description="Reading Tasks for studies that need a read, triaged by the AI result (ADR 0033)."
     )
@@ -485,11 +510,12 @@ class Settings(BaseSettings):
             "(FHIR dateTimes with a time need an offset)."
         ),
     )
-    inference_backend: Literal["onnxruntime", "kserve-v2"] = Field(
+    inference_backend: Literal["onnxruntime", "kserve-v2", "torch"] = Field(
         "onnxruntime",
         description=(
             "Where $analyze runs models: in-process ONNX Runtime, or a remote server speaking the "
-            "Open Inference Protocol (KServe v2 REST: Triton, KServe, MLServer) at FACADE_INFERENCE_URL."
+            "Open Inference Protocol (KServe v2 REST: Triton, KServe, MLServer) at FACADE_INFERENCE_URL, "
+            "or in-process PyTorch on the ONNX model converted by onnx2torch (extra `torch`; ADR 0037)."
         ),
     )
     inference_url: str | None = Field(
@@ -504,6 +530,23 @@ class Settings(BaseSettings):
     )
     inference_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."
+    )
+    inference_device_id: int = Field(
+        0, ge=0, description="The GPU (CUDA ordinal) ONNX Runtime's CUDA provider and the torch backend use."
+    )
+    inference_torch_device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description=(
+            "torch backend: `auto` runs on the GPU when PyTorch sees one and says so in a warning when "
+            "it falls back to the CPU; `cuda` refuses to start without one; `cpu` never uses one."
+        ),
+    )
+    inference_torch_precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "tf32",
+        description=(
+            "torch backend on a GPU: fp32 (exact), tf32 (TensorFloat-32 matrix products; agrees with "
+            "ONNX Runtime to about 1e-5) or bf16 autocast (about 1e-4, fastest)."
+        ),
     )
     analyze_enabled: bool = Field(
         True, description="Offer $analyze (loads and warms up the models at start-up)."
@@ -817,6 +860,10 @@ class Settings(BaseSettings):
     @cached_property
     def lockout(self) -> LockoutSettings:
         return LockoutSettings.of(self)
+
+    @cached_property
+    def reconcile(self) -> ReconcileSettings:
+        return ReconcileSettings.of(self)
 
     @cached_property
     def replica(self) -> ReplicaSettings:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
+import pytest
 import yaml
+
+from fhir_facade.analyze.manifest import load_manifests
+from fhir_facade.analyze.triton_repository import write_model_repository
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+MODEL_ID = "brain-tumor-vgg16"
 
 
 def _compose() -> dict[str, Any]:
@@ -113,7 +121,12 @@ def test_facade_replicas_behind_the_proxy() -> None:
     """Issue 17: two or more replicas on the one database, only the proxy published; the proxy's
     configuration (in the repository) balances over exactly the replica services."""
     services = _compose()["services"]
-    replicas = {name: s for name, s in services.items() if s.get("image") == "fhir-facade:latest"}
+    # The GPU profile's one-shot model copier runs the same image with its own entrypoint: no replica.
+    replicas = {
+        name: s
+        for name, s in services.items()
+        if s.get("image") == "fhir-facade:latest" and "entrypoint" not in s
+    }
     assert len(replicas) >= 2, sorted(replicas)
     urls = {s["environment"]["FACADE_DATABASE_URL"] for s in replicas.values()}
     assert len(urls) == 1
@@ -129,3 +142,122 @@ def test_facade_replicas_behind_the_proxy() -> None:
         line.split()[1] for line in config.splitlines() if line.strip().startswith("server ") and ":" in line
     }
     assert upstream == {f"{name}:8080" for name in replicas}
+
+
+# -- GPU profile: NVIDIA Triton behind the replicas' KServe v2 backend (ADR 0037) ---------------
+
+TRITON_REPOSITORY = ROOT / "deploy" / "triton" / "model_repository"
+GPU_ENV = ROOT / "deploy" / "gpu.env"
+_ONNX_TYPES = {"tensor(float)": "TYPE_FP32"}
+
+
+def _resolved_compose(*options: str) -> dict[str, Any]:
+    """`docker-compose [options] config` as data: what docker-compose itself makes of the file."""
+    executable = shutil.which("docker-compose")
+    assert executable, "docker-compose is not installed (apt-get install docker-compose)"
+    result = subprocess.run(
+        [executable, "-f", str(COMPOSE_FILE), *options, "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    data = yaml.safe_load(result.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def _pbtxt_tensors(text: str, section: str) -> list[dict[str, Any]]:
+    """The tensors of an `input [...]`/`output [...]` section of a Triton config.pbtxt (the subset
+    this repository writes: name, data_type, dims)."""
+    body = re.search(rf"^{section}\s*\[(.*?)^\]", text, re.S | re.M)
+    assert body, f"no {section} section"
+    tensors = []
+    for block in re.findall(r"\{(.*?)\}", body.group(1), re.S):
+        name = re.search(r'name:\s*"([^"]+)"', block)
+        data_type = re.search(r"data_type:\s*(\w+)", block)
+        dims = re.search(r"dims:\s*\[([^\]]*)\]", block)
+        assert name and data_type and dims, block
+        tensors.append(
+            {
+                "name": name.group(1),
+                "data_type": data_type.group(1),
+                "dims": [int(d) for d in dims.group(1).split(",") if d.strip()],
+            }
+        )
+    return tensors
+
+
+def test_compose_validates_with_the_gpu_profile() -> None:
+    data = _resolved_compose("--env-file", str(GPU_ENV), "--profile", "gpu")
+    services = data["services"]
+    for name in ("facade", "facade-2"):
+        env = services[name]["environment"]
+        assert env["FACADE_INFERENCE_BACKEND"] == "kserve-v2"
+        assert env["FACADE_INFERENCE_URL"] == "http://triton:8000"
+    # Without the env file the replicas keep running the model themselves.
+    plain = _resolved_compose("--profile", "gpu")["services"]["facade"]["environment"]
+    assert plain["FACADE_INFERENCE_BACKEND"] == "onnxruntime"
+
+
+def test_triton_is_in_the_gpu_profile_only_and_gets_a_gpu() -> None:
+    services = _compose()["services"]
+    triton, init = services["triton"], services["triton-model-repository"]
+    assert triton["profiles"] == ["gpu"] and init["profiles"] == ["gpu"]
+    assert all("profiles" not in s for n, s in services.items() if not n.startswith("triton"))
+    assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    (device,) = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert "--model-repository=/models" in triton["command"]
+    assert "ports" not in triton  # internal network only
+    assert triton["depends_on"]["triton-model-repository"]["condition"] == "service_completed_successfully"
+    # The one-shot service writes the volume Triton reads, from the configurations in the repository.
+    assert "triton-models:/models" in init["volumes"]
+    assert "triton-models:/models:ro" in triton["volumes"]
+    assert f"./{TRITON_REPOSITORY.relative_to(ROOT)}:/configs:ro" in init["volumes"]
+    assert init["entrypoint"][:3] == ["python", "-m", "fhir_facade.analyze.triton_repository"]
+
+
+def test_triton_model_config_matches_the_shipped_model() -> None:
+    """Names, types and per-slice dimensions of config.pbtxt against the ONNX model itself (read by
+    ONNX Runtime) and its manifest; the model's name is the manifest id the facade asks for."""
+    manifest = load_manifests()[MODEL_ID]
+    text = (TRITON_REPOSITORY / MODEL_ID / "config.pbtxt").read_text(encoding="utf-8")
+    assert re.search(rf'^name:\s*"{MODEL_ID}"$', text, re.M)
+    assert re.search(r'^platform:\s*"onnxruntime_onnx"$', text, re.M)
+    max_batch = re.search(r"^max_batch_size:\s*(\d+)$", text, re.M)
+    assert max_batch and int(max_batch.group(1)) >= manifest.batch_size
+    assert "KIND_GPU" in text
+    session = ort.InferenceSession(str(manifest.model_path), providers=["CPUExecutionProvider"])
+    for section, nodes in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        expected = [
+            {"name": node.name, "data_type": _ONNX_TYPES[node.type], "dims": list(node.shape[1:])}
+            for node in nodes
+        ]
+        assert _pbtxt_tensors(text, section) == expected
+    (model_input,) = _pbtxt_tensors(text, "input")
+    assert model_input["name"] == manifest.input.name
+    assert model_input["dims"] == [manifest.input.height, manifest.input.width, manifest.input.channels]
+    (model_output,) = _pbtxt_tensors(text, "output")
+    assert model_output["name"] == manifest.output.name
+    assert model_output["dims"] == [len(manifest.output.labels)]
+
+
+def test_model_repository_is_written_from_the_installed_model(tmp_path: Path) -> None:
+    written = write_model_repository(TRITON_REPOSITORY, tmp_path / "models")
+    assert written == [MODEL_ID]
+    folder = tmp_path / "models" / MODEL_ID
+    model = folder / "1" / "model.onnx"
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == load_manifests()[MODEL_ID].sha256
+    assert (folder / "config.pbtxt").read_bytes() == (
+        TRITON_REPOSITORY / MODEL_ID / "config.pbtxt"
+    ).read_bytes()
+    assert not list(folder.rglob("*.partial"))
+    # A configuration for a model the facade has no manifest of is refused.
+    stray = tmp_path / "configs" / "no-such-model"
+    stray.mkdir(parents=True)
+    (stray / "config.pbtxt").write_text('name: "no-such-model"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="no model manifest"):
+        write_model_repository(tmp_path / "configs", tmp_path / "other")

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fhir_facade.analyze.manifest import ModelManifest
+from fhir_facade.analyze.ort_providers import provider_specs
 from fhir_facade.config import Settings
 from fhir_facade.correlation import outgoing_headers
 
@@ -150,6 +151,7 @@ class OnnxRuntimeBackend:
         manifest: ModelManifest,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        device_id: int = 0,
     ) -> None:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -160,7 +162,7 @@ class OnnxRuntimeBackend:
         if threads is not None:
             options.intra_op_num_threads = threads
         try:
-            session = ort.InferenceSession(str(path), options, providers=requested)
+            session = ort.InferenceSession(str(path), options, providers=provider_specs(requested, device_id))
         except Exception as exc:  # ORT raises its own pybind exception types
             raise InferenceError(f"ONNX Runtime could not load model {manifest.id}: {exc}") from exc
         # ORT falls back to the CPU when, e.g., the CUDA provider's libraries fail to load: log what
@@ -350,8 +352,19 @@ def create_backend(manifest: ModelManifest, settings: Settings) -> InferenceBack
         if not settings.inference.url:
             raise ValueError("inference_backend 'kserve-v2' needs inference_url (FACADE_INFERENCE_URL)")
         return KServeV2Backend(manifest, settings.inference.url)
+    if settings.inference.backend == "torch":
+        # Imported here: torch and onnx2torch are an optional extra (ADR 0037).
+        from fhir_facade.analyze.torch_backend import TorchBackend
+
+        return TorchBackend(
+            manifest,
+            device=settings.inference.torch_device,
+            device_id=settings.inference.device_id,
+            precision=settings.inference.torch_precision,
+        )
     return OnnxRuntimeBackend(
         manifest,
         providers=settings.inference.providers,
         threads=settings.inference.threads,
+        device_id=settings.inference.device_id,
     )
