@@ -42,7 +42,12 @@ def _instance(study: str, series: str, frame: str, number: int, pixels: bytes) -
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "BENCH-1", "Bench^Import", "19700101", "O"
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = (
+        "BENCH-1",
+        "Bench^Import",
+        "19700101",
+        "O",
+    )
     ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20261205", "120000", "BENCH", "1"
     ds.ReferringPhysicianName = ""
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, number
@@ -79,7 +84,9 @@ def post_all(url: str, paths: list[Path], connections: int) -> float:
     with httpx.Client(base_url=url, timeout=120, limits=limits) as client:
 
         def post(path: Path) -> None:
-            answer = client.post("/instances", content=path.read_bytes(), headers={"Content-Type": "application/dicom"})
+            answer = client.post(
+                "/instances", content=path.read_bytes(), headers={"Content-Type": "application/dicom"}
+            )
             answer.raise_for_status()
 
         start = time.perf_counter()
@@ -100,7 +107,9 @@ def _peak_rss(pid: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument(
@@ -120,7 +129,8 @@ def main() -> None:
                 out.write(path, f"PATIENT/STUDY/SERIES/{path.name}")
         size = sum(p.stat().st_size for p in paths)
         print(
-            f"{len(paths)} instances, {size / 2**20:.0f} MiB; zip ({args.compression}) {archive.stat().st_size / 2**20:.0f} MiB "
+            f"{len(paths)} instances, {size / 2**20:.0f} MiB; "
+            f"zip ({args.compression}) {archive.stat().st_size / 2**20:.0f} MiB "
             f"(made in {time.perf_counter() - t0:.0f} s)"
         )
         with _orthanc(root, "orthanc-seq") as sequential_pacs:
@@ -157,10 +167,18 @@ def main() -> None:
             stored = len(httpx.get(f"{pacs.url}/instances", timeout=60).json())
         n = len(paths)
         print(f"direct to Orthanc, 1 connection:  {sequential:6.1f} s  {n / sequential:6.1f} instances/s")
-        print(f"direct to Orthanc, {args.connections} connections: {direct:6.1f} s  {n / direct:6.1f} instances/s")
-        print(f"facade $import (zip):            {imported:6.1f} s  {n / imported:6.1f} instances/s  {counts}")
+        print(
+            f"direct to Orthanc, {args.connections} connections: "
+            f"{direct:6.1f} s  {n / direct:6.1f} instances/s"
+        )
+        print(
+            f"facade $import (zip):            {imported:6.1f} s  {n / imported:6.1f} instances/s  {counts}"
+        )
         print(f"stored in the import's Orthanc: {stored}")
-        print(f"facade peak RSS: {peak / 2**20:.0f} MiB (at start {rss_before / 2**20:.0f} MiB); target < 1024 MiB")
+        print(
+            f"facade peak RSS: {peak / 2**20:.0f} MiB "
+            f"(at start {rss_before / 2**20:.0f} MiB); target < 1024 MiB"
+        )
         print(
             f"ratio import / direct ({args.connections} connections): {direct / imported:.2f}; "
             f"import / direct (1 connection): {sequential / imported:.2f}; target >= 0.8"

@@ -10,7 +10,6 @@ import pytest
 from fhir_facade.config import (
     AnalyzeSettings,
     ImportSettings,
-    ImportSettings,
     InferenceSettings,
     LimitsSettings,
     LockoutSettings,
@@ -27,6 +26,7 @@ from fhir_facade.config import (
 
 SECTIONS: list[type[SettingsSection]] = [
     AnalyzeSettings,
+    ImportSettings,
     InferenceSettings,
     LimitsSettings,
     LockoutSettings,

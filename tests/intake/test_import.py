@@ -75,9 +75,10 @@ def test_a_single_file_is_validated_and_stored(fhir: httpx.Client, orthanc: http
     assert item["status"] in ("stored", "stored-with-warnings"), item
     assert in_pacs(orthanc, ds.SOPInstanceUID)
     study = next(p for p in result["parameter"] if p["name"] == "study")
-    assert {"name": "imagingStudy", "valueReference": {"reference": f"ImagingStudy/{ds.StudyInstanceUID}"}} in (
-        study["part"]
-    )
+    assert {
+        "name": "imagingStudy",
+        "valueReference": {"reference": f"ImagingStudy/{ds.StudyInstanceUID}"},
+    } in (study["part"])
 
 
 def test_every_pydicom_test_file_gets_an_answer_and_broken_ones_a_reason(fhir: httpx.Client) -> None:
@@ -101,7 +102,9 @@ def test_every_pydicom_test_file_gets_an_answer_and_broken_ones_a_reason(fhir: h
     assert "CT_small.dcm" not in refused
 
 
-def test_a_zip_with_folders_dicomdir_and_other_files_then_again(fhir: httpx.Client, orthanc: httpx.Client) -> None:
+def test_a_zip_with_folders_dicomdir_and_other_files_then_again(
+    fhir: httpx.Client, orthanc: httpx.Client
+) -> None:
     good = valid_ct_study("ZIP-GOOD", n_instances=3)
     bad = valid_ct_study("ZIP-BAD", n_instances=2)
     bad[1].PixelData = bad[1].PixelData[:-20]  # 20 bytes short of Rows x Columns x 16 bits
@@ -140,7 +143,11 @@ def test_multipart_related(fhir: httpx.Client, orthanc: httpx.Client) -> None:
 
 
 def test_other_media_types_are_415(fhir: httpx.Client) -> None:
-    outcome(fhir.post("ImagingStudy/$import", content=b"{}", headers={"Content-Type": "text/plain"}), 415, "not-supported")
+    outcome(
+        fhir.post("ImagingStudy/$import", content=b"{}", headers={"Content-Type": "text/plain"}),
+        415,
+        "not-supported",
+    )
     outcome(fhir.post("ImagingStudy/$import", content=b"PK nope", headers=ZIP), 400, "invalid")
 
 
@@ -193,7 +200,11 @@ def test_coercion_to_the_ehr_patient_and_order(
                 "code": {"text": "CT chest"},
                 "identifier": [
                     {
-                        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+                        "type": {
+                            "coding": [
+                                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}
+                            ]
+                        },
                         "system": "urn:oid:1.2.3.99",
                         "value": "ACC-4455",
                     }
@@ -249,5 +260,13 @@ def test_coercion_to_the_ehr_patient_and_order(
 
 def test_unknown_patient_and_parameters(fhir: httpx.Client) -> None:
     body = dicom_factory.to_bytes(valid_ct_study("X-1", n_instances=1)[0])
-    outcome(fhir.post("ImagingStudy/$import", params={"patient": "Patient/nobody"}, content=body, headers=DICOM), 404, "not-found")
-    outcome(fhir.post("ImagingStudy/$import", params={"colour": "red"}, content=body, headers=DICOM), 400, "invalid")
+    outcome(
+        fhir.post("ImagingStudy/$import", params={"patient": "Patient/nobody"}, content=body, headers=DICOM),
+        404,
+        "not-found",
+    )
+    outcome(
+        fhir.post("ImagingStudy/$import", params={"colour": "red"}, content=body, headers=DICOM),
+        400,
+        "invalid",
+    )
