@@ -270,3 +270,23 @@ def test_unknown_patient_and_parameters(fhir: httpx.Client) -> None:
         400,
         "invalid",
     )
+
+
+def test_a_study_the_pacs_cannot_take_whole_is_taken_back(fhir: httpx.Client, orthanc: httpx.Client) -> None:
+    """A store failure (here: another instance under one of the UIDs is already in the PACS, put there
+    directly) takes back what the import stored of that study, and says which instance failed."""
+    study = valid_ct_study("ROLLBACK-1", n_instances=3)
+    other = dicom_factory.to_bytes(study[1])
+    changed = pydicom.dcmread(__import__("io").BytesIO(other))
+    changed.SeriesDescription = "a different copy"
+    orthanc.post("/instances", content=dicom_factory.to_bytes(changed)).raise_for_status()
+    archive = zip_of({f"{i}.dcm": dicom_factory.to_bytes(ds) for i, ds in enumerate(study)})
+
+    result = ok_json(fhir.post("ImagingStudy/$import", content=archive, headers=ZIP))
+    by_entry = {i["entry"]: i for i in instances(result)}
+    assert all(i["status"] == "refused" for i in by_entry.values()), by_entry
+    assert "another instance with this SOP Instance UID is in the PACS" in by_entry["1.dcm"]["reasons"][0]
+    assert "1.dcm of the same study failed" in by_entry["0.dcm"]["reasons"][0]
+    assert not in_pacs(orthanc, study[0].SOPInstanceUID)
+    assert not in_pacs(orthanc, study[2].SOPInstanceUID)
+    assert len(in_pacs(orthanc, study[1].SOPInstanceUID)) == 1  # the PACS's own copy is kept
