@@ -58,7 +58,12 @@ JOBS_PATH = "$import-jobs"
 IMPORT_OPERATION = {"name": "import", "definition": "http://fhir-facade.org/fhir/OperationDefinition/import"}
 _IMPORT_CODE = {"system": TASK_CODE_SYSTEM, "code": "import", "display": "Import DICOM instances"}
 _JSON: dict[str, dict[str, Any]] = {"application/fhir+json": {}}
-_BODIES: dict[str, dict[str, Any]] = {"application/dicom": {}, "multipart/related": {}, "application/zip": {}}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_BODIES: dict[str, dict[str, Any]] = {
+    "application/dicom": _BINARY,
+    "multipart/related": _BINARY,
+    "application/zip": _BINARY,
+}
 
 
 async def _as_operation() -> None:
