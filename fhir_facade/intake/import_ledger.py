@@ -36,6 +36,8 @@ class ImportLedger:
     def find(self, uids: Iterable[str]) -> dict[str, LedgerEntry]:
         wanted = sorted(set(uids))
         found: dict[str, LedgerEntry] = {}
+        if not wanted:
+            return found
         query = text(
             "SELECT sop_instance_uid, content_key, study_instance_uid, pacs_id FROM import_instance"
             " WHERE sop_instance_uid IN :uids"

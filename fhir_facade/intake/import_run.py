@@ -37,6 +37,9 @@ __all__ = ["ImportOptions", "ImportReport", "InstanceResult", "run_import"]
 
 log = logging.getLogger(__name__)
 
+#: Valid instances looked up in the ledger together before they are sent.
+_LEDGER_BATCH = 16
+
 Status = Literal["stored", "stored-with-warnings", "already-stored", "refused", "skipped"]
 DciodvfyPolicy = Literal["series", "all", "off"]
 
@@ -260,6 +263,23 @@ def run_import(
         if done % 20 == 0:
             progress(f"read {len(report.results)} entries, stored {done} instances")
 
+    pending: list[_Candidate] = []
+
+    def send(batch: list[_Candidate]) -> int:
+        """Look the batch up in the ledger (one query), then send what is new; the batch empties."""
+        _check_ledger(batch, ledger, store)
+        count = 0
+        for candidate in batch:
+            study = candidate.verdict.study_uid or ""
+            if candidate.result.status == "refused":
+                refused_studies.add(study)
+            elif candidate.result.status == "stored" and study not in refused_studies:
+                candidate.future = pool.submit(_store_one, candidate, options, store)
+                candidate.future.add_done_callback(tick)
+                count += 1
+        batch.clear()
+        return count
+
     with ThreadPoolExecutor(options.concurrency, thread_name_prefix="import-store") as pool:
         for member in members_of(kind, body, workdir):
             if member.skipped is not None or member.path is None:
@@ -289,13 +309,10 @@ def run_import(
                     refused_studies.add(study)
                 continue
             seen[uid] = candidate
-            _check_ledger([candidate], ledger, store)
-            if candidate.result.status == "refused":
-                refused_studies.add(study)
-            elif candidate.result.status == "stored" and study not in refused_studies:
-                candidate.future = pool.submit(_store_one, candidate, options, store)
-                candidate.future.add_done_callback(tick)
-                sent += 1
+            pending.append(candidate)
+            if len(pending) >= _LEDGER_BATCH:
+                sent += send(pending)
+        sent += send(pending)
         progress(f"read {len(report.results)} entries, stored {done} of {sent} instances")
         _whole_studies(candidates)
         by_study: dict[str, list[_Candidate]] = {}
