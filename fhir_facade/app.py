@@ -40,10 +40,14 @@ from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
+from fhir_facade.intake.deidentify_runtime import deidentify_runtime
 from fhir_facade.intake.import_endpoint import ImportService
 from fhir_facade.intake.reconcile_runtime import ReconcileRuntime
+from fhir_facade.intake.study_delete import StudyDeletion
 from fhir_facade.metrics import metrics_router
 from fhir_facade.reading import ReadingRuntime
+from fhir_facade.remote_pacs import RemotePacsRuntime, parse_remote_node
+from fhir_facade.remote_pacs.orthanc_dimse import OrthancDimse
 from fhir_facade.resources.artifacts import artifact_providers
 from fhir_facade.resources.endpoint import EndpointProvider
 from fhir_facade.resources.imaging_study import ImagingStudyProvider, OrdersByAccession
@@ -169,6 +173,15 @@ def _subscribe_to_arrivals(
         bus.subscribe(StudyArrived, mirror)
 
 
+def _study_deletion(
+    settings: Settings, orthanc: OrthancRestClient | None, store: ResourceStore
+) -> StudyDeletion | None:
+    """DELETE ImagingStudy/{id} only when switched on (ADR 0040); reflected upstream when there is one."""
+    if not settings.study_delete.enabled or orthanc is None:
+        return None
+    return StudyDeletion(orthanc, OutboxQueue(store.engine) if settings.fhir_upstream_url else None)
+
+
 def _start_watcher(
     settings: Settings,
     orthanc: OrthancRestClient | None,
@@ -229,6 +242,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     proxy = DicomwebProxyClient.from_settings(settings)
     ctx = mapping_context(settings)
+    # Query/retrieve from the configured remote DICOM nodes, through Orthanc (ADR 0041).
+    dimse = (
+        OrthancDimse(
+            settings.orthanc_url,
+            timeout=settings.dicomweb_timeout,
+            max_connections=settings.dicomweb_max_connections,
+            auth=settings.pacs_auth,
+        )
+        if settings.orthanc_url and settings.remote_pacs.nodes
+        else None
+    )
+    remote_pacs = (
+        RemotePacsRuntime(
+            [parse_remote_node(entry) for entry in settings.remote_pacs.nodes],
+            dimse,
+            ctx,
+            local_aet=settings.remote_pacs.local_aet,
+            base_url=settings.base_url,
+        )
+        if dimse
+        else None
+    )
     bus = EventBus()  # after-commit events for every consumer (ADR 0022)
     store = ResourceStore(open_store_engine(settings), bus=bus)
     patients = PatientProvider(dicomweb, ctx, records=StoredResourceProvider("Patient", store))
@@ -248,9 +283,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     stored = [subscriptions.provider if p.resource_type == "Subscription" else p for p in stored]
     orders = next(p for p in stored if p.resource_type == "ServiceRequest")
     providers: list[ResourceProvider] = [
-        ImagingStudyProvider(dicomweb, ctx, orthanc, _orders_by_accession(orders, settings)),
+        ImagingStudyProvider(
+            dicomweb,
+            ctx,
+            orthanc,
+            _orders_by_accession(orders, settings),
+            _study_deletion(settings, orthanc, store),
+        ),
         patients,
-        EndpointProvider(ctx),
+        EndpointProvider(ctx, remote_pacs.endpoints if remote_pacs else ()),
         *stored,
         *artifact_providers(extra=catalogue.concept_maps),
         subscriptions.topic_provider,
@@ -335,6 +376,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await proxy.open()
         if orthanc:
             await orthanc.open()
+        if dimse:
+            await dimse.open()
         watching = _start_watcher(settings, orthanc, store, bus, reconcile.hold if reconcile else None)
         app.state.watcher = watching.watcher if watching else None
         if analyze:
@@ -343,6 +386,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await reading.start()
         if sync:
             await sync.start()
+        if deidentify:
+            await deidentify.deidentifier.open()
         await subscriptions.start()
         log.info(
             "fhir-facade %s: FHIR base %s, PACS %s",
@@ -356,6 +401,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if audit:  # first: writes out every event still queued, while the store is open
                 await audit.stop()
             await subscriptions.stop()
+            if deidentify:
+                await deidentify.deidentifier.close()
             if sync:
                 await sync.stop()
             if analyze:
@@ -366,6 +413,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await reading.stop()
             if watching:
                 await watching.stop()
+            if remote_pacs:
+                await remote_pacs.stop()
+            if dimse:
+                await dimse.close()
             await dicomweb.close()
             await proxy.close()
             if orthanc:
@@ -393,6 +444,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside the audit (refusals are audited like any 4xx), outside everything that reads a body.
     app.add_middleware(RequestLimitsMiddleware, limits=BodyLimits.from_settings(settings))
     audit = install_audit(app, settings, recorder)  # inside CORS: preflights are not audited
+    deidentify = deidentify_runtime(settings, visible)
     operations = {
         **(analyze.operations if analyze else {}),
         **(reading.operations if reading else {}),
@@ -403,6 +455,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             *operations.get("ImagingStudy", []),
             *importing.operations["ImagingStudy"],
         ]
+    if remote_pacs:
+        operations["ImagingStudy"] = [*operations.get("ImagingStudy", []), *remote_pacs.operations]
+    if deidentify:
+        operations["ImagingStudy"] = [*operations.get("ImagingStudy", []), *deidentify.operations]
     authenticate, security = _install_security(app, settings, ExpiringEntries(store.engine))
     guarded = [Depends(authenticate)]
     # Admin-only whether or not an upstream is set: a non-admin learns nothing of the configuration.
@@ -415,8 +471,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
     if importing:  # before the FHIR router too
         app.include_router(importing.router, dependencies=guarded)
+    if deidentify:  # $deidentify (ADR 0040), before the FHIR router too
+        app.include_router(deidentify.router, dependencies=guarded)
     if reading and reading.router:  # $ai-performance (ADR 0034), before the FHIR router too
         app.include_router(reading.router, dependencies=guarded)
+    if remote_pacs:  # $query-remote, $retrieve-remote (ADR 0041), before the FHIR router too
+        by_type = {p.resource_type: p for p in visible}
+        app.include_router(
+            remote_pacs.bind(pipeline, by_type["Task"], by_type["ImagingStudy"]), dependencies=guarded
+        )
     # Before the FHIR router, whose /{type}/{id} catch-all would shadow the operations.
     app.include_router(subscription_routes, dependencies=guarded)
     # The websocket channel's socket: no bearer dependency, a browser cannot send one; the binding

@@ -101,6 +101,7 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
 
     from fhir_facade.demo import demo_stored, upload_demo
     from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, parse_dicom_peer
+    from fhir_facade.embedded.remote_nodes import parse_remote_node
 
     worklist_dir = settings.worklist.folder or settings.data_dir.resolve() / "worklists"
     worklist_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,8 @@ def _embedded(settings: Settings, args: argparse.Namespace) -> None:
         stable_age=5,
         worklist_dir=worklist_dir,
         modalities=list(dict.fromkeys(peers)),
+        aet=settings.remote_pacs.local_aet,
+        remote_nodes=[parse_remote_node(entry) for entry in settings.remote_pacs.nodes],
     )
     if orthanc.credentials is None:  # http_auth defaults to on; never serve an open PACS
         raise SystemExit("fhir-facade: the embedded Orthanc has no HTTP credentials")

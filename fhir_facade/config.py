@@ -22,14 +22,17 @@ from fhir_facade.worklist import check_stations, load_concept_maps
 
 __all__ = [
     "AnalyzeSettings",
+    "DeidentifySettings",
     "ImportSettings",
     "InferenceSettings",
     "LimitsSettings",
     "LockoutSettings",
     "ReadingSettings",
     "ReconcileSettings",
+    "RemotePacsSettings",
     "Settings",
     "SettingsSection",
+    "StudyDeleteSettings",
     "SubscriptionSettings",
     "SyncSettings",
     "UpstreamSettings",
@@ -227,6 +230,33 @@ class ImportSettings(SettingsSection):
     dciodvfy: Literal["series", "all", "off"]
 
 
+class RemotePacsSettings(SettingsSection):
+    """Query/retrieve from remote DICOM nodes (FACADE_REMOTE_PACS_*, ADR 0041)."""
+
+    prefix = "remote_pacs_"
+    nodes: tuple[str, ...]
+    local_aet: str
+
+
+class DeidentifySettings(SettingsSection):
+    """`$deidentify` on ImagingStudy (FACADE_DEIDENTIFY_*, ADR 0040): the HMAC secret of the
+    pseudonyms and the named DICOMweb stores a study may be sent to (never a URL from the request)."""
+
+    prefix = "deidentify_"
+    enabled: bool
+    secret: SecretStr | None
+    destinations: dict[str, str]
+    max_instances: int
+    timeout: float
+
+
+class StudyDeleteSettings(SettingsSection):
+    """`DELETE ImagingStudy/{id}` (FACADE_STUDY_DELETE_*, ADR 0040): off unless switched on."""
+
+    prefix = "study_delete_"
+    enabled: bool
+
+
 class Settings(BaseSettings):
     """Typed, validated configuration. Environment variables use the `FACADE_` prefix."""
 
@@ -291,6 +321,17 @@ class Settings(BaseSettings):
             "only. FACADE_WORKLIST_STATION_AE_TITLE@127.0.0.1 is always admitted; anyone else is "
             "refused."
         ),
+    )
+    remote_pacs_nodes: tuple[str, ...] = Field(
+        (),
+        description=(
+            "Remote DICOM nodes (other PACS, modalities) to query and retrieve from, as a JSON list "
+            "of 'NAME=AET@ip-address[:port]'; each NAME must also be an Orthanc DicomModalities "
+            "entry (the embedded Orthanc gets them). Only these can be addressed (ADR 0041)."
+        ),
+    )
+    remote_pacs_local_aet: str = Field(
+        "ORTHANC", description="AE title of the local Orthanc: the C-MOVE destination of a retrieve."
     )
     data_dir: Path = Field(Path(".data"), description="Where the embedded set-up keeps its files.")
     database_url: str | None = Field(
@@ -782,6 +823,47 @@ class Settings(BaseSettings):
         None, description="This process's name in the lease table (default: host name, process id, random)."
     )
 
+    deidentify_enabled: bool = Field(
+        False, description="Offer ImagingStudy/{id}/$deidentify (needs FACADE_DEIDENTIFY_SECRET)."
+    )
+    deidentify_secret: SecretStr | None = Field(
+        None,
+        description=(
+            "HMAC key (at least 16 bytes) of the pseudonyms, UIDs and date shifts of $deidentify: the "
+            "same key maps a patient to the same pseudonym in every study and run. Keep it secret and stable."
+        ),
+    )
+    deidentify_destinations: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "DICOMweb stores $deidentify may send to, by name "
+            '(JSON: {"research": "https://pacs2/dicom-web"}); a request names one, never a URL.'
+        ),
+    )
+    deidentify_max_instances: int = Field(
+        2000, ge=1, description="Largest study $deidentify handles (it runs synchronously)."
+    )
+    deidentify_timeout: float = Field(60.0, gt=0, description="Seconds per request to a destination store.")
+    study_delete_enabled: bool = Field(
+        False,
+        description="Allow DELETE ImagingStudy/{id}: deletes the study in Orthanc (needs FACADE_ORTHANC_URL)",
+    )
+
+    @model_validator(mode="after")
+    def _deidentify_has_a_key(self) -> Settings:
+        if self.deidentify_enabled:
+            secret = self.deidentify_secret.get_secret_value() if self.deidentify_secret else ""
+            if len(secret.encode()) < 16:
+                raise ValueError(
+                    "FACADE_DEIDENTIFY_ENABLED needs FACADE_DEIDENTIFY_SECRET of at least 16 bytes"
+                )
+        if self.study_delete_enabled and not self.orthanc_url:
+            raise ValueError("FACADE_STUDY_DELETE_ENABLED needs FACADE_ORTHANC_URL (DICOMweb has no delete)")
+        for name, url in self.deidentify_destinations.items():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"FACADE_DEIDENTIFY_DESTINATIONS[{name!r}] must be an http(s) URL")
+        return self
+
     @field_validator(
         "dicomweb_url", "base_url", "orthanc_url", "fhir_upstream_url", "inference_url", "auth_issuer"
     )
@@ -794,6 +876,15 @@ class Settings(BaseSettings):
     def _dicom_peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for entry in value:
             parse_dicom_peer(entry)
+        return value
+
+    @field_validator("remote_pacs_nodes")
+    @classmethod
+    def _remote_nodes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from fhir_facade.embedded.remote_nodes import parse_remote_node
+
+        for entry in value:
+            parse_remote_node(entry)
         return value
 
     @field_validator("worklist_procedure_map")
@@ -850,6 +941,14 @@ class Settings(BaseSettings):
         return ReadingSettings.of(self)
 
     @cached_property
+    def deidentify(self) -> DeidentifySettings:
+        return DeidentifySettings.of(self)
+
+    @cached_property
+    def study_delete(self) -> StudyDeleteSettings:
+        return StudyDeleteSettings.of(self)
+
+    @cached_property
     def limits(self) -> LimitsSettings:
         return LimitsSettings.of(self)
 
@@ -864,6 +963,10 @@ class Settings(BaseSettings):
     @cached_property
     def reconcile(self) -> ReconcileSettings:
         return ReconcileSettings.of(self)
+
+    @cached_property
+    def remote_pacs(self) -> RemotePacsSettings:
+        return RemotePacsSettings.of(self)
 
     @cached_property
     def replica(self) -> ReplicaSettings:

@@ -108,6 +108,26 @@ class OrthancRestClient(PooledClient):
         one of Orthanc's patient MainDicomTags; Orthanc reads a single stored file for it. None on 404."""
         return await self._get_object(f"/studies/{orthanc_id}/module-patient", {"simplify": ""})
 
+    async def lookup_study(self, study_uid: str) -> list[str]:
+        """Orthanc's ids of the study with this Study Instance UID (`POST /tools/lookup`; several when
+        the UID is stored under several patients)."""
+        response = await self._send("POST", "/tools/lookup", content=study_uid.encode())
+        if response.status_code >= 400:
+            raise DicomwebError(f"Orthanc rejected /tools/lookup with {response.status_code}")
+        found = response.json()
+        if not isinstance(found, list):
+            raise DicomwebError("Orthanc /tools/lookup did not return a list")
+        return [str(f["ID"]) for f in found if isinstance(f, dict) and f.get("Type") == "Study"]
+
+    async def delete_study(self, orthanc_id: str) -> bool:
+        """Delete a study and all its files (`DELETE /studies/{id}`); False when Orthanc had none."""
+        response = await self._send("DELETE", f"/studies/{orthanc_id}")
+        if response.status_code == 404:
+            return False
+        if response.status_code >= 400:
+            raise DicomwebError(f"Orthanc rejected DELETE /studies/{orthanc_id} with {response.status_code}")
+        return True
+
     async def _get_object(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any] | None:
         body = await self._get_json(path, params)
         if body is not None and not isinstance(body, dict):

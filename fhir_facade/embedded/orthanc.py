@@ -28,6 +28,7 @@ import httpx
 from pydicom.dataset import FileDataset
 
 from fhir_facade.embedded.dicom_peers import DicomPeer
+from fhir_facade.embedded.remote_nodes import RemoteNode
 
 __all__ = ["EmbeddedOrthanc", "OrthancNotInstalled", "free_port", "store_instances"]
 
@@ -123,6 +124,7 @@ class EmbeddedOrthanc:
         worklist_dir: Path | None = None,
         modalities: Sequence[DicomPeer] = (),
         http_auth: bool = True,
+        remote_nodes: Sequence[RemoteNode] = (),
     ) -> None:
         self.workdir = workdir
         self.http_port = http_port
@@ -132,6 +134,8 @@ class EmbeddedOrthanc:
         self.extra_config = extra_config or {}
         self.worklist_dir = worklist_dir
         self.modalities = tuple(modalities)
+        #: Remote PACS to query and retrieve from, by their own names (ADR 0041).
+        self.remote_nodes = tuple(remote_nodes)
         #: (user, password) for HTTP Basic, generated for this object; None when HTTP
         #: authentication is off (tests that only need a loopback-only Orthanc).
         self.credentials: tuple[str, str] | None = (
@@ -183,7 +187,8 @@ class EmbeddedOrthanc:
             "DicomCheckCalledAet": True,
             "DicomModalitiesInDatabase": False,
             "DicomModalities": {
-                f"modality-{n}": peer.orthanc_modality() for n, peer in enumerate(self.modalities, 1)
+                **{f"modality-{n}": peer.orthanc_modality() for n, peer in enumerate(self.modalities, 1)},
+                **{node.name: node.orthanc_modality() for node in self.remote_nodes},
             },
             "StableAge": self.stable_age,
             # QIDO answers are encoded with DefaultEncoding: with the Latin-1 default Orthanc drops

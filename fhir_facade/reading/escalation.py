@@ -127,6 +127,7 @@ class CriticalEscalation:
         self._interval = interval
         self._base_url = base_url
         self._loop: asyncio.Task[None] | None = None
+        self._watermark: str | None = None
 
     def subscribe(self, bus: EventBus) -> None:
         bus.subscribe(ResourceChanged, self.on_reply, in_transaction=True)
@@ -167,33 +168,52 @@ class CriticalEscalation:
             await asyncio.sleep(self._interval)
 
     async def check(self, now: datetime | None = None) -> list[dict[str, Any]]:
-        """Escalate what is overdue; returns the Tasks written."""
+        """Escalate what is overdue; returns the Tasks written.
+
+        The overdue ones are read oldest `sent` first, a page at a time, from a watermark: the `sent`
+        of the last one looked at. Escalated Communications stay `in-progress` (the recipient may
+        still acknowledge), so without the watermark they would fill every page and starve newer
+        ones. The watermark lives in memory: after a restart the first check reads them all once;
+        a Communication already escalated is recognised by its follow-up Task and skipped.
+        """
         now = now or datetime.now(UTC)
         cutoff = now - timedelta(seconds=self._timeout)
         written = []
         with on_server_authority(), origin_scope(Origin.INTERNAL):
-            overdue = await (
-                SearchBuilder(self._communications, base_url=self._base_url)
-                .where_token("category", CRITICAL_CATEGORY["system"], CRITICAL_CATEGORY["code"])
-                .where("status", "in-progress")
-                .where("sent", f"lt{_instant(cutoff)}")
-                .count(_BATCH)
-                .matches()
-            )
-            for communication in overdue:
-                task = await self._escalate(communication)
-                if task is not None:
-                    written.append(task)
-                    if self._recorder is not None:
-                        await self._recorder.record(
-                            escalation_audit_event(communication, task, self._timeout, now)
-                        )
-                    log.warning(
-                        "Critical result Communication/%s not acknowledged: escalated to Task/%s",
-                        communication["id"],
-                        task["id"],
-                    )
+            while True:
+                page = await self._overdue_page(cutoff)
+                for communication in page:
+                    task = await self._escalate(communication)
+                    if task is not None:
+                        written.append(task)
+                        await self._record(communication, task, now)
+                last = str(page[-1].get("sent", "")) if page else None
+                if len(page) < _BATCH or last is None or last == self._watermark:
+                    break  # the last page (or a page of one instant: the next check goes on)
+                self._watermark = last
+            if page and page[-1].get("sent"):
+                self._watermark = str(page[-1]["sent"])
         return written
+
+    async def _overdue_page(self, cutoff: datetime) -> list[dict[str, Any]]:
+        search = (
+            SearchBuilder(self._communications, base_url=self._base_url)
+            .where_token("category", CRITICAL_CATEGORY["system"], CRITICAL_CATEGORY["code"])
+            .where("status", "in-progress")
+            .where("sent", f"lt{_instant(cutoff)}")
+        )
+        if self._watermark is not None:  # ge: several may share the last instant; Tasks are unique
+            search = search.where("sent", f"ge{self._watermark}")
+        return await search.sort("sent").count(_BATCH).matches()
+
+    async def _record(self, communication: dict[str, Any], task: dict[str, Any], now: datetime) -> None:
+        if self._recorder is not None:
+            await self._recorder.record(escalation_audit_event(communication, task, self._timeout, now))
+        log.warning(
+            "Critical result Communication/%s not acknowledged: escalated to Task/%s",
+            communication["id"],
+            task["id"],
+        )
 
     async def _escalate(self, communication: dict[str, Any]) -> dict[str, Any] | None:
         focus = f"Communication/{communication['id']}"

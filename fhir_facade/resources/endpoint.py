@@ -6,6 +6,7 @@ They are derived from configuration, so read and search are answered without a P
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fhir_facade.dicom_to_fhir import MappingContext, endpoints
@@ -60,8 +61,9 @@ class EndpointProvider(FixedSetProvider):
         SearchParamDef("name", T.STRING, "Name starts with (case-insensitive)", _SPEC + "Endpoint-name"),
     )
 
-    def __init__(self, ctx: MappingContext) -> None:
-        super().__init__({e["id"]: e for e in endpoints(ctx)})
+    def __init__(self, ctx: MappingContext, extra: Sequence[dict[str, Any]] = ()) -> None:
+        """`extra`: more Endpoints (the remote DICOM nodes', ADR 0041)."""
+        super().__init__({e["id"]: e for e in (*endpoints(ctx), *extra)})
 
     def clause_matches(self, resource: dict[str, Any], clause: SearchClause) -> bool:
         return _clause_match(resource, clause)

@@ -139,11 +139,24 @@ class ImagingStudyProvider(ResourceProvider):
         ctx: MappingContext,
         orthanc: OrthancRestClient | None = None,
         orders: OrdersByAccession | None = None,
+        deletion: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
+        self._deletion = deletion  # DELETE is offered only with it (ADR 0040)
         self._dicomweb = dicomweb
         self._ctx = ctx
         self._orthanc = orthanc
         self._orders = orders
+
+    @property
+    def interactions(self) -> tuple[str, ...]:
+        return ("read", "search-type", "delete") if self._deletion else ("read", "search-type")
+
+    async def delete(self, resource_id: str) -> None:
+        """FHIR http.html#delete: the study is deleted in the PACS (fhir_facade/intake/study_delete.py)."""
+        if self._deletion is None:
+            await super().delete(resource_id)  # 405
+            return
+        await self._deletion(resource_id)
 
     async def read(self, resource_id: str) -> dict[str, Any]:
         query = {"StudyInstanceUID": resource_id}

@@ -30,7 +30,7 @@ from fhir_facade.store.authorship import WRITE_AUTHOR
 from fhir_facade.store.engine import WRITE
 from fhir_facade.store.tables import VERSION
 from fhir_facade.subscriptions.backport import SubscriptionSpec, parse_subscription
-from fhir_facade.subscriptions.study_changes import classify
+from fhir_facade.subscriptions.study_changes import STUDY_DELETED, classify, forget
 from fhir_facade.subscriptions.tables import EVENT, STATE
 from fhir_facade.subscriptions.topics import Topic
 
@@ -173,26 +173,41 @@ class SubscriptionMatcher:
         A watcher retry of a study some other consumer failed on is such a replay: the
         classification committed with the first attempt's events, so the retry numbers none
         (tests/subscriptions/test_study_arrival_once.py)."""
-        matched: list[str] = []
         with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
             code = classify(connection, study, at)
             if code is None:
                 return 0
-            candidates = connection.execute(
-                select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json)
-                .where(STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING))
-                .order_by(STATE.c.subscription_id)
-            ).all()
-            for candidate in candidates:
-                spec = self._spec(candidate.resource_json)
-                if spec is None:
-                    continue
-                if code not in spec.topic.events or not spec.topic.matches(spec.filters, study):
-                    continue
-                if not author_may_read(candidate.author, study, self._base_url):
-                    continue
-                matched.append(candidate.subscription_id)
-            self._record(connection, matched, "ImagingStudy", str(study["id"]), 0, at, code)
+            return self._record_study_event(connection, study, at, code)
+
+    def record_study_deleted(self, engine: Engine, study: dict[str, Any], at: datetime) -> int:
+        """A study was deleted through the facade (ADR 0040): a `study-deleted` event for each
+        subscription of the study topic that takes it and whose author could read the study as it
+        was (`study`, read before the delete); the study is forgotten, so a resend is "available"."""
+        with engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
+            forget(connection, str(study["id"]))
+            return self._record_study_event(connection, study, at, STUDY_DELETED)
+
+    def _record_study_event(
+        self, connection: Connection, study: dict[str, Any], at: datetime, code: str
+    ) -> int:
+        """Number event `code` of the live (or last seen) ImagingStudy `study` for every matching
+        subscription, in the caller's transaction."""
+        matched: list[str] = []
+        candidates = connection.execute(
+            select(STATE.c.subscription_id, STATE.c.author, STATE.c.resource_json)
+            .where(STATE.c.resource_type == "ImagingStudy", STATE.c.status.in_(COLLECTING))
+            .order_by(STATE.c.subscription_id)
+        ).all()
+        for candidate in candidates:
+            spec = self._spec(candidate.resource_json)
+            if spec is None:
+                continue
+            if code not in spec.topic.events or not spec.topic.matches(spec.filters, study):
+                continue
+            if not author_may_read(candidate.author, study, self._base_url):
+                continue
+            matched.append(candidate.subscription_id)
+        self._record(connection, matched, "ImagingStudy", str(study["id"]), 0, at, code)
         return len(matched)
 
     def _spec(self, resource_json: str) -> SubscriptionSpec | None:

@@ -24,7 +24,7 @@ from fhir_facade.audit.recorder import AuditRecorder
 from fhir_facade.auth.access import on_server_authority
 from fhir_facade.auth.compartment import compartment_rule, patient_references
 from fhir_facade.config import Settings
-from fhir_facade.fhir.pipeline import Origin, ResourceChanged, origin_scope
+from fhir_facade.fhir.pipeline import ChangeKind, Origin, ResourceChanged, origin_scope
 from fhir_facade.fhir.provider import ResourceProvider
 from fhir_facade.store import ResourceStore
 from fhir_facade.subscriptions.binding_tokens import BindingTokens
@@ -85,6 +85,19 @@ class SubscriptionRuntime:
                     self.wake()
 
             self._store.bus.subscribe(StudyArrived, on_study)
+
+            async def on_study_deleted(change: ResourceChanged) -> None:
+                # DELETE ImagingStudy/{id} (ADR 0040): the study as it was before is the focus's last
+                # known content, for the filters and each author's rights.
+                if change.resource_type != "ImagingStudy" or change.change is not ChangeKind.DELETED:
+                    return
+                if change.before is None:
+                    return
+                known = datetime.now(UTC)
+                if await run_in_threadpool(matcher.record_study_deleted, engine, change.before, known):
+                    self.wake()
+
+            self._store.bus.subscribe(ResourceChanged, on_study_deleted)
         watched = {t.resource_type for t in self.topics.values()} | {"Subscription"}
 
         async def on_change(change: ResourceChanged) -> None:

@@ -20,15 +20,17 @@ import hashlib
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from fhir_facade.subscriptions.tables import STUDY
 
-__all__ = ["STUDY_AVAILABLE", "STUDY_CHANGED", "classify", "fingerprint"]
+__all__ = ["STUDY_AVAILABLE", "STUDY_CHANGED", "STUDY_DELETED", "classify", "fingerprint", "forget"]
 
 #: The event codes of the study topic's two eventTriggers (CodeSystem subscription-event).
 STUDY_AVAILABLE = "study-available"
 STUDY_CHANGED = "study-changed"
+#: A study deleted through the facade (`DELETE ImagingStudy/{id}`, ADR 0040).
+STUDY_DELETED = "study-deleted"
 
 
 def fingerprint(study: dict[str, Any]) -> str:
@@ -61,3 +63,8 @@ def classify(connection: Connection, study: dict[str, Any], at: datetime) -> str
         update(STUDY).where(key).values(fingerprint=current, changes=STUDY.c.changes + 1, updated_at=at)
     )
     return STUDY_CHANGED
+
+
+def forget(connection: Connection, study_uid: str) -> None:
+    """A deleted study is forgotten: if it is sent again, it is `study-available` again."""
+    connection.execute(delete(STUDY).where(STUDY.c.study_uid == study_uid))

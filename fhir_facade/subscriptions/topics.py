@@ -29,12 +29,12 @@ from fhir_facade.fhir.element_paths import values_at
 from fhir_facade.fhir.registry import RegistryError, registry
 from fhir_facade.fhir.search import SearchParamType
 from fhir_facade.package_data import data_path
-from fhir_facade.subscriptions.study_changes import STUDY_AVAILABLE, STUDY_CHANGED
+from fhir_facade.subscriptions.study_changes import STUDY_AVAILABLE, STUDY_CHANGED, STUDY_DELETED
 
 __all__ = ["STUDY_AVAILABLE", "STUDY_CHANGED", "Filter", "Topic", "load_topics", "topics"]
 
 #: The event codes the facade raises (capability/CodeSystem-subscription-event.json).
-_EVENT_CODES = frozenset({STUDY_AVAILABLE, STUDY_CHANGED})
+_EVENT_CODES = frozenset({STUDY_AVAILABLE, STUDY_CHANGED, STUDY_DELETED})
 
 Resource = dict[str, Any]
 

@@ -150,6 +150,13 @@ class OutboxQueue:
         with self._engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
             self.record(connection, snapshot)
 
+    def enqueue_deletion(self, resource_type: str, resource_id: str, now: datetime | None = None) -> None:
+        """Ask for a virtual resource to be deleted upstream (a study deleted in the PACS, ADR 0040)."""
+        now = now or datetime.now(UTC)
+        deletion = VersionStored(resource_type, resource_id, 0, True, {}, now)
+        with self._engine.connect().execution_options(**{WRITE: True}) as connection, connection.begin():
+            self.record(connection, deletion)
+
     def mark_sent(self, seqs: Sequence[int], now: datetime | None = None) -> None:
         self._set(seqs, state="sent", sent_at=now or datetime.now(UTC), lease_until=None, last_error=None)
 

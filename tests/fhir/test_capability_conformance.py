@@ -116,6 +116,7 @@ def seeds(http: httpx.Client) -> dict[str, str]:
             "basedOn": [{"reference": order}],
             "partOf": [{"reference": STUDY}],
             "derivedFrom": [{"reference": STUDY}],
+            "focus": [{"reference": STUDY}],
             "device": {"reference": device},
             "valueString": "no tumour",
         },

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
+from fhir_facade.reading import escalation
 from fhir_facade.reading.codes import TASK_CODE_SYSTEM
 from fhir_facade.reading.critical import INTERPRETATION
 from tests.conftest import ok_json, serve, validate
@@ -160,3 +162,30 @@ class TestCritical:
         whats = [e["what"]["reference"] for e in event["entity"]]
         assert f"Communication/{communication['id']}" in whats
         assert f"DiagnosticReport/{report['id']}" in whats
+
+
+def test_escalated_ones_do_not_starve_newer_overdue_ones(
+    client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Escalated Communications stay in-progress; a check that read only the first page of overdue
+    ones would see the same escalated ones for ever. With pages of 2, five that fall overdue
+    together are all escalated."""
+    monkeypatch.setattr(escalation, "_BATCH", 2)
+    ids = []
+    start = datetime.now(UTC)
+    for n in range(5):
+        sent = (start + timedelta(milliseconds=n)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        communication = {
+            "resourceType": "Communication",
+            "status": "in-progress",
+            "category": [{"coding": [{"system": ALERT.split("|")[0], "code": "alert"}]}],
+            "priority": "stat",
+            "subject": {"reference": "Patient/CRIT-BACKLOG"},
+            "sent": sent,
+            "payload": [{"contentString": f"critical result {n}"}],
+        }
+        ids.append(ok_json(client.post("/Communication", json=communication, headers=FHIR_JSON), 201)["id"])
+
+    for communication_id in ids:
+        (task,) = wait_for(lambda cid=communication_id: _follow_ups(client, cid))
+        validate(task)

@@ -339,6 +339,35 @@ def test_results_searched_by_result_part_of_derived_from_and_device(fhir: httpx.
     assert ok_json(fhir.get("/DiagnosticReport", params={"result": "Observation/none"}))["total"] == 0
 
 
+def test_observations_searched_by_focus(fhir: httpx.Client) -> None:
+    """Observation?focus (R4 Observation-focus): the radiologist's agreement with the AI (ADR 0034)
+    is found by the signed report it is about; the parameter used to be ignored (every Observation
+    matched)."""
+    reports = [f"DiagnosticReport/{secrets.token_hex(8)}" for _ in range(3)]
+    ai_report = reports[2]
+    ids = [
+        ok_json(
+            fhir.post(
+                "/Observation",
+                json={
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"text": "agreement"},
+                    "focus": [{"reference": signed}, {"reference": ai_report}],
+                },
+                headers=FHIR_JSON,
+            ),
+            201,
+        )["id"]
+        for signed in reports[:2]
+    ]
+    for signed, observation in zip(reports[:2], ids, strict=True):
+        found = ok_json(fhir.get("/Observation", params={"focus": signed}))
+        assert [e["resource"]["id"] for e in found.get("entry", [])] == [observation]
+    both = ok_json(fhir.get("/Observation", params={"focus": ai_report}))
+    assert sorted(e["resource"]["id"] for e in both["entry"]) == sorted(ids)
+
+
 class TestPatientsCreatedByAnEhr:
     """Patient is the DICOM view plus the Patients an EHR writes, which are stored."""
 

@@ -97,7 +97,7 @@ def test_a_topic_read_carries_its_trigger_and_filters(http: httpx.Client) -> Non
     validate(study)
     triggers = [e["extension"] for e in study["extension"] if e["url"] == R4B + "eventTrigger"]
     codes = [_value(p)["coding"][0]["code"] for t in triggers for p in t if p["url"] == "event"]
-    assert codes == ["study-available", "study-changed"]
+    assert codes == ["study-available", "study-changed", "study-deleted"]
     assert all(
         ("resource", "http://hl7.org/fhir/StructureDefinition/ImagingStudy")
         in [(p["url"], _value(p)) for p in t]
