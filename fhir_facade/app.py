@@ -41,6 +41,7 @@ from fhir_facade.fhir.responses import install_error_handlers
 from fhir_facade.fhir.router import build_fhir_router
 from fhir_facade.http_limits import BodyLimits, RequestLimitsMiddleware
 from fhir_facade.intake.deidentify_runtime import deidentify_runtime
+from fhir_facade.intake.import_endpoint import ImportService
 from fhir_facade.intake.reconcile_runtime import ReconcileRuntime
 from fhir_facade.intake.study_delete import StudyDeletion
 from fhir_facade.metrics import metrics_router
@@ -353,6 +354,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else None
     )
 
+    importing = (  # ImagingStudy/$import (ADR 0038): stores through Orthanc's REST API
+        ImportService(
+            settings,
+            store.engine,
+            {p.resource_type: p for p in visible},
+            next(p for p in providers if p.resource_type == "Task"),
+            ctx,
+        )
+        if settings.imports.enabled and settings.orthanc_url
+        else None
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         schema_version = await run_in_threadpool(upgrade, store.engine)
@@ -394,6 +407,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await sync.stop()
             if analyze:
                 await analyze.stop()
+            if importing:
+                await importing.close()
             if reading:
                 await reading.stop()
             if watching:
@@ -435,6 +450,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         **(reading.operations if reading else {}),
         "Subscription": list(subscriptions.operations),
     }
+    if importing:  # ImagingStudy has $analyze too: add, do not replace
+        operations["ImagingStudy"] = [
+            *operations.get("ImagingStudy", []),
+            *importing.operations["ImagingStudy"],
+        ]
     if remote_pacs:
         operations["ImagingStudy"] = [*operations.get("ImagingStudy", []), *remote_pacs.operations]
     if deidentify:
@@ -449,6 +469,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tasks = next(p for p in providers if p.resource_type == "Task")
         guard = analyze_guard(studies, tasks, settings.base_url)
         app.include_router(analyze.router, dependencies=[*guarded, Depends(guard)])
+    if importing:  # before the FHIR router too
+        app.include_router(importing.router, dependencies=guarded)
     if deidentify:  # $deidentify (ADR 0040), before the FHIR router too
         app.include_router(deidentify.router, dependencies=guarded)
     if reading and reading.router:  # $ai-performance (ADR 0034), before the FHIR router too

@@ -23,6 +23,7 @@ from fhir_facade.worklist import check_stations, load_concept_maps
 __all__ = [
     "AnalyzeSettings",
     "DeidentifySettings",
+    "ImportSettings",
     "InferenceSettings",
     "LimitsSettings",
     "LockoutSettings",
@@ -183,6 +184,7 @@ class LimitsSettings(SettingsSection):
     prefix = "limits_"
     max_body_bytes: int
     max_stow_body_bytes: int
+    max_import_body_bytes: int
     body_timeout: float
     json_max_depth: int
     json_max_number_length: int
@@ -220,6 +222,15 @@ class ReplicaSettings(SettingsSection):
     prefix = "replica_"
     lease_seconds: float
     id: str | None
+
+
+class ImportSettings(SettingsSection):
+    """ImagingStudy/$import (FACADE_IMPORT_*, ADR 0038)."""
+
+    prefix = "import_"
+    enabled: bool
+    store_concurrency: int
+    dciodvfy: Literal["series", "all", "off"]
 
 
 class RemotePacsSettings(SettingsSection):
@@ -639,6 +650,27 @@ class Settings(BaseSettings):
             "checks it, so keep it within the server's memory."
         ),
     )
+    limits_max_import_body_bytes: int = Field(
+        16 * 1024**3,
+        ge=1024,
+        description=(
+            "Largest ImagingStudy/$import body (a zip of thousands of instances); it is written to a "
+            "temporary file as it arrives, never held in memory (ADR 0038)."
+        ),
+    )
+    import_enabled: bool = Field(
+        True, description="Serve ImagingStudy/$import (needs FACADE_ORTHANC_URL; ADR 0038)."
+    )
+    import_store_concurrency: int = Field(
+        4, ge=1, le=64, description="Instances an import posts to Orthanc at once."
+    )
+    import_dciodvfy: Literal["series", "all", "off"] = Field(
+        "series",
+        description=(
+            "Which instances dicom3tools' dciodvfy checks besides the built-in checks: the first of "
+            "each series, all, or none (ADR 0038)."
+        ),
+    )
     limits_body_timeout: float = Field(
         30.0,
         gt=0,
@@ -936,6 +968,10 @@ class Settings(BaseSettings):
     @cached_property
     def limits(self) -> LimitsSettings:
         return LimitsSettings.of(self)
+
+    @cached_property
+    def imports(self) -> ImportSettings:
+        return ImportSettings.of(self)
 
     @cached_property
     def lockout(self) -> LockoutSettings:

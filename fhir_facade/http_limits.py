@@ -36,6 +36,8 @@ __all__ = ["BodyLimits", "RequestLimitsMiddleware", "uvicorn_options"]
 
 #: Where STOW-RS bodies arrive: the DICOMweb proxy (fhir_facade.dicomweb_proxy.router.PREFIX).
 _STOW_PREFIX = "/dicom-web/"
+#: ImagingStudy/$import (fhir_facade.intake.import_endpoint).
+_IMPORT_SUFFIX = "/ImagingStudy/$import"
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,23 @@ class BodyLimits:
     max_body_bytes: int
     max_stow_body_bytes: int
     body_timeout: float
+    max_import_body_bytes: int = 16 * 1024**3
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BodyLimits:
         return cls(
-            settings.limits.max_body_bytes, settings.limits.max_stow_body_bytes, settings.limits.body_timeout
+            settings.limits.max_body_bytes,
+            settings.limits.max_stow_body_bytes,
+            settings.limits.body_timeout,
+            settings.limits.max_import_body_bytes,
         )
 
     def for_request(self, scope: Scope) -> int:
         """The body limit of this request: STOW-RS's for a POST under /dicom-web, else the default."""
         if scope["method"] == "POST" and scope.get("path", "").startswith(_STOW_PREFIX):
             return self.max_stow_body_bytes
+        if scope["method"] == "POST" and scope.get("path", "").endswith(_IMPORT_SUFFIX):
+            return self.max_import_body_bytes  # spooled to disk as it arrives (ADR 0038)
         return self.max_body_bytes
 
 

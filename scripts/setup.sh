@@ -23,7 +23,7 @@ case "$MODE" in
     ;;
 esac
 
-RUN_APT_PACKAGES=(orthanc orthanc-dicomweb mricron-data)
+RUN_APT_PACKAGES=(orthanc orthanc-dicomweb mricron-data dicom3tools)
 # dcmtk: findscu/storescu in the worklist and modality tests; docker-compose: `config -q` of the
 # deployment file; chromium + chromium-driver: the real-browser tests (tests/test_api_docs.py);
 # dicom3tools: dciodvfy checks the saliency Parametric Map against its IOD (ADR 0035).

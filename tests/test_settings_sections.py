@@ -10,6 +10,7 @@ import pytest
 from fhir_facade.config import (
     AnalyzeSettings,
     DeidentifySettings,
+    ImportSettings,
     InferenceSettings,
     LimitsSettings,
     LockoutSettings,
@@ -28,6 +29,7 @@ from fhir_facade.config import (
 
 SECTIONS: list[type[SettingsSection]] = [
     AnalyzeSettings,
+    ImportSettings,
     DeidentifySettings,
     InferenceSettings,
     LimitsSettings,

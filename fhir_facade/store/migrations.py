@@ -259,6 +259,23 @@ def _expiring_entries(connection: Connection) -> None:
     connection.execute(text("CREATE INDEX ix_expiring_entry_expires ON expiring_entry (expires_at)"))
 
 
+def _import_ledger(connection: Connection) -> None:
+    # What $import stored (ADR 0038): one row per SOP Instance UID, with the hash of the content it
+    # came from and of the identity it was given, so importing the same archive again stores nothing
+    # twice although coercion makes each stored copy differ (its Original Attributes Sequence is dated).
+    stamp = "TIMESTAMP WITH TIME ZONE"
+    connection.execute(
+        text(
+            "CREATE TABLE import_instance ("
+            " sop_instance_uid VARCHAR(64) PRIMARY KEY,"
+            " content_key VARCHAR(64) NOT NULL,"
+            " study_instance_uid VARCHAR(64) NOT NULL,"
+            " pacs_id VARCHAR(100) NOT NULL,"
+            f" imported_at {stamp} NOT NULL)"
+        )
+    )
+
+
 #: Every migration ever released, in order. Versions are consecutive from 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource versions, current pointer, token/date/reference/string index", _initial_schema),
@@ -274,6 +291,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(10, "lease: time-limited ownership of work shared by replicas", _leases),
     Migration(11, "expiring_entry: the built-in authorization server's shared state", _expiring_entries),
+    Migration(12, "import_instance: what $import stored, for idempotent imports", _import_ledger),
 )
 
 

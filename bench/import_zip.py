@@ -1,0 +1,191 @@
+"""ImagingStudy/$import of a 1,000-instance zip against posting the same files straight to Orthanc.
+
+In one run: 1,000 CT instances of 512 x 512 x 16 bits (~0.5 GB) are written to a temporary folder
+and zipped (deflate); then
+- baseline: every file is posted to a fresh Orthanc's REST API (`POST /instances`), by as many
+  concurrent connections as the facade uses (`--connections`, default the facade's 4), and
+  sequentially (one connection, what a script or `curl` loop does);
+- import: the zip is posted to `ImagingStudy/$import` of a facade process (its own process, so its
+  peak RSS is its own: VmHWM of /proc/<pid>/status) in front of another fresh Orthanc.
+Throughput is instances per second, from the first byte sent to the last answer; the import's time
+includes the upload, validation (pydicom on every instance, dciodvfy on the first of the series),
+and storing. Target (issue 16): RSS < 1 GiB, import >= 0.8 x baseline. Everything is deleted at the end.
+
+    .venv/bin/python -m bench.import_zip [--instances 1000] [--connections 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from bench.harness import facade_process
+from fhir_facade.embedded import EmbeddedOrthanc, free_port
+
+
+def _instance(study: str, series: str, frame: str, number: int, pixels: bytes) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = (
+        "BENCH-1",
+        "Bench^Import",
+        "19700101",
+        "O",
+    )
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20261205", "120000", "BENCH", "1"
+    ds.ReferringPhysicianName = ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, number
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [0, 0, float(number)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [0.7, 0.7]
+    ds.SliceThickness = 1
+    ds.PositionReferenceIndicator = ""
+    ds.KVP, ds.AcquisitionNumber = 120, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 512
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = pixels
+    return ds
+
+
+def make_files(folder: Path, count: int) -> list[Path]:
+    rng = np.random.default_rng(16)
+    base = (np.add.outer(np.arange(512), np.arange(512)) * 3).astype(np.uint16)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    paths = []
+    for number in range(1, count + 1):
+        pixels = (base + rng.integers(0, 64, (512, 512), dtype=np.uint16)) & 0x0FFF
+        path = folder / f"IM{number:05d}.dcm"
+        _instance(study, series, frame, number, pixels.tobytes()).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def post_all(url: str, paths: list[Path], connections: int) -> float:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    with httpx.Client(base_url=url, timeout=120, limits=limits) as client:
+
+        def post(path: Path) -> None:
+            answer = client.post(
+                "/instances", content=path.read_bytes(), headers={"Content-Type": "application/dicom"}
+            )
+            answer.raise_for_status()
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(connections) as pool:
+            list(pool.map(post, paths))
+        return time.perf_counter() - start
+
+
+def _orthanc(root: Path, name: str) -> EmbeddedOrthanc:
+    return EmbeddedOrthanc(root / name, http_port=free_port(), dicom_port=free_port(), http_auth=False)
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument(
+        "--compression", choices=("deflate", "stored"), default="deflate", help="how the zip holds its files"
+    )
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-import-"))
+    try:
+        files = root / "files"
+        files.mkdir()
+        t0 = time.perf_counter()
+        paths = make_files(files, args.instances)
+        archive = root / "study.zip"
+        method = zipfile.ZIP_DEFLATED if args.compression == "deflate" else zipfile.ZIP_STORED
+        with zipfile.ZipFile(archive, "w", method, compresslevel=1) as out:
+            for path in paths:
+                out.write(path, f"PATIENT/STUDY/SERIES/{path.name}")
+        size = sum(p.stat().st_size for p in paths)
+        print(
+            f"{len(paths)} instances, {size / 2**20:.0f} MiB; "
+            f"zip ({args.compression}) {archive.stat().st_size / 2**20:.0f} MiB "
+            f"(made in {time.perf_counter() - t0:.0f} s)"
+        )
+        with _orthanc(root, "orthanc-seq") as sequential_pacs:
+            sequential = post_all(sequential_pacs.url, paths, 1)
+        with _orthanc(root, "orthanc-direct") as direct_pacs:
+            direct = post_all(direct_pacs.url, paths, args.connections)
+        with _orthanc(root, "orthanc-import") as pacs:
+            env = {
+                "FACADE_DICOMWEB_URL": pacs.dicomweb_url,
+                "FACADE_ORTHANC_URL": pacs.url,
+                "FACADE_DATABASE_URL": f"sqlite:///{root}/store.sqlite3",
+                "FACADE_IMPORT_STORE_CONCURRENCY": str(args.connections),
+                "FACADE_AUTH": "none",
+            }
+            with facade_process(env, log_path=root / "facade.log") as facade:
+                rss_before = _peak_rss(facade.process.pid)
+
+                def chunks() -> object:
+                    with archive.open("rb") as source:
+                        while chunk := source.read(1 << 20):
+                            yield chunk
+
+                start = time.perf_counter()
+                with httpx.Client(timeout=1800) as client:
+                    answer = client.post(
+                        f"{facade.base_url}/ImagingStudy/$import",
+                        content=chunks(),  # type: ignore[arg-type]
+                        headers={"Content-Type": "application/zip"},
+                    )
+                imported = time.perf_counter() - start
+                answer.raise_for_status()
+                counts = {p["name"]: p["valueInteger"] for p in answer.json()["parameter"][0]["part"]}
+                peak = _peak_rss(facade.process.pid)
+            stored = len(httpx.get(f"{pacs.url}/instances", timeout=60).json())
+        n = len(paths)
+        print(f"direct to Orthanc, 1 connection:  {sequential:6.1f} s  {n / sequential:6.1f} instances/s")
+        print(
+            f"direct to Orthanc, {args.connections} connections: "
+            f"{direct:6.1f} s  {n / direct:6.1f} instances/s"
+        )
+        print(
+            f"facade $import (zip):            {imported:6.1f} s  {n / imported:6.1f} instances/s  {counts}"
+        )
+        print(f"stored in the import's Orthanc: {stored}")
+        print(
+            f"facade peak RSS: {peak / 2**20:.0f} MiB "
+            f"(at start {rss_before / 2**20:.0f} MiB); target < 1024 MiB"
+        )
+        print(
+            f"ratio import / direct ({args.connections} connections): {direct / imported:.2f}; "
+            f"import / direct (1 connection): {sequential / imported:.2f}; target >= 0.8"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
