@@ -87,6 +87,9 @@ class AnalyzeRuntime:
             link_base=settings.dicomweb_link_url,
             timeout=settings.analyze.timeout,
             slice_applicability=settings.analyze.slice_applicability,
+            max_batch=settings.inference.max_batch,
+            max_wait=settings.inference.max_wait_ms / 1000,
+            decode_workers=settings.analyze.decode_workers,
         )
         tasks = providers["Task"]
         assert isinstance(tasks, StoredResourceProvider)
@@ -130,6 +133,7 @@ class AnalyzeRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         await self.jobs.close()
+        await self.analyzer.aclose()
         for backend in self.analyzer.backends.values():
             backend.close()
         await self.wado.close()
