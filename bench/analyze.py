@@ -575,7 +575,7 @@ def main() -> None:
     concurrency.add_argument("--studies", type=int, default=16, help="concurrent studies")
     concurrency.add_argument("--slices", type=int, default=20, help="slices per concurrent study")
     concurrency.add_argument("--workers", type=int, default=16, help="FACADE_ANALYZE_WORKERS")
-    concurrency.add_argument("--max-batch", type=int, default=16, help="FACADE_INFERENCE_MAX_BATCH")
+    concurrency.add_argument("--max-batch", type=int, default=8, help="FACADE_INFERENCE_MAX_BATCH")
     concurrency.add_argument("--max-wait-ms", type=float, default=5.0, help="FACADE_INFERENCE_MAX_WAIT_MS")
     concurrency.add_argument("--pure-slices", type=int, default=96, help="slices of the pure measurement")
     concurrency.add_argument("--small", type=int, default=8, help="small studies per fairness set")

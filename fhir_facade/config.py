@@ -498,7 +498,7 @@ class Settings(BaseSettings):
         None, ge=1, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."
     )
     inference_max_batch: int = Field(
-        16,
+        8,
         ge=1,
         description=(
             "Most slices in one model call; concurrent analyses share it, filled round-robin across "

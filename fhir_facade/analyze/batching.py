@@ -113,7 +113,7 @@ class InferenceBatcher:
         self,
         backend: InferenceBackend,
         *,
-        max_batch: int = 16,
+        max_batch: int = 8,
         max_wait: float = 0.005,
         in_flight: int = 1,
         on_batch: Callable[[BatchRecord], None] | None = None,

@@ -132,7 +132,7 @@ class Analyzer:
         link_base: str,
         timeout: float | None = None,
         slice_applicability: bool = True,
-        max_batch: int = 16,
+        max_batch: int = 8,
         max_wait: float = 0.005,
         decode_workers: int = 2,
         on_batch: Callable[[BatchRecord], None] | None = None,
