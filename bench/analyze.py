@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import copy
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -360,10 +361,12 @@ def run_concurrency(args: argparse.Namespace) -> None:
             analyze(client, warm_up)
         server.log.new_analyses()
 
+        load_before = os.getloadavg()[0]
         pure_before = pure_batched(backend, inputs, args.max_batch)
         wall, latencies = asyncio.run(fire(server.base_url, studies))
         figures = server.log.new_analyses()
         pure_after = pure_batched(backend, inputs, args.max_batch)
+        load_after = os.getloadavg()[0]
 
         alone, _, _ = asyncio.run(staggered(server.base_url, small[: args.small], args.gap, None, 0))
         behind, big_latency, big_after = asyncio.run(
@@ -394,6 +397,10 @@ def run_concurrency(args: argparse.Namespace) -> None:
         f" model time {inference:.2f} s of the wall ({inference / wall:.0%})"
     )
     print(f"    ratio end to end / pure batched: {e2e / pure:.3f} (target >= 0.9)")
+    print(
+        f"    1-min load average {load_before:.1f} before (a), {load_after:.1f} after (b) and (a) again"
+        f" on {os.cpu_count()} CPUs (other processes on the machine skew both (a) and (b))"
+    )
     print(
         f"(c) fairness: {args.small} {args.small_slices}-slice studies fired {args.gap:g} s apart,"
         f" alone and {args.lead:g} s after a {args.big_slices}-slice study:"
