@@ -5,7 +5,7 @@ embedded Orthanc (free ports on 127.0.0.1) and a facade started as its own proce
 the study watcher off, SR write-back on as by default). Three parts, each runs alone:
 
     .venv/bin/python bench/analyze.py ratio [--slices 20] [--rounds 5]
-    .venv/bin/python bench/analyze.py concurrency [--levels 1,4,16] [--slices 20] [--workers 1]
+    .venv/bin/python bench/analyze.py concurrency [--studies 16] [--max-batch 16] [--big-slices 200]
     .venv/bin/python bench/analyze.py memory [--instances 500] [--timeout 600]
     .venv/bin/python bench/analyze.py applicability [--rounds 5] [--step 0]
     .venv/bin/python bench/analyze.py saliency [--rounds 3] [--patch 48] [--stride 24]
@@ -21,9 +21,15 @@ list, and the same list for the bench's own session; default: the facade's defau
   the same slices, decoded once up front with `to_model_input`, in batches of
   `manifest.batch_size`. Prints medians, the ratio end to end / pure (target <= 1.25 on CPU) and
   the split from the server's own log line ("Analyzed study ... in X s (inference Y s)").
-- concurrency: max(levels) different 20-slice studies; for each level N, N synchronous
-  `$analyze` fired at once with httpx.AsyncClient (FACADE_ANALYZE_WORKERS = --workers). Prints
-  wall time, throughput (analyses/s, slices/s), p50 and p95 latency per N.
+- concurrency (cross-study batching, ADR 0036), in one run: (a) pure batched inference, slices/s
+  of `OnnxRuntimeBackend.infer` in this process over --pure-slices decoded slices in batches of
+  --max-batch, measured before and after (b); (b) --studies different 20-slice studies fired at
+  once (synchronous `$analyze`, httpx.AsyncClient; FACADE_ANALYZE_WORKERS = --workers), slices/s =
+  all slices / wall time of the burst: end to end means the facade's whole work for each study
+  (HTTP, Task, QIDO, WADO-RS from the real Orthanc on the same machine, decode, shared batches,
+  decision, SR STOW-RS, SQLite transaction), Orthanc's own CPU included; prints the ratio (b) /
+  mean of (a) (target >= 0.9); (c) fairness: --small 2-slice studies fired --gap s apart, first
+  alone, then --lead s after a --big-slices study; p50/p95 latency of each set.
 - memory: one series of --instances MR slices (Colin27 slices cycled, each copy with its own SOP
   Instance UID and InstanceNumber). Reads the facade's VmHWM and VmRSS (/proc/<pid>/status) after
   start-up and one 4-slice warm-up analysis (VmHWM cannot be reset, so the baseline is reported),
@@ -51,6 +57,7 @@ import argparse
 import asyncio
 import copy
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -282,56 +289,138 @@ def run_ratio(args: argparse.Namespace) -> None:
 async def fire(base_url: str, study_uids: Sequence[str]) -> tuple[float, list[float]]:
     """All analyses at once; (wall seconds for all, latency of each)."""
     async with httpx.AsyncClient(base_url=base_url, timeout=900) as client:
-
-        async def one(uid: str) -> float:
-            t0 = time.perf_counter()
-            response = await client.post(f"/ImagingStudy/{uid}/$analyze")
-            if response.status_code != 200:
-                raise RuntimeError(f"$analyze of {uid}: {response.status_code} {response.text[:500]}")
-            return time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        latencies = await asyncio.gather(*(one(uid) for uid in study_uids))
+        latencies = await asyncio.gather(*(post_analyze(client, uid) for uid in study_uids))
         return time.perf_counter() - t0, list(latencies)
 
 
+async def post_analyze(client: httpx.AsyncClient, uid: str) -> float:
+    """One synchronous `$analyze` over `client`; its wall seconds."""
+    t0 = time.perf_counter()
+    response = await client.post(f"/ImagingStudy/{uid}/$analyze")
+    if response.status_code != 200:
+        raise RuntimeError(f"$analyze of {uid}: {response.status_code} {response.text[:500]}")
+    return time.perf_counter() - t0
+
+
+async def staggered(
+    base_url: str, small: Sequence[str], gap: float, big: str | None, lead: float
+) -> tuple[list[float], float | None, float]:
+    """The small studies fired one every `gap` seconds, `lead` seconds after `big` (if any) was
+    fired; (small latencies, big latency, seconds the big one ran past the last small answer)."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=900) as client:
+        big_task = None
+        if big is not None:
+            big_task = asyncio.create_task(post_analyze(client, big))
+            await asyncio.sleep(lead)
+        tasks = []
+        for uid in small:
+            tasks.append(asyncio.create_task(post_analyze(client, uid)))
+            await asyncio.sleep(gap)
+        latencies = list(await asyncio.gather(*tasks))
+        small_done = time.perf_counter()
+        if big_task is None:
+            return latencies, None, 0.0
+        big_latency = await big_task
+        return latencies, big_latency, time.perf_counter() - small_done
+
+
+def pure_batched(backend: OnnxRuntimeBackend, inputs: np.ndarray, max_batch: int) -> float:
+    """Slices/s of `backend.infer` over `inputs` in batches of `max_batch` (the batcher's best case)."""
+    batches = [np.ascontiguousarray(inputs[i : i + max_batch]) for i in range(0, len(inputs), max_batch)]
+    t0 = time.perf_counter()
+    for batch in batches:
+        backend.infer(batch)
+    return len(inputs) / (time.perf_counter() - t0)
+
+
 def run_concurrency(args: argparse.Namespace) -> None:
-    levels = [int(level) for level in args.levels.split(",") if level.strip()]
-    if not levels or min(levels) < 1:
-        raise SystemExit("--levels needs positive integers, e.g. 1,4,16")
-    template = build_demo_study(min(args.slices, BRAIN_SLICES))
+    """(a) pure batched inference, (b) N concurrent analyses end to end, (a) again, then fairness:
+    small studies alone and with a big study ahead, all in one run on one machine."""
+    manifest, backend = model(args)
+    template = build_demo_study(min(max(args.slices, args.pure_slices), BRAIN_SLICES))
+    inputs = np.stack(
+        [to_model_input(template[i % len(template)], manifest.input) for i in range(args.pure_slices)]
+    )
+    backend.warm_up()
+    pure_batched(backend, inputs[: args.max_batch], args.max_batch)  # warm the batch size too
     with orthanc_in_tmp() as (orthanc, tmp, stack):
         studies = []
-        for n in range(max(levels) + 1):  # one more for the warm-up
+        for n in range(args.studies + 1):  # one more for the warm-up
             uid, datasets = brain_study(template, args.slices, f"CONC{n:02d}")
             store(orthanc.url, datasets)
             studies.append(uid)
+        small = []
+        for n in range(2 * args.small):  # two sets: alone, then behind the big study
+            uid, datasets = brain_study(template, args.small_slices, f"SMALL{n:02d}")
+            store(orthanc.url, datasets)
+            small.append(uid)
+        big_uid, datasets = brain_study(template, args.big_slices, "BIG")
+        store(orthanc.url, datasets)
+        del datasets
         warm_up, studies = studies[0], studies[1:]
-        server = stack.enter_context(facade(orthanc, tmp, args, workers=args.workers))
+        env = {
+            "FACADE_INFERENCE_MAX_BATCH": str(args.max_batch),
+            "FACADE_INFERENCE_MAX_WAIT_MS": str(args.max_wait_ms),
+        }
+        server = stack.enter_context(facade(orthanc, tmp, args, workers=args.workers, extra_env=env))
         with httpx.Client(base_url=server.base_url, timeout=600) as client:
             analyze(client, warm_up)
         server.log.new_analyses()
-        rows = []
-        for level in levels:
-            wall, latencies = asyncio.run(fire(server.base_url, studies[:level]))
-            figures = server.log.new_analyses()
-            inside = statistics.median(f.seconds for f in figures) if figures else float("nan")
-            rows.append((level, wall, latencies, inside))
 
+        load_before = os.getloadavg()[0]
+        pure_before = pure_batched(backend, inputs, args.max_batch)
+        wall, latencies = asyncio.run(fire(server.base_url, studies))
+        figures = server.log.new_analyses()
+        pure_after = pure_batched(backend, inputs, args.max_batch)
+        load_after = os.getloadavg()[0]
+
+        alone, _, _ = asyncio.run(staggered(server.base_url, small[: args.small], args.gap, None, 0))
+        behind, big_latency, big_after = asyncio.run(
+            staggered(server.base_url, small[args.small :], args.gap, big_uid, args.lead)
+        )
+    backend.close()
+
+    pure = statistics.mean([pure_before, pure_after])
+    slices = args.studies * args.slices
+    e2e = slices / wall
+    inference = sum(f.inference_seconds for f in figures)
     print(
-        f"\n$analyze, N different {args.slices}-slice MR studies fired at once (httpx.AsyncClient);"
-        f" FACADE_ANALYZE_WORKERS={args.workers}, providers {args.providers or 'facade default'},"
+        f"\nCross-study batching: max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms,"
+        f" FACADE_ANALYZE_WORKERS={args.workers}, providers {list(backend.providers)},"
         f" threads {args.threads or 'ORT default'}"
     )
     print(
-        f"{'N':>4} {'wall s':>8} {'analyses/s':>11} {'slices/s':>9} {'p50 s':>8} {'p95 s':>8}"
-        f" {'in-analyzer med s':>18}"
+        f"(a) pure batched inference ({args.pure_slices} slices, batches of {args.max_batch}, this process):"
+        f" {pure_before:.2f} slices/s before, {pure_after:.2f} after, mean {pure:.2f}"
     )
-    for level, wall, latencies, inside in rows:
+    print(
+        f"(b) end to end, {args.studies} different {args.slices}-slice studies fired at once"
+        f" (POST $analyze: Task, QIDO, WADO-RS from Orthanc, decode, batches, SR STOW-RS, SQLite):"
+    )
+    print(
+        f"    wall {wall:.2f} s, {e2e:.2f} slices/s, {args.studies / wall * 3600:.0f} studies/h;"
+        f" latency p50 {statistics.median(latencies):.2f} s, p95 {p95(latencies):.2f} s;"
+        f" model time {inference:.2f} s of the wall ({inference / wall:.0%})"
+    )
+    print(f"    ratio end to end / pure batched: {e2e / pure:.3f} (target >= 0.9)")
+    print(
+        f"    1-min load average {load_before:.1f} before (a), {load_after:.1f} after (b) and (a) again"
+        f" on {os.cpu_count()} CPUs (other processes on the machine skew both (a) and (b))"
+    )
+    print(
+        f"(c) fairness: {args.small} {args.small_slices}-slice studies fired {args.gap:g} s apart,"
+        f" alone and {args.lead:g} s after a {args.big_slices}-slice study:"
+    )
+    for label, values in (("alone", alone), ("behind the big study", behind)):
         print(
-            f"{level:>4} {wall:>8.2f} {level / wall:>11.3f} {level * args.slices / wall:>9.2f}"
-            f" {statistics.median(latencies):>8.2f} {p95(latencies):>8.2f} {inside:>18.2f}"
+            f"    {label:<22} p50 {statistics.median(values):6.2f} s  p95 {p95(values):6.2f} s"
+            f"  max {max(values):6.2f} s"
         )
+    print(
+        f"    big study: {big_latency:.2f} s, still running {big_after:.2f} s after the last small"
+        " study was answered"
+    )
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -559,10 +648,20 @@ def main() -> None:
     ratio = parts.add_parser("ratio", parents=[common], help="end to end vs pure ONNX Runtime")
     ratio.add_argument("--slices", type=int, default=20)
     ratio.add_argument("--rounds", type=int, default=5)
-    concurrency = parts.add_parser("concurrency", parents=[common], help="N analyses at once")
-    concurrency.add_argument("--levels", default="1,4,16")
-    concurrency.add_argument("--slices", type=int, default=20)
-    concurrency.add_argument("--workers", type=int, default=1, help="FACADE_ANALYZE_WORKERS")
+    concurrency = parts.add_parser(
+        "concurrency", parents=[common], help="batched throughput end to end vs pure, and fairness"
+    )
+    concurrency.add_argument("--studies", type=int, default=16, help="concurrent studies")
+    concurrency.add_argument("--slices", type=int, default=20, help="slices per concurrent study")
+    concurrency.add_argument("--workers", type=int, default=16, help="FACADE_ANALYZE_WORKERS")
+    concurrency.add_argument("--max-batch", type=int, default=8, help="FACADE_INFERENCE_MAX_BATCH")
+    concurrency.add_argument("--max-wait-ms", type=float, default=5.0, help="FACADE_INFERENCE_MAX_WAIT_MS")
+    concurrency.add_argument("--pure-slices", type=int, default=96, help="slices of the pure measurement")
+    concurrency.add_argument("--small", type=int, default=8, help="small studies per fairness set")
+    concurrency.add_argument("--small-slices", type=int, default=2)
+    concurrency.add_argument("--big-slices", type=int, default=200)
+    concurrency.add_argument("--gap", type=float, default=0.5, help="seconds between small studies")
+    concurrency.add_argument("--lead", type=float, default=2.0, help="seconds the big study goes first")
     memory = parts.add_parser("memory", parents=[common], help="peak RSS for one large series")
     memory.add_argument("--instances", type=int, default=500)
     memory.add_argument("--timeout", type=float, default=600, help="FACADE_ANALYZE_TIMEOUT, seconds")

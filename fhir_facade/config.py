@@ -139,6 +139,8 @@ class InferenceSettings(SettingsSection):
     device_id: int
     torch_device: Literal["auto", "cuda", "cpu"]
     torch_precision: Literal["fp32", "tf32", "bf16"]
+    max_batch: int
+    max_wait_ms: float
 
 
 class AnalyzeSettings(SettingsSection):
@@ -156,6 +158,7 @@ class AnalyzeSettings(SettingsSection):
     saliency: bool
     saliency_patch: int
     saliency_stride: int
+    decode_workers: int
 
 
 class ReadingSettings(SettingsSection):
@@ -592,6 +595,19 @@ class Settings(BaseSettings):
             "ONNX Runtime to about 1e-5) or bf16 autocast (about 1e-4, fastest)."
         ),
     )
+    inference_max_batch: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Most slices in one model call; concurrent analyses share it, filled round-robin across "
+            "studies (ADR 0036). Raise it on a GPU (64-256)."
+        ),
+    )
+    inference_max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        description="Milliseconds a batch waits for more slices before it runs (ADR 0036).",
+    )
     analyze_enabled: bool = Field(
         True, description="Offer $analyze (loads and warms up the models at start-up)."
     )
@@ -603,7 +619,14 @@ class Settings(BaseSettings):
         True, description="Run requested analysis Tasks of the worklist (Task code analyze)."
     )
     analyze_poll_interval: float = Field(2.0, gt=0, description="Seconds between worklist polls.")
-    analyze_workers: int = Field(1, ge=1, description="Analyses that run at the same time.")
+    analyze_workers: int = Field(
+        4,
+        ge=1,
+        description="Analyses that run at the same time (their slices share model batches, ADR 0036).",
+    )
+    analyze_decode_workers: int = Field(
+        2, ge=1, description="Threads that decode and preprocess images for all analyses (ADR 0036)."
+    )
     analyze_timeout: float | None = Field(
         None, gt=0, description="Seconds before an analysis is abandoned (default: the model manifest's)."
     )

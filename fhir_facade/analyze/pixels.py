@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Mapping
+from concurrent.futures import Executor
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -361,6 +362,7 @@ async def iter_batches(
     spec: InputSpec,
     batch_size: int,
     on_dataset: Callable[[pydicom.Dataset], None] | None = None,
+    executor: Executor | None = None,
 ) -> AsyncGenerator[tuple[list[InstanceRef], np.ndarray], None]:
     """Stream the selected series as (instances, N x input) batches, in the order the PACS sends.
 
@@ -368,6 +370,8 @@ async def iter_batches(
     dataset are alive at a time.
     Decoding runs in a worker thread: a JPEG 2000 slice takes long enough to stall the event loop.
     `on_dataset` sees each dataset before it is dropped (e.g. to keep a header without pixels).
+    `executor`: the bounded pool decoding runs in (ADR 0036), shared by concurrent analyses so
+    they neither starve the event loop nor grow the default pool; None: the loop's default.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -384,7 +388,8 @@ async def iter_batches(
         ref = wanted.pop(str(ds.get("SOPInstanceUID", "")), None)
         if ref is None:
             return None  # not selected (e.g. a non-image object in the series), or a repeat
-        pending_rows.append(await asyncio.to_thread(to_model_input, ds, spec))
+        loop = asyncio.get_running_loop()
+        pending_rows.append(await loop.run_in_executor(executor, to_model_input, ds, spec))
         pending_refs.append(ref)
         if on_dataset is not None:
             on_dataset(ds)

@@ -91,6 +91,9 @@ class AnalyzeRuntime:
             saliency=SaliencyOptions(settings.analyze.saliency_patch, settings.analyze.saliency_stride)
             if settings.analyze.saliency
             else None,
+            max_batch=settings.inference.max_batch,
+            max_wait=settings.inference.max_wait_ms / 1000,
+            decode_workers=settings.analyze.decode_workers,
         )
         tasks = providers["Task"]
         assert isinstance(tasks, StoredResourceProvider)
@@ -134,6 +137,7 @@ class AnalyzeRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         await self.jobs.close()
+        await self.analyzer.aclose()
         for backend in self.analyzer.backends.values():
             backend.close()
         await self.wado.close()

@@ -3,7 +3,8 @@
 Order of effects, chosen so a failure leaves nothing half-written (ADR 0006):
 1. read the live ImagingStudy (404 if the PACS does not have it) and select the images;
 2. stream them over WADO-RS in batches through the model (off the event loop), within the time
-   limit;
+   limit; decoding runs in the analyzer's bounded pool and the slices of concurrent analyses share
+   model batches (`batching`, ADR 0036);
 3. build every FHIR resource and validate it; build the SR (its evidence: pixel-free headers
    kept while the images streamed);
 4. store the SR in the PACS (STOW-RS) as a new series numbered 9901 and up
@@ -23,21 +24,24 @@ analysis does not name as a predecessor (only SRs of stored reports are).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
 from fhir_facade.analyze.applicability import SliceFacts, exclusions, slice_geometry, tissue_fractions
+from fhir_facade.analyze.batching import BatchRecord, InferenceBatcher
 from fhir_facade.analyze.codes import label_concepts
 from fhir_facade.analyze.decision import decide, not_assessed
 from fhir_facade.analyze.dicom_sr import build_analysis_sr, evidence_header, sr_retrieve_url
@@ -52,6 +56,7 @@ from fhir_facade.analyze.fhir_report import (
 from fhir_facade.analyze.inference import InferenceBackend, InferenceError, InferenceUnavailable
 from fhir_facade.analyze.manifest import ModelManifest
 from fhir_facade.analyze.pixels import (
+    InstanceRef,
     NoApplicableImages,
     SeriesSelection,
     UndecodableImage,
@@ -85,8 +90,6 @@ from fhir_facade.store import ResourceStore
 __all__ = ["AnalysisOutcome", "Analyzer", "Progress"]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Called with (images done, images in total) as the analysis advances.
 Progress = Callable[[int, int], None]
@@ -148,7 +151,14 @@ class Analyzer:
         timeout: float | None = None,
         slice_applicability: bool = True,
         saliency: SaliencyOptions | None = None,
+        max_batch: int = 8,
+        max_wait: float = 0.005,
+        decode_workers: int = 2,
+        on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
+        """`max_batch`, `max_wait`: the shared batches of each model (ADR 0036); `decode_workers`:
+        the threads that decode and preprocess images for all analyses; `on_batch` sees every
+        model call (which studies' slices it held), for metrics and tests."""
         self.manifests = manifests
         self.backends = backends
         self.default_model = default_model
@@ -162,10 +172,35 @@ class Analyzer:
         self._timeout = timeout
         self._slice_applicability = slice_applicability
         self._saliency = saliency
+        self._max_batch = max_batch
+        self._max_wait = max_wait
+        self._on_batch = on_batch
+        self.batchers: dict[str, InferenceBatcher] = {}
+        self._decode = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
         # One result finished at a time (SR series number taken, SR stored, resources written), so
         # two results of one study finishing together in this process neither take the same number
         # nor miss each other when the later one supersedes the earlier (ADR 0031).
         self._finishing = asyncio.Lock()
+
+    def batcher(self, model_id: str) -> InferenceBatcher:
+        """The model's shared batcher, made on first use on the running event loop."""
+        batcher = self.batchers.get(model_id)
+        if batcher is None:
+            batcher = InferenceBatcher(
+                self.backends[model_id],
+                max_batch=self._max_batch,
+                max_wait=self._max_wait,
+                on_batch=self._on_batch,
+            )
+            self.batchers[model_id] = batcher
+        return batcher
+
+    async def aclose(self) -> None:
+        """Stop the batchers (waiting callers get `InferenceError`) and the decoding pool."""
+        batchers, self.batchers = list(self.batchers.values()), {}
+        for batcher in batchers:
+            await batcher.aclose()
+        self._decode.shutdown(wait=False, cancel_futures=True)
 
     def manifest(self, model_id: str | None) -> ModelManifest:
         model_id = model_id or self.default_model
@@ -286,13 +321,41 @@ class Analyzer:
     ) -> _Scored:
         """Per-image outputs, seconds spent in the model, a pixel-free header of every image (the
         SR's evidence) and, with the applicability step on, each image's tissue share."""
-        backend = self.backends[manifest.id]
+        batcher = self.batcher(manifest.id)
         rules = manifest.slice_applicability if self._slice_applicability else None
         tissue: dict[str, float] = {}
         headers: list[pydicom.Dataset] = []
         total = sum(len(s.instances) for s in selections)
         scored: list[ScoredInstance] = []
         inference_seconds = 0.0
+        # Chunks handed to the batcher and not answered yet: enough to fill a shared batch, so one
+        # study alone still gets full batches while the next chunks are fetched and decoded.
+        window = max(1, math.ceil(self._max_batch / manifest.batch_size))
+        pending: deque[tuple[str, list[InstanceRef], np.ndarray, asyncio.Task[tuple[np.ndarray, float]]]]
+        pending = deque()
+
+        async def finish_oldest() -> None:
+            nonlocal inference_seconds
+            series_uid, refs, batch, answer = pending[0]
+            outputs, seconds = await answer
+            pending.popleft()
+            inference_seconds += seconds
+            if rules is not None:
+                fractions = tissue_fractions(batch, manifest.input, rules.tissue_threshold)
+                tissue.update(zip((r.sop_instance_uid for r in refs), fractions, strict=True))
+            for ref, row in zip(refs, outputs, strict=True):
+                scored.append(
+                    ScoredInstance(
+                        series_uid=series_uid,
+                        sop_instance_uid=ref.sop_instance_uid,
+                        sop_class_uid=ref.sop_class_uid,
+                        instance_number=ref.instance_number,
+                        probabilities=tuple(float(p) for p in row),
+                    )
+                )
+            if progress:
+                progress(len(scored), total)
+
         if progress:
             progress(0, total)
         try:
@@ -303,26 +366,16 @@ class Analyzer:
                     manifest.input,
                     manifest.batch_size,
                     on_dataset=lambda ds: headers.append(evidence_header(ds)),
+                    executor=self._decode,
                 )
-                async for refs, batch in _one_ahead(batches):
-                    t0 = time.perf_counter()
-                    outputs = await asyncio.to_thread(backend.infer, batch)
-                    inference_seconds += time.perf_counter() - t0
-                    if rules is not None:
-                        fractions = tissue_fractions(batch, manifest.input, rules.tissue_threshold)
-                        tissue.update(zip((r.sop_instance_uid for r in refs), fractions, strict=True))
-                    for ref, row in zip(refs, outputs, strict=True):
-                        scored.append(
-                            ScoredInstance(
-                                series_uid=selection.series_uid,
-                                sop_instance_uid=ref.sop_instance_uid,
-                                sop_class_uid=ref.sop_class_uid,
-                                instance_number=ref.instance_number,
-                                probabilities=tuple(float(p) for p in row),
-                            )
-                        )
-                    if progress:
-                        progress(len(scored), total)
+                async with aclosing(batches):
+                    async for refs, batch in batches:
+                        answer = asyncio.ensure_future(batcher.infer_with_share(study_uid, batch))
+                        pending.append((selection.series_uid, refs, batch, answer))
+                        while len(pending) > window or (pending and pending[0][3].done()):
+                            await finish_oldest()
+            while pending:
+                await finish_oldest()
         except DicomwebUnavailable as exc:
             raise dicom_service_unavailable(
                 f"The PACS did not answer while images were fetched: {exc}"
@@ -348,6 +401,12 @@ class Analyzer:
             raise FhirError(
                 500, [_issue("exception", f"Inference failed: {exc}", "ai_inference_error")]
             ) from exc
+        finally:
+            # On a failure or a cancellation the chunks still queued leave the batcher.
+            for *_, answer in pending:
+                answer.cancel()
+            if pending:
+                await asyncio.gather(*(answer for *_, answer in pending), return_exceptions=True)
         return _Scored(scored, inference_seconds, headers, tissue)
 
     def _excluded(self, manifest: ModelManifest, scored: _Scored) -> list[ExcludedInstance]:
@@ -610,26 +669,6 @@ class Analyzer:
                 return False
             raise
         return True
-
-
-async def _one_ahead(items: AsyncGenerator[T, None]) -> AsyncIterator[T]:
-    """Yield from `items` while the next one is already being produced: the next batch is fetched
-    and decoded while the model works on this one."""
-    pending: asyncio.Future[T] = asyncio.ensure_future(anext(items))
-    try:
-        while True:
-            try:
-                item = await pending
-            except StopAsyncIteration:
-                return
-            pending = asyncio.ensure_future(anext(items))
-            yield item
-    finally:
-        if not pending.done():
-            pending.cancel()
-        with contextlib.suppress(BaseException):
-            await pending
-        await items.aclose()
 
 
 def _issue(code: str, diagnostics: str, detail_code: str) -> Issue:
