@@ -69,6 +69,8 @@ class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):
 
     TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = ["client_secret_basic", "client_secret_post", "none"]
     server: SmartAuthorizationServer
+    #: The launch value this grant (one per authorization request) found live, if any.
+    _checked_launch: str | None = None
 
     @staticmethod
     def validate_authorization_redirect_uri(request: OAuth2Request, client: RegisteredClient) -> str:
@@ -104,27 +106,36 @@ class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):
             )
         if not data.get("state"):
             raise InvalidRequestError("state is required")
-        if data.get("launch"):
-            self._validate_ehr_launch(str(data["launch"]))
+        launch = data.get("launch")
+        if launch:
+            self._validate_ehr_launch(str(launch))
+        # authlib narrowed the scope as for an EHR launch (clients.RegisteredClient.get_allowed_scope);
+        # narrow it again now that we know whether this is one.
+        requested = str(self.request.payload.scope or "")
+        scope = self.request.client.get_allowed_scope(requested, ehr_launch=bool(launch))
+        if launch and EHR_LAUNCH not in scope.split():
+            client_id = self.request.client.get_client_id()
+            raise InvalidScopeError(
+                description=safe_description(f"client {client_id} is not registered for the launch scope")
+            )
+        self.request.scope = scope
 
     def _validate_ehr_launch(self, launch: str) -> None:
         """SMART App Launch 2.x, app-launch.html#obtain-authorization-code (EHR launch): ``launch`` must
         be a live launch context created for this client (else ``invalid_request``, sent back to the
         app), and the app must ask for the ``launch`` scope: a ``launch`` without it is refused, not
-        ignored, so a mistake shows at once (ADR 0042). The scope is then narrowed again, now with
-        ``launch`` grantable; a client not registered for ``launch`` gets ``invalid_scope``."""
-        client_id = self.request.client.get_client_id()
-        if self.server.launches.find(launch, client_id) is None:
-            raise InvalidRequestError("launch is unknown, expired or was not created for this client")
-        requested = str(self.request.payload.scope or "")
-        if EHR_LAUNCH not in requested.split():
+        ignored, so a mistake shows at once (ADR 0042). A client not registered for ``launch`` gets
+        ``invalid_scope``.
+
+        authlib validates the request again when it issues the code, after the authorization endpoint
+        has taken (used up) the launch; a launch this grant has already checked is not looked up twice.
+        """
+        if launch != self._checked_launch:
+            if self.server.launches.find(launch, self.request.client.get_client_id()) is None:
+                raise InvalidRequestError("launch is unknown, expired or was not created for this client")
+            self._checked_launch = launch
+        if EHR_LAUNCH not in str(self.request.payload.scope or "").split():
             raise InvalidRequestError("an EHR launch must ask for the launch scope")
-        scope = self.request.client.get_allowed_scope(requested, ehr_launch=True)
-        if EHR_LAUNCH not in scope.split():
-            raise InvalidScopeError(
-                description=safe_description(f"client {client_id} is not registered for the launch scope")
-            )
-        self.request.scope = scope
 
     def save_authorization_code(self, code: str, request: OAuth2Request) -> None:
         owner = request.user
