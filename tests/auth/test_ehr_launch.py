@@ -18,15 +18,18 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.patient import Patient
 from joserfc import jws
 
-from fhir_facade.auth.server import RegistryError
+from fhir_facade.auth.server import BuiltinAuthorizationServer, RegistryError
 from fhir_facade.auth.server.launches import LAUNCH_LIFETIME, LaunchContexts
 from fhir_facade.auth.server.passwords import hash_secret
 from fhir_facade.auth.server.registry import load_registry
 from fhir_facade.auth.server.shared_state import SharedLaunchContexts
+from fhir_facade.config import Settings
 from fhir_facade.embedded import EmbeddedOrthanc
 from fhir_facade.store import create_store_engine, upgrade
 from fhir_facade.store.expiring import ExpiringEntries
@@ -307,3 +310,91 @@ def test_launch_scope_without_a_launch_grants_neither_it_nor_patient_scopes(
     del params["launch"]
     query = callback_query(browser.get("/auth/authorize", params=params), params["state"])
     assert query["error"] == "invalid_scope"
+
+
+# --- in process (the router in a bare app), with the launch store's clock in the test's hands -----
+
+
+@pytest.fixture
+def in_process(tmp_path: Path) -> Iterator[tuple[TestClient, BuiltinAuthorizationServer, list[float]]]:
+    clients_file = tmp_path / "clients.json"
+    clients_file.write_text(
+        json.dumps(
+            {
+                "clients": [
+                    {
+                        "client_id": APP,
+                        "kind": "public",
+                        "redirect_uris": [CALLBACK],
+                        "scope": "launch patient/*.rs",
+                        "launch_url": LAUNCH_URL,
+                    }
+                ],
+                "users": [
+                    {"username": ALICE, "password_hash": hash_secret(ALICE_PASSWORD), "patients": [MINE]}
+                ],
+            }
+        )
+    )
+    settings = Settings(
+        auth="smart", base_url=IN_PROCESS_BASE, data_dir=tmp_path / "data", auth_clients_file=clients_file
+    )
+    server = BuiltinAuthorizationServer(settings)
+    now = [1_000_000.0]
+    server.oauth.launches = LaunchContexts(clock=lambda: now[0])
+    app = FastAPI()
+    app.include_router(server.router)
+    with TestClient(app, base_url=IN_PROCESS_BASE.removesuffix("/fhir"), follow_redirects=False) as client:
+        yield client, server, now
+
+
+IN_PROCESS_BASE = "http://127.0.0.1:8080/fhir"
+
+
+def _authorize(launch: str, challenge: str) -> dict[str, str]:
+    return {
+        "response_type": "code",
+        "client_id": APP,
+        "redirect_uri": CALLBACK,
+        "scope": "launch patient/*.rs",
+        "state": uuid.uuid4().hex,
+        "aud": IN_PROCESS_BASE,
+        "launch": launch,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+
+
+def test_expired_launch_is_refused(
+    in_process: tuple[TestClient, BuiltinAuthorizationServer, list[float]],
+) -> None:
+    http, server, now = in_process
+    launch = server.oauth.launches.create(client_id=APP, patient=MINE, username=ALICE)
+    _, challenge = pkce_pair()
+    assert http.get("/auth/authorize", params=_authorize(launch, challenge)).status_code == 200  # live
+    now[0] += LAUNCH_LIFETIME + 1
+    params = _authorize(launch, challenge)
+    query = callback_query(http.get("/auth/authorize", params=params), params["state"])
+    assert query["error"] == "invalid_request"
+
+
+def test_launch_with_an_encounter_puts_it_in_the_token_response(
+    in_process: tuple[TestClient, BuiltinAuthorizationServer, list[float]],
+) -> None:
+    http, server, _ = in_process
+    launch = server.oauth.launches.create(client_id=APP, patient=MINE, username=ALICE, encounter="enc-9")
+    verifier, challenge = pkce_pair()
+    params = _authorize(launch, challenge)
+    form = {**params, "username": ALICE, "password": ALICE_PASSWORD}  # one POST, as scripted apps do
+    code = callback_query(http.post("/auth/authorize", data=form), params["state"])["code"]
+    token = http.post(
+        "/auth/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": CALLBACK,
+            "client_id": APP,
+            "code_verifier": verifier,
+        },
+    ).json()
+    assert (token["patient"], token["encounter"], token["scope"]) == (MINE, "enc-9", "patient/*.rs launch")
