@@ -24,16 +24,19 @@ SECURITY_SERVICE = "http://terminology.hl7.org/CodeSystem/restful-security-servi
 #: What the facade can do as a SMART resource server with the built-in authorization server.
 _BUILTIN_CAPABILITIES = (
     "launch-standalone",
+    "launch-ehr",
     "client-public",
     "client-confidential-symmetric",
     "client-confidential-asymmetric",
     "context-standalone-patient",
+    "context-ehr-patient",
     "permission-patient",
     "permission-user",
     "permission-v1",
     "permission-v2",
 )
 _SCOPES_SUPPORTED = (
+    "launch",
     "launch/patient",
     "fhirUser",
     "patient/*.rs",

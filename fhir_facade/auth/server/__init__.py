@@ -4,12 +4,16 @@ Active with FACADE_AUTH=smart and no external issuer (``Settings.builtin_issuer`
 - SMART Backend Services: client_credentials with a ``private_key_jwt`` assertion (RS384/ES384),
   ``system/`` scopes only;
 - SMART standalone launch: authorization code with PKCE (S256 only) for public and confidential apps,
-  a sign-in form and a patient choice for ``launch/patient``.
+  a sign-in form and a patient choice for ``launch/patient``;
+- SMART EHR launch (ADR 0042): a built-in EHR launcher (``ehr_launch``, /auth/ehr-launch) creates a
+  ``launch`` context (``launches``) for a signed-in user, one of their patients and an app with a
+  ``launch_url``; the app's authorization request with that ``launch`` and the ``launch`` scope gets the
+  patient without a patient choice.
 
 Access tokens are ES256 JWTs (at most five minutes) that the facade's resource server validates with
-``public_key_set()``. Not offered: refresh tokens, EHR launch, OpenID Connect id_tokens, dynamic
-client registration. Codes, sign-in tickets and the assertion replay cache are kept in process memory:
-one process only; several replicas need an external authorization server (FACADE_AUTH_ISSUER).
+``public_key_set()``. Not offered: refresh tokens, OpenID Connect id_tokens, dynamic client
+registration. Codes, sign-in tickets, launch contexts and the assertion replay cache are kept in the
+store (``shared_state``, ADR 0032), so replicas share them; in process memory when no store is given.
 
 Built on authlib's OAuth 2.0 server (grants, PKCE, RFC 7523 client assertions) with a small Starlette
 adapter (``oauth``), since authlib has no Starlette server integration.

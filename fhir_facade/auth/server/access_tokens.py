@@ -60,6 +60,8 @@ class AccessTokenIssuer:
         if owner is not None:
             if owner.patient is not None:
                 claims["patient"] = owner.patient
+            if owner.encounter is not None:
+                claims["encounter"] = owner.encounter
             if owner.fhir_user is not None and "fhirUser" in granted:
                 claims["fhirUser"] = owner.fhir_user
         header = {"alg": self._key.algorithm, "kid": self._key.kid, "typ": "at+jwt"}
@@ -93,4 +95,6 @@ class AccessTokenIssuer:
         }
         if user is not None and user.patient is not None:
             response["patient"] = user.patient
+        if user is not None and user.encounter is not None:
+            response["encounter"] = user.encounter
         return response

@@ -11,6 +11,9 @@ Steps, each a plain HTML form posting back to /auth/authorize with the request i
    (``tickets``) instead of the password. A single POST with username, password and ``patient`` also
    works (scripted clients).
 3. POST ticket + patient: the redirect with the code.
+EHR launch (``launch`` in the request, checked by ``grants``): no patient choice; after sign-in the
+launch context is taken (single use), the signed-in user must be the user it was created for and
+may open its patient, else ``access_denied``; its patient (and encounter) go into the code.
 "Deny" at any step redirects with ``error=access_denied``. A forged cross-site POST cannot harm the
 user: the code goes to the registered app with a ``state`` the app never issued, so it is dropped
 there.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from authlib.oauth2.rfc6749 import OAuth2Error
+from authlib.oauth2.rfc6749 import InvalidRequestError, OAuth2Error
 from starlette.responses import Response
 
 from fhir_facade.auth.server.lockout import Attempt, Lockout
@@ -123,6 +126,9 @@ class AuthorizationEndpoint:
     ) -> Response:
         """The user is known: the patient choice for ``launch/patient``, else the redirect with a code."""
         form = request.form
+        launch = grant.request.payload.data.get("launch")
+        if launch:
+            return self._ehr_launch(request, grant, user, str(launch))
         patient: str | None = None
         if PATIENT_LAUNCH in str(grant.request.scope).split():
             if not user.patients:
@@ -140,6 +146,25 @@ class AuthorizationEndpoint:
                 )
             patient = chosen
         return self._respond(request, grant, ResourceOwner(user.username, user.fhir_user, patient))
+
+    def _ehr_launch(
+        self, request: StarletteOAuth2Request, grant: Any, user: UserEntry, launch: str
+    ) -> Response:
+        """The code for an EHR launch, with the launch context's patient (ADR 0042)."""
+        payload = grant.request.payload
+        context = self._server.launches.take(launch, grant.request.client.get_client_id())
+        if context is None:  # expired while the user signed in, or used by a concurrent request
+            error = InvalidRequestError(
+                "launch is unknown, expired or was not created for this client",
+                state=payload.state,
+                redirect_uri=payload.redirect_uri,
+            )
+            return self._refuse(request, error)
+        launched_by_other = context.username is not None and context.username != user.username
+        if launched_by_other or not (user.all_patients or context.patient in user.patients):
+            return self._respond(request, grant, None)  # access_denied
+        owner = ResourceOwner(user.username, user.fhir_user, context.patient, context.encounter)
+        return self._respond(request, grant, owner)
 
     def _respond(
         self, request: StarletteOAuth2Request, grant: object, owner: ResourceOwner | None

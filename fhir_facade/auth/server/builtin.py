@@ -25,12 +25,26 @@ from fhir_facade.auth.server.access_tokens import AccessTokenIssuer
 from fhir_facade.auth.server.assertions import JtiReplayCache, SmartClientAssertion
 from fhir_facade.auth.server.authorize import AuthorizationEndpoint
 from fhir_facade.auth.server.codes import CodeStore
+from fhir_facade.auth.server.ehr_launch import EhrLauncher
 from fhir_facade.auth.server.failure_report import FailureReporter, RefusalAudit
+from fhir_facade.auth.server.launches import LaunchContexts
 from fhir_facade.auth.server.lockout import Attempt, lockouts_from_settings
 from fhir_facade.auth.server.oauth import SmartAuthorizationServer, StarletteOAuth2Request
-from fhir_facade.auth.server.openapi import AUTHORIZE_GET, AUTHORIZE_POST, JWKS, TOKEN
+from fhir_facade.auth.server.openapi import (
+    AUTHORIZE_GET,
+    AUTHORIZE_POST,
+    EHR_LAUNCH_GET,
+    EHR_LAUNCH_POST,
+    JWKS,
+    TOKEN,
+)
 from fhir_facade.auth.server.registry import Registry, load_or_create_registry
-from fhir_facade.auth.server.shared_state import SharedCodeStore, SharedJtiReplayCache, SharedSignInTickets
+from fhir_facade.auth.server.shared_state import (
+    SharedCodeStore,
+    SharedJtiReplayCache,
+    SharedLaunchContexts,
+    SharedSignInTickets,
+)
 from fhir_facade.auth.server.signing_key import SigningKey
 from fhir_facade.auth.server.tickets import SignInTickets
 from fhir_facade.auth.server.users import UserDirectory
@@ -45,7 +59,8 @@ SIGNING_KEY_FILE = "auth-signing-key.json"
 class BuiltinAuthorizationServer:
     """OAuth 2.0 / SMART authorization server at ``<public root>/auth``.
 
-    Routes: GET+POST /auth/authorize (sign-in, authorization code with PKCE), POST /auth/token
+    Routes: GET+POST /auth/authorize (sign-in, authorization code with PKCE), GET+POST
+    /auth/ehr-launch (the EHR launcher, ADR 0042), POST /auth/token
     (authorization_code; client_credentials with private_key_jwt), GET /auth/jwks (the public key
     that verifies the access tokens). ``audit``: records AuditEvents (None when
     auditing is off), for the refused authentications.
@@ -74,6 +89,7 @@ class BuiltinAuthorizationServer:
         # tickets, seen jti values and the lockout counters are shared by every replica (ADR 0032).
         self.codes: CodeStore = SharedCodeStore(shared) if shared else CodeStore()
         self.replay_cache: JtiReplayCache = SharedJtiReplayCache(shared) if shared else JtiReplayCache()
+        self.launches: LaunchContexts = SharedLaunchContexts(shared) if shared else LaunchContexts()
         self.oauth = SmartAuthorizationServer(
             registry=self.registry,
             codes=self.codes,
@@ -85,12 +101,22 @@ class BuiltinAuthorizationServer:
             ),
             assertion=SmartClientAssertion(self.token_url, replay_cache=self.replay_cache),
             fhir_base=settings.base_url,
+            launches=self.launches,
         )
         self.sign_in_lockout, self.token_lockout = lockouts_from_settings(settings, shared)
         tickets = SharedSignInTickets(shared) if shared else SignInTickets()
         self._failures = FailureReporter(audit)
+        users = UserDirectory(self.registry)
         self._authorization = AuthorizationEndpoint(
-            self.oauth, self.registry, UserDirectory(self.registry), tickets, self.sign_in_lockout
+            self.oauth, self.registry, users, tickets, self.sign_in_lockout
+        )
+        self._launcher = EhrLauncher(
+            registry=self.registry,
+            users=users,
+            tickets=tickets,
+            lockout=self.sign_in_lockout,
+            launches=self.launches,
+            fhir_base=settings.base_url,
         )
         self.router = self._routes()
 
@@ -117,6 +143,25 @@ class BuiltinAuthorizationServer:
                 client_id = oauth_request.payload.client_id
                 await self._failures.report(
                     "sign-in", attempt, client_id=client_id, reason="unknown username or wrong password"
+                )
+                await _hold_back(attempt)
+            return response
+
+        @router.get("/ehr-launch", openapi_extra=EHR_LAUNCH_GET, response_class=Response)
+        async def ehr_launch_page() -> Response:
+            return self._launcher.show()
+
+        @router.post("/ehr-launch", openapi_extra=EHR_LAUNCH_POST, response_class=Response)
+        async def ehr_launch_submit(request: Request) -> Response:
+            async with request.form() as data:
+                form = {name: value for name, value in data.items() if isinstance(value, str)}
+            response, attempt = await run_in_threadpool(self._launcher.submit, form, _address(request))
+            if attempt is not None:
+                await self._failures.report(
+                    "sign-in",
+                    attempt,
+                    client_id=form.get("client_id"),
+                    reason="unknown username or wrong password",
                 )
                 await _hold_back(attempt)
             return response

@@ -58,14 +58,20 @@ class RegisteredClient(ClientMixin):
             return grant_type == "client_credentials"
         return grant_type == "authorization_code"
 
-    def get_allowed_scope(self, scope: str | None) -> str:
+    def get_allowed_scope(self, scope: str | None, *, ehr_launch: bool = True) -> str:
         """The requested scope narrowed to the registration (``scope_grants``), space separated.
+
+        ``ehr_launch`` defaults to the wider narrowing because authlib calls this before the request's
+        ``launch`` has been checked; ``SmartAuthorizationCodeGrant`` always narrows again with the real
+        value once it has (ADR 0042). Backend services are not affected.
 
         Raises InvalidScopeError when the request is malformed or nothing of it may be granted: a token
         without any resource scope would be useless at the FHIR endpoint.
         """
         try:
-            granted = narrow_scopes(scope or "", self.entry.scope, backend=self.entry.backend)
+            granted = narrow_scopes(
+                scope or "", self.entry.scope, backend=self.entry.backend, ehr_launch=ehr_launch
+            )
         except InvalidScope as exc:
             raise InvalidScopeError(description=safe_description(str(exc))) from None
         if not granted.resources:

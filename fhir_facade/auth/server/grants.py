@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from authlib.oauth2.rfc6749 import (
     InvalidRequestError,
+    InvalidScopeError,
     OAuth2Request,
 )
 from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, ClientCredentialsGrant
@@ -25,6 +26,7 @@ from authlib.oauth2.rfc7636.challenge import CODE_CHALLENGE_PATTERN, compare_s25
 from fhir_facade.auth.server.clients import PRIVATE_KEY_JWT, RegisteredClient
 from fhir_facade.auth.server.codes import AuthorizationCode
 from fhir_facade.auth.server.errors import safe_description
+from fhir_facade.auth.server.scope_grants import EHR_LAUNCH
 from fhir_facade.auth.server.users import ResourceOwner
 
 if TYPE_CHECKING:
@@ -63,10 +65,12 @@ class S256CodeChallenge(CodeChallenge):
 
 
 class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):
-    """Authorization code grant for SMART standalone launch."""
+    """Authorization code grant for SMART standalone and EHR launch."""
 
     TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = ["client_secret_basic", "client_secret_post", "none"]
     server: SmartAuthorizationServer
+    #: The launch value this grant (one per authorization request) found live, if any.
+    _checked_launch: str | None = None
 
     @staticmethod
     def validate_authorization_redirect_uri(request: OAuth2Request, client: RegisteredClient) -> str:
@@ -83,7 +87,7 @@ class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):
         redirect_uri = str(super().validate_authorization_request())
         try:
             self._validate_smart_parameters()
-        except InvalidRequestError as error:
+        except (InvalidRequestError, InvalidScopeError) as error:
             error.redirect_uri = redirect_uri
             raise
         return redirect_uri
@@ -102,8 +106,36 @@ class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):
             )
         if not data.get("state"):
             raise InvalidRequestError("state is required")
-        if data.get("launch"):
-            raise InvalidRequestError("EHR launch (the launch parameter) is not supported; launch standalone")
+        launch = data.get("launch")
+        if launch:
+            self._validate_ehr_launch(str(launch))
+        # authlib narrowed the scope as for an EHR launch (clients.RegisteredClient.get_allowed_scope);
+        # narrow it again now that we know whether this is one.
+        requested = str(self.request.payload.scope or "")
+        scope = self.request.client.get_allowed_scope(requested, ehr_launch=bool(launch))
+        if launch and EHR_LAUNCH not in scope.split():
+            client_id = self.request.client.get_client_id()
+            raise InvalidScopeError(
+                description=safe_description(f"client {client_id} is not registered for the launch scope")
+            )
+        self.request.scope = scope
+
+    def _validate_ehr_launch(self, launch: str) -> None:
+        """SMART App Launch 2.x, app-launch.html#obtain-authorization-code (EHR launch): ``launch`` must
+        be a live launch context created for this client (else ``invalid_request``, sent back to the
+        app), and the app must ask for the ``launch`` scope: a ``launch`` without it is refused, not
+        ignored, so a mistake shows at once (ADR 0042). A client not registered for ``launch`` gets
+        ``invalid_scope``.
+
+        authlib validates the request again when it issues the code, after the authorization endpoint
+        has taken (used up) the launch; a launch this grant has already checked is not looked up twice.
+        """
+        if launch != self._checked_launch:
+            if self.server.launches.find(launch, self.request.client.get_client_id()) is None:
+                raise InvalidRequestError("launch is unknown, expired or was not created for this client")
+            self._checked_launch = launch
+        if EHR_LAUNCH not in str(self.request.payload.scope or "").split():
+            raise InvalidRequestError("an EHR launch must ask for the launch scope")
 
     def save_authorization_code(self, code: str, request: OAuth2Request) -> None:
         owner = request.user

@@ -43,6 +43,7 @@ from fhir_facade.auth.server.grants import (
     SmartAuthorizationCodeGrant,
     SmartClientCredentialsGrant,
 )
+from fhir_facade.auth.server.launches import LaunchContexts
 from fhir_facade.auth.server.registry import Registry
 
 __all__ = ["SmartAuthorizationServer", "StarletteOAuth2Request"]
@@ -134,10 +135,12 @@ class SmartAuthorizationServer(AuthorizationServer):
         issuer: AccessTokenIssuer,
         assertion: SmartClientAssertion,
         fhir_base: str,
+        launches: LaunchContexts | None = None,
     ) -> None:
         super().__init__()
         self._clients = {entry.client_id: RegisteredClient(entry) for entry in registry.clients}
         self.codes = codes
+        self.launches = launches if launches is not None else LaunchContexts()
         self.fhir_base = fhir_base
         self.register_grant(SmartAuthorizationCodeGrant, [S256CodeChallenge(required=True)])
         self.register_grant(SmartClientCredentialsGrant)

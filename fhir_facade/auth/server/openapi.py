@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AUTHORIZE_GET", "AUTHORIZE_POST", "JWKS", "TOKEN"]
+__all__ = ["AUTHORIZE_GET", "AUTHORIZE_POST", "EHR_LAUNCH_GET", "EHR_LAUNCH_POST", "JWKS", "TOKEN"]
 
 _HTML = {"text/html": {"schema": {"type": "string"}}}
 _FORM = "application/x-www-form-urlencoded"
@@ -79,6 +79,7 @@ AUTHORIZE_GET: dict[str, Any] = {
         _query("aud", "The FHIR base URL the token is for", required=True),
         _query("code_challenge", "PKCE challenge (RFC 7636), S256", required=True),
         _query("code_challenge_method", "`S256`", required=True),
+        _query("launch", "EHR launch: the launch value the EHR gave the app (needs the `launch` scope)"),
     ],
     "responses": {
         "200": _page("The sign-in form"),
@@ -166,6 +167,7 @@ TOKEN: dict[str, Any] = {
                             "scope": {"type": "string"},
                             "refresh_token": {"type": "string"},
                             "patient": {"type": "string"},
+                            "encounter": {"type": "string"},
                             "id_token": {"type": "string"},
                         },
                     }
@@ -186,5 +188,47 @@ JWKS: dict[str, Any] = {
             "description": "JWK Set",
             "content": {"application/json": {"schema": {"type": "object", "required": ["keys"]}}},
         }
+    },
+}
+
+#: GET /auth/ehr-launch (ADR 0042): the built-in EHR launcher's sign-in page.
+EHR_LAUNCH_GET: dict[str, Any] = {
+    "summary": "EHR launcher: sign in and choose an app to launch (SMART App Launch 2.x EHR launch)",
+    "responses": {"200": _page("The sign-in form with the apps that have a launch_url")},
+}
+
+#: POST /auth/ehr-launch: sign in, choose the patient, be sent to the app's launch_url.
+EHR_LAUNCH_POST: dict[str, Any] = {
+    "summary": "EHR launcher: create a launch context and redirect to the app with iss and launch",
+    "requestBody": {
+        "required": True,
+        "content": {
+            _FORM: {
+                "schema": {
+                    "type": "object",
+                    "required": ["client_id"],
+                    "properties": {
+                        "client_id": {"type": "string", "description": "An app with a launch_url"},
+                        "username": {"type": "string"},
+                        "password": {"type": "string", "format": "password"},
+                        "patient": {"type": "string", "description": "One of the user's patients"},
+                        "encounter": {"type": "string", "description": "Optional encounter id"},
+                        "ticket": {"type": "string", "description": "Carries the sign-in to the choice"},
+                        "decision": {"type": "string", "enum": ["allow", "deny"]},
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": _page("The patient choice"),
+        "303": {
+            "description": "To the app's launch_url with `iss` (the FHIR base) and `launch`",
+            "headers": {"Location": {"schema": {"type": "string", "format": "uri"}}},
+        },
+        "400": _page("An app without a launch_url, or a patient that is not on the user's list"),
+        "401": _page("Unknown username or wrong password, or the sign-in expired"),
+        "403": _page("The user may open no patient"),
+        "429": _page("Too many failed sign-ins: paused, see Retry-After (ADR 0011)"),
     },
 }

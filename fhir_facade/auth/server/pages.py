@@ -11,7 +11,7 @@ from html import escape
 
 from starlette.responses import HTMLResponse
 
-__all__ = ["error_page", "locked_out_page", "patient_choice_page", "sign_in_page"]
+__all__ = ["ehr_launch_page", "error_page", "locked_out_page", "patient_choice_page", "sign_in_page"]
 
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -85,17 +85,38 @@ def patient_choice_page(
     fields: Mapping[str, str],
     error: str | None = None,
     status: int = 200,
+    action: str = "authorize",
 ) -> HTMLResponse:
-    """The patients the signed-in user may open; the chosen one becomes the app's launch context."""
+    """The patients the signed-in user may open; the chosen one becomes the app's launch context
+    (``action``: the form's target, the authorization endpoint or the EHR launcher)."""
     options = "".join(f'<option value="{escape(p)}">Patient/{escape(p)}</option>' for p in patients)
     body = (
         f"<p>Signed in as <strong>{escape(username)}</strong>. Which patient should "
         f"<strong>{escape(app_name)}</strong> open?</p>{_error(error)}"
-        f'<form method="post" action="authorize">{_hidden(fields)}'
+        f'<form method="post" action="{escape(action)}">{_hidden(fields)}'
         f'<label for="patient">Patient</label><select id="patient" name="patient" required>{options}</select>'
         f"{_buttons('Allow')}</form>"
     )
     return _document("Choose a patient", body, status)
+
+
+def ehr_launch_page(
+    *, apps: Iterable[tuple[str, str]], error: str | None = None, status: int = 200
+) -> HTMLResponse:
+    """The EHR launcher's sign-in: username, password and the app to launch (client_id, name)."""
+    options = "".join(f'<option value="{escape(c)}">{escape(name)}</option>' for c, name in apps)
+    body = (
+        "<p>Sign in to launch a SMART app for one of your patients.</p>"
+        f'{_error(error)}<form method="post" action="ehr-launch">'
+        '<label for="username">Username</label>'
+        '<input id="username" name="username" autocomplete="username" required autofocus>'
+        '<label for="password">Password</label>'
+        '<input id="password" name="password" type="password" autocomplete="current-password" required>'
+        '<label for="client_id">App</label>'
+        f'<select id="client_id" name="client_id" required>{options}</select>'
+        '<button type="submit">Sign in</button></form>'
+    )
+    return _document("Launch an app", body, status)
 
 
 def error_page(error: str, description: str | None, status: int) -> HTMLResponse:

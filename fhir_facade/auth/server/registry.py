@@ -27,6 +27,8 @@ Format (``FACADE_AUTH_CLIENTS_FILE``, default ``<data_dir>/auth-clients.json``):
 - ``scope``: the most the client may ever get; requests are narrowed to it (``scope_grants``).
   Backend services may hold ``system/`` scopes only, apps ``patient/``/``user/`` and the launch
   scopes.
+- ``launch_url`` (apps only, optional): the app's SMART launch URL, https or loopback http; apps
+  with one are offered by the EHR launcher (``ehr_launch``, ADR 0042) and may register ``launch``.
 - Secrets and passwords are stored as hashes only (``passwords.hash_secret``).
 - ``patients``: the user's compartments: the Patient ids the user may pick at a standalone launch
   with ``launch/patient``, and the only patients a ``user/`` scope reaches for this user (a user with
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
+from authlib.common.security import is_secure_transport
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, KeySetSerialization
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -123,6 +126,9 @@ class ClientEntry(BaseModel):
     client_secret_hash: str | None = None
     jwks: dict[str, Any] | None = None
     jwks_url: str | None = None
+    #: The app's SMART launch URL: where the EHR launcher (ehr_launch) sends the browser with
+    #: ``iss`` and ``launch``. Apps without one are not offered there (ADR 0042).
+    launch_url: str | None = None
 
     @property
     def backend(self) -> bool:
@@ -184,14 +190,29 @@ class ClientEntry(BaseModel):
             raise ValueError(f"jwks_url {value!r} must be an http(s) URL")
         return value
 
+    @field_validator("launch_url")
+    @classmethod
+    def _valid_launch_url(cls, value: str | None) -> str | None:
+        # The launch value travels in this URL's query: https only (or loopback for development).
+        if value is not None:
+            parts = urlsplit(value)
+            if not parts.netloc or parts.fragment or not is_secure_transport(value):
+                raise ValueError(
+                    f"launch_url {value!r} must be an https URL (or http on a loopback address) "
+                    "without a fragment"
+                )
+        return value
+
     @model_validator(mode="after")
     def _fits_kind(self) -> ClientEntry:
         scopes = parse_scopes(self.scope)
         if self.backend:
             if self.jwks is None and self.jwks_url is None:
                 raise ValueError("a backend-service client needs 'jwks' or 'jwks_url' (its public keys)")
-            if self.redirect_uris or self.client_secret_hash:
-                raise ValueError("a backend-service client has no redirect_uris and no client_secret_hash")
+            if self.redirect_uris or self.client_secret_hash or self.launch_url:
+                raise ValueError(
+                    "a backend-service client has no redirect_uris, no client_secret_hash and no launch_url"
+                )
             wrong = [s.text for s in scopes.resources if s.context != "system"] + list(scopes.other)
             if wrong or not scopes.resources:
                 raise ValueError(f"a backend-service client may hold system/ scopes only, not {wrong}")

@@ -10,25 +10,28 @@ Some scopes are never granted, whatever the registration says:
 - ``openid``: this server issues no OpenID Connect id_token, and granting ``openid`` would promise
   one (OIDC Core 3.1.3.3). ``fhirUser`` still puts the user's FHIR resource in the access token.
 - ``offline_access``: no refresh tokens (see the package docstring).
-- ``launch``: EHR launch needs a launch context from an EHR, which the embedded set-up does not have.
+- ``launch``: except in an EHR launch (``ehr_launch=True``: the request carried a live ``launch``
+  value for this client, ADR 0042), where it is granted when registered.
 
 And context rules (SMART App Launch, scopes-and-launch-context):
 - Backend services get ``system/`` scopes only, and nothing else (no user, no launch context).
 - Apps get ``patient/`` and ``user/`` scopes; ``patient/`` scopes need a patient in context, so they
-  are granted only together with ``launch/patient`` (the user then picks the patient).
+  are granted only together with ``launch/patient`` (the user then picks the patient) or, in an EHR
+  launch, with ``launch`` (the patient comes from the launch context).
 """
 
 from __future__ import annotations
 
 from fhir_facade.auth.scopes import ResourceScope, Scopes, parse_scopes
 
-__all__ = ["NEVER_GRANTED", "narrow_scopes"]
+__all__ = ["EHR_LAUNCH", "NEVER_GRANTED", "narrow_scopes"]
 
 NEVER_GRANTED = frozenset({"openid", "offline_access", "launch"})
 PATIENT_LAUNCH = "launch/patient"
+EHR_LAUNCH = "launch"
 
 
-def narrow_scopes(requested: str, registered: str, *, backend: bool) -> Scopes:
+def narrow_scopes(requested: str, registered: str, *, backend: bool, ehr_launch: bool = False) -> Scopes:
     """The part of ``requested`` that ``registered`` allows (possibly empty).
 
     Raises InvalidScope when ``requested`` is malformed (the caller answers ``invalid_scope``).
@@ -43,9 +46,10 @@ def narrow_scopes(requested: str, registered: str, *, backend: bool) -> Scopes:
                 resources.append(granted)
     if backend:
         return Scopes(tuple(s for s in resources if s.context == "system"), ())
-    other = tuple(s for s in wanted.other if s in allowed.other and s not in NEVER_GRANTED)
+    never = NEVER_GRANTED - {EHR_LAUNCH} if ehr_launch else NEVER_GRANTED
+    other = tuple(s for s in wanted.other if s in allowed.other and s not in never)
     resources = [s for s in resources if s.context != "system"]
-    if PATIENT_LAUNCH not in other:
+    if PATIENT_LAUNCH not in other and EHR_LAUNCH not in other:
         resources = [s for s in resources if s.context != "patient"]
     return Scopes(tuple(resources), other)
 

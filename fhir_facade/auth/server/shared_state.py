@@ -4,6 +4,8 @@ that replicas behind one load balancer act as one server (docs/adr/0032-replica-
 - authorization codes: issued by the replica that served the sign-in, redeemable once at any
   replica (the redeeming DELETE is the claim: of two concurrent redemptions one wins);
 - sign-in tickets (sign-in form -> patient choice), the same way;
+- EHR launch contexts (``launches``): created by the launcher at one replica, checked and taken at
+  the authorization endpoint of any replica;
 - the `jti` values of accepted private_key_jwt assertions: a replay at another replica is refused.
 
 Each class keeps the interface of its in-memory counterpart (CodeStore, SignInTickets,
@@ -23,15 +25,17 @@ from datetime import UTC, datetime
 
 from fhir_facade.auth.server.assertions import JtiReplayCache
 from fhir_facade.auth.server.codes import AuthorizationCode, CodeStore
+from fhir_facade.auth.server.launches import LAUNCH_LIFETIME, LaunchContext, LaunchContexts
 from fhir_facade.auth.server.tickets import TICKET_LIFETIME, SignInTickets
 from fhir_facade.auth.server.users import ResourceOwner
 from fhir_facade.store.expiring import ExpiringEntries
 
-__all__ = ["SharedCodeStore", "SharedJtiReplayCache", "SharedSignInTickets"]
+__all__ = ["SharedCodeStore", "SharedJtiReplayCache", "SharedLaunchContexts", "SharedSignInTickets"]
 
 _CODE = "auth-code"
 _TICKET = "sign-in-ticket"
 _JTI = "assertion-jti"
+_LAUNCH = "ehr-launch"
 
 
 def _digest(*parts: str) -> str:
@@ -55,7 +59,12 @@ class SharedCodeStore(CodeStore):
                 "client_id": code.client_id,
                 "redirect_uri": code.redirect_uri,
                 "scope": code.scope,
-                "owner": [code.owner.username, code.owner.fhir_user, code.owner.patient],
+                "owner": [
+                    code.owner.username,
+                    code.owner.fhir_user,
+                    code.owner.patient,
+                    code.owner.encounter,
+                ],
                 "code_challenge": code.code_challenge,
                 "code_challenge_method": code.code_challenge_method,
                 "expires_at": code.expires_at,
@@ -120,3 +129,45 @@ class SharedJtiReplayCache(JtiReplayCache):
         """Record ``jti``; False when the client already used it, at any replica."""
         until = max(forget_after, self._clock() + 1)
         return self._entries.add_if_absent(_JTI, _digest(client_id, jti), "", _instant(until))
+
+
+class SharedLaunchContexts(LaunchContexts):
+    """EHR launch contexts in the store, under the SHA-256 of the launch value."""
+
+    def __init__(
+        self,
+        entries: ExpiringEntries,
+        clock: Callable[[], float] = time.time,
+        lifetime: int = LAUNCH_LIFETIME,
+    ) -> None:
+        super().__init__(clock, lifetime)
+        self._entries = entries
+
+    def _store(self, value: str, context: LaunchContext) -> None:
+        data = json.dumps(
+            {
+                "client_id": context.client_id,
+                "patient": context.patient,
+                "username": context.username,
+                "encounter": context.encounter,
+                "expires_at": context.expires_at,
+            }
+        )
+        self._entries.put(_LAUNCH, _digest(value), data, _instant(context.expires_at))
+
+    def _read(self, value: str, *, take: bool) -> LaunchContext | None:
+        if take:
+            raw = self._entries.take(_LAUNCH, _digest(value))
+        else:
+            with self._entries.transaction() as transaction:
+                raw = transaction.get(_LAUNCH, _digest(value))
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return LaunchContext(
+            client_id=data["client_id"],
+            patient=data["patient"],
+            username=data["username"],
+            encounter=data["encounter"],
+            expires_at=float(data["expires_at"]),
+        )

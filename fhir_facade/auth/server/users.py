@@ -13,11 +13,13 @@ __all__ = ["ResourceOwner", "UserDirectory"]
 @dataclass(frozen=True)
 class ResourceOwner:
     """The user who approved an authorization request, and the patient they picked (standalone launch
-    with ``launch/patient``). Travels with the authorization code into the access token."""
+    with ``launch/patient``) or the EHR launch gave (with its encounter, if any). Travels with the
+    authorization code into the access token."""
 
     username: str
     fhir_user: str | None
     patient: str | None
+    encounter: str | None = None
 
 
 class UserDirectory:
