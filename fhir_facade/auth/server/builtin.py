@@ -1,9 +1,10 @@
 """The built-in authorization server as one object: keys, registry, grants and the routes.
 
-Used with FACADE_AUTH=smart and no FACADE_AUTH_ISSUER (``Settings.builtin_issuer``): the embedded,
-single-process set-up. Codes, sign-in tickets, the assertion replay cache and the brute-force
-lockouts (``lockout``, ADR 0011) live in this process's memory, so several replicas behind a load
-balancer need an external authorization server instead.
+Used with FACADE_AUTH=smart and no FACADE_AUTH_ISSUER (``Settings.builtin_issuer``). Codes, sign-in
+tickets, launch contexts, the assertion replay cache and the brute-force lockout counters
+(``lockout``, ADR 0011) live in the store's expiring entries (``shared_state``, ADR 0032), so
+replicas behind one load balancer act as one server; without a store (tests of the grant logic)
+the in-memory counterparts are used.
 
 Failed sign-ins and failed client authentications are logged and, with auditing on, recorded as
 AuditEvents through the ``RefusalAudit`` the application hands in (``failure_report``); the answer to a
