@@ -10,19 +10,24 @@ import pytest
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
-from fhir_facade.embedded import EmbeddedOrthanc, free_port
+from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, free_port
 from tests import dicom_factory
+
+STORE_AET = "RECONCILE1"
+"""The AE title the tests' storescu sends as: a modality the module's Orthanc accepts."""
 
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthanc]:
-    """The module's own Orthanc, empty at the start, loopback without credentials."""
+    """The module's own Orthanc, empty at the start, loopback without credentials; it accepts
+    C-STORE from `STORE_AET` (storescu in the reconciliation tests)."""
     with EmbeddedOrthanc(
         tmp_path_factory.mktemp("orthanc-intake"),
         http_port=free_port(),
         dicom_port=free_port(),
         stable_age=1,
         http_auth=False,
+        modalities=[DicomPeer(STORE_AET, "127.0.0.1")],
     ) as instance:
         yield instance
 

@@ -25,31 +25,18 @@ import httpx
 import pytest
 
 from fhir_facade.dicomweb.orthanc_rest import OrthancRestClient
-from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, free_port
+from fhir_facade.embedded import EmbeddedOrthanc
 from fhir_facade.intake.coercion import IdentityTarget
 from fhir_facade.intake.reconcile import ISSUE_SYSTEM, RECONCILE_IDENTIFIER_SYSTEM
 from fhir_facade.intake.reconcile_pacs import Correction, OrthancInstances, StudyCorrector
 from tests.conftest import LiveServer, ok_json, outcome, serve, validate
 from tests.dicom_factory import SeriesSpec, StudySpec, build_study
+from tests.intake.conftest import STORE_AET
 
-STORE_AET = "RECONCILE1"
 MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.3719.1.1"  # the default FACADE_PATIENT_IDENTIFIER_SYSTEM
 ORDER_SYSTEM = "urn:oid:1.2.3.4.5.99"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthanc]:
-    with EmbeddedOrthanc(
-        tmp_path_factory.mktemp("orthanc-reconcile"),
-        http_port=free_port(),
-        dicom_port=free_port(),
-        stable_age=1,
-        http_auth=False,
-        modalities=[DicomPeer(STORE_AET, "127.0.0.1")],
-    ) as instance:
-        yield instance
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_facade.embedded import DicomPeer, EmbeddedOrthanc, free_port
+from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.auth.issuer import TestIssuer
 from tests.conftest import ok_json, outcome, serve
 from tests.intake.test_reconcile import (
     FHIR_JSON,
     MRN_SYSTEM,
-    STORE_AET,
     pacs_instances,
     reference_output,
     storescu,
@@ -27,19 +26,6 @@ from tests.intake.test_reconcile import (
 
 ADMIN = "system/*.cruds"
 UID = "1.2.826.0.1.3680043.8.498.39.20"
-
-
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOrthanc]:
-    with EmbeddedOrthanc(
-        tmp_path_factory.mktemp("orthanc-reconcile-auth"),
-        http_port=free_port(),
-        dicom_port=free_port(),
-        stable_age=1,
-        http_auth=False,
-        modalities=[DicomPeer(STORE_AET, "127.0.0.1")],
-    ) as instance:
-        yield instance
 
 
 @pytest.fixture(scope="module")
