@@ -37,6 +37,9 @@ REST_EVENT: Final = {"system": _AUDIT_EVENT_TYPE, "code": "rest", "display": "RE
 _DICOM_QUERY: Final = {"system": DCM, "code": "110112", "display": "Query"}
 _DICOM_EXPORT: Final = {"system": DCM, "code": "110106", "display": "Export"}
 _DICOM_IMPORT: Final = {"system": DCM, "code": "110107", "display": "Import"}
+#: PS3.15 A.5.3.5 / PS3.16 CID 400: a whole study removed from the archive (DELETE ImagingStudy,
+#: ADR 0040). A PACS administrator's audit search looks for this code, not for a generic delete.
+_DICOM_STUDY_DELETED: Final = {"system": DCM, "code": "110105", "display": "DICOM Study Deleted"}
 
 _TYPE = re.compile(rf"^{RESOURCE_TYPE_PATTERN}$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -222,10 +225,11 @@ def _fhir(method: str, path: str, segments: list[str], query: str, body: bytes |
         target = f"{target}/_history/{segments[3]}" if target and is_fhir_id(segments[3]) else None
     else:
         subtype, action = None, _METHOD_ACTION.get(method, "E")
+    study_deleted = subtype == "delete" and resource_type == "ImagingStudy"
     return Interaction(
         method,
         path,
-        REST_EVENT,
+        _DICOM_STUDY_DELETED if study_deleted else REST_EVENT,
         action,
         subtype,
         resource_type,

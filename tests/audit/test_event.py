@@ -195,6 +195,19 @@ def test_analyze_is_an_operation_on_the_study() -> None:
     assert next(e for e in job["entity"] if e.get("name"))["name"] == "$analyze-jobs"
 
 
+def test_deleting_a_study_is_the_dicom_study_deleted_event() -> None:
+    """PS3.15 A.5.3.5: a PACS administrator's audit search looks for DCM 110105; other deletes stay
+    RESTful operations."""
+    study = event_for("DELETE", "/fhir/ImagingStudy/1.2.840.113619.2.1")
+    assert study["type"] == {
+        "system": "http://dicom.nema.org/resources/ontology/DCM",
+        "code": "110105",
+        "display": "DICOM Study Deleted",
+    }
+    assert (study["action"], study["subtype"][0]["code"]) == ("D", "delete")
+    assert event_for("DELETE", "/fhir/Observation/o-1")["type"]["code"] == "rest"
+
+
 def test_dicomweb_query_export_import() -> None:
     uid = "1.2.840.113619.2.1"
     query = event_for("GET", "/dicom-web/studies", "PatientID=P-1001&includefield=all")

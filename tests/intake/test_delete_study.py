@@ -118,6 +118,7 @@ def test_delete_needs_its_scope_and_deletes_in_the_pacs(
             if not events:
                 time.sleep(0.3)
         assert events and events[0]["action"] == "D"
+        assert events[0]["type"]["code"] == "110105"  # DICOM Study Deleted (PS3.15 A.5.3.5)
 
 
 def test_unknown_study_is_404(secured: tuple[LiveServer, TestIssuer, list[ResourceChanged]]) -> None:
