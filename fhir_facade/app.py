@@ -67,6 +67,7 @@ from fhir_facade.watcher import StudyArrivalWatcher, TaskRule
 from fhir_facade.watcher.arrival_tasks import ArrivalTaskCreator
 from fhir_facade.watcher.change_feed import StudyArrived
 from fhir_facade.watcher.election import ElectedWatcher
+from fhir_facade.web_viewer import build_viewer_router
 from fhir_facade.worklist import WorklistFolder, bundled_catalogue
 
 __all__ = ["create_app"]
@@ -493,6 +494,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=guarded,
     )
     app.include_router(metrics_router)
+    if settings.viewer.enabled:  # OHIF at /viewer/ (ADR 0044): public files, images via /dicom-web
+        app.include_router(build_viewer_router(settings))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

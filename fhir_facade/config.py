@@ -36,6 +36,7 @@ __all__ = [
     "SubscriptionSettings",
     "SyncSettings",
     "UpstreamSettings",
+    "ViewerSettings",
     "WorklistSettings",
 ]
 
@@ -261,6 +262,15 @@ class StudyDeleteSettings(SettingsSection):
 
     prefix = "study_delete_"
     enabled: bool
+
+
+class ViewerSettings(SettingsSection):
+    """The OHIF viewer served at /viewer/ (FACADE_VIEWER_*, ADR 0044): on by default; `dist_dir` is
+    OHIF's prebuilt dist (None: the checkout's .web-vendor/ohif/dist, installed by scripts/setup.sh)."""
+
+    prefix = "viewer_"
+    enabled: bool
+    dist_dir: Path | None
 
 
 class Settings(BaseSettings):
@@ -888,6 +898,20 @@ class Settings(BaseSettings):
         False,
         description="Allow DELETE ImagingStudy/{id}: deletes the study in Orthanc (needs FACADE_ORTHANC_URL)",
     )
+    viewer_enabled: bool = Field(
+        True,
+        description=(
+            "Serve the OHIF viewer at /viewer/, configured for the facade's /dicom-web with the signed-in "
+            "user's SMART token (ADR 0044); off, /viewer/ is not routed."
+        ),
+    )
+    viewer_dist_dir: Path | None = Field(
+        None,
+        description=(
+            "OHIF's prebuilt dist folder (the npm package @ohif/app's dist/); default: the checkout's "
+            ".web-vendor/ohif/dist that scripts/setup.sh installs from web/vendor.json."
+        ),
+    )
 
     @model_validator(mode="after")
     def _deidentify_has_a_key(self) -> Settings:
@@ -987,6 +1011,10 @@ class Settings(BaseSettings):
     @cached_property
     def study_delete(self) -> StudyDeleteSettings:
         return StudyDeleteSettings.of(self)
+
+    @cached_property
+    def viewer(self) -> ViewerSettings:
+        return ViewerSettings.of(self)
 
     @cached_property
     def limits(self) -> LimitsSettings:

@@ -1,0 +1,154 @@
+/* OHIF 3.13 app-config.js written by fhir-facade (ADR 0044); OHIF's shipped one (demo servers) is
+ * never served. One DICOMweb data source, the facade's own /dicom-web proxy; no other host. The
+ * bearer token is the one the SMART app's fhirclient keeps in sessionStorage, handed to OHIF through
+ * its userAuthenticationService, so it never appears in a URL. */
+(function () {
+  'use strict';
+  var facade = __FACADE_SETTINGS__;
+
+  // index.html's two inline scripts, moved here: the CSP allows no inline script.
+  window.PUBLIC_URL = facade.publicPath;
+  window.browserImportFunction = function (name) {
+    return import(name);
+  };
+
+  /** fhirclient (2.x) stores its state under a random key; the entry SMART_KEY names that key
+   * (both JSON-encoded). The token is tokenResponse.access_token; expiresAt is in seconds. */
+  function smartToken() {
+    try {
+      var key = JSON.parse(window.sessionStorage.getItem('SMART_KEY') || 'null');
+      if (typeof key !== 'string' || !key) {
+        return null;
+      }
+      var state = JSON.parse(window.sessionStorage.getItem(key) || 'null');
+      var token = state && state.tokenResponse && state.tokenResponse.access_token;
+      if (typeof token !== 'string' || !token) {
+        return null;
+      }
+      if (typeof state.expiresAt === 'number' && state.expiresAt * 1000 <= Date.now()) {
+        return null;
+      }
+      return token;
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function authorizationHeader() {
+    var token = smartToken();
+    return token ? { Authorization: 'Bearer ' + token } : {};
+  }
+
+  /** Shown instead of OHIF when the facade wants a token and the tab has none (or only an
+   * expired one): a link to the SMART app's launch page, which signs the user in. */
+  function showSignIn() {
+    var root = document.getElementById('root') || document.body;
+    while (root.firstChild) {
+      root.removeChild(root.firstChild);
+    }
+    var main = document.createElement('main');
+    main.id = 'facade-sign-in';
+    main.style.maxWidth = '40rem';
+    main.style.margin = '4rem auto';
+    main.style.padding = '0 1rem';
+    main.style.font = '16px/1.5 system-ui, sans-serif';
+    main.style.color = '#f0f0f0';
+    var heading = document.createElement('h1');
+    heading.textContent = 'Sign in to view images';
+    var text = document.createElement('p');
+    text.textContent =
+      'The viewer reads images with the token of your SMART app session, and this tab has none ' +
+      '(or it has expired). Open the imaging app, sign in, then open the study again.';
+    var link = document.createElement('a');
+    link.href = facade.launchUrl;
+    link.textContent = 'Open the imaging app and sign in';
+    link.style.color = '#8cc8ff';
+    main.appendChild(heading);
+    main.appendChild(text);
+    main.appendChild(link);
+    root.appendChild(main);
+    document.title = 'Sign in - Viewer';
+  }
+
+  /** An OHIF extension given as an object in config.extensions (appInit's loadModule passes
+   * objects through): its preRegistration runs once the services exist and makes every DICOMweb
+   * request (QIDO, WADO-RS metadata, frames, bulk data, thumbnails) carry the SMART token. */
+  var smartTokenExtension = {
+    id: 'fhir-facade-smart-token',
+    preRegistration: function (args) {
+      args.servicesManager.services.userAuthenticationService.setServiceImplementation({
+        getAuthorizationHeader: authorizationHeader,
+        handleUnauthenticated: function () {
+          showSignIn();
+          return null;
+        },
+      });
+    },
+  };
+
+  window.config = {
+    name: 'fhir-facade',
+    routerBasename: facade.publicPath,
+    extensions: [smartTokenExtension],
+    modes: [],
+    customizationService: {},
+    showStudyList: true,
+    maxNumberOfWebWorkers: 2,
+    showWarningMessageForCrossOrigin: false,
+    showCPUFallbackMessage: true,
+    showLoadingIndicator: true,
+    strictZSpacingForVolumeViewport: true,
+    groupEnabledModesFirst: true,
+    allowMultiSelectExport: false,
+    investigationalUseDialog: { option: 'never' },
+    maxNumRequests: { interaction: 100, thumbnail: 5, prefetch: 10 },
+    showErrorDetails: 'production',
+    defaultDataSourceName: 'facade',
+    dataSources: [
+      {
+        namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+        sourceName: 'facade',
+        configuration: {
+          friendlyName: 'fhir-facade DICOMweb',
+          name: 'facade',
+          qidoRoot: facade.dicomweb,
+          wadoRoot: facade.dicomweb,
+          wadoUriRoot: facade.dicomweb,
+          qidoSupportsIncludeField: true,
+          imageRendering: 'wadors',
+          thumbnailRendering: 'wadors',
+          enableStudyLazyLoad: true,
+          supportsFuzzyMatching: false,
+          supportsWildcard: true,
+          supportsReject: false,
+          dicomUploadEnabled: false,
+          omitQuotationForMultipartRequest: true,
+          bulkDataURI: { enabled: true },
+        },
+      },
+    ],
+    httpErrorHandler: function (error) {
+      if (error && error.status === 401 && facade.authRequired) {
+        showSignIn();
+      }
+    },
+  };
+
+  // OHIF starts only with a token where the facade wants one; the entry bundle is added here
+  // (not by index.html) so that without one nothing is requested in vain.
+  function start() {
+    if (facade.authRequired && !smartToken()) {
+      showSignIn();
+      return;
+    }
+    var script = document.createElement('script');
+    script.src = facade.publicPath + facade.appBundle;
+    document.head.appendChild(script);
+  }
+
+  if (document.readyState === 'loading') {
+    document.addEventListener('DOMContentLoaded', start);
+  } else {
+    start();
+  }
+})();
