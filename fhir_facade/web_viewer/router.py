@@ -70,7 +70,9 @@ def _headers(cache: str) -> dict[str, str]:
 def _not_installed(dist_dir: Path, reason: str) -> APIRouter:
     """Viewer on but no dist: /viewer/ says why instead of a bare 404."""
     router = APIRouter(include_in_schema=False)
-    message = f"The OHIF viewer is not installed ({reason}); run scripts/setup.sh or set FACADE_VIEWER_DIST_DIR."
+    message = (
+        f"The OHIF viewer is not installed ({reason}); run scripts/setup.sh or set FACADE_VIEWER_DIST_DIR."
+    )
 
     @router.get(VIEWER_PATH + "/{path:path}")
     async def missing(path: str) -> Response:
