@@ -30,8 +30,9 @@ and so why the rules below are what they are:
 
 from __future__ import annotations
 
+import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
@@ -44,6 +45,7 @@ __all__ = [
     "PATIENT_INCLUDE_FIELDS",
     "PatientKey",
     "PatientKeys",
+    "asked_patient",
     "confined_query",
     "names_patient",
     "qido_pattern",
@@ -174,6 +176,45 @@ def qido_pattern(value: str) -> str:
         elif not pattern or pattern[-1] != "*":
             pattern.append("*")
     return "".join(pattern)
+
+
+def _wildcard(value: str) -> re.Pattern[str]:
+    """A QIDO single-value match with `*` and `?` wildcards (PS3.4 C.2.2.2.4) as a regex."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value), re.S)
+
+
+def asked_patient(raw_query: str) -> Callable[[DicomJson], bool]:
+    """The client's own PatientID / IssuerOfPatientID keys of a QIDO query, as a test on answers.
+
+    A confined search replaces those keys by the confined patient's (`confined_query`); when the
+    caller may reach several patients (a `user/` grant over a user's list) each is searched, and
+    without this test a search for one patient (OHIF asks `PatientID=<id>` for a patient's other
+    studies) would answer all of them, another patient's studies listed as this patient's. Single
+    value matching with `*`/`?` wildcards, an empty value matches everything (PS3.4 C.2.2.2); the
+    last of a repeated key counts and a comma separates values, as at Orthanc.
+    """
+    asked: dict[str, str] = {}
+    for pair in raw_query.split("&"):
+        name, _, value = pair.partition("=")
+        normal = _normal_key(unquote_plus(name))
+        if normal in ("PATIENTID", PATIENT_ID):
+            asked[PATIENT_ID] = unquote_plus(value)
+        elif normal in ("ISSUEROFPATIENTID", ISSUER_OF_PATIENT_ID):
+            asked[ISSUER_OF_PATIENT_ID] = unquote_plus(value)
+    # Orthanc reads a comma as a list of values (also for PatientID): any of them matches.
+    tests = {
+        tag: [_wildcard(v.strip()) for v in value.split(",") if v.strip()]
+        for tag, value in asked.items()
+        if value.strip()
+    }
+
+    def matches(ds: DicomJson) -> bool:
+        return all(
+            any(p.fullmatch(_text(_json_value(ds, tag)) or "") for p in patterns)
+            for tag, patterns in tests.items()
+        )
+
+    return matches
 
 
 def confined_query(raw_query: str, key: PatientKey) -> str:

@@ -45,7 +45,12 @@ from fhir_facade.auth.scopes import Interaction
 from fhir_facade.config import Settings
 from fhir_facade.dicomweb.client import DicomJson, qido_datasets
 from fhir_facade.dicomweb_proxy.client import DICOM_JSON, DicomwebProxyClient, UpstreamResponse
-from fhir_facade.dicomweb_proxy.confinement import PatientKeys, confined_query, study_belongs_to
+from fhir_facade.dicomweb_proxy.confinement import (
+    PatientKeys,
+    asked_patient,
+    confined_query,
+    study_belongs_to,
+)
 from fhir_facade.dicomweb_proxy.include_fields import split_include_fields
 from fhir_facade.dicomweb_proxy.links import LinkRewriter, gzip_stream
 from fhir_facade.dicomweb_proxy.multipart import CanonicalBody
@@ -355,6 +360,12 @@ class _Proxy:
                 access.who,
                 request.url.path,
             )
+        if len(key.keys) > 1:
+            # A user's list: the client's own patient keys (replaced above by each patient's) pick
+            # among the patients, so a search for one of them answers that one only. (A single
+            # patient's token keeps ADR 0016's rule: it sees its own studies whatever it asks.)
+            asked = asked_patient(raw_query)
+            kept = [ds for ds in kept if asked(ds)]
         passed.setdefault("content-type", DICOM_JSON)
         body = self.links.rewrite(json.dumps(kept, ensure_ascii=False).encode("utf-8"))
         return Response(body, headers=passed)

@@ -3,11 +3,19 @@ QIDO cannot match as written (spaces, commas, wildcards, non-ASCII)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
 from fhir_facade.dicom_to_fhir.patient import patient_resource_id
-from fhir_facade.dicomweb_proxy.confinement import PatientKey, confined_query, names_patient, qido_pattern
+from fhir_facade.dicomweb_proxy.confinement import (
+    PatientKey,
+    asked_patient,
+    confined_query,
+    names_patient,
+    qido_pattern,
+)
 from fhir_facade.embedded import EmbeddedOrthanc, store_instances
 from tests.dicomweb_proxy.conftest import caller, new_study
 
@@ -88,3 +96,26 @@ def test_patient_with_an_odd_id_sees_exactly_its_studies(
     assert [ds["00100020"]["Value"][0] for ds in response.json()] == [own]
     series = scratch_proxy.get("/series", headers=caller("patient/ImagingStudy.rs", patient)).json()
     assert {ds["0020000D"]["Value"][0] for ds in series} == {str(own_study[0].StudyInstanceUID)}
+
+
+def test_the_clients_own_patient_key_still_narrows_a_confined_search() -> None:
+    """With several reachable patients each is searched; the client's PatientID (and issuer) then
+    keeps only the one it asked for (PS3.4 C.2.2.2: wildcards, empty = all, last repeat counts)."""
+
+    def ds(patient_id: str, issuer: str | None = None) -> dict[str, Any]:
+        found: dict[str, Any] = {"00100020": {"vr": "LO", "Value": [patient_id]}}
+        if issuer is not None:
+            found["00100021"] = {"vr": "LO", "Value": [issuer]}
+        return found
+
+    a, b, a_hosp = ds("DEMO-0001"), ds("VIEWER-B"), ds("DEMO-0001", "HOSP A")
+    only_a = asked_patient("limit=101&00100020=DEMO-0001&includefield=00081030")
+    assert only_a(a) and only_a(a_hosp) and not only_a(b)
+    assert asked_patient("PatientID=*-B")(b) and not asked_patient("PatientID=*-B")(a)
+    assert asked_patient("PatientID=DEMO-000?")(a) and not asked_patient("PatientID=DEMO-00?")(a)
+    assert all(asked_patient(query)(b) for query in ("", "PatientID=", "limit=5", "StudyDate=2024"))
+    assert asked_patient("PatientID=X&Patient%49D=VIEWER-B")(b)  # the last repeat counts
+    with_issuer = asked_patient("PatientID=DEMO-0001&0010,0021=HOSP%20A")
+    assert with_issuer(a_hosp) and not with_issuer(a)
+    assert asked_patient("PatientID=DEMO.0001")(a) is False  # "." is no wildcard
+    assert asked_patient("PatientID=X,VIEWER-B")(b) and asked_patient("PatientID=X%2CVIEWER-B")(b)

@@ -18,6 +18,7 @@ from fhir_facade.analyze.saliency_dicom import PARAMETRIC_MAP_STORAGE
 from tests.conftest import LiveServer
 from tests.web_viewer.conftest import (
     APP,
+    PATIENT_A,
     STUDY_A,
     STUDY_B,
     Exchange,
@@ -59,6 +60,9 @@ if (arguments[0] !== null) {
   sessionStorage.setItem(arguments[0], JSON.stringify(arguments[1]));
 }
 """
+
+
+_STUDY_BROWSER = "return document.querySelector('[data-cy=studyBrowser-panel]')?.textContent || ''"
 
 
 def _root(server: LiveServer) -> str:
@@ -115,9 +119,17 @@ def test_the_analysed_study_opens_with_the_token(
             params={"includefield": "00080016"},
             headers={"Authorization": f"Bearer {reader_token.access_token}"},
         )
+        # OHIF lists "other studies of the patient" by PatientID: the reader may see A and B, and
+        # the proxy must still answer A's studies only (confinement over a user's list).
+        priors = client.get(
+            "/dicom-web/studies",
+            params={"00100020": PATIENT_A},
+            headers={"Authorization": f"Bearer {reader_token.access_token}"},
+        )
     assert series.status_code == 200, series.text
     classes = {i["00080016"]["Value"][0] for i in series.json()}
     assert {COMPREHENSIVE_3D_SR, PARAMETRIC_MAP_STORAGE} <= classes, (classes, analysed.get("conclusion"))
+    assert [s["0020000D"]["Value"][0] for s in priors.json()] == [STUDY_A]
 
     _open(chrome, viewer_facade, reader_token, f"/viewer/viewer?StudyInstanceUIDs={STUDY_A}")
     lit = _wait(lambda: chrome.execute_script(_LIT_PIXELS) > 0.05, 120, "no viewport canvas shows the brain")
@@ -127,6 +139,8 @@ def test_the_analysed_study_opens_with_the_token(
         60,
         "the study browser lists no AI SR or saliency map series",
     )
+    panel = str(chrome.execute_script(_STUDY_BROWSER))
+    assert panel.count("MRI BRAIN demo (Colin27)") == 1, "another patient's study is listed as a prior"
     assert "MRI BRAIN demo (Colin27)" in text
     time.sleep(3)  # let thumbnails and prefetch finish, so their answers are in the log
     screenshot(chrome, "viewer-demo-study")
