@@ -158,28 +158,36 @@ function aiTile(report, observations, headingId) {
       h("span", { className: "badge preliminary" }, "Preliminary · machine-generated"),
     ),
     h(
-      "p",
-      { className: "finding" },
-      h("span", { className: `badge ${finding.kind}` }, finding.label),
-      " ",
-      h("strong", {}, finding.display),
+      "div",
+      { className: "tile-body" },
+      h(
+        "div",
+        { className: "tile-main" },
+        h(
+          "p",
+          { className: "finding" },
+          h("span", { className: `badge ${finding.kind}` }, finding.label),
+          " ",
+          h("strong", {}, finding.display),
+        ),
+        table,
+        method ? h("p", { className: "method muted" }, `How the scores were made: ${method}`) : null,
+        h(
+          "p",
+          { className: "model muted" },
+          `${(report.code || {}).text || "AI analysis"} · ${formatDateTime(report.issued) || ""}`,
+        ),
+        report.conclusion ? h("p", { className: "conclusion" }, report.conclusion) : null,
+      ),
+      saliency
+        ? h(
+            "figure",
+            { className: "saliency" },
+            h("img", { src: saliency.src, alt: saliency.title || "Saliency map of the key image" }),
+            h("figcaption", {}, saliency.comment || saliency.title || "Saliency map"),
+          )
+        : null,
     ),
-    table,
-    method ? h("p", { className: "method muted" }, `How the scores were made: ${method}`) : null,
-    saliency
-      ? h(
-          "figure",
-          { className: "saliency" },
-          h("img", { src: saliency.src, alt: saliency.title || "Saliency map of the key image" }),
-          h("figcaption", {}, saliency.comment || saliency.title || "Saliency map"),
-        )
-      : null,
-    h(
-      "p",
-      { className: "model muted" },
-      `${(report.code || {}).text || "AI analysis"} · ${formatDateTime(report.issued) || ""}`,
-    ),
-    report.conclusion ? h("p", { className: "conclusion" }, report.conclusion) : null,
   );
 }
 
