@@ -37,8 +37,12 @@ __all__ = [
     "SyncSettings",
     "UpstreamSettings",
     "ViewerSettings",
+    "WebAppSettings",
     "WorklistSettings",
 ]
+
+#: Where scripts/install_web_vendor.py puts the pinned browser packages in a checkout (ADR 0043).
+REPO_WEB_VENDOR = Path(__file__).resolve().parent.parent / ".web-vendor"
 
 
 class SettingsSection(BaseModel):
@@ -266,11 +270,20 @@ class StudyDeleteSettings(SettingsSection):
 
 class ViewerSettings(SettingsSection):
     """The OHIF viewer served at /viewer/ (FACADE_VIEWER_*, ADR 0044): on by default; `dist_dir` is
-    OHIF's prebuilt dist (None: the checkout's .web-vendor/ohif/dist, installed by scripts/setup.sh)."""
+    OHIF's prebuilt dist (None: `ohif/dist` in FACADE_WEB_APP_VENDOR_DIR, which setup.sh fills)."""
 
     prefix = "viewer_"
     enabled: bool
     dist_dir: Path | None
+
+
+class WebAppSettings(SettingsSection):
+    """The SMART imaging app at /app (FACADE_WEB_APP_*, ADR 0043): on by default; its browser
+    library (fhirclient) comes from the vendor folder scripts/install_web_vendor.py fills."""
+
+    prefix = "web_app_"
+    enabled: bool
+    vendor_dir: Path
 
 
 class Settings(BaseSettings):
@@ -908,8 +921,23 @@ class Settings(BaseSettings):
     viewer_dist_dir: Path | None = Field(
         None,
         description=(
-            "OHIF's prebuilt dist folder (the npm package @ohif/app's dist/); default: the checkout's "
-            ".web-vendor/ohif/dist that scripts/setup.sh installs from web/vendor.json."
+            "OHIF's prebuilt dist folder (the npm package @ohif/app's dist/); default: ohif/dist in "
+            "FACADE_WEB_APP_VENDOR_DIR (the pinned browser packages scripts/setup.sh installs)."
+        ),
+    )
+
+    web_app_enabled: bool = Field(
+        True,
+        description=(
+            "Serve the SMART imaging app at /app and, with the built-in authorization server, "
+            "register its client `imaging-app` (ADR 0043)."
+        ),
+    )
+    web_app_vendor_dir: Path = Field(
+        REPO_WEB_VENDOR,
+        description=(
+            "The pinned browser packages (web/vendor.json) installed by `bash scripts/setup.sh run`; "
+            "default: .web-vendor in the checkout."
         ),
     )
 
@@ -1015,6 +1043,10 @@ class Settings(BaseSettings):
     @cached_property
     def viewer(self) -> ViewerSettings:
         return ViewerSettings.of(self)
+
+    @cached_property
+    def web_app(self) -> WebAppSettings:
+        return WebAppSettings.of(self)
 
     @cached_property
     def limits(self) -> LimitsSettings:

@@ -25,6 +25,7 @@ from fhir_facade.config import (
     SyncSettings,
     UpstreamSettings,
     ViewerSettings,
+    WebAppSettings,
     WorklistSettings,
 )
 
@@ -44,6 +45,7 @@ SECTIONS: list[type[SettingsSection]] = [
     SyncSettings,
     UpstreamSettings,
     ViewerSettings,
+    WebAppSettings,
     WorklistSettings,
 ]
 

@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from fhir_facade.config import Settings
+from fhir_facade.config import REPO_WEB_VENDOR, Settings
 from fhir_facade.web_viewer.dist import DistFile, ViewerDist, content_type, is_hashed
 from fhir_facade.web_viewer.pages import ViewerPages
 
@@ -55,12 +55,11 @@ _SECURITY_HEADERS = {
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _REVALIDATE = "no-cache"
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 def default_dist_dir() -> Path:
-    """The dist scripts/setup.sh installs (web/vendor.json: @ohif/app -> .web-vendor/ohif/dist)."""
-    return _REPO_ROOT / ".web-vendor" / "ohif" / "dist"
+    """The dist scripts/setup.sh installs in the checkout (web/vendor.json: @ohif/app ->
+    .web-vendor/ohif/dist), where FACADE_WEB_APP_VENDOR_DIR points by default."""
+    return REPO_WEB_VENDOR / "ohif" / "dist"
 
 
 def _headers(cache: str) -> dict[str, str]:
@@ -86,7 +85,7 @@ def build_viewer_router(settings: Settings) -> APIRouter:
     """GET /viewer/...: the dist's files (streamed; the few that carry the site root rebased), the
     facade's index.html and app-config.js, and index.html for every other path without a file
     suffix (OHIF's client-side routes such as /viewer/viewer?StudyInstanceUIDs=...)."""
-    dist_dir = settings.viewer.dist_dir or default_dist_dir()
+    dist_dir = settings.viewer.dist_dir or settings.web_app.vendor_dir / "ohif" / "dist"
     prefix = urlsplit(settings.public_root).path.rstrip("/")  # a reverse proxy's path prefix
     public_path = f"{prefix}{VIEWER_PATH}/"
     try:

@@ -237,3 +237,25 @@ def requested_hosts(exchanges: list[Exchange]) -> set[str]:
     return {
         urlsplit(e.url).netloc for e in exchanges if urlsplit(e.url).scheme in ("http", "https", "ws", "wss")
     }
+
+
+#: JavaScript: the largest share of sampled pixels, over OHIF's viewport canvases, that are not
+#: near-black (0 when no viewport shows an image).
+LIT_PIXELS = """
+let best = 0;
+for (const canvas of document.querySelectorAll('canvas.cornerstone-canvas')) {
+  if (!canvas.width || !canvas.height) continue;
+  const copy = document.createElement('canvas');
+  copy.width = canvas.width; copy.height = canvas.height;
+  const context = copy.getContext('2d');
+  context.drawImage(canvas, 0, 0);
+  const data = context.getImageData(0, 0, copy.width, copy.height).data;
+  let lit = 0, sampled = 0;
+  for (let i = 0; i < data.length; i += 4 * 7) {
+    sampled++;
+    if (data[i] > 40 || data[i + 1] > 40 || data[i + 2] > 40) lit++;
+  }
+  best = Math.max(best, lit / sampled);
+}
+return best;
+"""

@@ -18,6 +18,7 @@ from fhir_facade.analyze.saliency_dicom import PARAMETRIC_MAP_STORAGE
 from tests.conftest import LiveServer
 from tests.web_viewer.conftest import (
     APP,
+    LIT_PIXELS,
     PATIENT_A,
     STUDY_A,
     STUDY_B,
@@ -30,26 +31,6 @@ from tests.web_viewer.conftest import (
 
 SR_DESCRIPTION = "AI result (preliminary, unverified)"
 MAP_DESCRIPTION = "AI saliency map (preliminary, unverified)"
-
-#: The share of sampled pixels of OHIF's viewport canvases that are not near-black.
-_LIT_PIXELS = """
-let best = 0;
-for (const canvas of document.querySelectorAll('canvas.cornerstone-canvas')) {
-  if (!canvas.width || !canvas.height) continue;
-  const copy = document.createElement('canvas');
-  copy.width = canvas.width; copy.height = canvas.height;
-  const context = copy.getContext('2d');
-  context.drawImage(canvas, 0, 0);
-  const data = context.getImageData(0, 0, copy.width, copy.height).data;
-  let lit = 0, sampled = 0;
-  for (let i = 0; i < data.length; i += 4 * 7) {
-    sampled++;
-    if (data[i] > 40 || data[i + 1] > 40 || data[i + 2] > 40) lit++;
-  }
-  best = Math.max(best, lit / sampled);
-}
-return best;
-"""
 
 #: What fhirclient 2.x leaves in sessionStorage after FHIR.oauth2.ready(): SMART_KEY names (as a
 #: JSON string) the entry holding its state, whose tokenResponse is the token endpoint's answer.
@@ -132,7 +113,7 @@ def test_the_analysed_study_opens_with_the_token(
     assert [s["0020000D"]["Value"][0] for s in priors.json()] == [STUDY_A]
 
     _open(chrome, viewer_facade, reader_token, f"/viewer/viewer?StudyInstanceUIDs={STUDY_A}")
-    lit = _wait(lambda: chrome.execute_script(_LIT_PIXELS) > 0.05, 120, "no viewport canvas shows the brain")
+    lit = _wait(lambda: chrome.execute_script(LIT_PIXELS) > 0.05, 120, "no viewport canvas shows the brain")
     assert lit
     text = _wait(
         lambda: SR_DESCRIPTION in (t := _study_browser_text(chrome)) and MAP_DESCRIPTION in t and t,
@@ -173,7 +154,7 @@ def test_a_patient_token_opens_none_of_another_patients_images(
 
     _open(chrome, viewer_facade, patient_a_token, f"/viewer/viewer?StudyInstanceUIDs={STUDY_B}")
     time.sleep(15)  # what OHIF would show by now
-    assert chrome.execute_script(_LIT_PIXELS) < 0.01, "a viewport shows an image of patient B"
+    assert chrome.execute_script(LIT_PIXELS) < 0.01, "a viewport shows an image of patient B"
     screenshot(chrome, "viewer-other-patient-refused")
     exchanges = network_log(chrome)
     _facade_only(exchanges, viewer_facade)
