@@ -18,8 +18,14 @@ from starlette.staticfiles import StaticFiles
 from fhir_facade.api_docs import DOCS_PATH
 from fhir_facade.app import create_app
 from fhir_facade.config import Settings
+from fhir_facade.web_app import APP_PATH
+from fhir_facade.web_viewer import VIEWER_PATH
 
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
+
+#: Browser applications the facade serves, not API operations: the SMART app's files (ADR 0043)
+#: and the OHIF viewer (ADR 0044).
+_BROWSER_APPS = (APP_PATH, VIEWER_PATH)
 
 
 def _app(tmp_path: Path, **overrides: Any) -> FastAPI:
@@ -46,9 +52,11 @@ def _served(app: FastAPI) -> set[tuple[str, str]]:
     for route in iter_route_contexts(app.routes):
         original = route.original_route
         if isinstance(original, Mount):
-            assert isinstance(original.app, StaticFiles), f"undocumented sub-application at {original.path}"
+            assert isinstance(original.app, StaticFiles) or original.path in _BROWSER_APPS, (
+                f"undocumented sub-application at {original.path}"
+            )
             continue
-        if route.path in own:
+        if route.path in own or any(route.path == a or route.path.startswith(a + "/") for a in _BROWSER_APPS):
             continue
         # OpenAPI names a path parameter without Starlette's converter: {bulk:path} -> {bulk}
         path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path_format or route.path)
