@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from tests.web_app.conftest import (
     CLINICIAN,
@@ -15,7 +16,10 @@ from tests.web_app.conftest import (
     STUDY_A,
     STUDY_B,
     WebFacade,
+    assert_accessible,
     launch_standalone,
+    requested_hosts,
+    requested_urls,
     screenshot,
     wait_for,
 )
@@ -58,3 +62,18 @@ def test_open_in_viewer_shows_the_study_with_the_apps_token(web_facade: WebFacad
         if STUDY_B in e.url and ("/frames/" in e.url or "/metadata" in e.url) and e.status == 200
     ]
     assert leaked == [], leaked
+
+
+def test_without_a_session_the_viewer_links_to_the_apps_launch(web_facade: WebFacade, driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{web_facade.root}/viewer/viewer?StudyInstanceUIDs={STUDY_A}")
+    message = "#facade-sign-in a"
+    link = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, message), 30, "no sign-in message")[0]
+    assert driver.find_element(By.CSS_SELECTOR, "main#facade-sign-in h1").text == "Sign in to view images"
+    assert_accessible(driver)
+    screenshot(driver, "viewer-sign-in")
+    assert not [u for u in requested_urls(driver) if "/dicom-web/" in u]
+    link.click()
+    wait_for(driver, lambda d: urlsplit(d.current_url).path == "/app/launch.html", 30, "no launch page")
+    assert requested_hosts(driver) == {web_facade.host}
