@@ -53,9 +53,14 @@
     main.style.padding = '0 1rem';
     main.style.font = '16px/1.5 system-ui, sans-serif';
     main.style.color = '#f0f0f0';
+    // OHIF's stylesheet resets headings and margins (Tailwind's preflight): set them here.
     var heading = document.createElement('h1');
     heading.textContent = 'Sign in to view images';
+    heading.style.fontSize = '1.5rem';
+    heading.style.fontWeight = '600';
+    heading.style.margin = '0 0 1rem';
     var text = document.createElement('p');
+    text.style.margin = '0 0 1rem';
     text.textContent =
       'The viewer reads images with the token of your SMART app session, and this tab has none ' +
       '(or it has expired). Open the imaging app, sign in, then open the study again.';
@@ -63,6 +68,7 @@
     link.href = facade.launchUrl;
     link.textContent = 'Open the imaging app and sign in';
     link.style.color = '#8cc8ff';
+    link.style.textDecoration = 'underline';
     main.appendChild(heading);
     main.appendChild(text);
     main.appendChild(link);
