@@ -18,14 +18,10 @@ from starlette.staticfiles import StaticFiles
 from fhir_facade.api_docs import DOCS_PATH
 from fhir_facade.app import create_app
 from fhir_facade.config import Settings
-from fhir_facade.web_app import APP_PATH
+from fhir_facade.web_app import WebAppFiles
 from fhir_facade.web_viewer import VIEWER_PATH
 
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
-
-#: Browser applications the facade serves, not API operations: the SMART app's files (ADR 0043)
-#: and the OHIF viewer (ADR 0044).
-_BROWSER_APPS = (APP_PATH, VIEWER_PATH)
 
 
 def _app(tmp_path: Path, **overrides: Any) -> FastAPI:
@@ -52,12 +48,12 @@ def _served(app: FastAPI) -> set[tuple[str, str]]:
     for route in iter_route_contexts(app.routes):
         original = route.original_route
         if isinstance(original, Mount):
-            assert isinstance(original.app, StaticFiles) or original.path in _BROWSER_APPS, (
-                f"undocumented sub-application at {original.path}"
-            )
+            # Files, not API operations: /docs/static and the SMART app's /app (ADR 0043).
+            files = (StaticFiles, WebAppFiles)
+            assert isinstance(original.app, files), f"undocumented sub-application at {original.path}"
             continue
-        if route.path in own or any(route.path == a or route.path.startswith(a + "/") for a in _BROWSER_APPS):
-            continue
+        if route.path in own or route.path.split("/")[1] == VIEWER_PATH.strip("/"):
+            continue  # the OHIF viewer's files (ADR 0044): a browser app, not API operations
         # OpenAPI names a path parameter without Starlette's converter: {bulk:path} -> {bulk}
         path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path_format or route.path)
         served |= {(path, method) for method in (route.methods or set()) & _METHODS}
