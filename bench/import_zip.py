@@ -17,6 +17,7 @@ and storing. Target (issue 16): RSS < 1 GiB, import >= 0.8 x baseline. Everythin
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -79,6 +80,40 @@ def make_files(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid`, all its threads and its waited-for children
+    (dciodvfy), from /proc/<pid>/stat (proc(5): fields 14-17, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / _TICK
+
+
+class CpuMeter:
+    """CPU seconds each named process spent between `start()` and `stop()`, to say which process
+    the wall time went to (on 2 cores Orthanc, the facade and the posting client compete)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.used: dict[str, float] = {}
+        self.wall = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.wall = time.perf_counter() - self._t0
+        self.used = {name: _cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
+
+    def line(self) -> str:
+        parts = [f"{name} {used:5.1f} s ({used / self.wall:4.0%})" for name, used in self.used.items()]
+        total = sum(self.used.values())
+        return f"CPU: {', '.join(parts)}; together {total:.1f} s = {total / self.wall:.2f} cores"
+
+
 def post_all(url: str, paths: list[Path], connections: int) -> float:
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     with httpx.Client(base_url=url, timeout=120, limits=limits) as client:
@@ -133,10 +168,15 @@ def main() -> None:
             f"zip ({args.compression}) {archive.stat().st_size / 2**20:.0f} MiB "
             f"(made in {time.perf_counter() - t0:.0f} s)"
         )
+        me = os.getpid()
         with _orthanc(root, "orthanc-seq") as sequential_pacs:
-            sequential = post_all(sequential_pacs.url, paths, 1)
+            assert sequential_pacs.pid is not None
+            with CpuMeter({"orthanc": sequential_pacs.pid, "client": me}) as seq_cpu:
+                sequential = post_all(sequential_pacs.url, paths, 1)
         with _orthanc(root, "orthanc-direct") as direct_pacs:
-            direct = post_all(direct_pacs.url, paths, args.connections)
+            assert direct_pacs.pid is not None
+            with CpuMeter({"orthanc": direct_pacs.pid, "client": me}) as direct_cpu:
+                direct = post_all(direct_pacs.url, paths, args.connections)
         with _orthanc(root, "orthanc-import") as pacs:
             env = {
                 "FACADE_DICOMWEB_URL": pacs.dicomweb_url,
@@ -153,8 +193,10 @@ def main() -> None:
                         while chunk := source.read(1 << 20):
                             yield chunk
 
+                assert pacs.pid is not None
+                meter = CpuMeter({"orthanc": pacs.pid, "facade": facade.process.pid, "client": me})
                 start = time.perf_counter()
-                with httpx.Client(timeout=1800) as client:
+                with meter, httpx.Client(timeout=1800) as client:
                     answer = client.post(
                         f"{facade.base_url}/ImagingStudy/$import",
                         content=chunks(),  # type: ignore[arg-type]
@@ -167,13 +209,16 @@ def main() -> None:
             stored = len(httpx.get(f"{pacs.url}/instances", timeout=60).json())
         n = len(paths)
         print(f"direct to Orthanc, 1 connection:  {sequential:6.1f} s  {n / sequential:6.1f} instances/s")
+        print(f"  {seq_cpu.line()}")
         print(
             f"direct to Orthanc, {args.connections} connections: "
             f"{direct:6.1f} s  {n / direct:6.1f} instances/s"
         )
+        print(f"  {direct_cpu.line()}")
         print(
             f"facade $import (zip):            {imported:6.1f} s  {n / imported:6.1f} instances/s  {counts}"
         )
+        print(f"  {meter.line()}")
         print(f"stored in the import's Orthanc: {stored}")
         print(
             f"facade peak RSS: {peak / 2**20:.0f} MiB "

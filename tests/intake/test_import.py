@@ -99,6 +99,7 @@ def test_every_pydicom_test_file_gets_an_answer_and_broken_ones_a_reason(fhir: h
     assert any("DICM" in r for r in refused["no_meta.dcm"])
     assert any("SOPInstanceUID is missing" in r for r in refused["nested_priv_SQ.dcm"])
     assert any("NumberOfFrames" in r for r in refused["liver_1frame.dcm"])
+    assert any("after the end of the file" in r for r in refused["MR_truncated.dcm"])
     assert "CT_small.dcm" not in refused
 
 
