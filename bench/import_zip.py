@@ -188,10 +188,13 @@ def main() -> None:
             with facade_process(env, log_path=root / "facade.log") as facade:
                 rss_before = _peak_rss(facade.process.pid)
 
+                uploaded: list[float] = []
+
                 def chunks() -> object:
                     with archive.open("rb") as source:
                         while chunk := source.read(1 << 20):
                             yield chunk
+                    uploaded.append(time.perf_counter())  # the facade has read all but a socket buffer
 
                 assert pacs.pid is not None
                 meter = CpuMeter({"orthanc": pacs.pid, "facade": facade.process.pid, "client": me})
@@ -218,7 +221,7 @@ def main() -> None:
         print(
             f"facade $import (zip):            {imported:6.1f} s  {n / imported:6.1f} instances/s  {counts}"
         )
-        print(f"  {meter.line()}")
+        print(f"  upload sent after {uploaded[0] - start:.1f} s; {meter.line()}")
         print(f"stored in the import's Orthanc: {stored}")
         print(
             f"facade peak RSS: {peak / 2**20:.0f} MiB "

@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 __all__ = ["DICM_OFFSET", "Verdict", "check_instance", "dciodvfy_available", "run_dciodvfy", "warm_up"]
@@ -42,6 +44,10 @@ DICM_OFFSET = 128
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _OPTIONAL_UIDS = ("FrameOfReferenceUID",)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Value representations whose values are text, padded with spaces (PS3.5 6.2).
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
 #: dciodvfy errors that refuse an instance; its other errors are warnings (ADR 0038).
 _DCIODVFY_REFUSES = re.compile(r"Type 1C? |read failed|Information Object Not found|Bad Value Length")
 _DCIODVFY_TIMEOUT = 60.0
@@ -142,11 +148,25 @@ def _check_type1(ds: Dataset, verdict: Verdict) -> None:
     for module, keyword in required:
         if keyword == "PixelData":
             continue  # its presence and size are checked below, without reading it
-        element = ds.get(keyword)
+        tag = tag_for_keyword(keyword)
+        element = ds.get_item(tag) if tag is not None else None
         if element is None:
             verdict.errors.append(f"Type 1 attribute {keyword} of module {module} is missing")
-        elif element == "" or (isinstance(element, list | tuple) and not element):
+        elif _empty(element):
             verdict.errors.append(f"Type 1 attribute {keyword} of module {module} is empty")
+
+
+def _empty(element: DataElement | RawDataElement) -> bool:
+    """No value (PS3.5 7.4: zero length; padding alone is no value either). A raw element is judged
+    by its bytes, without converting it (the cost of the parse is in the conversions)."""
+    if isinstance(element, RawDataElement):
+        if element.value is None:  # deferred: long, so not empty (its length is checked apart)
+            return element.length == 0
+        if element.VR in _TEXT_VRS:
+            return not element.value.strip(b" \0")
+        return element.length == 0
+    value = element.value
+    return value is None or value == "" or (isinstance(value, list | tuple | Sequence) and not value)
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
