@@ -121,7 +121,10 @@ def _read(entry: Entry) -> tuple[Member, Verdict | None]:
     member = entry.load()
     if not member.readable:
         return member, None
-    return member, check_instance(member.data if member.data is not None else member.path)  # type: ignore[arg-type]
+    if member.data is not None:
+        return member, check_instance(member.data)
+    assert member.path is not None
+    return member, check_instance(member.path)
 
 
 def _read_ahead(

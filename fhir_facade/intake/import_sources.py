@@ -19,6 +19,7 @@ import functools
 import hashlib
 import shutil
 import zipfile
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +211,15 @@ def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -
             data = None
             with archive.open(info) as source:
                 digest, size, part10 = _hashed(source, target)
-    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, ValueError) as error:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,  # a corrupt deflate stream
+        NotImplementedError,  # a compression method zipfile lacks
+        RuntimeError,  # an encrypted member
+        OSError,
+        EOFError,
+        ValueError,
+    ) as error:
         target.unlink(missing_ok=True)
         return Member(name, skipped=f"could not be read from the zip: {error}")
     if not part10 and not name.lower().endswith(".dcm"):
