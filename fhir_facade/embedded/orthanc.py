@@ -149,6 +149,11 @@ class EmbeddedOrthanc:
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
+    def pid(self) -> int | None:
+        """The Orthanc process's id while it runs (the benchmarks read its CPU time)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def dicomweb_url(self) -> str:
         return f"{self.url}/dicom-web"
 

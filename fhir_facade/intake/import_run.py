@@ -1,8 +1,9 @@
 """One import, start to end, in a worker thread (ADR 0038).
 
-1. **Validate everything first.** Each entry of the upload is copied to its own file and checked
-   (`validation.check_instance`; `dciodvfy` on the first instance of each series, or on all). The
-   ledger says which instances an earlier import already stored with the same content and identity.
+1. **Validate every instance.** Each entry of the upload is read (decompressed, hashed) and checked
+   (`validation.check_instance`) by a small pool of reading threads, a few entries ahead of the
+   one being decided; `dciodvfy` on the first instance of each series, or on all. The ledger says
+   which instances an earlier import already stored with the same content and identity.
 2. **A study is the unit.** A study with a refused instance is not stored at all: its other
    instances are refused too, naming the one that was. Nothing of it reaches the PACS.
 3. **Store study by study**, each instance coerced to the caller's Patient and order (PS3.3
@@ -10,8 +11,10 @@
    the PACS fails or refuses one, what this import stored of that study is deleted again and every
    instance of the study is reported refused with the reason; other studies are not affected.
 
-Memory is bounded by the pool: at most `concurrency` instances are in memory at once; the upload
-and its members are files under the job's directory, deleted when the job ends.
+Memory is bounded: an entry takes one of `_slots(concurrency)` slots from being read until it is
+stored or refused, so at most that many entries (each at most `IN_MEMORY_BYTES`; larger ones are
+files) are in memory at once. The upload is a file under the job's directory, deleted when the job
+ends.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +36,7 @@ import pydicom
 from fhir_facade.intake.coercion import IdentityTarget, coerce_identity
 from fhir_facade.intake.import_ledger import ImportLedger, LedgerEntry
 from fhir_facade.intake.import_pacs import OrthancStore
-from fhir_facade.intake.import_sources import Member, members_of
+from fhir_facade.intake.import_sources import Entry, Member, upload_entries
 from fhir_facade.intake.validation import Verdict, check_instance, run_dciodvfy
 
 __all__ = ["ImportOptions", "ImportReport", "InstanceResult", "run_import"]
@@ -39,6 +45,17 @@ log = logging.getLogger(__name__)
 
 #: Valid instances looked up in the ledger together before they are sent.
 _LEDGER_BATCH = 16
+#: Threads that read and check entries ahead of the one being decided (zlib, sha256 and socket
+#: writes release the GIL; pydicom's parse does not, so more than the cores buys nothing).
+_READERS = 2
+#: Entries read ahead of the one being decided.
+_READ_AHEAD = 2 * _READERS
+
+
+def _slots(concurrency: int) -> int:
+    """Entries in memory at once: the read-ahead, a ledger batch, and two per store connection."""
+    return _READ_AHEAD + _LEDGER_BATCH + 2 * concurrency
+
 
 Status = Literal["stored", "stored-with-warnings", "already-stored", "refused", "skipped"]
 DciodvfyPolicy = Literal["series", "all", "off"]
@@ -99,11 +116,44 @@ def _content_key(member: Member, target: IdentityTarget | None) -> str:
     return hashlib.sha256(f"{member.sha256}|{target!r}".encode()).hexdigest()
 
 
-def _validate(
-    member: Member, options: ImportOptions, checked_series: set[str]
-) -> tuple[Verdict, InstanceResult]:
+def _read(entry: Entry) -> tuple[Member, Verdict | None]:
+    """Read and check one entry (in a reading thread)."""
+    member = entry.load()
+    if not member.readable:
+        return member, None
+    if member.data is not None:
+        return member, check_instance(member.data)
     assert member.path is not None
-    verdict = check_instance(member.path)
+    return member, check_instance(member.path)
+
+
+def _read_ahead(
+    entries: Iterator[Entry], readers: ThreadPoolExecutor, slots: threading.Semaphore
+) -> Iterator[tuple[Member, Verdict | None]]:
+    """The entries read and checked, in upload order, `_READ_AHEAD` at a time; each takes a slot."""
+    window: deque[Future[tuple[Member, Verdict | None]]] = deque()
+    for entry in entries:
+        slots.acquire()
+        window.append(readers.submit(_read, entry))
+        if len(window) >= _READ_AHEAD:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
+
+
+def _dciodvfy(member: Member, verdict: Verdict, workdir: Path) -> None:
+    if member.path is not None:
+        run_dciodvfy(member.path, verdict)
+        return
+    with tempfile.NamedTemporaryFile(dir=workdir, suffix=".dcm") as copy:
+        copy.write(member.content())
+        copy.flush()
+        run_dciodvfy(Path(copy.name), verdict)
+
+
+def _validate(
+    member: Member, verdict: Verdict, options: ImportOptions, checked_series: set[str], workdir: Path
+) -> InstanceResult:
     series = verdict.series_uid or ""
     if (
         verdict.ok
@@ -111,8 +161,8 @@ def _validate(
         and (options.dciodvfy == "all" or series not in checked_series)
     ):
         checked_series.add(series)
-        run_dciodvfy(member.path, verdict)
-    result = InstanceResult(
+        _dciodvfy(member, verdict, workdir)
+    return InstanceResult(
         member.name,
         "refused" if verdict.errors else "stored",
         [*verdict.errors, *verdict.warnings],
@@ -121,7 +171,6 @@ def _validate(
         if verdict.study_uid and not any("StudyInstanceUID" in e for e in verdict.errors)
         else None,
     )
-    return verdict, result
 
 
 def _check_ledger(candidates: list[_Candidate], ledger: ImportLedger, store: OrthancStore) -> None:
@@ -159,8 +208,7 @@ def _whole_studies(candidates: list[_Candidate]) -> None:
 
 def _prepared(candidate: _Candidate, options: ImportOptions) -> bytes:
     """The bytes to store: the file as uploaded, or with its identity coerced."""
-    assert candidate.member.path is not None
-    content = candidate.member.path.read_bytes()
+    content = candidate.member.content()
     if options.target is None:
         return content
     ds = pydicom.dcmread(io.BytesIO(content))
@@ -255,13 +303,23 @@ def run_import(
     checked_series: set[str] = set()
     seen: dict[str, _Candidate] = {}
     refused_studies: set[str] = set()
+    slots = threading.Semaphore(_slots(options.concurrency))
     sent = done = 0
 
-    def tick(_: object) -> None:
-        nonlocal done
-        done += 1
-        if done % 20 == 0:
-            progress(f"read {len(report.results)} entries, stored {done} instances")
+    def free(member: Member) -> None:
+        """The entry is decided or stored: its bytes go, its slot is free for the next entry."""
+        member.release()
+        slots.release()
+
+    def stored(candidate: _Candidate) -> Callable[[object], None]:
+        def callback(_: object) -> None:
+            nonlocal done
+            free(candidate.member)
+            done += 1
+            if done % 20 == 0:
+                progress(f"read {len(report.results)} entries, stored {done} instances")
+
+        return callback
 
     pending: list[_Candidate] = []
 
@@ -273,25 +331,33 @@ def run_import(
             study = candidate.verdict.study_uid or ""
             if candidate.result.status == "refused":
                 refused_studies.add(study)
-            elif candidate.result.status == "stored" and study not in refused_studies:
+            if candidate.result.status == "stored" and study not in refused_studies:
                 candidate.future = pool.submit(_store_one, candidate, options, store)
-                candidate.future.add_done_callback(tick)
+                candidate.future.add_done_callback(stored(candidate))
                 count += 1
+            else:
+                free(candidate.member)
         batch.clear()
         return count
 
-    with ThreadPoolExecutor(options.concurrency, thread_name_prefix="import-store") as pool:
-        for member in members_of(kind, body, workdir):
-            if member.skipped is not None or member.path is None:
+    with (
+        upload_entries(kind, body, workdir) as entries,
+        ThreadPoolExecutor(_READERS, thread_name_prefix="import-read") as readers,
+        ThreadPoolExecutor(options.concurrency, thread_name_prefix="import-store") as pool,
+    ):
+        for member, checked in _read_ahead(entries, readers, slots):
+            if checked is None:
                 report.results.append(InstanceResult(member.name, "skipped", [member.skipped or "skipped"]))
+                free(member)
                 continue
-            verdict, result = _validate(member, options, checked_series)
+            verdict = checked
+            result = _validate(member, verdict, options, checked_series, workdir)
             report.results.append(result)
             candidate = _Candidate(member, verdict, _content_key(member, options.target), result)
             candidates.append(candidate)
             study = verdict.study_uid or ""
             if not verdict.ok:
-                member.path.unlink(missing_ok=True)
+                free(member)
                 refused_studies.add(study)
                 continue
             uid = verdict.sop_instance_uid or ""
@@ -304,7 +370,7 @@ def run_import(
                     f"{'the same instance as' if same else 'another content with the SOP Instance UID of'} "
                     f"{twin.member.name} in this upload",
                 )
-                member.path.unlink(missing_ok=True)
+                free(member)
                 if not same:
                     refused_studies.add(study)
                 continue

@@ -4,7 +4,9 @@ the asynchronous form with X-Progress, and the coercion to the EHR's Patient and
 
 from __future__ import annotations
 
+import io
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,7 @@ def test_every_pydicom_test_file_gets_an_answer_and_broken_ones_a_reason(fhir: h
     assert any("DICM" in r for r in refused["no_meta.dcm"])
     assert any("SOPInstanceUID is missing" in r for r in refused["nested_priv_SQ.dcm"])
     assert any("NumberOfFrames" in r for r in refused["liver_1frame.dcm"])
+    assert any("after the end of the file" in r for r in refused["MR_truncated.dcm"])
     assert "CT_small.dcm" not in refused
 
 
@@ -132,6 +135,30 @@ def test_a_zip_with_folders_dicomdir_and_other_files_then_again(
     assert summary(second)["already-stored"] == 3
     assert summary(second)["stored"] == summary(second)["stored-with-warnings"] == 0
     assert len(orthanc.get("/instances").json()) == before
+
+
+def test_more_entries_than_slots_in_upload_order_and_a_corrupt_member(
+    fhir: httpx.Client, orthanc: httpx.Client
+) -> None:
+    """Entries are read ahead in parallel and held in a bounded number of slots (28 with 4 store
+    connections): 40 instances pass through them, answered in upload order; a member whose deflate
+    stream is damaged is skipped with the reason, and the rest of the zip is imported."""
+    study = valid_ct_study("SLOTS-1", n_instances=40)
+    files = {f"SLOTS/{i:03d}.dcm": dicom_factory.to_bytes(ds) for i, ds in enumerate(study)}
+    archive = bytearray(zip_of({**files, "DAMAGED/x.dcm": dicom_factory.to_bytes(study[0])}))
+    with zipfile.ZipFile(io.BytesIO(bytes(archive))) as reader:
+        info = reader.getinfo("DAMAGED/x.dcm")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    middle = start + info.compress_size // 2
+    archive[middle : middle + 16] = bytes(b ^ 0xFF for b in archive[middle : middle + 16])
+
+    result = ok_json(fhir.post("ImagingStudy/$import", content=bytes(archive), headers=ZIP))
+    items = instances(result)
+    assert [i["entry"] for i in items] == [*files, "DAMAGED/x.dcm"]
+    assert summary(result)["stored"] + summary(result)["stored-with-warnings"] == 40
+    assert items[-1]["status"] == "skipped"
+    assert items[-1]["reasons"][0].startswith("could not be read from the zip"), items[-1]
+    assert all(in_pacs(orthanc, ds.SOPInstanceUID) for ds in study)
 
 
 def test_multipart_related(fhir: httpx.Client, orthanc: httpx.Client) -> None:

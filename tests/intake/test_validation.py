@@ -43,6 +43,19 @@ def test_bad_uids_and_pixel_data_are_refused(tmp_path: Path) -> None:
     assert any(e.startswith("Pixel Data holds") for e in errors), errors
 
 
+def test_a_truncated_file_is_refused_though_its_pixel_data_is_not_read(tmp_path: Path) -> None:
+    """Pixel data is skipped, not read: a file cut short inside it is refused by its length, from
+    bytes in memory and from a file alike (the same verdict either way)."""
+    whole = dicom_factory.to_bytes(valid_ct_study("V-5", n_instances=1)[0])
+    assert check_instance(whole).ok
+    cut = whole[:-100]
+    (tmp_path / "cut.dcm").write_bytes(cut)
+    for verdict in (check_instance(cut), check_instance(tmp_path / "cut.dcm")):
+        assert not verdict.ok
+        assert any("after the end of the file" in e for e in verdict.errors), verdict.errors
+        assert verdict.sop_instance_uid  # the UIDs before it were read: the report names the instance
+
+
 def test_garbage_is_refused_with_a_reason(tmp_path: Path) -> None:
     path = tmp_path / "garbage.dcm"
     path.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 300)
