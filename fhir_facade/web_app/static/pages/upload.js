@@ -222,6 +222,8 @@ function targetIdentity(match) {
   } else if (match.mrn) {
     target.PatientID = match.mrn.value;
   }
+  const mrn = match.patient ? mrnOf(match.patient) : match.mrn;
+  if (mrn && /^urn:oid:[0-2](\.(0|[1-9]\d*))+$/.test(mrn.system)) target.IssuerOfPatientID = mrn.system.slice(8);
   if (match.order) {
     const accession = accessionOf(match.order);
     if (accession) target.AccessionNumber = accession;
@@ -414,17 +416,22 @@ function coercionTable(state) {
         h('td', {}, String(count))));
     }
   }
+  const issuerNote = h('p', { class: 'note' },
+    'IssuerOfPatientID follows the MRN\u2019s system',
+    target.IssuerOfPatientID === undefined && (state.match.patient || state.match.mrn)
+      ? ' as the server maps it (none for this site\u2019s own MRNs); the result names every tag that changed.'
+      : '; the result names every tag that changed.');
   if (!rows.length) {
     return h('p', {}, state.items.length
       ? 'The files already carry this identity: nothing will be coerced.'
       : `The identity set: ${keywords.map((k) => `${k} ${target[k] || '(empty)'}`).join(', ')}. Add files to see what changes.`);
   }
-  return h('table', { class: 'upload-coercion-table', id: 'upload-coercion-table' },
+  return h('div', {}, h('table', { class: 'upload-coercion-table', id: 'upload-coercion-table' },
     h('caption', {}, 'What the import will coerce (the previous values go into the Original Attributes Sequence)'),
     h('thead', {}, h('tr', {},
       h('th', { scope: 'col' }, 'Tag'), h('th', { scope: 'col' }, 'In the files'),
       h('th', { scope: 'col' }, 'Stored as'), h('th', { scope: 'col' }, 'Entries'))),
-    h('tbody', {}, rows));
+    h('tbody', {}, rows)), issuerNote);
 }
 
 // -- patient and order matching -------------------------------------------------------------------
@@ -671,7 +678,7 @@ async function importOne(ctx, item, query, results) {
     return;
   }
   phase.textContent = 'done';
-  box.append(resultTable(ctx, JSON.parse(response.text)));
+  box.append(resultTable(ctx, JSON.parse(response.text), kind === 'zip' ? null : file.name));
 }
 
 /** Poll the job of an asynchronous $import until it is done, showing its X-Progress. */
@@ -700,7 +707,22 @@ function partsOf(parameter) {
   return item;
 }
 
-function resultTable(ctx, parameters) {
+function reasonsCell(reasons) {
+  if (!reasons.length) return '—';
+  // dciodvfy's Type 2/2C remarks are many and rarely matter here: folded, the rest shown.
+  const validator = reasons.filter((r) => r.startsWith('dciodvfy:'));
+  const others = reasons.filter((r) => !r.startsWith('dciodvfy:'));
+  const shown = validator.length > 2 ? others : reasons;
+  return [
+    h('ul', {}, shown.map((r) => h('li', {}, r))),
+    validator.length > 2
+      ? h('details', {}, h('summary', {}, `${validator.length} validator remarks (dciodvfy)`),
+        h('ul', {}, validator.map((r) => h('li', {}, r))))
+      : null,
+  ];
+}
+
+function resultTable(ctx, parameters, singleName) {
   const all = parameters.parameter || [];
   const summary = partsOf(all.find((p) => p.name === 'summary') || { part: [] });
   const studies = all.filter((p) => p.name === 'study').map(partsOf);
@@ -725,9 +747,9 @@ function resultTable(ctx, parameters) {
         h('th', { scope: 'col' }, 'Entry'), h('th', { scope: 'col' }, 'Result'),
         h('th', { scope: 'col' }, 'SOP Instance UID'), h('th', { scope: 'col' }, 'Reason'))),
       h('tbody', {}, instances.map((instance) => h('tr', { class: `status-${instance.status}`, 'data-status': instance.status },
-        h('th', { scope: 'row' }, instance.entry),
+        h('th', { scope: 'row' }, singleName && instance.entry === '(body)' ? singleName : instance.entry),
         h('td', { class: 'status' }, STATUS_TEXT[instance.status] || instance.status),
         h('td', { class: 'uid', title: instance.sopInstanceUid || '' }, instance.sopInstanceUid ? `…${instance.sopInstanceUid.slice(-16)}` : '—'),
-        h('td', {}, instance.reasons.length ? h('ul', {}, instance.reasons.map((r) => h('li', {}, r))) : '—')))))));
+        h('td', { class: 'reasons' }, reasonsCell(instance.reasons))))))));
   return wrapper;
 }
