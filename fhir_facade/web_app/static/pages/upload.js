@@ -5,6 +5,8 @@
 // PS3.3 C.12.1.1.9). What is editable before import is what the server supports: the Patient (by
 // reference or by an MRN) and the order; the other tags travel as they are.
 
+import { grants } from '../smart.js';
+
 const VENDOR = {
   dicomParser: new URL('../vendor/dicomParser.min.js', import.meta.url).href,
   JSZip: new URL('../vendor/jszip.min.js', import.meta.url).href,
@@ -79,19 +81,6 @@ function formatBytes(size) {
   if (size < 1024) return `${size} B`;
   if (size < 1024 * 1024) return `${(size / 1024).toFixed(1)} KiB`;
   return `${(size / 1024 / 1024).toFixed(1)} MiB`;
-}
-
-// -- rights ---------------------------------------------------------------------------------------
-
-/** Whether the token's scopes grant create on ImagingStudy outside a patient compartment
- * (SMART App Launch 2.x scopes: `user/` or `system/`, v2 `.c`/`.cruds` or v1 `.write`/`.*`). */
-export function maySeeUpload(scopes) {
-  return (scopes || []).some((scope) => {
-    const match = /^(user|system)\/(\*|ImagingStudy)\.(.+)$/.exec(scope);
-    if (!match) return false;
-    const permissions = match[3].split('?')[0];
-    return permissions === '*' || permissions === 'write' || (/^c?r?u?d?s?$/.test(permissions) && permissions.includes('c'));
-  });
 }
 
 // -- reading files in the browser -----------------------------------------------------------------
@@ -222,8 +211,6 @@ function targetIdentity(match) {
   } else if (match.mrn) {
     target.PatientID = match.mrn.value;
   }
-  const mrn = match.patient ? mrnOf(match.patient) : match.mrn;
-  if (mrn && /^urn:oid:[0-2](\.(0|[1-9]\d*))+$/.test(mrn.system)) target.IssuerOfPatientID = mrn.system.slice(8);
   if (match.order) {
     const accession = accessionOf(match.order);
     if (accession) target.AccessionNumber = accession;
@@ -243,7 +230,9 @@ export async function render(root, ctx) {
   root.replaceChildren();
   const heading = h('h1', { tabindex: '-1' }, 'Upload DICOM');
   root.append(heading);
-  if (!maySeeUpload(ctx.scopes)) {
+  // The shell shows the page only to these users too; the server decides ($import needs create on
+  // ImagingStudy, ADR 0038); this keeps a patient's sign-in from even seeing the form.
+  if (!grants(ctx.scopes || [], 'user', 'ImagingStudy', 'c')) {
     root.append(
       h('p', { class: 'upload-refused', role: 'alert' },
         'Upload is for administrators: this sign-in does not allow importing images ',
@@ -416,11 +405,26 @@ function coercionTable(state) {
         h('td', {}, String(count))));
     }
   }
+  const mrn = state.match.patient ? mrnOf(state.match.patient) : state.match.mrn;
+  if (mrn) {
+    // The server derives IssuerOfPatientID from the MRN's system with the site's own tables (none
+    // for its own MRN system, a configured issuer, an OID): the browser says where it comes from.
+    const issuers = new Map();
+    for (const item of state.items) {
+      for (const entry of item.inspected.entries) {
+        if (entry.tags) issuers.set(entry.tags.IssuerOfPatientID || '', (issuers.get(entry.tags.IssuerOfPatientID || '') || 0) + 1);
+      }
+    }
+    for (const [issuer, count] of issuers) {
+      rows.push(h('tr', {},
+        h('th', { scope: 'row' }, 'IssuerOfPatientID'),
+        h('td', { class: 'old' }, issuer || '(empty)'),
+        h('td', { class: 'derived' }, `from the MRN system ${mrn.system} (empty for this site\u2019s own MRNs)`),
+        h('td', {}, String(count))));
+    }
+  }
   const issuerNote = h('p', { class: 'note' },
-    'IssuerOfPatientID follows the MRN\u2019s system',
-    target.IssuerOfPatientID === undefined && (state.match.patient || state.match.mrn)
-      ? ' as the server maps it (none for this site\u2019s own MRNs); the result names every tag that changed.'
-      : '; the result names every tag that changed.');
+    'The result of the import names every tag the server changed.');
   if (!rows.length) {
     return h('p', {}, state.items.length
       ? 'The files already carry this identity: nothing will be coerced.'
