@@ -8,6 +8,7 @@ neither the page nor the operation."""
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.web_app.conftest import (
     browser_errors,
     launch_standalone,
     requested_hosts,
+    requested_urls,
     screenshot,
     wait_for,
 )
@@ -267,6 +269,11 @@ def test_the_admin_uploads_matches_and_imports(
     assert imaging_study["subject"]["identifier"]["value"] == MRN
     assert f"ServiceRequest/{order['id']}" in [b.get("reference") for b in imaging_study.get("basedOn", [])]
 
+    # The zip went as a job (202, then polls of its status with X-Progress), the file directly.
+    urls = requested_urls(driver)
+    imports = [u for u in urls if "/ImagingStudy/$import" in u]
+    assert len(imports) == 2 and all(f"patient=Patient%2F{patient['id']}" in u for u in imports), imports
+    assert any("/$import-jobs/" in u for u in urls)
     assert requested_hosts(driver) == {web_facade.host}
     assert browser_errors(driver) == []
 
@@ -307,3 +314,38 @@ def test_the_pages_libraries_are_served_from_the_vendor_folder(web_facade: WebFa
             assert "script-src 'self'" in response.headers["content-security-policy"]
             assert marker in response.content[:400]
         outcome(http.get("/jszip.js"), 404, "not-found")
+
+
+def test_files_dropped_on_the_drop_zone_are_read(
+    driver: Any, web_facade: WebFacade, uploads: dict[str, Any]
+) -> None:
+    """The drop zone takes files as a drag and drop gives them (a DataTransfer on a drop event)."""
+    from selenium.webdriver.common.by import By
+
+    launch_standalone(driver, web_facade, "admin", ADMIN)
+    _open_upload(driver)
+    wait_for(driver, lambda d: d.find_elements(By.ID, "upload-dropzone"), message="no drop zone")
+    content = base64.b64encode((uploads["folder"] / "single.dcm").read_bytes()).decode()
+    driver.execute_script(
+        """
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], 'dropped.dcm', {type: 'application/dicom'}));
+        const zone = document.getElementById('upload-dropzone');
+        const init = {dataTransfer: transfer, bubbles: true, cancelable: true};
+        zone.dispatchEvent(new DragEvent('dragover', init));
+        zone.dispatchEvent(new DragEvent('drop', init));
+        """,
+        content,
+    )
+    row = wait_for(
+        driver,
+        lambda d: [
+            r
+            for r in d.find_elements(By.CSS_SELECTOR, "table.upload-tags tbody tr")
+            if "dropped.dcm" in r.text
+        ],
+        message="the dropped file was not read",
+    )[0]
+    assert MODALITY_PATIENT in row.text and uploads["single"].Modality in row.text
+    assert not driver.find_element(By.ID, "upload-import").get_attribute("disabled")
