@@ -325,6 +325,13 @@ def test_files_dropped_on_the_drop_zone_are_read(
     launch_standalone(driver, web_facade, "admin", ADMIN)
     _open_upload(driver)
     wait_for(driver, lambda d: d.find_elements(By.ID, "upload-dropzone"), message="no drop zone")
+    # The file picker is the first stop of the keyboard on the page (the shell focuses <main>).
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    driver.execute_script("document.getElementById('main').focus()")
+    ActionChains(driver).send_keys(Keys.TAB).perform()
+    assert driver.switch_to.active_element.get_attribute("id") == "upload-files"
     content = base64.b64encode((uploads["folder"] / "single.dcm").read_bytes()).decode()
     driver.execute_script(
         """

@@ -241,7 +241,7 @@ export async function render(root, ctx) {
     return;
   }
 
-  const state = { items: [], match: { patient: null, mrn: null, order: null } };
+  const state = { items: [], busy: false, match: { patient: null, mrn: null, order: null } };
   const status = h('p', { class: 'upload-status', role: 'status', 'aria-live': 'polite' });
 
   // 1. files
@@ -286,7 +286,7 @@ export async function render(root, ctx) {
     }
     renderPreview();
     refreshCoercion();
-    importButton.disabled = state.items.length === 0;
+    importButton.disabled = state.busy || state.items.length === 0;
     const entries = state.items.reduce((n, item) => n + item.inspected.entries.length, 0);
     status.textContent = `${state.items.length} file(s) ready to import, ${entries} entries read.`;
   }
@@ -327,6 +327,7 @@ export async function render(root, ctx) {
   }
 
   async function runImport() {
+    state.busy = true;
     importButton.disabled = true;
     clearButton.disabled = true;
     results.replaceChildren();
@@ -338,7 +339,10 @@ export async function render(root, ctx) {
     }
     status.textContent = `Import finished: ${items.length} file(s).`;
     clearButton.disabled = false;
+    state.busy = false;
     state.items = [];
+    renderPreview();
+    refreshCoercion();
     const summary = results.querySelector('h3');
     if (summary) summary.focus();
   }
