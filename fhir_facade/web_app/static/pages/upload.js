@@ -228,6 +228,7 @@ function displayName(patient) {
 export async function render(root, ctx) {
   addStyle();
   root.replaceChildren();
+  root.classList.add('upload-page'); // upload.css applies inside it only
   const heading = h('h1', { tabindex: '-1' }, 'Upload DICOM');
   root.append(heading);
   // The shell shows the page only to these users too; the server decides ($import needs create on
