@@ -171,7 +171,9 @@ class PatientProvider(ResourceProvider):
         patients: dict[str, dict[str, Any]] = {}
         for ds in studies:
             patient = patient_from_dicom(ds, self._ctx)
-            if patient and all(check(patient) for check in resource_checks):
+            # A patient whose (issuer, PatientID) encodes to more than 64 characters has no id: a
+            # search-set entry needs one (its fullUrl), so it is left out rather than failing.
+            if patient and "id" in patient and all(check(patient) for check in resource_checks):
                 patients.setdefault(patient["id"], patient)
         return [patients[k] for k in sorted(patients)]
 

@@ -30,6 +30,7 @@ __all__ = [
     "APP_PATH",
     "FHIRCLIENT_FILE",
     "STATIC_DIR",
+    "VENDOR_FILES",
     "WebAppFiles",
     "content_security_policy",
 ]
@@ -38,6 +39,14 @@ APP_PATH = "/app"
 STATIC_DIR = Path(__file__).parent / "static"
 #: fhirclient's browser build inside the vendor folder (web/vendor.json: dir fhirclient).
 FHIRCLIENT_FILE = Path("fhirclient") / "build" / "fhir-client.min.js"
+#: Every file served at /app/vendor/<name>, by name, inside the vendor folder (each from a package
+#: pinned in web/vendor.json). A page that needs a prebuilt browser library adds its line here.
+VENDOR_FILES: dict[str, Path] = {
+    "fhir-client.min.js": FHIRCLIENT_FILE,
+    # The Upload page reads DICOM tags and lists zip members in the browser.
+    "dicomParser.min.js": Path("dicom-parser") / "dist" / "dicomParser.min.js",
+    "jszip.min.js": Path("jszip") / "dist" / "jszip.min.js",
+}
 SETUP_HINT = "run `bash scripts/setup.sh run` (or `python3 scripts/install_web_vendor.py run`)"
 
 log = logging.getLogger(__name__)
@@ -84,9 +93,9 @@ class _SecurityHeaders:
 
 
 class WebAppFiles:
-    """The ASGI app mounted at /app: `/app/` and `/app` lead to the launch page, `/app/vendor/
-    fhir-client.min.js` comes from the vendor folder (503 OperationOutcome when it was never
-    installed), everything else from `static/`."""
+    """The ASGI app mounted at /app: `/app/` and `/app` lead to the launch page, `/app/vendor/<name>`
+    comes from the vendor folder for the names in `VENDOR_FILES` (503 OperationOutcome when it was
+    never installed, 404 for any other name), everything else from `static/`."""
 
     def __init__(self, vendor_dir: Path, *, connect_origins: Iterable[str] = ()) -> None:
         self.vendor_dir = vendor_dir
@@ -98,7 +107,7 @@ class WebAppFiles:
         inner = Starlette(
             routes=[
                 Route("/", self._to_launch, methods=["GET", "HEAD"]),
-                Route("/vendor/fhir-client.min.js", self._fhirclient, methods=["GET", "HEAD"]),
+                Route("/vendor/{name}", self._vendor, methods=["GET", "HEAD"]),
                 Mount("/", StaticFiles(directory=STATIC_DIR, html=False)),
             ]
         )
@@ -111,13 +120,18 @@ class WebAppFiles:
         root = str(request.scope.get("root_path", "")).rstrip("/")
         return RedirectResponse(f"{root}/launch.html", status_code=302)
 
-    async def _fhirclient(self, request: Request) -> Response:
-        if not self.fhirclient.is_file():
-            log.error("GET %s: %s is missing; %s", request.url.path, self.fhirclient, SETUP_HINT)
+    async def _vendor(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        relative = VENDOR_FILES.get(name)
+        if relative is None:
+            return error_response(error(404, "not-found", f"No vendor file {name}"), request)
+        path = self.vendor_dir / relative
+        if not path.is_file():
+            log.error("GET %s: %s is missing; %s", request.url.path, path, SETUP_HINT)
             problem = error(
                 503,
                 "exception",
-                f"The SMART app's browser library (fhirclient) is not installed here: {SETUP_HINT}.",
+                f"The SMART app's browser library ({relative.parts[0]}) is not installed here: {SETUP_HINT}.",
             )
             return error_response(problem, request)
-        return FileResponse(self.fhirclient, media_type="text/javascript")
+        return FileResponse(path, media_type="text/javascript")

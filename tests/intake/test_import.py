@@ -317,3 +317,25 @@ def test_a_study_the_pacs_cannot_take_whole_is_taken_back(fhir: httpx.Client, or
     assert not in_pacs(orthanc, study[0].SOPInstanceUID)
     assert not in_pacs(orthanc, study[2].SOPInstanceUID)
     assert len(in_pacs(orthanc, study[1].SOPInstanceUID)) == 1  # the PACS's own copy is kept
+
+
+def test_an_import_under_a_foreign_mrn_too_long_for_a_patient_id_leaves_search_working(
+    fhir: httpx.Client, orthanc: httpx.Client
+) -> None:
+    """An MRN of a system that is no OID becomes IssuerOfPatientID as it is; (issuer, PatientID)
+    then encodes to more than a FHIR id holds, so that DICOM-view Patient has no id. Searching by
+    the MRN (what the app's Upload page does) answers 200 without it, not 500."""
+    system = "http://hospital.example.org/identifiers/medical-record-numbers"
+    body = dicom_factory.to_bytes(valid_ct_study("FOREIGN-SRC", n_instances=1)[0])
+    result = ok_json(
+        fhir.post(
+            "ImagingStudy/$import",
+            params={"patient-identifier": f"{system}|MRN-FOREIGN-1"},
+            content=body,
+            headers=DICOM,
+        )
+    )
+    assert summary(result)["stored-with-warnings"] == 1
+    found = ok_json(fhir.get("Patient", params={"identifier": "MRN-FOREIGN-1"}))
+    assert found["resourceType"] == "Bundle"
+    assert all("id" in e["resource"] for e in found.get("entry", []))
