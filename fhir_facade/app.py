@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -67,6 +68,7 @@ from fhir_facade.watcher import StudyArrivalWatcher, TaskRule
 from fhir_facade.watcher.arrival_tasks import ArrivalTaskCreator
 from fhir_facade.watcher.change_feed import StudyArrived
 from fhir_facade.watcher.election import ElectedWatcher
+from fhir_facade.web_app import imaging_app_client, install_web_app
 from fhir_facade.worklist import WorklistFolder, bundled_catalogue
 
 __all__ = ["create_app"]
@@ -493,6 +495,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=guarded,
     )
     app.include_router(metrics_router)
+    # The SMART imaging app (ADR 0043); with an external authorization server it POSTs to that
+    # server's token endpoint, the one origin besides the facade its policy admits.
+    install_web_app(app, settings.web_app, connect_origins=_external_token_origins(settings))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -506,6 +511,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_api_docs(app)
     install_correlation(app)  # outermost: every response, errors included, carries the id
     return app
+
+
+def _external_token_origins(settings: Settings) -> list[str]:
+    """The origin of an external authorization server's token endpoint (none for the built-in one)."""
+    if settings.auth != "smart" or settings.builtin_issuer:
+        return []
+    parts = urlsplit(AuthorizationEndpoints.from_settings(settings).token)
+    return [f"{parts.scheme}://{parts.netloc}"] if parts.scheme and parts.netloc else []
 
 
 def _install_security(
@@ -527,7 +540,11 @@ def _install_security(
             if recorder is not None
             else None
         )
-        server = BuiltinAuthorizationServer(settings, audit=refusals, shared=shared)
+        # The SMART app at /app is registered whenever it is served (ADR 0043).
+        builtin_clients = [imaging_app_client(settings.public_root)] if settings.web_app.enabled else []
+        server = BuiltinAuthorizationServer(
+            settings, audit=refusals, shared=shared, builtin_clients=builtin_clients
+        )
         app.include_router(server.router)
         keys = StaticKeys(server.public_key_set())
         compartments = server.registry.user_compartments

@@ -36,8 +36,12 @@ __all__ = [
     "SubscriptionSettings",
     "SyncSettings",
     "UpstreamSettings",
+    "WebAppSettings",
     "WorklistSettings",
 ]
+
+#: Where scripts/install_web_vendor.py puts the pinned browser packages in a checkout (ADR 0043).
+REPO_WEB_VENDOR = Path(__file__).resolve().parent.parent / ".web-vendor"
 
 
 class SettingsSection(BaseModel):
@@ -261,6 +265,15 @@ class StudyDeleteSettings(SettingsSection):
 
     prefix = "study_delete_"
     enabled: bool
+
+
+class WebAppSettings(SettingsSection):
+    """The SMART imaging app at /app (FACADE_WEB_APP_*, ADR 0043): on by default; its browser
+    library (fhirclient) comes from the vendor folder scripts/install_web_vendor.py fills."""
+
+    prefix = "web_app_"
+    enabled: bool
+    vendor_dir: Path
 
 
 class Settings(BaseSettings):
@@ -889,6 +902,21 @@ class Settings(BaseSettings):
         description="Allow DELETE ImagingStudy/{id}: deletes the study in Orthanc (needs FACADE_ORTHANC_URL)",
     )
 
+    web_app_enabled: bool = Field(
+        True,
+        description=(
+            "Serve the SMART imaging app at /app and, with the built-in authorization server, "
+            "register its client `imaging-app` (ADR 0043)."
+        ),
+    )
+    web_app_vendor_dir: Path = Field(
+        REPO_WEB_VENDOR,
+        description=(
+            "The pinned browser packages (web/vendor.json) installed by `bash scripts/setup.sh run`; "
+            "default: .web-vendor in the checkout."
+        ),
+    )
+
     @model_validator(mode="after")
     def _deidentify_has_a_key(self) -> Settings:
         if self.deidentify_enabled:
@@ -987,6 +1015,10 @@ class Settings(BaseSettings):
     @cached_property
     def study_delete(self) -> StudyDeleteSettings:
         return StudyDeleteSettings.of(self)
+
+    @cached_property
+    def web_app(self) -> WebAppSettings:
+        return WebAppSettings.of(self)
 
     @cached_property
     def limits(self) -> LimitsSettings:

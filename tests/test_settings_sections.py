@@ -24,6 +24,7 @@ from fhir_facade.config import (
     SubscriptionSettings,
     SyncSettings,
     UpstreamSettings,
+    WebAppSettings,
     WorklistSettings,
 )
 
@@ -42,6 +43,7 @@ SECTIONS: list[type[SettingsSection]] = [
     SubscriptionSettings,
     SyncSettings,
     UpstreamSettings,
+    WebAppSettings,
     WorklistSettings,
 ]
 

@@ -33,6 +33,7 @@ from fhir_facade.config import Settings
 from fhir_facade.embedded import EmbeddedOrthanc
 from fhir_facade.store import create_store_engine, upgrade
 from fhir_facade.store.expiring import ExpiringEntries
+from fhir_facade.web_app import IMAGING_APP_CLIENT_ID
 from tests.auth.fixtures.smart_app import LoginForm, pkce_pair, sign_in
 from tests.conftest import LiveServer, serve
 
@@ -152,7 +153,8 @@ def test_full_ehr_launch_gives_the_launch_patient_and_only_that(
     page = browser.get("/auth/ehr-launch")
     assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
     launcher = LoginForm(page)
-    assert launcher.options["client_id"] == [APP, OTHER_APP]
+    # ... and the SMART app the facade serves itself, registered whenever /app is on (ADR 0043).
+    assert launcher.options["client_id"] == [APP, OTHER_APP, IMAGING_APP_CLIENT_ID]
     choice = launcher.submit(browser, username=ALICE, password=ALICE_PASSWORD, client_id=APP)
     assert choice.status_code == 200, choice.text
     assert LoginForm(choice).options["patient"] == [MINE] and ALICE_PASSWORD not in choice.text

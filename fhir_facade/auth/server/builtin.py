@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable
 
 from authlib.common.security import is_secure_transport
 from fastapi import APIRouter, Request
@@ -39,7 +40,7 @@ from fhir_facade.auth.server.openapi import (
     JWKS,
     TOKEN,
 )
-from fhir_facade.auth.server.registry import Registry, load_or_create_registry
+from fhir_facade.auth.server.registry import ClientEntry, Registry, load_or_create_registry, with_clients
 from fhir_facade.auth.server.shared_state import (
     SharedCodeStore,
     SharedJtiReplayCache,
@@ -64,7 +65,8 @@ class BuiltinAuthorizationServer:
     /auth/ehr-launch (the EHR launcher, ADR 0042), POST /auth/token
     (authorization_code; client_credentials with private_key_jwt), GET /auth/jwks (the public key
     that verifies the access tokens). ``audit``: records AuditEvents (None when
-    auditing is off), for the refused authentications.
+    auditing is off), for the refused authentications. ``builtin_clients``: clients registered in
+    memory beside the registry file's (``registry.with_clients``).
     """
 
     router: APIRouter
@@ -73,7 +75,12 @@ class BuiltinAuthorizationServer:
     jwks_url: str
 
     def __init__(
-        self, settings: Settings, *, audit: RefusalAudit | None = None, shared: ExpiringEntries | None = None
+        self,
+        settings: Settings,
+        *,
+        audit: RefusalAudit | None = None,
+        shared: ExpiringEntries | None = None,
+        builtin_clients: Iterable[ClientEntry] = (),
     ) -> None:
         root = settings.public_root
         if not is_secure_transport(root):
@@ -85,7 +92,11 @@ class BuiltinAuthorizationServer:
         self.token_url = f"{root}/auth/token"
         self.jwks_url = f"{root}/auth/jwks"
         self.signing_key = SigningKey.load_or_create(settings.data_dir / SIGNING_KEY_FILE)
-        self.registry: Registry = load_or_create_registry(settings.resolved_clients_file)
+        # builtin_clients: those the facade registers itself at every start (the SMART app, ADR 0043),
+        # added in memory so that a registry file written earlier needs no edit.
+        self.registry: Registry = with_clients(
+            load_or_create_registry(settings.resolved_clients_file), builtin_clients
+        )
         # With `shared` (the store's expiring entries, as the app passes them), codes, sign-in
         # tickets, seen jti values and the lockout counters are shared by every replica (ADR 0032).
         self.codes: CodeStore = SharedCodeStore(shared) if shared else CodeStore()

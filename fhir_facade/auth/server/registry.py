@@ -46,6 +46,7 @@ import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
@@ -79,6 +80,7 @@ __all__ = [
     "load_registry",
     "register_backend_client",
     "set_user_password",
+    "with_clients",
     "write_registry",
 ]
 
@@ -421,6 +423,19 @@ def load_or_create_registry(path: Path) -> Registry:
     if not path.exists():
         return create_demo_registry(path)
     return load_registry(path)
+
+
+def with_clients(registry: Registry, clients: Iterable[ClientEntry]) -> Registry:
+    """The registry with `clients` added in memory (the file is not changed): clients the facade
+    registers itself, derived from its settings at every start (the SMART app at /app, ADR 0043).
+    A client_id the file registers already keeps the file's entry: the operator's word wins."""
+    added = []
+    for client in clients:
+        if registry.client(client.client_id) is not None:
+            log.info("Client %r: the registry file's entry is used, not the built-in one", client.client_id)
+        else:
+            added.append(client)
+    return registry.model_copy(update={"clients": (*registry.clients, *added)}) if added else registry
 
 
 def register_backend_client(

@@ -1,0 +1,209 @@
+// The app shell (ADR 0043): completes the SMART sign-in (FHIR.oauth2.ready), builds the page
+// context, shows the user and patient banner and the pages the granted scopes allow, and routes
+// #/patient, #/worklist, #/upload (and #/study/<StudyInstanceUID> to the viewer) to ES modules
+// pages/<name>.js that export `render(root, ctx)`.
+import { fhirUserOf, grants, h, humanName, parseScopes } from "./smart.js";
+
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+const banner = document.getElementById("banner");
+const signOut = document.getElementById("sign-out");
+
+/** The pages, in menu order; `allowed(ctx)` decides whether the menu shows them. */
+export const PAGES = {
+  patient: {
+    title: "Patient imaging",
+    module: "./pages/patient.js",
+    allowed: (ctx) =>
+      Boolean(ctx.patientId) || grants(ctx.scopes, "user", "ImagingStudy", "s"),
+    inMenu: (ctx) => Boolean(ctx.patientId),
+  },
+  worklist: {
+    title: "Reading worklist",
+    module: "./pages/worklist.js",
+    // Reading means claiming Tasks: search and update.
+    allowed: (ctx) => grants(ctx.scopes, "user", "Task", "s") && grants(ctx.scopes, "user", "Task", "u"),
+  },
+  upload: {
+    title: "Upload",
+    module: "./pages/upload.js",
+    allowed: (ctx) => grants(ctx.scopes, "user", "ImagingStudy", "c"),
+  },
+};
+
+function showMessage(title, message, ...extra) {
+  main.replaceChildren(h("h1", {}, title), h("p", { role: "alert" }, message), ...extra);
+}
+
+function signInLinks() {
+  return h(
+    "p",
+    {},
+    h("a", { href: "launch.html", className: "button" }, "Sign in again"),
+  );
+}
+
+/** Forget the session (fhirclient keeps it in sessionStorage) and go back to the launch page. */
+function endSession() {
+  sessionStorage.clear();
+  location.assign(new URL("launch.html", location.href).href);
+}
+
+function buildContext(client) {
+  const tokenResponse = client.state.tokenResponse || {};
+  const fhirBase = client.state.serverUrl.replace(/\/$/, "");
+  const root = new URL("..", location.href);
+  const ctx = {
+    client,
+    fhirBase,
+    dicomwebBase: new URL("dicom-web", root).pathname,
+    token: tokenResponse.access_token,
+    patientId: client.patient.id || null,
+    fhirUser: fhirUserOf(client),
+    scopes: parseScopes(tokenResponse.scope),
+    params: [],
+    navigate(hash) {
+      location.hash = hash.startsWith("#") ? hash : `#${hash}`;
+    },
+    openViewer(studyInstanceUid) {
+      const viewer = new URL("viewer/viewer", root);
+      viewer.searchParams.set("StudyInstanceUIDs", studyInstanceUid);
+      location.assign(viewer.href);
+    },
+  };
+  return ctx;
+}
+
+async function renderBanner(ctx) {
+  const items = [];
+  items.push(h("span", { className: "who" }, "Signed in as ", h("strong", {}, ctx.fhirUser || "a user without a FHIR identity")));
+  banner.replaceChildren(...items);
+  if (ctx.patientId) {
+    const patient = h("span", { className: "patient", id: "patient-banner" }, "Patient ", h("strong", {}, ctx.patientId));
+    banner.append(patient);
+    try {
+      const resource = await ctx.client.request(`Patient/${encodeURIComponent(ctx.patientId)}`);
+      const name = humanName(resource.name);
+      const details = [resource.gender, resource.birthDate ? `born ${resource.birthDate}` : null].filter(Boolean);
+      patient.replaceChildren(
+        "Patient ",
+        h("strong", {}, name || ctx.patientId),
+        ` · ${ctx.patientId}`,
+        details.length ? ` · ${details.join(", ")}` : "",
+      );
+    } catch {
+      // The id alone is still right; the page shows its own errors.
+    }
+  }
+}
+
+function renderNav(ctx) {
+  const list = nav.querySelector("ul");
+  list.replaceChildren();
+  for (const [name, page] of Object.entries(PAGES)) {
+    const shown = page.inMenu ? page.inMenu(ctx) : page.allowed(ctx);
+    if (!shown) continue;
+    list.append(h("li", {}, h("a", { href: `#/${name}`, "data-page": name }, page.title)));
+  }
+  nav.hidden = list.children.length === 0;
+}
+
+function defaultRoute(ctx) {
+  for (const [name, page] of Object.entries(PAGES)) {
+    if (page.inMenu ? page.inMenu(ctx) : page.allowed(ctx)) return `#/${name}`;
+  }
+  return null;
+}
+
+function markCurrent(name) {
+  for (const link of nav.querySelectorAll("a[data-page]")) {
+    if (link.dataset.page === name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+}
+
+let renderCount = 0;
+
+async function route(ctx) {
+  const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
+  const [name, ...params] = parts;
+  if (name === "study" && params[0]) {
+    ctx.openViewer(params[0]);
+    return;
+  }
+  const page = PAGES[name];
+  markCurrent(name);
+  if (!page) {
+    const fallback = defaultRoute(ctx);
+    if (fallback && name === undefined) {
+      location.replace(fallback);
+      return;
+    }
+    showMessage("Page not found", `There is no page ${JSON.stringify(location.hash)}.`);
+    return;
+  }
+  if (!page.allowed(ctx)) {
+    showMessage(page.title, "Your sign-in does not allow this page. Sign in with the right profile.", signInLinks());
+    return;
+  }
+  const current = ++renderCount;
+  document.title = `${page.title} · Imaging app`;
+  let module;
+  try {
+    module = await import(page.module);
+  } catch {
+    showMessage(page.title, "This page is not available on this server yet.");
+    return;
+  }
+  if (current !== renderCount) return; // the user moved on meanwhile
+  const root = h("div", { className: `page page-${name}` });
+  main.replaceChildren(root);
+  try {
+    await module.render(root, { ...ctx, params });
+  } catch (error) {
+    if (current !== renderCount) return;
+    const expired = error && error.status === 401;
+    showMessage(
+      page.title,
+      expired ? "Your session has expired." : `The page could not be shown: ${error.message || error}`,
+      ...(expired ? [signInLinks()] : []),
+    );
+  }
+  if (current === renderCount) main.focus({ preventScroll: true });
+}
+
+async function start() {
+  if (!window.FHIR) {
+    showMessage(
+      "Imaging app",
+      "The app's browser library is not installed on this server: run `bash scripts/setup.sh run`.",
+    );
+    return;
+  }
+  let client;
+  try {
+    client = await FHIR.oauth2.ready();
+  } catch (error) {
+    showMessage("Not signed in", `Sign in to use the app. (${error.message || error})`, signInLinks());
+    return;
+  }
+  const ctx = buildContext(client);
+  window.imagingApp = { ctx }; // for tests and the browser console
+  signOut.hidden = false;
+  signOut.addEventListener("click", endSession);
+  renderNav(ctx);
+  renderBanner(ctx);
+  window.addEventListener("hashchange", () => route(ctx));
+  if (!location.hash || location.hash === "#" || location.hash === "#/") {
+    const fallback = defaultRoute(ctx);
+    if (!fallback) {
+      showMessage("Imaging app", "Your sign-in grants none of the app's pages.", signInLinks());
+      return;
+    }
+    location.replace(fallback);
+    return;
+  }
+  await route(ctx);
+}
+
+start();
