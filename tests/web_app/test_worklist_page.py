@@ -21,6 +21,11 @@ from typing import Any
 
 import httpx
 import pytest
+
+from fhir_facade.reading.agreement import AGREEMENT_EXTENSION, AI_ASSESSMENT
+from fhir_facade.reading.codes import TASK_CODE_SYSTEM
+from fhir_facade.reading.critical import INTERPRETATION
+from tests.conftest import validate
 from tests.web_app.conftest import (
     ADMIN,
     CHROMEDRIVER,
@@ -39,11 +44,6 @@ from tests.web_app.conftest import (
     screenshot,
     wait_for,
 )
-
-from fhir_facade.reading.agreement import AGREEMENT_EXTENSION, AI_ASSESSMENT
-from fhir_facade.reading.codes import TASK_CODE_SYSTEM
-from fhir_facade.reading.critical import INTERPRETATION
-from tests.conftest import validate
 
 READ = f"{TASK_CODE_SYSTEM}|read"
 FOLLOW_UP = f"{TASK_CODE_SYSTEM}|critical-result-follow-up"
@@ -192,6 +192,19 @@ def _claim_and_lose_the_race(facade: WebFacade, radiologist: Any, colleague: Any
         assert api.get(f"Task/{task_id}").json()["owner"] == {"reference": FHIR_USERS[RADIOLOGIST]}
 
 
+def _release_and_claim_again(facade: WebFacade, radiologist: Any, task_id: str) -> None:
+    """Released, the Task is back in the worklist without owner; claimed again, it is theirs."""
+    _click(radiologist, "wl-mine-rows", task_id, "wl-release")
+    wait_for(radiologist, lambda d: _row(d, "wl-waiting-rows", task_id), message="the release did not show")
+    with facade.system_api() as api:
+        released = api.get(f"Task/{task_id}").json()
+    assert released["status"] == "requested" and "owner" not in released
+    focused = radiologist.switch_to.active_element
+    assert focused.get_attribute("class").split()[0] == "wl-claim", "focus on the row's Claim button"
+    focused.click()
+    wait_for(radiologist, lambda d: _row(d, "wl-mine-rows", task_id), message="the second claim did not show")
+
+
 def _write_a_draft(facade: WebFacade, radiologist: Any, task_id: str) -> dict[str, Any]:
     """Sections, conclusion, a conclusion code of the model's classes, disagreement with the AI
     ("no abnormality"), critical; saved as a draft (preliminary). Returns the draft."""
@@ -287,6 +300,7 @@ def _follow_the_acknowledgement(facade: WebFacade, radiologist: Any, alert: dict
     row_text = _by_css(radiologist, f'tr[data-communication-id="{alert["id"]}"]')[0].text
     assert "Awaiting acknowledgement" in row_text and "Dr Clinician" in row_text, row_text
     assert "Colin Demo" in row_text and CONCLUSION in row_text, row_text
+    radiologist.execute_script("document.getElementById('wl-report').scrollIntoView()")
     screenshot(radiologist, "worklist-signed")
     assert_accessible(radiologist)
 
@@ -306,7 +320,9 @@ def _follow_the_acknowledgement(facade: WebFacade, radiologist: Any, alert: dict
         assert response.status_code == 200, response.text
     _by_css(radiologist, "#wl-refresh")[0].click()
     wait_for(radiologist, lambda d: _acknowledgement(d, alert["id"]) == "acknowledged", message="no ack")
-    assert "Acknowledged" in _by_css(radiologist, f'tr[data-communication-id="{alert["id"]}"]')[0].text
+    acknowledged = _by_css(radiologist, f'tr[data-communication-id="{alert["id"]}"]')[0].text
+    assert "Acknowledged" in acknowledged and "after escalation" in acknowledged, acknowledged
+    radiologist.execute_script("document.getElementById('wl-critical').scrollIntoView()")
     screenshot(radiologist, "worklist-acknowledged")
 
 
@@ -325,6 +341,7 @@ def test_claim_write_sign_and_follow_the_critical_result(
     assert_accessible(radiologist)
 
     _claim_and_lose_the_race(web_facade, radiologist, colleague, task_id)
+    _release_and_claim_again(web_facade, radiologist, task_id)
     draft = _write_a_draft(web_facade, radiologist, task_id)
 
     # Sign: the page shows the Task completed by the server.

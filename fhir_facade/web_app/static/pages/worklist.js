@@ -196,7 +196,7 @@ export async function render(root, ctx) {
     report: null, // the open report form's {task, draft}
   };
 
-  const alertBox = h('div', { id: 'wl-alert', className: 'wl-alert', role: 'alert', hidden: true });
+  const alertBox = h('div', { id: 'wl-alert', className: 'wl-alert', role: 'alert', tabindex: '-1', hidden: true });
   const statusLine = h('p', { id: 'wl-status', className: 'wl-status', role: 'status', 'aria-live': 'polite' });
   const mineBody = h('tbody', { id: 'wl-mine-rows' });
   const waitingBody = h('tbody', { id: 'wl-waiting-rows' });
@@ -234,7 +234,7 @@ export async function render(root, ctx) {
         'div',
         { className: 'wl-heading' },
         h('h1', {}, 'Reading worklist'),
-        h('button', { type: 'button', id: 'wl-refresh', onClick: () => refresh() }, 'Refresh'),
+        h('button', { type: 'button', id: 'wl-refresh', className: 'secondary', onClick: () => refresh() }, 'Refresh'),
       ),
       ctx.fhirUser
         ? null
@@ -445,6 +445,11 @@ export async function render(root, ctx) {
 
   // ---- claim and release -----------------------------------------------------------------------
 
+  /** Keyboard focus to a row's button after the lists were redrawn (the clicked one is gone). */
+  function focusIn(body, taskId, selector) {
+    body.querySelector(`tr[data-task-id="${CSS.escape(taskId)}"] ${selector}`)?.focus();
+  }
+
   async function claim(taskId) {
     warn('');
     const task = state.tasks.get(taskId);
@@ -454,6 +459,7 @@ export async function render(root, ctx) {
       const saved = await fhir(ctx, 'PUT', `Task/${taskId}`, { body: claimed, ifMatch: etag(task) });
       state.tasks.set(taskId, saved);
       await refresh('Claimed. The study is in your reads.');
+      focusIn(mineBody, taskId, '.wl-write');
     } catch (error) {
       if (error.status === 412 || error.status === 409) {
         warn(
@@ -464,6 +470,7 @@ export async function render(root, ctx) {
                 'The worklist has been refreshed.',
         );
         await refresh('The worklist has been refreshed.');
+        alertBox.focus();
       } else {
         warn(`The study could not be claimed: ${error.message}`);
       }
@@ -478,6 +485,7 @@ export async function render(root, ctx) {
       await fhir(ctx, 'PUT', `Task/${taskId}`, { body: { ...rest, status: 'requested' }, ifMatch: etag(task) });
       if (state.report?.task.id === taskId) closeReport();
       await refresh('Released: the study is back in the worklist.');
+      focusIn(waitingBody, taskId, '.wl-claim');
     } catch (error) {
       warn(`The study could not be released: ${error.message}`);
       await refresh();
@@ -790,6 +798,8 @@ export async function render(root, ctx) {
       h('button', { type: 'button', id: 'wl-close', className: 'secondary', onClick: () => closeReport() }, 'Close'),
     );
     reportPanel.querySelector('form')?.replaceWith(summary);
+    const studyLine = reportPanel.querySelector('.wl-uid');
+    if (studyLine) studyLine.textContent = `Study ${referenceId(task.focus, 'ImagingStudy')}`;
     summary.querySelector('p').setAttribute('tabindex', '-1');
     summary.querySelector('p').focus();
     await refresh(`Report signed; reading task ${taskStatus}.`);
@@ -833,6 +843,7 @@ export async function render(root, ctx) {
     let kind;
     if (communication.status === 'completed') {
       status = `Acknowledged${communication.received ? ` ${when(communication.received)}` : ''}`;
+      if (escalated) status += ', after escalation';
       kind = 'acknowledged';
     } else if (escalated) {
       status = 'Not acknowledged: escalated (follow-up task created)';
