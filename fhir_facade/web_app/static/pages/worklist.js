@@ -19,6 +19,8 @@
 //
 // Everything is built with DOM methods and textContent (no innerHTML of server data).
 
+import { h } from '../smart.js';
+
 const TASK_CODES = 'http://fhir-facade.org/fhir/CodeSystem/task-code';
 const READ = `${TASK_CODES}|read`;
 const FOLLOW_UP = `${TASK_CODES}|critical-result-follow-up`;
@@ -26,6 +28,10 @@ const ALERT = 'http://terminology.hl7.org/CodeSystem/communication-category|aler
 const AGREEMENT_EXTENSION = 'http://fhir-facade.org/fhir/StructureDefinition/ai-agreement';
 const INTERPRETATION = 'http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation';
 const LOINC = 'http://loinc.org';
+const RADIOLOGY = { system: 'http://terminology.hl7.org/CodeSystem/v2-0074', code: 'RAD', display: 'Radiology' };
+const IMAGING_REPORT = { system: LOINC, code: '18748-4', display: 'Diagnostic imaging study' };
+const CRITICAL_ABNORMAL = { system: INTERPRETATION, code: 'AA', display: 'Critical abnormal' };
+const CRITICAL_FLAGS = ['AA', 'HH', 'LL']; // critical abnormal, high, low (ADR 0034 3)
 const AI_INPUT = 'Preliminary AI report';
 const AI_FINDING = '121071'; // DCM "Finding": the AI report's finding Observation
 
@@ -114,22 +120,18 @@ function referenceId(reference, type) {
   return value.startsWith(prefix) ? value.slice(prefix.length).split('/')[0] : null;
 }
 
-/** A small element builder: h('td', {className: 'x'}, 'text', child). Children are text or nodes. */
-function h(tag, attributes = {}, ...children) {
-  const element = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (name === 'className') element.className = value;
-    else if (name === 'dataset') Object.assign(element.dataset, value);
-    else if (name.startsWith('on')) element.addEventListener(name.slice(2).toLowerCase(), value);
-    else if (value === true) element.setAttribute(name, '');
-    else element.setAttribute(name, String(value));
-  }
-  for (const child of children.flat()) {
-    if (child === undefined || child === null || child === false) continue;
-    element.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return element;
+function button(label, onclick, attributes = {}) {
+  return h('button', { type: 'button', ...attributes, onclick }, label);
+}
+
+function emptyRow(body, columns, text) {
+  body.replaceChildren(h('tr', {}, h('td', { colspan: columns, className: 'wl-empty' }, text)));
+}
+
+function flaggedCritical(observation) {
+  return (observation.interpretation ?? []).some((concept) =>
+    concept.coding?.some((c) => c.system === INTERPRETATION && CRITICAL_FLAGS.includes(c.code)),
+  );
 }
 
 function when(instant) {
@@ -174,7 +176,7 @@ function ensureStylesheet() {
     h('link', {
       rel: 'stylesheet',
       href: new URL('./worklist.css', import.meta.url).href,
-      dataset: { pageStyle: 'worklist' },
+      'data-page-style': 'worklist',
     }),
   );
 }
@@ -196,7 +198,8 @@ export async function render(root, ctx) {
     report: null, // the open report form's {task, draft}
   };
 
-  const alertBox = h('div', { id: 'wl-alert', className: 'wl-alert', role: 'alert', tabindex: '-1', hidden: true });
+  const alertBox = h('div', { id: 'wl-alert', className: 'wl-alert', role: 'alert', tabindex: '-1' });
+  alertBox.hidden = true;
   const statusLine = h('p', { id: 'wl-status', className: 'wl-status', role: 'status', 'aria-live': 'polite' });
   const mineBody = h('tbody', { id: 'wl-mine-rows' });
   const waitingBody = h('tbody', { id: 'wl-waiting-rows' });
@@ -234,7 +237,7 @@ export async function render(root, ctx) {
         'div',
         { className: 'wl-heading' },
         h('h1', {}, 'Reading worklist'),
-        h('button', { type: 'button', id: 'wl-refresh', className: 'secondary', onClick: () => refresh() }, 'Refresh'),
+        button('Refresh', () => refresh(), { id: 'wl-refresh', className: 'secondary' }),
       ),
       ctx.fhirUser
         ? null
@@ -255,7 +258,11 @@ export async function render(root, ctx) {
         'section',
         { 'aria-labelledby': 'wl-waiting-heading' },
         h('h2', { id: 'wl-waiting-heading' }, 'Waiting to be read'),
-        table('wl-waiting', 'Unclaimed reads, most urgent first (STAT, ASAP, Urgent, Routine), then oldest', waitingBody),
+        table(
+          'wl-waiting',
+          'Unclaimed reads, most urgent first (STAT, ASAP, Urgent, Routine), then oldest',
+          waitingBody,
+        ),
       ),
       reportPanel,
       h(
@@ -351,7 +358,7 @@ export async function render(root, ctx) {
 
   function fillRows(body, tasks, mine, empty) {
     if (!tasks.length) {
-      body.replaceChildren(h('tr', {}, h('td', { colspan: header.length, className: 'wl-empty' }, empty)));
+      emptyRow(body, header.length, empty);
       return;
     }
     body.replaceChildren(...tasks.map((task) => row(task, mine)));
@@ -373,36 +380,27 @@ export async function render(root, ctx) {
           className: 'wl-open secondary',
           'aria-describedby': describedBy,
           disabled: !studyId,
-          onClick: () => ctx.openViewer(studyId),
+          onclick: () => ctx.openViewer(studyId),
         },
         'Open study',
       ),
     ];
     if (mine) {
       actions.push(
-        h(
-          'button',
-          { type: 'button', className: 'wl-write', 'aria-describedby': describedBy, onClick: () => openReport(task.id) },
-          'Write report',
-        ),
-        h(
-          'button',
-          { type: 'button', className: 'wl-release secondary', 'aria-describedby': describedBy, onClick: () => release(task.id) },
-          'Release',
-        ),
+        button('Write report', () => openReport(task.id), { className: 'wl-write', 'aria-describedby': describedBy }),
+        button('Release', () => release(task.id), {
+          className: 'wl-release secondary',
+          'aria-describedby': describedBy,
+        }),
       );
     } else {
       actions.unshift(
-        h(
-          'button',
-          { type: 'button', className: 'wl-claim', 'aria-describedby': describedBy, onClick: () => claim(task.id) },
-          'Claim',
-        ),
+        button('Claim', () => claim(task.id), { className: 'wl-claim', 'aria-describedby': describedBy }),
       );
     }
     return h(
       'tr',
-      { dataset: { taskId: task.id, studyUid: studyId ?? '' } },
+      { 'data-task-id': task.id, 'data-study-uid': studyId ?? '' },
       h(
         'td',
         {},
@@ -440,7 +438,11 @@ export async function render(root, ctx) {
   function aiCell(ai) {
     if (!ai) return h('span', { className: 'wl-muted' }, 'No AI result yet');
     const score = ai.score === null ? '' : ` (score ${ai.score.toFixed(2)})`;
-    return [h('span', { className: 'wl-finding' }, `${conceptText(ai.concept) || 'Finding'}${score}`), h('br'), h('span', { className: 'wl-badge' }, 'AI, not reviewed')];
+    return [
+      h('span', { className: 'wl-finding' }, `${conceptText(ai.concept) || 'Finding'}${score}`),
+      h('br'),
+      h('span', { className: 'wl-badge' }, 'AI, not reviewed'),
+    ];
   }
 
   // ---- claim and release -----------------------------------------------------------------------
@@ -553,14 +555,13 @@ export async function render(root, ctx) {
 
   function buildReportForm(task, study, draft) {
     const { patient, what } = studyLabel(study, task);
+    const studyUid = referenceId(task.focus, 'ImagingStudy');
     const ai = aiSummary(task, state.aiReports, state.observations);
     const sections = new Map(
       (draft?.contained ?? []).filter((c) => c.resourceType === 'Observation').map((c) => [c.id, c]),
     );
     const stated = (draft?.extension ?? []).find((e) => e.url === AGREEMENT_EXTENSION)?.valueCode ?? '';
-    const critical = [...sections.values()].some((o) =>
-      (o.interpretation ?? []).some((i) => i.coding?.some((c) => c.system === INTERPRETATION && ['AA', 'HH', 'LL'].includes(c.code))),
-    );
+    const critical = [...sections.values()].some(flaggedCritical);
     const chosen = draft?.conclusionCode?.[0]?.coding?.[0];
 
     const codeSelect = h('select', { id: 'wl-conclusion-code', name: 'conclusion-code' });
@@ -571,13 +572,24 @@ export async function render(root, ctx) {
         h('option', { value, selected: sameCoding(option.coding, chosen) }, option.coding.display || option.label),
       );
     }
-    const criticalBox = h('input', { type: 'checkbox', id: 'wl-critical', name: 'critical', checked: critical, 'aria-describedby': 'wl-critical-hint' });
-    const formStatus = h('p', { id: 'wl-report-status', className: 'wl-status', role: 'status', 'aria-live': 'polite' });
+    const criticalBox = h('input', {
+      type: 'checkbox',
+      id: 'wl-critical',
+      name: 'critical',
+      checked: critical,
+      'aria-describedby': 'wl-critical-hint',
+    });
+    const formStatus = h('p', {
+      id: 'wl-report-status',
+      className: 'wl-status',
+      role: 'status',
+      'aria-live': 'polite',
+    });
     const formAlert = h('div', { id: 'wl-report-alert', className: 'wl-alert', role: 'alert', hidden: true });
 
     const form = h(
       'form',
-      { id: 'wl-report-form', novalidate: true, onSubmit: (event) => event.preventDefault() },
+      { id: 'wl-report-form', novalidate: true, onsubmit: (event) => event.preventDefault() },
       h(
         'div',
         { className: 'wl-report-grid' },
@@ -590,7 +602,7 @@ export async function render(root, ctx) {
             h('legend', {}, 'Report sections'),
             SECTIONS.map(([id, , label]) => field(`wl-${id}`, label, sections.get(id)?.valueString)),
           ),
-          field('wl-conclusion', 'Conclusion', draft?.conclusion, 'The overall conclusion; sent with a critical result.'),
+          field('wl-conclusion', 'Conclusion', draft?.conclusion, 'Sent with a critical result.'),
         ),
         h(
           'div',
@@ -600,7 +612,7 @@ export async function render(root, ctx) {
             'div',
             { className: 'wl-field' },
             h('label', { for: 'wl-conclusion-code' }, 'Conclusion code'),
-            h('span', { id: 'wl-conclusion-code-hint', className: 'wl-hint' }, 'The AI model\'s classes (SNOMED CT).'),
+            h('span', { id: 'wl-conclusion-code-hint', className: 'wl-hint' }, 'The classes of the AI model.'),
             codeSelect,
           ),
           h(
@@ -639,14 +651,10 @@ export async function render(root, ctx) {
       h(
         'div',
         { className: 'wl-buttons' },
-        h('button', { type: 'button', id: 'wl-save', className: 'secondary', onClick: () => save('preliminary') }, 'Save draft'),
-        h('button', { type: 'button', id: 'wl-sign', onClick: () => save('final') }, 'Sign report'),
-        h(
-          'button',
-          { type: 'button', id: 'wl-open-study', className: 'secondary', onClick: () => ctx.openViewer(referenceId(task.focus, 'ImagingStudy')) },
-          'Open study',
-        ),
-        h('button', { type: 'button', id: 'wl-close', className: 'secondary', onClick: () => closeReport() }, 'Close'),
+        button('Save draft', () => save('preliminary'), { id: 'wl-save', className: 'secondary' }),
+        button('Sign report', () => save('final'), { id: 'wl-sign' }),
+        button('Open study', () => ctx.openViewer(studyUid), { id: 'wl-open-study', className: 'secondary' }),
+        button('Close', () => closeReport(), { id: 'wl-close', className: 'secondary' }),
       ),
       formStatus,
     );
@@ -700,15 +708,15 @@ export async function render(root, ctx) {
         valueString: text,
       };
       if (critical && id === 'impression') {
-        section.interpretation = [{ coding: [{ system: INTERPRETATION, code: 'AA', display: 'Critical abnormal' }] }];
+        section.interpretation = [{ coding: [CRITICAL_ABNORMAL] }];
       }
       contained.push(section);
     }
     const report = {
       resourceType: 'DiagnosticReport',
       status,
-      category: [{ coding: [{ system: 'http://terminology.hl7.org/CodeSystem/v2-0074', code: 'RAD', display: 'Radiology' }] }],
-      code: { coding: [{ system: LOINC, code: '18748-4', display: 'Diagnostic imaging study' }], text: 'Radiology report' },
+      category: [{ coding: [RADIOLOGY] }],
+      code: { coding: [IMAGING_REPORT], text: 'Radiology report' },
       imagingStudy: [{ reference: task.focus.reference }],
     };
     const study = state.studies.get(referenceId(task.focus, 'ImagingStudy'));
@@ -773,7 +781,8 @@ export async function render(root, ctx) {
       await signed(open.task, saved, critical);
     } catch (error) {
       formStatus.textContent = '';
-      formAlert.textContent = `The report could not be ${status === 'final' ? 'signed' : 'saved'}: ${error.message}`;
+      const verb = status === 'final' ? 'signed' : 'saved';
+      formAlert.textContent = `The report could not be ${verb}: ${error.message}`;
       formAlert.hidden = false;
     }
   }
@@ -795,7 +804,7 @@ export async function render(root, ctx) {
       critical
         ? h('p', {}, 'Critical result: the ordering practitioner is being notified (see Critical results below).')
         : null,
-      h('button', { type: 'button', id: 'wl-close', className: 'secondary', onClick: () => closeReport() }, 'Close'),
+      button('Close', () => closeReport(), { id: 'wl-close', className: 'secondary' }),
     );
     reportPanel.querySelector('form')?.replaceWith(summary);
     const studyLine = reportPanel.querySelector('.wl-uid');
@@ -809,7 +818,7 @@ export async function render(root, ctx) {
 
   async function refreshCritical() {
     if (!ctx.fhirUser) {
-      criticalBody.replaceChildren(h('tr', {}, h('td', { colspan: 5, className: 'wl-empty' }, 'Needs a practitioner sign-in.')));
+      emptyRow(criticalBody, 5, 'Needs a practitioner sign-in.');
       return;
     }
     const bundle = await search(ctx, 'Communication', [
@@ -820,7 +829,7 @@ export async function render(root, ctx) {
     ]);
     const communications = entries(bundle);
     if (!communications.length) {
-      criticalBody.replaceChildren(h('tr', {}, h('td', { colspan: 5, className: 'wl-empty' }, 'No critical results reported.')));
+      emptyRow(criticalBody, 5, 'No critical results reported.');
       return;
     }
     const followUps = await search(ctx, 'Task', [
@@ -854,7 +863,7 @@ export async function render(root, ctx) {
     }
     return h(
       'tr',
-      { dataset: { communicationId: communication.id, ack: kind } },
+      { 'data-communication-id': communication.id, 'data-ack': kind },
       h('td', {}, when(communication.sent)),
       h('td', {}, patientName(communication.subject)),
       h('td', {}, conclusion),
