@@ -33,8 +33,10 @@ from tests.web_app.conftest import (
     CLINICIAN,
     FHIR_USERS,
     PATIENT_A,
+    PATIENT_B,
     RADIOLOGIST,
     STUDY_A,
+    STUDY_B,
     WINDOW,
     WebFacade,
     assert_accessible,
@@ -109,11 +111,27 @@ def reading_task(web_facade: WebFacade) -> dict[str, Any]:
         assert order.status_code == 201, order.text
         ai_report = web_facade.analyze(STUDY_A)
         (task,) = _found(api, "Task", code=READ, focus=f"ImagingStudy/{STUDY_A}")
+        # Patient B's study: a person raised its read to ASAP (the triage rules never set asap).
+        asap = api.post(
+            "Task",
+            json={
+                "resourceType": "Task",
+                "status": "requested",
+                "intent": "order",
+                "priority": "asap",
+                "code": {"coding": [{"system": TASK_CODE_SYSTEM, "code": "read"}]},
+                "focus": {"reference": f"ImagingStudy/{STUDY_B}"},
+                "for": {"reference": f"Patient/{PATIENT_B}"},
+                "authoredOn": task["authoredOn"],
+                "note": [{"text": "Ward round at 9: please read first."}],
+            },
+        )
+        assert asap.status_code == 201, asap.text
     validate(task)
     assert task["status"] == "requested" and task["priority"] == "routine", task
     assert task["input"][0]["valueReference"] == {"reference": f"DiagnosticReport/{ai_report['id']}"}
     assert task["basedOn"] == [{"reference": f"ServiceRequest/{order.json()['id']}"}]
-    return {"task": task, "ai_report": ai_report, "order": order.json()}
+    return {"task": task, "ai_report": ai_report, "order": order.json(), "asap": asap.json()}
 
 
 @pytest.fixture
@@ -165,12 +183,16 @@ def _click(driver: Any, body: str, task_id: str, button: str) -> None:
     _row(driver, body, task_id).find_element("css selector", f"button.{button}").click()
 
 
-def _see_the_triaged_task(browser: Any, task_id: str) -> None:
+def _see_the_triaged_tasks(browser: Any, task_id: str, asap_id: str) -> None:
     row = wait_for(browser, lambda d: _row(d, "wl-waiting-rows", task_id), message="no reading Task row")
     text = row.text
     assert "Routine" in text, text  # the priority in words, not only a colour
     assert "No abnormality detected" in text and "AI, not reviewed" in text, text
     assert "Colin Demo" in text and STUDY_A in text, text
+    order = [r.get_attribute("data-task-id") for r in _by_css(browser, "#wl-waiting-rows tr")]
+    assert order == [asap_id, task_id], "ASAP before routine"
+    other = _row(browser, "wl-waiting-rows", asap_id).text
+    assert "ASAP" in other and "No AI result yet" in other and "Ward round at 9" in other, other
 
 
 def _claim_and_lose_the_race(facade: WebFacade, radiologist: Any, colleague: Any, task_id: str) -> None:
@@ -336,7 +358,7 @@ def test_claim_write_sign_and_follow_the_critical_result(
     _open_worklist(radiologist, web_facade, RADIOLOGIST)
     _open_worklist(colleague, web_facade, ADMIN)
     for browser in (radiologist, colleague):
-        _see_the_triaged_task(browser, task_id)
+        _see_the_triaged_tasks(browser, task_id, reading_task["asap"]["id"])
     screenshot(radiologist, "worklist-waiting")
     assert_accessible(radiologist)
 
