@@ -3,8 +3,9 @@
 Each test module gets its own real Orthanc (the demo brain MRI of patient A = DEMO-0001, and a
 study of patient B built from the same Colin27 slices) and its own facade with FACADE_AUTH=smart,
 the built-in authorization server (registry file below; the app's client `imaging-app` is the
-facade's own registration, not in the file), the real model for `$analyze` (saliency map on), and
-the app served from the repository's .web-vendor. Browsers are Debian's chromium through Debian's
+facade's own registration, not in the file), the real model for `$analyze`, and
+the app served from the repository's .web-vendor. Nothing is analysed until a test says so
+(`WebFacade.analyze`; the change feed is not watched). Browsers are Debian's chromium through Debian's
 chromedriver, headless at 1366x768, with Chrome's performance log on so that every request the page
 made can be checked (`requested_urls`, `requested_hosts`).
 
@@ -177,14 +178,18 @@ def web_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOr
     with instance:
         with httpx.Client(timeout=60) as http:
             store_instances(http, instance.url, build_demo_study(24))
-            store_instances(http, instance.url, demo_brain_study(STUDY_B, PATIENT_B, 6))
+            # The 8 slices tests/analyze/test_saliency_operation.py uses: with the applicability step
+            # off the model calls the skull-base slice "meningioma", the one positive result the
+            # project's images give (a module that wants it sets analyze_slice_applicability=False).
+            store_instances(http, instance.url, demo_brain_study(STUDY_B, PATIENT_B, 8))
         yield instance
 
 
 @pytest.fixture(scope="module")
 def web_settings() -> dict[str, Any]:
-    """Settings of the module's facade beyond the fixed ones; override in a test module."""
-    return {"analyze_saliency": True}
+    """Settings of the module's facade beyond the fixed ones (the product's defaults otherwise);
+    override in a test module."""
+    return {}
 
 
 @pytest.fixture(scope="module")

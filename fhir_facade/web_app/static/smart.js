@@ -80,3 +80,31 @@ export function h(tag, attributes = {}, ...children) {
   }
   return element;
 }
+
+/** Add a page's own stylesheet (pages/<name>.css) once; resolves when it is loaded. */
+export function loadStylesheet(url) {
+  const href = new URL(url, import.meta.url).href;
+  const existing = [...document.querySelectorAll('link[rel="stylesheet"]')].find((l) => l.href === href);
+  if (existing) return Promise.resolve();
+  return new Promise((resolve) => {
+    const link = h("link", { rel: "stylesheet", href });
+    link.addEventListener("load", resolve);
+    link.addEventListener("error", resolve); // unstyled beats blank
+    document.head.append(link);
+  });
+}
+
+/** A FHIR dateTime for people: date and time in the browser's locale, or the text as is. */
+export function formatDateTime(value) {
+  if (!value) return null;
+  const date = new Date(value);
+  if (Number.isNaN(date.getTime())) return value;
+  const onlyDate = /^\d{4}(-\d{2}(-\d{2})?)?$/.test(value);
+  return new Intl.DateTimeFormat(undefined, onlyDate ? { dateStyle: "medium" } : { dateStyle: "medium", timeStyle: "short" }).format(date);
+}
+
+/** The id at the end of a reference ('ImagingStudy/1.2.3' or an absolute URL), else null. */
+export function referenceId(reference, type) {
+  const match = new RegExp(`(?:^|/)${type}/([A-Za-z0-9\\-.]{1,64})(?:/_history/[^/]+)?$`).exec(String(reference || ""));
+  return match ? match[1] : null;
+}
