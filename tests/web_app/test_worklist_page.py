@@ -189,6 +189,8 @@ def _see_the_triaged_tasks(browser: Any, task_id: str, asap_id: str) -> None:
     assert "Routine" in text, text  # the priority in words, not only a colour
     assert "No abnormality detected" in text and "AI, not reviewed" in text, text
     assert "Colin Demo" in text and STUDY_A in text, text
+    link = row.find_element("css selector", "a.wl-patient")  # the patient page: priors to compare
+    assert link.get_attribute("href").endswith(f"#/patient/{PATIENT_A}")
     order = [r.get_attribute("data-task-id") for r in _by_css(browser, "#wl-waiting-rows tr")]
     assert order == [asap_id, task_id], "ASAP before routine"
     other = _row(browser, "wl-waiting-rows", asap_id).text

@@ -167,7 +167,14 @@ function aiSummary(task, aiReports, observations) {
 function studyLabel(study, task) {
   const patient = study?.subject?.display || task.for?.reference || 'Unknown patient';
   const what = study?.description || (study?.modality ?? []).map((m) => m.code).join(', ') || 'Imaging study';
-  return { patient, what };
+  const patientId = referenceId(task.for, 'Patient') ?? referenceId(study?.subject, 'Patient');
+  return { patient, what, patientId };
+}
+
+/** The patient's name, linked to their imaging timeline (the patient page: priors to compare). */
+function patientLink(patient, patientId, className) {
+  if (!patientId) return h('span', { className }, patient);
+  return h('a', { className, href: `#/patient/${encodeURIComponent(patientId)}` }, patient);
 }
 
 function ensureStylesheet() {
@@ -367,7 +374,7 @@ export async function render(root, ctx) {
   function row(task, mine) {
     const studyId = referenceId(task.focus, 'ImagingStudy');
     const study = state.studies.get(studyId);
-    const { patient, what } = studyLabel(study, task);
+    const { patient, what, patientId } = studyLabel(study, task);
     const priority = PRIORITIES[task.priority] ?? PRIORITIES.routine;
     const describedBy = `wl-study-${task.id}`;
     const ai = aiSummary(task, state.aiReports, state.observations);
@@ -409,7 +416,7 @@ export async function render(root, ctx) {
       h(
         'td',
         { id: describedBy },
-        h('span', { className: 'wl-patient' }, patient),
+        patientLink(patient, patientId, 'wl-patient'),
         h('br'),
         h('span', {}, [what, study?.started ? ` · ${when(study.started)}` : ''].join('')),
         h('br'),
@@ -554,7 +561,7 @@ export async function render(root, ctx) {
   }
 
   function buildReportForm(task, study, draft) {
-    const { patient, what } = studyLabel(study, task);
+    const { patient, what, patientId } = studyLabel(study, task);
     const studyUid = referenceId(task.focus, 'ImagingStudy');
     const ai = aiSummary(task, state.aiReports, state.observations);
     const sections = new Map(
@@ -564,7 +571,11 @@ export async function render(root, ctx) {
     const critical = [...sections.values()].some(flaggedCritical);
     const chosen = draft?.conclusionCode?.[0]?.coding?.[0];
 
-    const codeSelect = h('select', { id: 'wl-conclusion-code', name: 'conclusion-code' });
+    const codeSelect = h('select', {
+      id: 'wl-conclusion-code',
+      name: 'conclusion-code',
+      'aria-describedby': 'wl-conclusion-code-hint',
+    });
     codeSelect.append(h('option', { value: '' }, 'None'));
     for (const option of ai?.classes ?? []) {
       const value = `${option.coding.system}|${option.coding.code}`;
@@ -664,12 +675,17 @@ export async function render(root, ctx) {
         h('h2', { id: 'wl-report-heading', tabindex: '-1' }, `Report: ${patient}, ${what}`),
         h(
           'p',
-          { className: 'wl-uid' },
-          `Study ${referenceId(task.focus, 'ImagingStudy')}`,
-          draft ? ` · your draft, saved ${when(draft.meta?.lastUpdated)}` : '',
+          { className: 'wl-report-meta' },
+          h(
+            'span',
+            { className: 'wl-uid' },
+            `Study ${studyUid}`,
+            draft ? ` · your draft, saved ${when(draft.meta?.lastUpdated)}` : '',
+          ),
+          patientId ? patientLink(`Prior imaging of ${patient}`, patientId, 'wl-priors') : null,
         ),
         form,
-      ],
+      ].filter(Boolean), // replaceChildren would write null as text
     );
   }
 
