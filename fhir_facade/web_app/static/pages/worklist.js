@@ -76,7 +76,12 @@ function authorization(ctx) {
   return header || (ctx.token ? `Bearer ${ctx.token}` : null);
 }
 
-/** One FHIR interaction against ctx.fhirBase with the user's token; JSON in, JSON out. */
+/**
+ * One FHIR interaction against ctx.fhirBase with the user's token; JSON in, JSON out. Plain fetch
+ * rather than client.request: a refused claim must be told apart by its status and its
+ * OperationOutcome's code (412, 409 reading_task_claimed), and writes send If-Match. The header
+ * comes from the fhirclient Client at each call, so a renewed token is used.
+ */
 async function fhir(ctx, method, path, { body, ifMatch } = {}) {
   const headers = { Accept: 'application/fhir+json' };
   const auth = authorization(ctx);
