@@ -84,6 +84,11 @@ def test_dockerfile_runs_the_cli_as_non_root() -> None:
     assert "USER facade" in dockerfile
     assert 'ENTRYPOINT ["fhir-facade"]' in dockerfile
     assert '"serve", "--host", "0.0.0.0", "--port", "8080"' in dockerfile
+    # The browser code /app and /viewer serve is built into the image from the pinned tarballs
+    # (ADR 0043), never fetched at run time, and the runtime is pointed at it.
+    assert "RUN python3 scripts/install_web_vendor.py run" in dockerfile
+    assert "COPY --from=web-vendor /src/.web-vendor /opt/fhir-facade/web-vendor" in dockerfile
+    assert "FACADE_WEB_APP_VENDOR_DIR=/opt/fhir-facade/web-vendor" in dockerfile
 
 
 def test_facade_requires_smart_tokens_and_keeps_its_keys() -> None:

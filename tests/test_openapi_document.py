@@ -18,6 +18,7 @@ from starlette.staticfiles import StaticFiles
 from fhir_facade.api_docs import DOCS_PATH
 from fhir_facade.app import create_app
 from fhir_facade.config import Settings
+from fhir_facade.web_app import WebAppFiles
 
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
 
@@ -46,7 +47,9 @@ def _served(app: FastAPI) -> set[tuple[str, str]]:
     for route in iter_route_contexts(app.routes):
         original = route.original_route
         if isinstance(original, Mount):
-            assert isinstance(original.app, StaticFiles), f"undocumented sub-application at {original.path}"
+            # Files, not API operations: /docs/static and the SMART app's /app (ADR 0043).
+            files = (StaticFiles, WebAppFiles)
+            assert isinstance(original.app, files), f"undocumented sub-application at {original.path}"
             continue
         if route.path in own:
             continue

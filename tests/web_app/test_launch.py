@@ -237,3 +237,21 @@ def test_sign_out_forgets_the_session(web_facade: WebFacade, driver: object) -> 
     assert json.loads(driver.execute_script("return JSON.stringify(Object.keys(sessionStorage))")) == []
     driver.get(f"{web_facade.app_url}/index.html")
     wait_for(driver, lambda d: "Not signed in" in d.find_element(By.TAG_NAME, "main").text)
+
+
+def test_a_facade_without_smart_says_how_to_turn_it_on(driver: object) -> None:
+    """With FACADE_AUTH=none there is no authorization server to sign in at: the app says so
+    instead of showing an empty shell."""
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import serve
+
+    with serve({"dicomweb_url": "http://127.0.0.1:9/dicom-web"}) as server:
+        root = server.base_url.removesuffix("/fhir")
+        driver.get(f"{root}/app/launch.html?profile=patient")
+        wait_for(
+            driver, lambda d: "FACADE_AUTH=smart" in d.execute_script("return document.body.innerText"), 30
+        )
+        screenshot(driver, "launch-without-smart")
+        assert not driver.find_elements(By.CSS_SELECTOR, "#nav a")
+        assert not driver.find_element(By.ID, "sign-out").is_displayed()

@@ -187,6 +187,14 @@ async function start() {
     showMessage("Not signed in", `Sign in to use the app. (${error.message || error})`, signInLinks());
     return;
   }
+  if (!(client.state.tokenResponse || {}).access_token) {
+    // fhirclient treats a server without SMART discovery as an open one and signs nobody in.
+    showMessage(
+      "No sign-in on this server",
+      "This FHIR server offers no SMART sign-in: start the facade with FACADE_AUTH=smart.",
+    );
+    return;
+  }
   const ctx = buildContext(client);
   window.imagingApp = { ctx }; // for tests and the browser console
   signOut.hidden = false;

@@ -54,7 +54,10 @@ function start() {
   }
   status.textContent = "Redirecting to sign-in…";
   const iss = new URL("../fhir", location.href).href;
-  FHIR.oauth2.authorize({ ...options, iss, scope }).catch((error) => fail(String(error)));
+  FHIR.oauth2.authorize({ ...options, iss, scope }).catch((error) =>
+    // The usual cause: a facade without SMART (FACADE_AUTH=none) serves no smart-configuration.
+    fail(`${error.message || error} (is the facade started with FACADE_AUTH=smart?)`),
+  );
 }
 
 start();
