@@ -238,7 +238,8 @@ def _write_a_draft(facade: WebFacade, radiologist: Any, task_id: str) -> dict[st
     wait_for(radiologist, lambda d: _by_css(d, "#wl-report-form"), message="no report form")
     assert "preliminary, machine-generated" in _by_css(radiologist, "#wl-report")[0].text
     for name, (_, text) in SECTIONS.items():
-        _by_css(radiologist, f"#wl-{name}")[0].send_keys(text)
+        if name != "comparison":  # typed later, when the sign-in has expired
+            _by_css(radiologist, f"#wl-{name}")[0].send_keys(text)
     _by_css(radiologist, "#wl-conclusion")[0].send_keys(CONCLUSION)
     Select(_by_css(radiologist, "#wl-conclusion-code")[0]).select_by_value("|".join(MENINGIOMA))
     _by_css(radiologist, "label[for='wl-agreement-disagree']")[0].click()
@@ -269,6 +270,40 @@ def _write_a_draft(facade: WebFacade, radiologist: Any, task_id: str) -> dict[st
     assert _by_css(radiologist, "#wl-agreement-disagree")[0].is_selected()
     assert _by_css(radiologist, "#wl-conclusion-code")[0].get_attribute("value") == "|".join(MENINGIOMA)
     return draft
+
+
+def _sign_in_expires_while_writing(facade: WebFacade, radiologist: Any, task_id: str) -> None:
+    """The app's token is short-lived (300 s with the built-in server, no refresh token): a refused
+    signature says so and links to a new sign-in; what was typed comes back in the form."""
+    radiologist.execute_script(
+        "window.imagingApp.ctx.client.state.tokenResponse.access_token = 'expired.token.value'"
+    )
+    _by_css(radiologist, "#wl-comparison")[0].send_keys(SECTIONS["comparison"][1])
+    _by_css(radiologist, "#wl-sign")[0].click()
+    alert = wait_for(
+        radiologist,
+        lambda d: [e for e in _by_css(d, "#wl-report-alert") if "sign-in has expired" in e.text],
+        message="no expiry message",
+    )[0]
+    assert "kept in this browser tab" in alert.text
+    assert (
+        alert.find_element("css selector", "a")
+        .get_attribute("href")
+        .endswith("/app/launch.html?profile=reader")
+    )
+
+    _open_worklist(radiologist, facade, RADIOLOGIST)  # a new sign-in in the same tab
+    wait_for(radiologist, lambda d: _row(d, "wl-mine-rows", task_id), message="no claimed row")
+    _click(radiologist, "wl-mine-rows", task_id, "wl-write")
+    comparison = SECTIONS["comparison"][1]
+    wait_for(
+        radiologist,
+        lambda d: [e.get_attribute("value") for e in _by_css(d, "#wl-comparison")] == [comparison],
+        message="what was typed did not come back",
+    )
+    assert "restored what you typed" in _by_css(radiologist, "#wl-report")[0].text
+    with facade.system_api() as api:
+        assert api.get(f"Task/{task_id}").json()["status"] == "in-progress", "nothing was signed"
 
 
 def _check_the_signed_report(
@@ -367,6 +402,8 @@ def test_claim_write_sign_and_follow_the_critical_result(
     _claim_and_lose_the_race(web_facade, radiologist, colleague, task_id)
     _release_and_claim_again(web_facade, radiologist, task_id)
     draft = _write_a_draft(web_facade, radiologist, task_id)
+
+    _sign_in_expires_while_writing(web_facade, radiologist, task_id)
 
     # Sign: the page shows the Task completed by the server.
     _by_css(radiologist, "#wl-sign")[0].click()

@@ -139,6 +139,41 @@ function flaggedCritical(observation) {
   );
 }
 
+const KEPT_PREFIX = 'worklist-form:';
+
+function keptForm(taskId) {
+  try {
+    return JSON.parse(sessionStorage.getItem(`${KEPT_PREFIX}${taskId}`) ?? 'null');
+  } catch {
+    return null;
+  }
+}
+
+/** A link to sign in again with the reading profile (the same tab: sessionStorage is kept). */
+function signInAgain() {
+  return h('a', { href: new URL('../launch.html?profile=reader', import.meta.url).href }, 'sign in again');
+}
+
+function forgetForm(taskId) {
+  sessionStorage.removeItem(`${KEPT_PREFIX}${taskId}`);
+}
+
+/** The report form's values from the user's saved draft (or empty ones). */
+function draftValues(draft) {
+  const sections = new Map(
+    (draft?.contained ?? []).filter((c) => c.resourceType === 'Observation').map((c) => [c.id, c]),
+  );
+  const coding = draft?.conclusionCode?.[0]?.coding?.[0];
+  const values = {
+    conclusion: draft?.conclusion ?? '',
+    code: coding ? `${coding.system}|${coding.code}` : '',
+    agreement: (draft?.extension ?? []).find((e) => e.url === AGREEMENT_EXTENSION)?.valueCode ?? '',
+    critical: [...sections.values()].some(flaggedCritical),
+  };
+  for (const [id] of SECTIONS) values[id] = sections.get(id)?.valueString ?? '';
+  return values;
+}
+
 function when(instant) {
   if (!instant) return '';
   const date = new Date(instant);
@@ -362,7 +397,13 @@ export async function render(root, ctx) {
       say(message ?? `${lists.waiting.length} waiting, ${lists.mine.length} claimed by you.`);
     } catch (error) {
       say('');
-      warn(`The worklist could not be loaded: ${error.message}`);
+      if (error.status === 401) {
+        warn('');
+        alertBox.replaceChildren('Your sign-in has expired: ', signInAgain(), '.');
+        alertBox.hidden = false;
+      } else {
+        warn(`The worklist could not be loaded: ${error.message}`);
+      }
     }
   }
 
@@ -569,12 +610,8 @@ export async function render(root, ctx) {
     const { patient, what, patientId } = studyLabel(study, task);
     const studyUid = referenceId(task.focus, 'ImagingStudy');
     const ai = aiSummary(task, state.aiReports, state.observations);
-    const sections = new Map(
-      (draft?.contained ?? []).filter((c) => c.resourceType === 'Observation').map((c) => [c.id, c]),
-    );
-    const stated = (draft?.extension ?? []).find((e) => e.url === AGREEMENT_EXTENSION)?.valueCode ?? '';
-    const critical = [...sections.values()].some(flaggedCritical);
-    const chosen = draft?.conclusionCode?.[0]?.coding?.[0];
+    const kept = keptForm(task.id);
+    const values = kept ?? draftValues(draft);
 
     const codeSelect = h('select', {
       id: 'wl-conclusion-code',
@@ -585,14 +622,14 @@ export async function render(root, ctx) {
     for (const option of ai?.classes ?? []) {
       const value = `${option.coding.system}|${option.coding.code}`;
       codeSelect.append(
-        h('option', { value, selected: sameCoding(option.coding, chosen) }, option.coding.display || option.label),
+        h('option', { value, selected: value === values.code }, option.coding.display || option.label),
       );
     }
     const criticalBox = h('input', {
       type: 'checkbox',
       id: 'wl-critical',
       name: 'critical',
-      checked: critical,
+      checked: values.critical,
       'aria-describedby': 'wl-critical-hint',
     });
     const formStatus = h('p', {
@@ -605,7 +642,13 @@ export async function render(root, ctx) {
 
     const form = h(
       'form',
-      { id: 'wl-report-form', novalidate: true, onsubmit: (event) => event.preventDefault() },
+      {
+        id: 'wl-report-form',
+        novalidate: true,
+        onsubmit: (event) => event.preventDefault(),
+        oninput: () => keepForm(task.id),
+        onchange: () => keepForm(task.id),
+      },
       h(
         'div',
         { className: 'wl-report-grid' },
@@ -616,9 +659,9 @@ export async function render(root, ctx) {
             'fieldset',
             { className: 'wl-sections' },
             h('legend', {}, 'Report sections'),
-            SECTIONS.map(([id, , label]) => field(`wl-${id}`, label, sections.get(id)?.valueString)),
+            SECTIONS.map(([id, , label]) => field(`wl-${id}`, label, values[id])),
           ),
-          field('wl-conclusion', 'Conclusion', draft?.conclusion, 'Sent with a critical result.'),
+          field('wl-conclusion', 'Conclusion', values.conclusion, 'Sent with a critical result.'),
         ),
         h(
           'div',
@@ -644,7 +687,7 @@ export async function render(root, ctx) {
                   name: 'agreement',
                   id: `wl-agreement-${value || 'none'}`,
                   value,
-                  checked: value === stated,
+                  checked: value === values.agreement,
                 }),
                 h('label', { for: `wl-agreement-${value || 'none'}` }, label),
               ),
@@ -686,6 +729,7 @@ export async function render(root, ctx) {
             { className: 'wl-uid' },
             `Study ${studyUid}`,
             draft ? ` · your draft, saved ${when(draft.meta?.lastUpdated)}` : '',
+            kept ? ' · restored what you typed before signing in again' : '',
           ),
           patientId ? patientLink(`Prior imaging of ${patient}`, patientId, 'wl-priors') : null,
         ),
@@ -713,6 +757,24 @@ export async function render(root, ctx) {
 
   function formValue(id) {
     return reportPanel.querySelector(`#${id}`)?.value.trim() ?? '';
+  }
+
+  // What the user typed is kept in this tab's sessionStorage until it is saved: the app's token
+  // is short-lived (the built-in server: 300 s, no refresh token), and signing in again reloads
+  // the page. It comes back when the form of the same Task is opened again.
+  function keepForm(taskId) {
+    const values = {
+      conclusion: formValue('wl-conclusion'),
+      code: reportPanel.querySelector('#wl-conclusion-code')?.value ?? '',
+      agreement: reportPanel.querySelector('input[name="agreement"]:checked')?.value ?? '',
+      critical: Boolean(reportPanel.querySelector('#wl-critical')?.checked),
+    };
+    for (const [id] of SECTIONS) values[id] = formValue(`wl-${id}`);
+    try {
+      sessionStorage.setItem(`${KEPT_PREFIX}${taskId}`, JSON.stringify(values));
+    } catch {
+      // storage full or refused: the form still works, only nothing survives a new sign-in
+    }
   }
 
   function reportResource(task, status) {
@@ -795,6 +857,7 @@ export async function render(root, ctx) {
           })
         : await fhir(ctx, 'POST', 'DiagnosticReport', { body: report });
       open.draft = saved;
+      forgetForm(open.task.id);
       if (status !== 'final') {
         formStatus.textContent = `Draft saved (preliminary) at ${when(saved.meta?.lastUpdated)}.`;
         return;
@@ -803,7 +866,16 @@ export async function render(root, ctx) {
     } catch (error) {
       formStatus.textContent = '';
       const verb = status === 'final' ? 'signed' : 'saved';
-      formAlert.textContent = `The report could not be ${verb}: ${error.message}`;
+      if (error.status === 401) {
+        formAlert.replaceChildren(
+          `Your sign-in has expired, so the report was not ${verb}. What you typed is kept in this `,
+          'browser tab: ',
+          signInAgain(),
+          ', then open the report again.',
+        );
+      } else {
+        formAlert.textContent = `The report could not be ${verb}: ${error.message}`;
+      }
       formAlert.hidden = false;
     }
   }
