@@ -65,10 +65,11 @@ _ARGUMENTS = (  # the conftest's `driver`: no network of its own, no update chec
 )
 SECTIONS = {
     "technique": ("55111-9", "Axial T1-weighted MR of the brain, 24 slices."),
-    "comparison": ("18834-2", "No prior imaging."),
+    "comparison": ("18834-2", "No prior imaging in this archive."),
     "findings": ("59776-5", "Extra-axial mass at the left convexity, 3 cm, with mass effect."),
     "impression": ("19005-8", "Left convexity meningioma with mass effect: urgent neurosurgical review."),
 }
+TYPED_AFTER_EXPIRY = " in this archive."  # the end of the comparison, typed once the token expired
 CONCLUSION = "Probable left convexity meningioma with mass effect."
 MENINGIOMA = ("http://snomed.info/sct", "302820008")
 
@@ -238,8 +239,7 @@ def _write_a_draft(facade: WebFacade, radiologist: Any, task_id: str) -> dict[st
     wait_for(radiologist, lambda d: _by_css(d, "#wl-report-form"), message="no report form")
     assert "preliminary, machine-generated" in _by_css(radiologist, "#wl-report")[0].text
     for name, (_, text) in SECTIONS.items():
-        if name != "comparison":  # typed later, when the sign-in has expired
-            _by_css(radiologist, f"#wl-{name}")[0].send_keys(text)
+        _by_css(radiologist, f"#wl-{name}")[0].send_keys(text.removesuffix(TYPED_AFTER_EXPIRY))
     _by_css(radiologist, "#wl-conclusion")[0].send_keys(CONCLUSION)
     Select(_by_css(radiologist, "#wl-conclusion-code")[0]).select_by_value("|".join(MENINGIOMA))
     _by_css(radiologist, "label[for='wl-agreement-disagree']")[0].click()
@@ -278,7 +278,7 @@ def _sign_in_expires_while_writing(facade: WebFacade, radiologist: Any, task_id:
     radiologist.execute_script(
         "window.imagingApp.ctx.client.state.tokenResponse.access_token = 'expired.token.value'"
     )
-    _by_css(radiologist, "#wl-comparison")[0].send_keys(SECTIONS["comparison"][1])
+    _by_css(radiologist, "#wl-comparison")[0].send_keys(TYPED_AFTER_EXPIRY)
     _by_css(radiologist, "#wl-sign")[0].click()
     alert = wait_for(
         radiologist,
