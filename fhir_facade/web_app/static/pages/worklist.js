@@ -539,6 +539,7 @@ export async function render(root, ctx) {
     try {
       await fhir(ctx, 'PUT', `Task/${taskId}`, { body: { ...rest, status: 'requested' }, ifMatch: etag(task) });
       if (state.report?.task.id === taskId) closeReport();
+      forgetForm(taskId); // the read is given back: what was typed for it goes too
       await refresh('Released: the study is back in the worklist.');
       focusIn(waitingBody, taskId, '.wl-claim');
     } catch (error) {
@@ -761,7 +762,7 @@ export async function render(root, ctx) {
 
   // What the user typed is kept in this tab's sessionStorage until it is saved: the app's token
   // is short-lived (the built-in server: 300 s, no refresh token), and signing in again reloads
-  // the page. It comes back when the form of the same Task is opened again.
+  // the page. It comes back when the form of the same Task is opened again (ADR 0045).
   function keepForm(taskId) {
     const values = {
       conclusion: formValue('wl-conclusion'),
