@@ -239,14 +239,14 @@ def test_sign_out_forgets_the_session(web_facade: WebFacade, driver: object) -> 
     wait_for(driver, lambda d: "Not signed in" in d.find_element(By.TAG_NAME, "main").text)
 
 
-def test_a_facade_without_smart_says_how_to_turn_it_on(driver: object) -> None:
+def test_a_facade_without_smart_says_how_to_turn_it_on(driver: object, tmp_path: Path) -> None:
     """With FACADE_AUTH=none there is no authorization server to sign in at: the app says so
     instead of showing an empty shell."""
     from selenium.webdriver.common.by import By
 
     from tests.conftest import serve
 
-    with serve({"dicomweb_url": "http://127.0.0.1:9/dicom-web"}) as server:
+    with serve({"dicomweb_url": "http://127.0.0.1:9/dicom-web", "data_dir": tmp_path}) as server:
         root = server.base_url.removesuffix("/fhir")
         driver.get(f"{root}/app/launch.html?profile=patient")
         wait_for(

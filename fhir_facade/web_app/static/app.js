@@ -76,7 +76,18 @@ function buildContext(client) {
 
 async function renderBanner(ctx) {
   const items = [];
-  items.push(h("span", { className: "who" }, "Signed in as ", h("strong", {}, ctx.fhirUser || "a user without a FHIR identity")));
+  // An external server's id_token may carry the person's name (OpenID Connect Core 5.1).
+  let idToken = null;
+  try {
+    idToken = ctx.client.getIdToken();
+  } catch {
+    idToken = null;
+  }
+  const name = idToken && typeof idToken.name === "string" ? idToken.name : null;
+  const who = ctx.fhirUser || "a user without a FHIR identity";
+  items.push(
+    h("span", { className: "who" }, "Signed in as ", h("strong", {}, name || who), name && ctx.fhirUser ? ` (${ctx.fhirUser})` : ""),
+  );
   banner.replaceChildren(...items);
   if (ctx.patientId) {
     const patient = h("span", { className: "patient", id: "patient-banner" }, "Patient ", h("strong", {}, ctx.patientId));
