@@ -224,8 +224,14 @@ def _release_and_claim_again(facade: WebFacade, radiologist: Any, task_id: str) 
     with facade.system_api() as api:
         released = api.get(f"Task/{task_id}").json()
     assert released["status"] == "requested" and "owner" not in released
-    focused = radiologist.switch_to.active_element
-    assert focused.get_attribute("class").split()[0] == "wl-claim", "focus on the row's Claim button"
+    focused = wait_for(  # the focus moves once the lists are redrawn
+        radiologist,
+        lambda d: (
+            "wl-claim" in (d.switch_to.active_element.get_attribute("class") or "").split()
+            and d.switch_to.active_element
+        ),
+        message="the focus is not on the row's Claim button",
+    )
     focused.click()
     wait_for(radiologist, lambda d: _row(d, "wl-mine-rows", task_id), message="the second claim did not show")
 
@@ -409,7 +415,7 @@ def test_claim_write_sign_and_follow_the_critical_result(
     _by_css(radiologist, "#wl-sign")[0].click()
     wait_for(radiologist, lambda d: _by_css(d, "#wl-signed-task"), message="the report was not signed")
     assert "completed" in _by_css(radiologist, "#wl-signed-task")[0].text
-    assert _row(radiologist, "wl-mine-rows", task_id) is None
+    wait_for(radiologist, lambda d: _row(d, "wl-mine-rows", task_id) is None, message="still in my reads")
     with web_facade.system_api() as api:
         alert = _check_the_signed_report(api, draft["id"], reading_task["order"]["id"], task_id)
 
