@@ -421,6 +421,11 @@ def test_claim_write_sign_and_follow_the_critical_result(
 
     _follow_the_acknowledgement(web_facade, radiologist, alert)
 
+    # "Open study" hands the study to the viewer (the shell's ctx.openViewer).
+    _click(colleague, "wl-waiting-rows", reading_task["asap"]["id"], "wl-open")
+    wait_for(colleague, lambda d: "/viewer/" in d.current_url, message="the viewer was not opened")
+    assert f"StudyInstanceUIDs={STUDY_B}" in colleague.current_url
+
     for browser in (radiologist, colleague):
         assert requested_hosts(browser) == {web_facade.host}
         assert [e for e in browser_errors(browser) if "Content Security Policy" in e] == []
