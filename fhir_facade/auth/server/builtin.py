@@ -40,6 +40,7 @@ from fhir_facade.auth.server.openapi import (
     JWKS,
     TOKEN,
 )
+from fhir_facade.auth.server.refresh_tokens import MemoryEntries, RefreshTokens
 from fhir_facade.auth.server.registry import ClientEntry, Registry, load_or_create_registry, with_clients
 from fhir_facade.auth.server.shared_state import (
     SharedCodeStore,
@@ -102,6 +103,11 @@ class BuiltinAuthorizationServer:
         self.codes: CodeStore = SharedCodeStore(shared) if shared else CodeStore()
         self.replay_cache: JtiReplayCache = SharedJtiReplayCache(shared) if shared else JtiReplayCache()
         self.launches: LaunchContexts = SharedLaunchContexts(shared) if shared else LaunchContexts()
+        self.refresh_tokens = RefreshTokens(
+            shared if shared else MemoryEntries(),
+            online_lifetime=settings.auth_refresh_token_lifetime,
+            offline_lifetime=settings.auth_offline_refresh_token_lifetime,
+        )
         self.oauth = SmartAuthorizationServer(
             registry=self.registry,
             codes=self.codes,
@@ -113,6 +119,7 @@ class BuiltinAuthorizationServer:
             ),
             assertion=SmartClientAssertion(self.token_url, replay_cache=self.replay_cache),
             fhir_base=settings.base_url,
+            refresh_tokens=self.refresh_tokens,
             launches=self.launches,
         )
         self.sign_in_lockout, self.token_lockout = lockouts_from_settings(settings, shared)
