@@ -64,12 +64,19 @@ class AuthorizationEndpoints:
     authorize: str | None = None
     jwks: str | None = None
     introspection: str | None = None
+    revocation: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuthorizationEndpoints:
         if settings.builtin_issuer:
             root = f"{settings.public_root}/auth"
-            return cls(settings.token_issuer, f"{root}/token", f"{root}/authorize", f"{root}/jwks")
+            return cls(
+                settings.token_issuer,
+                f"{root}/token",
+                f"{root}/authorize",
+                f"{root}/jwks",
+                revocation=f"{root}/revoke",
+            )
         return cls(
             issuer=settings.token_issuer,
             token=settings.auth_token_url or f"{settings.token_issuer}/token",
@@ -103,6 +110,8 @@ def smart_configuration(endpoints: AuthorizationEndpoints, *, builtin: bool) -> 
         document["jwks_uri"] = endpoints.jwks
     if endpoints.introspection:
         document["introspection_endpoint"] = endpoints.introspection
+    if endpoints.revocation:
+        document["revocation_endpoint"] = endpoints.revocation
     return document
 
 

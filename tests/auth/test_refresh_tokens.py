@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -25,26 +27,35 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.patient import Patient
 from joserfc import jws
+from joserfc.jwk import RSAKey
 
 from fhir_facade.app import create_app
 from fhir_facade.auth.server import BuiltinAuthorizationServer
 from fhir_facade.auth.server.passwords import hash_secret
 from fhir_facade.config import Settings
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
-from tests.auth.fixtures.smart_app import pkce_pair, sign_in
-from tests.conftest import LiveServer
+from tests.auth.fixtures.smart_app import ASSERTION_TYPE, client_assertion, pkce_pair, sign_in
+from tests.conftest import LiveServer, validate
 
 APP, OTHER_APP, PLAIN_APP, OFFLINE_APP = "refresh-app", "other-app", "plain-app", "offline-app"
+AUDITOR = "refresh-auditor"
 CALLBACK = "http://127.0.0.1:9000/callback"
 USER, PASSWORD = "dr-refresh", "a refresh token password"
 PATIENT = "P-1001"  # in the standard corpus
 APP_SCOPE = "launch/patient fhirUser patient/*.rs online_access"
 
 
-def registry() -> dict[str, Any]:
+def registry(auditor_key: RSAKey | None = None) -> dict[str, Any]:
     app = {"kind": "public", "redirect_uris": [CALLBACK]}
+    auditor = {
+        "client_id": AUDITOR,
+        "kind": "backend-service",
+        "scope": "system/AuditEvent.rs",
+        "jwks": {"keys": [auditor_key.as_dict(private=False)]} if auditor_key else {},
+    }
     return {
         "clients": [
+            *([auditor] if auditor_key else []),
             {**app, "client_id": APP, "scope": APP_SCOPE},
             {**app, "client_id": OTHER_APP, "scope": APP_SCOPE},
             {**app, "client_id": PLAIN_APP, "scope": "launch/patient fhirUser patient/*.rs"},
@@ -62,9 +73,14 @@ def registry() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def auditor_key() -> RSAKey:
+    return RSAKey.generate_key(2048, parameters={"kid": "refresh-auditor-1"})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, auditor_key: RSAKey) -> Path:
     folder = tmp_path_factory.mktemp("refresh-tokens")
-    (folder / "clients.json").write_text(json.dumps(registry()))
+    (folder / "clients.json").write_text(json.dumps(registry(auditor_key)))
     return folder
 
 
@@ -304,6 +320,61 @@ def test_a_second_replica_redeems_and_detects_reuse(
         oauth_error(refresh(browser, successor.json()["refresh_token"]), 400, "invalid_grant")
 
 
+def test_concurrent_redemptions_one_wins(
+    facade: LiveServer, replica: LiveServer, browser: httpx.Client
+) -> None:
+    token = signed_in_tokens(browser, facade.base_url)["refresh_token"]
+    roots = [root_of(facade), root_of(replica)] * 3
+
+    def redeem(root: str) -> int:
+        with httpx.Client(base_url=root, timeout=30) as http:
+            return refresh(http, token).status_code
+
+    with ThreadPoolExecutor(len(roots)) as pool:
+        statuses = sorted(pool.map(redeem, roots))
+    assert statuses == [200] + [400] * (len(roots) - 1)
+
+
+def test_a_replay_is_logged_and_audited(
+    facade: LiveServer, browser: httpx.Client, auditor_key: RSAKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="fhir_facade.auth.server")
+    first = signed_in_tokens(browser, facade.base_url)["refresh_token"]
+    assert refresh(browser, first).status_code == 200
+    oauth_error(refresh(browser, first), 400, "invalid_grant")
+
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("already used: its family is revoked" in line and f"'{APP}'" in line for line in lines)
+    assert not any(first in line for line in lines)
+    issued = browser.post(
+        "/auth/token",
+        data={
+            "grant_type": "client_credentials",
+            "scope": "system/AuditEvent.rs",
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": client_assertion(auditor_key, AUDITOR, f"{root_of(facade)}/auth/token"),
+        },
+    )
+    assert issued.status_code == 200, issued.text
+    bearer = {"Authorization": f"Bearer {issued.json()['access_token']}"}
+    deadline = time.monotonic() + 10
+    found: list[dict[str, Any]] = []
+    while not found and time.monotonic() < deadline:
+        bundle = browser.get("/fhir/AuditEvent", params={"_count": "500"}, headers=bearer).json()
+        found = [
+            entry["resource"]
+            for entry in bundle.get("entry", [])
+            if "its family is revoked" in entry["resource"].get("outcomeDesc", "")
+        ]
+        time.sleep(0.1)
+    assert found, "no AuditEvent for the replayed refresh token"
+    event = found[-1]
+    validate(event)
+    assert event["type"]["code"] == "110114" and event["outcome"] == "4"
+    assert event["agent"][0]["who"]["identifier"]["value"] == APP
+    assert first not in json.dumps(event)
+
+
 # --- in process: lifetimes, lockout, revocation ----------------------------------------------
 
 ROOT = "http://127.0.0.1:8000"
@@ -350,3 +421,28 @@ def test_failed_refreshes_count_towards_the_lockout(tmp_path: Path) -> None:
             oauth_error(refresh(http, "guessed-" + uuid.uuid4().hex), 400, "invalid_grant")
         locked = refresh(http, token)
         assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+
+
+def revoke(http: httpx.Client | TestClient, token: str, client_id: str = APP) -> httpx.Response:
+    return http.post(
+        "/auth/revoke", data={"token": token, "token_type_hint": "refresh_token", "client_id": client_id}
+    )
+
+
+def test_sign_out_revokes_the_family(facade: LiveServer, browser: httpx.Client) -> None:
+    config = browser.get("/fhir/.well-known/smart-configuration").json()
+    assert config["revocation_endpoint"] == f"{root_of(facade)}/auth/revoke"
+    first = signed_in_tokens(browser, facade.base_url)["refresh_token"]
+    current = refresh(browser, first).json()["refresh_token"]
+    # Another client cannot revoke it (and is not told: RFC 7009 2.2).
+    assert revoke(browser, current, client_id=OTHER_APP).status_code == 200
+    assert refresh(browser, current).status_code == 200
+    # The app's sign-out: revoking its current refresh token ends the family.
+    family = signed_in_tokens(browser, facade.base_url)["refresh_token"]
+    newest = refresh(browser, family).json()["refresh_token"]
+    answer = revoke(browser, newest)
+    assert answer.status_code == 200 and answer.json() == {}
+    assert "revoked" in oauth_error(refresh(browser, newest), 400, "invalid_grant")
+    # Unknown tokens and access tokens: 200, nothing to do.
+    assert revoke(browser, "not-a-token").status_code == 200
+    oauth_error(browser.post("/auth/revoke", data={"client_id": APP}), 400, "invalid_request")

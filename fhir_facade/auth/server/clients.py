@@ -47,7 +47,7 @@ class RegisteredClient(ClientMixin):
         return encoded is not None and verify_secret(client_secret, encoded)
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        if endpoint != "token":
+        if endpoint not in ("token", "revocation"):
             return True
         return method in _TOKEN_AUTH_METHODS[self.entry.kind]
 

@@ -47,6 +47,7 @@ from fhir_facade.auth.server.grants import (
 from fhir_facade.auth.server.launches import LaunchContexts
 from fhir_facade.auth.server.refresh_tokens import RefreshTokens
 from fhir_facade.auth.server.registry import Registry
+from fhir_facade.auth.server.revocation import SmartRevocationEndpoint
 
 __all__ = ["SmartAuthorizationServer", "StarletteOAuth2Request"]
 
@@ -150,6 +151,7 @@ class SmartAuthorizationServer(AuthorizationServer):
         self.register_grant(SmartAuthorizationCodeGrant, [S256CodeChallenge(required=True)])
         self.register_grant(SmartClientCredentialsGrant)
         self.register_grant(SmartRefreshTokenGrant)
+        self.register_endpoint(SmartRevocationEndpoint)
         self.register_client_auth_method(PRIVATE_KEY_JWT, assertion)
         self.register_token_generator("default", issuer)
 
