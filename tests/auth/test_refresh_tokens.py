@@ -32,6 +32,7 @@ from joserfc.jwk import RSAKey
 from fhir_facade.app import create_app
 from fhir_facade.auth.server import BuiltinAuthorizationServer
 from fhir_facade.auth.server.passwords import hash_secret
+from fhir_facade.auth.server.scope_grants import covers
 from fhir_facade.config import Settings
 from fhir_facade.embedded import EmbeddedOrthanc, free_port
 from tests.auth.fixtures.smart_app import ASSERTION_TYPE, client_assertion, pkce_pair, sign_in
@@ -446,3 +447,22 @@ def test_sign_out_revokes_the_family(facade: LiveServer, browser: httpx.Client) 
     # Unknown tokens and access tokens: 200, nothing to do.
     assert revoke(browser, "not-a-token").status_code == 200
     oauth_error(browser.post("/auth/revoke", data={"client_id": APP}), 400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("requested", "inside"),
+    [
+        ("patient/*.rs launch/patient online_access", True),
+        ("patient/Observation.r", True),
+        ("patient/Observation.read", True),  # v1 spelling of rs
+        ("patient/Observation.rs?category=laboratory", True),  # a query narrows
+        ("patient/*.cruds", False),
+        ("patient/*.write", False),
+        ("user/Observation.r", False),
+        ("system/*.rs", False),
+        ("patient/*.rs offline_access", False),
+        ("patient/*.rs launch", False),
+    ],
+)
+def test_refresh_scope_covers(requested: str, inside: bool) -> None:
+    assert covers("patient/*.rs launch/patient fhirUser online_access", requested) is inside
