@@ -87,13 +87,24 @@ function keepTokenFresh(client) {
     const lifetime = Number((client.state.tokenResponse || {}).expires_in) || 300;
     return (client.state.expiresAt || 0) - Math.min(RENEW_AHEAD, lifetime / 4);
   };
+  let retries = 0;
   const renew = async () => {
-    if (!(client.state.tokenResponse || {}).refresh_token) return;
+    const refreshToken = (client.state.tokenResponse || {}).refresh_token;
+    if (!refreshToken) return;
     if (due() <= Date.now() / 1000) {
       try {
         await client.refresh();
-      } catch {
-        return; // refused (expired or revoked family): the next API call reports the ended session
+        retries = 0;
+      } catch (error) {
+        // fhirclient drops the refresh token on any failure. A busy server (429) or a lost
+        // connection did not use it up: keep it and try again a few times, a little later each.
+        const transient = !error || !error.status || error.status === 429 || error.status >= 500;
+        if (!transient || retries >= 3) return; // refused: the next API call reports the ended session
+        retries += 1;
+        client.state.tokenResponse.refresh_token = refreshToken;
+        clearTimeout(timer);
+        timer = setTimeout(renew, 2000 * retries);
+        return;
       }
     }
     schedule();
