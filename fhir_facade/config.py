@@ -811,6 +811,23 @@ class Settings(BaseSettings):
         le=300,
         description="Seconds an access token of the built-in server lives (at most 5 min).",
     )
+    auth_refresh_token_lifetime: int = Field(
+        8 * 3600,
+        ge=1,
+        le=24 * 3600,
+        description=(
+            "Seconds a refresh token family of the built-in server lives from the sign-in when the "
+            "app was granted online_access (absolute: refreshing does not extend it; ADR 0047)."
+        ),
+    )
+    auth_offline_refresh_token_lifetime: int = Field(
+        30 * 24 * 3600,
+        ge=1,
+        description=(
+            "Seconds a refresh token family lives from the sign-in when the app was granted "
+            "offline_access (only apps registered for it; ADR 0047)."
+        ),
+    )
     # Brute-force protection of the built-in server's sign-in form and token endpoint (ADR 0011).
     auth_lockout_failures: int = Field(
         5,

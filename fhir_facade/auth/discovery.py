@@ -34,11 +34,15 @@ _BUILTIN_CAPABILITIES = (
     "permission-user",
     "permission-v1",
     "permission-v2",
+    "permission-online",
+    "permission-offline",
 )
 _SCOPES_SUPPORTED = (
     "launch",
     "launch/patient",
     "fhirUser",
+    "online_access",
+    "offline_access",
     "patient/*.rs",
     "patient/*.cruds",
     "user/*.rs",
@@ -60,12 +64,19 @@ class AuthorizationEndpoints:
     authorize: str | None = None
     jwks: str | None = None
     introspection: str | None = None
+    revocation: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuthorizationEndpoints:
         if settings.builtin_issuer:
             root = f"{settings.public_root}/auth"
-            return cls(settings.token_issuer, f"{root}/token", f"{root}/authorize", f"{root}/jwks")
+            return cls(
+                settings.token_issuer,
+                f"{root}/token",
+                f"{root}/authorize",
+                f"{root}/jwks",
+                revocation=f"{root}/revoke",
+            )
         return cls(
             issuer=settings.token_issuer,
             token=settings.auth_token_url or f"{settings.token_issuer}/token",
@@ -87,7 +98,7 @@ def smart_configuration(endpoints: AuthorizationEndpoints, *, builtin: bool) -> 
             "none",
         ],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-        "grant_types_supported": ["authorization_code", "client_credentials"],
+        "grant_types_supported": ["authorization_code", "client_credentials", "refresh_token"],
         "scopes_supported": list(_SCOPES_SUPPORTED),
         "response_types_supported": ["code"],
         "code_challenge_methods_supported": ["S256"],
@@ -99,6 +110,8 @@ def smart_configuration(endpoints: AuthorizationEndpoints, *, builtin: bool) -> 
         document["jwks_uri"] = endpoints.jwks
     if endpoints.introspection:
         document["introspection_endpoint"] = endpoints.introspection
+    if endpoints.revocation:
+        document["revocation_endpoint"] = endpoints.revocation
     return document
 
 

@@ -15,6 +15,9 @@ the same table `static/launch.js` holds):
 - upload (ADR 0038): `user/*.rs` and `user/ImagingStudy.c` (`$import` needs create on ImagingStudy).
 `openid` and `fhirUser` are asked for so that an external server may issue an id_token; the
 built-in server grants `fhirUser` (the claim goes into the access token) and never `openid`.
+`online_access` (SMART App Launch 2.x scopes-and-launch-context, refresh tokens) brings a refresh
+token, so that a radiologist is not signed out when the five-minute access token expires (ADR
+0047); the app is not registered for `offline_access`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ __all__ = [
 IMAGING_APP_CLIENT_ID = "imaging-app"
 IMAGING_APP_NAME = "Imaging app (fhir-facade)"
 
-_IDENTITY = "openid fhirUser"
+#: Who signed in, and a refresh token for as long as they stay signed in (ADR 0047).
+_IDENTITY = "openid fhirUser online_access"
 #: What each standalone profile of /app/launch.html asks for (kept equal to static/launch.js).
 PROFILE_SCOPES: dict[str, str] = {
     "patient": f"{_IDENTITY} launch/patient patient/*.rs",

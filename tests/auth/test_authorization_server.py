@@ -717,7 +717,7 @@ def test_code_expires_after_its_lifetime() -> None:
         ("user/Observation.rs", "user/Observation.rs?category=laboratory", False,
          "user/Observation.rs?category=laboratory"),
         ("user/Observation.c openid offline_access launch", "user/*.cruds openid offline_access launch",
-         False, "user/Observation.c"),
+         False, "user/Observation.c offline_access"),
         ("system/*.rs user/*.rs", "system/Patient.rs", True, "system/Patient.rs"),
         ("user/*.rs", "system/*.rs", True, ""),
     ],

@@ -1,7 +1,8 @@
 """The built-in authorization server on two replicas behind one public URL (ADR 0032): its codes,
-sign-in tickets, seen assertion `jti`s and lockout counters live in the shared PostgreSQL store, so
-a sign-in begun at one replica finishes at the other, a code issued by replica A is redeemed at B
-(once), a private_key_jwt assertion replayed at the other replica is refused, and failures at
+sign-in tickets, refresh tokens (ADR 0047), seen assertion `jti`s and lockout counters live in the
+shared PostgreSQL store, so a sign-in begun at one replica finishes at the other, a code issued by
+replica A is redeemed at B (once), a refresh token rotates across replicas and a replay at either
+revokes its family, a private_key_jwt assertion replayed at the other replica is refused, and failures at
 either replica count towards one lockout. Both replicas sign with the one key in the shared data
 directory, so a token from one is accepted by the other."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -56,7 +58,7 @@ def replicas(
                         "client_id": APP,
                         "kind": "public",
                         "redirect_uris": [CALLBACK],
-                        "scope": "launch/patient openid fhirUser patient/*.rs",
+                        "scope": "launch/patient openid fhirUser patient/*.rs online_access",
                     },
                     {
                         "client_id": BACKEND,
@@ -95,14 +97,19 @@ def replicas(
 
 
 def authorization_code(
-    browser: httpx.Client, start: Replica, finish: Replica, challenge: str, aud: str
+    browser: httpx.Client,
+    start: Replica,
+    finish: Replica,
+    challenge: str,
+    aud: str,
+    scope: str = "launch/patient openid fhirUser patient/*.rs",
 ) -> str:
     """Sign in at `start`, pick the patient at `finish` (the sign-in ticket crosses replicas)."""
     params = {
         "response_type": "code",
         "client_id": APP,
         "redirect_uri": CALLBACK,
-        "scope": "launch/patient openid fhirUser patient/*.rs",
+        "scope": scope,
         "state": "replicas",
         "aud": aud,
         "code_challenge": challenge,
@@ -164,6 +171,46 @@ def test_a_code_issued_by_one_replica_is_redeemed_once_at_the_other(
     assert answer.status_code != 401, answer.text
     again = redeem(a, code, verifier)
     assert again.status_code == 400 and again.json()["error"] == "invalid_grant", again.text
+
+
+def refresh(replica: Replica, token: str) -> httpx.Response:
+    return httpx.post(
+        f"{replica.root}/auth/token",
+        data={"grant_type": "refresh_token", "refresh_token": token, "client_id": APP},
+        timeout=30,
+    )
+
+
+def test_refresh_tokens_rotate_across_replicas_and_a_replay_revokes_the_family(
+    replicas: ReplicaSet, public_root: str
+) -> None:
+    a, b = replicas[0], replicas[1]
+    verifier, challenge = pkce_pair()
+    scope = "launch/patient openid fhirUser patient/*.rs online_access"
+    with httpx.Client(timeout=30) as browser:
+        code = authorization_code(browser, a, b, challenge, aud=f"{public_root}/fhir", scope=scope)
+    first = redeem(a, code, verifier).json()["refresh_token"]
+    at_b = refresh(b, first)
+    assert at_b.status_code == 200, at_b.text
+    second = at_b.json()["refresh_token"]
+    at_a = refresh(a, second)
+    assert at_a.status_code == 200, at_a.text
+    assert at_a.json()["patient"] == "P-1"
+    third = at_a.json()["refresh_token"]
+    replay = refresh(b, first)
+    assert replay.status_code == 400 and "family is revoked" in replay.json()["error_description"]
+    newest = refresh(a, third)
+    assert newest.status_code == 400 and newest.json()["error"] == "invalid_grant", newest.text
+
+    # Concurrent redemptions of one token at both replicas (PostgreSQL advisory locks): one wins.
+    verifier, challenge = pkce_pair()
+    with httpx.Client(timeout=30) as browser:
+        code = authorization_code(browser, b, a, challenge, aud=f"{public_root}/fhir", scope=scope)
+    token = redeem(b, code, verifier).json()["refresh_token"]
+    with ThreadPoolExecutor(6) as pool:
+        statuses = sorted(pool.map(lambda n: refresh(replicas[n % 2], token).status_code, range(6)))
+    # The rest are replays (400), or refused by the lockout's in-flight budget (429, ADR 0011).
+    assert statuses[0] == 200 and set(statuses[1:]) <= {400, 429}, statuses
 
 
 def test_an_assertion_replayed_at_the_other_replica_is_refused(

@@ -1,12 +1,16 @@
 """The SMART imaging app's launches (issue 18, ADR 0043) in a real browser against a real facade:
 standalone for each profile through the built-in server's sign-in pages, and the EHR launch through
-its launcher (ADR 0042); the registration of `imaging-app`; the files' security headers."""
+its launcher (ADR 0042); the registration of `imaging-app`; the files' security headers; the session
+outliving its access token through the refresh token (online_access, ADR 0047), and sign-out
+revoking it. Access tokens live 30 s here (the shortest setting) so that the renewal is seen."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +25,7 @@ from tests.web_app.conftest import (
     CLINICIAN,
     FHIR_USERS,
     PATIENT_A,
+    PATIENT_B,
     RADIOLOGIST,
     WebFacade,
     assert_accessible,
@@ -31,6 +36,14 @@ from tests.web_app.conftest import (
     screenshot,
     wait_for,
 )
+
+TOKEN_LIFETIME = 30
+TOKEN_LEEWAY = 30  # auth.tokens.TokenValidator's
+
+
+@pytest.fixture(scope="module")
+def web_settings() -> dict[str, Any]:
+    return {"auth_token_lifetime": TOKEN_LIFETIME}
 
 
 def test_the_app_is_registered_without_editing_the_registry_file(web_facade: WebFacade) -> None:
@@ -255,3 +268,95 @@ def test_a_facade_without_smart_says_how_to_turn_it_on(driver: object, tmp_path:
         screenshot(driver, "launch-without-smart")
         assert not driver.find_elements(By.CSS_SELECTOR, "#nav a")
         assert not driver.find_element(By.ID, "sign-out").is_displayed()
+
+
+def _session(driver: Any) -> dict[str, Any]:
+    """fhirclient's saved state of this tab's session (sessionStorage, under SMART_KEY)."""
+    state: dict[str, Any] = driver.execute_script(
+        "return JSON.parse(sessionStorage.getItem(JSON.parse(sessionStorage.getItem('SMART_KEY'))))"
+    )
+    return state
+
+
+def test_the_session_outlives_the_access_token(web_facade: WebFacade, driver: Any) -> None:
+    """online_access brings a refresh token; the shell renews the access token before it expires, and
+    the page keeps reading through client.request and through plain fetch with ctx.token after the
+    first access token has expired."""
+    ctx = launch_standalone(driver, web_facade, "patient", CLINICIAN, PATIENT_A)
+    assert "online_access" in ctx["scopes"]
+    first = _session(driver)["tokenResponse"]
+    assert first["refresh_token"] and first["expires_in"] == TOKEN_LIFETIME
+    bearer = {"Authorization": f"Bearer {first['access_token']}"}
+
+    renewed = wait_for(
+        driver,
+        lambda d: d.execute_script("return window.imagingApp.ctx.token") != first["access_token"],
+        TOKEN_LIFETIME + 15,
+        "the shell did not renew the access token",
+    )
+    assert renewed
+    # Until the resource server refuses the first token (exp plus its 30 s leeway for clock skew):
+    # by then the shell has renewed the token twice.
+    dead_at = json.loads(_jwt_payload(first["access_token"]))["exp"] + TOKEN_LEEWAY + 1
+    time.sleep(max(0.0, dead_at - time.time()))
+    expired = httpx.get(f"{web_facade.base_url}/Patient/{PATIENT_A}", headers=bearer, timeout=30)
+    assert expired.status_code == 401  # the first access token is dead; the session is not
+
+    driver.set_script_timeout(30)
+    through_client = driver.execute_async_script(
+        """
+        const [patient, done] = arguments;
+        window.imagingApp.ctx.client.request(`Patient/${patient}`)
+          .then((p) => done(p.id), (e) => done(`error: ${e.message || e}`));
+        """,
+        PATIENT_A,
+    )
+    assert through_client == PATIENT_A
+    statuses = driver.execute_async_script(
+        """
+        const [base, patients, done] = arguments;
+        const ctx = window.imagingApp.ctx;
+        Promise.all(patients.map((p) =>
+          fetch(`${base}/Patient/${p}`, {headers: {Authorization: `Bearer ${ctx.token}`}})
+            .then((r) => r.status)
+        )).then(done, (e) => done(String(e)));
+        """,
+        web_facade.base_url,
+        [PATIENT_A, PATIENT_B],
+    )
+    assert statuses == [200, 404]  # renewed, and still confined to the launch patient
+    state = _session(driver)["tokenResponse"]
+    assert state["refresh_token"] != first["refresh_token"]  # rotated, and saved for the viewer
+    assert state["patient"] == PATIENT_A
+    assert requested_hosts(driver) == {web_facade.host}
+    # No request failed but the favicon of the sign-in pages and the other patient's (404 above).
+    errors = [
+        e for e in browser_errors(driver) if "/favicon.ico" not in e and f"/Patient/{PATIENT_B}" not in e
+    ]
+    assert errors == [], errors
+
+
+def _jwt_payload(token: str) -> str:
+    import base64
+
+    part = token.split(".")[1]
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode()
+
+
+def test_sign_out_revokes_the_refresh_token(web_facade: WebFacade, driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    launch_standalone(driver, web_facade, "reader", RADIOLOGIST)
+    refresh_token = _session(driver)["tokenResponse"]["refresh_token"]
+    driver.find_element(By.ID, "sign-out").click()
+    wait_for(driver, lambda d: "/app/launch.html" in d.current_url)
+    answer = httpx.post(
+        f"{web_facade.root}/auth/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "client_id": IMAGING_APP_CLIENT_ID,
+        },
+        timeout=30,
+    )
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant", answer.text

@@ -10,9 +10,13 @@ Active with FACADE_AUTH=smart and no external issuer (``Settings.builtin_issuer`
   ``launch_url``; the app's authorization request with that ``launch`` and the ``launch`` scope gets the
   patient without a patient choice.
 
+- Refresh tokens (ADR 0047) for apps granted ``online_access`` (or ``offline_access``, when
+  registered for it): stored as SHA-256 only, rotated on every use, a reused one revokes its family,
+  an absolute lifetime per family; RFC 7009 revocation at /auth/revoke (the app's sign-out).
+
 Access tokens are ES256 JWTs (at most five minutes) that the facade's resource server validates with
-``public_key_set()``. Not offered: refresh tokens, OpenID Connect id_tokens, dynamic client
-registration. Codes, sign-in tickets, launch contexts and the assertion replay cache are kept in the
+``public_key_set()``. Not offered: OpenID Connect id_tokens, dynamic client registration. Codes,
+sign-in tickets, launch contexts, refresh tokens and the assertion replay cache are kept in the
 store (``shared_state``, ADR 0032), so replicas share them; in process memory when no store is given.
 
 Built on authlib's OAuth 2.0 server (grants, PKCE, RFC 7523 client assertions) with a small Starlette

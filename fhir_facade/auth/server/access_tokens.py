@@ -4,7 +4,8 @@ facade's own resource server validates like any external issuer's (``auth.tokens
 Claims: ``iss`` (FACADE's token issuer), ``aud`` (the FHIR base), ``sub`` (the user, or the client for
 backend services), ``client_id``, ``scope`` (the granted scopes), ``patient`` (launch context),
 ``fhirUser`` (when granted and known), ``iat``/``nbf``/``exp`` and a random ``jti`` for audit.
-Nothing is stored: a token cannot be revoked, which is why it lives five minutes at most.
+Nothing is stored: a token cannot be revoked, which is why it lives five minutes at most (apps
+granted ``online_access`` renew it with a refresh token, ADR 0047).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class AccessTokenIssuer:
         include_refresh_token: bool = True,
     ) -> dict[str, Any]:
         """authlib's token generator interface: the token response body (RFC 6749 5.1). No refresh
-        token, whatever ``include_refresh_token`` says. SMART launch context (``patient``) is added to
-        the response, where apps read it."""
+        token, whatever ``include_refresh_token`` says: the grants add one (``refresh_tokens``, ADR
+        0047). SMART launch context (``patient``) is added to the response, where apps read it."""
         client_id = client.get_client_id()
         granted = scope or ""
         token = self.sign(

@@ -1,7 +1,8 @@
 """The built-in authorization server as one object: keys, registry, grants and the routes.
 
 Used with FACADE_AUTH=smart and no FACADE_AUTH_ISSUER (``Settings.builtin_issuer``). Codes, sign-in
-tickets, launch contexts, the assertion replay cache and the brute-force lockout counters
+tickets, launch contexts, refresh tokens (ADR 0047), the assertion replay cache and the brute-force
+lockout counters
 (``lockout``, ADR 0011) live in the store's expiring entries (``shared_state``, ADR 0032), so
 replicas behind one load balancer act as one server; without a store (tests of the grant logic)
 the in-memory counterparts are used.
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 from authlib.common.security import is_secure_transport
 from fastapi import APIRouter, Request
@@ -38,8 +40,10 @@ from fhir_facade.auth.server.openapi import (
     EHR_LAUNCH_GET,
     EHR_LAUNCH_POST,
     JWKS,
+    REVOKE,
     TOKEN,
 )
+from fhir_facade.auth.server.refresh_tokens import MemoryEntries, RefreshTokens
 from fhir_facade.auth.server.registry import ClientEntry, Registry, load_or_create_registry, with_clients
 from fhir_facade.auth.server.shared_state import (
     SharedCodeStore,
@@ -63,8 +67,9 @@ class BuiltinAuthorizationServer:
 
     Routes: GET+POST /auth/authorize (sign-in, authorization code with PKCE), GET+POST
     /auth/ehr-launch (the EHR launcher, ADR 0042), POST /auth/token
-    (authorization_code; client_credentials with private_key_jwt), GET /auth/jwks (the public key
-    that verifies the access tokens). ``audit``: records AuditEvents (None when
+    (authorization_code; client_credentials with private_key_jwt; refresh_token, ADR 0047), POST
+    /auth/revoke (RFC 7009: a refresh token's family), GET /auth/jwks (the public key that verifies
+    the access tokens). ``audit``: records AuditEvents (None when
     auditing is off), for the refused authentications. ``builtin_clients``: clients registered in
     memory beside the registry file's (``registry.with_clients``).
     """
@@ -73,6 +78,7 @@ class BuiltinAuthorizationServer:
     authorize_url: str
     token_url: str
     jwks_url: str
+    revocation_url: str
 
     def __init__(
         self,
@@ -91,6 +97,7 @@ class BuiltinAuthorizationServer:
         self.authorize_url = f"{root}/auth/authorize"
         self.token_url = f"{root}/auth/token"
         self.jwks_url = f"{root}/auth/jwks"
+        self.revocation_url = f"{root}/auth/revoke"
         self.signing_key = SigningKey.load_or_create(settings.data_dir / SIGNING_KEY_FILE)
         # builtin_clients: those the facade registers itself at every start (the SMART app, ADR 0043),
         # added in memory so that a registry file written earlier needs no edit.
@@ -102,6 +109,11 @@ class BuiltinAuthorizationServer:
         self.codes: CodeStore = SharedCodeStore(shared) if shared else CodeStore()
         self.replay_cache: JtiReplayCache = SharedJtiReplayCache(shared) if shared else JtiReplayCache()
         self.launches: LaunchContexts = SharedLaunchContexts(shared) if shared else LaunchContexts()
+        self.refresh_tokens = RefreshTokens(
+            shared if shared else MemoryEntries(),
+            online_lifetime=settings.auth_refresh_token_lifetime,
+            offline_lifetime=settings.auth_offline_refresh_token_lifetime,
+        )
         self.oauth = SmartAuthorizationServer(
             registry=self.registry,
             codes=self.codes,
@@ -113,6 +125,7 @@ class BuiltinAuthorizationServer:
             ),
             assertion=SmartClientAssertion(self.token_url, replay_cache=self.replay_cache),
             fhir_base=settings.base_url,
+            refresh_tokens=self.refresh_tokens,
             launches=self.launches,
         )
         self.sign_in_lockout, self.token_lockout = lockouts_from_settings(settings, shared)
@@ -181,31 +194,55 @@ class BuiltinAuthorizationServer:
         @router.post("/token", openapi_extra=TOKEN, response_class=Response)
         async def token(request: Request) -> Response:
             oauth_request = await StarletteOAuth2Request.read(request, self.token_url)
-            # The counters live in the store (shared by replicas): every step runs in a worker thread.
-            attempt = await run_in_threadpool(
-                self.token_lockout.begin, oauth_request.claimed_client_id(), _address(request)
+            return await self._counted(request, oauth_request, self.oauth.create_token_response)
+
+        @router.post("/revoke", openapi_extra=REVOKE, response_class=Response)
+        async def revoke(request: Request) -> Response:
+            oauth_request = await StarletteOAuth2Request.read(request, self.revocation_url)
+            return await self._counted(
+                request,
+                oauth_request,
+                partial(self.oauth.create_endpoint_response, "revocation"),
+                issues=False,
             )
-            if attempt.retry_after is not None:
-                response = _locked_out_token_response(attempt.retry_after)
-            else:
-                try:
-                    response = await run_in_threadpool(self.oauth.create_token_response, oauth_request)
-                except BaseException:
-                    await run_in_threadpool(attempt.close)
-                    raise
-                await run_in_threadpool(
-                    _judge, attempt, oauth_request.refused_with, issued=response.status_code == 200
-                )
-            reason = f"{oauth_request.refused_with}: {oauth_request.refusal_description or 'no description'}"
-            await self._failures.report("token", attempt, client_id=None, reason=reason)
-            await _hold_back(attempt)
-            return response
 
         @router.get("/jwks", openapi_extra=JWKS, response_class=Response)
         async def key_set() -> Response:
             return JSONResponse(jwks, headers={"Cache-Control": "public, max-age=300"})
 
         return router
+
+    async def _counted(
+        self,
+        request: Request,
+        oauth_request: StarletteOAuth2Request,
+        respond: Callable[[StarletteOAuth2Request], Response],
+        *,
+        issues: bool = True,
+    ) -> Response:
+        """Answer a token or revocation request under the token endpoint's lockout (ADR 0011):
+        failures are counted, logged, audited and held back; a locked-out client or address is
+        refused before anything is checked. ``issues``: a 200 is a success that resets the
+        client's counter (tokens issued; not a revocation, which answers 200 to anything)."""
+        # The counters live in the store (shared by replicas): every step runs in a worker thread.
+        attempt = await run_in_threadpool(
+            self.token_lockout.begin, oauth_request.claimed_client_id(), _address(request)
+        )
+        if attempt.retry_after is not None:
+            response = _locked_out_token_response(attempt.retry_after)
+        else:
+            try:
+                response = await run_in_threadpool(respond, oauth_request)
+            except BaseException:
+                await run_in_threadpool(attempt.close)
+                raise
+            await run_in_threadpool(
+                _judge, attempt, oauth_request.refused_with, issued=issues and response.status_code == 200
+            )
+        reason = f"{oauth_request.refused_with}: {oauth_request.refusal_description or 'no description'}"
+        await self._failures.report("token", attempt, client_id=None, reason=reason)
+        await _hold_back(attempt)
+        return response
 
 
 def _address(request: Request) -> str:

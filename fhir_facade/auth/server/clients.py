@@ -8,6 +8,7 @@ from authlib.oauth2.rfc6749 import ClientMixin, InvalidScopeError
 from fhir_facade.auth.scopes import InvalidScope
 from fhir_facade.auth.server.errors import safe_description
 from fhir_facade.auth.server.passwords import verify_secret
+from fhir_facade.auth.server.refresh_tokens import refresh_scope
 from fhir_facade.auth.server.registry import ClientEntry
 from fhir_facade.auth.server.scope_grants import narrow_scopes
 
@@ -46,7 +47,7 @@ class RegisteredClient(ClientMixin):
         return encoded is not None and verify_secret(client_secret, encoded)
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        if endpoint != "token":
+        if endpoint not in ("token", "revocation"):
             return True
         return method in _TOKEN_AUTH_METHODS[self.entry.kind]
 
@@ -56,6 +57,8 @@ class RegisteredClient(ClientMixin):
     def check_grant_type(self, grant_type: str) -> bool:
         if self.entry.backend:
             return grant_type == "client_credentials"
+        if grant_type == "refresh_token":  # only apps registered for online_access/offline_access
+            return refresh_scope(self.entry.scope) is not None
         return grant_type == "authorization_code"
 
     def get_allowed_scope(self, scope: str | None, *, ehr_launch: bool = True) -> str:

@@ -1,4 +1,4 @@
-"""The two OAuth 2.0 grants the server offers, as authlib grant classes with SMART's rules.
+"""The OAuth 2.0 grants the server offers, as authlib grant classes with SMART's rules.
 
 - ``SmartAuthorizationCodeGrant``: authorization code (RFC 6749 4.1) for public and confidential
   apps, with PKCE S256 required (``S256CodeChallenge``) and SMART's ``aud`` and ``state``
@@ -6,7 +6,9 @@
 - ``SmartClientCredentialsGrant``: client_credentials (RFC 6749 4.4) for SMART Backend Services,
   authenticated only by ``private_key_jwt`` (``assertions``), granted ``system/`` scopes only.
 
-No refresh_token grant: refresh tokens are out of scope for the built-in server.
+- ``SmartRefreshTokenGrant``: refresh_token (RFC 6749 6) for apps granted ``online_access`` or
+  ``offline_access``, with rotation and replay detection (``refresh_tokens``, ADR 0047). The
+  authorization code grant hands out the first refresh token of a family.
 """
 
 from __future__ import annotations
@@ -15,24 +17,32 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from authlib.oauth2.rfc6749 import (
+    InvalidGrantError,
     InvalidRequestError,
     InvalidScopeError,
     OAuth2Request,
 )
-from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, ClientCredentialsGrant
+from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, ClientCredentialsGrant, RefreshTokenGrant
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7636.challenge import CODE_CHALLENGE_PATTERN, compare_s256_code_challenge
 
+from fhir_facade.auth.scopes import InvalidScope
 from fhir_facade.auth.server.clients import PRIVATE_KEY_JWT, RegisteredClient
 from fhir_facade.auth.server.codes import AuthorizationCode
 from fhir_facade.auth.server.errors import safe_description
-from fhir_facade.auth.server.scope_grants import EHR_LAUNCH
+from fhir_facade.auth.server.refresh_tokens import RefreshGrant, RefreshTokenRefused, refresh_scope
+from fhir_facade.auth.server.scope_grants import EHR_LAUNCH, covers
 from fhir_facade.auth.server.users import ResourceOwner
 
 if TYPE_CHECKING:
     from fhir_facade.auth.server.oauth import SmartAuthorizationServer
 
-__all__ = ["S256CodeChallenge", "SmartAuthorizationCodeGrant", "SmartClientCredentialsGrant"]
+__all__ = [
+    "S256CodeChallenge",
+    "SmartAuthorizationCodeGrant",
+    "SmartClientCredentialsGrant",
+    "SmartRefreshTokenGrant",
+]
 
 
 class S256CodeChallenge(CodeChallenge):
@@ -162,6 +172,84 @@ class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):
 
     def authenticate_user(self, authorization_code: AuthorizationCode) -> ResourceOwner:
         return authorization_code.owner
+
+    def save_token(self, token: dict[str, Any]) -> None:
+        """Start a refresh token family when the grant carries ``online_access``/``offline_access``
+        and the client is registered for refresh (SMART App Launch 2.x scopes-and-launch-context
+        "Scopes for requesting a refresh token")."""
+        client = self.request.client
+        scope = str(token.get("scope") or "")
+        if refresh_scope(scope) is not None and client.check_grant_type("refresh_token"):
+            owner = self.request.user
+            assert isinstance(owner, ResourceOwner)
+            token["refresh_token"] = self.server.refresh_tokens.issue(
+                client_id=client.get_client_id(), owner=owner, scope=scope
+            )
+        super().save_token(token)
+
+
+class SmartRefreshTokenGrant(RefreshTokenGrant):
+    """refresh_token with rotation: each redemption uses the token up and returns its successor;
+    a used token presented again revokes its family (RFC 9700 4.14.2). Public clients send their
+    client_id only (RFC 6749 2.3.1, 6); confidential ones authenticate as at the code exchange."""
+
+    TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = ["client_secret_basic", "client_secret_post", "none"]
+    INCLUDE_NEW_REFRESH_TOKEN = True
+    server: SmartAuthorizationServer
+
+    def authenticate_refresh_token(self, refresh_token: str) -> RefreshGrant | None:
+        try:
+            return self.server.refresh_tokens.find(refresh_token)
+        except RefreshTokenRefused as refused:
+            raise InvalidGrantError(str(refused)) from None
+
+    def _validate_request_token(self, client: RegisteredClient) -> RefreshGrant:
+        refresh_token = self.request.form.get("refresh_token")
+        if not refresh_token:
+            raise InvalidRequestError("refresh_token is required")
+        grant = self.authenticate_refresh_token(refresh_token)
+        if grant is None or not grant.check_client(client):
+            raise InvalidGrantError("refresh token was issued to another client")
+        return grant
+
+    def _validate_token_scope(self, token: RefreshGrant) -> None:
+        """The requested scope may narrow the grant, never widen it (RFC 6749 6); resource scopes
+        compare by meaning (``scope_grants.covers``)."""
+        scope = self.request.payload.scope
+        if not scope:
+            return
+        try:
+            inside = covers(token.scope, str(scope))
+        except InvalidScope as exc:
+            raise InvalidScopeError(description=safe_description(str(exc))) from None
+        if not inside:
+            raise InvalidScopeError(
+                description="the requested scope is not inside the one originally granted"
+            )
+
+    def authenticate_user(self, refresh_token: RefreshGrant) -> ResourceOwner | None:
+        """The grant's user, while the registry still knows them (removed users refresh no more)."""
+        owner = refresh_token.owner
+        return owner if self.server.registry.user(owner.username) is not None else None
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        grant = self.request.refresh_token
+        assert isinstance(grant, RefreshGrant)
+        user = self.authenticate_user(grant)
+        if user is None:
+            raise InvalidGrantError("the user of this refresh token is no longer registered")
+        try:  # the claim: of two concurrent redemptions, one gets here second and is a replay
+            successor = self.server.refresh_tokens.rotate(grant)
+        except RefreshTokenRefused as refused:
+            raise InvalidGrantError(str(refused)) from None
+        scope = str(self.request.payload.scope or grant.scope)
+        token = self.generate_token(user=user, scope=scope, include_refresh_token=False)
+        token["refresh_token"] = successor
+        self.request.user = user
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+    def revoke_old_credential(self, refresh_token: RefreshGrant) -> None:
+        """Nothing to do: ``rotate`` used the old token up."""
 
 
 class SmartClientCredentialsGrant(ClientCredentialsGrant):

@@ -42,9 +42,12 @@ from fhir_facade.auth.server.grants import (
     S256CodeChallenge,
     SmartAuthorizationCodeGrant,
     SmartClientCredentialsGrant,
+    SmartRefreshTokenGrant,
 )
 from fhir_facade.auth.server.launches import LaunchContexts
+from fhir_facade.auth.server.refresh_tokens import RefreshTokens
 from fhir_facade.auth.server.registry import Registry
+from fhir_facade.auth.server.revocation import SmartRevocationEndpoint
 
 __all__ = ["SmartAuthorizationServer", "StarletteOAuth2Request"]
 
@@ -135,15 +138,20 @@ class SmartAuthorizationServer(AuthorizationServer):
         issuer: AccessTokenIssuer,
         assertion: SmartClientAssertion,
         fhir_base: str,
+        refresh_tokens: RefreshTokens,
         launches: LaunchContexts | None = None,
     ) -> None:
         super().__init__()
+        self.registry = registry
         self._clients = {entry.client_id: RegisteredClient(entry) for entry in registry.clients}
         self.codes = codes
+        self.refresh_tokens = refresh_tokens
         self.launches = launches if launches is not None else LaunchContexts()
         self.fhir_base = fhir_base
         self.register_grant(SmartAuthorizationCodeGrant, [S256CodeChallenge(required=True)])
         self.register_grant(SmartClientCredentialsGrant)
+        self.register_grant(SmartRefreshTokenGrant)
+        self.register_endpoint(SmartRevocationEndpoint)
         self.register_client_auth_method(PRIVATE_KEY_JWT, assertion)
         self.register_token_generator("default", issuer)
 
@@ -151,7 +159,8 @@ class SmartAuthorizationServer(AuthorizationServer):
         return self._clients.get(client_id)
 
     def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
-        """Nothing to save: access tokens are self-contained JWTs and there are no refresh tokens."""
+        """Nothing to save: access tokens are self-contained JWTs; the grants store refresh tokens
+        themselves (``refresh_tokens``)."""
 
     def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
         """No signal system here; authlib calls this after client authentication."""

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AUTHORIZE_GET", "AUTHORIZE_POST", "EHR_LAUNCH_GET", "EHR_LAUNCH_POST", "JWKS", "TOKEN"]
+__all__ = [
+    "AUTHORIZE_GET",
+    "AUTHORIZE_POST",
+    "EHR_LAUNCH_GET",
+    "EHR_LAUNCH_POST",
+    "JWKS",
+    "REVOKE",
+    "TOKEN",
+]
 
 _HTML = {"text/html": {"schema": {"type": "string"}}}
 _FORM = "application/x-www-form-urlencoded"
@@ -175,6 +183,34 @@ TOKEN: dict[str, Any] = {
             },
         },
         "400": _oauth_error("invalid_request, invalid_grant, unsupported_grant_type, invalid_scope..."),
+        "401": _oauth_error("Client authentication failed (invalid_client)"),
+        "429": _oauth_error("Too many failed attempts for this client or address; see Retry-After"),
+    },
+}
+
+#: POST /auth/revoke (RFC 7009): an app's sign-out ends its refresh token family (ADR 0047).
+REVOKE: dict[str, Any] = {
+    "summary": "OAuth 2.0 token revocation (RFC 7009): revoke a refresh token and its family",
+    "requestBody": {
+        "required": True,
+        "content": {
+            _FORM: {
+                "schema": {
+                    "type": "object",
+                    "required": ["token"],
+                    "properties": {
+                        "token": {"type": "string", "description": "The refresh token"},
+                        "token_type_hint": {"type": "string", "enum": ["refresh_token", "access_token"]},
+                        "client_id": {"type": "string"},
+                        "client_secret": {"type": "string", "format": "password"},
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": {"description": "Revoked, or nothing to revoke (RFC 7009 2.2 answers both alike)"},
+        "400": _oauth_error("invalid_request (no token), unsupported_token_type"),
         "401": _oauth_error("Client authentication failed (invalid_client)"),
         "429": _oauth_error("Too many failed attempts for this client or address; see Retry-After"),
     },

@@ -26,7 +26,8 @@ Format (``FACADE_AUTH_CLIENTS_FILE``, default ``<data_dir>/auth-clients.json``):
   signed RS384/ES384 by a key in ``jwks``, or fetched from ``jwks_url``).
 - ``scope``: the most the client may ever get; requests are narrowed to it (``scope_grants``).
   Backend services may hold ``system/`` scopes only, apps ``patient/``/``user/`` and the launch
-  scopes.
+  scopes; an app registered for ``online_access`` (or ``offline_access``) may ask for it and then
+  gets refresh tokens (``refresh_tokens``, ADR 0047).
 - ``launch_url`` (apps only, optional): the app's SMART launch URL, https or loopback http; apps
   with one are offered by the EHR launcher (``ehr_launch``, ADR 0042) and may register ``launch``.
 - Secrets and passwords are stored as hashes only (``passwords.hash_secret``).

@@ -9,7 +9,8 @@ side narrows the result (search parameters are ANDed).
 Some scopes are never granted, whatever the registration says:
 - ``openid``: this server issues no OpenID Connect id_token, and granting ``openid`` would promise
   one (OIDC Core 3.1.3.3). ``fhirUser`` still puts the user's FHIR resource in the access token.
-- ``offline_access``: no refresh tokens (see the package docstring).
+- ``online_access``/``offline_access`` are granted when registered and bring a refresh token
+  (``refresh_tokens``, ADR 0047); a refresh may only narrow the grant (``covers``).
 - ``launch``: except in an EHR launch (``ehr_launch=True``: the request carried a live ``launch``
   value for this client, ADR 0042), where it is granted when registered.
 
@@ -24,9 +25,9 @@ from __future__ import annotations
 
 from fhir_facade.auth.scopes import ResourceScope, Scopes, parse_scopes
 
-__all__ = ["EHR_LAUNCH", "NEVER_GRANTED", "narrow_scopes"]
+__all__ = ["EHR_LAUNCH", "NEVER_GRANTED", "covers", "narrow_scopes"]
 
-NEVER_GRANTED = frozenset({"openid", "offline_access", "launch"})
+NEVER_GRANTED = frozenset({"openid", "launch"})
 PATIENT_LAUNCH = "launch/patient"
 EHR_LAUNCH = "launch"
 
@@ -52,6 +53,19 @@ def narrow_scopes(requested: str, registered: str, *, backend: bool, ehr_launch:
     if PATIENT_LAUNCH not in other and EHR_LAUNCH not in other:
         resources = [s for s in resources if s.context != "patient"]
     return Scopes(tuple(resources), other)
+
+
+def covers(granted: str, requested: str) -> bool:
+    """Whether ``requested`` asks for nothing beyond ``granted`` (RFC 6749 6: the scope of a refresh
+    must not include any scope not originally granted). Resource scopes compare by meaning, so
+    ``patient/Observation.r`` is inside ``patient/*.rs``; other scopes by name.
+
+    Raises InvalidScope when ``requested`` is malformed.
+    """
+    wanted = parse_scopes(requested)
+    have = parse_scopes(granted)
+    inside = all(any(_intersect(want, g) == want for g in have.resources) for want in wanted.resources)
+    return inside and set(wanted.other) <= set(have.other)
 
 
 def _intersect(want: ResourceScope, have: ResourceScope) -> ResourceScope | None:

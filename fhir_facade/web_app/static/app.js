@@ -43,10 +43,81 @@ function signInLinks() {
   );
 }
 
-/** Forget the session (fhirclient keeps it in sessionStorage) and go back to the launch page. */
-function endSession() {
+/**
+ * Sign out: revoke the refresh token at the server's revocation endpoint (RFC 7009; the built-in
+ * server then ends the whole refresh token family, ADR 0047), forget the session (fhirclient keeps
+ * it in sessionStorage) and go back to the launch page.
+ */
+async function endSession(client) {
+  const refreshToken = (client.state.tokenResponse || {}).refresh_token;
+  if (refreshToken) {
+    try {
+      const base = client.state.serverUrl.replace(/\/$/, "");
+      const config = await (await fetch(`${base}/.well-known/smart-configuration`)).json();
+      if (config.revocation_endpoint) {
+        const body = new URLSearchParams({
+          token: refreshToken,
+          token_type_hint: "refresh_token",
+          client_id: client.state.clientId,
+        });
+        await fetch(config.revocation_endpoint, { method: "POST", body });
+      }
+    } catch {
+      // Signing out locally still happens; the family ends at its absolute lifetime.
+    }
+  }
   sessionStorage.clear();
   location.assign(new URL("launch.html", location.href).href);
+}
+
+/** Renew the access token this many seconds before it expires (a quarter of its life if shorter). */
+const RENEW_AHEAD = 30;
+
+/**
+ * Keep the access token fresh while the app is open (SMART App Launch 2.x app-launch.html step 7):
+ * renew it with the refresh token shortly before it expires, so that pages calling the FHIR or
+ * DICOMweb API with plain fetch (ctx.token, client.getAuthorizationHeader()) and the viewer (which
+ * reads fhirclient's sessionStorage when it opens) always find a live one. client.request renews
+ * on its own as well. Browsers slow timers down in hidden tabs, so a tab that becomes visible
+ * again checks at once. Without a refresh token (no online_access granted) nothing is scheduled.
+ */
+function keepTokenFresh(client) {
+  let timer = null;
+  const due = () => {
+    const lifetime = Number((client.state.tokenResponse || {}).expires_in) || 300;
+    return (client.state.expiresAt || 0) - Math.min(RENEW_AHEAD, lifetime / 4);
+  };
+  let retries = 0;
+  const renew = async () => {
+    const refreshToken = (client.state.tokenResponse || {}).refresh_token;
+    if (!refreshToken) return;
+    if (due() <= Date.now() / 1000) {
+      try {
+        await client.refresh();
+        retries = 0;
+      } catch (error) {
+        // fhirclient drops the refresh token on any failure. A busy server (429) or a lost
+        // connection did not use it up: keep it and try again a few times, a little later each.
+        const transient = !error || !error.status || error.status === 429 || error.status >= 500;
+        if (!transient || retries >= 3) return; // refused: the next API call reports the ended session
+        retries += 1;
+        client.state.tokenResponse.refresh_token = refreshToken;
+        clearTimeout(timer);
+        timer = setTimeout(renew, 2000 * retries);
+        return;
+      }
+    }
+    schedule();
+  };
+  const schedule = () => {
+    clearTimeout(timer);
+    if (!(client.state.tokenResponse || {}).refresh_token) return;
+    timer = setTimeout(renew, Math.max(1, due() - Date.now() / 1000) * 1000);
+  };
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") renew();
+  });
+  schedule();
 }
 
 function buildContext(client) {
@@ -57,7 +128,10 @@ function buildContext(client) {
     client,
     fhirBase,
     dicomwebBase: new URL("dicom-web", root).pathname,
-    token: tokenResponse.access_token,
+    // The current access token: fhirclient replaces it when it renews it (keepTokenFresh).
+    get token() {
+      return (client.state.tokenResponse || {}).access_token;
+    },
     patientId: client.patient.id || null,
     fhirUser: fhirUserOf(client),
     scopes: parseScopes(tokenResponse.scope),
@@ -170,7 +244,10 @@ async function route(ctx) {
   const root = h("div", { className: `page page-${name}` });
   main.replaceChildren(root);
   try {
-    await module.render(root, { ...ctx, params });
+    // Copied with its accessors, so that the page's ctx.token stays the current token.
+    const pageCtx = Object.defineProperties({}, Object.getOwnPropertyDescriptors(ctx));
+    pageCtx.params = params;
+    await module.render(root, pageCtx);
   } catch (error) {
     if (current !== renderCount) return;
     const expired = error && error.status === 401;
@@ -191,6 +268,8 @@ async function start() {
     );
     return;
   }
+  // A refresh sends client_id: public clients authenticate by it alone (RFC 6749 2.3.1, 6).
+  FHIR.oauth2.settings.refreshTokenWithClientId = true;
   let client;
   try {
     client = await FHIR.oauth2.ready();
@@ -208,8 +287,9 @@ async function start() {
   }
   const ctx = buildContext(client);
   window.imagingApp = { ctx }; // for tests and the browser console
+  keepTokenFresh(client);
   signOut.hidden = false;
-  signOut.addEventListener("click", endSession);
+  signOut.addEventListener("click", () => endSession(client));
   renderNav(ctx);
   renderBanner(ctx);
   window.addEventListener("hashchange", () => route(ctx));

@@ -4,15 +4,17 @@
 // - Standalone: ?profile=patient|reader|admin against the facade's own FHIR base (../fhir).
 // fhirclient reads <iss>/.well-known/smart-configuration for the endpoints, so an external
 // authorization server named there works the same way. PKCE S256 is required (public client).
+// Every scope set asks for online_access: a refresh token keeps the session alive past the access
+// token's few minutes, until sign-out or the server's limit (ADR 0047).
 
 // Keep equal to fhir_facade/web_app/registration.py PROFILE_SCOPES (a test compares them).
 export const CLIENT_ID = "imaging-app";
 export const PROFILE_SCOPES = {
-  patient: "openid fhirUser launch/patient patient/*.rs",
-  reader: "openid fhirUser user/*.rs user/Task.u user/DiagnosticReport.cu user/Communication.cu",
-  admin: "openid fhirUser user/*.rs user/ImagingStudy.c",
+  patient: "openid fhirUser online_access launch/patient patient/*.rs",
+  reader: "openid fhirUser online_access user/*.rs user/Task.u user/DiagnosticReport.cu user/Communication.cu",
+  admin: "openid fhirUser online_access user/*.rs user/ImagingStudy.c",
 };
-export const EHR_LAUNCH_SCOPE = "openid fhirUser launch patient/*.rs";
+export const EHR_LAUNCH_SCOPE = "openid fhirUser online_access launch patient/*.rs";
 
 const status = document.getElementById("launch-status");
 const problem = document.getElementById("launch-error");
