@@ -27,6 +27,7 @@ from tests.web_app.conftest import (
     PATIENT_A,
     PATIENT_B,
     RADIOLOGIST,
+    STUDY_A,
     WebFacade,
     assert_accessible,
     browser_errors,
@@ -360,3 +361,37 @@ def test_sign_out_revokes_the_refresh_token(web_facade: WebFacade, driver: Any) 
         timeout=30,
     )
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant", answer.text
+
+
+def test_the_viewer_renews_the_token_while_it_is_open(web_facade: WebFacade, driver: Any) -> None:
+    """OHIF at /viewer runs without the app's shell: its app-config.js renews the access token with
+    the refresh token before it expires and writes it back into fhirclient's state, where OHIF's
+    requests (and the app, back in this tab) read it."""
+    from selenium.webdriver.common.by import By
+
+    launch_standalone(driver, web_facade, "patient", CLINICIAN, PATIENT_A)
+    selector = f'.timeline li[data-study-uid="{STUDY_A}"] button.open-viewer'
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, selector), 60, "no Open in viewer")
+    driver.find_element(By.CSS_SELECTOR, selector).click()
+    wait_for(driver, lambda d: "/viewer/viewer" in d.current_url, 30, "the app did not open the viewer")
+    opened = _session(driver)["tokenResponse"]
+    wait_for(
+        driver,
+        lambda d: _session(d)["tokenResponse"]["access_token"] != opened["access_token"],
+        TOKEN_LIFETIME + 15,
+        "the viewer did not renew the access token",
+    )
+    renewed = _session(driver)["tokenResponse"]
+    assert renewed["refresh_token"] != opened["refresh_token"]  # rotated (ADR 0047)
+    assert renewed["patient"] == PATIENT_A
+    driver.set_script_timeout(30)
+    status = driver.execute_async_script(
+        """
+        const [token, done] = arguments;
+        fetch('/dicom-web/studies', {headers: {Authorization: `Bearer ${token}`}})
+          .then((r) => done(r.status), (e) => done(String(e)));
+        """,
+        renewed["access_token"],
+    )
+    assert status == 200
+    assert requested_hosts(driver) == {web_facade.host}

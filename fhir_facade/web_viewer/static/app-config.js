@@ -12,6 +12,104 @@
     return import(name);
   };
 
+  /** fhirclient's state of the app's session in this tab: {key, state}, or null. */
+  function smartSession() {
+    try {
+      var key = JSON.parse(window.sessionStorage.getItem('SMART_KEY') || 'null');
+      if (typeof key !== 'string' || !key) {
+        return null;
+      }
+      var state = JSON.parse(window.sessionStorage.getItem(key) || 'null');
+      return state ? { key: key, state: state } : null;
+    } catch (error) {
+      return null;
+    }
+  }
+
+  /** Seconds before expiry at which the token is renewed (as the app's shell, app.js, does). */
+  var RENEW_AHEAD = 30;
+  var renewTimer = null;
+  var renewRetries = 0;
+
+  /** Keep the access token fresh while OHIF is open (SMART App Launch 2.x step 7, ADR 0047): a
+   * read takes longer than one token lives, and the app's shell, which renews it elsewhere, is not
+   * running in this tab now. The renewed token is written back into fhirclient's state, so the app
+   * finds it when the user goes back. Without a refresh token (no online_access) nothing happens:
+   * the next 401 shows the sign-in message. */
+  function scheduleRenewal() {
+    window.clearTimeout(renewTimer);
+    var session = smartSession();
+    var state = session && session.state;
+    var response = (state && state.tokenResponse) || {};
+    if (!response.refresh_token || !state.tokenUri || typeof state.expiresAt !== 'number') {
+      return;
+    }
+    var lifetime = Number(response.expires_in) || 300;
+    var due = state.expiresAt - Math.min(RENEW_AHEAD, lifetime / 4);
+    renewTimer = window.setTimeout(renewToken, Math.max(1, due - Date.now() / 1000) * 1000);
+  }
+
+  function renewToken() {
+    var session = smartSession();
+    var state = session && session.state;
+    var refresh = state && state.tokenResponse && state.tokenResponse.refresh_token;
+    if (!refresh) {
+      return;
+    }
+    var form = new URLSearchParams();
+    form.set('grant_type', 'refresh_token');
+    form.set('refresh_token', refresh);
+    form.set('client_id', state.clientId); // a public client is known by its id alone (RFC 6749 6)
+    window
+      .fetch(state.tokenUri, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/x-www-form-urlencoded', Accept: 'application/json' },
+        body: form.toString(),
+        credentials: 'omit',
+      })
+      .then(function (response) {
+        if (!response.ok) {
+          var refused = new Error('token endpoint answered ' + response.status);
+          refused.status = response.status;
+          throw refused;
+        }
+        return response.json();
+      })
+      .then(function (json) {
+        var now = smartSession();
+        if (!now || now.key !== session.key) {
+          return; // signed out (or another session) meanwhile
+        }
+        now.state.tokenResponse = Object.assign({}, now.state.tokenResponse, json);
+        now.state.expiresAt = Math.floor(Date.now() / 1000) + (Number(json.expires_in) || 300);
+        window.sessionStorage.setItem(now.key, JSON.stringify(now.state));
+        renewRetries = 0;
+        scheduleRenewal();
+      })
+      .catch(function (error) {
+        // A refusal (400 invalid_grant: used up, revoked, expired) ends the session; a busy server
+        // (429) or a lost connection did not use the token up: try again a few times.
+        var status = error && error.status;
+        var transient = !status || status === 429 || status >= 500;
+        if (transient && renewRetries < 3) {
+          renewRetries += 1;
+          window.clearTimeout(renewTimer);
+          renewTimer = window.setTimeout(renewToken, 2000 * renewRetries);
+        }
+      });
+  }
+
+  document.addEventListener('visibilitychange', function () {
+    // Hidden tabs' timers are slowed down: a tab shown again checks at once.
+    if (document.visibilityState === 'visible') {
+      var session = smartSession();
+      var state = session && session.state;
+      if (state && typeof state.expiresAt === 'number' && state.expiresAt - RENEW_AHEAD <= Date.now() / 1000) {
+        renewToken();
+      }
+    }
+  });
+
   /** fhirclient (2.x) stores its state under a random key; the entry SMART_KEY names that key
    * (both JSON-encoded). The token is tokenResponse.access_token; expiresAt is in seconds. */
   function smartToken() {
@@ -147,6 +245,7 @@
       showSignIn();
       return;
     }
+    scheduleRenewal();
     var script = document.createElement('script');
     script.src = facade.publicPath + facade.appBundle;
     document.head.appendChild(script);
