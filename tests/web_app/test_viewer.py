@@ -40,6 +40,8 @@ def test_open_in_viewer_shows_the_study_with_the_apps_token(web_facade: WebFacad
     wait_for(driver, lambda d: d.execute_script(LIT_PIXELS) > 0.05, 120, "no viewport shows the study")
     time.sleep(3)  # thumbnails and prefetch: their answers in the log too
     screenshot(driver, "viewer-from-app")
+    # No first-use tour over the image (app-config.js turns OHIF's onboarding off).
+    assert "Scrolling Through Images" not in (driver.execute_script("return document.body.innerText") or "")
     exchanges = network_log(driver)
     assert {e.url.split("/")[2] for e in exchanges if e.url.startswith("http")} == {web_facade.host}
     failed = [(e.status, e.url) for e in exchanges if e.status is not None and e.status >= 400]

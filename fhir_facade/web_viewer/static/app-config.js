@@ -195,7 +195,9 @@
     routerBasename: facade.publicPath,
     extensions: [smartTokenExtension],
     modes: [],
-    customizationService: {},
+    // No first-use tour: OHIF's onboarding pop-up covers the image each time a tab's storage is new
+    // (every SMART session starts in a fresh one), and radiologists know how to scroll.
+    customizationService: { 'ohif.tours': { $set: [] } },
     showStudyList: true,
     maxNumberOfWebWorkers: 2,
     showWarningMessageForCrossOrigin: false,
