@@ -56,6 +56,7 @@ __all__ = [
     "PROBABILITY_UNIT",
     "PROCEDURE_MR_BRAIN",
     "SALIENCY_MAP_CONCEPT",
+    "SALIENCY_REGION_CONCEPT",
     "build_analysis_sr",
     "evidence_header",
     "sr_retrieve_url",
@@ -76,6 +77,10 @@ PROCEDURE_MR_BRAIN = CodedConcept("http://loinc.org", "24590-2", "Brain MRI")
 #: code names "saliency map", so a local one (PS3.16 8.2).
 SALIENCY_MAP_CONCEPT = hd.sr.CodedConcept(
     value="saliency-map", scheme_designator="99FHIRFACADE", meaning="Saliency map (occlusion sensitivity)"
+)
+#: ... and to the Segmentation of the map's most salient region (`saliency_seg`), local as well.
+SALIENCY_REGION_CONCEPT = hd.sr.CodedConcept(
+    value="saliency-region", scheme_designator="99FHIRFACADE", meaning="Salient region (occlusion)"
 )
 
 #: UCUM annotation "{probability}": a dimensionless 1 with a name saying what the number is.
@@ -194,6 +199,7 @@ def build_analysis_sr(
     series_description: str = "AI result (preliminary, unverified)",
     predecessors: Sequence[PreviousSr] = (),
     saliency_map: Dataset | None = None,
+    saliency_region: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the Comprehensive 3D SR (TID 1500) that reports `result` on its study.
 
@@ -204,7 +210,8 @@ def build_analysis_sr(
     `manufacturer` is the equipment that writes the SR (this facade); the model is named in the
     content (device observer, algorithm identification). `predecessors`: the SRs of the results
     this one supersedes (Predecessor Documents Sequence). `saliency_map`: the result's saliency
-    Parametric Map (ADR 0035), referenced from the measurement group and listed in the evidence.
+    Parametric Map (ADR 0035), referenced from the measurement group and listed in the evidence;
+    `saliency_region`: the Segmentation of its most salient region, the same way.
     """
     for argument, value in (("series_uid", series_uid), ("sop_instance_uid", sop_instance_uid)):
         if len(value) > 64 or not RE_VALID_UID.match(value):
@@ -268,12 +275,14 @@ def build_analysis_sr(
         ]
         or None,
     )
-    if saliency_map is not None:
+    named = ((SALIENCY_MAP_CONCEPT, saliency_map), (SALIENCY_REGION_CONCEPT, saliency_region))
+    saliency = [(concept, derived) for concept, derived in named if derived is not None]
+    for concept, derived in saliency:
         group[0].ContentSequence.append(
             hd.sr.ImageContentItem(
-                name=SALIENCY_MAP_CONCEPT,
-                referenced_sop_class_uid=str(saliency_map.SOPClassUID),
-                referenced_sop_instance_uid=str(saliency_map.SOPInstanceUID),
+                name=concept,
+                referenced_sop_class_uid=str(derived.SOPClassUID),
+                referenced_sop_instance_uid=str(derived.SOPInstanceUID),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
@@ -307,8 +316,7 @@ def build_analysis_sr(
     # The library images first: highdicom copies the Patient and Study modules from evidence[0].
     library_uids = {str(h.SOPInstanceUID) for h in library}
     ordered = library + [h for h in headers if str(h.SOPInstanceUID) not in library_uids]
-    if saliency_map is not None:
-        ordered.append(evidence_header(saliency_map))
+    ordered.extend(evidence_header(derived) for _, derived in saliency)
     return hd.sr.Comprehensive3DSR(
         evidence=ordered,
         content=report,

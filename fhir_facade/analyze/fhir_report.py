@@ -74,6 +74,11 @@ class SaliencyReference:
     concept: CodedConcept
     png: bytes
     method: str
+    region_sop_instance_uid: str | None = None
+    """The Segmentation of the map's most salient region (`saliency_seg`), when it has one."""
+    region_retrieve_url: str | None = None
+    region_rule: str = ""
+    """How the region is cut from the map, for the Media's comment."""
 
 
 @dataclass(frozen=True)
@@ -303,7 +308,9 @@ def _saliency_media(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The key image's saliency map as R4 DiagnosticReport.media ("key images associated with
     this report"), each a contained Media (the facade stores no Media of its own, ADR 0035): the
-    PNG rendering for any client, and the DICOM Parametric Map in the PACS for viewers."""
+    PNG rendering for any client, the DICOM Parametric Map in the PACS (the values) and, when the
+    map has a positive maximum, the DICOM Segmentation of its most salient region (what OHIF
+    overlays, ADR 0044)."""
     number = saliency.key_instance_number
     image = f"image {number}" if number is not None else "the key image"
     comment = (
@@ -342,7 +349,23 @@ def _saliency_media(
         {"comment": comment, "link": {"reference": "#saliency-png"}},
         {"comment": comment, "link": {"reference": "#saliency-dicom"}},
     ]
-    return [rendered, dicom], media
+    contained = [rendered, dicom]
+    if saliency.region_sop_instance_uid is not None and saliency.region_retrieve_url is not None:
+        contained.append(
+            {
+                **base,
+                "id": "saliency-region",
+                "identifier": [uid_identifier(saliency.region_sop_instance_uid)],
+                "content": {
+                    "contentType": "application/dicom",
+                    "url": saliency.region_retrieve_url,
+                    "title": f"DICOM Segmentation of the map's most salient region over {image}, in the PACS",
+                },
+            }
+        )
+        region_comment = f"{comment} Region: {saliency.region_rule}."
+        media.append({"comment": region_comment, "link": {"reference": "#saliency-region"}})
+    return contained, media
 
 
 def _provenance(context: AnalysisContext, targets: list[str], device_ref: str) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def build_saliency_map(
     for argument, value in (("series_uid", series_uid), ("sop_instance_uid", sop_instance_uid)):
         if len(value) > 64 or not RE_VALID_UID.match(value):
             raise ValueError(f"{argument} is not a valid DICOM UID: {value!r}")
-    source = _with_type2(source)
+    source = with_type2(source)
     rows, columns = int(source.Rows), int(source.Columns)
     values = grid.at(rows, columns)
     low, high = float(values.min()), float(values.max())
@@ -122,7 +122,7 @@ def build_saliency_map(
     return pm
 
 
-def _with_type2(source: Dataset) -> Dataset:
+def with_type2(source: Dataset) -> Dataset:
     """A shallow copy of `source` with the Type 2 Patient/Study attributes highdicom reads added
     empty where the image lacks them (PS3.3 allows them empty, not absent; tests' images may)."""
     copy = Dataset(source)

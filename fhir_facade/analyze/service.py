@@ -13,8 +13,9 @@ Order of effects, chosen so a failure leaves nothing half-written (ADR 0006):
 5. store Device, Observations, DiagnosticReport, Provenance, the finished Task and the superseded
    reports and Observations (status `cancelled`) in ONE database transaction.
 With FACADE_ANALYZE_SALIENCY on, a positive result's key image is run through the model again with
-squares hidden (`saliency`), after the decision and before 3; its Parametric Map is stored with the
-SR in 4, in the next series (`saliency_dicom`, ADR 0035).
+squares hidden (`saliency`), after the decision and before 3; its Parametric Map and the
+Segmentation of its most salient region are stored with the SR in 4, in the next two series
+(`saliency_dicom`, `saliency_seg`, ADR 0035).
 Between 2 and 3 the applicability step (`applicability`, ADR 0031) leaves the slices the model
 cannot assess out of the decision. A failure in 1-4 stores nothing in the database; a failure in 5
 leaves only the SR in the PACS (logged): a derived object no report points at, which a repeated
@@ -67,6 +68,7 @@ from fhir_facade.analyze.pixels import (
 from fhir_facade.analyze.result import AnalysisResult, ExcludedInstance, ScoredInstance
 from fhir_facade.analyze.saliency import OcclusionGrid, SaliencyOptions, key_instance, occlusion_sensitivity
 from fhir_facade.analyze.saliency_dicom import build_saliency_map, render_overlay_png
+from fhir_facade.analyze.saliency_seg import HALF_MAXIMUM, build_saliency_segmentation
 from fhir_facade.analyze.sr_series_number import study_next_series_number
 from fhir_facade.analyze.supersede import PreviousResult, current_results, superseded
 from fhir_facade.analyze.task_narrative import with_analysis_task_narrative
@@ -264,18 +266,16 @@ class Analyzer:
         async with self._finishing:
             previous = await current_results(self._writers, study["id"], result)
             lap("previous")
-            sr_dataset, sr_ref, saliency_map, saliency_ref = (
+            sr_dataset, sr_ref, saliency_objects, saliency_ref = (
                 await self._build_sr(study_uid, result, scored.headers, previous, key_saliency)
                 if self._stow
-                else (None, None, None, None)
+                else (None, None, [], None)
             )
             lap("sr")
             resources = self._resources(result, study, sr_ref, previous, saliency_ref)
             lap("fhir")
             if sr_dataset is not None and self._stow is not None:
-                await self._store_sr(
-                    study_uid, [sr_dataset] if saliency_map is None else [saliency_map, sr_dataset]
-                )
+                await self._store_sr(study_uid, [*saliency_objects, sr_dataset])
             lap("stow")
             completed_task = _completed_task(task, resources) if task else None
             task_version = str(task.get("meta", {}).get("versionId", "")) if task else ""
@@ -458,9 +458,10 @@ class Analyzer:
         evidence: list[pydicom.Dataset],
         previous: Sequence[PreviousResult],
         key_saliency: _KeyImageSaliency | None = None,
-    ) -> tuple[pydicom.Dataset, SrReference, pydicom.Dataset | None, SaliencyReference | None]:
+    ) -> tuple[pydicom.Dataset, SrReference, list[pydicom.Dataset], SaliencyReference | None]:
         """The SR and, with a key image saliency, its Parametric Map (the SR's series number + 1,
-        so the map is listed right after the SR it belongs to)."""
+        so the map is listed right after the SR it belongs to) and the Segmentation of the map's
+        most salient region (+ 2), if the map has one."""
         series_uid, sop_uid = generate_uid(), generate_uid()
         try:
             series_number = await study_next_series_number(self._qido, study_uid)
@@ -477,9 +478,9 @@ class Analyzer:
                     )
                 ],
             ) from exc
-        saliency_map, saliency_ref = None, None
+        saliency_map, saliency_region, saliency_ref = None, None, None
         if key_saliency is not None:
-            saliency_map, saliency_ref = await self._build_saliency(
+            saliency_map, saliency_region, saliency_ref = await self._build_saliency(
                 study_uid, result, key_saliency, series_number + 1
             )
         try:
@@ -492,12 +493,14 @@ class Analyzer:
                 series_number=series_number,
                 predecessors=[p.sr for p in previous if p.sr is not None],
                 saliency_map=saliency_map,
+                saliency_region=saliency_region,
             )
         except Exception as exc:
             log.exception("DICOM SR could not be built for study %s", study_uid)
             raise fhir_mapping_error(f"The DICOM SR of the result could not be built: {exc}") from exc
         url = sr_retrieve_url(self._link_base, study_uid, series_uid, sop_uid)
-        return dataset, SrReference(sop_uid, series_uid, url), saliency_map, saliency_ref
+        saliency_objects = [ds for ds in (saliency_map, saliency_region) if ds is not None]
+        return dataset, SrReference(sop_uid, series_uid, url), saliency_objects, saliency_ref
 
     async def _key_image_saliency(
         self, manifest: ModelManifest, result: AnalysisResult, limit: float
@@ -535,9 +538,12 @@ class Analyzer:
 
     async def _build_saliency(
         self, study_uid: str, result: AnalysisResult, key_saliency: _KeyImageSaliency, series_number: int
-    ) -> tuple[pydicom.Dataset, SaliencyReference]:
+    ) -> tuple[pydicom.Dataset, pydicom.Dataset | None, SaliencyReference]:
+        """The Parametric Map (`series_number`), the Segmentation of its salient region
+        (`series_number` + 1, None when the map has no positive value) and their reference."""
         assert self._saliency is not None
         series_uid, sop_uid = generate_uid(), generate_uid()
+        region_series_uid, region_uid = generate_uid(), generate_uid()
         concept = result.decision.concept
         try:
             dataset = await asyncio.to_thread(
@@ -551,6 +557,17 @@ class Analyzer:
                 model_id=result.model_id,
                 patch=self._saliency.patch,
                 stride=self._saliency.stride,
+            )
+            region = await asyncio.to_thread(
+                build_saliency_segmentation,
+                key_saliency.source,
+                key_saliency.grid,
+                concept,
+                series_uid=region_series_uid,
+                sop_instance_uid=region_uid,
+                series_number=series_number + 1,
+                model_id=result.model_id,
+                model_version=result.model_version,
             )
             png = await asyncio.to_thread(
                 render_overlay_png, key_saliency.source, key_saliency.plane, key_saliency.grid
@@ -571,8 +588,15 @@ class Analyzer:
                 f"square of the model input is hidden, stride {self._saliency.stride} "
                 f"({key_saliency.grid.passes} occluded copies)"
             ),
+            region_sop_instance_uid=region_uid if region is not None else None,
+            region_retrieve_url=(
+                sr_retrieve_url(self._link_base, study_uid, region_series_uid, region_uid)
+                if region is not None
+                else None
+            ),
+            region_rule=f"where the map is at least {HALF_MAXIMUM:g} x its maximum",
         )
-        return dataset, reference
+        return dataset, region, reference
 
     async def _store_sr(self, study_uid: str, datasets: list[pydicom.Dataset]) -> None:
         assert self._stow is not None

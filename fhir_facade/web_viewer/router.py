@@ -27,6 +27,10 @@ VIEWER_PATH = "/viewer"
 
 #: What OHIF 3.13 needs and nothing from another host (each source is argued in ADR 0044):
 #: 'wasm-unsafe-eval': the image decoders (OpenJPEG, CharLS, libjpeg-turbo, HTJ2K) are WebAssembly;
+#: 'unsafe-eval': OHIF's DICOM SEG loader (dcmjs / @cornerstonejs/adapters) reshapes the mask with
+#: the `ndarray` package, which builds its array classes with `new Function(...)`; without it a
+#: Segmentation (the AI saliency region, ADR 0035) fails to load. Scripts still come only from
+#: 'self' and no inline script runs;
 #: worker-src 'self' blob:: the decode and compute workers are same-origin module scripts, and
 #: onnxruntime-web (the segmentation AI tools) starts its proxy worker from a blob: URL;
 #: style-src 'unsafe-inline': React and the UI kit set inline styles and inject <style> elements;
@@ -34,7 +38,7 @@ VIEWER_PATH = "/viewer"
 #: connect-src 'self' data: blob:: DICOMweb through the facade, and fetches of wasm/fonts and
 #: workers' blob: and data: URLs.
 VIEWER_CSP = (
-    "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
+    "default-src 'none'; script-src 'self' 'unsafe-eval' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
     "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
     "connect-src 'self' data: blob:; media-src 'self' blob:; manifest-src 'self'; "
     "base-uri 'self'; form-action 'none'; frame-ancestors 'self'; object-src 'none'"

@@ -7,6 +7,9 @@ test_saliency_operation.py."""
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -20,6 +23,14 @@ from fhir_facade.analyze.pixels import to_model_input
 from fhir_facade.analyze.result import CodedConcept
 from fhir_facade.analyze.saliency import OcclusionGrid, log_odds, occlusion_sensitivity
 from fhir_facade.analyze.saliency_dicom import PARAMETRIC_MAP_STORAGE, build_saliency_map, render_overlay_png
+from fhir_facade.analyze.saliency_seg import (
+    HALF_MAXIMUM,
+    SALIENT_REGION,
+    SEGMENT_LABEL,
+    SEGMENTATION_STORAGE,
+    build_saliency_segmentation,
+    salient_region,
+)
 from tests.dicom_factory import demo_brain_study
 
 SPEC = load_manifests()["brain-tumor-vgg16"].input
@@ -120,3 +131,87 @@ class TestParametricMap:
 
     def test_sr_concept_fits_a_dicom_code_value(self) -> None:
         assert len(SALIENCY_MAP_CONCEPT.value) <= 16
+
+
+class TestSalientRegionSegmentation:
+    """The map's half-maximum region as a BINARY Segmentation over the key image (ADR 0035)."""
+
+    @staticmethod
+    def _seg(grid: OcclusionGrid | None = None) -> tuple[pydicom.Dataset, hd.seg.Segmentation]:
+        source = demo_brain_study("1.2.826.0.1.3680043.8.498.727.9101", "PM-UNIT", 8)[4]
+        seg = build_saliency_segmentation(
+            source,
+            grid or _grid(),
+            MENINGIOMA,
+            series_uid=generate_uid(),
+            sop_instance_uid=generate_uid(),
+            series_number=9903,
+            model_id="brain-tumor-vgg16",
+            model_version="1.0.0",
+        )
+        assert seg is not None
+        buffer = io.BytesIO()
+        seg.save_as(buffer)
+        return source, hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(buffer.getvalue())))
+
+    def test_geometry_references_and_mask(self) -> None:
+        source, seg = self._seg()
+        assert seg.SOPClassUID == SEGMENTATION_STORAGE
+        assert seg.SegmentationType == "BINARY"
+        assert seg.StudyInstanceUID == source.StudyInstanceUID
+        assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+        assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == (
+            source.SOPInstanceUID
+        )
+        frame = seg.PerFrameFunctionalGroupsSequence[0]
+        assert frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == (
+            source.SOPInstanceUID
+        )
+        assert [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient] == [
+            float(v) for v in source.ImagePositionPatient
+        ]
+        measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        assert [float(v) for v in measures.PixelSpacing] == [float(v) for v in source.PixelSpacing]
+        mask = np.asarray(seg.pixel_array)
+        values = _grid().at(source.Rows, source.Columns)
+        expected = values >= HALF_MAXIMUM * values.max()
+        assert mask.shape == (source.Rows, source.Columns)
+        np.testing.assert_array_equal(mask.astype(bool), expected)
+        assert 0 < expected.mean() < 0.5, "a region, not the whole image"
+        # the toy classifier's evidence square (input rows 150-190, cols 40-80 of 240) is inside it
+        y = int((170 + 0.5) * source.Rows / 240)
+        x = int((60 + 0.5) * source.Columns / 240)
+        assert mask[y, x]
+
+    def test_one_segment_named_and_coded(self) -> None:
+        _, seg = self._seg()
+        [segment] = seg.SegmentSequence
+        assert segment.SegmentNumber == 1 and segment.SegmentLabel == SEGMENT_LABEL
+        assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "309825002"
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == SALIENT_REGION.value
+        [algorithm] = segment.SegmentationAlgorithmIdentificationSequence
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("brain-tumor-vgg16", "1.0.0")
+        assert segment.SegmentAlgorithmType == "AUTOMATIC"
+
+    def test_a_map_without_positive_values_has_no_region(self) -> None:
+        flat = _grid()
+        negative = OcclusionGrid(
+            values=-np.abs(flat.values) - 1.0,
+            centres_y=flat.centres_y,
+            centres_x=flat.centres_x,
+            input_height=flat.input_height,
+            input_width=flat.input_width,
+            baseline=flat.baseline,
+            passes=flat.passes,
+        )
+        assert salient_region(negative.at(10, 10)) is None
+
+    def test_dciodvfy_accepts_it(self, tmp_path: Path) -> None:
+        if shutil.which("dciodvfy") is None:
+            pytest.skip("dciodvfy (Debian dicom3tools) is not installed: run scripts/setup.sh test")
+        _, seg = self._seg()
+        path = tmp_path / "seg.dcm"
+        seg.save_as(path, enforce_file_format=True)
+        checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], checked.stdout + checked.stderr

@@ -24,11 +24,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from fhir_facade.analyze.codes import label_concepts
-from fhir_facade.analyze.dicom_sr import SALIENCY_MAP_CONCEPT
+from fhir_facade.analyze.dicom_sr import SALIENCY_MAP_CONCEPT, SALIENCY_REGION_CONCEPT
 from fhir_facade.analyze.inference import OnnxRuntimeBackend
 from fhir_facade.analyze.manifest import load_manifests
 from fhir_facade.analyze.pixels import to_model_input
 from fhir_facade.analyze.saliency_dicom import PARAMETRIC_MAP_STORAGE
+from fhir_facade.analyze.saliency_seg import HALF_MAXIMUM, SEGMENT_LABEL, SEGMENTATION_STORAGE
 from fhir_facade.embedded import EmbeddedOrthanc, store_instances
 from tests.conftest import LiveServer, ok_json, serve, validate
 from tests.dicom_factory import demo_brain_study
@@ -87,11 +88,15 @@ def _retrieve(url: str) -> Dataset:
     return dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1].rstrip(b"\r\n")))
 
 
+#: The report's key-image Media: the PNG, the Parametric Map, the Segmentation of its top region.
+PNG, MAP, REGION = "saliency-png", "saliency-dicom", "saliency-region"
+
+
 def _media(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The report's key-image Media by content type, each resolved from `contained`."""
+    """The report's key-image Media by contained id, each resolved from `contained`."""
     contained = {f"#{r['id']}": r for r in report.get("contained", [])}
     media = [contained[m["link"]["reference"]] for m in report.get("media", [])]
-    return {m["content"]["contentType"]: m for m in media}
+    return {m["id"]: m for m in media}
 
 
 def _key_image_uid() -> str:
@@ -142,7 +147,12 @@ class TestSaliencyMap:
         report = reports[0]
         assert report["conclusionCode"][0]["coding"][0]["code"] == MENINGIOMA_SNOMED
         media = _media(report)
-        assert set(media) == {"image/png", "application/dicom"}
+        assert set(media) == {PNG, MAP, REGION}
+        assert [media[k]["content"]["contentType"] for k in (PNG, MAP, REGION)] == [
+            "image/png",
+            "application/dicom",
+            "application/dicom",
+        ]
         for item in media.values():
             validate(item)
         assert _key_image_uid() in report["media"][0]["comment"]
@@ -151,7 +161,7 @@ class TestSaliencyMap:
         self, reports: list[dict[str, Any]], studies: EmbeddedOrthanc
     ) -> None:
         report = reports[0]
-        media = _media(report)["application/dicom"]
+        media = _media(report)[MAP]
         pm_uid = media["identifier"][0]["value"].removeprefix("urn:oid:")
         # the PACS has it, found by QIDO-RS at instance level
         with httpx.Client(timeout=30) as http:
@@ -175,7 +185,7 @@ class TestSaliencyMap:
 
     def test_the_sr_references_the_map(self, reports: list[dict[str, Any]]) -> None:
         report = reports[0]
-        pm_uid = _media(report)["application/dicom"]["identifier"][0]["value"].removeprefix("urn:oid:")
+        pm_uid = _media(report)[MAP]["identifier"][0]["value"].removeprefix("urn:oid:")
         sr = hd.sr.Comprehensive3DSR.from_dataset(_retrieve(report["presentedForm"][0]["url"]))
         items = [
             item
@@ -199,7 +209,7 @@ class TestSaliencyMap:
     ) -> None:
         """Rendered over its image: the map has the image's matrix and plane, and its strongest
         point falls inside the head section (Otsu + largest component of the image)."""
-        media = _media(reports[0])["application/dicom"]
+        media = _media(reports[0])[MAP]
         pm = hd.pm.ParametricMap.from_dataset(_retrieve(media["content"]["url"]))
         key_uid = pm.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
         key = next(
@@ -231,7 +241,7 @@ class TestSaliencyMap:
 
         from PIL import Image
 
-        png = _media(reports[0])["image/png"]
+        png = _media(reports[0])[PNG]
         image = Image.open(io.BytesIO(base64.b64decode(png["content"]["data"])))
         key = demo_brain_study(STUDY_UID, "SALIENCY-1", N_SLICES)[0]
         assert image.size == (key.Columns, key.Rows) and image.mode == "RGB"
@@ -240,7 +250,7 @@ class TestSaliencyMap:
         """dicom3tools' IOD checker (Debian's dicom3tools, scripts/setup.sh): no error."""
         if shutil.which("dciodvfy") is None:
             pytest.skip("dciodvfy (Debian dicom3tools) is not installed: run scripts/setup.sh test")
-        dataset = _retrieve(_media(reports[0])["application/dicom"]["content"]["url"])
+        dataset = _retrieve(_media(reports[0])[MAP]["content"]["url"])
         path = tmp_path / "pm.dcm"
         dataset.save_as(path, enforce_file_format=True)
         checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
@@ -254,12 +264,12 @@ class TestSaliencyMap:
         old report (and with it its key-image Media) is cancelled, the new SR names the old SR,
         which references the old map; the old map stays in the PACS."""
         first, second = reports
-        old_pm = _media(first)["application/dicom"]
-        new_pm = _media(second)["application/dicom"]
+        old_pm = _media(first)[MAP]
+        new_pm = _media(second)[MAP]
         assert old_pm["identifier"] != new_pm["identifier"]
         old = ok_json(saliency_on.get(f"/DiagnosticReport/{first['id']}"))
         assert old["status"] == "cancelled"
-        assert _media(old)["application/dicom"]["identifier"] == old_pm["identifier"]
+        assert _media(old)[MAP]["identifier"] == old_pm["identifier"]
         new_sr = _retrieve(second["presentedForm"][0]["url"])
         old_sr_uid = first["identifier"][0]["value"].removeprefix("urn:oid:")
         [predecessor] = new_sr.PredecessorDocumentsSequence
@@ -270,6 +280,121 @@ class TestSaliencyMap:
         new_map = _retrieve(new_pm["content"]["url"])
         assert int(new_map.SeriesNumber) > int(old_map.SeriesNumber)
         assert int(new_map.SeriesNumber) == int(new_sr.SeriesNumber) + 1
+
+
+class TestSalientRegionSegmentation:
+    """The Segmentation of the map's top region (`saliency_seg`): what OHIF overlays (ADR 0044)."""
+
+    def test_in_the_pacs_over_the_key_image_after_the_map(
+        self, reports: list[dict[str, Any]], studies: EmbeddedOrthanc
+    ) -> None:
+        report = reports[0]
+        region = _media(report)[REGION]
+        validate(region)
+        seg_uid = region["identifier"][0]["value"].removeprefix("urn:oid:")
+        with httpx.Client(timeout=30) as http:
+            found = http.get(
+                f"{studies.dicomweb_url}/studies/{STUDY_UID}/instances", params={"SOPInstanceUID": seg_uid}
+            ).json()
+        assert len(found) == 1
+        seg = hd.seg.Segmentation.from_dataset(_retrieve(region["content"]["url"]))
+        assert (seg.SOPClassUID, seg.SOPInstanceUID, seg.SegmentationType) == (
+            SEGMENTATION_STORAGE,
+            seg_uid,
+            "BINARY",
+        )
+        key_uid = _key_image_uid()
+        key = next(
+            ds for ds in demo_brain_study(STUDY_UID, "SALIENCY-1", N_SLICES) if ds.SOPInstanceUID == key_uid
+        )
+        [series] = seg.ReferencedSeriesSequence
+        assert series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == key_uid
+        assert series.SeriesInstanceUID == key.SeriesInstanceUID
+        assert seg.FrameOfReferenceUID == key.FrameOfReferenceUID
+        frame = seg.PerFrameFunctionalGroupsSequence[0]
+        assert frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == key_uid
+        np.testing.assert_allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in key.ImagePositionPatient],
+        )
+        shared = seg.SharedFunctionalGroupsSequence[0]
+        spacing = shared.PixelMeasuresSequence[0].PixelSpacing
+        np.testing.assert_allclose([float(v) for v in spacing], [float(v) for v in key.PixelSpacing])
+        np.testing.assert_allclose(
+            [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+            [float(v) for v in key.ImageOrientationPatient],
+        )
+        [segment] = seg.SegmentSequence
+        assert segment.SegmentLabel == SEGMENT_LABEL
+        [algorithm] = segment.SegmentationAlgorithmIdentificationSequence
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (MANIFEST.id, MANIFEST.version)
+        # its own series, after the map's (SR n, map n + 1, region n + 2)
+        pm = _retrieve(_media(report)[MAP]["content"]["url"])
+        assert len({seg.SeriesInstanceUID, pm.SeriesInstanceUID, key.SeriesInstanceUID}) == 3
+        assert int(seg.SeriesNumber) == int(pm.SeriesNumber) + 1
+
+    def test_the_mask_is_the_stored_map_thresholded_at_half_its_maximum(
+        self, reports: list[dict[str, Any]]
+    ) -> None:
+        media = _media(reports[0])
+        seg = hd.seg.Segmentation.from_dataset(_retrieve(media[REGION]["content"]["url"]))
+        values = np.asarray(
+            hd.pm.ParametricMap.from_dataset(_retrieve(media[MAP]["content"]["url"])).pixel_array,
+            dtype=np.float32,
+        )
+        mask = np.asarray(seg.pixel_array).astype(bool)
+        assert mask.shape == values.shape
+        np.testing.assert_array_equal(mask, values >= HALF_MAXIMUM * values.max())
+        assert 0 < mask.mean() < 0.5, "a region, neither empty nor most of the image"
+
+    def test_the_sr_references_the_region(self, reports: list[dict[str, Any]]) -> None:
+        report = reports[0]
+        seg_uid = _media(report)[REGION]["identifier"][0]["value"].removeprefix("urn:oid:")
+        sr = hd.sr.Comprehensive3DSR.from_dataset(_retrieve(report["presentedForm"][0]["url"]))
+        items = [
+            item
+            for group in sr.ContentSequence
+            if group.ValueType == "CONTAINER"
+            for item in _walk(group)
+            if item.ValueType == "IMAGE"
+            and item.ConceptNameCodeSequence[0].CodeValue == SALIENCY_REGION_CONCEPT.value
+        ]
+        assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items] == [seg_uid]
+        assert [i.ReferencedSOPSequence[0].ReferencedSOPClassUID for i in items] == [SEGMENTATION_STORAGE]
+        evidence = {
+            ref.ReferencedSOPInstanceUID
+            for study in sr.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
+        assert seg_uid in evidence
+
+    def test_dciodvfy_accepts_the_region(self, reports: list[dict[str, Any]], tmp_path: Path) -> None:
+        if shutil.which("dciodvfy") is None:
+            pytest.skip("dciodvfy (Debian dicom3tools) is not installed: run scripts/setup.sh test")
+        dataset = _retrieve(_media(reports[0])[REGION]["content"]["url"])
+        path = tmp_path / "seg.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], checked.stdout + checked.stderr
+
+    def test_a_rerun_supersedes_the_region_with_its_result(
+        self, reports: list[dict[str, Any]], saliency_on: httpx.Client
+    ) -> None:
+        """As the map: a new series after the new map; the cancelled report keeps naming the old
+        region, which stays in the PACS."""
+        first, second = reports
+        old_region, new_region = _media(first)[REGION], _media(second)[REGION]
+        assert old_region["identifier"] != new_region["identifier"]
+        old = ok_json(saliency_on.get(f"/DiagnosticReport/{first['id']}"))
+        assert old["status"] == "cancelled"
+        assert _media(old)[REGION]["identifier"] == old_region["identifier"]
+        old_seg = _retrieve(old_region["content"]["url"])  # still in the PACS
+        new_seg = _retrieve(new_region["content"]["url"])
+        new_sr = _retrieve(second["presentedForm"][0]["url"])
+        assert int(old_seg.SeriesNumber) < int(new_sr.SeriesNumber)
+        assert int(new_seg.SeriesNumber) == int(new_sr.SeriesNumber) + 2
 
 
 def _walk(item: Dataset) -> Iterator[Dataset]:
@@ -289,5 +414,5 @@ def test_with_the_setting_off_nothing_extra_is_stored(studies: EmbeddedOrthanc) 
             f"{studies.dicomweb_url}/studies/{OFF_STUDY_UID}/instances", params={"includefield": "00080016"}
         ).json()
     classes = sorted(i["00080016"]["Value"][0] for i in instances)
-    assert PARAMETRIC_MAP_STORAGE not in classes
+    assert PARAMETRIC_MAP_STORAGE not in classes and SEGMENTATION_STORAGE not in classes
     assert len(classes) == N_SLICES + 1, "the slices and the one SR"

@@ -259,3 +259,25 @@ for (const canvas of document.querySelectorAll('canvas.cornerstone-canvas')) {
 }
 return best;
 """
+
+
+#: JavaScript: the largest share of sampled pixels, over OHIF's viewport canvases, that are
+#: coloured (red and blue channels far apart: the grey MR has none; the saliency segment is yellow).
+COLOURED_PIXELS = """
+let best = 0;
+for (const canvas of document.querySelectorAll('canvas')) {
+  if (!canvas.width || !canvas.height || canvas.closest('[data-cy=studyBrowser-panel]')) continue;
+  const copy = document.createElement('canvas');
+  copy.width = canvas.width; copy.height = canvas.height;
+  const context = copy.getContext('2d');
+  context.drawImage(canvas, 0, 0);
+  const data = context.getImageData(0, 0, copy.width, copy.height).data;
+  let coloured = 0, sampled = 0;
+  for (let i = 0; i < data.length; i += 4 * 3) {
+    sampled++;
+    if (data[i] - data[i + 2] > 60 && data[i + 1] - data[i + 2] > 40) coloured++;
+  }
+  best = Math.max(best, coloured / sampled);
+}
+return best;
+"""

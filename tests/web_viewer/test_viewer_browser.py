@@ -1,8 +1,9 @@
 """OHIF at /viewer/ in a real browser against the live facade (ADR 0044): with the SMART token
-where fhirclient keeps it, the analysed demo study opens, its images render, the AI SR and the
-saliency Parametric Map are listed, and every request goes to the facade and is answered 2xx/3xx;
-a token confined to patient A opens none of patient B's images; without a token the page sends
-the user to the SMART app's launch page."""
+where fhirclient keeps it, the analysed demo study opens, its images render, the AI SR, the
+saliency Parametric Map and its region's Segmentation are listed, the Segmentation overlays its
+key image, and every request goes to the facade and is answered 2xx/3xx; a token confined to
+patient A opens none of patient B's images; without a token the page sends the user to the SMART
+app's launch page."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from fhir_facade.analyze.dicom_sr import COMPREHENSIVE_3D_SR
 from fhir_facade.analyze.saliency_dicom import PARAMETRIC_MAP_STORAGE
+from fhir_facade.analyze.saliency_seg import SEGMENT_LABEL, SEGMENTATION_STORAGE
 from tests.conftest import LiveServer
 from tests.web_viewer.conftest import (
     APP,
@@ -109,7 +111,8 @@ def test_the_analysed_study_opens_with_the_token(
         )
     assert series.status_code == 200, series.text
     classes = {i["00080016"]["Value"][0] for i in series.json()}
-    assert {COMPREHENSIVE_3D_SR, PARAMETRIC_MAP_STORAGE} <= classes, (classes, analysed.get("conclusion"))
+    expected = {COMPREHENSIVE_3D_SR, PARAMETRIC_MAP_STORAGE, SEGMENTATION_STORAGE}
+    assert expected <= classes, (classes, analysed.get("conclusion"))
     assert [s["0020000D"]["Value"][0] for s in priors.json()] == [STUDY_A]
 
     _open(chrome, viewer_facade, reader_token, f"/viewer/viewer?StudyInstanceUIDs={STUDY_A}")
@@ -181,3 +184,91 @@ def test_without_a_token_the_viewer_sends_the_user_to_sign_in(chrome: Any, viewe
     bundle = re.compile(r"\.bundle\.[0-9a-f]{16}\.js$")
     started = [e.url for e in exchanges if "/dicom-web/" in e.url or bundle.search(e.url)]
     assert started == [], "OHIF started without a token"
+
+
+REGION_DESCRIPTION = "AI saliency region (preliminary, unverified)"
+
+#: JavaScript: the study browser's thumbnail (OHIF's Thumbnail: data-cy study-browser-thumbnail
+#: or study-browser-thumbnail-no-image) whose text holds arguments[0].
+_THUMBNAIL = """
+for (const element of document.querySelectorAll('[data-cy^=study-browser-thumbnail]')) {
+  if ((element.textContent || '').includes(arguments[0])) return element;
+}
+return null;
+"""
+
+#: What OHIF may ask before it shows a Segmentation (the tour; "open this Segmentation?"; the
+#: viewport's load button): the buttons clicked, in this order, while waiting for the overlay.
+_ANSWERS = ("Yes", "LOAD", "Load")
+
+
+def test_the_saliency_region_segmentation_overlays_its_key_image(
+    chrome: Any, viewer_facade: LiveServer, reader_token: Token, analysed: dict[str, Any]
+) -> None:
+    """The Segmentation of the map's top region (ADR 0035) is listed as a SEG series; opened
+    (double-click, then OHIF's "open this Segmentation?" answered), OHIF lays it over the key image:
+    coloured pixels appear in the viewport and the segmentation panel names the segment."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from tests.web_viewer.conftest import COLOURED_PIXELS
+
+    _open(chrome, viewer_facade, reader_token, f"/viewer/viewer?StudyInstanceUIDs={STUDY_A}")
+    _wait(lambda: chrome.execute_script(LIT_PIXELS) > 0.05, 120, "no viewport canvas shows the brain")
+    _wait(lambda: REGION_DESCRIPTION in _study_browser_text(chrome), 60, "no SEG series is listed")
+    time.sleep(2)
+    before = float(chrome.execute_script(COLOURED_PIXELS))
+    assert before < 0.001, before
+    answered: list[str] = []
+    opened: list[float] = []
+
+    def coloured_or_answer_prompt() -> float:
+        # OHIF's first-use tour (once per browser) covers the page: skip it, then open the SEG
+        # (again every 20 s, should a double-click land while OHIF was busy).
+        if not opened or (time.monotonic() - opened[-1] > 20 and not answered):
+            for button in chrome.find_elements(By.XPATH, "//button[normalize-space()='Skip all']"):
+                if button.is_displayed():
+                    button.click()
+                    time.sleep(1)
+            thumbnail = chrome.execute_script(_THUMBNAIL, REGION_DESCRIPTION)
+            assert thumbnail is not None
+            ActionChains(chrome).double_click(thumbnail).perform()
+            opened.append(time.monotonic())
+            time.sleep(2)
+            screenshot(chrome, "viewer-seg-after-double-click")
+        for answer in _ANSWERS:
+            for button in chrome.find_elements(
+                By.XPATH, f"//*[self::button or @role='button'][normalize-space()='{answer}']"
+            ):
+                if button.is_displayed():
+                    answered.append(answer)
+                    button.click()
+        share = float(chrome.execute_script(COLOURED_PIXELS))
+        return share if share > 0.001 else 0.0
+
+    try:
+        coloured = _wait(coloured_or_answer_prompt, 90, f"no coloured segment over the image ({answered})")
+    finally:
+        screenshot(chrome, "viewer-saliency-region-seg-wait")
+    time.sleep(2)
+    screenshot(chrome, "viewer-saliency-region-seg")
+    assert 0.001 < coloured < 0.2, "a region of the image, not the whole viewport"
+    # OHIF went to the key image (the one the SEG references), not the slice shown before.
+    assert "I:24 (1/24)" not in _study_browser_text(chrome)
+    # The right-hand segmentation panel (its tab button: data-cy "<panel name>-btn") names the segment.
+    tabs = chrome.find_elements(By.CSS_SELECTOR, "[data-cy^=panelSegmentation][data-cy$=-btn]")
+    if tabs and SEGMENT_LABEL not in _study_browser_text(chrome):
+        tabs[0].click()
+    _wait(lambda: SEGMENT_LABEL in _study_browser_text(chrome), 20, "no segmentation panel lists the segment")
+    screenshot(chrome, "viewer-saliency-region-seg-panel")
+    exchanges = network_log(chrome)
+    _facade_only(exchanges, viewer_facade)
+    failed = [(e.status, e.url) for e in exchanges if e.status is not None and e.status >= 400]
+    assert failed == [], failed
+    errors = [
+        entry["message"]
+        for entry in chrome.get_log("browser")
+        if entry["level"] == "SEVERE"
+        and ("seg" in entry["message"].lower() or "RangeError" in entry["message"])
+    ]
+    assert errors == [], errors
