@@ -1,8 +1,9 @@
 """OHIF at /viewer/ in a real browser against the live facade (ADR 0044): with the SMART token
-where fhirclient keeps it, the analysed demo study opens, its images render, the AI SR and the
-saliency Parametric Map are listed, and every request goes to the facade and is answered 2xx/3xx;
-a token confined to patient A opens none of patient B's images; without a token the page sends
-the user to the SMART app's launch page."""
+where fhirclient keeps it, the analysed demo study opens, its images render, the AI SR, the
+saliency Parametric Map and its region's Segmentation are listed, the Segmentation overlays its
+key image, and every request goes to the facade and is answered 2xx/3xx; a token confined to
+patient A opens none of patient B's images; without a token the page sends the user to the SMART
+app's launch page."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 from fhir_facade.analyze.dicom_sr import COMPREHENSIVE_3D_SR
 from fhir_facade.analyze.saliency_dicom import PARAMETRIC_MAP_STORAGE
-from fhir_facade.analyze.saliency_seg import SEGMENT_LABEL
+from fhir_facade.analyze.saliency_seg import SEGMENT_LABEL, SEGMENTATION_STORAGE
 from tests.conftest import LiveServer
 from tests.web_viewer.conftest import (
     APP,
@@ -110,7 +111,8 @@ def test_the_analysed_study_opens_with_the_token(
         )
     assert series.status_code == 200, series.text
     classes = {i["00080016"]["Value"][0] for i in series.json()}
-    assert {COMPREHENSIVE_3D_SR, PARAMETRIC_MAP_STORAGE} <= classes, (classes, analysed.get("conclusion"))
+    expected = {COMPREHENSIVE_3D_SR, PARAMETRIC_MAP_STORAGE, SEGMENTATION_STORAGE}
+    assert expected <= classes, (classes, analysed.get("conclusion"))
     assert [s["0020000D"]["Value"][0] for s in priors.json()] == [STUDY_A]
 
     _open(chrome, viewer_facade, reader_token, f"/viewer/viewer?StudyInstanceUIDs={STUDY_A}")
