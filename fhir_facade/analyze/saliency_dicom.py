@@ -29,6 +29,7 @@ __all__ = [
     "PARAMETRIC_MAP_STORAGE",
     "build_saliency_map",
     "render_overlay_png",
+    "require_valid_uids",
 ]
 
 #: Parametric Map Storage SOP Class (PS3.4 B.5).
@@ -50,6 +51,14 @@ OCCLUSION_SENSITIVITY = hd.sr.CodedConcept(
 _UNITLESS = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 
 
+def require_valid_uids(**uids: str) -> None:
+    """Refuse a UID that DICOM would not store (PS3.5 9.1: at most 64 digits and dots): highdicom
+    would write it, and the PACS refuse the object only later, at the store."""
+    for argument, value in uids.items():
+        if len(value) > 64 or not RE_VALID_UID.match(value):
+            raise ValueError(f"{argument} is not a valid DICOM UID: {value!r}")
+
+
 def build_saliency_map(
     source: Dataset,
     grid: OcclusionGrid,
@@ -65,9 +74,7 @@ def build_saliency_map(
 ) -> hd.pm.ParametricMap:
     """The occlusion map of `source` (the full key image dataset) for the class `concept`;
     `anatomy`: the region the map covers (Frame Anatomy)."""
-    for argument, value in (("series_uid", series_uid), ("sop_instance_uid", sop_instance_uid)):
-        if len(value) > 64 or not RE_VALID_UID.match(value):
-            raise ValueError(f"{argument} is not a valid DICOM UID: {value!r}")
+    require_valid_uids(series_uid=series_uid, sop_instance_uid=sop_instance_uid)
     source = with_type2(source)
     rows, columns = int(source.Rows), int(source.Columns)
     values = grid.at(rows, columns)

@@ -20,12 +20,11 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import RE_VALID_UID
 
 from fhir_facade import __version__
 from fhir_facade.analyze.result import CodedConcept
 from fhir_facade.analyze.saliency import OcclusionGrid
-from fhir_facade.analyze.saliency_dicom import with_type2
+from fhir_facade.analyze.saliency_dicom import require_valid_uids, with_type2
 
 __all__ = [
     "HALF_MAXIMUM",
@@ -74,9 +73,7 @@ def build_saliency_segmentation(
 ) -> hd.seg.Segmentation | None:
     """The Segmentation of `source`'s (the full key image dataset) salient region for the class
     `concept`, or None when the map has no positive value."""
-    for argument, value in (("series_uid", series_uid), ("sop_instance_uid", sop_instance_uid)):
-        if len(value) > 64 or not RE_VALID_UID.match(value):
-            raise ValueError(f"{argument} is not a valid DICOM UID: {value!r}")
+    require_valid_uids(series_uid=series_uid, sop_instance_uid=sop_instance_uid)
     source = with_type2(source)
     mask = salient_region(grid.at(int(source.Rows), int(source.Columns)))
     if mask is None:
