@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -38,7 +37,11 @@ from fhir_facade.config import REPO_WEB_VENDOR
 from fhir_facade.demo.brain_mri import DEMO_PATIENT_ID, DEMO_STUDY_UID, build_demo_study
 from fhir_facade.embedded import EmbeddedOrthanc, free_port, store_instances
 from fhir_facade.web_app import IMAGING_APP_CLIENT_ID, PROFILE_SCOPES
-from tests.auth.fixtures.smart_app import ASSERTION_TYPE, client_assertion, pkce_pair, sign_in
+from tests.auth.fixtures.smart_app import (
+    ASSERTION_TYPE,
+    client_assertion,
+    pkce_token_response,
+)
 from tests.conftest import LiveServer, serve
 from tests.dicom_factory import demo_brain_study
 
@@ -90,42 +93,15 @@ class WebFacade:
     def user_token(self, username: str, scope: str, patient: str | None = None) -> dict[str, Any]:
         """Sign `username` in as the app would (authorization code + PKCE with client imaging-app,
         without a browser) and return the token response."""
-        verifier, challenge = pkce_pair()
-        redirect = f"{self.app_url}/index.html"
-        params = {
-            "response_type": "code",
-            "client_id": IMAGING_APP_CLIENT_ID,
-            "redirect_uri": redirect,
-            "scope": scope,
-            "state": uuid.uuid4().hex,
-            "aud": self.base_url,
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-        }
-        with httpx.Client(timeout=30, follow_redirects=False) as browser:
-            answer = sign_in(
-                browser,
-                f"{self.root}/auth/authorize",
-                username=username,
-                password=PASSWORD,
-                patient=patient,
-                params=params,
-            )
-            assert answer.status_code == 302, answer.text
-            code = parse_qs(urlsplit(answer.headers["location"]).query)["code"][0]
-            token = browser.post(
-                f"{self.root}/auth/token",
-                data={
-                    "grant_type": "authorization_code",
-                    "code": code,
-                    "redirect_uri": redirect,
-                    "client_id": IMAGING_APP_CLIENT_ID,
-                    "code_verifier": verifier,
-                },
-            )
-        assert token.status_code == 200, token.text
-        body: dict[str, Any] = token.json()
-        return body
+        return pkce_token_response(
+            self.base_url,
+            client_id=IMAGING_APP_CLIENT_ID,
+            redirect_uri=f"{self.app_url}/index.html",
+            scope=scope,
+            username=username,
+            password=PASSWORD,
+            patient=patient,
+        )
 
     def profile_api(self, username: str, profile: str, patient: str | None = None) -> httpx.Client:
         """An httpx client on the FHIR base with the token the app gets for `profile`."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -24,7 +24,7 @@ from fhir_facade.auth.server.passwords import hash_secret
 from fhir_facade.demo.brain_mri import DEMO_STUDY_UID, upload_demo
 from fhir_facade.embedded import EmbeddedOrthanc, store_instances
 from fhir_facade.web_viewer.router import default_dist_dir
-from tests.auth.fixtures.smart_app import pkce_pair, sign_in
+from tests.auth.fixtures.smart_app import pkce_token_response
 from tests.conftest import LiveServer, serve
 from tests.dicom_factory import demo_brain_study
 
@@ -117,41 +117,15 @@ class Token:
 def sign_in_token(server: LiveServer, scope: str, patient: str | None = None) -> Token:
     """A standalone launch with PKCE, as the SMART app does it: sign in, pick `patient` when the
     scope asks for one, exchange the code at /auth/token."""
-    root = server.base_url.removesuffix("/fhir")
-    verifier, challenge = pkce_pair()
-    params = {
-        "response_type": "code",
-        "client_id": APP,
-        "redirect_uri": CALLBACK,
-        "scope": scope,
-        "state": "viewer-test",
-        "aud": server.base_url,
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-    }
-    with httpx.Client(follow_redirects=False, timeout=30) as browser:
-        response = sign_in(
-            browser,
-            f"{root}/auth/authorize",
-            username=USER,
-            password=PASSWORD,
-            patient=patient,
-            params=params,
-        )
-        assert response.status_code == 302, response.text
-        code = parse_qs(urlsplit(response.headers["location"]).query)["code"][0]
-        token = browser.post(
-            f"{root}/auth/token",
-            data={
-                "grant_type": "authorization_code",
-                "code": code,
-                "redirect_uri": CALLBACK,
-                "client_id": APP,
-                "code_verifier": verifier,
-            },
-        )
-    assert token.status_code == 200, token.text
-    body = token.json()
+    body = pkce_token_response(
+        server.base_url,
+        client_id=APP,
+        redirect_uri=CALLBACK,
+        scope=scope,
+        username=USER,
+        password=PASSWORD,
+        patient=patient,
+    )
     if patient is not None:
         assert body["patient"] == patient
     return Token(body["access_token"], body)
